@@ -1,0 +1,1652 @@
+#!/usr/bin/python3
+"""tcp_rst: who sent a TCP reset on this host, and why.
+
+Watches one host (network namespace) two ways at once and prints NDJSON on stdout:
+packets, through a TC (clsact) classifier on ingress and egress of every interface, and
+the kernel's own view of each reset through the tcp:tcp_send_reset / tcp:tcp_receive_reset
+tracepoints (reason, socket state, current task). The tracepoint context is built from the
+live format file, never from kernel headers, so it works across kernel versions.
+
+Parameters:
+  --port PORT[,PORT]      only flows with this port on either side; repeatable
+  --addr ADDR[,ADDR]      only flows with this IPv4/IPv6 address on either side; repeatable
+  --interfaces IF[,IF]    interfaces to watch (default: every interface except lo)
+  --history K             packets remembered per flow, shown before its RST (0-8, default 4)
+  --duration SECONDS      stop after SECONDS (default 0: run until signalled)
+  --count N               stop after N reset records (RST packets when no reset probe)
+  --ebpf                  print the generated C program and exit (needs no root)
+  --format-dir DIR        with --ebpf: read tracepoint format files from DIR
+Fields:
+  hello.script          str    "tcp_rst"
+  hello.version         int    record schema version (1)
+  hello.kernel          str    kernel release
+  hello.mono_ns         int    CLOCK_MONOTONIC ns, sampled together with real_ns
+  hello.real_ns         int    CLOCK_REALTIME ns
+  hello.netns           int    inode of this network namespace
+  hello.addrs           list   this namespace's non-loopback addresses
+  hello.interfaces      list   interfaces carrying the packet classifier
+  hello.attach          dict   per probe: kind (tracepoint, kprobe, tc-clsact) and layout
+  hello.missing         list   probes not attached: {probe, why}
+  hello.filter          dict   {ports, addrs} as requested
+  hello.scope           str    how foreign namespaces' resets are dropped: netns or addrs
+  hello.history         int    packets remembered per flow
+  hello.buffer          str    ringbuf or perf
+  packet.ts_ns          int    host CLOCK_MONOTONIC ns
+  packet.ifname         str    interface name
+  packet.ifindex        int    interface index
+  packet.dir            str    ingress or egress
+  packet.family         int    4 or 6
+  packet.saddr          str    source address
+  packet.daddr          str    destination address
+  packet.sport          int    source port
+  packet.dport          int    destination port
+  packet.flags          int    TCP flag byte (FIN=1 SYN=2 RST=4 PSH=8 ACK=16 URG=32)
+  packet.seq            int    TCP sequence number
+  packet.ack            int    TCP acknowledgement number
+  packet.ipid           int    IPv4 identification (0 for IPv6)
+  packet.ttl            int    IPv4 TTL or IPv6 hop limit
+  packet.len            int    TCP payload bytes
+  packet.win            int    TCP window field (unscaled)
+  packet.why            str    rst, handshake, close or history (a packet before the RST)
+  reset.ts_ns           int    host CLOCK_MONOTONIC ns
+  reset.probe           str    tcp_send_reset or tcp_receive_reset
+  reset.family          int    4 or 6
+  reset.saddr           str    local address (the side sending or receiving the RST)
+  reset.daddr           str    remote address
+  reset.sport           int    local port
+  reset.dport           int    remote port
+  reset.state           str    socket state name, null without a socket
+  reset.state_num       int    socket state number (Linux TCP states 1-12), null without one
+  reset.reason          str    kernel reset reason name, null on kernels without reasons
+  reset.reason_num      int    kernel reset reason number, null on kernels without reasons
+  reset.pid             int    current task (meaningful in process context only)
+  reset.comm            str    current task name
+  reset.netns           int    network namespace inode of the event, null when unknown
+  lost.count            int    events lost because a buffer overflowed
+  lost.source           str    packets or resets
+  bye.reason            str    duration, count, signal, eof or error
+  bye.error             str    error message (reason error only)
+"""
+
+import argparse
+import ctypes
+import ipaddress
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+SCRIPT = "tcp_rst"
+VERSION = 1
+MAX_HISTORY = 8
+TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
+RESET_PROBES = ("tcp_send_reset", "tcp_receive_reset")
+RINGBUF_MIN_KERNEL = (5, 8)
+
+# Linux TCP state numbers are ABI (include/net/tcp_states.h); format files may name them.
+TCP_STATES = {
+    "TCP_ESTABLISHED": 1,
+    "TCP_SYN_SENT": 2,
+    "TCP_SYN_RECV": 3,
+    "TCP_FIN_WAIT1": 4,
+    "TCP_FIN_WAIT2": 5,
+    "TCP_TIME_WAIT": 6,
+    "TCP_CLOSE": 7,
+    "TCP_CLOSE_WAIT": 8,
+    "TCP_LAST_ACK": 9,
+    "TCP_LISTEN": 10,
+    "TCP_CLOSING": 11,
+    "TCP_NEW_SYN_RECV": 12,
+}
+SYMBOL_CONSTANTS = dict(TCP_STATES, AF_INET=2, AF_INET6=10)
+
+WHY_NAMES = {1: "rst", 2: "handshake", 3: "close", 4: "history"}
+DIR_NAMES = {0: "ingress", 1: "egress"}
+TC_PARENTS = (("ingress", 0xFFFFFFF2), ("egress", 0xFFFFFFF3))
+TC_PRIO_BASE = 0xEBD0  # our filters' priorities start here, skipping any already in use
+ETH_P_ALL = 0x0003
+ARPHRD_ETHER = 1
+ARPHRD_LOOPBACK = 772
+L3_LINK_TYPES = (768, 769, 776, 778, 823, 65534)  # ipip, ip6ip6, sit, gre, ip6gre, none
+
+# Userspace mirrors of the C structs below (explicit padding, little/native endian).
+PKT_FMT = "=QIIIHHHBBBB2x"
+FLOW_FMT = "=16s16sHHB3x"
+PKT_SIZE = struct.calcsize(PKT_FMT)
+FLOW_SIZE = struct.calcsize(FLOW_FMT)
+EVENT_HEAD_FMT = "=B3xII4x"
+RESET_FMT = "=QIIiiHHHH16s16s16s"
+
+
+class Stop(Exception):
+    """Raised to leave the event loop; carries the bye reason."""
+
+    def __init__(self, reason: str) -> None:
+        Exception.__init__(self, reason)
+        self.reason = reason
+
+
+class SetupError(Exception):
+    """A failure before `ready`: reported as one stderr line and a bye with reason error."""
+
+
+class ArgError(Exception):
+    """A bad command-line argument: exit code 2."""
+
+
+# --------------------------------------------------------------------------------------
+# Tracepoint format files
+# --------------------------------------------------------------------------------------
+
+FIELD_RE = re.compile(
+    r"^\s*field:(?P<decl>[^;]+);\s*offset:(?P<offset>\d+);\s*size:(?P<size>\d+);"
+    r"\s*signed:(?P<signed>\d+);"
+)
+SYMBOLIC_RE = re.compile(r"__print_symbolic\(\s*REC->(\w+)\s*,((?:\s*,?\s*\{[^}]*\})+)\s*\)")
+SYMBOL_ENTRY_RE = re.compile(r"\{\s*([^,{}]+?)\s*,\s*\"([^\"]*)\"\s*\}")
+
+
+def parse_format(text: str) -> dict:
+    """Parse a tracefs `format` file into its fields and `__print_symbolic` tables.
+
+    Returns {"name", "id", "fields": [{name, type, offset, size, signed, count}],
+    "symbols": {field: {number: name}}}. Symbol keys that are constant names (TCP_CLOSE,
+    AF_INET) are mapped through the ABI tables; unknown names are skipped.
+    """
+    fmt = {"name": None, "id": None, "fields": [], "symbols": {}}
+    print_fmt = ""
+    for line in text.splitlines():
+        if line.startswith("name:"):
+            fmt["name"] = line.split(":", 1)[1].strip()
+        elif line.startswith("ID:"):
+            fmt["id"] = int(line.split(":", 1)[1])
+        elif line.startswith("print fmt:"):
+            print_fmt = line.split(":", 1)[1]
+        else:
+            m = FIELD_RE.match(line)
+            if m:
+                fmt["fields"].append(_parse_field(m))
+    for field, table in SYMBOLIC_RE.findall(print_fmt):
+        symbols = fmt["symbols"].setdefault(field, {})
+        for key, name in SYMBOL_ENTRY_RE.findall(table):
+            number = _symbol_number(key)
+            if number is not None:
+                symbols[number] = name
+    return fmt
+
+
+def _parse_field(m) -> dict:
+    decl = m.group("decl").strip()
+    count = None
+    arr = re.match(r"^(.*?)\s*\[(\d*)\]$", decl)
+    if arr:
+        decl, count = arr.group(1), int(arr.group(2) or 0)
+    name_m = re.match(r"^(.*?)[\s*]*\b(\w+)$", decl)
+    ctype, name = (name_m.group(1).strip(), name_m.group(2)) if name_m else (decl, decl)
+    if "*" in decl.rsplit(name, 1)[0]:
+        ctype = ctype + " *" if not ctype.endswith("*") else ctype
+    return {
+        "name": name,
+        "type": ctype,
+        "offset": int(m.group("offset")),
+        "size": int(m.group("size")),
+        "signed": m.group("signed") == "1",
+        "count": count,
+    }
+
+
+def _symbol_number(key: str):
+    key = key.strip()
+    try:
+        return int(key, 0)
+    except ValueError:
+        return SYMBOL_CONSTANTS.get(key)
+
+
+def read_formats(fmt_dir) -> dict:
+    """Load the reset tracepoints' formats from a directory of recorded files or tracefs.
+
+    A recorded directory holds files named `tcp_send_reset` / `tcp_receive_reset`
+    (optionally with a `.format` suffix). Returns {probe: parsed format}; absent probes
+    are left out.
+    """
+    formats = {}
+    for probe in RESET_PROBES:
+        if fmt_dir:
+            candidates = [os.path.join(fmt_dir, probe), os.path.join(fmt_dir, probe + ".format")]
+        else:
+            candidates = [os.path.join(d, "events", "tcp", probe, "format") for d in TRACEFS_DIRS]
+        for path in candidates:
+            try:
+                with open(path) as f:
+                    formats[probe] = parse_format(f.read())
+                break
+            except OSError:
+                continue
+    return formats
+
+
+def field_map(fmt: dict) -> dict:
+    return {f["name"]: f for f in fmt["fields"]}
+
+
+def address_layout(fmt: dict) -> str:
+    """`sockaddr` (6.10+: saddr/daddr hold a sockaddr_in/in6) or `legacy` (sport, saddr_v6...)."""
+    saddr = field_map(fmt).get("saddr")
+    return "sockaddr" if saddr and saddr["size"] >= 16 else "legacy"
+
+
+# --------------------------------------------------------------------------------------
+# C generation
+# --------------------------------------------------------------------------------------
+
+SCALAR_TYPES = {
+    ("__u8", 1): "__u8",
+    ("u8", 1): "__u8",
+    ("unsigned char", 1): "__u8",
+    ("char", 1): "char",
+    ("__u16", 2): "__u16",
+    ("u16", 2): "__u16",
+    ("unsigned short", 2): "__u16",
+    ("__u32", 4): "__u32",
+    ("u32", 4): "__u32",
+    ("unsigned int", 4): "__u32",
+    ("int", 4): "__s32",
+    ("__s32", 4): "__s32",
+    ("pid_t", 4): "__s32",
+    ("__u64", 8): "__u64",
+    ("u64", 8): "__u64",
+    ("unsigned long", 8): "__u64",
+    ("long", 8): "__s64",
+}
+
+
+def c_tracepoint_struct(struct_name: str, fmt: dict) -> str:
+    """A C struct whose members sit exactly at the format file's offsets.
+
+    Known scalars keep a C type; pointers become __u64; anything else (enums, unknown
+    typedefs) becomes a char array of the recorded size. Gaps get explicit padding, and a
+    static assertion per member pins each offset.
+    """
+    lines = ["struct %s {" % struct_name]
+    asserts = []
+    pos = 0
+    for i, f in enumerate(fmt["fields"]):
+        if f["offset"] < pos:
+            continue  # overlapping/duplicate field: keep the first
+        if f["offset"] > pos:
+            lines.append("\tchar __pad%d[%d];" % (i, f["offset"] - pos))
+        lines.append("\t%s;\t/* offset %d size %d: %s */" % (_c_member(f), f["offset"], f["size"], f["type"]))
+        asserts.append(
+            "_Static_assert(__builtin_offsetof(struct %s, %s) == %d, \"%s.%s offset\");"
+            % (struct_name, f["name"], f["offset"], struct_name, f["name"])
+        )
+        pos = f["offset"] + f["size"]
+    lines.append("} __attribute__((packed));")
+    return "\n".join(lines + asserts) + "\n"
+
+
+def _c_member(f: dict) -> str:
+    base = f["type"].replace("const ", "").replace("volatile ", "").strip()
+    if f["count"] is not None:
+        elem = SCALAR_TYPES.get((base, f["size"] // f["count"])) if f["count"] else None
+        if elem and f["size"] % f["count"] == 0:
+            return "%s %s[%d]" % (elem, f["name"], f["count"])
+        return "char %s[%d]" % (f["name"], f["size"])
+    if base.endswith("*") and f["size"] == 8:
+        return "__u64 %s" % f["name"]
+    scalar = SCALAR_TYPES.get((base, f["size"]))
+    if scalar:
+        return "%s %s" % (scalar, f["name"])
+    return "char %s[%d]" % (f["name"], f["size"])
+
+
+C_COMMON = r"""
+#define TC_ACT_OK 0
+#define TH_FIN 0x01
+#define TH_SYN 0x02
+#define TH_RST 0x04
+#define WHY_RST 1
+#define WHY_HANDSHAKE 2
+#define WHY_CLOSE 3
+#define HISTORY %(history)d
+#define RING_SLOTS %(slots)d
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define EBD_HTONS(x) ((__u16)__builtin_bswap16(x))
+#else
+#define EBD_HTONS(x) ((__u16)(x))
+#endif
+
+struct pkt {                 /* one packet, 32 bytes */
+	__u64 ts;
+	__u32 ifindex;
+	__u32 seq;
+	__u32 ack;
+	__u16 len;
+	__u16 win;
+	__u16 ipid;
+	__u8 ttl;
+	__u8 flags;
+	__u8 dir;                /* 0 ingress, 1 egress */
+	__u8 fwd;                /* 1 when the packet goes from key.a to key.b */
+	__u8 _pad[2];
+};
+
+struct flow_key {            /* canonical 5-tuple: (a, pa) sorts before (b, pb) */
+	__u32 a[4];
+	__u32 b[4];
+	__u16 pa;
+	__u16 pb;
+	__u8 family;
+	__u8 _pad[3];
+};
+
+struct hist {                /* the flow's last packets not otherwise reported */
+	__u32 head;              /* next slot to write */
+	__u32 count;
+	struct pkt ring[RING_SLOTS];
+};
+
+struct pkt_event {
+	struct flow_key key;
+	struct pkt pkt;
+	__u8 why;
+	__u8 _pad[3];
+	__u32 head;
+	__u32 count;
+	__u32 _pad2;
+	struct pkt ring[RING_SLOTS];
+};
+
+struct reset_event {
+	__u64 ts;
+	__u32 netns;
+	__u32 pid;
+	__s32 state;             /* -1: not in this kernel's format */
+	__s32 reason;            /* -1: not in this kernel's format */
+	__u16 probe;             /* 1 send, 2 receive */
+	__u16 family;            /* 4, 6, or 0: infer from the v4-mapped address */
+	__u16 sport;
+	__u16 dport;
+	__u8 saddr[16];
+	__u8 daddr[16];
+	char comm[16];
+};
+
+struct addr_key {
+	__u32 family;
+	__u32 a[4];
+};
+
+BPF_PERCPU_ARRAY(lost, __u64, 2);            /* 0: packets, 1: resets (ring buffer full) */
+"""
+
+C_BUFFERS_RINGBUF = r"""
+BPF_RINGBUF_OUTPUT(pkt_events, %(pages)d);
+BPF_RINGBUF_OUTPUT(reset_events, %(pages)d);
+"""
+
+C_BUFFERS_PERF = r"""
+BPF_PERF_OUTPUT(pkt_events);
+BPF_PERF_OUTPUT(reset_events);
+"""
+
+C_LOST = r"""
+static __always_inline void count_lost(__u32 idx)
+{
+	__u64 *v = lost.lookup(&idx);
+	if (v)
+		(*v)++;
+}
+"""
+
+C_TC = r"""
+BPF_HASH(l2len, __u32, __u32, 256);          /* ifindex -> bytes before the IP header */
+BPF_HASH(ports, __u16, __u8, 64);
+BPF_HASH(addrs, struct addr_key, __u8, 64);
+BPF_TABLE("lru_hash", struct flow_key, struct hist, flows, 16384);
+BPF_ARRAY(hist_zero, struct hist, 1);
+BPF_PERCPU_ARRAY(scratch, struct pkt_event, 1);
+
+static __always_inline int ep_before(__u32 *a, __u16 pa, __u32 *b, __u16 pb)
+{
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		if (a[i] != b[i])
+			return a[i] < b[i];
+	}
+	return pa < pb;
+}
+
+static __always_inline int addr_wanted(__u32 family, __u32 *a)
+{
+	struct addr_key k = {};
+	k.family = family;
+	__builtin_memcpy(k.a, a, 16);
+	return addrs.lookup(&k) != 0;
+}
+
+static __always_inline void remember(struct flow_key *k, struct pkt *p)
+{
+	if (HISTORY == 0)
+		return;
+	struct hist *h = flows.lookup(k);
+	if (!h) {
+		__u32 zero = 0;
+		struct hist *z = hist_zero.lookup(&zero);
+		if (!z)
+			return;
+		flows.update(k, z);
+		h = flows.lookup(k);
+		if (!h)
+			return;
+	}
+	__u32 i = h->head;
+	if (i >= RING_SLOTS)
+		i = 0;
+	__builtin_memcpy(&h->ring[i], p, sizeof(*p));
+	h->head = (i + 1 >= HISTORY) ? 0 : i + 1;
+	if (h->count < HISTORY)
+		h->count++;
+}
+
+static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir)
+{
+	__u32 ifindex = skb->ifindex;
+	__u32 *l2 = l2len.lookup(&ifindex);
+	if (!l2)
+		return TC_ACT_OK;
+	__u32 off = *l2;
+	__u32 proto = skb->protocol;
+	struct pkt p = {};
+	struct flow_key k = {};
+	__u32 saddr[4] = {};
+	__u32 daddr[4] = {};
+	__u32 l4, l3len;
+
+	if (proto == EBD_HTONS(0x0800)) {
+		__u8 ip[20];
+		if (bpf_skb_load_bytes(skb, off, ip, sizeof(ip)) < 0)
+			return TC_ACT_OK;
+		__u32 ihl = (ip[0] & 0x0f) * 4;
+		if ((ip[0] >> 4) != 4 || ip[9] != 6 || ihl < 20)
+			return TC_ACT_OK;
+		if (((ip[6] & 0x1f) | ip[7]) != 0)
+			return TC_ACT_OK;            /* a later fragment: no TCP header */
+		l3len = (ip[2] << 8) | ip[3];
+		if (l3len < ihl)
+			return TC_ACT_OK;
+		l3len -= ihl;
+		p.ipid = (ip[4] << 8) | ip[5];
+		p.ttl = ip[8];
+		__builtin_memcpy(&saddr[0], &ip[12], 4);
+		__builtin_memcpy(&daddr[0], &ip[16], 4);
+		k.family = 4;
+		l4 = off + ihl;
+	} else if (proto == EBD_HTONS(0x86DD)) {
+		__u8 ip[40];
+		if (bpf_skb_load_bytes(skb, off, ip, sizeof(ip)) < 0)
+			return TC_ACT_OK;
+		if ((ip[0] >> 4) != 6 || ip[6] != 6)
+			return TC_ACT_OK;            /* extension headers are not followed */
+		l3len = (ip[4] << 8) | ip[5];
+		p.ttl = ip[7];
+		__builtin_memcpy(saddr, &ip[8], 16);
+		__builtin_memcpy(daddr, &ip[24], 16);
+		k.family = 6;
+		l4 = off + 40;
+	} else {
+		return TC_ACT_OK;
+	}
+
+	__u8 th[20];
+	if (bpf_skb_load_bytes(skb, l4, th, sizeof(th)) < 0)
+		return TC_ACT_OK;
+	__u16 sport = (th[0] << 8) | th[1];
+	__u16 dport = (th[2] << 8) | th[3];
+%(filters)s
+	p.seq = ((__u32)th[4] << 24) | ((__u32)th[5] << 16) | ((__u32)th[6] << 8) | th[7];
+	p.ack = ((__u32)th[8] << 24) | ((__u32)th[9] << 16) | ((__u32)th[10] << 8) | th[11];
+	__u32 doff = (th[12] >> 4) * 4;
+	p.flags = th[13];
+	p.win = (th[14] << 8) | th[15];
+	p.len = l3len > doff ? l3len - doff : 0;
+	p.ts = bpf_ktime_get_ns();
+	p.ifindex = ifindex;
+	p.dir = dir;
+	if (ep_before(saddr, sport, daddr, dport)) {
+		__builtin_memcpy(k.a, saddr, 16);
+		__builtin_memcpy(k.b, daddr, 16);
+		k.pa = sport;
+		k.pb = dport;
+		p.fwd = 1;
+	} else {
+		__builtin_memcpy(k.a, daddr, 16);
+		__builtin_memcpy(k.b, saddr, 16);
+		k.pa = dport;
+		k.pb = sport;
+	}
+
+	__u8 why = 0;
+	if (p.flags & TH_RST)
+		why = WHY_RST;
+	else if (p.flags & TH_SYN)
+		why = WHY_HANDSHAKE;
+	else if (p.flags & TH_FIN)
+		why = WHY_CLOSE;
+	if (!why) {
+		remember(&k, &p);
+		return TC_ACT_OK;
+	}
+
+	__u32 zero = 0;
+	struct pkt_event *e = scratch.lookup(&zero);
+	if (!e)
+		return TC_ACT_OK;
+	__builtin_memcpy(&e->key, &k, sizeof(k));
+	__builtin_memcpy(&e->pkt, &p, sizeof(p));
+	e->why = why;
+	e->head = 0;
+	e->count = 0;
+	if (why == WHY_RST) {
+		struct hist *h = flows.lookup(&k);
+		if (h) {
+			e->head = h->head;
+			e->count = h->count;
+			__builtin_memcpy(e->ring, h->ring, sizeof(e->ring));
+			flows.delete(&k);
+		}
+	}
+	%(submit_pkt)s
+	return TC_ACT_OK;
+}
+
+int ebd_tc_ingress(struct __sk_buff *skb)
+{
+	return on_packet(skb, 0);
+}
+
+int ebd_tc_egress(struct __sk_buff *skb)
+{
+	return on_packet(skb, 1);
+}
+"""
+
+C_PORT_FILTER = r"""	__u16 pk = sport;
+	if (!ports.lookup(&pk)) {
+		pk = dport;
+		if (!ports.lookup(&pk))
+			return TC_ACT_OK;
+	}"""
+
+C_ADDR_FILTER = r"""	if (!addr_wanted(k.family, saddr) && !addr_wanted(k.family, daddr))
+		return TC_ACT_OK;"""
+
+
+def _submit(buffer: str, table: str, ctx: str, ptr: str, lost_idx: int) -> str:
+    """The statement that sends one event; ring-buffer failures are counted, not dropped."""
+    if buffer == "ringbuf":
+        return "if (%s.ringbuf_output(%s, sizeof(*%s), 0) != 0)\n\t\tcount_lost(%d);" % (
+            table,
+            ptr,
+            ptr,
+            lost_idx,
+        )
+    return "%s.perf_submit(%s, %s, sizeof(*%s));" % (table, ctx, ptr, ptr)
+
+
+def c_netns_lookup(fields: dict, offsets) -> str:
+    """C that sets e.netns from the socket (or, without one, the skb's device)."""
+    if not offsets:
+        return ""
+    lines = ["\t__u64 net = 0;"]
+    if "skaddr" in fields:
+        lines += [
+            "\tif (rec.skaddr)",
+            "\t\tbpf_probe_read_kernel(&net, sizeof(net), (void *)(rec.skaddr + %d));"
+            % offsets["sk_net"],
+        ]
+    if "skbaddr" in fields:
+        lines += [
+            "\t%sif (rec.skbaddr) {" % ("else " if "skaddr" in fields else ""),
+            "\t\t__u64 dev = 0;",
+            "\t\tbpf_probe_read_kernel(&dev, sizeof(dev), (void *)(rec.skbaddr + %d));"
+            % offsets["skb_dev"],
+            "\t\tif (dev)",
+            "\t\t\tbpf_probe_read_kernel(&net, sizeof(net), (void *)(dev + %d));"
+            % offsets["dev_net"],
+            "\t}",
+        ]
+    lines += [
+        "\tif (net)",
+        "\t\tbpf_probe_read_kernel(&e.netns, sizeof(e.netns), (void *)(net + %d));"
+        % offsets["net_inum"],
+        "\tif (e.netns && e.netns != OWN_NETNS)",
+        "\t\treturn 0;                    /* another namespace's reset */",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def c_reset_probe(probe: str, fmt: dict, probe_num: int, offsets, buffer: str) -> str:
+    """One tracepoint program that copies the record and emits a reset_event."""
+    fields = field_map(fmt)
+    sname = "tp_" + probe
+    body = [c_tracepoint_struct(sname, fmt)]
+    body.append("int ebd_%s(void *ctx)\n{" % probe)
+    body.append("\tstruct %s rec = {};" % sname)
+    body.append("\tif (bpf_probe_read_kernel(&rec, sizeof(rec), ctx) != 0)\n\t\treturn 0;")
+    body.append("\tstruct reset_event e = {};")
+    body.append("\te.ts = bpf_ktime_get_ns();")
+    body.append("\te.probe = %d;" % probe_num)
+    body.append("\te.pid = bpf_get_current_pid_tgid() >> 32;")
+    body.append("\tbpf_get_current_comm(&e.comm, sizeof(e.comm));")
+    body.append("\te.state = %s;" % ("rec.state" if "state" in fields else "-1"))
+    reason = fields.get("reason")
+    if reason and reason["size"] in (1, 2, 4):
+        body.append("\t__u32 reason = 0;")
+        body.append("\t__builtin_memcpy(&reason, &rec.reason, %d);" % reason["size"])
+        body.append("\te.reason = reason;")
+    else:
+        body.append("\te.reason = -1;")
+    if address_layout(fmt) == "sockaddr":
+        body.append(
+            "\t__u16 fam = 0, sp = 0, dp = 0;\n"
+            "\t__builtin_memcpy(&fam, &rec.saddr[0], 2);\n"
+            "\t__builtin_memcpy(&sp, &rec.saddr[2], 2);\n"
+            "\t__builtin_memcpy(&dp, &rec.daddr[2], 2);\n"
+            "\te.sport = EBD_HTONS(sp);\n"
+            "\te.dport = EBD_HTONS(dp);\n"
+            "\tif (fam == 2) {\n"
+            "\t\te.family = 4;\n"
+            "\t\t__builtin_memcpy(e.saddr, &rec.saddr[4], 4);\n"
+            "\t\t__builtin_memcpy(e.daddr, &rec.daddr[4], 4);\n"
+            "\t} else if (fam == 10) {\n"
+            "\t\te.family = 6;\n"
+            "\t\t__builtin_memcpy(e.saddr, &rec.saddr[8], 16);\n"
+            "\t\t__builtin_memcpy(e.daddr, &rec.daddr[8], 16);\n"
+            "\t}"
+        )
+    else:
+        body.append("\te.sport = rec.sport;\n\te.dport = rec.dport;")
+        if "family" in fields:
+            body.append("\te.family = rec.family == 2 ? 4 : (rec.family == 10 ? 6 : 0);")
+        if "saddr_v6" in fields:
+            body.append(
+                "\t__builtin_memcpy(e.saddr, rec.saddr_v6, 16);\n"
+                "\t__builtin_memcpy(e.daddr, rec.daddr_v6, 16);"
+            )
+        else:
+            body.append(
+                "\te.family = 4;\n"
+                "\t__builtin_memcpy(e.saddr, rec.saddr, 4);\n"
+                "\t__builtin_memcpy(e.daddr, rec.daddr, 4);"
+            )
+    body.append(c_netns_lookup(fields, offsets).rstrip("\n"))
+    body.append("\t" + _submit(buffer, "reset_events", "ctx", "&e", 1))
+    body.append("\treturn 0;\n}\n")
+    return "\n".join(line for line in body if line)
+
+
+C_KPROBE_COMMON = r"""
+static __always_inline void kp_sock_addrs(struct reset_event *e, struct sock *sk)
+{
+	struct sock_common c = {};
+	bpf_probe_read_kernel(&c, sizeof(c), sk);
+	e->state = c.skc_state;
+	e->sport = c.skc_num;
+	e->dport = EBD_HTONS(c.skc_dport);
+	if (c.skc_family == 2) {
+		e->family = 4;
+		__builtin_memcpy(e->saddr, &c.skc_rcv_saddr, 4);
+		__builtin_memcpy(e->daddr, &c.skc_daddr, 4);
+	} else {
+		e->family = 6;
+		__builtin_memcpy(e->saddr, &c.skc_v6_rcv_saddr, 16);
+		__builtin_memcpy(e->daddr, &c.skc_v6_daddr, 16);
+	}
+}
+"""
+
+C_KPROBE_SEND = r"""
+static __always_inline int kp_send_reset(struct pt_regs *ctx, struct sock *sk,
+					 struct sk_buff *skb, __u16 family)
+{
+	struct reset_event e = {};
+	e.ts = bpf_ktime_get_ns();
+	e.probe = 1;
+	e.pid = bpf_get_current_pid_tgid() >> 32;
+	bpf_get_current_comm(&e.comm, sizeof(e.comm));
+	e.reason = -1;
+	if (sk) {
+		kp_sock_addrs(&e, sk);
+	} else {
+		/* No socket: the RST answers skb, so its destination is the local side. */
+		unsigned char *head = 0;
+		__u16 nh = 0, th = 0;
+		__u16 ports[2] = {};
+		bpf_probe_read_kernel(&head, sizeof(head), &skb->head);
+		bpf_probe_read_kernel(&nh, sizeof(nh), &skb->network_header);
+		bpf_probe_read_kernel(&th, sizeof(th), &skb->transport_header);
+		bpf_probe_read_kernel(ports, sizeof(ports), head + th);
+		e.family = family;
+		e.sport = EBD_HTONS(ports[1]);
+		e.dport = EBD_HTONS(ports[0]);
+		if (family == 4) {
+			bpf_probe_read_kernel(e.daddr, 4, head + nh + 12);
+			bpf_probe_read_kernel(e.saddr, 4, head + nh + 16);
+		} else {
+			bpf_probe_read_kernel(e.daddr, 16, head + nh + 8);
+			bpf_probe_read_kernel(e.saddr, 16, head + nh + 24);
+		}
+	}
+%(netns)s
+	%(submit)s
+	return 0;
+}
+
+int ebd_kp_v4_send_reset(struct pt_regs *ctx)
+{
+	return kp_send_reset(ctx, (struct sock *)PT_REGS_PARM1(ctx),
+			     (struct sk_buff *)PT_REGS_PARM2(ctx), 4);
+}
+
+int ebd_kp_v6_send_reset(struct pt_regs *ctx)
+{
+	return kp_send_reset(ctx, (struct sock *)PT_REGS_PARM1(ctx),
+			     (struct sk_buff *)PT_REGS_PARM2(ctx), 6);
+}
+"""
+
+C_KPROBE_RECEIVE = r"""
+int ebd_kp_tcp_reset(struct pt_regs *ctx)
+{
+	struct sock *sk = (struct sock *)PT_REGS_PARM1(ctx);
+	struct reset_event e = {};
+	e.ts = bpf_ktime_get_ns();
+	e.probe = 2;
+	e.pid = bpf_get_current_pid_tgid() >> 32;
+	bpf_get_current_comm(&e.comm, sizeof(e.comm));
+	e.reason = -1;
+	kp_sock_addrs(&e, sk);
+%(netns)s
+	%(submit)s
+	return 0;
+}
+"""
+
+
+def c_kprobe_netns(offsets, sk: str, skb) -> str:
+    """The kprobe variant of c_netns_lookup: same BTF offsets, pointers from arguments."""
+    if not offsets:
+        return ""
+    lines = ["\t__u64 net = 0;", "\tif (%s)" % sk]
+    lines.append(
+        "\t\tbpf_probe_read_kernel(&net, sizeof(net), (void *)((__u64)%s + %d));"
+        % (sk, offsets["sk_net"])
+    )
+    if skb:
+        lines += [
+            "\telse {",
+            "\t\t__u64 dev = 0;",
+            "\t\tbpf_probe_read_kernel(&dev, sizeof(dev), (void *)((__u64)%s + %d));"
+            % (skb, offsets["skb_dev"]),
+            "\t\tif (dev)",
+            "\t\t\tbpf_probe_read_kernel(&net, sizeof(net), (void *)(dev + %d));"
+            % offsets["dev_net"],
+            "\t}",
+        ]
+    lines += [
+        "\tif (net)",
+        "\t\tbpf_probe_read_kernel(&e.netns, sizeof(e.netns), (void *)(net + %d));"
+        % offsets["net_inum"],
+        "\tif (e.netns && e.netns != OWN_NETNS)",
+        "\t\treturn 0;",
+    ]
+    return "\n".join(lines)
+
+
+def build_program(plan: dict) -> str:
+    """The whole C program for a plan (see make_plan): one compile covers every probe."""
+    history = plan["history"]
+    parts = []
+    if plan["kprobes"]:
+        parts.append("#include <uapi/linux/ptrace.h>\n#include <net/sock.h>\n#include <linux/skbuff.h>")
+    parts.append(C_COMMON % {"history": history, "slots": max(history, 1)})
+    parts.append("#define OWN_NETNS %du" % plan["own_netns"])
+    if plan["buffer"] == "ringbuf":
+        parts.append(C_BUFFERS_RINGBUF % {"pages": plan["pages"]})
+    else:
+        parts.append(C_BUFFERS_PERF)
+    parts.append(C_LOST)
+    filters = []
+    if plan["ports"]:
+        filters.append(C_PORT_FILTER)
+    if plan["addrs"]:
+        filters.append(C_ADDR_FILTER)
+    parts.append(
+        C_TC
+        % {
+            "filters": "\n".join(filters),
+            "submit_pkt": _submit(plan["buffer"], "pkt_events", "skb", "e", 0),
+        }
+    )
+    num = {"tcp_send_reset": 1, "tcp_receive_reset": 2}
+    for probe, fmt in sorted(plan["tracepoints"].items()):
+        parts.append(c_reset_probe(probe, fmt, num[probe], plan["offsets"], plan["buffer"]))
+    submit_reset = _submit(plan["buffer"], "reset_events", "ctx", "&e", 1)
+    if plan["kprobes"]:
+        parts.append(C_KPROBE_COMMON)
+    if "tcp_send_reset" in plan["kprobes"]:
+        netns = c_kprobe_netns(plan["offsets"], "sk", "skb")
+        parts.append(C_KPROBE_SEND % {"netns": netns, "submit": submit_reset})
+    if "tcp_receive_reset" in plan["kprobes"]:
+        netns = c_kprobe_netns(plan["offsets"], "sk", None)
+        parts.append(C_KPROBE_RECEIVE % {"netns": netns, "submit": submit_reset})
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------
+# BTF: the few kernel struct offsets needed to tell which namespace an event belongs to
+# --------------------------------------------------------------------------------------
+
+BTF_STRUCT, BTF_UNION = 4, 5
+BTF_MODIFIERS = (8, 9, 10, 11, 18)  # typedef, volatile, const, restrict, type_tag
+BTF_EXTRA = {1: (4, 0), 3: (12, 0), 4: (0, 12), 5: (0, 12), 6: (0, 8), 13: (0, 8), 14: (4, 0),
+             15: (0, 12), 17: (4, 0), 19: (0, 12)}  # kind: (fixed bytes, bytes per vlen)
+NETNS_PATHS = {
+    "sk_net": ("sock_common", ("skc_net", "net")),
+    "net_inum": ("net", ("ns", "inum")),
+    "skb_dev": ("sk_buff", ("dev",)),
+    "dev_net": ("net_device", ("nd_net", "net")),
+}
+
+
+class Btf:
+    """A minimal reader of a BTF blob: struct/union members and their bit offsets."""
+
+    def __init__(self, data: bytes) -> None:
+        magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
+        if magic != 0xEB9F:
+            raise ValueError("not little-endian BTF")
+        type_off, type_len, str_off, _str_len = struct.unpack_from("<IIII", data, 8)
+        self.data = data
+        self.strings = hdr_len + str_off
+        self.types = [(0, 0, 0, 0, 0)]  # (kind, name_off, size_or_type, members_pos, info)
+        pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+        while pos < end:
+            name_off, info, size_or_type = struct.unpack_from("<III", data, pos)
+            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+            fixed, per = BTF_EXTRA.get(kind, (0, 0))
+            self.types.append((kind, name_off, size_or_type, pos + 12, info))
+            pos += 12 + fixed + per * vlen
+
+    def name(self, off: int) -> str:
+        start = self.strings + off
+        return self.data[start : self.data.index(b"\0", start)].decode()
+
+    def find_struct(self, name: str) -> int:
+        for tid, (kind, name_off, _s, mpos, info) in enumerate(self.types):
+            if kind == BTF_STRUCT and info & 0xFFFF and self.name(name_off) == name:
+                return tid
+        raise KeyError("struct %s not in BTF" % name)
+
+    def resolve(self, tid: int) -> int:
+        while self.types[tid][0] in BTF_MODIFIERS:
+            tid = self.types[tid][2]
+        return tid
+
+    def member(self, tid: int, name: str):
+        """(bit offset, type id) of member `name`, looking into anonymous members too."""
+        kind, _n, _s, mpos, info = self.types[tid]
+        if kind not in (BTF_STRUCT, BTF_UNION):
+            return None
+        kflag = info >> 31
+        for i in range(info & 0xFFFF):
+            m_name, m_type, m_off = struct.unpack_from("<III", self.data, mpos + 12 * i)
+            bit = m_off & 0xFFFFFF if kflag else m_off
+            label = self.name(m_name)
+            if label == name:
+                return bit, m_type
+            if not label:
+                found = self.member(self.resolve(m_type), name)
+                if found:
+                    return bit + found[0], found[1]
+        return None
+
+    def offset(self, struct_name: str, path) -> int:
+        tid, bits = self.find_struct(struct_name), 0
+        for name in path:
+            found = self.member(tid, name)
+            if not found:
+                raise KeyError("%s has no member %s" % (struct_name, ".".join(path)))
+            bits += found[0]
+            tid = self.resolve(found[1])
+        if bits % 8:
+            raise KeyError("%s.%s is a bit field" % (struct_name, ".".join(path)))
+        return bits // 8
+
+
+def netns_offsets(path: str = BTF_VMLINUX):
+    """Offsets for sk->skc_net, net->ns.inum, skb->dev and dev->nd_net, or (None, why)."""
+    try:
+        with open(path, "rb") as f:
+            btf = Btf(f.read())
+        return {key: btf.offset(s, p) for key, (s, p) in NETNS_PATHS.items()}, None
+    except (OSError, ValueError, KeyError, struct.error) as exc:
+        return None, "no BTF namespace offsets (%s); filtering by local addresses" % exc
+
+
+# --------------------------------------------------------------------------------------
+# This host: interfaces and addresses
+# --------------------------------------------------------------------------------------
+
+
+def ensure_tracefs() -> str:
+    """Where tracefs is; mount it privately when this mount namespace lacks it.
+
+    `ip netns exec` (and containers) give a fresh /sys without tracefs. A private mount
+    namespace for this process alone makes it visible again without changing the host.
+    Returns "" when there is none and it cannot be mounted.
+    """
+    for path in TRACEFS_DIRS:
+        if os.path.isdir(os.path.join(path, "events")):
+            return path
+    libc = ctypes.CDLL(None, use_errno=True)
+    ms_rec_private = 0x4000 | 0x40000
+    if libc.unshare(0x00020000) != 0:  # CLONE_NEWNS
+        return ""
+    if libc.mount(b"none", b"/", None, ms_rec_private, None) != 0:
+        return ""
+    if libc.mount(b"tracefs", TRACEFS_DIRS[0].encode(), b"tracefs", 0, None) != 0:
+        return ""
+    return TRACEFS_DIRS[0]
+
+
+def own_netns() -> int:
+    try:
+        return os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return 0
+
+
+def discover_links(ipr) -> list:
+    """[(ifindex, name, l2 header length or None when unsupported)] excluding loopback."""
+    links = []
+    for link in ipr.get_links():
+        kind = link["ifi_type"]
+        if kind == ARPHRD_LOOPBACK:
+            continue
+        l2 = 14 if kind == ARPHRD_ETHER else (0 if kind in L3_LINK_TYPES else None)
+        links.append((link["index"], link.get_attr("IFLA_IFNAME"), l2))
+    return links
+
+
+def discover_addrs(ipr) -> list:
+    """This namespace's non-loopback addresses (pyroute2, else `ip -j addr`)."""
+    found = []
+    if ipr is not None:
+        for msg in ipr.get_addr():
+            found.append(msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS"))
+    else:
+        try:
+            proc = subprocess.run(
+                ["ip", "-j", "addr", "show"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+            )
+            for link in json.loads(proc.stdout.decode() or "[]"):
+                found.extend(a.get("local") for a in link.get("addr_info", []))
+        except (OSError, ValueError):
+            pass
+    addrs = []
+    for text in found:
+        try:
+            ip = ipaddress.ip_address(text)
+        except (TypeError, ValueError):
+            continue
+        if not ip.is_loopback and str(ip) not in addrs:
+            addrs.append(str(ip))
+    return addrs
+
+
+# --------------------------------------------------------------------------------------
+# TC attachment that never disturbs filters it did not create
+# --------------------------------------------------------------------------------------
+
+
+class TcHooks:
+    """Adds our cls_bpf filters at free priorities; removes exactly those on close."""
+
+    def __init__(self, ipr) -> None:
+        self.ipr = ipr
+        self.filters = []  # (ifindex, parent, prio)
+        self.created_clsact = []
+
+    def attach(self, ifindex: int, progs: dict) -> None:
+        # Each step is recorded before it is made, so a signal arriving mid-call still
+        # leaves close() knowing what to remove.
+        kinds = [q.get_attr("TCA_KIND") for q in self.ipr.get_qdiscs(index=ifindex)]
+        if "clsact" not in kinds:
+            self.created_clsact.append(ifindex)
+            try:
+                self.ipr.tc("add", "clsact", ifindex)
+            except Exception:
+                self.created_clsact.remove(ifindex)
+                raise
+        for direction, parent in TC_PARENTS:
+            used = set(f["info"] >> 16 for f in self.ipr.get_filters(index=ifindex, parent=parent))
+            prio = next(p for p in range(TC_PRIO_BASE, 0xFFFF) if p not in used)
+            fn = progs[direction]
+            self.filters.append((ifindex, parent, prio))
+            try:
+                self.ipr.tc(
+                    "add-filter",
+                    "bpf",
+                    ifindex,
+                    prio,
+                    fd=fn.fd,
+                    name=fn.name.decode() if isinstance(fn.name, bytes) else fn.name,
+                    parent=parent,
+                    prio=prio,
+                    protocol=ETH_P_ALL,
+                    classid=1,
+                    direct_action=True,
+                )
+            except Exception:
+                self.filters.remove((ifindex, parent, prio))
+                raise
+
+    def close(self) -> list:
+        """Remove our filters, then any clsact we created that is now empty. Returns errors."""
+        errors = []
+        for ifindex, parent, prio in reversed(self.filters):
+            try:
+                self.ipr.tc(
+                    "del-filter", "bpf", ifindex, prio, parent=parent, prio=prio,
+                    protocol=ETH_P_ALL,
+                )
+            except Exception as exc:  # noqa: BLE001 - keep removing the rest
+                errors.append("filter %d/%x/%d: %s" % (ifindex, parent, prio, exc))
+        self.filters = []
+        for ifindex in self.created_clsact:
+            try:
+                if not any(self.ipr.get_filters(index=ifindex, parent=p) for _, p in TC_PARENTS):
+                    self.ipr.tc("del", "clsact", ifindex)
+            except Exception as exc:  # noqa: BLE001
+                errors.append("clsact %d: %s" % (ifindex, exc))
+        self.created_clsact = []
+        return errors
+
+
+# --------------------------------------------------------------------------------------
+# Output and decoding
+# --------------------------------------------------------------------------------------
+
+
+def now_ns(clock: str) -> int:
+    fn = getattr(time, clock + "_ns", None)
+    if fn:
+        return fn()
+    return int(getattr(time, clock)() * 1e9)
+
+
+class Output:
+    """NDJSON writer; a closed stdout means the controller is gone (bye reason eof)."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.broken = False
+
+    def write(self, record: dict) -> None:
+        if self.broken:
+            raise Stop("eof")
+        try:
+            self.stream.write(json.dumps(record, separators=(",", ":")) + "\n")
+        except (BrokenPipeError, ValueError):
+            self.broken = True
+            raise Stop("eof")
+
+    def flush(self) -> None:
+        if self.broken:
+            return
+        try:
+            self.stream.flush()
+        except (BrokenPipeError, ValueError):
+            self.broken = True
+            raise Stop("eof")
+
+
+def addr_text(family: int, raw: bytes) -> str:
+    if family == 4:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    return socket.inet_ntop(socket.AF_INET6, raw[:16])
+
+
+def decode_packets(raw: bytes, ifnames: dict) -> list:
+    """One pkt_event -> packet records: the history (oldest first), then the packet."""
+    a, b, pa, pb, family = struct.unpack_from(FLOW_FMT, raw, 0)
+    why, head, count = struct.unpack_from(EVENT_HEAD_FMT, raw, FLOW_SIZE + PKT_SIZE)
+    ring_at = FLOW_SIZE + PKT_SIZE + struct.calcsize(EVENT_HEAD_FMT)
+    slots = (len(raw) - ring_at) // PKT_SIZE
+    ends = ((addr_text(family, a), pa), (addr_text(family, b), pb))
+    order = [(head - count + i) % slots for i in range(count)] if slots else []
+    pkts = [(struct.unpack_from(PKT_FMT, raw, ring_at + PKT_SIZE * i), 4) for i in order]
+    pkts.append((struct.unpack_from(PKT_FMT, raw, FLOW_SIZE), why))
+    records = []
+    for (ts, ifindex, seq, ack, length, win, ipid, ttl, flags, direction, fwd), kind in pkts:
+        src, dst = ends if fwd else ends[::-1]
+        records.append(
+            {
+                "type": "packet",
+                "ts_ns": ts,
+                "ifname": ifnames.get(ifindex, str(ifindex)),
+                "ifindex": ifindex,
+                "dir": DIR_NAMES.get(direction, "ingress"),
+                "family": family,
+                "saddr": src[0],
+                "daddr": dst[0],
+                "sport": src[1],
+                "dport": dst[1],
+                "flags": flags,
+                "seq": seq,
+                "ack": ack,
+                "ipid": ipid,
+                "ttl": ttl,
+                "len": length,
+                "win": win,
+                "why": WHY_NAMES.get(kind, "rst"),
+            }
+        )
+    return records
+
+
+def decode_reset(raw: bytes, symbols: dict) -> dict:
+    """One reset_event -> a reset record, names taken from the live format's tables."""
+    (ts, netns, pid, state, reason, probe, family, sport, dport, saddr, daddr, comm) = (
+        struct.unpack_from(RESET_FMT, raw, 0)
+    )
+    probe_name = RESET_PROBES[probe - 1]
+    if family == 0:  # legacy formats: v4 sockets appear v4-mapped in saddr_v6
+        family = 4 if saddr[:12] == b"\0" * 10 + b"\xff\xff" or not any(saddr) else 6
+        if family == 4:
+            saddr, daddr = saddr[12:], daddr[12:]
+    tables = symbols.get(probe_name, {})
+    state_names = tables.get("state") or {v: k for k, v in TCP_STATES.items()}
+    reason_names = tables.get("reason", {})
+    return {
+        "type": "reset",
+        "ts_ns": ts,
+        "probe": probe_name,
+        "family": family,
+        "saddr": addr_text(family, saddr),
+        "daddr": addr_text(family, daddr),
+        "sport": sport,
+        "dport": dport,
+        "state": state_names.get(state, "UNKNOWN") if state > 0 else None,
+        "state_num": state if state > 0 else None,
+        "reason": reason_names.get(reason, "UNKNOWN") if reason >= 0 else None,
+        "reason_num": reason if reason >= 0 else None,
+        "pid": pid,
+        "comm": comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
+        "netns": netns or None,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# The session: plan, attach, loop, clean up
+# --------------------------------------------------------------------------------------
+
+
+def kernel_version() -> tuple:
+    nums = re.findall(r"\d+", os.uname().release)[:2]
+    return tuple(int(n) for n in nums) if len(nums) == 2 else (0, 0)
+
+
+def kprobes_available() -> bool:
+    return any(os.path.exists(os.path.join(d, "kprobe_events")) for d in TRACEFS_DIRS)
+
+
+def make_plan(args, formats: dict, offsets) -> dict:
+    """Everything the C program and the attach step depend on, decided up front."""
+    missing = []
+    kprobes = []
+    for probe in RESET_PROBES:
+        if probe in formats:
+            continue
+        if kprobes_available():
+            kprobes.append(probe)
+        else:
+            missing.append(
+                {"probe": probe, "why": "no tracepoint tcp:%s and no kprobes here" % probe}
+            )
+    ringbuf = kernel_version() >= RINGBUF_MIN_KERNEL
+    return {
+        "history": args.history,
+        "buffer": "ringbuf" if ringbuf else "perf",
+        "pages": 64,
+        "ports": args.port,
+        "addrs": args.addr,
+        "tracepoints": formats,
+        "kprobes": kprobes,
+        "offsets": offsets,
+        "own_netns": own_netns(),
+        "missing": missing,
+    }
+
+
+class Session:
+    """One run: compile, attach, stream records, and undo every attachment."""
+
+    def __init__(self, args, out: Output, stop) -> None:
+        self.args = args
+        self.out = out
+        self.stop = stop
+        self.bpf = None
+        self.ipr = None
+        self.tc = None
+        self.plan = None
+        self.attach = {}
+        self.ifnames = {}
+        self.addrs = []
+        self.lost_seen = [0, 0]
+        self.perf_lost = [0, 0]
+        self.resets = 0
+        self.rst_packets = 0
+        self.scope_why = None
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        ensure_tracefs()  # before importing bcc, which looks for tracefs once
+        try:
+            from bcc import BPF
+        except ImportError:
+            raise SetupError("BCC is not installed (python3-bpfcc)")
+        self.BPF = BPF
+        try:
+            from pyroute2 import IPRoute
+
+            self.ipr = IPRoute()
+        except ImportError:
+            self.ipr = None
+        self.addrs = discover_addrs(self.ipr)
+        offsets, self.scope_why = netns_offsets()
+        self.plan = make_plan(self.args, read_formats(None), offsets)
+        try:
+            self.bpf = BPF(text=build_program(self.plan))
+        except Exception as exc:
+            raise SetupError("BPF compile failed: %s" % exc)
+        self._fill_filters()
+        self._attach_resets()
+        self._attach_tc()
+        self._open_buffers()
+
+    def _fill_filters(self) -> None:
+        b = self.bpf
+        for port in self.args.port:
+            b["ports"][ctypes.c_uint16(port)] = ctypes.c_uint8(1)
+        for text in self.args.addr:
+            ip = ipaddress.ip_address(text)
+            key = b["addrs"].Key()
+            key.family = ip.version
+            raw = ip.packed
+            ctypes.memmove(ctypes.addressof(key.a), raw, len(raw))
+            b["addrs"][key] = ctypes.c_uint8(1)
+
+    def _attach_resets(self) -> None:
+        for probe in sorted(self.plan["tracepoints"]):
+            fmt = self.plan["tracepoints"][probe]
+            try:
+                self.bpf.attach_tracepoint(tp="tcp:" + probe, fn_name="ebd_" + probe)
+            except Exception as exc:
+                self.plan["missing"].append({"probe": probe, "why": str(exc)})
+                continue
+            self.attach[probe] = {"kind": "tracepoint", "layout": address_layout(fmt)}
+        kprobe_fns = {
+            "tcp_send_reset": (("tcp_v4_send_reset", "ebd_kp_v4_send_reset"),
+                               ("tcp_v6_send_reset", "ebd_kp_v6_send_reset")),
+            "tcp_receive_reset": (("tcp_reset", "ebd_kp_tcp_reset"),),
+        }
+        for probe in self.plan["kprobes"]:
+            done = []
+            for event, fn in kprobe_fns[probe]:
+                try:
+                    self.bpf.attach_kprobe(event=event, fn_name=fn)
+                    done.append(event)
+                except Exception as exc:
+                    self.plan["missing"].append({"probe": event, "why": str(exc)})
+            if done:
+                self.attach[probe] = {"kind": "kprobe", "functions": done}
+
+    def _attach_tc(self) -> None:
+        if self.ipr is None:
+            self.plan["missing"].append(
+                {"probe": "tc", "why": "pyroute2 is not installed (python3-pyroute2); no packets"}
+            )
+            return
+        links = discover_links(self.ipr)
+        self.ifnames = dict((idx, name) for idx, name, _ in links)
+        wanted = self.args.interfaces
+        if wanted:
+            unknown = sorted(set(wanted) - set(self.ifnames.values()))
+            if unknown:
+                raise SetupError("no such interface: %s" % ",".join(unknown))
+            links = [link for link in links if link[1] in wanted]
+        progs = {
+            "ingress": self.bpf.load_func("ebd_tc_ingress", self.BPF.SCHED_CLS),
+            "egress": self.bpf.load_func("ebd_tc_egress", self.BPF.SCHED_CLS),
+        }
+        self.tc = TcHooks(self.ipr)
+        done = []
+        for ifindex, name, l2 in links:
+            if l2 is None:
+                self.plan["missing"].append({"probe": "tc:" + name, "why": "unsupported link type"})
+                continue
+            self.bpf["l2len"][ctypes.c_uint32(ifindex)] = ctypes.c_uint32(l2)
+            try:
+                self.tc.attach(ifindex, progs)
+                done.append(name)
+            except Exception as exc:  # netlink refused (e.g. an `ingress` qdisc is present)
+                self.plan["missing"].append({"probe": "tc:" + name, "why": str(exc)})
+        self.attach["tc"] = {"kind": "tc-clsact", "interfaces": done}
+
+    def _open_buffers(self) -> None:
+        b = self.bpf
+        if self.plan["buffer"] == "ringbuf":
+            b["pkt_events"].open_ring_buffer(self._ring_cb(self._on_packet))
+            b["reset_events"].open_ring_buffer(self._ring_cb(self._on_reset))
+            return
+        b["pkt_events"].open_perf_buffer(
+            self._perf_cb(self._on_packet), page_cnt=64, lost_cb=self._lost_cb(0)
+        )
+        b["reset_events"].open_perf_buffer(
+            self._perf_cb(self._on_reset), page_cnt=16, lost_cb=self._lost_cb(1)
+        )
+
+    # -- callbacks: exceptions cannot cross the C boundary, so they park a stop reason ----
+
+    def _guard(self, handler, data, size) -> int:
+        if self.out.broken:
+            return 0
+        self.stop.in_callback = True
+        try:
+            handler(ctypes.string_at(data, size))
+        except Stop as exc:
+            self.stop.reason = self.stop.reason or exc.reason
+        finally:
+            self.stop.in_callback = False
+        return 0
+
+    def _ring_cb(self, handler):
+        return lambda ctx, data, size: self._guard(handler, data, size)
+
+    def _perf_cb(self, handler):
+        return lambda cpu, data, size: self._guard(handler, data, size)
+
+    def _lost_cb(self, idx: int):
+        def lost(count):
+            self.perf_lost[idx] += count
+
+        return lost
+
+    def _on_packet(self, raw: bytes) -> None:
+        for record in decode_packets(raw, self.ifnames):
+            self.out.write(record)
+            if record["why"] == "rst":
+                self.rst_packets += 1
+        self._check_count()
+
+    def _on_reset(self, raw: bytes) -> None:
+        record = decode_reset(raw, {p: f["symbols"] for p, f in self.plan["tracepoints"].items()})
+        if not self._is_local(record) or not self._wanted(record):
+            return
+        self.out.write(record)
+        self.resets += 1
+        self._check_count()
+
+    def _is_local(self, record: dict) -> bool:
+        """Kernel-side netns filtering already ran when offsets exist; else compare addresses."""
+        if record["netns"] is not None:
+            return record["netns"] == self.plan["own_netns"]
+        return record["saddr"] in self.addrs
+
+    def _wanted(self, record: dict) -> bool:
+        ports, addrs = self.args.port, self.args.addr
+        if ports and record["sport"] not in ports and record["dport"] not in ports:
+            return False
+        return not addrs or record["saddr"] in addrs or record["daddr"] in addrs
+
+    def _check_count(self) -> None:
+        limit = self.args.count
+        if not limit:
+            return
+        seen = self.resets if self.attach.get("tcp_send_reset") or self.attach.get(
+            "tcp_receive_reset") else self.rst_packets
+        if seen >= limit:
+            self.stop.reason = self.stop.reason or "count"
+
+    # -- running ---------------------------------------------------------------------------
+
+    def hello(self) -> dict:
+        offsets_ok = self.plan["offsets"] is not None
+        return {
+            "type": "hello",
+            "script": SCRIPT,
+            "version": VERSION,
+            "kernel": os.uname().release,
+            "mono_ns": now_ns("monotonic"),
+            "real_ns": now_ns("time"),
+            "netns": self.plan["own_netns"],
+            "addrs": self.addrs,
+            "interfaces": sorted(self.ifnames.values()),
+            "attach": self.attach,
+            "missing": self.plan["missing"],
+            "filter": {"ports": self.args.port, "addrs": self.args.addr},
+            "scope": "netns" if offsets_ok else "addrs",
+            "history": self.args.history,
+            "buffer": self.plan["buffer"],
+        }
+
+    def run(self) -> str:
+        deadline = time.monotonic() + self.args.duration if self.args.duration else None
+        poll = (
+            self.bpf.ring_buffer_poll
+            if self.plan["buffer"] == "ringbuf"
+            else self.bpf.perf_buffer_poll
+        )
+        while not self.stop.reason:
+            timeout = 200
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.stop.reason = "duration"
+                    break
+                timeout = max(1, min(timeout, int(left * 1000)))
+            poll(timeout)
+            self._report_lost()
+            self.out.flush()
+        # Deliver what is already buffered, e.g. the RST packet after the counted reset.
+        reason = self.stop.reason
+        if reason != "eof":
+            poll(0)
+            self._report_lost()
+            self.out.flush()
+        return self.stop.reason if self.stop.reason == "eof" else reason
+
+    def _report_lost(self) -> None:
+        totals = [sum(self.bpf["lost"][ctypes.c_int(i)]) for i in range(2)]
+        for i, source in enumerate(("packets", "resets")):
+            count = totals[i] - self.lost_seen[i] + self.perf_lost[i]
+            self.lost_seen[i] = totals[i]
+            self.perf_lost[i] = 0
+            if count:
+                self.out.write({"type": "lost", "count": count, "source": source})
+
+    def cleanup(self) -> list:
+        errors = []
+        if self.tc is not None:
+            errors.extend(self.tc.close())
+        if self.bpf is not None:
+            try:
+                self.bpf.cleanup()
+            except Exception as exc:  # noqa: BLE001
+                errors.append("detach: %s" % exc)
+            self.bpf = None
+        if self.ipr is not None:
+            self.ipr.close()
+            self.ipr = None
+        return errors
+
+
+# --------------------------------------------------------------------------------------
+# Arguments, signals, main
+# --------------------------------------------------------------------------------------
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ArgError(message)
+
+
+def _csv(convert):
+    def parse(text):
+        try:
+            return [convert(item.strip()) for item in text.split(",") if item.strip()]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc))
+
+    return parse
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 < port < 65536:
+        raise ValueError("port out of range: %s" % text)
+    return port
+
+
+def _addr(text: str) -> str:
+    return str(ipaddress.ip_address(text))
+
+
+def _non_negative(convert):
+    def parse(text):
+        value = convert(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError("must be >= 0: %s" % text)
+        return value
+
+    return parse
+
+
+def parse_args(argv) -> argparse.Namespace:
+    doc = (__doc__ or "").split("\n\n", 1)
+    parser = Parser(prog=SCRIPT, description=doc[0], epilog=doc[1] if len(doc) > 1 else None,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", action="append", type=_csv(_port), default=[],
+                        help="only flows with this port on either side (repeatable, a,b)")
+    parser.add_argument("--addr", action="append", type=_csv(_addr), default=[],
+                        help="only flows with this address on either side (repeatable, a,b)")
+    parser.add_argument("--interfaces", type=_csv(str), default=None,
+                        help="interfaces to watch (default: all except lo)")
+    parser.add_argument("--history", type=int, default=4,
+                        help="packets remembered per flow (0-%d, default 4)" % MAX_HISTORY)
+    parser.add_argument("--duration", type=_non_negative(float), default=0,
+                        help="seconds to run (0: until signalled)")
+    parser.add_argument("--count", type=_non_negative(int), default=0,
+                        help="stop after N reset records (RST packets without reset probes)")
+    parser.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--format-dir", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.port = sorted(set(p for group in args.port for p in group))
+    args.addr = sorted(set(a for group in args.addr for a in group))
+    if not 0 <= args.history <= MAX_HISTORY:
+        parser.error("--history must be between 0 and %d" % MAX_HISTORY)
+    if args.format_dir and not args.ebpf:
+        parser.error("--format-dir only goes with --ebpf")
+    return args
+
+
+class StopState:
+    """Shared between signal handlers and the loop."""
+
+    def __init__(self) -> None:
+        self.reason = None
+        self.in_callback = False
+        self.cleaning = False
+
+    def handler(self, signum, frame) -> None:
+        first = self.reason is None
+        self.reason = self.reason or "signal"
+        if first and not self.in_callback and not self.cleaning:
+            raise Stop("signal")
+
+
+def print_ebpf(args, out) -> int:
+    formats = read_formats(args.format_dir)
+    offsets = None if args.format_dir else netns_offsets()[0]
+    plan = make_plan(args, formats, offsets)
+    if args.format_dir:
+        plan["kprobes"] = []
+    out.write(build_program(plan) + "\n")
+    for item in plan["missing"]:
+        sys.stderr.write("%s: %s: %s\n" % (SCRIPT, item["probe"], item["why"]))
+    return 0
+
+
+def main(argv=None) -> int:
+    out = Output(sys.stdout)
+    try:
+        args = parse_args(argv)
+    except ArgError as exc:
+        sys.stderr.write("%s: %s\n" % (SCRIPT, exc))
+        out.write({"type": "bye", "reason": "error", "error": str(exc)})
+        out.flush()
+        return 2
+    if args.ebpf:
+        return print_ebpf(args, sys.stdout)
+    stop = StopState()
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(signum, stop.handler)
+    session = Session(args, out, stop)
+    bye = {"type": "bye", "reason": "error"}
+    code = 1
+    try:
+        try:
+            session.setup()
+            out.write(session.hello())
+            out.write({"type": "ready"})
+            out.flush()
+            bye["reason"] = session.run()
+            code = 0
+        except Stop as exc:
+            bye["reason"] = exc.reason
+            code = 0
+        except KeyboardInterrupt:
+            bye["reason"] = "signal"
+            code = 0
+        except SetupError as exc:
+            bye["error"] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - report, clean up, exit 1
+            bye["error"] = "%s: %s" % (type(exc).__name__, exc)
+    finally:
+        stop.cleaning = True
+        errors = session.cleanup()
+    if errors:
+        sys.stderr.write("%s: cleanup: %s\n" % (SCRIPT, "; ".join(errors)))
+    if code:
+        sys.stderr.write("%s: %s\n" % (SCRIPT, bye.get("error")))
+    try:
+        out.write(bye)
+        out.flush()
+    except Stop:
+        pass
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+from ebpfdiag.cli import main
+
+main()

@@ -1,0 +1,173 @@
+"""``ebpfdiag run-script``: push a self-contained script to hosts, run it with sudo, stream it."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from ebpfdiag.catalog import resolve_script
+from ebpfdiag.cli.common import (
+    DURATION,
+    exit_code_for,
+    hosts_option,
+    inventory_option,
+    json_option,
+    make_ssh_options,
+    run_until_done,
+    select_hosts,
+    ssh_options,
+)
+from ebpfdiag.fanout import Fanout, FanoutOptions, HostResult
+from ebpfdiag.inventory import compress_names
+from ebpfdiag.render.ndjson import NDJSONWriter
+from ebpfdiag.render.terminal import HostPrefixer, StatusView, summary_table
+from ebpfdiag.transport import ClockSample, Script
+
+
+class JSONSink:
+    """Every line becomes a record: JSON objects the script printed are kept structured."""
+
+    def __init__(self, writer: NDJSONWriter):
+        self.w = writer
+
+    def state(self, host: str, state: str) -> None:
+        pass
+
+    def line(self, host: str, stream: str, line: bytes) -> None:
+        text = line.decode(errors="replace")
+        ts = time.time_ns()
+        if stream == "stdout" and text.startswith("{"):
+            try:
+                obj = json.loads(text)
+            except ValueError:
+                obj = None
+            if isinstance(obj, dict):
+                self.w.write({"type": "record", "host": host, "ts": ts, "record": obj})
+                return
+        self.w.write({"type": "line", "host": host, "ts": ts, "stream": stream, "text": text})
+
+    def clock(self, host: str, sample: ClockSample) -> None:
+        pass
+
+    def result(self, result: HostResult) -> None:
+        self.w.write(result.to_json())
+
+
+class TerminalSink:
+    """Prefixed lines on stdout (script stderr on stderr), live status, failures as they come."""
+
+    def __init__(self, names: list[str], status: StatusView):
+        self.out = HostPrefixer(names)
+        self.err = HostPrefixer(names, sys.stderr)
+        self.status = status
+
+    def state(self, host: str, state: str) -> None:
+        self.status.set(host, state)
+
+    def line(self, host: str, stream: str, line: bytes) -> None:
+        (self.out if stream == "stdout" else self.err).write(host, line.decode(errors="replace"))
+
+    def clock(self, host: str, sample: ClockSample) -> None:
+        pass
+
+    def result(self, result: HostResult) -> None:
+        if not result.ok:
+            self.status.note_failure(result)
+
+
+def summary_record(results: list[HostResult], interrupted: bool, elapsed: float) -> dict:
+    failed = [r.host for r in results if not r.ok]
+    return {
+        "type": "summary",
+        "hosts": len(results),
+        "ok": len(results) - len(failed),
+        "failed": len(failed),
+        "failed_hosts": compress_names(failed),
+        "interrupted": interrupted,
+        "duration_s": round(elapsed, 3),
+    }
+
+
+EXAMPLES = """
+\b
+Examples:
+  ebpfdiag run-script ./probe.py --hosts 'web[01-20],!web07'
+  ebpfdiag run-script tcp_rst --hosts client,lb,server --duration 30s -- --port 80
+  ebpfdiag run-script ./probe.py --hosts lbs --json | jq -c 'select(.type=="record")'
+"""
+
+
+@click.command("run-script", epilog=EXAMPLES)
+@click.argument("script")
+@click.argument("script_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- SCRIPT ARGS]")
+@hosts_option
+@inventory_option
+@ssh_options
+@click.option("--duration", type=DURATION, help="Stop the script after this long (a normal end).")
+@click.option("--timeout", type=DURATION, help="Fail hosts whose script runs longer than this.")
+@json_option
+def run_script(
+    script: str,
+    script_args: tuple[str, ...],
+    hosts_expr: str,
+    inventory: str | None,
+    fanout: int,
+    accept_new_host_keys: bool,
+    ask_sudo_pass: bool,
+    duration: float | None,
+    timeout: float | None,
+    as_json: bool,
+) -> int:
+    """Run SCRIPT (a local Python/BCC file, or a shipped script's name) on every host.
+
+    The script is sent over the SSH channel (no files are left on hosts), runs with sudo
+    under the host's python3 and ends when ebpfdiag ends. Lines stream back as they are
+    printed. Exit code: 0 all hosts ok, 1 some failed, 2 bad input, 130 interrupted.
+    """
+    path = resolve_script(script)
+    remote = Script(path.name, _read_script(path), tuple(script_args))
+    hosts = select_hosts(inventory, hosts_expr)
+    opts = FanoutOptions(
+        fanout=fanout,
+        timeout=timeout,
+        duration=duration,
+        ssh=make_ssh_options(accept_new_host_keys, ask_sudo_pass),
+    )
+    started = time.monotonic()
+    names = [h.name for h in hosts]
+    err = Console(stderr=True)
+    if as_json:
+        engine: Fanout | None = None
+        writer = NDJSONWriter(on_closed=lambda: engine and engine.stop())
+        engine = Fanout(hosts, remote, opts, JSONSink(writer))
+        results = run_until_done(engine.run(), engine.stop)
+        writer.write(summary_record(results, engine.interrupted, time.monotonic() - started))
+        writer.flush()
+    else:
+        with StatusView(names, err) as status:
+            engine = Fanout(hosts, remote, opts, TerminalSink(names, status))
+            results = run_until_done(engine.run(), engine.stop)
+        summary_table(results, err)
+    return exit_code_for(results, engine.interrupted)
+
+
+def _read_script(path: Path) -> bytes:
+    """Refuse a script that would only fail on every host: unreadable or not Python."""
+    from ebpfdiag.errors import UsageError
+
+    try:
+        source = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read script {path}: {exc.strerror}") from None
+    try:
+        compile(source, str(path), "exec")
+    except SyntaxError as exc:
+        raise UsageError(f"{path}:{exc.lineno}: {exc.msg}") from None
+    except ValueError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+    return source

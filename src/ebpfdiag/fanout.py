@@ -1,0 +1,226 @@
+"""Run one script on many hosts at once, with bounded concurrency and per-host results.
+
+The engine never prints: it reports what happens through a ``FanoutSink`` (state changes,
+output lines, clock samples, results), so every command chooses how that looks. One host's
+failure never stops the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import asyncssh
+
+from ebpfdiag.inventory import Host
+from ebpfdiag.transport import (
+    ClockSample,
+    HostFailure,
+    RemoteRun,
+    RunOutcome,
+    Script,
+    SSHOptions,
+    connect,
+)
+
+DEFAULT_FANOUT = 64
+#: How long a script gets to clean up after stdin EOF before the channel is closed on it.
+STOP_GRACE_S = 6.0
+
+
+@dataclass
+class HostResult:
+    """How one host's run ended; ``error_kind`` is stable for JSON consumers."""
+
+    host: str
+    status: str  # ok | failed | timeout | interrupted
+    exit_code: int | None = None
+    exit_signal: str | None = None
+    error: str | None = None
+    error_kind: str | None = None
+    duration_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_json(self) -> dict:
+        return {
+            "type": "host",
+            "host": self.host,
+            "status": self.status,
+            "exit_code": self.exit_code,
+            "exit_signal": self.exit_signal,
+            "error_kind": self.error_kind,
+            "error": self.error,
+            "duration_s": round(self.duration_s, 3),
+        }
+
+
+class FanoutSink(Protocol):
+    """Receives engine events; implementations render or collect them."""
+
+    def state(self, host: str, state: str) -> None: ...
+    def line(self, host: str, stream: str, line: bytes) -> None: ...
+    def clock(self, host: str, sample: ClockSample) -> None: ...
+    def result(self, result: HostResult) -> None: ...
+
+
+@dataclass
+class FanoutOptions:
+    fanout: int = DEFAULT_FANOUT
+    timeout: float | None = None  # per host, from connect to exit: a failure when reached
+    duration: float | None = None  # per host, from script start: a normal end when reached
+    ssh: SSHOptions = field(default_factory=SSHOptions)
+
+
+def raise_fd_limit(hosts: int) -> None:
+    """Each host needs a socket and a few pipes; lift the soft limit towards the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = (
+        max(soft, min(hard, 64 + 8 * hosts)) if hard != resource.RLIM_INFINITY else 64 + 8 * hosts
+    )
+    if want > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+class Fanout:
+    """One run of one script over a host list; ``stop()`` ends it everywhere, cleanly."""
+
+    def __init__(self, hosts: list[Host], script: Script, opts: FanoutOptions, sink: FanoutSink):
+        self.hosts = hosts
+        self.script = script
+        self.opts = opts
+        self.sink = sink
+        self.interrupted = False
+        self._stops = {h.name: asyncio.Event() for h in hosts}
+        self._timed_out: set[str] = set()
+
+    def stop(self, interrupted: bool = False) -> None:
+        """End every host's script (stdin EOF -> the script cleans up and exits)."""
+        self.interrupted = self.interrupted or interrupted
+        for ev in self._stops.values():
+            ev.set()
+
+    async def run(self) -> list[HostResult]:
+        raise_fd_limit(len(self.hosts))
+        gate = asyncio.Semaphore(max(1, self.opts.fanout))
+        return list(await asyncio.gather(*(self._one(h, gate) for h in self.hosts)))
+
+    async def _one(self, host: Host, gate: asyncio.Semaphore) -> HostResult:
+        start = time.monotonic()
+        stop = self._stops[host.name]
+        self.sink.state(host.name, "queued")
+        async with gate:
+            timer = None
+            if self.opts.timeout:
+                timer = asyncio.get_running_loop().call_later(
+                    self.opts.timeout, self._expire, host.name
+                )
+            try:
+                result = await self._connect_and_run(host, stop)
+            except HostFailure as exc:
+                result = HostResult(host.name, "failed", error=str(exc), error_kind=exc.kind)
+            except Exception as exc:  # a bug must not take the other hosts down with it
+                result = HostResult(
+                    host.name, "failed", error=f"internal error: {exc!r}", error_kind="internal"
+                )
+            finally:
+                if timer is not None:
+                    timer.cancel()
+        if host.name in self._timed_out and result.status == "ok":
+            result.status, result.error_kind = "timeout", "timeout"
+            result.error = f"timed out after {self.opts.timeout:g}s"
+        elif self.interrupted and result.status == "ok" and result.error_kind is None:
+            result.status = "interrupted"
+        result.duration_s = time.monotonic() - start
+        self.sink.state(host.name, "done" if result.ok else result.status)
+        self.sink.result(result)
+        return result
+
+    def _expire(self, name: str) -> None:
+        self._timed_out.add(name)
+        self._stops[name].set()
+
+    async def _connect_and_run(self, host: Host, stop: asyncio.Event) -> HostResult:
+        self.sink.state(host.name, "connecting")
+        connecting = asyncio.ensure_future(connect(host, self.opts.ssh))
+        stopper = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({connecting, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if connecting not in done:
+            connecting.cancel()
+            return HostResult(host.name, "ok", error_kind=None)
+        conn = connecting.result()
+        try:
+            self.sink.state(host.name, "starting")
+            duration_timer = None
+
+            def running() -> None:
+                nonlocal duration_timer
+                self.sink.state(host.name, "running")
+                if self.opts.duration:
+                    duration_timer = asyncio.get_running_loop().call_later(
+                        self.opts.duration, stop.set
+                    )
+
+            run = RemoteRun(
+                host,
+                self.script,
+                self.opts.ssh,
+                on_line=lambda stream, line: self.sink.line(host.name, stream, line),
+                on_running=running,
+                on_clock=lambda sample: self.sink.clock(host.name, sample),
+            )
+            try:
+                outcome = await _bounded_after(run.run(conn, stop), stop, STOP_GRACE_S)
+            finally:
+                if duration_timer is not None:
+                    duration_timer.cancel()
+        except (OSError, asyncssh.Error) as exc:
+            raise HostFailure("ssh", f"connection to {host.name} lost: {exc}") from None
+        finally:
+            conn.close()
+        return _result_of(host.name, outcome)
+
+
+async def _bounded_after(coro, stop: asyncio.Event, grace: float) -> RunOutcome:
+    """Await ``coro``; once ``stop`` is set it gets ``grace`` seconds more, then fails."""
+    task = asyncio.ensure_future(coro)
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if not task.done():
+        done, _ = await asyncio.wait({task}, timeout=grace)
+        if not done:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise HostFailure("stop", f"script did not exit within {grace:g}s of being stopped")
+    return task.result()
+
+
+def _result_of(name: str, outcome: RunOutcome) -> HostResult:
+    """Exit status -> result; a script ending on our SIGTERM after a stop is a normal end."""
+    signal = outcome.exit_signal
+    status = None if signal else outcome.exit_status
+    clean_stop = outcome.stopped_by_us and (signal == "TERM" or status in (0, 143, None))
+    if status == 0 or clean_stop:
+        return HostResult(name, "ok", exit_code=status, exit_signal=signal)
+    if signal:
+        return HostResult(
+            name,
+            "failed",
+            exit_code=status,
+            exit_signal=signal,
+            error=f"script killed by SIG{signal}",
+            error_kind="killed",
+        )
+    return HostResult(
+        name, "failed", exit_code=status, error=f"script exited with {status}", error_kind="exit"
+    )

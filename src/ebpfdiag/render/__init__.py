@@ -1,0 +1,1 @@
+"""Everything that prints: terminal views and JSON writers."""

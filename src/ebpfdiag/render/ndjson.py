@@ -1,0 +1,55 @@
+"""NDJSON on stdout: one compact JSON object per line, every record with a ``type``.
+
+Writes are batched and flushed when the producer is idle, so a fast stream costs few
+syscalls while a slow one still appears line by line. A closed pipe (``| head``) is not an
+error: the writer remembers it and the command stops its hosts cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+class NDJSONWriter:
+    def __init__(self, stream=None, on_closed: Callable[[], None] | None = None):
+        self.stream = stream or sys.stdout
+        self.on_closed = on_closed
+        self.closed = False
+        self._pending: list[str] = []
+        self._scheduled = False
+
+    def write(self, record: dict) -> None:
+        self.write_raw(_dumps(record))
+
+    def write_raw(self, line: str) -> None:
+        """A line that is already one JSON object (pass-through without re-encoding)."""
+        if self.closed:
+            return
+        self._pending.append(line)
+        if len(self._pending) >= 1024:
+            self.flush()
+        elif not self._scheduled:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+                self._scheduled = True
+            except RuntimeError:
+                self.flush()
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if self.closed or not self._pending:
+            return
+        data = "\n".join(self._pending) + "\n"
+        self._pending.clear()
+        try:
+            self.stream.write(data)
+            self.stream.flush()
+        except BrokenPipeError:
+            self.closed = True
+            if self.on_closed is not None:
+                self.on_closed()

@@ -1,0 +1,136 @@
+"""Terminal output: coloured host prefixes, a live status view, summary tables.
+
+Status goes to stderr, data to stdout; nothing here runs in ``--json`` mode.
+"""
+
+from __future__ import annotations
+
+import sys
+import zlib
+from collections import Counter
+from collections.abc import Iterable
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from ebpfdiag.fanout import HostResult
+from ebpfdiag.inventory import compress_names
+
+_PALETTE = ("cyan", "magenta", "green", "yellow", "blue", "bright_cyan", "bright_magenta")
+_ANSI = {"cyan": 36, "magenta": 35, "green": 32, "yellow": 33, "blue": 34}
+_STATE_STYLE = {
+    "queued": "dim",
+    "connecting": "yellow",
+    "starting": "yellow",
+    "running": "cyan",
+    "done": "green",
+    "failed": "bold red",
+    "timeout": "bold red",
+    "interrupted": "magenta",
+}
+
+
+def host_colour(name: str) -> str:
+    """A stable colour per host name, so the same host looks the same in every run."""
+    return _PALETTE[zlib.crc32(name.encode()) % len(_PALETTE)]
+
+
+class HostPrefixer:
+    """Writes ``host | line`` to stdout, coloured when stdout is a terminal."""
+
+    def __init__(self, names: Iterable[str], stream=None):
+        self.stream = stream or sys.stdout
+        names = list(names)
+        width = max((len(n) for n in names), default=0)
+        colour = self.stream.isatty()
+        self.prefix = {}
+        for n in names:
+            label = n.ljust(width)
+            code = _ANSI.get(host_colour(n), 36)
+            self.prefix[n] = f"\x1b[{code}m{label}\x1b[0m | " if colour else f"{label} | "
+
+    def write(self, host: str, text: str) -> None:
+        self.stream.write(self.prefix[host] + text + "\n")
+        self.stream.flush()
+
+
+class StatusView:
+    """A live per-host status block on stderr (only on a terminal), else failure lines."""
+
+    def __init__(self, names: list[str], console: Console, prog: str = "ebpfdiag"):
+        self.names = names
+        self.console = console
+        self.prog = prog
+        self.states = dict.fromkeys(names, "queued")
+        self.live: Live | None = None
+
+    def __enter__(self) -> StatusView:
+        if self.console.is_terminal:
+            self.live = Live(
+                self._render(),
+                console=self.console,
+                transient=True,
+                refresh_per_second=8,
+                redirect_stdout=sys.stdout.isatty(),
+                redirect_stderr=False,
+            )
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live is not None:
+            self.live.__exit__(*exc)
+            self.live = None
+
+    def set(self, host: str, state: str) -> None:
+        self.states[host] = state
+        if self.live is not None:
+            self.live.update(self._render())
+
+    def note_failure(self, result: HostResult) -> None:
+        """Outside a terminal, a failed host is reported the moment it fails."""
+        if self.live is None:
+            self.console.print(
+                f"{self.prog}: {result.host}: {result.error}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+
+    def _render(self) -> Table:
+        counts = Counter(self.states.values())
+        table = Table.grid(padding=(0, 1))
+        rows = self.names if len(self.names) <= self.console.height - 3 else []
+        for name in rows:
+            state = self.states[name]
+            table.add_row(Text(name, style=host_colour(name)), Text(state, _STATE_STYLE[state]))
+        summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        table.add_row(Text(f"{len(self.names)} hosts", style="bold"), Text(summary))
+        return table
+
+
+def summary_table(results: list[HostResult], console: Console, detail_limit: int = 30) -> None:
+    """End-of-run table: every host when few, else failures in full and the rest folded."""
+    table = Table(title=None, show_edge=False, pad_edge=False)
+    for col in ("host", "status", "exit", "time", "error"):
+        table.add_column(col, overflow="fold")
+    shown = results if len(results) <= detail_limit else [r for r in results if not r.ok]
+    for r in shown:
+        table.add_row(
+            Text(r.host, style=host_colour(r.host)),
+            Text(r.status, style=_STATE_STYLE.get(r.status, "")),
+            "" if r.exit_code is None else str(r.exit_code),
+            f"{r.duration_s:.2f}s",
+            r.error or "",
+        )
+    if len(shown) < len(results):
+        ok = [r.host for r in results if r.ok]
+        table.add_row(compress_names(ok), Text("ok", style="green"), "", "", f"{len(ok)} hosts")
+    console.print(table)
+    failed = [r.host for r in results if not r.ok]
+    line = f"{len(results) - len(failed)}/{len(results)} hosts ok"
+    if failed:
+        line += f"; failed: {compress_names(failed)}"
+    console.print(line, style="red" if failed else "green", markup=False, highlight=False)

@@ -1,0 +1,378 @@
+"""One SSH connection to one host: connect, launch a script under sudo, stream its output.
+
+The script travels over the channel itself (see ``remote/bootstrap.py``): no scp, no
+temporary files, and the remote process is bound to the channel's stdin, so it ends when
+the controller goes away. Errors become ``HostFailure`` with a kind and a one-line message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import shlex
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import asyncssh
+
+from ebpfdiag.inventory import Host
+
+MARK = b"\x1eebpfdiag:"
+SUDO_PROMPT = "\x1eebpfdiag:sudo-prompt\n"
+#: Exit codes of the bootstrap itself (not of the script).
+EXIT_PYTHON_TOO_OLD = 97
+EXIT_BAD_SCRIPT = 98
+
+
+class HostFailure(Exception):
+    """A per-host failure: ``kind`` is stable (for JSON), ``str()`` is the one-line message."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Script:
+    """A script to run remotely: its name (shown in tracebacks), source and arguments."""
+
+    name: str
+    source: bytes
+    args: tuple[str, ...] = ()
+
+    @classmethod
+    def from_path(cls, path: Path, args: tuple[str, ...] = ()) -> Script:
+        return cls(path.name, path.read_bytes(), args)
+
+    def frame(self) -> bytes:
+        digest = hashlib.sha256(self.source).hexdigest()
+        return f"EBPFDIAG1 {len(self.source)} {digest} {self.name}\n".encode() + self.source
+
+
+@dataclass(frozen=True)
+class SSHOptions:
+    """Connection settings shared by every host of one run."""
+
+    accept_new_host_keys: bool = False
+    sudo_password: str | None = None
+    connect_retries: int = 3
+    keepalive_interval: float = 15.0
+
+
+def bootstrap_source() -> str:
+    return resources.files("ebpfdiag.remote").joinpath("bootstrap.py").read_text()
+
+
+def remote_command(host: Host, script: Script, use_sudo: bool, with_password: bool) -> str:
+    """The shell command line run on the host (no secrets: the password goes over stdin)."""
+    argv = [host.python, "-c", bootstrap_source(), *script.args]
+    if use_sudo:
+        sudo = ["sudo", "-S", "-p", SUDO_PROMPT] if with_password else ["sudo", "-n"]
+        argv = [*sudo, "--", *argv]
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def _known_hosts_path(host: Host) -> Path:
+    return Path(os.path.expanduser(host.known_hosts or "~/.ssh/known_hosts"))
+
+
+def _host_key_entry_name(host: Host) -> str:
+    port = host.port or 22
+    return host.address if port == 22 else f"[{host.address}]:{port}"
+
+
+def _has_known_key(host: Host) -> bool:
+    path = _known_hosts_path(host)
+    if not path.exists():
+        return False
+    try:
+        trusted, ca, *_ = asyncssh.match_known_hosts(
+            str(path), host.address, host.address, host.port or 22
+        )
+    except (OSError, ValueError, asyncssh.Error):
+        return False
+    return bool(trusted or ca)
+
+
+def _remember_host_key(host: Host, key: asyncssh.SSHKey) -> None:
+    path = _known_hosts_path(host)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = f"{_host_key_entry_name(host)} {key.export_public_key().decode().strip()}\n"
+    with open(path, "a") as f:
+        f.write(line)
+
+
+def _describe(host: Host, exc: BaseException) -> HostFailure:
+    """Map asyncssh/OS errors to a kind and a short message with a hint."""
+    where = f"{host.address}:{host.port or 22}"
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        if _has_known_key(host):
+            return HostFailure(
+                "host-key-changed",
+                f"host key for {where} does not match {_known_hosts_path(host)} (it changed: "
+                f"possible man-in-the-middle); refused. If the change is expected: "
+                f"ssh-keygen -R {shlex.quote(_host_key_entry_name(host))}",
+            )
+        return HostFailure(
+            "host-key-unknown",
+            f"host key for {where} is not in {_known_hosts_path(host)}; "
+            "add it (ssh-keyscan) or pass --accept-new-host-keys",
+        )
+    if isinstance(exc, asyncssh.PermissionDenied):
+        return HostFailure(
+            "auth", f"authentication failed for {host.user or '(default user)'}@{where}"
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        return HostFailure("unreachable", f"connection refused by {where}")
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return HostFailure("unreachable", f"connection to {where} timed out")
+    if isinstance(exc, OSError):
+        return HostFailure("unreachable", f"cannot connect to {where}: {exc.strerror or exc}")
+    if isinstance(exc, asyncssh.Error):
+        return HostFailure("ssh", f"ssh error from {where}: {exc.reason}")
+    return HostFailure("ssh", f"ssh error from {where}: {exc}")
+
+
+_RETRYABLE = (asyncssh.ConnectionLost, ConnectionResetError, BrokenPipeError, EOFError)
+
+
+async def connect(host: Host, opts: SSHOptions) -> asyncssh.SSHClientConnection:
+    """Open a connection, retrying when sshd drops it during key exchange (MaxStartups)."""
+    accept_new = opts.accept_new_host_keys and not _has_known_key(host)
+    known_path = _known_hosts_path(host)
+    if accept_new:
+        known_hosts = None
+    elif known_path.exists():
+        known_hosts = str(known_path)
+    else:  # no file yet: nothing is trusted (asyncssh would fail on the missing file)
+        known_hosts = asyncssh.import_known_hosts("")
+    kwargs: dict = {
+        "host": host.address,
+        "known_hosts": known_hosts,
+        "connect_timeout": host.connect_timeout,
+        "login_timeout": host.connect_timeout,
+        "keepalive_interval": opts.keepalive_interval,
+        "keepalive_count_max": 3,
+    }
+    if host.port:
+        kwargs["port"] = host.port
+    if host.user:
+        kwargs["username"] = host.user
+    if host.identity_file:
+        kwargs["client_keys"] = [os.path.expanduser(host.identity_file)]
+    if host.jump:
+        kwargs["tunnel"] = host.jump
+    delay = 0.2
+    for attempt in range(opts.connect_retries + 1):
+        try:
+            conn = await asyncssh.connect(**kwargs)
+            break
+        except _RETRYABLE as exc:
+            if attempt == opts.connect_retries:
+                raise _describe(host, exc) from None
+            await asyncio.sleep(delay * (1 + random.random()))
+            delay *= 2
+        except (OSError, asyncio.TimeoutError, asyncssh.Error) as exc:
+            raise _describe(host, exc) from None
+    if accept_new:
+        key = conn.get_server_host_key()
+        if key is not None:
+            _remember_host_key(host, key)
+    return conn
+
+
+LineHandler = Callable[[str, bytes], None]
+"""Called with (stream, line-without-newline) for every stdout/stderr line of the script."""
+
+
+@dataclass(frozen=True)
+class ClockSample:
+    """One ping: controller wall clock before/after, the host's monotonic clock in between."""
+
+    t_send_ns: int
+    host_mono_ns: int
+    t_recv_ns: int
+
+
+@dataclass
+class RunOutcome:
+    exit_status: int | None
+    exit_signal: str | None
+    stopped_by_us: bool
+
+
+async def _read_lines(stream: asyncssh.SSHReader, on_line: Callable[[bytes], None]) -> None:
+    """Split a byte stream into lines as chunks arrive (fast path for busy scripts)."""
+    buf = b""
+    while True:
+        chunk = await stream.read(65536)
+        if not chunk:
+            break
+        if b"\n" not in chunk:
+            buf += chunk
+            continue
+        *lines, rest = (buf + chunk).split(b"\n")
+        buf = rest
+        for line in lines:
+            on_line(line)
+    if buf:
+        on_line(buf)
+
+
+class RemoteRun:
+    """Drives one launched script: sudo prompt, script transfer, clock pings, stop, exit."""
+
+    def __init__(
+        self,
+        host: Host,
+        script: Script,
+        opts: SSHOptions,
+        on_line: LineHandler,
+        on_running: Callable[[], None],
+        on_clock: Callable[[ClockSample], None],
+        clock_pings: int = 5,
+    ):
+        self.host = host
+        self.script = script
+        self.opts = opts
+        self.on_line = on_line
+        self.on_running = on_running
+        self.on_clock = on_clock
+        self.clock_pings = clock_pings
+        self.want_script = asyncio.Event()
+        self.running = asyncio.Event()
+        self.failure: HostFailure | None = None
+        self.sudo_prompts = 0
+        self.stderr_tail: list[str] = []
+        self.ping_sent: dict[int, int] = {}
+        self.process: asyncssh.SSHClientProcess | None = None
+
+    def _fail(self, failure: HostFailure) -> None:
+        if self.failure is None:
+            self.failure = failure
+        if self.process is not None:
+            self.process.close()
+
+    def _on_stderr(self, line: bytes) -> None:
+        pos = line.find(MARK)
+        if pos < 0:
+            if not self.running.is_set():  # sudo/launch diagnostics: kept for the error
+                self.stderr_tail.append(line.decode(errors="replace"))
+                del self.stderr_tail[:-5]
+                return
+            self.on_line("stderr", line)
+            return
+        if pos > 0:
+            self.on_line("stderr", line[:pos])
+        words = line[pos + len(MARK) :].decode(errors="replace").split()
+        kind = words[0] if words else ""
+        if kind == "sudo-prompt":
+            self.sudo_prompts += 1
+            if self.sudo_prompts > 1 or self.opts.sudo_password is None:
+                self._fail(HostFailure("sudo", f"sudo on {self.host.name} rejected the password"))
+            else:
+                self.process.stdin.write(self.opts.sudo_password.encode() + b"\n")
+        elif kind == "want-script":
+            self.want_script.set()
+        elif kind == "running":
+            self.running.set()
+            self.on_running()
+        elif kind == "clock" and len(words) == 4:
+            sent = self.ping_sent.pop(int(words[1]), None)
+            if sent is not None:
+                self.on_clock(ClockSample(sent, int(words[2]), time.time_ns()))
+        elif kind == "error" and len(words) >= 3 and words[1] == "python-too-old":
+            self._fail(
+                HostFailure(
+                    "python",
+                    f"{self.host.python} on {self.host.name} is Python {words[2]}; need 3.6+",
+                )
+            )
+
+    async def _ping(self) -> None:
+        for seq in range(self.clock_pings):
+            self.ping_sent[seq] = time.time_ns()
+            self.process.stdin.write(f"ping {seq}\n".encode())
+            await asyncio.sleep(0.02)
+
+    async def run(self, conn: asyncssh.SSHClientConnection, stop: asyncio.Event) -> RunOutcome:
+        """Launch and stream until the script exits or ``stop`` is set (then stdin EOF)."""
+        host = self.host
+        use_sudo = host.sudo and host.user != "root"
+        with_password = use_sudo and self.opts.sudo_password is not None
+        command = remote_command(host, self.script, use_sudo, with_password)
+        self.process = process = await conn.create_process(command, encoding=None)
+        readers = asyncio.ensure_future(
+            asyncio.gather(
+                _read_lines(process.stdout, lambda line: self.on_line("stdout", line)),
+                _read_lines(process.stderr, self._on_stderr),
+            )
+        )
+        stopped_by_us = False
+        pinger = None
+        try:
+            if await _first(self.want_script.wait(), readers, stop.wait()):
+                process.stdin.write(self.script.frame())
+                if await _first(self.running.wait(), readers, stop.wait()):
+                    pinger = asyncio.ensure_future(self._ping())
+            if not readers.done():
+                await _first(stop.wait(), readers)
+            if not readers.done():
+                stopped_by_us = True
+                process.stdin.write_eof()
+            await readers
+            await process.wait_closed()
+        finally:
+            if pinger is not None:
+                pinger.cancel()
+            if not readers.done():
+                readers.cancel()
+                process.close()
+        if self.failure is not None:
+            raise self.failure
+        status = process.exit_status
+        if not self.running.is_set() and not stopped_by_us:
+            raise _launch_failure(host, status, self.stderr_tail)
+        signal = process.exit_signal[0] if process.exit_signal else None
+        return RunOutcome(status, signal, stopped_by_us)
+
+
+async def _first(main: Awaitable, *others: asyncio.Future | Awaitable) -> bool:
+    """Wait for ``main`` or any of ``others``; True when ``main`` finished first."""
+    task = asyncio.ensure_future(main)
+    extra = [o if isinstance(o, asyncio.Future) else asyncio.ensure_future(o) for o in others]
+    done, _ = await asyncio.wait({task, *extra}, return_when=asyncio.FIRST_COMPLETED)
+    for o, f in zip(others, extra, strict=True):
+        if f is not o:
+            f.cancel()
+    if task not in done:
+        task.cancel()
+        return False
+    return True
+
+
+def _launch_failure(host: Host, status: int | None, stderr_tail: list[str]) -> HostFailure:
+    """Why the bootstrap never ran the script: sudo, missing python, or something else."""
+    text = " ".join(stderr_tail).strip()
+    low = text.lower()
+    if "password is required" in low or "a terminal is required" in low:
+        return HostFailure(
+            "sudo",
+            f"sudo needs a password on {host.name}; use --ask-sudo-pass or allow "
+            "NOPASSWD for this user",
+        )
+    if "not in the sudoers" in low or "not allowed to execute" in low:
+        return HostFailure("sudo", f"{host.user or 'the login user'} may not sudo on {host.name}")
+    if status == 127 or "command not found" in low or "no such file" in low:
+        return HostFailure("python", f"{host.python} not found on {host.name}")
+    if status == EXIT_BAD_SCRIPT:
+        return HostFailure("transfer", f"the script did not arrive intact on {host.name}")
+    detail = f": {text}" if text else ""
+    return HostFailure(
+        "launch", f"could not start the script on {host.name} (exit {status}){detail}"
+    )

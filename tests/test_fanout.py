@@ -1,0 +1,396 @@
+"""The SSH fan-out engine and ``run-script`` against real sshd hosts in network namespaces.
+
+One fleet of 24 hosts serves the module: 20 healthy, one without sshd, one whose sudo
+needs a password, one whose host key differs from known_hosts, one whose configured
+python does not exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import require_root_tools
+
+pytestmark = pytest.mark.root
+
+HEALTHY = [f"h{i:02d}" for i in range(1, 21)]
+DOWN, SUDO_PW, BAD_KEY, NO_PYTHON = "h21", "h22", "h23", "h24"
+
+ADDR_SCRIPT = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((sys.argv[1], 9))
+print("addr", s.getsockname()[0], flush=True)
+import os
+print("uid", os.getuid(), flush=True)
+"""
+
+STREAM_SCRIPT = """
+import sys, time
+print("first", flush=True)
+time.sleep(2.5)
+print("second", flush=True)
+"""
+
+PIDFILE_SCRIPT = """
+import os, sys, time
+with open(sys.argv[1] + "/" + str(os.getpid()), "w") as f:
+    f.write("x")
+print("started", flush=True)
+time.sleep(600)
+"""
+
+
+def cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ebpfdiag", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
+
+
+def records(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    require_root_tools("ip", "/usr/sbin/sshd", "sudo", "ssh-keygen")
+    from ebpfdiag.lab.fleet import Fleet
+
+    f = Fleet(
+        "ebdt", 24, subnet="198.19.0.0/24", no_sshd_hosts=[DOWN], password_sudo_hosts=[SUDO_PW]
+    )
+    f.up()
+    try:
+        yield f
+    finally:
+        f.down()
+
+
+@pytest.fixture(scope="module")
+def inventory(fleet, tmp_path_factory) -> Path:
+    """The fleet's inventory, plus one host with a wrong known key and one without python."""
+    work = tmp_path_factory.mktemp("inv")
+    inv = yaml.safe_load(fleet.inventory.read_text())
+    other = work / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    bad_addr = fleet.host(BAD_KEY).address
+    lines = [
+        ln for ln in fleet.known_hosts.read_text().splitlines() if not ln.startswith(bad_addr + " ")
+    ]
+    lines.append(f"{bad_addr} {(other.with_suffix('.pub')).read_text().strip()}")
+    (work / "known_hosts").write_text("\n".join(lines) + "\n")
+    inv["defaults"]["known_hosts"] = str(work / "known_hosts")
+    inv["hosts"][NO_PYTHON]["python"] = "/nonexistent/python3"
+    path = work / "inventory.yaml"
+    path.write_text(yaml.safe_dump(inv))
+    return path
+
+
+def script_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "probe.py"
+    path.write_text(text)
+    return path
+
+
+def test_fanout_reaches_every_host_with_its_own_output(fleet, inventory, tmp_path):
+    probe = script_file(tmp_path, ADDR_SCRIPT)
+    r = cli(
+        "run-script",
+        str(probe),
+        "-i",
+        str(inventory),
+        "--hosts",
+        "h[01-20]",
+        "--json",
+        "--",
+        fleet.gateway,
+    )
+    assert r.returncode == 0, r.stderr
+    recs = records(r.stdout)
+    seen = {}
+    for rec in recs:
+        assert "type" in rec
+        if rec["type"] == "line" and rec["text"].startswith("addr "):
+            seen[rec["host"]] = rec["text"].split()[1]
+        if rec["type"] == "line" and rec["text"].startswith("uid "):
+            assert rec["text"] == "uid 0", rec  # ran under sudo
+    assert seen == {h: fleet.host(h).address for h in HEALTHY}
+    hosts = [rec for rec in recs if rec["type"] == "host"]
+    assert sorted(h["host"] for h in hosts) == HEALTHY
+    assert all(h["status"] == "ok" and h["exit_code"] == 0 for h in hosts)
+    assert recs[-1]["type"] == "summary" and recs[-1]["ok"] == 20 and recs[-1]["failed"] == 0
+
+
+def test_lines_stream_before_the_script_ends(inventory, tmp_path):
+    probe = script_file(tmp_path, STREAM_SCRIPT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ebpfdiag",
+            "run-script",
+            str(probe),
+            "-i",
+            str(inventory),
+            "--hosts",
+            "h01",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    first = json.loads(proc.stdout.readline())
+    got_first = time.monotonic()
+    assert first["type"] == "line" and first["text"] == "first"
+    assert proc.poll() is None, "the first line must arrive while the script still runs"
+    rest = records(proc.stdout.read())
+    assert proc.wait(30) == 0
+    assert time.monotonic() - got_first > 1.0
+    assert [r["text"] for r in rest if r["type"] == "line"] == ["second"]
+
+
+def test_bad_hosts_are_reported_while_the_others_succeed(fleet, inventory, tmp_path):
+    probe = script_file(tmp_path, ADDR_SCRIPT)
+    r = cli(
+        "run-script",
+        str(probe),
+        "-i",
+        str(inventory),
+        "--hosts",
+        "h[01-03],h[21-24]",
+        "--json",
+        "--",
+        fleet.gateway,
+    )
+    assert r.returncode == 1, r.stderr
+    by_host = {rec["host"]: rec for rec in records(r.stdout) if rec["type"] == "host"}
+    assert {h: by_host[h]["status"] for h in ("h01", "h02", "h03")} == dict.fromkeys(
+        ("h01", "h02", "h03"), "ok"
+    )
+    assert by_host[DOWN]["error_kind"] == "unreachable"
+    assert by_host[SUDO_PW]["error_kind"] == "sudo"
+    assert "password" in by_host[SUDO_PW]["error"]
+    assert by_host[BAD_KEY]["error_kind"] == "host-key-changed"
+    assert by_host[NO_PYTHON]["error_kind"] == "python"
+    summary = records(r.stdout)[-1]
+    assert summary["failed"] == 4 and summary["failed_hosts"] == "h[21-24]"
+
+
+def test_terminal_output_prefixes_hosts_and_summarises(fleet, inventory, tmp_path):
+    probe = script_file(tmp_path, ADDR_SCRIPT)
+    r = cli(
+        "run-script", str(probe), "-i", str(inventory), "--hosts", "h01,h21", "--", fleet.gateway
+    )
+    assert r.returncode == 1
+    assert f"h01 | addr {fleet.host('h01').address}" in r.stdout
+    assert "h21: connection refused" in r.stderr or "h21: cannot connect" in r.stderr
+    assert "1/2 hosts ok; failed: h21" in r.stderr
+
+
+def test_sudo_password_over_the_channel_never_in_argv(fleet, inventory, tmp_path):
+    """--ask-sudo-pass reads the terminal; the password must not show in any argv."""
+    import pty
+
+    probe = script_file(
+        tmp_path,
+        "import os, glob\n"
+        "argv = [open(p, 'rb').read() for p in glob.glob('/proc/[0-9]*/cmdline')]\n"
+        f"print('leak' if any({fleet.sudo_password!r}.encode() in a for a in argv) else 'clean')\n"
+        "print('uid', os.getuid())\n",
+    )
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ebpfdiag",
+            "run-script",
+            str(probe),
+            "-i",
+            str(inventory),
+            "--hosts",
+            SUDO_PW,
+            "--ask-sudo-pass",
+            "--json",
+        ],
+        stdin=follower,
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        text=True,
+        start_new_session=True,
+    )
+    os.close(follower)
+    buf = b""
+    deadline = time.monotonic() + 30
+    while b"password" not in buf and time.monotonic() < deadline:
+        buf += os.read(leader, 1024)
+    os.write(leader, fleet.sudo_password.encode() + b"\n")
+    out, _ = proc.communicate(timeout=60)
+    os.close(leader)
+    texts = [r.get("text") for r in records(out) if r["type"] == "line"]
+    assert proc.returncode == 0, out
+    assert texts == ["clean", "uid 0"]
+    assert fleet.sudo_password not in out
+
+
+def test_remote_script_dies_with_a_killed_controller(fleet, inventory, tmp_path):
+    piddir = Path("/run/ebpfdiag") / f"pids-{os.getpid()}"
+    piddir.mkdir(parents=True, exist_ok=True)
+    probe = script_file(tmp_path, PIDFILE_SCRIPT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ebpfdiag",
+            "run-script",
+            str(probe),
+            "-i",
+            str(inventory),
+            "--hosts",
+            "h[01-03]",
+            "--json",
+            "--",
+            str(piddir),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    started = 0
+    while started < 3:
+        rec = json.loads(proc.stdout.readline())
+        started += rec.get("text") == "started"
+    pids = [int(p.name) for p in piddir.iterdir()]
+    assert len(pids) == 3 and all(Path(f"/proc/{p}").exists() for p in pids)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = time.monotonic()
+    while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() - killed < 5:
+        time.sleep(0.1)
+    alive = [p for p in pids if Path(f"/proc/{p}").exists()]
+    for p in alive:
+        os.kill(p, signal.SIGKILL)
+    for p in piddir.iterdir():
+        p.unlink()
+    piddir.rmdir()
+    assert not alive, "remote scripts outlived their controller by 5 s"
+
+
+def test_ctrl_c_stops_every_host_cleanly(inventory, tmp_path):
+    probe = script_file(
+        tmp_path,
+        "import signal, sys, time\n"
+        "def bye(*_):\n"
+        "    print('cleaned up', flush=True); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, bye)\n"
+        "print('started', flush=True)\n"
+        "time.sleep(600)\n",
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ebpfdiag",
+            "run-script",
+            str(probe),
+            "-i",
+            str(inventory),
+            "--hosts",
+            "h01,h02",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    for _ in range(2):
+        assert json.loads(proc.stdout.readline())["text"] == "started"
+    proc.send_signal(signal.SIGINT)
+    rest = records(proc.stdout.read())
+    assert proc.wait(30) == 130
+    assert sorted(r["host"] for r in rest if r.get("text") == "cleaned up") == ["h01", "h02"]
+    assert rest[-1]["type"] == "summary" and rest[-1]["interrupted"] is True
+
+
+def test_duration_and_timeout_end_the_run(inventory, tmp_path):
+    probe = script_file(tmp_path, "import time\nprint('on', flush=True)\ntime.sleep(600)\n")
+    r = cli(
+        "run-script",
+        str(probe),
+        "-i",
+        str(inventory),
+        "--hosts",
+        "h01",
+        "--duration",
+        "1s",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    host = [x for x in records(r.stdout) if x["type"] == "host"][0]
+    assert host["status"] == "ok" and host["exit_signal"] == "TERM"
+    r = cli(
+        "run-script",
+        str(probe),
+        "-i",
+        str(inventory),
+        "--hosts",
+        "h01",
+        "--timeout",
+        "1s",
+        "--json",
+    )
+    assert r.returncode == 1
+    host = [x for x in records(r.stdout) if x["type"] == "host"][0]
+    assert host["status"] == "timeout"
+
+
+def test_accept_new_host_keys_records_unknown_keys(fleet, tmp_path):
+    inv = yaml.safe_load(fleet.inventory.read_text())
+    known = tmp_path / "known_hosts"
+    inv["defaults"]["known_hosts"] = str(known)
+    path = tmp_path / "inventory.yaml"
+    path.write_text(yaml.safe_dump(inv))
+    probe = script_file(tmp_path, "print('hi')\n")
+    r = cli("run-script", str(probe), "-i", str(path), "--hosts", "h05", "--json")
+    assert r.returncode == 1
+    assert [x["error_kind"] for x in records(r.stdout) if x["type"] == "host"] == [
+        "host-key-unknown"
+    ]
+    r = cli(
+        "run-script",
+        str(probe),
+        "-i",
+        str(path),
+        "--hosts",
+        "h05",
+        "--json",
+        "--accept-new-host-keys",
+    )
+    assert r.returncode == 0, r.stdout
+    assert known.read_text().startswith(fleet.host("h05").address + " ssh-ed25519 ")
+    r = cli("run-script", str(probe), "-i", str(path), "--hosts", "h05", "--json")
+    assert r.returncode == 0, r.stdout
+
+
+def test_doctor_reports_checks_per_host(inventory):
+    r = cli("doctor", "-i", str(inventory), "--hosts", f"h01,{SUDO_PW}", "--json")
+    recs = records(r.stdout)
+    checks = {(c["host"], c["name"]): c for c in recs if c["type"] == "check"}
+    assert checks[("h01", "ssh")]["ok"] and checks[("h01", "sudo")]["ok"]
+    assert checks[("h01", "tracepoint")]["ok"]
+    assert checks[("h01", "bcc")]["ok"], checks[("h01", "bcc")]
+    assert checks[("h01", "compile")]["ok"], checks[("h01", "compile")]
+    assert checks[("h01", "kprobes")]["ok"] is Path("/sys/kernel/tracing/kprobe_events").exists()
+    assert not checks[(SUDO_PW, "sudo")]["ok"] and checks[(SUDO_PW, "sudo")]["fix"]
+    assert r.returncode == 1
