@@ -20,8 +20,9 @@ US = 1_000
 def test_estimate_uses_the_tightest_round_trip():
     samples = [
         ClockSample(t_send_ns=1_000 * MS, host_mono_ns=50 * MS, t_recv_ns=1_008 * MS),
-        ClockSample(t_send_ns=2_000 * MS, host_mono_ns=1_050 * MS + 500 * US,
-                    t_recv_ns=2_001 * MS),  # fmt: skip
+        ClockSample(
+            t_send_ns=2_000 * MS, host_mono_ns=1_050 * MS + 500 * US, t_recv_ns=2_001 * MS
+        ),  # fmt: skip
         ClockSample(t_send_ns=3_000 * MS, host_mono_ns=2_052 * MS, t_recv_ns=3_004 * MS),
     ]
     est = estimate(samples)
@@ -42,7 +43,7 @@ def _world(seed: int, ssh_error_ns: dict[str, int]):
     """Hosts with true offsets, SSH estimates off by less than their error, and packets
     exchanged both ways between client<->lb and lb<->server with 20-80 us latency."""
     rng = random.Random(seed)
-    true = {h: rng.randrange(-10**12, 10**12) for h in ssh_error_ns}
+    true = {h: rng.randrange(-(10**12), 10**12) for h in ssh_error_ns}
     ssh = {
         h: ClockEstimate(true[h] + rng.randrange(-err + 1, err), err)
         for h, err in ssh_error_ns.items()
@@ -52,9 +53,7 @@ def _world(seed: int, ssh_error_ns: dict[str, int]):
         for _ in range(20):
             real = rng.randrange(10**18, 2 * 10**18)
             latency = rng.randrange(20 * US, 80 * US)
-            observations.append(
-                Observation(src, real - true[src], dst, real + latency - true[dst])
-            )
+            observations.append(Observation(src, real - true[src], dst, real + latency - true[dst]))
     return true, ssh, observations
 
 

@@ -394,3 +394,39 @@ def test_doctor_reports_checks_per_host(inventory):
     assert checks[("h01", "kprobes")]["ok"] is Path("/sys/kernel/tracing/kprobe_events").exists()
     assert not checks[(SUDO_PW, "sudo")]["ok"] and checks[(SUDO_PW, "sudo")]["fix"]
     assert r.returncode == 1
+
+
+def test_jump_host_tunnels_to_a_host_the_controller_cannot_reach(fleet, tmp_path):
+    """``hidden`` is 127.0.0.1 as seen from h01: only reachable by jumping through h01."""
+    inv = yaml.safe_load(fleet.inventory.read_text())
+    h01 = fleet.host("h01")
+    h01_key = next(
+        ln.split(" ", 1)[1]
+        for ln in fleet.known_hosts.read_text().splitlines()
+        if ln.startswith(h01.address + " ")
+    )
+    known = tmp_path / "known_hosts"
+    known.write_text(fleet.known_hosts.read_text() + f"127.0.0.1 {h01_key}\n")
+    inv["defaults"]["known_hosts"] = str(known)
+    inv["hosts"] = {
+        "h01": inv["hosts"]["h01"],
+        "hidden": {"address": "127.0.0.1", "port": 22, "jump": "h01"},
+    }
+    inv["groups"] = {}
+    path = tmp_path / "inventory.yaml"
+    path.write_text(yaml.safe_dump(inv))
+    probe = script_file(tmp_path, ADDR_SCRIPT)
+    r = cli(
+        "run-script",
+        str(probe),
+        "-i",
+        str(path),
+        "--hosts",
+        "hidden",
+        "--json",
+        "--",
+        fleet.gateway,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    addrs = [x["text"] for x in records(r.stdout) if x["type"] == "line"]
+    assert f"addr {h01.address}" in addrs

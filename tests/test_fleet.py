@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import require_root_tools
 
 from ebpfdiag.errors import UsageError
 from ebpfdiag.lab import netns, users
 from ebpfdiag.lab.fleet import Fleet
+from tests.conftest import require_root_tools
 
 # Prefixes and subnets of their own, so these tests never meet a developer's fleet or lab.
 PREFIX = "ebdf"

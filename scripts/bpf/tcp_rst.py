@@ -122,6 +122,7 @@ PKT_SIZE = struct.calcsize(PKT_FMT)
 FLOW_SIZE = struct.calcsize(FLOW_FMT)
 EVENT_HEAD_FMT = "=B3xII4x"
 RESET_FMT = "=QIIiiHHHH16s16s16s"
+V4_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
 
 
 class Stop(Exception):
@@ -282,9 +283,10 @@ def c_tracepoint_struct(struct_name: str, fmt: dict) -> str:
             continue  # overlapping/duplicate field: keep the first
         if f["offset"] > pos:
             lines.append("\tchar __pad%d[%d];" % (i, f["offset"] - pos))
-        lines.append("\t%s;\t/* offset %d size %d: %s */" % (_c_member(f), f["offset"], f["size"], f["type"]))
+        where = (f["offset"], f["size"], f["type"])
+        lines.append("\t%s;\t/* offset %d size %d: %s */" % ((_c_member(f),) + where))
         asserts.append(
-            "_Static_assert(__builtin_offsetof(struct %s, %s) == %d, \"%s.%s offset\");"
+            '_Static_assert(__builtin_offsetof(struct %s, %s) == %d, "%s.%s offset");'
             % (struct_name, f["name"], f["offset"], struct_name, f["name"])
         )
         pos = f["offset"] + f["size"]
@@ -308,7 +310,7 @@ def _c_member(f: dict) -> str:
 
 
 C_COMMON = r"""
-#define TC_ACT_OK 0
+#define TC_ACT_UNSPEC (-1)       /* observe only: never end the filter chain */
 #define TH_FIN 0x01
 #define TH_SYN 0x02
 #define TH_RST 0x04
@@ -461,7 +463,7 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir)
 	__u32 ifindex = skb->ifindex;
 	__u32 *l2 = l2len.lookup(&ifindex);
 	if (!l2)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	__u32 off = *l2;
 	__u32 proto = skb->protocol;
 	struct pkt p = {};
@@ -473,15 +475,15 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir)
 	if (proto == EBD_HTONS(0x0800)) {
 		__u8 ip[20];
 		if (bpf_skb_load_bytes(skb, off, ip, sizeof(ip)) < 0)
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		__u32 ihl = (ip[0] & 0x0f) * 4;
 		if ((ip[0] >> 4) != 4 || ip[9] != 6 || ihl < 20)
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		if (((ip[6] & 0x1f) | ip[7]) != 0)
-			return TC_ACT_OK;            /* a later fragment: no TCP header */
+			return TC_ACT_UNSPEC;            /* a later fragment: no TCP header */
 		l3len = (ip[2] << 8) | ip[3];
 		if (l3len < ihl)
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		l3len -= ihl;
 		p.ipid = (ip[4] << 8) | ip[5];
 		p.ttl = ip[8];
@@ -492,9 +494,9 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir)
 	} else if (proto == EBD_HTONS(0x86DD)) {
 		__u8 ip[40];
 		if (bpf_skb_load_bytes(skb, off, ip, sizeof(ip)) < 0)
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		if ((ip[0] >> 4) != 6 || ip[6] != 6)
-			return TC_ACT_OK;            /* extension headers are not followed */
+			return TC_ACT_UNSPEC;            /* extension headers are not followed */
 		l3len = (ip[4] << 8) | ip[5];
 		p.ttl = ip[7];
 		__builtin_memcpy(saddr, &ip[8], 16);
@@ -502,12 +504,12 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir)
 		k.family = 6;
 		l4 = off + 40;
 	} else {
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	}
 
 	__u8 th[20];
 	if (bpf_skb_load_bytes(skb, l4, th, sizeof(th)) < 0)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	__u16 sport = (th[0] << 8) | th[1];
 	__u16 dport = (th[2] << 8) | th[3];
 %(filters)s
@@ -542,13 +544,13 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir)
 		why = WHY_CLOSE;
 	if (!why) {
 		remember(&k, &p);
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	}
 
 	__u32 zero = 0;
 	struct pkt_event *e = scratch.lookup(&zero);
 	if (!e)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	__builtin_memcpy(&e->key, &k, sizeof(k));
 	__builtin_memcpy(&e->pkt, &p, sizeof(p));
 	e->why = why;
@@ -564,7 +566,7 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir)
 		}
 	}
 	%(submit_pkt)s
-	return TC_ACT_OK;
+	return TC_ACT_UNSPEC;
 }
 
 int ebd_tc_ingress(struct __sk_buff *skb)
@@ -582,11 +584,11 @@ C_PORT_FILTER = r"""	__u16 pk = sport;
 	if (!ports.lookup(&pk)) {
 		pk = dport;
 		if (!ports.lookup(&pk))
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 	}"""
 
 C_ADDR_FILTER = r"""	if (!addr_wanted(k.family, saddr) && !addr_wanted(k.family, daddr))
-		return TC_ACT_OK;"""
+		return TC_ACT_UNSPEC;"""
 
 
 def _submit(buffer: str, table: str, ctx: str, ptr: str, lost_idx: int) -> str:
@@ -693,6 +695,10 @@ def c_reset_probe(probe: str, fmt: dict, probe_num: int, offsets, buffer: str) -
     return "\n".join(line for line in body if line)
 
 
+C_KPROBE_INCLUDES = """#include <uapi/linux/ptrace.h>
+#include <net/sock.h>
+#include <linux/skbuff.h>"""
+
 C_KPROBE_COMMON = r"""
 static __always_inline void kp_sock_addrs(struct reset_event *e, struct sock *sk)
 {
@@ -715,7 +721,7 @@ static __always_inline void kp_sock_addrs(struct reset_event *e, struct sock *sk
 
 C_KPROBE_SEND = r"""
 static __always_inline int kp_send_reset(struct pt_regs *ctx, struct sock *sk,
-					 struct sk_buff *skb, __u16 family)
+	struct sk_buff *skb, __u16 family)
 {
 	struct reset_event e = {};
 	e.ts = bpf_ktime_get_ns();
@@ -753,13 +759,13 @@ static __always_inline int kp_send_reset(struct pt_regs *ctx, struct sock *sk,
 int ebd_kp_v4_send_reset(struct pt_regs *ctx)
 {
 	return kp_send_reset(ctx, (struct sock *)PT_REGS_PARM1(ctx),
-			     (struct sk_buff *)PT_REGS_PARM2(ctx), 4);
+		(struct sk_buff *)PT_REGS_PARM2(ctx), 4);
 }
 
 int ebd_kp_v6_send_reset(struct pt_regs *ctx)
 {
 	return kp_send_reset(ctx, (struct sock *)PT_REGS_PARM1(ctx),
-			     (struct sk_buff *)PT_REGS_PARM2(ctx), 6);
+		(struct sk_buff *)PT_REGS_PARM2(ctx), 6);
 }
 """
 
@@ -816,7 +822,7 @@ def build_program(plan: dict) -> str:
     history = plan["history"]
     parts = []
     if plan["kprobes"]:
-        parts.append("#include <uapi/linux/ptrace.h>\n#include <net/sock.h>\n#include <linux/skbuff.h>")
+        parts.append(C_KPROBE_INCLUDES)
     parts.append(C_COMMON % {"history": history, "slots": max(history, 1)})
     parts.append("#define OWN_NETNS %du" % plan["own_netns"])
     if plan["buffer"] == "ringbuf":
@@ -857,8 +863,18 @@ def build_program(plan: dict) -> str:
 
 BTF_STRUCT, BTF_UNION = 4, 5
 BTF_MODIFIERS = (8, 9, 10, 11, 18)  # typedef, volatile, const, restrict, type_tag
-BTF_EXTRA = {1: (4, 0), 3: (12, 0), 4: (0, 12), 5: (0, 12), 6: (0, 8), 13: (0, 8), 14: (4, 0),
-             15: (0, 12), 17: (4, 0), 19: (0, 12)}  # kind: (fixed bytes, bytes per vlen)
+BTF_EXTRA = {
+    1: (4, 0),
+    3: (12, 0),
+    4: (0, 12),
+    5: (0, 12),
+    6: (0, 8),
+    13: (0, 8),
+    14: (4, 0),
+    15: (0, 12),
+    17: (4, 0),
+    19: (0, 12),
+}  # kind: (fixed bytes, bytes per vlen)
 NETNS_PATHS = {
     "sk_net": ("sock_common", ("skc_net", "net")),
     "net_inum": ("net", ("ns", "inum")),
@@ -891,7 +907,7 @@ class Btf:
         return self.data[start : self.data.index(b"\0", start)].decode()
 
     def find_struct(self, name: str) -> int:
-        for tid, (kind, name_off, _s, mpos, info) in enumerate(self.types):
+        for tid, (kind, name_off, _s, _m, info) in enumerate(self.types):
             if kind == BTF_STRUCT and info & 0xFFFF and self.name(name_off) == name:
                 return tid
         raise KeyError("struct %s not in BTF" % name)
@@ -1018,6 +1034,20 @@ def discover_addrs(ipr) -> list:
 # --------------------------------------------------------------------------------------
 
 
+def pick_prio(used) -> int:
+    """A free filter priority, ahead of existing filters when there is room.
+
+    Our program only observes (TC_ACT_UNSPEC), so running first costs the others nothing
+    and lets us see packets they would redirect or drop.
+    """
+    if not used:
+        return TC_PRIO_BASE
+    ahead = [p for p in range(min(used) - 1, 0, -1) if p not in used]
+    if ahead:
+        return ahead[0]
+    return next(p for p in range(TC_PRIO_BASE, 0xFFFF) if p not in used)
+
+
 class TcHooks:
     """Adds our cls_bpf filters at free priorities; removes exactly those on close."""
 
@@ -1025,6 +1055,7 @@ class TcHooks:
         self.ipr = ipr
         self.filters = []  # (ifindex, parent, prio)
         self.created_clsact = []
+        self.notes = []  # (direction, prio) where an existing filter runs before ours
 
     def attach(self, ifindex: int, progs: dict) -> None:
         # Each step is recorded before it is made, so a signal arriving mid-call still
@@ -1039,7 +1070,9 @@ class TcHooks:
                 raise
         for direction, parent in TC_PARENTS:
             used = set(f["info"] >> 16 for f in self.ipr.get_filters(index=ifindex, parent=parent))
-            prio = next(p for p in range(TC_PRIO_BASE, 0xFFFF) if p not in used)
+            prio = pick_prio(used)
+            if used and prio > min(used):
+                self.notes.append((direction, min(used)))
             fn = progs[direction]
             self.filters.append((ifindex, parent, prio))
             try:
@@ -1066,7 +1099,12 @@ class TcHooks:
         for ifindex, parent, prio in reversed(self.filters):
             try:
                 self.ipr.tc(
-                    "del-filter", "bpf", ifindex, prio, parent=parent, prio=prio,
+                    "del-filter",
+                    "bpf",
+                    ifindex,
+                    prio,
+                    parent=parent,
+                    prio=prio,
                     protocol=ETH_P_ALL,
                 )
             except Exception as exc:  # noqa: BLE001 - keep removing the rest
@@ -1108,7 +1146,7 @@ class Output:
             self.stream.write(json.dumps(record, separators=(",", ":")) + "\n")
         except (BrokenPipeError, ValueError):
             self.broken = True
-            raise Stop("eof")
+            raise Stop("eof") from None
 
     def flush(self) -> None:
         if self.broken:
@@ -1117,7 +1155,7 @@ class Output:
             self.stream.flush()
         except (BrokenPipeError, ValueError):
             self.broken = True
-            raise Stop("eof")
+            raise Stop("eof") from None
 
 
 def addr_text(family: int, raw: bytes) -> str:
@@ -1170,10 +1208,12 @@ def decode_reset(raw: bytes, symbols: dict) -> dict:
         struct.unpack_from(RESET_FMT, raw, 0)
     )
     probe_name = RESET_PROBES[probe - 1]
-    if family == 0:  # legacy formats: v4 sockets appear v4-mapped in saddr_v6
-        family = 4 if saddr[:12] == b"\0" * 10 + b"\xff\xff" or not any(saddr) else 6
-        if family == 4:
-            saddr, daddr = saddr[12:], daddr[12:]
+    # Legacy formats carry IPv4 sockets v4-mapped in saddr_v6 and may have no family.
+    mapped = saddr[:12] == V4_MAPPED_PREFIX
+    if mapped:
+        saddr, daddr = saddr[12:], daddr[12:]
+    if family == 0:
+        family = 4 if mapped or not any(saddr) else 6
     tables = symbols.get(probe_name, {})
     state_names = tables.get("state") or {v: k for k, v in TCP_STATES.items()}
     reason_names = tables.get("reason", {})
@@ -1265,7 +1305,7 @@ class Session:
         try:
             from bcc import BPF
         except ImportError:
-            raise SetupError("BCC is not installed (python3-bpfcc)")
+            raise SetupError("BCC is not installed (python3-bpfcc)") from None
         self.BPF = BPF
         try:
             from pyroute2 import IPRoute
@@ -1279,7 +1319,7 @@ class Session:
         try:
             self.bpf = BPF(text=build_program(self.plan))
         except Exception as exc:
-            raise SetupError("BPF compile failed: %s" % exc)
+            raise SetupError("BPF compile failed: %s" % exc) from None
         self._fill_filters()
         self._attach_resets()
         self._attach_tc()
@@ -1307,8 +1347,10 @@ class Session:
                 continue
             self.attach[probe] = {"kind": "tracepoint", "layout": address_layout(fmt)}
         kprobe_fns = {
-            "tcp_send_reset": (("tcp_v4_send_reset", "ebd_kp_v4_send_reset"),
-                               ("tcp_v6_send_reset", "ebd_kp_v6_send_reset")),
+            "tcp_send_reset": (
+                ("tcp_v4_send_reset", "ebd_kp_v4_send_reset"),
+                ("tcp_v6_send_reset", "ebd_kp_v6_send_reset"),
+            ),
             "tcp_receive_reset": (("tcp_reset", "ebd_kp_tcp_reset"),),
         }
         for probe in self.plan["kprobes"]:
@@ -1352,6 +1394,10 @@ class Session:
                 done.append(name)
             except Exception as exc:  # netlink refused (e.g. an `ingress` qdisc is present)
                 self.plan["missing"].append({"probe": "tc:" + name, "why": str(exc)})
+            for direction, first in self.tc.notes:
+                why = "runs after existing filter prio %d; packets it takes are not seen" % first
+                self.plan["missing"].append({"probe": "tc:%s:%s" % (name, direction), "why": why})
+            self.tc.notes = []
         self.attach["tc"] = {"kind": "tc-clsact", "interfaces": done}
 
     def _open_buffers(self) -> None:
@@ -1424,8 +1470,11 @@ class Session:
         limit = self.args.count
         if not limit:
             return
-        seen = self.resets if self.attach.get("tcp_send_reset") or self.attach.get(
-            "tcp_receive_reset") else self.rst_packets
+        seen = (
+            self.resets
+            if self.attach.get("tcp_send_reset") or self.attach.get("tcp_receive_reset")
+            else self.rst_packets
+        )
         if seen >= limit:
             self.stop.reason = self.stop.reason or "count"
 
@@ -1517,7 +1566,7 @@ def _csv(convert):
         try:
             return [convert(item.strip()) for item in text.split(",") if item.strip()]
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc))
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
     return parse
 
@@ -1545,20 +1594,50 @@ def _non_negative(convert):
 
 def parse_args(argv) -> argparse.Namespace:
     doc = (__doc__ or "").split("\n\n", 1)
-    parser = Parser(prog=SCRIPT, description=doc[0], epilog=doc[1] if len(doc) > 1 else None,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--port", action="append", type=_csv(_port), default=[],
-                        help="only flows with this port on either side (repeatable, a,b)")
-    parser.add_argument("--addr", action="append", type=_csv(_addr), default=[],
-                        help="only flows with this address on either side (repeatable, a,b)")
-    parser.add_argument("--interfaces", type=_csv(str), default=None,
-                        help="interfaces to watch (default: all except lo)")
-    parser.add_argument("--history", type=int, default=4,
-                        help="packets remembered per flow (0-%d, default 4)" % MAX_HISTORY)
-    parser.add_argument("--duration", type=_non_negative(float), default=0,
-                        help="seconds to run (0: until signalled)")
-    parser.add_argument("--count", type=_non_negative(int), default=0,
-                        help="stop after N reset records (RST packets without reset probes)")
+    parser = Parser(
+        prog=SCRIPT,
+        description=doc[0],
+        epilog=doc[1] if len(doc) > 1 else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--port",
+        action="append",
+        type=_csv(_port),
+        default=[],
+        help="only flows with this port on either side (repeatable, a,b)",
+    )
+    parser.add_argument(
+        "--addr",
+        action="append",
+        type=_csv(_addr),
+        default=[],
+        help="only flows with this address on either side (repeatable, a,b)",
+    )
+    parser.add_argument(
+        "--interfaces",
+        type=_csv(str),
+        default=None,
+        help="interfaces to watch (default: all except lo)",
+    )
+    parser.add_argument(
+        "--history",
+        type=int,
+        default=4,
+        help="packets remembered per flow (0-%d, default 4)" % MAX_HISTORY,
+    )
+    parser.add_argument(
+        "--duration",
+        type=_non_negative(float),
+        default=0,
+        help="seconds to run (0: until signalled)",
+    )
+    parser.add_argument(
+        "--count",
+        type=_non_negative(int),
+        default=0,
+        help="stop after N reset records (RST packets without reset probes)",
+    )
     parser.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--format-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

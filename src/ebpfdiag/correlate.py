@@ -32,7 +32,7 @@ DEFAULT_WINDOW_NS = 1_000_000_000
 MISSING_CLOCK_ERROR_NS = 10**15
 """Error bound given to a host without any clock estimate: it constrains nothing."""
 
-FIN, SYN, RST, PSH, ACK = 1, 2, 4, 8, 16
+SYN, RST, ACK = 2, 4, 16
 _FLAG_NAMES = ((1, "FIN"), (2, "SYN"), (4, "RST"), (8, "PSH"), (16, "ACK"), (32, "URG"),
                (64, "ECE"), (128, "CWR"))  # fmt: skip
 SEND_RESET = "tcp_send_reset"
@@ -587,10 +587,8 @@ class _FlowBuilder:
                           index)  # fmt: skip
                 if prev is not None:
                     hop.hop_ns = ts - hops[-1].ts
-                    hop.nat = prev.node != s.node and (
-                        (prev.saddr, prev.sport, prev.daddr, prev.dport)
-                        != (s.saddr, s.sport, s.daddr, s.dport)
-                    )
+                    hop.nat = (prev.saddr, prev.sport, prev.daddr, prev.dport) != (
+                        s.saddr, s.sport, s.daddr, s.dport)  # fmt: skip
                     if prev.host != s.host and hop.hop_ns < 0:
                         warnings.append(self._causality(hops[-1], hop))
                 shown = ts if shown is None else max(shown, ts)
@@ -802,7 +800,7 @@ def correlate(
     initial = _initial_clocks(clocks, col, warnings)
     offsets = {host: est.offset_ns for host, est in initial.items()}
     bounds = _match(col, offsets, window_ns)
-    del col.groups
+    col.groups.clear()
 
     known = {h: e for h, e in initial.items() if e.error_ns < MISSING_CLOCK_ERROR_NS}
     if tighten_clocks:

@@ -16,10 +16,11 @@ from typing import Protocol
 
 import asyncssh
 
+from ebpfdiag.clock import ClockSample
 from ebpfdiag.inventory import Host
 from ebpfdiag.transport import (
-    ClockSample,
     HostFailure,
+    JumpPool,
     RemoteRun,
     RunOutcome,
     Script,
@@ -110,7 +111,11 @@ class Fanout:
     async def run(self) -> list[HostResult]:
         raise_fd_limit(len(self.hosts))
         gate = asyncio.Semaphore(max(1, self.opts.fanout))
-        return list(await asyncio.gather(*(self._one(h, gate) for h in self.hosts)))
+        self._jumps = JumpPool(self.opts.ssh)
+        try:
+            return list(await asyncio.gather(*(self._one(h, gate) for h in self.hosts)))
+        finally:
+            self._jumps.close()
 
     async def _one(self, host: Host, gate: asyncio.Semaphore) -> HostResult:
         start = time.monotonic()
@@ -149,7 +154,7 @@ class Fanout:
 
     async def _connect_and_run(self, host: Host, stop: asyncio.Event) -> HostResult:
         self.sink.state(host.name, "connecting")
-        connecting = asyncio.ensure_future(connect(host, self.opts.ssh))
+        connecting = asyncio.ensure_future(connect(host, self.opts.ssh, self._jumps))
         stopper = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait({connecting, stopper}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()

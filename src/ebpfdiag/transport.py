@@ -13,13 +13,14 @@ import os
 import random
 import shlex
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import asyncssh
 
+from ebpfdiag.clock import ClockSample
 from ebpfdiag.inventory import Host
 
 MARK = b"\x1eebpfdiag:"
@@ -59,9 +60,36 @@ class SSHOptions:
     """Connection settings shared by every host of one run."""
 
     accept_new_host_keys: bool = False
-    sudo_password: str | None = None
+    sudo_password: str | None = field(default=None, repr=False)
     connect_retries: int = 3
     keepalive_interval: float = 15.0
+    #: host name -> the host to tunnel through (ProxyJump), resolved from the inventory
+    jumps: Mapping[str, Host] = field(default_factory=dict)
+
+
+class JumpPool:
+    """One connection per jump host, shared by every host behind it (and opened once)."""
+
+    def __init__(self, opts: SSHOptions):
+        self.opts = opts
+        self._conns: dict[str, asyncio.Task] = {}
+
+    async def get(self, jump: Host) -> asyncssh.SSHClientConnection:
+        task = self._conns.get(jump.name)
+        if task is None or (task.done() and (task.cancelled() or task.exception())):
+            task = asyncio.ensure_future(connect(jump, self.opts, self))
+            self._conns[jump.name] = task
+        try:
+            return await asyncio.shield(task)
+        except HostFailure as exc:
+            raise HostFailure(exc.kind, f"jump host {jump.name}: {exc}") from None
+
+    def close(self) -> None:
+        for task in self._conns.values():
+            if task.done() and not task.cancelled() and not task.exception():
+                task.result().close()
+            else:
+                task.cancel()
 
 
 def bootstrap_source() -> str:
@@ -141,7 +169,9 @@ def _describe(host: Host, exc: BaseException) -> HostFailure:
 _RETRYABLE = (asyncssh.ConnectionLost, ConnectionResetError, BrokenPipeError, EOFError)
 
 
-async def connect(host: Host, opts: SSHOptions) -> asyncssh.SSHClientConnection:
+async def connect(
+    host: Host, opts: SSHOptions, jumps: JumpPool | None = None
+) -> asyncssh.SSHClientConnection:
     """Open a connection, retrying when sshd drops it during key exchange (MaxStartups)."""
     accept_new = opts.accept_new_host_keys and not _has_known_key(host)
     known_path = _known_hosts_path(host)
@@ -165,7 +195,10 @@ async def connect(host: Host, opts: SSHOptions) -> asyncssh.SSHClientConnection:
         kwargs["username"] = host.user
     if host.identity_file:
         kwargs["client_keys"] = [os.path.expanduser(host.identity_file)]
-    if host.jump:
+    jump = opts.jumps.get(host.name)
+    if jump is not None and jumps is not None:
+        kwargs["tunnel"] = await jumps.get(jump)
+    elif host.jump:
         kwargs["tunnel"] = host.jump
     delay = 0.2
     for attempt in range(opts.connect_retries + 1):
@@ -188,15 +221,6 @@ async def connect(host: Host, opts: SSHOptions) -> asyncssh.SSHClientConnection:
 
 LineHandler = Callable[[str, bytes], None]
 """Called with (stream, line-without-newline) for every stdout/stderr line of the script."""
-
-
-@dataclass(frozen=True)
-class ClockSample:
-    """One ping: controller wall clock before/after, the host's monotonic clock in between."""
-
-    t_send_ns: int
-    host_mono_ns: int
-    t_recv_ns: int
 
 
 @dataclass

@@ -15,7 +15,7 @@ import click
 
 from ebpfdiag.errors import EXIT_HOSTS_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError
 from ebpfdiag.fanout import DEFAULT_FANOUT, HostResult
-from ebpfdiag.inventory import Host, load_inventory, resolve_hosts
+from ebpfdiag.inventory import Host, load_inventory, resolve_hosts, resolve_jump
 from ebpfdiag.transport import SSHOptions
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "": 1.0}
@@ -98,19 +98,34 @@ def ssh_options(f):
     return f
 
 
-def select_hosts(inventory: str | None, expr: str) -> list[Host]:
-    """Inventory + expression -> hosts; every problem is a one-line usage error."""
-    return resolve_hosts(load_inventory(inventory), expr)
+def select_hosts(inventory: str | None, expr: str) -> tuple[list[Host], dict[str, Host]]:
+    """Inventory + expression -> hosts and their jump hosts (chains included); every problem
+    is a one-line usage error."""
+    inv = load_inventory(inventory)
+    hosts = resolve_hosts(inv, expr)
+    jumps: dict[str, Host] = {}
+    todo = list(hosts)
+    while todo:
+        host = todo.pop()
+        jump = resolve_jump(inv, host)
+        if jump is not None and host.name not in jumps:
+            jumps[host.name] = jump
+            todo.append(jump)
+    return hosts, jumps
 
 
-def make_ssh_options(accept_new_host_keys: bool, ask_sudo_pass: bool) -> SSHOptions:
+def make_ssh_options(
+    accept_new_host_keys: bool, ask_sudo_pass: bool, jumps: dict[str, Host] | None = None
+) -> SSHOptions:
     password = None
     if ask_sudo_pass:
         try:
             password = getpass.getpass("sudo password: ")
         except (EOFError, OSError) as exc:
             raise UsageError("--ask-sudo-pass needs a terminal to ask on") from exc
-    return SSHOptions(accept_new_host_keys=accept_new_host_keys, sudo_password=password)
+    return SSHOptions(
+        accept_new_host_keys=accept_new_host_keys, sudo_password=password, jumps=jumps or {}
+    )
 
 
 def run_until_done(

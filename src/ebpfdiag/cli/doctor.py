@@ -21,10 +21,11 @@ from ebpfdiag.cli.common import (
     select_hosts,
     ssh_options,
 )
+from ebpfdiag.clock import ClockSample
 from ebpfdiag.errors import EXIT_HOSTS_FAILED
 from ebpfdiag.fanout import Fanout, FanoutOptions, HostResult
 from ebpfdiag.render.ndjson import NDJSONWriter
-from ebpfdiag.transport import ClockSample, Script
+from ebpfdiag.transport import Script
 
 #: Checks without which no BCC script can run; the others say which probe kinds exist.
 REQUIRED = ("ssh", "sudo", "python", "bcc", "headers", "compile", "tracefs")
@@ -146,11 +147,11 @@ def doctor(
 
     Exit code 1 when a host is unreachable or misses something every script needs.
     """
-    hosts = select_hosts(inventory, hosts_expr)
+    hosts, jumps = select_hosts(inventory, hosts_expr)
     args = ("--no-compile",) if no_compile else ()
     script = Script.from_path(script_path("doctor"), args)
     opts = FanoutOptions(
-        fanout=fanout, timeout=60, ssh=make_ssh_options(accept_new_host_keys, ask_sudo_pass)
+        fanout=fanout, timeout=60, ssh=make_ssh_options(accept_new_host_keys, ask_sudo_pass, jumps)
     )
     sink = DoctorSink()
     started = time.monotonic()

@@ -23,7 +23,7 @@ Examples:
 @json_option
 def hosts(hosts_expr: str, inventory: str | None, as_json: bool) -> int:
     """Print the hosts that --hosts selects (nothing is contacted)."""
-    selected = select_hosts(inventory, hosts_expr)
+    selected, _jumps = select_hosts(inventory, hosts_expr)
     if as_json:
         writer = NDJSONWriter()
         for h in selected:

@@ -22,11 +22,12 @@ from ebpfdiag.cli.common import (
     select_hosts,
     ssh_options,
 )
+from ebpfdiag.clock import ClockSample
 from ebpfdiag.fanout import Fanout, FanoutOptions, HostResult
 from ebpfdiag.inventory import compress_names
 from ebpfdiag.render.ndjson import NDJSONWriter
 from ebpfdiag.render.terminal import HostPrefixer, StatusView, summary_table
-from ebpfdiag.transport import ClockSample, Script
+from ebpfdiag.transport import Script
 
 
 class JSONSink:
@@ -131,12 +132,12 @@ def run_script(
     """
     path = resolve_script(script)
     remote = Script(path.name, _read_script(path), tuple(script_args))
-    hosts = select_hosts(inventory, hosts_expr)
+    hosts, jumps = select_hosts(inventory, hosts_expr)
     opts = FanoutOptions(
         fanout=fanout,
         timeout=timeout,
         duration=duration,
-        ssh=make_ssh_options(accept_new_host_keys, ask_sudo_pass),
+        ssh=make_ssh_options(accept_new_host_keys, ask_sudo_pass, jumps),
     )
     started = time.monotonic()
     names = [h.name for h in hosts]

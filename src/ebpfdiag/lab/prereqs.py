@@ -22,9 +22,7 @@ HEADERS_ROOT = Path("/usr/src")
 
 def check_root() -> None:
     if os.geteuid() != 0:
-        raise UsageError(
-            "the lab needs root (namespaces, users, nftables); fix: sudo ebpfdiag lab ..."
-        )
+        raise UsageError("the lab needs root (namespaces, users, nftables); fix: run it with sudo")
 
 
 def missing_packages(packages: tuple[str, ...] = DEBIAN_PACKAGES) -> list[str]:

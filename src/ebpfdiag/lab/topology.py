@@ -146,7 +146,10 @@ class Lab:
             raise UsageError(f"lab base {self.base} must start a /22")
         if not ipaddress.ip_network(f"{self.base}/22").subnet_of(LAB_RANGE):
             raise UsageError(f"lab base {self.base} is outside {LAB_RANGE}")
-        self.inventory_out = inventory_out
+        recorded_inventory = recorded.get("inventory")
+        self.inventory_out = inventory_out or (
+            Path(recorded_inventory) if recorded_inventory else None
+        )
         self.link_headers = link_headers
         self.messages: list[str] = []
 

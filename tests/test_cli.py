@@ -1,0 +1,153 @@
+"""User mistakes get one line and exit 2, before any host is contacted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def cli(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ebpfdiag", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env=env,
+    )
+
+
+@pytest.fixture
+def inv(tmp_path):
+    path = tmp_path / "inventory.yaml"
+    path.write_text(
+        "defaults: {user: ops}\n"
+        "hosts:\n"
+        "  web01: {address: 198.18.200.1}\n"
+        "  web02: {address: 198.18.200.2}\n"
+        "groups:\n"
+        "  web: [web01, web02]\n"
+    )
+    return path
+
+
+@pytest.fixture
+def probe(tmp_path):
+    path = tmp_path / "probe.py"
+    path.write_text("print('hi')\n")
+    return path
+
+
+def assert_one_line_usage_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("ebpfdiag: ")
+    assert "Traceback" not in r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert r.stdout == ""
+
+
+def test_unknown_host_suggests_close_names(inv, probe):
+    r = cli("run-script", str(probe), "-i", str(inv), "--hosts", "wbe01")
+    assert_one_line_usage_error(r, "wbe01", "web01")
+
+
+def test_malformed_inventory_names_file_and_line(tmp_path, probe):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("hosts:\n  web01: {address: 198.18.200.1}\n  web02: [unclosed\n")
+    r = cli("run-script", str(probe), "-i", str(bad), "--hosts", "web01")
+    assert_one_line_usage_error(r, str(bad))
+
+
+def test_unknown_inventory_key_is_refused(tmp_path, probe):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("hosts:\n  web01: {address: 198.18.200.1, prot: 22}\n")
+    r = cli("hosts", "-i", str(bad), "--hosts", "web01")
+    assert_one_line_usage_error(r, f"{bad}:2", "prot")
+
+
+def test_missing_inventory_file(tmp_path, probe):
+    r = cli("hosts", "-i", str(tmp_path / "nope.yaml"), "--hosts", "web01")
+    assert_one_line_usage_error(r, "nope.yaml")
+
+
+def test_bad_range_and_empty_selection(inv):
+    assert_one_line_usage_error(cli("hosts", "-i", str(inv), "--hosts", "web[05-01"))
+    assert_one_line_usage_error(cli("hosts", "-i", str(inv), "--hosts", "web,!web"), "no hosts")
+
+
+def test_bad_script_and_duration(inv, tmp_path, probe):
+    broken = tmp_path / "broken.py"
+    broken.write_text("def f(:\n")
+    assert_one_line_usage_error(
+        cli("run-script", str(broken), "-i", str(inv), "--hosts", "web"), "broken.py:1"
+    )
+    assert_one_line_usage_error(
+        cli("run-script", str(tmp_path / "none.py"), "-i", str(inv), "--hosts", "web"), "none.py"
+    )
+    assert_one_line_usage_error(
+        cli("run-script", str(probe), "-i", str(inv), "--hosts", "web", "--duration", "soon"),
+        "soon",
+    )
+
+
+def test_missing_option_is_one_line(probe):
+    assert_one_line_usage_error(cli("run-script", str(probe)), "--hosts")
+
+
+def test_hosts_json_resolves_without_connecting(inv):
+    r = cli("hosts", "-i", str(inv), "--hosts", "web,!web02,root@198.18.200.9:2222", "--json")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["host"] for x in recs] == ["web01", "root@198.18.200.9:2222"]
+    assert all(x["type"] == "host" for x in recs)
+    assert recs[1]["port"] == 2222 and recs[1]["user"] == "root"
+
+
+def test_inventory_found_through_environment(inv, tmp_path):
+    import os
+
+    env = {**os.environ, "EBPFDIAG_INVENTORY": str(inv)}
+    r = cli("hosts", "--hosts", "web", "--json", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 2
+
+
+def test_help_shows_examples():
+    for cmd in ("run-script", "doctor", "hosts"):
+        r = cli(cmd, "--help")
+        assert r.returncode == 0 and "Examples:" in r.stdout
+
+
+def test_shipped_scripts_are_found_by_name():
+    from ebpfdiag.catalog import list_scripts, resolve_script
+
+    names = {s.name for s in list_scripts()}
+    assert "doctor" in names
+    assert resolve_script("doctor").name == "doctor.py"
+    doctor = next(s for s in list_scripts() if s.name == "doctor")
+    assert ("--no-compile", "skip the test compile (saves about 0.5 s of CPU)") in doctor.parameters
+    assert any(f[0] == "check.ok" and f[1] == "bool" for f in doctor.fields)
+
+
+def test_wheel_ships_the_scripts(tmp_path):
+    """An installed ebpfdiag finds its remote scripts without the source tree."""
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(root)],
+        check=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("ebpfdiag-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {p.name for p in (root / "scripts" / "bpf").glob("*.py")}
+    assert {f"ebpfdiag/scripts/bpf/{n}" for n in shipped} <= set(names)
+    assert "ebpfdiag/remote/bootstrap.py" in names
