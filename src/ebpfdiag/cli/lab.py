@@ -148,3 +148,22 @@ def _list_scenarios(as_json: bool) -> None:
             spec.name, str(spec.port), spec.summary, spec.client_error or "response", origin
         )
     out.print(table)
+
+
+@lab.command()
+@click.option("--link", is_flag=True, help="Link the nearest installed headers if none match.")
+def headers(link: bool) -> None:
+    """Check that BCC finds kernel headers for the running kernel; optionally link them.
+
+    Debian ships no headers for custom kernels; --link points
+    /lib/modules/$(uname -r)/{build,source} at the nearest installed linux-headers.
+    """
+    from ebpfdiag.lab.prereqs import ensure_headers, modules_dir
+
+    messages, _made = ensure_headers(link)
+    for m in messages:
+        err.print(m, markup=False)
+    if not (modules_dir() / "build").exists():
+        raise SystemExit(1)
+    if not messages:
+        err.print(f"kernel headers: {modules_dir() / 'build'}", markup=False)

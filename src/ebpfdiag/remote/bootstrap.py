@@ -20,6 +20,7 @@ if sys.version_info < (3, 6):
     sys.stderr.write(MARK + "error python-too-old " + sys.version.split()[0] + "\n")
     sys.exit(97)
 
+import contextlib  # noqa: E402
 import hashlib  # noqa: E402
 import io  # noqa: E402
 import os  # noqa: E402
@@ -32,10 +33,8 @@ GRACE_S = 4.0
 
 
 def _mark(text):
-    try:
+    with contextlib.suppress(OSError):  # the controller is gone; stopping must still happen
         os.write(2, (MARK + text + "\n").encode())
-    except OSError:  # the controller is gone; stopping must still happen
-        pass
 
 
 def _clock_ns(clock_id):
@@ -102,10 +101,8 @@ def main():
         status = 1
     # Leave without interpreter shutdown: the stdin watcher may be blocked in a read.
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(Exception):
             stream.flush()
-        except Exception:
-            pass
     os._exit(status)
 
 
