@@ -125,11 +125,15 @@ RESET_FMT = "=QIIiiHHHH16s16s16s"
 V4_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
 
 
-class Stop(Exception):
-    """Raised to leave the event loop; carries the bye reason."""
+class Stop(BaseException):
+    """Raised to leave the run from anywhere; carries the bye reason.
+
+    A BaseException, like KeyboardInterrupt, so `except Exception` around attach steps
+    does not mistake a signal for a failed probe.
+    """
 
     def __init__(self, reason: str) -> None:
-        Exception.__init__(self, reason)
+        BaseException.__init__(self, reason)
         self.reason = reason
 
 
