@@ -430,3 +430,21 @@ def test_jump_host_tunnels_to_a_host_the_controller_cannot_reach(fleet, tmp_path
     assert r.returncode == 0, r.stdout + r.stderr
     addrs = [x["text"] for x in records(r.stdout) if x["type"] == "line"]
     assert f"addr {h01.address}" in addrs
+
+
+def test_connections_dropped_by_maxstartups_are_retried(tmp_path):
+    """sshd drops connections beyond MaxStartups during key exchange; a burst of 12 logins
+    to one sshd that admits 2 at a time must still reach every 'host'."""
+    from ebpfdiag.lab.fleet import Fleet
+
+    with Fleet("ebdr", 1, subnet="198.19.2.0/24", max_startups="2:100:2") as one:
+        inv = yaml.safe_load(one.inventory.read_text())
+        addr = one.host("h01").address
+        inv["hosts"] = {f"alias{i:02d}": {"address": addr, "port": 22} for i in range(1, 13)}
+        inv["groups"] = {}
+        path = tmp_path / "inventory.yaml"
+        path.write_text(yaml.safe_dump(inv))
+        probe = script_file(tmp_path, "print('hi')\n")
+        r = cli("run-script", str(probe), "-i", str(path), "--hosts", "alias[01-12]", "--json")
+    assert r.returncode == 0, r.stdout
+    assert records(r.stdout)[-1]["ok"] == 12

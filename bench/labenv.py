@@ -1,0 +1,105 @@
+"""The benchmark's own client -> lb -> server lab and a running ``trace tcp-rst`` in it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from bench.common import EBPFDIAG
+
+PREFIX = "eblb"
+BASE = "198.18.84.0"
+STATE_DIR = Path("/run/ebpfdiag/lab-bench")
+HOSTS = "client,lb,server"
+
+
+@contextlib.contextmanager
+def bench_lab() -> Iterator:
+    """A fresh lab (whatever a crashed run left is removed first), always taken down."""
+    from ebpfdiag.lab.topology import Lab
+
+    lab = Lab(state_dir=STATE_DIR, prefix=PREFIX, base=BASE,
+              inventory_out=STATE_DIR / "inventory.yaml")  # fmt: skip
+    lab.down()
+    try:
+        yield lab.up()
+    finally:
+        lab.down()
+
+
+def ns_argv(state, host: str, argv: list[str]) -> list[str]:
+    return ["ip", "netns", "exec", state.host(host).netns, *argv]
+
+
+class Tracer:
+    """``ebpfdiag trace tcp-rst --json`` on the lab's three hosts, as a user would run it."""
+
+    def __init__(self, state, ports: list[int]):
+        self.state = state
+        self.ports = ports
+        self.proc: subprocess.Popen | None = None
+        self.ready_s: float | None = None
+        self._drain: threading.Thread | None = None
+
+    def start(self, timeout: float = 60.0) -> float:
+        """Start and wait for the ``tracing`` status record; returns seconds until it came."""
+        argv = [EBPFDIAG, "trace", "tcp-rst", "-i", str(self.state.inventory), "--hosts", HOSTS,
+                "--json"]  # fmt: skip
+        for port in self.ports:
+            argv += ["--port", str(port)]
+        t0 = time.monotonic()
+        self._err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._err)
+        deadline = t0 + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            rec = json.loads(line)
+            if rec.get("type") == "status" and rec.get("state") == "tracing":
+                if sorted(rec["hosts"]) != ["client", "lb", "server"]:
+                    self.stop()
+                    raise RuntimeError(f"trace ready on only {rec['hosts']}")
+                self.ready_s = time.monotonic() - t0
+                # keep reading, so a busy trace never blocks on a full pipe
+                self._drain = threading.Thread(target=self.proc.stdout.read, daemon=True)
+                self._drain.start()
+                return self.ready_s
+        err = self.stop()
+        raise RuntimeError(f"trace tcp-rst never became ready: {err[-300:]}")
+
+    def stop(self) -> str:
+        """Interrupt it like Ctrl-C; it detaches everywhere and exits. Returns its stderr."""
+        if self.proc is None:
+            return ""
+        proc, self.proc = self.proc, None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if self._drain is not None:
+            self._drain.join(timeout=10)
+            self._drain = None
+        self._err.seek(0)
+        err = self._err.read()
+        self._err.close()
+        if proc.returncode not in (0, 130):
+            raise RuntimeError(f"trace tcp-rst exited {proc.returncode}: {err.decode()[-300:]}")
+        return err.decode(errors="replace")
+
+    def __enter__(self) -> Tracer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
