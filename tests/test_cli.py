@@ -151,3 +151,15 @@ def test_wheel_ships_the_scripts(tmp_path):
     shipped = {p.name for p in (root / "scripts" / "bpf").glob("*.py")}
     assert {f"ebpfdiag/scripts/bpf/{n}" for n in shipped} <= set(names)
     assert "ebpfdiag/remote/bootstrap.py" in names
+
+
+def test_trace_rejects_bad_filters_before_connecting(inv):
+    assert_one_line_usage_error(
+        cli("trace", "tcp-rst", "-i", str(inv), "--hosts", "web", "--port", "99999"), "99999"
+    )
+    assert_one_line_usage_error(
+        cli("trace", "tcp-rst", "-i", str(inv), "--hosts", "web", "--addr", "foo"), "foo"
+    )
+    assert_one_line_usage_error(
+        cli("trace", "tcp-rst", "-i", str(inv), "--hosts", "web", "--count", "0"), "--count"
+    )

@@ -60,6 +60,13 @@ def cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     )
 
 
+def spawn(*args: str) -> subprocess.Popen:
+    """The controller in the background, its NDJSON readable line by line."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "ebpfdiag", *args], stdout=subprocess.PIPE, text=True
+    )
+
+
 def records(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines()]
 
@@ -136,22 +143,7 @@ def test_fanout_reaches_every_host_with_its_own_output(fleet, inventory, tmp_pat
 
 def test_lines_stream_before_the_script_ends(inventory, tmp_path):
     probe = script_file(tmp_path, STREAM_SCRIPT)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ebpfdiag",
-            "run-script",
-            str(probe),
-            "-i",
-            str(inventory),
-            "--hosts",
-            "h01",
-            "--json",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc = spawn("run-script", str(probe), "-i", str(inventory), "--hosts", "h01", "--json")
     first = json.loads(proc.stdout.readline())
     got_first = time.monotonic()
     assert first["type"] == "line" and first["text"] == "first"
@@ -250,23 +242,16 @@ def test_remote_script_dies_with_a_killed_controller(fleet, inventory, tmp_path)
     piddir = Path("/run/ebpfdiag") / f"pids-{os.getpid()}"
     piddir.mkdir(parents=True, exist_ok=True)
     probe = script_file(tmp_path, PIDFILE_SCRIPT)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ebpfdiag",
-            "run-script",
-            str(probe),
-            "-i",
-            str(inventory),
-            "--hosts",
-            "h[01-03]",
-            "--json",
-            "--",
-            str(piddir),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
+    proc = spawn(
+        "run-script",
+        str(probe),
+        "-i",
+        str(inventory),
+        "--hosts",
+        "h[01-03]",
+        "--json",
+        "--",
+        str(piddir),
     )
     started = 0
     while started < 3:
@@ -298,22 +283,7 @@ def test_ctrl_c_stops_every_host_cleanly(inventory, tmp_path):
         "print('started', flush=True)\n"
         "time.sleep(600)\n",
     )
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ebpfdiag",
-            "run-script",
-            str(probe),
-            "-i",
-            str(inventory),
-            "--hosts",
-            "h01,h02",
-            "--json",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc = spawn("run-script", str(probe), "-i", str(inventory), "--hosts", "h01,h02", "--json")
     for _ in range(2):
         assert json.loads(proc.stdout.readline())["text"] == "started"
     proc.send_signal(signal.SIGINT)
