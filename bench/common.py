@@ -116,9 +116,13 @@ class Section:
             widths = [max(w, len(c)) for w, c in zip(widths, row, strict=False)]
         line = "  ".join(h.ljust(w) for h, w in zip(self.headers, widths, strict=False))
         out = [f"== {self.title}", line, "-" * len(line)]
-        out += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) for row in self.rows]
+        out += [
+            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) for row in self.rows
+        ]
         for t in self.targets:
-            out.append(f"  target {t.what}: {t.figure} (goal {t.goal}) {'ok' if t.met else 'MISSED'}")
+            out.append(
+                f"  target {t.what}: {t.figure} (goal {t.goal}) {'ok' if t.met else 'MISSED'}"
+            )
         return "\n".join(out)
 
 

@@ -52,8 +52,15 @@ def run(sizes: tuple[int, ...] = (100_000, 300_000, 1_000_000), rounds: int = 2)
     section = Section(
         "correlation",
         f"Correlation at scale ({HOSTS} hosts, synthetic streams)",
-        ["events", "flows with RST", "median correlate s", "events/s", "synth s",
-         "peak RSS MiB", "s per 100k events"],  # fmt: skip
+        [
+            "events",
+            "flows with RST",
+            "median correlate s",
+            "events/s",
+            "synth s",
+            "peak RSS MiB",
+            "s per 100k events",
+        ],  # fmt: skip
     )
     runs: dict[int, list[tuple[dict, float]]] = {n: [] for n in sizes}
     for _ in range(rounds):
@@ -82,10 +89,18 @@ def run(sizes: tuple[int, ...] = (100_000, 300_000, 1_000_000), rounds: int = 2)
     growth = per_100k[big] / per_100k[small]
     section.targets += [
         Target(f"correlate {big:,} events", f"{corr_big:.1f} s", "< 20 s", corr_big < 20),
-        Target(f"peak RSS at {big:,} events", f"{rss_big:,.0f} MiB", "< 2 GB",
-               rss_big * 1.048576 < 2000),  # fmt: skip
-        Target(f"time per event, {big:,} vs {small:,}", f"{growth:.2f}x", "near-linear (<= 1.5x)",
-               growth <= 1.5),  # fmt: skip
+        Target(
+            f"peak RSS at {big:,} events",
+            f"{rss_big:,.0f} MiB",
+            "< 2 GB",
+            rss_big * 1.048576 < 2000,
+        ),  # fmt: skip
+        Target(
+            f"time per event, {big:,} vs {small:,}",
+            f"{growth:.2f}x",
+            "near-linear (<= 1.5x)",
+            growth <= 1.5,
+        ),  # fmt: skip
     ]
     section.notes += [
         f"`synth_events` for {HOSTS} hosts (24 events per flow, every 10th flow ends with a "

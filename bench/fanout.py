@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -115,8 +114,16 @@ def run(sizes: tuple[int, ...] = (50, 100), rounds: int = 3) -> Section:
     section = Section(
         "fanout",
         "Fan-out: sudo'd one-liner on N sshd hosts (concurrency 64)",
-        ["hosts", "tool", "complete runs", "median wall s", "min..max s", "ratio to ebpfdiag",
-         "median CPU s (tree)", "peak RSS MiB (max of tree)"],  # fmt: skip
+        [
+            "hosts",
+            "tool",
+            "complete runs",
+            "median wall s",
+            "min..max s",
+            "ratio to ebpfdiag",
+            "median CPU s (tree)",
+            "peak RSS MiB (max of tree)",
+        ],  # fmt: skip
     )
     fleet = Fleet(PREFIX, max(sizes), subnet=SUBNET, max_startups="1000:30:1000",
                   max_sessions=64)  # fmt: skip
@@ -155,13 +162,21 @@ def run(sizes: tuple[int, ...] = (50, 100), rounds: int = 3) -> Section:
     if ours and others:
         ratio = median([m.wall_s for m in ours]) / min(others)
         section.targets.append(
-            Target(f"wall at {big} hosts vs faster of clush/pssh", f"{ratio:.2f}x", "<= 0.6x",
-                   ratio <= 0.6)  # fmt: skip
+            Target(
+                f"wall at {big} hosts vs faster of clush/pssh",
+                f"{ratio:.2f}x",
+                "<= 0.6x",
+                ratio <= 0.6,
+            )  # fmt: skip
         )
         peak = max(m.maxrss_mb for m in ours)
         section.targets.append(
-            Target(f"ebpfdiag peak RSS at {big} hosts", f"{peak:.0f} MiB", "< 150 MB",
-                   peak * 1.048576 < 150)  # fmt: skip
+            Target(
+                f"ebpfdiag peak RSS at {big} hosts",
+                f"{peak:.0f} MiB",
+                "< 150 MB",
+                peak * 1.048576 < 150,
+            )  # fmt: skip
         )
     else:
         section.failed = True

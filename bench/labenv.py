@@ -47,6 +47,8 @@ class Tracer:
         self.proc: subprocess.Popen | None = None
         self.ready_s: float | None = None
         self._drain: threading.Thread | None = None
+        #: event records (packets and resets) the trace printed after it was ready
+        self.events = 0
 
     def start(self, timeout: float = 60.0) -> float:
         """Start and wait for the ``tracing`` status record; returns seconds until it came."""
@@ -55,7 +57,7 @@ class Tracer:
         for port in self.ports:
             argv += ["--port", str(port)]
         t0 = time.monotonic()
-        self._err = tempfile.TemporaryFile()
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._err)
         deadline = t0 + timeout
         while time.monotonic() < deadline:
@@ -69,11 +71,16 @@ class Tracer:
                     raise RuntimeError(f"trace ready on only {rec['hosts']}")
                 self.ready_s = time.monotonic() - t0
                 # keep reading, so a busy trace never blocks on a full pipe
-                self._drain = threading.Thread(target=self.proc.stdout.read, daemon=True)
+                self._drain = threading.Thread(target=self._count_events, daemon=True)
                 self._drain.start()
                 return self.ready_s
         err = self.stop()
         raise RuntimeError(f"trace tcp-rst never became ready: {err[-300:]}")
+
+    def _count_events(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith(b'{"type":"event"'):
+                self.events += 1
 
     def stop(self) -> str:
         """Interrupt it like Ctrl-C; it detaches everywhere and exits. Returns its stderr."""

@@ -9,7 +9,7 @@ RSS is taken from its rusage.
 
 from __future__ import annotations
 
-import cProfile  # noqa: F401 - documents that the profile below is cProfile's
+import io
 import json
 import os
 import pstats
@@ -25,7 +25,7 @@ SUBNET = "198.19.1.0/24"
 HOSTS = 3
 TARGET_RPS = 150_000
 
-EMITTER = r'''
+EMITTER = r"""
 import sys
 n = int(sys.argv[1])
 out = sys.stdout.buffer
@@ -37,9 +37,9 @@ for start in range(0, n, 2000):
     out.write(b"".join(tmpl % (1000000 + i, 1024 + i % 60000, i)
                        for i in range(start, min(n, start + 2000))))
 out.flush()
-'''
+"""
 
-COUNTER = r'''
+COUNTER = r"""
 import collections, json, sys, time
 time.sleep(float(sys.argv[1]))
 counts = collections.Counter()
@@ -47,7 +47,7 @@ for line in sys.stdin.buffer:
     if line.startswith(b'{"type":"record"'):
         counts[json.loads(line)["host"]] += 1
 print(json.dumps(counts))
-'''
+"""
 
 
 def _argv(fleet, script: Path, n: int) -> list[str]:
@@ -93,7 +93,7 @@ def _profile(fleet, script: Path, n: int, work: Path) -> str:
     argv = [PYTHON, "-m", "cProfile", "-o", str(prof), "-m", "ebpfdiag",
             *_argv(fleet, script, n)[1:]]  # fmt: skip
     subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
-    text = tempfile.SpooledTemporaryFile(mode="w+")
+    text = io.StringIO()
     stats = pstats.Stats(str(prof), stream=text)
     stats.sort_stats("tottime").print_stats(10)
     text.seek(0)
@@ -108,17 +108,25 @@ def run(records_per_host: int = 300_000, rounds: int = 3, slow_s: float = 5.0) -
     section = Section(
         "pipeline",
         f"Event pipeline: run-script --json, {HOSTS} hosts x {records_per_host:,} records",
-        ["consumer", "complete runs", "median wall s", "records/s (whole run)",
-         "records/s (minus empty run)", "records lost", "controller CPU s",
-         "controller peak RSS MiB"],  # fmt: skip
+        [
+            "consumer",
+            "complete runs",
+            "median wall s",
+            "records/s (whole run)",
+            "records/s (minus empty run)",
+            "records lost",
+            "controller CPU s",
+            "controller peak RSS MiB",
+        ],  # fmt: skip
     )
     total = HOSTS * records_per_host
     runs: dict[str, list[tuple[Measured, dict[str, int]]]] = {"file": [], "slow": []}
     empties: list[float] = []
     profile = ""
-    with Fleet(PREFIX, HOSTS, subnet=SUBNET) as fleet, tempfile.TemporaryDirectory(
-        prefix="ebpfdiag-bench-"
-    ) as tmp:
+    with (
+        Fleet(PREFIX, HOSTS, subnet=SUBNET) as fleet,
+        tempfile.TemporaryDirectory(prefix="ebpfdiag-bench-") as tmp,
+    ):
         work = Path(tmp)
         script = work / "emit.py"
         script.write_text(EMITTER)
@@ -146,8 +154,12 @@ def run(records_per_host: int = 300_000, rounds: int = 3, slow_s: float = 5.0) -
         ])  # fmt: skip
     fast_rate = total / median([m.wall_s for m, _ in runs["file"]])
     section.targets.append(
-        Target("records/s decoded and written (whole run)", f"{fast_rate:,.0f}",
-               f">= {TARGET_RPS:,}", fast_rate >= TARGET_RPS)  # fmt: skip
+        Target(
+            "records/s decoded and written (whole run)",
+            f"{fast_rate:,.0f}",
+            f">= {TARGET_RPS:,}",
+            fast_rate >= TARGET_RPS,
+        )  # fmt: skip
     )
     all_lost = max(sum(records_per_host - c.get(h, 0) for h in names)
                    for ms in runs.values() for _, c in ms)  # fmt: skip
@@ -156,7 +168,7 @@ def run(records_per_host: int = 300_000, rounds: int = 3, slow_s: float = 5.0) -
         f"Empty run (same script printing nothing): median {empty:.2f} s; the second rate "
         "subtracts it (start-up, connect, push, exit).",
         "Each record is ~290 bytes like a `tcp_rst` packet record; the controller wraps it as "
-        "`{\"type\":\"record\",\"host\",\"ts\",\"record\":{...}}` and re-encodes it.",
+        '`{"type":"record","host","ts","record":{...}}` and re-encodes it.',
         f"{rounds} interleaved rounds (empty, file, slow pipe). Peak RSS is the controller "
         "process alone; in the slow case its output pipe is full while hosts keep sending, "
         "so a bounded figure means SSH flow control holds the rest on the hosts.",
@@ -164,7 +176,8 @@ def run(records_per_host: int = 300_000, rounds: int = 3, slow_s: float = 5.0) -
     if profile:
         section.notes.append(
             "Below target: cProfile of one file run, top functions by self time:\n\n```\n"
-            + profile + "\n```"
+            + profile
+            + "\n```"
         )
     return section
 

@@ -22,7 +22,7 @@ from bench.labenv import HOSTS, Tracer, bench_lab
 
 TRACE_PORT = 8080
 
-STAGE = r'''
+STAGE = r"""
 import json, sys, time
 t_start = time.monotonic()
 SRC = %(src)r
@@ -65,7 +65,7 @@ print(json.dumps({
     "attach_s": t2 - marks["compile_end"],
     "detach_s": t4 - t3,
 }))
-'''
+"""
 
 PHASES = ("import_bcc_s", "discover_s", "compile_s", "attach_s", "detach_s")
 
@@ -143,8 +143,8 @@ def run(rounds: int = 3) -> Section:
         "Remote phases are measured with the host's monotonic clock inside the staging "
         "script, which runs the real `tcp_rst.py` set-up code with `--port 8080`; each value "
         "is the median over hosts and rounds.",
-        "There is no product timing hook: connect+push is the empty-script run minus nothing "
-        "(it also includes process start-up and the clean end of the run), so it is an upper "
-        "bound.",
+        "The product has no timing hook, so connect + push has no figure of its own: the "
+        "empty-script run is an upper bound for it (it also includes start-up and the clean "
+        "end of the run).",
     ]
     return section

@@ -23,7 +23,7 @@ from tests.conftest import require, require_root_tools
 
 pytestmark = pytest.mark.root
 
-PREFIX, BASE = "eblr", "198.18.80.0"
+PREFIX, BASE = "eblr", "198.18.88.0"
 STATE_DIR = Path("/run/ebpfdiag/lab-trace-test")
 HOSTS = "client,lb,server"
 

@@ -160,7 +160,8 @@ def _describe(host: Host, exc: BaseException) -> HostFailure:
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return HostFailure("unreachable", f"connection to {where} timed out")
     if isinstance(exc, OSError):
-        return HostFailure("unreachable", f"cannot connect to {where}: {exc.strerror or exc}")
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        return HostFailure("unreachable", f"cannot connect to {where}: {reason}")
     if isinstance(exc, asyncssh.Error):
         return HostFailure("ssh", f"ssh error from {where}: {exc.reason}")
     return HostFailure("ssh", f"ssh error from {where}: {exc}")

@@ -159,7 +159,7 @@ def tcp_rst(
     result.duration_s = time.monotonic() - started
     records = list(trace_records(result))
     for rec in records:
-        if rec["type"] == "host" and rec["status"] != "ok":
+        if rec["type"] == "host" and rec["error"]:
             err.print(f"ebpfdiag: {rec['host']}: {rec['error']}", markup=False)
     if writer is not None:
         for rec in records:

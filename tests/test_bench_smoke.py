@@ -1,0 +1,47 @@
+"""The benchmark code runs at a tiny size and writes a well-formed report (no timing asserts)."""
+
+import shutil
+
+import pytest
+
+from bench.__main__ import main, parse_args
+from tests.conftest import require, require_root_tools
+
+
+def test_unknown_benchmark_is_a_usage_error():
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--only", "fanout,nosuch"])
+    assert exc.value.code == 2
+
+
+def test_full_run_writes_the_doc_and_partial_runs_only_print():
+    assert parse_args([]).out.name == "benchmarks.md"
+    assert parse_args(["--quick"]).out is None
+    assert parse_args(["--only", "ready"]).out is None
+
+
+def test_quick_correlation_report(tmp_path, capsys):
+    out = tmp_path / "bench.md"
+    assert main(["--quick", "--only", "correlation", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# Benchmarks\n")
+    for field in ("| kernel |", "| CPU |", "| cores |", "| memory |", "| date |"):
+        assert field in text
+    assert "## Correlation at scale" in text
+    rows = [ln for ln in text.splitlines() if ln.startswith("| 10,") or ln.startswith("| 30,")]
+    assert len(rows) == 2, text
+    assert "| correlate 30,000 events |" in text
+    assert "Correlation at scale" in capsys.readouterr().out
+
+
+@pytest.mark.root
+def test_quick_fanout_and_pipeline_on_a_real_fleet(tmp_path):
+    require_root_tools("/usr/sbin/sshd", "ssh")
+    require(shutil.which("clush") is not None, "needs clush (clustershell)")
+    require(shutil.which("parallel-ssh") is not None, "needs parallel-ssh (pssh)")
+    out = tmp_path / "bench.md"
+    assert main(["--quick", "--only", "fanout,pipeline", "--out", str(out)]) == 0
+    text = out.read_text()
+    for tool in ("ebpfdiag", "clush", "pssh"):
+        assert f"| 5 | {tool} | 1/1 |" in text, text
+    assert "| records lost | 0 | 0 | yes |" in text, text
