@@ -187,3 +187,17 @@ def test_existing_clsact_filter_survives_a_trace(lab):
         assert tracer_programs() == []
     finally:
         ns(lab, "client", "tc", "qdisc", "del", "dev", dev, "clsact")
+
+
+def test_ctrl_c_ends_the_trace_cleanly_with_its_result(lab):
+    proc = start_trace(lab, SCENARIOS["rst-lb-reject"].port)
+    run_scenario("rst-lb-reject", lab)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    recs = [json.loads(line) for line in out.splitlines()]
+    assert recs[-1]["type"] == "summary" and recs[-1]["interrupted"] is True
+    assert [r["verdict"]["origin_host"] for r in recs if r["type"] == "flow"] == ["lb"]
+    assert "None" not in err
+    assert_clean(lab)
