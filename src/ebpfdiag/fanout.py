@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import resource
 import time
 from dataclasses import dataclass, field
@@ -178,7 +179,7 @@ class Fanout:
                 host,
                 self.script,
                 self.opts.ssh,
-                on_line=lambda stream, line: self.sink.line(host.name, stream, line),
+                on_line=functools.partial(self.sink.line, host.name),
                 on_running=running,
                 on_clock=lambda sample: self.sink.clock(host.name, sample),
             )

@@ -8,6 +8,7 @@ the controller goes away. Errors become ``HostFailure`` with a kind and a one-li
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import os
 import random
@@ -334,7 +335,7 @@ class RemoteRun:
         self.process = process = await conn.create_process(command, encoding=None)
         readers = asyncio.ensure_future(
             asyncio.gather(
-                _read_lines(process.stdout, lambda line: self.on_line("stdout", line)),
+                _read_lines(process.stdout, functools.partial(self.on_line, "stdout")),
                 _read_lines(process.stderr, self._on_stderr),
             )
         )

@@ -1,0 +1,40 @@
+"""run-script's JSON sink: objects pass through structured, everything else as text lines."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from ebpfdiag.cli.run_script import JSONSink
+from ebpfdiag.render.ndjson import NDJSONWriter
+
+
+def sink_output(lines: list[tuple[str, bytes]]) -> list[dict]:
+    buf = io.StringIO()
+    writer = NDJSONWriter(buf)
+    sink = JSONSink(writer)
+    for stream, line in lines:
+        sink.line('web"01', stream, line)
+    writer.flush()
+    return [json.loads(x) for x in buf.getvalue().splitlines()]
+
+
+def test_objects_pass_through_and_other_lines_stay_text():
+    out = sink_output(
+        [
+            ("stdout", b'{"type":"packet","seq":1,"nested":{"a":[1,2]}}'),
+            ("stdout", b'{"spaced": "yes"}  '),
+            ("stdout", b'{"a":1} trailing'),
+            ("stdout", b"[1,2,3]"),
+            ("stdout", b'plain "quoted" \\ text \xc3\xa9'),
+            ("stderr", b'{"type":"not-a-record"}'),
+            ("stdout", b"{broken"),
+        ]
+    )
+    assert [o["type"] for o in out] == ["record", "record", "line", "line", "line", "line", "line"]
+    assert all(o["host"] == 'web"01' and isinstance(o["ts"], int) for o in out)
+    assert out[0]["record"] == {"type": "packet", "seq": 1, "nested": {"a": [1, 2]}}
+    assert out[1]["record"] == {"spaced": "yes"}
+    assert out[2]["text"] == '{"a":1} trailing'
+    assert out[4]["text"] == 'plain "quoted" \\ text é'
+    assert out[5]["stream"] == "stderr"
