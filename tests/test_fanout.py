@@ -418,3 +418,12 @@ def test_connections_dropped_by_maxstartups_are_retried(tmp_path):
         r = cli("run-script", str(probe), "-i", str(path), "--hosts", "alias[01-12]", "--json")
     assert r.returncode == 0, r.stdout
     assert records(r.stdout)[-1]["ok"] == 12
+
+
+def test_a_changed_host_key_is_refused_even_with_accept_new(inventory, tmp_path):
+    probe = script_file(tmp_path, "print('hi')\n")
+    r = cli("run-script", str(probe), "-i", str(inventory), "--hosts", BAD_KEY, "--json",
+            "--accept-new-host-keys")  # fmt: skip
+    host = [x for x in records(r.stdout) if x["type"] == "host"][0]
+    assert r.returncode == 1 and host["error_kind"] == "host-key-changed"
+    assert "ssh-keygen -R" in host["error"]

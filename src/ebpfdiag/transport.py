@@ -26,8 +26,7 @@ from ebpfdiag.inventory import Host
 
 MARK = b"\x1eebpfdiag:"
 SUDO_PROMPT = "\x1eebpfdiag:sudo-prompt\n"
-#: Exit codes of the bootstrap itself (not of the script).
-EXIT_PYTHON_TOO_OLD = 97
+#: Exit code of the bootstrap itself when the script did not arrive intact.
 EXIT_BAD_SCRIPT = 98
 
 

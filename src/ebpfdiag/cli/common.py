@@ -7,7 +7,6 @@ import contextlib
 import getpass
 import re
 import signal
-import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -149,7 +148,3 @@ def exit_code_for(results: list[HostResult], interrupted: bool) -> int:
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if all(r.ok for r in results) else EXIT_HOSTS_FAILED
-
-
-def stderr_is_terminal() -> bool:
-    return sys.stderr.isatty()
