@@ -5,7 +5,6 @@ script under the system python inside the listener side, make resets happen and 
 records, and check that every exit leaves TC and BPF exactly as they were.
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.bpfstate import load_tcp_rst, tcx_progs
 from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,14 +29,8 @@ FORMATS = Path(__file__).resolve().parent / "fixtures" / "tracepoint_formats"
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("tcp_rst_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tcp_rst = load_script()
+tcp_rst = load_tcp_rst()
+BPF_NR = tcp_rst.bpf_syscall_number()
 
 
 def read_format(version: str, probe: str) -> dict:
@@ -194,6 +188,25 @@ def test_prio_goes_ahead_of_existing_filters_when_possible():
     assert tcp_rst.pick_prio({1, tcp_rst.TC_PRIO_BASE}) == tcp_rst.TC_PRIO_BASE + 1
 
 
+def test_tcx_is_detected_from_kallsyms(tmp_path):
+    with_tcx = tmp_path / "with"
+    with_tcx.write_text("0 T tcx_prog_attach_x\n0 T tcx_prog_attach\n0 T tcx_prog_detach\n")
+    without = tmp_path / "without"
+    without.write_text("0 T tcx_prog_attach_x\n0 T tc_setup_cb_add\n")
+    assert tcp_rst.kernel_has_tcx(str(with_tcx)) is True
+    assert tcp_rst.kernel_has_tcx(str(without)) is False
+    # Unreadable proves nothing: the attach itself decides, falling back on refusal.
+    assert tcp_rst.kernel_has_tcx(str(tmp_path / "absent")) is True
+
+
+def test_link_create_attr_matches_the_uapi_layout():
+    # prog_fd, target_ifindex, attach_type, flags, tcx.relative_fd, pad, tcx.expected_revision
+    assert struct.calcsize(tcp_rst.LINK_CREATE_FMT) == 32
+    raw = struct.pack(tcp_rst.LINK_CREATE_FMT, 7, 3, 46, tcp_rst.BPF_F_BEFORE, 0, 5)
+    assert struct.unpack_from("<IIII", raw) == (7, 3, 46, 8)
+    assert struct.unpack_from("<Q", raw, 24) == (5,)
+
+
 def test_btf_offsets_match_bpftool():
     require(os.path.exists(tcp_rst.BTF_VMLINUX), "needs /sys/kernel/btf/vmlinux")
     require(shutil.which("bpftool") is not None, "needs bpftool")
@@ -231,8 +244,9 @@ def test_help_works_without_bcc_or_root():
     assert "--port" in proc.stdout and "--history" in proc.stdout
 
 
-def test_bad_argument_exits_2_with_bye():
-    proc = run_system("--history", "9")
+@pytest.mark.parametrize("bad", [("--history", "9"), ("--tc-mode", "xdp")])
+def test_bad_argument_exits_2_with_bye(bad):
+    proc = run_system(*bad)
     assert proc.returncode == 2
     assert proc.stderr.startswith("tcp_rst: ")
     bye = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -421,6 +435,24 @@ def lab():
         lab.down()
 
 
+LIVE_RUNS = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_runs():
+    """A failed test must not leave a run behind, attached and holding its programs."""
+    yield
+    while LIVE_RUNS:
+        proc = LIVE_RUNS.pop().proc
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
 class Run:
     """tcp_rst running inside namespace b; records are read as they come."""
 
@@ -431,6 +463,7 @@ class Run:
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
         )
+        LIVE_RUNS.append(self)
         self.records = []
         self._buf = b""
 
@@ -464,34 +497,74 @@ class Run:
         return [r for r in self.records if r["type"] == kind]
 
 
-def script_progs(deadline_s=5.0):
-    """The script's BPF programs still loaded, once any are gone (freeing is deferred)."""
+def run_prog_ids(pid: int) -> set:
+    """IDs of the BPF programs a process holds (its prog and link fds), from fdinfo.
+
+    Checks are by ID, not by name, so other tcp_rst runs on the machine do not interfere.
+    """
+    ids = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            text = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        ids.update(int(m) for m in re.findall(r"^prog_id:\s+(\d+)", text, re.M))
+    return ids
+
+
+def loaded_progs() -> dict:
+    """{id: name} of every loaded BPF program."""
+    progs = json.loads(sh("bpftool", "-j", "prog", "show").stdout)
+    return {p["id"]: p.get("name", "") for p in progs}
+
+
+def still_loaded(ids: set, deadline_s=5.0) -> set:
+    """Which of `ids` are still loaded, once all are gone or the deadline passed."""
     end = time.monotonic() + deadline_s
     while True:
-        found = re.findall(r"name (ebd_\w+)", sh("bpftool", "prog", "show").stdout)
-        if not found or time.monotonic() > end:
-            return found
+        left = ids & set(loaded_progs())
+        if not left or time.monotonic() > end:
+            return left
         time.sleep(0.2)
+
+
+def tcx_state(lab) -> dict:
+    return {dev: tcx_progs(lab.b, dev, BPF_NR) for dev in (lab.vb, lab.x1, lab.x2)}
 
 
 def start(lab, *args):
     run = Run(lab, *args)
     assert run.read_until(lambda r: r["type"] in ("ready", "bye"), 90), "no ready/bye record"
     assert run.of("ready"), run.finish()[1]
+    run.prog_ids = run_prog_ids(run.proc.pid)
+    names = {loaded_progs()[i] for i in run.prog_ids}
+    assert {"ebd_tc_ingress", "ebd_tc_egress"} <= names, names
     return run
 
 
+def tcx_needed():
+    require(tcp_rst.kernel_has_tcx(), "needs a kernel with tcx (Linux 6.6+)")
+    require(tcp_rst.bpf_syscall_number() is not None, "needs a known bpf syscall number")
+
+
 @pytest.mark.root
-def test_resets_packets_history_and_cleanup_on_sigterm(lab):
-    before = lab.tc_state()
-    assert script_progs() == []
-    run = start(lab, "--history", "6")
+@pytest.mark.parametrize("mode, kind", [("auto", "tcx-link"), ("clsact", "tc-clsact")])
+def test_resets_packets_history_and_cleanup_on_sigterm(lab, mode, kind):
+    if mode == "auto":
+        tcx_needed()
+    before, tcx_before = lab.tc_state(), tcx_state(lab)
+    run = start(lab, "--history", "6", "--tc-mode", mode)
     hello = run.of("hello")[0]
     assert hello["attach"]["tcp_send_reset"]["kind"] == "tracepoint"
+    assert hello["attach"]["tc"]["kind"] == kind
     assert set(hello["attach"]["tc"]["interfaces"]) == {lab.vb, lab.x1, lab.x2}
     assert "198.18.250.2" in hello["addrs"]
-    assert any(m["probe"] == f"tc:{lab.x2}:ingress" for m in hello["missing"])
+    # x2's prio 1 u32 filter runs ahead of a clsact filter; tcx runs before any of them.
+    late = [m for m in hello["missing"] if m["probe"] == f"tc:{lab.x2}:ingress"]
+    assert bool(late) == (kind == "tc-clsact")
     assert hello["scope"] == "netns"
+    if kind == "tcx-link":
+        assert lab.tc_state() == before  # no qdisc, no filter: tc sees nothing of ours
 
     # (a) SYN to a port nobody listens on, from a: b answers with a RST.
     assert in_ns(lab.a, CONNECT, "198.18.250.2", "81").stdout.strip() == "refused"
@@ -566,13 +639,14 @@ def test_resets_packets_history_and_cleanup_on_sigterm(lab):
     assert [r for r in resets if r["probe"] == "tcp_receive_reset" and r["dport"] == 83]
 
     assert lab.tc_state() == before
-    assert script_progs() == []
+    assert tcx_state(lab) == tcx_before
+    assert still_loaded(run.prog_ids) == set()
 
 
 @pytest.mark.root
-def test_sighup_and_count_leave_no_filters(lab):
+def test_sighup_and_count_leave_no_filters_on_the_clsact_path(lab):
     before = lab.tc_state()
-    run = start(lab, "--port", "84", "--interfaces", lab.vb)
+    run = start(lab, "--port", "84", "--interfaces", lab.vb, "--tc-mode", "clsact")
     during = lab.tc_state()
     assert len(during[lab.vb][1]) > len(before[lab.vb][1])  # our ingress filter is there
     assert during[lab.x1] == before[lab.x1]  # not asked for: untouched
@@ -580,17 +654,73 @@ def test_sighup_and_count_leave_no_filters(lab):
     code, err = run.finish()
     assert code == 0, err
     assert run.records[-1] == {"type": "bye", "reason": "signal"}
-    assert lab.tc_state() == before
-    assert script_progs() == []
+    assert lab.tc_state() == before  # vb's u32 filter and clsact stay; nothing added remains
+    assert still_loaded(run.prog_ids) == set()
 
-    run = start(lab, "--count", "1", "--port", "85")
+    run = start(lab, "--count", "1", "--port", "85", "--tc-mode", "clsact")
+    assert "clsact" in lab.tc_state()[lab.x1][0]  # created for us on x1 ...
     assert in_ns(lab.a, CONNECT, "198.18.250.2", "85").stdout.strip() == "refused"
     code, err = run.finish(deadline_s=10)
     assert code == 0, err
     assert run.records[-1] == {"type": "bye", "reason": "count"}
     assert [r["sport"] for r in run.of("reset")] == [85]
+    assert lab.tc_state() == before  # ... and removed again
+    assert still_loaded(run.prog_ids) == set()
+
+
+@pytest.mark.root
+def test_tcx_sighup_detaches_only_the_asked_interface(lab):
+    tcx_needed()
+    before, tcx_before = lab.tc_state(), tcx_state(lab)
+    run = start(lab, "--port", "84", "--interfaces", lab.vb)
+    names = loaded_progs()
+    on_vb = tcx_progs(lab.b, lab.vb, BPF_NR)
+    assert [names[i] for i in on_vb["ingress"]] == ["ebd_tc_ingress"]
+    assert [names[i] for i in on_vb["egress"]] == ["ebd_tc_egress"]
+    assert tcx_progs(lab.b, lab.x1, BPF_NR) == tcx_before[lab.x1]  # not asked for: untouched
     assert lab.tc_state() == before
-    assert script_progs() == []
+    run.proc.send_signal(signal.SIGHUP)
+    code, err = run.finish()
+    assert code == 0, err
+    assert run.records[-1] == {"type": "bye", "reason": "signal"}
+    assert tcx_state(lab) == tcx_before
+    assert still_loaded(run.prog_ids) == set()
+
+
+@pytest.mark.root
+def test_tcx_runs_share_the_hook_and_sigkill_leaves_nothing(lab):
+    """Two runs at once: the later one goes first, both see every packet (TCX_NEXT), and
+    SIGKILL of either leaves nothing of it attached or loaded."""
+    tcx_needed()
+    before, tcx_before = lab.tc_state(), tcx_state(lab)
+    first = start(lab, "--port", "86")
+    second = start(lab, "--port", "86")
+    ingress = tcx_progs(lab.b, lab.vb, BPF_NR)["ingress"]
+    # Each run holds one ingress program; the later run was put first in the chain.
+    assert [i in second.prog_ids for i in ingress] == [True, False]
+    assert ingress[1] in first.prog_ids
+    assert in_ns(lab.a, CONNECT, "198.18.250.2", "86").stdout.strip() == "refused"
+    for run in (second, first):
+        for why in ("handshake", "rst"):
+            assert run.read_until(
+                lambda r, why=why: (
+                    r["type"] == "packet" and r["why"] == why and r["ifname"] == lab.vb
+                ),
+                10,
+            ), (why, run.records)
+
+    second.proc.send_signal(signal.SIGKILL)
+    second.proc.wait(timeout=5)
+    assert still_loaded(second.prog_ids) == set()
+    left = tcx_progs(lab.b, lab.vb, BPF_NR)
+    assert not set(left["ingress"] + left["egress"]) & second.prog_ids
+    assert set(left["ingress"]) & first.prog_ids  # the other run keeps its hook
+
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(timeout=5)
+    assert still_loaded(first.prog_ids) == set()
+    assert tcx_state(lab) == tcx_before
+    assert lab.tc_state() == before
 
 
 if __name__ == "__main__":

@@ -19,10 +19,12 @@ import pytest
 
 from ebpfdiag.lab.scenarios import SCENARIOS, run_scenario
 from ebpfdiag.lab.topology import Lab
+from tests.bpfstate import load_tcp_rst, tcx_progs
 from tests.conftest import require, require_root_tools
 
 pytestmark = pytest.mark.root
 
+tcp_rst = load_tcp_rst()
 PREFIX, BASE = "eblr", "198.18.88.0"
 STATE_DIR = Path("/run/ebpfdiag/lab-trace-test")
 HOSTS = "client,lb,server"
@@ -101,12 +103,16 @@ def finish(proc: subprocess.Popen) -> list[dict]:
 
 
 def attached(lab) -> dict[str, str]:
-    """Per host, what bpftool sees attached to its interfaces (tc and tcx alike)."""
+    """Per host, what is attached to its interfaces: tc and xdp as bpftool lists them, plus
+    tcx links (which bpftool before 7.3 does not list)."""
+    nr = tcp_rst.bpf_syscall_number()
     out = {}
     for host in lab.hosts:
         net = json.loads(ns(lab, host, "bpftool", "-j", "net", "show"))
-        if any(entry.get("tc") or entry.get("xdp") for entry in net):
-            out[host] = json.dumps(net)
+        tcx = {dev: tcx_progs(lab.host(host).netns, dev, nr) for dev in interfaces(lab, host)}
+        tcx = {dev: hooks for dev, hooks in tcx.items() if hooks["ingress"] or hooks["egress"]}
+        if any(entry.get("tc") or entry.get("xdp") for entry in net) or tcx:
+            out[host] = json.dumps({"net": net, "tcx": tcx})
     return out
 
 

@@ -2,7 +2,8 @@
 """tcp_rst: who sent a TCP reset on this host, and why.
 
 Watches one host (network namespace) two ways at once and prints NDJSON on stdout:
-packets, through a TC (clsact) classifier on ingress and egress of every interface, and
+packets, through a TC classifier on ingress and egress of every interface (a tcx link on
+Linux 6.6+, which the kernel removes when the process dies; else a clsact filter), and
 the kernel's own view of each reset through the tcp:tcp_send_reset / tcp:tcp_receive_reset
 tracepoints (reason, socket state, current task). The tracepoint context is built from the
 live format file, never from kernel headers, so it works across kernel versions.
@@ -14,6 +15,7 @@ Parameters:
   --history K             packets remembered per flow, shown before its RST (0-8, default 4)
   --duration SECONDS      stop after SECONDS (default 0: run until signalled)
   --count N               stop after N reset records (RST packets when no reset probe)
+  --tc-mode MODE          packet hook: auto (tcx if the kernel has it), tcx or clsact
   --ebpf                  print the generated C program and exit (needs no root)
   --format-dir DIR        with --ebpf: read tracepoint format files from DIR
 Fields:
@@ -25,7 +27,7 @@ Fields:
   hello.netns           int    inode of this network namespace
   hello.addrs           list   this namespace's non-loopback addresses
   hello.interfaces      list   interfaces carrying the packet classifier
-  hello.attach          dict   per probe: kind (tracepoint, kprobe, tc-clsact) and layout
+  hello.attach          dict   per probe: kind (tracepoint, kprobe, tcx-link, tc-clsact) and layout
   hello.missing         list   probes not attached: {probe, why}
   hello.filter          dict   {ports, addrs} as requested
   hello.scope           str    how foreign namespaces' resets are dropped: netns or addrs
@@ -70,6 +72,7 @@ Fields:
 
 import argparse
 import ctypes
+import errno
 import ipaddress
 import json
 import os
@@ -114,6 +117,15 @@ ETH_P_ALL = 0x0003
 ARPHRD_ETHER = 1
 ARPHRD_LOOPBACK = 772
 L3_LINK_TYPES = (768, 769, 776, 778, 823, 65534)  # ipip, ip6ip6, sit, gre, ip6gre, none
+TC_MODES = ("auto", "tcx", "clsact")
+# tcx links: union bpf_attr.link_create is prog_fd, target_ifindex, attach_type, flags, then
+# tcx.relative_fd (u32) and tcx.expected_revision (u64, 8-aligned) (include/uapi/linux/bpf.h).
+BPF_LINK_CREATE = 28
+BPF_F_BEFORE = 1 << 3  # with no relative program: first in the chain
+LINK_CREATE_FMT = "=IIIII4xQ"
+TCX_ATTACH_TYPES = (("ingress", 46), ("egress", 47))  # BPF_TCX_INGRESS, BPF_TCX_EGRESS
+TCX_UNSUPPORTED = (errno.EINVAL, errno.EOPNOTSUPP, 524)  # 524: the kernel's ENOTSUPP
+BPF_SYSCALLS = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
 
 # Userspace mirrors of the C structs below (explicit padding, little/native endian).
 PKT_FMT = "=QIIIHHHBBBB2x"
@@ -607,23 +619,28 @@ def _submit(buffer: str, table: str, ctx: str, ptr: str, lost_idx: int) -> str:
     return "%s.perf_submit(%s, %s, sizeof(*%s));" % (table, ctx, ptr, ptr)
 
 
-def c_netns_lookup(fields: dict, offsets) -> str:
-    """C that sets e.netns from the socket (or, without one, the skb's device)."""
+def c_netns_lookup(offsets, sk, skb) -> str:
+    """C that sets e.netns from the socket (or, without one, the skb's device) and returns
+    early for another namespace's event.
+
+    `sk` and `skb` are C expressions for the kernel pointers as integers (None when the
+    probe has no such pointer); tracepoint and kprobe programs share this block.
+    """
     if not offsets:
         return ""
     lines = ["\t__u64 net = 0;"]
-    if "skaddr" in fields:
+    if sk:
         lines += [
-            "\tif (rec.skaddr)",
-            "\t\tbpf_probe_read_kernel(&net, sizeof(net), (void *)(rec.skaddr + %d));"
-            % offsets["sk_net"],
+            "\tif (%s)" % sk,
+            "\t\tbpf_probe_read_kernel(&net, sizeof(net), (void *)(%s + %d));"
+            % (sk, offsets["sk_net"]),
         ]
-    if "skbaddr" in fields:
+    if skb:
         lines += [
-            "\t%sif (rec.skbaddr) {" % ("else " if "skaddr" in fields else ""),
+            "\t%sif (%s) {" % ("else " if sk else "", skb),
             "\t\t__u64 dev = 0;",
-            "\t\tbpf_probe_read_kernel(&dev, sizeof(dev), (void *)(rec.skbaddr + %d));"
-            % offsets["skb_dev"],
+            "\t\tbpf_probe_read_kernel(&dev, sizeof(dev), (void *)(%s + %d));"
+            % (skb, offsets["skb_dev"]),
             "\t\tif (dev)",
             "\t\t\tbpf_probe_read_kernel(&net, sizeof(net), (void *)(dev + %d));"
             % offsets["dev_net"],
@@ -636,7 +653,7 @@ def c_netns_lookup(fields: dict, offsets) -> str:
         "\tif (e.netns && e.netns != OWN_NETNS)",
         "\t\treturn 0;                    /* another namespace's reset */",
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 def c_reset_probe(probe: str, fmt: dict, probe_num: int, offsets, buffer: str) -> str:
@@ -693,7 +710,9 @@ def c_reset_probe(probe: str, fmt: dict, probe_num: int, offsets, buffer: str) -
                 "\t__builtin_memcpy(e.saddr, rec.saddr, 4);\n"
                 "\t__builtin_memcpy(e.daddr, rec.daddr, 4);"
             )
-    body.append(c_netns_lookup(fields, offsets).rstrip("\n"))
+    sk = "rec.skaddr" if "skaddr" in fields else None
+    skb = "rec.skbaddr" if "skbaddr" in fields else None
+    body.append(c_netns_lookup(offsets, sk, skb))
     body.append("\t" + _submit(buffer, "reset_events", "ctx", "&e", 1))
     body.append("\treturn 0;\n}\n")
     return "\n".join(line for line in body if line)
@@ -791,36 +810,6 @@ int ebd_kp_tcp_reset(struct pt_regs *ctx)
 """
 
 
-def c_kprobe_netns(offsets, sk: str, skb) -> str:
-    """The kprobe variant of c_netns_lookup: same BTF offsets, pointers from arguments."""
-    if not offsets:
-        return ""
-    lines = ["\t__u64 net = 0;", "\tif (%s)" % sk]
-    lines.append(
-        "\t\tbpf_probe_read_kernel(&net, sizeof(net), (void *)((__u64)%s + %d));"
-        % (sk, offsets["sk_net"])
-    )
-    if skb:
-        lines += [
-            "\telse {",
-            "\t\t__u64 dev = 0;",
-            "\t\tbpf_probe_read_kernel(&dev, sizeof(dev), (void *)((__u64)%s + %d));"
-            % (skb, offsets["skb_dev"]),
-            "\t\tif (dev)",
-            "\t\t\tbpf_probe_read_kernel(&net, sizeof(net), (void *)(dev + %d));"
-            % offsets["dev_net"],
-            "\t}",
-        ]
-    lines += [
-        "\tif (net)",
-        "\t\tbpf_probe_read_kernel(&e.netns, sizeof(e.netns), (void *)(net + %d));"
-        % offsets["net_inum"],
-        "\tif (e.netns && e.netns != OWN_NETNS)",
-        "\t\treturn 0;",
-    ]
-    return "\n".join(lines)
-
-
 def build_program(plan: dict) -> str:
     """The whole C program for a plan (see make_plan): one compile covers every probe."""
     history = plan["history"]
@@ -853,10 +842,10 @@ def build_program(plan: dict) -> str:
     if plan["kprobes"]:
         parts.append(C_KPROBE_COMMON)
     if "tcp_send_reset" in plan["kprobes"]:
-        netns = c_kprobe_netns(plan["offsets"], "sk", "skb")
+        netns = c_netns_lookup(plan["offsets"], "(__u64)sk", "(__u64)skb")
         parts.append(C_KPROBE_SEND % {"netns": netns, "submit": submit_reset})
     if "tcp_receive_reset" in plan["kprobes"]:
-        netns = c_kprobe_netns(plan["offsets"], "sk", None)
+        netns = c_netns_lookup(plan["offsets"], "(__u64)sk", None)
         parts.append(C_KPROBE_RECEIVE % {"netns": netns, "submit": submit_reset})
     return "\n".join(parts)
 
@@ -1053,7 +1042,13 @@ def pick_prio(used) -> int:
 
 
 class TcHooks:
-    """Adds our cls_bpf filters at free priorities; removes exactly those on close."""
+    """Adds our cls_bpf filters at free priorities; removes exactly those on close.
+
+    The fallback for kernels without tcx: a filter holds its own program reference, so
+    one left behind by a SIGKILLed run stays until removed by hand.
+    """
+
+    kind = "tc-clsact"
 
     def __init__(self, ipr) -> None:
         self.ipr = ipr
@@ -1121,6 +1116,88 @@ class TcHooks:
             except Exception as exc:  # noqa: BLE001
                 errors.append("clsact %d: %s" % (ifindex, exc))
         self.created_clsact = []
+        return errors
+
+
+# --------------------------------------------------------------------------------------
+# tcx (Linux 6.6+): BPF links, which the kernel detaches when the process dies
+# --------------------------------------------------------------------------------------
+
+
+def bpf_syscall_number():
+    """__NR_bpf for this machine's 64-bit ABI, or None (then the clsact path is used)."""
+    if struct.calcsize("P") != 8:
+        return None
+    return BPF_SYSCALLS.get(os.uname().machine)
+
+
+def kernel_has_tcx(kallsyms: str = "/proc/kallsyms") -> bool:
+    """False only when the symbol table is readable and lacks tcx_prog_attach.
+
+    An unreadable table proves nothing: BPF_LINK_CREATE is tried and its refusal decides.
+    """
+    try:
+        with open(kallsyms) as f:
+            return any(line.endswith(" tcx_prog_attach\n") for line in f)
+    except OSError:
+        return True
+
+
+class TcxLinks:
+    """One tcx link per hook, first in the hook's chain.
+
+    A link is owned by its file descriptor: when the process ends for any reason, SIGKILL
+    included, the kernel closes the fd and detaches the program. No qdisc is created and
+    legacy clsact filters are not touched; the program returns TC_ACT_UNSPEC (TCX_NEXT),
+    so every program after it still runs.
+    """
+
+    kind = "tcx-link"
+
+    def __init__(self, nr: int) -> None:
+        self.nr = nr
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.libc.syscall.restype = ctypes.c_long
+        self.fds = []
+        self.notes = []  # tcx links go first: nothing runs ahead of them
+
+    def link_create(self, prog_fd: int, ifindex: int, attach_type: int) -> int:
+        attr = ctypes.create_string_buffer(struct.calcsize(LINK_CREATE_FMT))
+        struct.pack_into(
+            LINK_CREATE_FMT, attr, 0, prog_fd, ifindex, attach_type, BPF_F_BEFORE, 0, 0
+        )
+        fd = self.libc.syscall(
+            ctypes.c_long(self.nr),
+            ctypes.c_long(BPF_LINK_CREATE),
+            attr,
+            ctypes.c_long(ctypes.sizeof(attr)),
+        )
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, "BPF_LINK_CREATE: %s" % os.strerror(err))
+        return fd
+
+    def attach(self, ifindex: int, progs: dict) -> None:
+        """Both hooks or neither: a half-attached interface is undone before raising."""
+        made = []
+        try:
+            for direction, attach_type in TCX_ATTACH_TYPES:
+                made.append(self.link_create(progs[direction].fd, ifindex, attach_type))
+        except BaseException:
+            for fd in made:
+                os.close(fd)
+            raise
+        self.fds.extend(made)
+
+    def close(self) -> list:
+        """Close our links (the kernel detaches them). Returns errors."""
+        errors = []
+        for fd in reversed(self.fds):
+            try:
+                os.close(fd)
+            except OSError as exc:
+                errors.append("tcx link fd %d: %s" % (fd, exc))
+        self.fds = []
         return errors
 
 
@@ -1386,7 +1463,7 @@ class Session:
             "ingress": self.bpf.load_func("ebd_tc_ingress", self.BPF.SCHED_CLS),
             "egress": self.bpf.load_func("ebd_tc_egress", self.BPF.SCHED_CLS),
         }
-        self.tc = TcHooks(self.ipr)
+        self.tc, clsact_why = self._pick_tc_hooks()
         done = []
         for ifindex, name, l2 in links:
             if l2 is None:
@@ -1394,7 +1471,15 @@ class Session:
                 continue
             self.bpf["l2len"][ctypes.c_uint32(ifindex)] = ctypes.c_uint32(l2)
             try:
-                self.tc.attach(ifindex, progs)
+                try:
+                    self.tc.attach(ifindex, progs)
+                except OSError as exc:
+                    if not self._tcx_refused(exc, done):
+                        raise
+                    clsact_why = "tcx refused (%s); using tc-clsact" % exc
+                    self.plan["missing"].append({"probe": "tcx", "why": clsact_why})
+                    self.tc = TcHooks(self.ipr)
+                    self.tc.attach(ifindex, progs)
                 done.append(name)
             except Exception as exc:  # netlink refused (e.g. an `ingress` qdisc is present)
                 self.plan["missing"].append({"probe": "tc:" + name, "why": str(exc)})
@@ -1402,7 +1487,37 @@ class Session:
                 why = "runs after existing filter prio %d; packets it takes are not seen" % first
                 self.plan["missing"].append({"probe": "tc:%s:%s" % (name, direction), "why": why})
             self.tc.notes = []
-        self.attach["tc"] = {"kind": "tc-clsact", "interfaces": done}
+        self.attach["tc"] = {"kind": self.tc.kind, "interfaces": done}
+        if clsact_why:
+            self.attach["tc"]["why"] = clsact_why
+
+    def _pick_tc_hooks(self):
+        """tcx links where the kernel has them (nothing survives the process), else clsact.
+
+        Returns (hooks, why clsact was chosen or None).
+        """
+        mode = self.args.tc_mode
+        if mode == "clsact":
+            return TcHooks(self.ipr), "--tc-mode clsact"
+        nr = bpf_syscall_number()
+        if nr is None:
+            why = "no bpf syscall number known for %s" % os.uname().machine
+        elif not kernel_has_tcx():
+            why = "kernel has no tcx (Linux < 6.6)"
+        else:
+            return TcxLinks(nr), None
+        if mode == "tcx":
+            raise SetupError("--tc-mode tcx: %s" % why)
+        return TcHooks(self.ipr), why
+
+    def _tcx_refused(self, exc: OSError, done: list) -> bool:
+        """A first tcx attach refused as unsupported: fall back to clsact for every interface."""
+        return (
+            isinstance(self.tc, TcxLinks)
+            and exc.errno in TCX_UNSUPPORTED
+            and not done
+            and self.args.tc_mode == "auto"
+        )
 
     def _open_buffers(self) -> None:
         b = self.bpf
@@ -1641,6 +1756,13 @@ def parse_args(argv) -> argparse.Namespace:
         type=_non_negative(int),
         default=0,
         help="stop after N reset records (RST packets without reset probes)",
+    )
+    parser.add_argument(
+        "--tc-mode",
+        choices=TC_MODES,
+        default="auto",
+        help="packet hook: tcx links (Linux 6.6+), legacy clsact filters, or auto "
+        "(tcx when the kernel has it); for troubleshooting",
     )
     parser.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--format-dir", default=None, help=argparse.SUPPRESS)
