@@ -170,15 +170,35 @@ def test_history_is_emitted_oldest_first_across_ring_wrap():
     )
     # Four slots; five packets were stored, so slot 0 holds the newest (ts 5) and head is 1.
     ring = [pkt(5, 5, 1), pkt(2, 2, 0), pkt(3, 3, 1), pkt(4, 4, 0)]
-    raw = (
-        key + pkt(9, 9, 0, flags=20) + struct.pack(tcp_rst.EVENT_HEAD_FMT, 1, 1, 4) + b"".join(ring)
-    )
+    no_handshake = struct.pack(tcp_rst.EVENT_HEAD_FMT, 1, 1, 4, 0) + bytes(2 * tcp_rst.PKT_SIZE)
+    raw = key + pkt(9, 9, 0, flags=20) + no_handshake + b"".join(ring)
     records = tcp_rst.decode_packets(raw, {2: "veth0"})
     assert [r["ts_ns"] for r in records] == [2, 3, 4, 5, 9]
     assert [r["why"] for r in records] == ["history"] * 4 + ["rst"]
     assert records[1]["saddr"] == "198.18.250.1" and records[1]["sport"] == 40000
     assert records[-1]["saddr"] == "198.18.250.2" and records[-1]["dport"] == 40000
     assert records[-1]["ifname"] == "veth0"
+
+
+def test_kept_handshake_comes_first_and_fins_are_marked_close():
+    """Without --all-flows the SYN and SYN-ACK wait in the flow's map entry for a RST."""
+    key = struct.pack(
+        tcp_rst.FLOW_FMT,
+        bytes([198, 18, 250, 1]) + bytes(12),
+        bytes([198, 18, 250, 2]) + bytes(12),
+        40000,
+        80,
+        4,
+    )
+    syn_ack, syn = pkt(2, 20, 0, flags=0x12), pkt(1, 10, 1, flags=0x02)
+    ring = [pkt(3, 11, 1), pkt(4, 11, 1, flags=0x11), bytes(tcp_rst.PKT_SIZE) * 2]
+    head = struct.pack(tcp_rst.EVENT_HEAD_FMT, 1, 2, 2, 0b11)
+    raw = key + pkt(9, 21, 0, flags=0x14) + head + syn + syn_ack + b"".join(ring)
+    records = tcp_rst.decode_packets(raw, {})
+    assert [(r["ts_ns"], r["why"]) for r in records] == [
+        (1, "handshake"), (2, "handshake"), (3, "history"), (4, "close"), (9, "rst")
+    ]  # fmt: skip
+    assert records[0]["flags"] == 0x02 and records[1]["flags"] == 0x12
 
 
 def test_prio_goes_ahead_of_existing_filters_when_possible():
@@ -548,12 +568,14 @@ def tcx_needed():
 
 
 @pytest.mark.root
-@pytest.mark.parametrize("mode, kind", [("auto", "tcx-link"), ("clsact", "tc-clsact")])
-def test_resets_packets_history_and_cleanup_on_sigterm(lab, mode, kind):
+@pytest.mark.parametrize(
+    "mode, kind, all_flows", [("auto", "tcx-link", False), ("clsact", "tc-clsact", True)]
+)
+def test_resets_packets_history_and_cleanup_on_sigterm(lab, mode, kind, all_flows):
     if mode == "auto":
         tcx_needed()
     before, tcx_before = lab.tc_state(), tcx_state(lab)
-    run = start(lab, "--history", "6", "--tc-mode", mode)
+    run = start(lab, "--history", "6", "--tc-mode", mode, *(["--all-flows"] if all_flows else []))
     hello = run.of("hello")[0]
     assert hello["attach"]["tcp_send_reset"]["kind"] == "tracepoint"
     assert hello["attach"]["tc"]["kind"] == kind
@@ -593,7 +615,8 @@ def test_resets_packets_history_and_cleanup_on_sigterm(lab, mode, kind):
     assert run.read_until(lambda r: r["type"] == "reset" and r["sport"] == 8080, 10), (
         "no reset for the aborted connection"
     )
-    run.read_until(lambda r: r["type"] == "packet" and r["why"] == "close", 5)
+    if all_flows:
+        run.read_until(lambda r: r["type"] == "packet" and r["why"] == "close", 5)
     run.proc.send_signal(signal.SIGTERM)
     code, err = run.finish()
     assert code == 0, err
@@ -628,10 +651,13 @@ def test_resets_packets_history_and_cleanup_on_sigterm(lab, mode, kind):
     assert any(p["len"] == 5 and p["dir"] == "ingress" for p in history)
     assert all(p["ts_ns"] < flow[rst_at]["ts_ns"] for p in history)
     assert [p["ts_ns"] for p in history] == sorted(p["ts_ns"] for p in history)
+    # its handshake comes with it (kept in the kernel, or streamed with --all-flows)
+    assert [p["flags"] for p in flow[:rst_at] if p["why"] == "handshake"] == [2, 0x12]
 
-    # (c) the normal connection: handshake and FINs, no RST, no reset record.
+    # (c) the normal connection: no RST, no reset record; its handshake and FINs are
+    # streamed only with --all-flows (else they stay in the kernel, waiting for a RST).
     normal = [p for p in packets if 8081 in (p["sport"], p["dport"])]
-    assert {p["why"] for p in normal} == {"handshake", "close"}
+    assert {p["why"] for p in normal} == ({"handshake", "close"} if all_flows else set())
     assert not [r for r in resets if 8081 in (r["sport"], r["dport"])]
     # (d) nothing from namespace a.
     assert all(r["netns"] == hello["netns"] for r in resets)

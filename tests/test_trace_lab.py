@@ -154,14 +154,20 @@ def test_scenario_reset_is_traced_to_its_origin(lab, name):
     assert_clean(lab)
 
 
-def test_healthy_scenario_gives_no_reset_flow(lab):
-    proc = start_trace(lab, SCENARIOS["healthy"].port, "--duration", "2s")
+@pytest.mark.parametrize("all_flows", [False, True])
+def test_healthy_scenario_gives_no_reset_flow(lab, all_flows):
+    extra = ["--all-flows"] if all_flows else []
+    proc = start_trace(lab, SCENARIOS["healthy"].port, "--duration", "2s", *extra)
     result = run_scenario("healthy", lab)
     assert result.reproduced and result.error is None
     recs = finish(proc)
     assert [r for r in recs if r["type"] == "flow"] == []
     packets = [r for r in recs if r["type"] == "event" and r["kind"] == "packet"]
-    assert {p["host"] for p in packets} == {"client", "lb", "server"}  # handshake seen
+    if all_flows:  # the handshake was seen everywhere, and streamed
+        assert {p["host"] for p in packets} == {"client", "lb", "server"}
+        assert {p["why"] for p in packets} == {"handshake", "close"}
+    else:  # kept in the kernel, since no reset came
+        assert packets == []
     assert recs[-1]["resets"] == []
     assert_clean(lab)
 

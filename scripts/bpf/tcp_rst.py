@@ -13,6 +13,7 @@ Parameters:
   --addr ADDR[,ADDR]      only flows with this IPv4/IPv6 address on either side; repeatable
   --interfaces IF[,IF]    interfaces to watch (default: every interface except lo)
   --history K             packets remembered per flow, shown before its RST (0-8, default 4)
+  --all-flows             also report handshake and close packets of flows without a RST
   --duration SECONDS      stop after SECONDS (default 0: run until signalled)
   --count N               stop after N reset records (RST packets when no reset probe)
   --tc-mode MODE          packet hook: auto (tcx if the kernel has it), tcx or clsact
@@ -32,6 +33,7 @@ Fields:
   hello.filter          dict   {ports, addrs} as requested
   hello.scope           str    how foreign namespaces' resets are dropped: netns or addrs
   hello.history         int    packets remembered per flow
+  hello.all_flows       bool   whether packets of flows without a RST are reported too
   hello.buffer          str    ringbuf or perf
   packet.ts_ns          int    host CLOCK_MONOTONIC ns
   packet.ifname         str    interface name
@@ -132,7 +134,7 @@ PKT_FMT = "=QIIIHHHBBBB2x"
 FLOW_FMT = "=16s16sHHB3x"
 PKT_SIZE = struct.calcsize(PKT_FMT)
 FLOW_SIZE = struct.calcsize(FLOW_FMT)
-EVENT_HEAD_FMT = "=B3xII4x"
+EVENT_HEAD_FMT = "=B3xIII"
 RESET_FMT = "=QIIiiHHHH16s16s16s"
 V4_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
 
@@ -330,10 +332,12 @@ C_COMMON = r"""
 #define TH_FIN 0x01
 #define TH_SYN 0x02
 #define TH_RST 0x04
+#define TH_ACK 0x10
 #define WHY_RST 1
 #define WHY_HANDSHAKE 2
 #define WHY_CLOSE 3
 #define HISTORY %(history)d
+#define STREAM_ALL %(stream_all)d    /* 0: handshake and FIN wait in the map for a RST */
 #define RING_SLOTS %(slots)d
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define EBD_HTONS(x) ((__u16)__builtin_bswap16(x))
@@ -368,6 +372,9 @@ struct flow_key {            /* canonical 5-tuple: (a, pa) sorts before (b, pb) 
 struct hist {                /* the flow's last packets not otherwise reported */
 	__u32 head;              /* next slot to write */
 	__u32 count;
+	__u32 hs_mask;           /* bit 0: hs[0] holds the SYN, bit 1: hs[1] the SYN-ACK */
+	__u32 _pad;
+	struct pkt hs[2];
 	struct pkt ring[RING_SLOTS];
 };
 
@@ -378,7 +385,8 @@ struct pkt_event {
 	__u8 _pad[3];
 	__u32 head;
 	__u32 count;
-	__u32 _pad2;
+	__u32 hs_mask;
+	struct pkt hs[2];
 	struct pkt ring[RING_SLOTS];
 };
 
@@ -450,21 +458,39 @@ static __always_inline int addr_wanted(__u32 family, __u32 *a)
 	return addrs.lookup(&k) != 0;
 }
 
+static __always_inline struct hist *flow_entry(struct flow_key *k)
+{
+	struct hist *h = flows.lookup(k);
+	if (h)
+		return h;
+	__u32 zero = 0;
+	struct hist *z = hist_zero.lookup(&zero);
+	if (!z)
+		return 0;
+	flows.update(k, z);
+	return flows.lookup(k);
+}
+
+static __always_inline void keep_handshake(struct flow_key *k, struct pkt *p)
+{
+	struct hist *h = flow_entry(k);
+	if (!h)
+		return;
+	__u32 slot = (p->flags & TH_ACK) ? 1 : 0;  /* a retransmission replaces the first */
+	if (slot)
+		__builtin_memcpy(&h->hs[1], p, sizeof(*p));
+	else
+		__builtin_memcpy(&h->hs[0], p, sizeof(*p));
+	h->hs_mask |= 1 << slot;
+}
+
 static __always_inline void remember(struct flow_key *k, struct pkt *p)
 {
 	if (HISTORY == 0)
 		return;
-	struct hist *h = flows.lookup(k);
-	if (!h) {
-		__u32 zero = 0;
-		struct hist *z = hist_zero.lookup(&zero);
-		if (!z)
-			return;
-		flows.update(k, z);
-		h = flows.lookup(k);
-		if (!h)
-			return;
-	}
+	struct hist *h = flow_entry(k);
+	if (!h)
+		return;
 	__u32 i = h->head;
 	if (i >= RING_SLOTS)
 		i = 0;
@@ -562,6 +588,13 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir)
 		remember(&k, &p);
 		return TC_ACT_UNSPEC;
 	}
+	if (!STREAM_ALL && why != WHY_RST) {   /* sent to user space only if a RST follows */
+		if (why == WHY_HANDSHAKE)
+			keep_handshake(&k, &p);
+		else
+			remember(&k, &p);
+		return TC_ACT_UNSPEC;
+	}
 
 	__u32 zero = 0;
 	struct pkt_event *e = scratch.lookup(&zero);
@@ -572,11 +605,14 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir)
 	e->why = why;
 	e->head = 0;
 	e->count = 0;
+	e->hs_mask = 0;
 	if (why == WHY_RST) {
 		struct hist *h = flows.lookup(&k);
 		if (h) {
 			e->head = h->head;
 			e->count = h->count;
+			e->hs_mask = h->hs_mask;
+			__builtin_memcpy(e->hs, h->hs, sizeof(e->hs));
 			__builtin_memcpy(e->ring, h->ring, sizeof(e->ring));
 			flows.delete(&k);
 		}
@@ -816,7 +852,10 @@ def build_program(plan: dict) -> str:
     parts = []
     if plan["kprobes"]:
         parts.append(C_KPROBE_INCLUDES)
-    parts.append(C_COMMON % {"history": history, "slots": max(history, 1)})
+    parts.append(
+        C_COMMON
+        % {"history": history, "slots": max(history, 1), "stream_all": int(plan["all_flows"])}
+    )
     parts.append("#define OWN_NETNS %du" % plan["own_netns"])
     if plan["buffer"] == "ringbuf":
         parts.append(C_BUFFERS_RINGBUF % {"pages": plan["pages"]})
@@ -1246,14 +1285,24 @@ def addr_text(family: int, raw: bytes) -> str:
 
 
 def decode_packets(raw: bytes, ifnames: dict) -> list:
-    """One pkt_event -> packet records: the history (oldest first), then the packet."""
+    """One pkt_event -> packet records: the flow's kept handshake, its history (oldest
+    first, FINs marked close), then the packet itself."""
     a, b, pa, pb, family = struct.unpack_from(FLOW_FMT, raw, 0)
-    why, head, count = struct.unpack_from(EVENT_HEAD_FMT, raw, FLOW_SIZE + PKT_SIZE)
-    ring_at = FLOW_SIZE + PKT_SIZE + struct.calcsize(EVENT_HEAD_FMT)
+    why, head, count, hs_mask = struct.unpack_from(EVENT_HEAD_FMT, raw, FLOW_SIZE + PKT_SIZE)
+    hs_at = FLOW_SIZE + PKT_SIZE + struct.calcsize(EVENT_HEAD_FMT)
+    ring_at = hs_at + 2 * PKT_SIZE
     slots = (len(raw) - ring_at) // PKT_SIZE
     ends = ((addr_text(family, a), pa), (addr_text(family, b), pb))
+    pkts = [
+        (struct.unpack_from(PKT_FMT, raw, hs_at + PKT_SIZE * i), 2)
+        for i in (0, 1)
+        if hs_mask & (1 << i)
+    ]
+    pkts.sort(key=lambda p: p[0][0])
     order = [(head - count + i) % slots for i in range(count)] if slots else []
-    pkts = [(struct.unpack_from(PKT_FMT, raw, ring_at + PKT_SIZE * i), 4) for i in order]
+    for i in order:
+        pkt = struct.unpack_from(PKT_FMT, raw, ring_at + PKT_SIZE * i)
+        pkts.append((pkt, 3 if pkt[8] & 0x01 else 4))
     pkts.append((struct.unpack_from(PKT_FMT, raw, FLOW_SIZE), why))
     records = []
     for (ts, ifindex, seq, ack, length, win, ipid, ttl, flags, direction, fwd), kind in pkts:
@@ -1347,6 +1396,7 @@ def make_plan(args, formats: dict, offsets) -> dict:
     ringbuf = kernel_version() >= RINGBUF_MIN_KERNEL
     return {
         "history": args.history,
+        "all_flows": args.all_flows,
         "buffer": "ringbuf" if ringbuf else "perf",
         "pages": 64,
         "ports": args.port,
@@ -1616,6 +1666,7 @@ class Session:
             "filter": {"ports": self.args.port, "addrs": self.args.addr},
             "scope": "netns" if offsets_ok else "addrs",
             "history": self.args.history,
+            "all_flows": self.args.all_flows,
             "buffer": self.plan["buffer"],
         }
 
@@ -1744,6 +1795,12 @@ def parse_args(argv) -> argparse.Namespace:
         type=int,
         default=4,
         help="packets remembered per flow (0-%d, default 4)" % MAX_HISTORY,
+    )
+    parser.add_argument(
+        "--all-flows",
+        action="store_true",
+        help="report the handshake and close packets of every matching flow as they happen "
+        "(default: only for flows that end in a reset, kept in the kernel until then)",
     )
     parser.add_argument(
         "--duration",

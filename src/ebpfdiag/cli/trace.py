@@ -47,7 +47,11 @@ Examples:
 
 
 def _script_args(
-    ports: tuple[str, ...], addrs: tuple[str, ...], interfaces: str | None, history: int
+    ports: tuple[str, ...],
+    addrs: tuple[str, ...],
+    interfaces: str | None,
+    history: int,
+    all_flows: bool,
 ) -> tuple[str, ...]:
     args: list[str] = []
     for p in ports:
@@ -67,6 +71,8 @@ def _script_args(
     if interfaces:
         args += ["--interfaces", interfaces]
     args += ["--history", str(history)]
+    if all_flows:
+        args.append("--all-flows")
     return tuple(args)
 
 
@@ -79,6 +85,9 @@ def _script_args(
 @click.option("--interfaces", metavar="IF[,IF]", help="Interfaces to watch (default: all but lo).")
 @click.option("--history", type=click.IntRange(0, 8), default=4, show_default=True,
               help="Packets per flow kept in the kernel and shown before its RST.")  # fmt: skip
+@click.option("--all-flows", is_flag=True,
+              help="Also stream handshake and close packets of flows that do not reset "
+              "(by default they wait in the kernel and come only with a reset).")  # fmt: skip
 @click.option("--duration", type=DURATION, help="Stop after this long (default: until Ctrl-C).")
 @click.option("--count", type=click.IntRange(1), help="Stop after N reset flows.")
 @click.option("--output", type=click.Path(dir_okay=False, writable=True, path_type=Path),
@@ -94,6 +103,7 @@ def tcp_rst(
     addrs: tuple[str, ...],
     interfaces: str | None,
     history: int,
+    all_flows: bool,
     duration: float | None,
     count: int | None,
     output: Path | None,
@@ -106,7 +116,7 @@ def tcp_rst(
     hosts (through DNAT/SNAT), aligns the hosts' clocks, and gives a verdict per flow:
     which host originated the reset, whether its TCP stack or a firewall did, and why.
     """
-    args = _script_args(ports, addrs, interfaces, history)
+    args = _script_args(ports, addrs, interfaces, history, all_flows)
     hosts, jumps = select_hosts(inventory, hosts_expr)
     script = Script.from_path(script_path("tcp_rst"), args)
     opts = FanoutOptions(
