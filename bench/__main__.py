@@ -35,7 +35,7 @@ BENCHMARKS: dict[str, tuple[Callable[[], Section], Callable[[], Section]]] = {
         lambda: pipeline.run(records_per_host=5_000, rounds=1, slow_s=0.5),
     ),
     "datapath": (
-        lambda: datapath.run(rounds=3, connections=2000, bulk_s=3),
+        lambda: datapath.run(rounds=7, connections=2000, bulk_s=3),
         lambda: datapath.run(rounds=1, connections=50, bulk_s=1),
     ),
 }

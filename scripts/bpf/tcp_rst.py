@@ -436,7 +436,7 @@ C_TC = r"""
 BPF_HASH(l2len, __u32, __u32, 256);          /* ifindex -> bytes before the IP header */
 BPF_HASH(ports, __u16, __u8, 64);
 BPF_HASH(addrs, struct addr_key, __u8, 64);
-BPF_TABLE("lru_hash", struct flow_key, struct hist, flows, 16384);
+BPF_F_TABLE("lru_hash", struct flow_key, struct hist, flows, 16384, BPF_F_NO_COMMON_LRU);
 BPF_ARRAY(hist_zero, struct hist, 1);
 BPF_PERCPU_ARRAY(scratch, struct pkt_event, 1);
 
