@@ -67,6 +67,10 @@ def spawn(*args: str) -> subprocess.Popen:
     )
 
 
+def run_json(probe: Path, inventory: Path, hosts: str, *extra: str) -> subprocess.CompletedProcess:
+    return cli("run-script", str(probe), "-i", str(inventory), "--hosts", hosts, "--json", *extra)
+
+
 def records(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines()]
 
@@ -114,17 +118,7 @@ def script_file(tmp_path: Path, text: str) -> Path:
 
 def test_fanout_reaches_every_host_with_its_own_output(fleet, inventory, tmp_path):
     probe = script_file(tmp_path, ADDR_SCRIPT)
-    r = cli(
-        "run-script",
-        str(probe),
-        "-i",
-        str(inventory),
-        "--hosts",
-        "h[01-20]",
-        "--json",
-        "--",
-        fleet.gateway,
-    )
+    r = run_json(probe, inventory, "h[01-20]", "--", fleet.gateway)
     assert r.returncode == 0, r.stderr
     recs = records(r.stdout)
     seen = {}
@@ -156,17 +150,7 @@ def test_lines_stream_before_the_script_ends(inventory, tmp_path):
 
 def test_bad_hosts_are_reported_while_the_others_succeed(fleet, inventory, tmp_path):
     probe = script_file(tmp_path, ADDR_SCRIPT)
-    r = cli(
-        "run-script",
-        str(probe),
-        "-i",
-        str(inventory),
-        "--hosts",
-        "h[01-03],h[21-24]",
-        "--json",
-        "--",
-        fleet.gateway,
-    )
+    r = run_json(probe, inventory, "h[01-03],h[21-24]", "--", fleet.gateway)
     assert r.returncode == 1, r.stderr
     by_host = {rec["host"]: rec for rec in records(r.stdout) if rec["type"] == "host"}
     assert {h: by_host[h]["status"] for h in ("h01", "h02", "h03")} == dict.fromkeys(
@@ -295,31 +279,11 @@ def test_ctrl_c_stops_every_host_cleanly(inventory, tmp_path):
 
 def test_duration_and_timeout_end_the_run(inventory, tmp_path):
     probe = script_file(tmp_path, "import time\nprint('on', flush=True)\ntime.sleep(600)\n")
-    r = cli(
-        "run-script",
-        str(probe),
-        "-i",
-        str(inventory),
-        "--hosts",
-        "h01",
-        "--duration",
-        "1s",
-        "--json",
-    )
+    r = run_json(probe, inventory, "h01", "--duration", "1s")
     assert r.returncode == 0, r.stderr
     host = [x for x in records(r.stdout) if x["type"] == "host"][0]
     assert host["status"] == "ok" and host["exit_signal"] == "TERM"
-    r = cli(
-        "run-script",
-        str(probe),
-        "-i",
-        str(inventory),
-        "--hosts",
-        "h01",
-        "--timeout",
-        "1s",
-        "--json",
-    )
+    r = run_json(probe, inventory, "h01", "--timeout", "1s")
     assert r.returncode == 1
     host = [x for x in records(r.stdout) if x["type"] == "host"][0]
     assert host["status"] == "timeout"
@@ -337,16 +301,7 @@ def test_accept_new_host_keys_records_unknown_keys(fleet, tmp_path):
     assert [x["error_kind"] for x in records(r.stdout) if x["type"] == "host"] == [
         "host-key-unknown"
     ]
-    r = cli(
-        "run-script",
-        str(probe),
-        "-i",
-        str(path),
-        "--hosts",
-        "h05",
-        "--json",
-        "--accept-new-host-keys",
-    )
+    r = run_json(probe, path, "h05", "--accept-new-host-keys")
     assert r.returncode == 0, r.stdout
     assert known.read_text().startswith(fleet.host("h05").address + " ssh-ed25519 ")
     r = cli("run-script", str(probe), "-i", str(path), "--hosts", "h05", "--json")
@@ -386,17 +341,7 @@ def test_jump_host_tunnels_to_a_host_the_controller_cannot_reach(fleet, tmp_path
     path = tmp_path / "inventory.yaml"
     path.write_text(yaml.safe_dump(inv))
     probe = script_file(tmp_path, ADDR_SCRIPT)
-    r = cli(
-        "run-script",
-        str(probe),
-        "-i",
-        str(path),
-        "--hosts",
-        "hidden",
-        "--json",
-        "--",
-        fleet.gateway,
-    )
+    r = run_json(probe, path, "hidden", "--", fleet.gateway)
     assert r.returncode == 0, r.stdout + r.stderr
     addrs = [x["text"] for x in records(r.stdout) if x["type"] == "line"]
     assert f"addr {h01.address}" in addrs

@@ -434,7 +434,7 @@ static __always_inline void count_lost(__u32 idx)
 
 C_TC = r"""
 BPF_HASH(l2len, __u32, __u32, 256);          /* ifindex -> bytes before the IP header */
-BPF_HASH(ports, __u16, __u8, 64);
+BPF_ARRAY(ports, __u8, 65536);               /* port -> 1 when wanted (array: cheapest lookup) */
 BPF_HASH(addrs, struct addr_key, __u8, 64);
 BPF_F_TABLE("lru_hash", struct flow_key, struct hist, flows, 16384, BPF_F_NO_COMMON_LRU);
 BPF_ARRAY(hist_zero, struct hist, 1);
@@ -632,10 +632,12 @@ int ebd_tc_egress(struct __sk_buff *skb)
 }
 """
 
-C_PORT_FILTER = r"""	__u16 pk = sport;
-	if (!ports.lookup(&pk)) {
+C_PORT_FILTER = r"""	__u32 pk = sport;
+	__u8 *want = ports.lookup(&pk);
+	if (!want || !*want) {
 		pk = dport;
-		if (!ports.lookup(&pk))
+		want = ports.lookup(&pk);
+		if (!want || !*want)
 			return TC_ACT_UNSPEC;
 	}"""
 
@@ -1459,7 +1461,7 @@ class Session:
     def _fill_filters(self) -> None:
         b = self.bpf
         for port in self.args.port:
-            b["ports"][ctypes.c_uint16(port)] = ctypes.c_uint8(1)
+            b["ports"][ctypes.c_int(port)] = ctypes.c_uint8(1)
         for text in self.args.addr:
             ip = ipaddress.ip_address(text)
             key = b["addrs"].Key()
