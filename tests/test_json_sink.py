@@ -14,7 +14,7 @@ def sink_output(lines: list[tuple[str, bytes]]) -> list[dict]:
     writer = NDJSONWriter(buf)
     sink = JSONSink(writer)
     for stream, line in lines:
-        sink.line('web"01', stream, line)
+        sink.lines('web"01', stream, [line])
     writer.flush()
     return [json.loads(x) for x in buf.getvalue().splitlines()]
 
@@ -38,3 +38,13 @@ def test_objects_pass_through_and_other_lines_stay_text():
     assert out[2]["text"] == '{"a":1} trailing'
     assert out[4]["text"] == 'plain "quoted" \\ text é'
     assert out[5]["stream"] == "stderr"
+
+
+def test_a_batch_keeps_order_and_shares_its_arrival_time():
+    buf = io.StringIO()
+    writer = NDJSONWriter(buf)
+    JSONSink(writer).lines("h1", "stdout", [b'{"n":1}', b"two", b'{"n":3}'])
+    writer.flush()
+    out = [json.loads(x) for x in buf.getvalue().splitlines()]
+    assert [o.get("record", o.get("text")) for o in out] == [{"n": 1}, "two", {"n": 3}]
+    assert len({o["ts"] for o in out}) == 1

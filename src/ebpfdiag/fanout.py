@@ -67,7 +67,7 @@ class FanoutSink(Protocol):
     """Receives engine events; implementations render or collect them."""
 
     def state(self, host: str, state: str) -> None: ...
-    def line(self, host: str, stream: str, line: bytes) -> None: ...
+    def lines(self, host: str, stream: str, lines: list[bytes]) -> None: ...
     def clock(self, host: str, sample: ClockSample) -> None: ...
     def result(self, result: HostResult) -> None: ...
 
@@ -179,7 +179,7 @@ class Fanout:
                 host,
                 self.script,
                 self.opts.ssh,
-                on_line=functools.partial(self.sink.line, host.name),
+                on_lines=functools.partial(self.sink.lines, host.name),
                 on_running=running,
                 on_clock=lambda sample: self.sink.clock(host.name, sample),
             )

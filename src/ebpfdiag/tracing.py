@@ -79,22 +79,24 @@ class TraceSession:
         if self.on_state:
             self.on_state(host, state)
 
-    def line(self, host: str, stream: str, line: bytes) -> None:
-        if stream != "stdout":
-            text = line.decode(errors="replace")
-            self.hosts[host].diagnostics.append(text)
-            if self.on_diagnostic:
-                self.on_diagnostic(host, text)
-            return
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            rec = None
-        if not isinstance(rec, dict):
-            if self.on_diagnostic:
-                self.on_diagnostic(host, line.decode(errors="replace"))
-            return
-        self._record(host, rec)
+    def lines(self, host: str, stream: str, lines: list[bytes]) -> None:
+        for line in lines:
+            if stream != "stdout":
+                self._diagnostic(host, line.decode(errors="replace"))
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                rec = None
+            if isinstance(rec, dict):
+                self._record(host, rec)
+            else:
+                self._diagnostic(host, line.decode(errors="replace"))
+
+    def _diagnostic(self, host: str, text: str) -> None:
+        self.hosts[host].diagnostics.append(text)
+        if self.on_diagnostic:
+            self.on_diagnostic(host, text)
 
     def clock(self, host: str, sample: ClockSample) -> None:
         self.hosts[host].samples.append(sample)

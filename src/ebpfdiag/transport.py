@@ -220,8 +220,8 @@ async def connect(
     return conn
 
 
-LineHandler = Callable[[str, bytes], None]
-"""Called with (stream, line-without-newline) for every stdout/stderr line of the script."""
+LinesHandler = Callable[[str, list[bytes]], None]
+"""Called with (stream, lines without their newlines) for each batch of script output."""
 
 
 @dataclass
@@ -231,8 +231,9 @@ class RunOutcome:
     stopped_by_us: bool
 
 
-async def _read_lines(stream: asyncssh.SSHReader, on_line: Callable[[bytes], None]) -> None:
-    """Split a byte stream into lines as chunks arrive (fast path for busy scripts)."""
+async def _read_lines(stream: asyncssh.SSHReader, on_lines: Callable[[list[bytes]], None]) -> None:
+    """Split a byte stream into lines as chunks arrive, handing over every complete line
+    of a chunk at once: a busy script's output costs one call per chunk, not per line."""
     buf = b""
     while True:
         chunk = await stream.read(65536)
@@ -241,12 +242,11 @@ async def _read_lines(stream: asyncssh.SSHReader, on_line: Callable[[bytes], Non
         if b"\n" not in chunk:
             buf += chunk
             continue
-        *lines, rest = (buf + chunk).split(b"\n")
-        buf = rest
-        for line in lines:
-            on_line(line)
+        lines = (buf + chunk).split(b"\n")
+        buf = lines.pop()
+        on_lines(lines)
     if buf:
-        on_line(buf)
+        on_lines([buf])
 
 
 class RemoteRun:
@@ -257,7 +257,7 @@ class RemoteRun:
         host: Host,
         script: Script,
         opts: SSHOptions,
-        on_line: LineHandler,
+        on_lines: LinesHandler,
         on_running: Callable[[], None],
         on_clock: Callable[[ClockSample], None],
         clock_pings: int = 5,
@@ -265,7 +265,7 @@ class RemoteRun:
         self.host = host
         self.script = script
         self.opts = opts
-        self.on_line = on_line
+        self.on_lines = on_lines
         self.on_running = on_running
         self.on_clock = on_clock
         self.clock_pings = clock_pings
@@ -283,18 +283,27 @@ class RemoteRun:
         if self.process is not None:
             self.process.close()
 
-    def _on_stderr(self, line: bytes) -> None:
-        pos = line.find(MARK)
-        if pos < 0:
-            if not self.running.is_set():  # sudo/launch diagnostics: kept for the error
-                self.stderr_tail.append(line.decode(errors="replace"))
-                del self.stderr_tail[:-5]
-                return
-            self.on_line("stderr", line)
+    def _on_stderr(self, lines: list[bytes]) -> None:
+        """Markers drive the launch; other lines are the script's diagnostics."""
+        plain: list[bytes] = []
+        for line in lines:
+            pos = line.find(MARK)
+            if pos < 0:
+                plain.append(line)
+                continue
+            if pos > 0:
+                plain.append(line[:pos])
+            self._on_marker(line[pos + len(MARK) :])
+        if not plain:
             return
-        if pos > 0:
-            self.on_line("stderr", line[:pos])
-        words = line[pos + len(MARK) :].decode(errors="replace").split()
+        if self.running.is_set():
+            self.on_lines("stderr", plain)
+        else:  # sudo/launch diagnostics: kept for the error
+            self.stderr_tail.extend(line.decode(errors="replace") for line in plain)
+            del self.stderr_tail[:-5]
+
+    def _on_marker(self, marker: bytes) -> None:
+        words = marker.decode(errors="replace").split()
         kind = words[0] if words else ""
         if kind == "sudo-prompt":
             self.sudo_prompts += 1
@@ -334,7 +343,7 @@ class RemoteRun:
         self.process = process = await conn.create_process(command, encoding=None)
         readers = asyncio.ensure_future(
             asyncio.gather(
-                _read_lines(process.stdout, functools.partial(self.on_line, "stdout")),
+                _read_lines(process.stdout, functools.partial(self.on_lines, "stdout")),
                 _read_lines(process.stderr, self._on_stderr),
             )
         )

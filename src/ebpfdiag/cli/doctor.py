@@ -49,15 +49,16 @@ class DoctorSink:
     def state(self, host: str, state: str) -> None:
         pass
 
-    def line(self, host: str, stream: str, line: bytes) -> None:
+    def lines(self, host: str, stream: str, lines: list[bytes]) -> None:
         if stream != "stdout":
             return
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            return
-        if isinstance(rec, dict) and rec.get("type") == "check":
-            self.checks.setdefault(host, []).append({**rec, "host": host})
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("type") == "check":
+                self.checks.setdefault(host, []).append({**rec, "host": host})
 
     def clock(self, host: str, sample: ClockSample) -> None:
         pass

@@ -55,21 +55,21 @@ class JSONSink:
     def state(self, host: str, state: str) -> None:
         pass
 
-    def line(self, host: str, stream: str, line: bytes) -> None:
-        ts = time.time_ns()
+    def lines(self, host: str, stream: str, lines: list[bytes]) -> None:
+        ts = time.time_ns()  # the lines of one batch arrived together
         host_json = self._host_json.get(host)
         if host_json is None:
             host_json = self._host_json[host] = json.dumps(host)
-        text = line.decode(errors="replace")
-        if stream == "stdout" and text[:1] == "{" and _is_object(text):
-            self.w.write_raw(
-                f'{{"type":"record","host":{host_json},"ts":{ts},"record":{text.strip()}}}'
-            )
-            return
-        quoted = json.dumps(text, ensure_ascii=False)
-        self.w.write_raw(
-            f'{{"type":"line","host":{host_json},"ts":{ts},"stream":"{stream}","text":{quoted}}}'
-        )
+        head = f'{{"type":"record","host":{host_json},"ts":{ts},"record":'
+        text_head = f'{{"type":"line","host":{host_json},"ts":{ts},"stream":"{stream}","text":'
+        out = []
+        for line in lines:
+            text = line.decode(errors="replace")
+            if stream == "stdout" and text[:1] == "{" and _is_object(text):
+                out.append(f"{head}{text.strip()}}}")
+            else:
+                out.append(f"{text_head}{json.dumps(text, ensure_ascii=False)}}}")
+        self.w.write_many(out)
 
     def clock(self, host: str, sample: ClockSample) -> None:
         pass
@@ -89,8 +89,10 @@ class TerminalSink:
     def state(self, host: str, state: str) -> None:
         self.status.set(host, state)
 
-    def line(self, host: str, stream: str, line: bytes) -> None:
-        (self.out if stream == "stdout" else self.err).write(host, line.decode(errors="replace"))
+    def lines(self, host: str, stream: str, lines: list[bytes]) -> None:
+        out = self.out if stream == "stdout" else self.err
+        for line in lines:
+            out.write(host, line.decode(errors="replace"))
 
     def clock(self, host: str, sample: ClockSample) -> None:
         pass

@@ -28,9 +28,13 @@ class NDJSONWriter:
 
     def write_raw(self, line: str) -> None:
         """A line that is already one JSON object (pass-through without re-encoding)."""
-        if self.closed:
+        self.write_many([line])
+
+    def write_many(self, lines: list[str]) -> None:
+        """Lines that are already JSON objects, in order (one call per batch)."""
+        if self.closed or not lines:
             return
-        self._pending.append(line)
+        self._pending.extend(lines)
         if len(self._pending) >= 1024:
             self.flush()
         elif not self._scheduled:
