@@ -28,7 +28,17 @@ def require_lab_tools() -> None:
 
 
 def leftovers(prefix: str, state_dir: Path) -> list[str]:
-    """What a lab with ``prefix`` could leave behind, looked up on the machine."""
+    """What a lab with ``prefix`` left behind, looked up on the machine; a process still in
+    the middle of exiting gets two seconds to finish."""
+    deadline = time.monotonic() + 2
+    found = _leftovers(prefix, state_dir)
+    while found and time.monotonic() < deadline:
+        time.sleep(0.1)
+        found = _leftovers(prefix, state_dir)
+    return found
+
+
+def _leftovers(prefix: str, state_dir: Path) -> list[str]:
     found = [f"netns {n}" for n in netns.netns_list() if n.startswith(f"{prefix}-")]
     found += [f"link {n}" for n in netns.link_names() if n.startswith(f"{prefix}-")]
     found += [f"process {p}" for p in netns.pids_with_arg(str(state_dir))]
