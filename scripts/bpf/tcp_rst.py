@@ -433,7 +433,6 @@ static __always_inline void count_lost(__u32 idx)
 """
 
 C_TC = r"""
-BPF_HASH(l2len, __u32, __u32, 256);          /* ifindex -> bytes before the IP header */
 BPF_ARRAY(ports, __u8, 65536);               /* port -> 1 when wanted (array: cheapest lookup) */
 BPF_HASH(addrs, struct addr_key, __u8, 64);
 BPF_F_TABLE("lru_hash", struct flow_key, struct hist, flows, 16384, BPF_F_NO_COMMON_LRU);
@@ -500,13 +499,25 @@ static __always_inline void remember(struct flow_key *k, struct pkt *p)
 		h->count++;
 }
 
-static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir)
+/* Copy header bytes: straight from the packet when they are in its linear part (no helper
+ * call), else through bpf_skb_load_bytes. off is bounded so the verifier can check it. */
+static __always_inline int load_hdr(struct __sk_buff *skb, __u32 off, void *to, __u32 len)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	if (off > 128)
+		return -1;
+	if (data + off + len <= data_end) {
+		__builtin_memcpy(to, data + off, len);
+		return 0;
+	}
+	return bpf_skb_load_bytes(skb, off, to, len);
+}
+
+/* off: bytes before the IP header (14 on Ethernet, 0 on L3 devices), a constant per program */
+static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir, __u32 off)
 {
 	__u32 ifindex = skb->ifindex;
-	__u32 *l2 = l2len.lookup(&ifindex);
-	if (!l2)
-		return TC_ACT_UNSPEC;
-	__u32 off = *l2;
 	__u32 proto = skb->protocol;
 	struct pkt p = {};
 	struct flow_key k = {};
@@ -516,7 +527,7 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir)
 
 	if (proto == EBD_HTONS(0x0800)) {
 		__u8 ip[20];
-		if (bpf_skb_load_bytes(skb, off, ip, sizeof(ip)) < 0)
+		if (load_hdr(skb, off, ip, sizeof(ip)) < 0)
 			return TC_ACT_UNSPEC;
 		__u32 ihl = (ip[0] & 0x0f) * 4;
 		if ((ip[0] >> 4) != 4 || ip[9] != 6 || ihl < 20)
@@ -535,7 +546,7 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir)
 		l4 = off + ihl;
 	} else if (proto == EBD_HTONS(0x86DD)) {
 		__u8 ip[40];
-		if (bpf_skb_load_bytes(skb, off, ip, sizeof(ip)) < 0)
+		if (load_hdr(skb, off, ip, sizeof(ip)) < 0)
 			return TC_ACT_UNSPEC;
 		if ((ip[0] >> 4) != 6 || ip[6] != 6)
 			return TC_ACT_UNSPEC;            /* extension headers are not followed */
@@ -550,7 +561,7 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir)
 	}
 
 	__u8 th[20];
-	if (bpf_skb_load_bytes(skb, l4, th, sizeof(th)) < 0)
+	if (load_hdr(skb, l4, th, sizeof(th)) < 0)
 		return TC_ACT_UNSPEC;
 	__u16 sport = (th[0] << 8) | th[1];
 	__u16 dport = (th[2] << 8) | th[3];
@@ -621,14 +632,24 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir)
 	return TC_ACT_UNSPEC;
 }
 
-int ebd_tc_ingress(struct __sk_buff *skb)
+int ebd_tc_ingress(struct __sk_buff *skb)      /* Ethernet devices */
 {
-	return on_packet(skb, 0);
+	return on_packet(skb, 0, 14);
 }
 
 int ebd_tc_egress(struct __sk_buff *skb)
 {
-	return on_packet(skb, 1);
+	return on_packet(skb, 1, 14);
+}
+
+int ebd_tc_in_l3(struct __sk_buff *skb)        /* devices without a link-layer header */
+{
+	return on_packet(skb, 0, 0);
+}
+
+int ebd_tc_out_l3(struct __sk_buff *skb)
+{
+	return on_packet(skb, 1, 0);
 }
 """
 
@@ -1511,17 +1532,25 @@ class Session:
             if unknown:
                 raise SetupError("no such interface: %s" % ",".join(unknown))
             links = [link for link in links if link[1] in wanted]
-        progs = {
-            "ingress": self.bpf.load_func("ebd_tc_ingress", self.BPF.SCHED_CLS),
-            "egress": self.bpf.load_func("ebd_tc_egress", self.BPF.SCHED_CLS),
-        }
+        variants = {14: ("ebd_tc_ingress", "ebd_tc_egress"), 0: ("ebd_tc_in_l3", "ebd_tc_out_l3")}
+        loaded = {}
+
+        def progs_for(l2: int) -> dict:
+            if l2 not in loaded:
+                ingress, egress = variants[l2]
+                loaded[l2] = {
+                    "ingress": self.bpf.load_func(ingress, self.BPF.SCHED_CLS),
+                    "egress": self.bpf.load_func(egress, self.BPF.SCHED_CLS),
+                }
+            return loaded[l2]
+
         self.tc, clsact_why = self._pick_tc_hooks()
         done = []
         for ifindex, name, l2 in links:
             if l2 is None:
                 self.plan["missing"].append({"probe": "tc:" + name, "why": "unsupported link type"})
                 continue
-            self.bpf["l2len"][ctypes.c_uint32(ifindex)] = ctypes.c_uint32(l2)
+            progs = progs_for(l2)
             try:
                 try:
                     self.tc.attach(ifindex, progs)
