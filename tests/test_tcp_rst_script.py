@@ -310,7 +310,7 @@ except ConnectionRefusedError:
     print("refused")
 """
 
-ABORT_SERVER = """
+ACCEPT_ONE = """
 import socket, struct, sys
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -318,23 +318,25 @@ s.bind((sys.argv[1], int(sys.argv[2])))
 s.listen(1)
 print("listening", flush=True)
 c, _ = s.accept()
+"""
+
+ABORT_SERVER = (
+    ACCEPT_ONE
+    + """
 c.recv(5)
 c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 c.close()
 """
+)
 
-NORMAL_SERVER = """
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2])))
-s.listen(1)
-print("listening", flush=True)
-c, _ = s.accept()
+NORMAL_SERVER = (
+    ACCEPT_ONE
+    + """
 while c.recv(100):
     pass
 c.close()
 """
+)
 
 SEND_CLIENT = """
 import socket, sys, time

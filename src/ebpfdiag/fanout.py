@@ -83,9 +83,9 @@ class FanoutOptions:
 def raise_fd_limit(hosts: int) -> None:
     """Each host needs a socket and a few pipes; lift the soft limit towards the hard one."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = (
-        max(soft, min(hard, 64 + 8 * hosts)) if hard != resource.RLIM_INFINITY else 64 + 8 * hosts
-    )
+    want = 64 + 8 * hosts
+    if hard != resource.RLIM_INFINITY:
+        want = min(want, hard)
     if want > soft:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))

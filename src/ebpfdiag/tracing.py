@@ -32,11 +32,10 @@ class HostTrace:
     lost: int = 0
     bye: dict | None = None
     samples: list[ClockSample] = field(default_factory=list)
+    #: from the samples so far; kept current as pings arrive, read for every event
+    clock: ClockEstimate | None = None
     diagnostics: list[str] = field(default_factory=list)
     result: HostResult | None = None
-
-    def clock(self) -> ClockEstimate | None:
-        return estimate(self.samples) if self.samples else None
 
 
 @dataclass
@@ -99,7 +98,9 @@ class TraceSession:
             self.on_diagnostic(host, text)
 
     def clock(self, host: str, sample: ClockSample) -> None:
-        self.hosts[host].samples.append(sample)
+        ht = self.hosts[host]
+        ht.samples.append(sample)
+        ht.clock = estimate(ht.samples)
 
     def result(self, result: HostResult) -> None:
         self.hosts[result.host].result = result
@@ -111,7 +112,7 @@ class TraceSession:
         ht = self.hosts[host]
         if kind in ("packet", "reset"):
             rec["host"] = host
-            est = ht.clock()
+            est = ht.clock
             rec["ts"] = est.align(rec["ts_ns"]) if est and "ts_ns" in rec else None
             self.events.append(rec)
             if self.on_event:
@@ -139,7 +140,7 @@ class TraceSession:
         self.all_ready = True
         ready = [h.name for h in self.hosts.values() if h.ready]
         failed = [h.name for h in self.hosts.values() if not h.ready]
-        if not ready and self.fanout is not None:
+        if not ready:
             return
         if self.on_ready:
             self.on_ready(ready, failed)
@@ -158,12 +159,7 @@ class TraceSession:
 
     # -- result ----------------------------------------------------------------------
     def clocks(self) -> dict[str, ClockEstimate]:
-        out = {}
-        for name, ht in self.hosts.items():
-            est = ht.clock()
-            if est is not None:
-                out[name] = est
-        return out
+        return {name: ht.clock for name, ht in self.hosts.items() if ht.clock is not None}
 
     def correlate(self) -> Correlation:
         return correlate(self.events, self.clocks())

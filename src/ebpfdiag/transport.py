@@ -92,6 +92,7 @@ class JumpPool:
                 task.cancel()
 
 
+@functools.cache
 def bootstrap_source() -> str:
     return resources.files("ebpfdiag.remote").joinpath("bootstrap.py").read_text()
 
@@ -170,9 +171,7 @@ def _describe(host: Host, exc: BaseException) -> HostFailure:
 _RETRYABLE = (asyncssh.ConnectionLost, ConnectionResetError, BrokenPipeError, EOFError)
 
 
-async def connect(
-    host: Host, opts: SSHOptions, jumps: JumpPool | None = None
-) -> asyncssh.SSHClientConnection:
+async def connect(host: Host, opts: SSHOptions, jumps: JumpPool) -> asyncssh.SSHClientConnection:
     """Open a connection, retrying when sshd drops it during key exchange (MaxStartups)."""
     accept_new = opts.accept_new_host_keys and not _has_known_key(host)
     known_path = _known_hosts_path(host)
@@ -196,11 +195,9 @@ async def connect(
         kwargs["username"] = host.user
     if host.identity_file:
         kwargs["client_keys"] = [os.path.expanduser(host.identity_file)]
-    jump = opts.jumps.get(host.name)
-    if jump is not None and jumps is not None:
+    jump = opts.jumps.get(host.name)  # resolved from the inventory for every jumping host
+    if jump is not None:
         kwargs["tunnel"] = await jumps.get(jump)
-    elif host.jump:
-        kwargs["tunnel"] = host.jump
     delay = 0.2
     for attempt in range(opts.connect_retries + 1):
         try:

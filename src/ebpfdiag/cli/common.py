@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from ebpfdiag.errors import EXIT_HOSTS_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError
-from ebpfdiag.fanout import DEFAULT_FANOUT, HostResult
+from ebpfdiag.fanout import DEFAULT_FANOUT, FanoutOptions, HostResult
 from ebpfdiag.inventory import Host, load_inventory, resolve_hosts, resolve_jump
 from ebpfdiag.transport import SSHOptions
 
@@ -113,18 +113,27 @@ def select_hosts(inventory: str | None, expr: str) -> tuple[list[Host], dict[str
     return hosts, jumps
 
 
-def make_ssh_options(
-    accept_new_host_keys: bool, ask_sudo_pass: bool, jumps: dict[str, Host] | None = None
-) -> SSHOptions:
+def prepare_run(
+    inventory: str | None,
+    hosts_expr: str,
+    *,
+    fanout: int,
+    accept_new_host_keys: bool,
+    ask_sudo_pass: bool,
+    timeout: float | None = None,
+    duration: float | None = None,
+) -> tuple[list[Host], FanoutOptions]:
+    """Hosts and fan-out options from the options every host-reaching command shares; the
+    sudo password is asked for only once the selection is known to be valid."""
+    hosts, jumps = select_hosts(inventory, hosts_expr)
     password = None
     if ask_sudo_pass:
         try:
             password = getpass.getpass("sudo password: ")
         except (EOFError, OSError) as exc:
             raise UsageError("--ask-sudo-pass needs a terminal to ask on") from exc
-    return SSHOptions(
-        accept_new_host_keys=accept_new_host_keys, sudo_password=password, jumps=jumps or {}
-    )
+    ssh = SSHOptions(accept_new_host_keys=accept_new_host_keys, sudo_password=password, jumps=jumps)
+    return hosts, FanoutOptions(fanout=fanout, timeout=timeout, duration=duration, ssh=ssh)
 
 
 def run_until_done(

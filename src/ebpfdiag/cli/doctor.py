@@ -16,14 +16,13 @@ from ebpfdiag.cli.common import (
     hosts_option,
     inventory_option,
     json_option,
-    make_ssh_options,
+    prepare_run,
     run_until_done,
-    select_hosts,
     ssh_options,
 )
 from ebpfdiag.clock import ClockSample
 from ebpfdiag.errors import EXIT_HOSTS_FAILED
-from ebpfdiag.fanout import Fanout, FanoutOptions, HostResult
+from ebpfdiag.fanout import Fanout, HostResult
 from ebpfdiag.render.ndjson import NDJSONWriter
 from ebpfdiag.transport import Script
 
@@ -148,12 +147,16 @@ def doctor(
 
     Exit code 1 when a host is unreachable or misses something every script needs.
     """
-    hosts, jumps = select_hosts(inventory, hosts_expr)
+    hosts, opts = prepare_run(
+        inventory,
+        hosts_expr,
+        fanout=fanout,
+        accept_new_host_keys=accept_new_host_keys,
+        ask_sudo_pass=ask_sudo_pass,
+        timeout=60,
+    )
     args = ("--no-compile",) if no_compile else ()
     script = Script.from_path(script_path("doctor"), args)
-    opts = FanoutOptions(
-        fanout=fanout, timeout=60, ssh=make_ssh_options(accept_new_host_keys, ask_sudo_pass, jumps)
-    )
     sink = DoctorSink()
     started = time.monotonic()
     engine = Fanout(hosts, script, opts, sink)

@@ -17,13 +17,13 @@ from ebpfdiag.cli.common import (
     hosts_option,
     inventory_option,
     json_option,
-    make_ssh_options,
+    prepare_run,
     run_until_done,
-    select_hosts,
     ssh_options,
 )
 from ebpfdiag.clock import ClockSample
-from ebpfdiag.fanout import Fanout, FanoutOptions, HostResult
+from ebpfdiag.errors import UsageError
+from ebpfdiag.fanout import Fanout, HostResult
 from ebpfdiag.inventory import compress_names
 from ebpfdiag.render.ndjson import NDJSONWriter
 from ebpfdiag.render.terminal import HostPrefixer, StatusView, summary_table
@@ -153,12 +153,14 @@ def run_script(
     """
     path = resolve_script(script)
     remote = Script(path.name, _read_script(path), tuple(script_args))
-    hosts, jumps = select_hosts(inventory, hosts_expr)
-    opts = FanoutOptions(
+    hosts, opts = prepare_run(
+        inventory,
+        hosts_expr,
         fanout=fanout,
+        accept_new_host_keys=accept_new_host_keys,
+        ask_sudo_pass=ask_sudo_pass,
         timeout=timeout,
         duration=duration,
-        ssh=make_ssh_options(accept_new_host_keys, ask_sudo_pass, jumps),
     )
     started = time.monotonic()
     names = [h.name for h in hosts]
@@ -180,8 +182,6 @@ def run_script(
 
 def _read_script(path: Path) -> bytes:
     """Refuse a script that would only fail on every host: unreadable or not Python."""
-    from ebpfdiag.errors import UsageError
-
     try:
         source = path.read_bytes()
     except OSError as exc:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -17,17 +17,16 @@ from ebpfdiag.cli.common import (
     hosts_option,
     inventory_option,
     json_option,
-    make_ssh_options,
+    prepare_run,
     run_until_done,
-    select_hosts,
     ssh_options,
 )
 from ebpfdiag.errors import UsageError
-from ebpfdiag.fanout import Fanout, FanoutOptions
+from ebpfdiag.fanout import Fanout
 from ebpfdiag.render.ndjson import NDJSONWriter
 from ebpfdiag.render.terminal import StatusView
-from ebpfdiag.render.timeline import live_line, render_result, trace_records
-from ebpfdiag.tracing import TraceSession
+from ebpfdiag.render.timeline import event_record, live_line, render_result, trace_records
+from ebpfdiag.tracing import RST, TraceSession
 from ebpfdiag.transport import Script
 
 
@@ -60,8 +59,6 @@ def _script_args(
                 raise UsageError(f"--port: '{part}' is not a port number (1-65535)")
             args += ["--port", part.strip()]
     for a in addrs:
-        import ipaddress
-
         for part in a.split(","):
             try:
                 ipaddress.ip_address(part.strip())
@@ -117,11 +114,14 @@ def tcp_rst(
     which host originated the reset, whether its TCP stack or a firewall did, and why.
     """
     args = _script_args(ports, addrs, interfaces, history, all_flows)
-    hosts, jumps = select_hosts(inventory, hosts_expr)
-    script = Script.from_path(script_path("tcp_rst"), args)
-    opts = FanoutOptions(
-        fanout=fanout, ssh=make_ssh_options(accept_new_host_keys, ask_sudo_pass, jumps)
+    hosts, opts = prepare_run(
+        inventory,
+        hosts_expr,
+        fanout=fanout,
+        accept_new_host_keys=accept_new_host_keys,
+        ask_sudo_pass=ask_sudo_pass,
     )
+    script = Script.from_path(script_path("tcp_rst"), args)
     names = [h.name for h in hosts]
     err = Console(stderr=True, highlight=False)
     # Timelines are wide; when piped, do not squeeze them into 80 columns.
@@ -131,9 +131,9 @@ def tcp_rst(
 
     def on_event(rec: dict) -> None:
         if writer is not None:
-            writer.write({**rec, "type": "event", "kind": rec["type"]})
+            writer.write(event_record(rec))
             return
-        if rec["type"] == "reset" or rec.get("flags", 0) & 0x04:
+        if rec["type"] == "reset" or rec.get("flags", 0) & RST:
             if not t0 and rec.get("ts"):
                 t0.append(rec["ts"])
             out.print(live_line(rec, t0[0] if t0 else None))
@@ -157,16 +157,14 @@ def tcp_rst(
             duration=duration,
             count=count,
             on_event=on_event,
-            on_ready=lambda r, f: (status.__exit__(None, None, None), on_ready(r, f)),
+            on_ready=lambda r, f: (status.close(), on_ready(r, f)),
             on_state=status.set,
             on_diagnostic=on_diagnostic,
         )
         engine = Fanout(hosts, script, opts, session)
         session.fanout = engine
-        started = time.monotonic()
         run_until_done(engine.run(), engine.stop)
     result = session.finish(engine.interrupted)
-    result.duration_s = time.monotonic() - started
     records = list(trace_records(result))
     for rec in records:
         if rec["type"] == "host" and rec["error"]:
@@ -187,7 +185,7 @@ def _write_document(path: Path, events: list[dict], records: list[dict]) -> None
     doc = {
         "type": "trace",
         "hosts": [r for r in records if r["type"] == "host"],
-        "events": [{**e, "type": "event", "kind": e["type"]} for e in events],
+        "events": [event_record(e) for e in events],
         "flows": [r for r in records if r["type"] == "flow"],
         "warnings": [r for r in records if r["type"] == "warning"],
         "summary": next(r for r in records if r["type"] == "summary"),

@@ -80,8 +80,12 @@ class StatusView:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End the live block early (e.g. once tracing starts and events take the screen)."""
         if self.live is not None:
-            self.live.__exit__(*exc)
+            self.live.stop()
             self.live = None
 
     def set(self, host: str, state: str) -> None:

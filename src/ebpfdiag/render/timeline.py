@@ -13,7 +13,7 @@ from rich.text import Text
 
 from ebpfdiag.correlate import Flow, Hop, flag_names
 from ebpfdiag.render.terminal import host_colour
-from ebpfdiag.tracing import HostTrace, TraceResult
+from ebpfdiag.tracing import RST, HostTrace, TraceResult
 
 
 def _tuple(rec: dict) -> str:
@@ -36,6 +36,11 @@ def live_line(rec: dict, t0_ns: int | None) -> Text:
         line.append(_tuple(rec) + " ")
         line.append(f"reason={rec.get('reason') or '-'} state={rec.get('state') or '-'}")
     return line
+
+
+def event_record(rec: dict) -> dict:
+    """A host's packet/reset record as the controller's ``event`` record."""
+    return {**rec, "type": "event", "kind": rec["type"]}
 
 
 def host_record(ht: HostTrace, clock: dict | None) -> dict:
@@ -87,7 +92,7 @@ def _hop_row(ev, start: int) -> list:
     rel = f"{(ev.ts - start) / 1e6:9.3f}"
     host = Text(ev.host, style=host_colour(ev.host))
     if isinstance(ev, Hop):
-        flags = Text(flag_names(ev.flags), style="bold red" if ev.flags & 0x04 else "")
+        flags = Text(flag_names(ev.flags), style="bold red" if ev.flags & RST else "")
         note = []
         if ev.nat:
             note.append("after NAT")
