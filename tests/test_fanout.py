@@ -372,3 +372,49 @@ def test_a_changed_host_key_is_refused_even_with_accept_new(inventory, tmp_path)
     host = [x for x in records(r.stdout) if x["type"] == "host"][0]
     assert r.returncode == 1 and host["error_kind"] == "host-key-changed"
     assert "ssh-keygen -R" in host["error"]
+
+
+def test_a_too_old_remote_python_is_a_clear_host_error(fleet, tmp_path):
+    """An interpreter reporting 3.5 runs the bootstrap, which refuses it by name."""
+    old_python = tmp_path / "python3.5"
+    old_python.write_text(
+        "#!/bin/sh\n"
+        "shift\n"  # -c
+        'exec /usr/bin/python3 -c "import sys; sys.version_info = (3, 5, 9); '
+        'sys.version = \'3.5.9\'; exec(sys.argv[1])" "$@"\n'
+    )
+    old_python.chmod(0o755)
+    tmp_path.chmod(0o755)
+    inv = yaml.safe_load(fleet.inventory.read_text())
+    inv["hosts"]["h01"]["python"] = str(old_python)
+    path = tmp_path / "inventory.yaml"
+    path.write_text(yaml.safe_dump(inv))
+    r = run_json(script_file(tmp_path, "print('hi')\n"), path, "h01,h02")
+    by_host = {x["host"]: x for x in records(r.stdout) if x["type"] == "host"}
+    assert r.returncode == 1
+    assert by_host["h01"]["error_kind"] == "python" and "3.5.9" in by_host["h01"]["error"]
+    assert by_host["h02"]["status"] == "ok"
+
+
+def test_ssh_config_and_its_known_hosts_are_honoured(fleet, tmp_path):
+    """An inventory host named only by an ~/.ssh/config alias: HostName, User, IdentityFile
+    and UserKnownHostsFile come from the config, as with OpenSSH."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    h03 = fleet.host("h03")
+    (home / ".ssh" / "config").write_text(
+        "Host fleet-three\n"
+        f"  HostName {h03.address}\n"
+        f"  User {fleet.user}\n"
+        f"  IdentityFile {fleet.client_key}\n"
+        f"  UserKnownHostsFile {fleet.known_hosts}\n"
+    )
+    inv = tmp_path / "inventory.yaml"
+    inv.write_text("hosts:\n  three: {address: fleet-three, python: /usr/bin/python3}\n")
+    r = cli(
+        "run-script", str(script_file(tmp_path, ADDR_SCRIPT)), "-i", str(inv), "--hosts",
+        "three", "--json", "--", fleet.gateway,
+        env={**os.environ, "HOME": str(home), "SSH_AUTH_SOCK": ""},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"addr {h03.address}" in [x.get("text") for x in records(r.stdout)]

@@ -397,6 +397,8 @@ class Lab:
         sh("ip", "-n", self.b, "link", "add", self.x1, "type", "veth", "peer", "name", self.x2)
         sh("ip", "-n", self.a, "addr", "add", "198.18.250.1/24", "dev", self.va)
         sh("ip", "-n", self.b, "addr", "add", "198.18.250.2/24", "dev", self.vb)
+        sh("ip", "-n", self.a, "addr", "add", "2001:db8:250::1/64", "dev", self.va, "nodad")
+        sh("ip", "-n", self.b, "addr", "add", "2001:db8:250::2/64", "dev", self.vb, "nodad")
         for ns, links in ((self.a, ("lo", self.va)), (self.b, ("lo", self.vb, self.x1, self.x2))):
             for link in links:
                 sh("ip", "-n", ns, "link", "set", link, "up")
@@ -693,6 +695,42 @@ def test_sighup_and_count_leave_no_filters_on_the_clsact_path(lab):
     assert run.records[-1] == {"type": "bye", "reason": "count"}
     assert [r["sport"] for r in run.of("reset")] == [85]
     assert lab.tc_state() == before  # ... and removed again
+    assert still_loaded(run.prog_ids) == set()
+
+
+CONNECT6 = """
+import socket, sys
+s = socket.socket(socket.AF_INET6)
+s.settimeout(5)
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+except ConnectionRefusedError:
+    print("refused")
+"""
+
+
+@pytest.mark.root
+def test_ipv6_reset_packets_and_kernel_view(lab):
+    run = start(lab, "--port", "86", "--interfaces", lab.vb)
+    assert in_ns(lab.a, CONNECT6, "2001:db8:250::2", "86").stdout.strip() == "refused"
+    assert run.read_until(lambda r: r["type"] == "reset" and r["sport"] == 86, 10)
+    run.proc.send_signal(signal.SIGTERM)
+    code, err = run.finish()
+    assert code == 0, err
+    [reset] = [r for r in run.of("reset") if r["probe"] == "tcp_send_reset"]
+    assert (reset["family"], reset["saddr"], reset["daddr"]) == (
+        6,
+        "2001:db8:250::2",
+        "2001:db8:250::1",
+    )
+    assert reset["reason"] == "NO_SOCKET"
+    packets = [p for p in run.of("packet") if 86 in (p["sport"], p["dport"])]
+    assert [(p["family"], p["why"], p["dir"]) for p in packets] == [
+        (6, "handshake", "ingress"), (6, "rst", "egress")
+    ]  # fmt: skip
+    syn, rst = packets
+    assert (syn["saddr"], syn["daddr"]) == ("2001:db8:250::1", "2001:db8:250::2")
+    assert rst["ack"] == (syn["seq"] + 1) % 2**32 and rst["ipid"] == 0
     assert still_loaded(run.prog_ids) == set()
 
 

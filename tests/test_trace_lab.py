@@ -127,9 +127,12 @@ def assert_clean(lab) -> None:
 
 
 @pytest.mark.parametrize("name", ["rst-no-listener", "rst-abort", "rst-lb-reject"])
-def test_scenario_reset_is_traced_to_its_origin(lab, name):
+def test_scenario_reset_is_traced_to_its_origin(lab, name, tmp_path):
     spec = SCENARIOS[name]
-    proc = start_trace(lab, spec.port, "--count", "1", "--duration", "20s")
+    document = tmp_path / "trace.json"
+    proc = start_trace(
+        lab, spec.port, "--count", "1", "--duration", "20s", "--output", str(document)
+    )
     result = run_scenario(name, lab)
     assert result.reproduced, result.summary()
     recs = finish(proc)
@@ -147,6 +150,11 @@ def test_scenario_reset_is_traced_to_its_origin(lab, name):
     assert all(h["status"] == "ok" and h["ready"] and h["lost"] == 0 for h in hosts.values())
     summary = recs[-1]
     assert summary["type"] == "summary"
+    assert summary["duration_s"] < 15  # --count 1 ended it, not the 20 s --duration
+    doc = json.loads(document.read_text())
+    assert doc["type"] == "trace" and doc["summary"] == summary and doc["flows"] == flows
+    assert doc["events"] == [r for r in recs if r["type"] == "event"]
+    assert [h["host"] for h in doc["hosts"]] == ["client", "lb", "server"]
     assert summary["resets"] == [
         {"origin_host": expected.host, "origin_kind": expected.kind,
          "reason": expected.reason, "count": 1}

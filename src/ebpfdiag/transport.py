@@ -106,8 +106,32 @@ def remote_command(host: Host, script: Script, use_sudo: bool, with_password: bo
     return " ".join(shlex.quote(a) for a in argv)
 
 
+@functools.cache
+def _known_hosts_files(host: Host) -> tuple[Path, ...]:
+    """Where this host's keys are trusted from, as OpenSSH decides: the inventory's file,
+    else ~/.ssh/config's UserKnownHostsFile for the host, else ~/.ssh/known_hosts."""
+    if host.known_hosts:
+        return (Path(os.path.expanduser(host.known_hosts)),)
+    config = Path("~/.ssh/config").expanduser()
+    if config.is_file():
+        try:
+            files = asyncssh.SSHClientConnectionOptions(
+                config=[str(config)], host=host.address
+            ).known_hosts
+        except (OSError, ValueError, asyncssh.Error):
+            files = None
+        if files:
+            return tuple(Path(os.path.expanduser(f)) for f in files)
+    return (Path("~/.ssh/known_hosts").expanduser(),)
+
+
 def _known_hosts_path(host: Host) -> Path:
-    return Path(os.path.expanduser(host.known_hosts or "~/.ssh/known_hosts"))
+    """The file named in messages, and where --accept-new-host-keys records a key."""
+    return _known_hosts_files(host)[0]
+
+
+def _existing_known_hosts(host: Host) -> list[str]:
+    return [str(p) for p in _known_hosts_files(host) if p.exists()]
 
 
 def _host_key_entry_name(host: Host) -> str:
@@ -116,12 +140,12 @@ def _host_key_entry_name(host: Host) -> str:
 
 
 def _has_known_key(host: Host) -> bool:
-    path = _known_hosts_path(host)
-    if not path.exists():
+    files = _existing_known_hosts(host)
+    if not files:
         return False
     try:
         trusted, ca, *_ = asyncssh.match_known_hosts(
-            str(path), host.address, host.address, host.port or 22
+            files, host.address, host.address, host.port or 22
         )
     except (OSError, ValueError, asyncssh.Error):
         return False
@@ -174,12 +198,12 @@ _RETRYABLE = (asyncssh.ConnectionLost, ConnectionResetError, BrokenPipeError, EO
 async def connect(host: Host, opts: SSHOptions, jumps: JumpPool) -> asyncssh.SSHClientConnection:
     """Open a connection, retrying when sshd drops it during key exchange (MaxStartups)."""
     accept_new = opts.accept_new_host_keys and not _has_known_key(host)
-    known_path = _known_hosts_path(host)
+    known_files = _existing_known_hosts(host)
     if accept_new:
         known_hosts = None
-    elif known_path.exists():
-        known_hosts = str(known_path)
-    else:  # no file yet: nothing is trusted (asyncssh would fail on the missing file)
+    elif known_files:
+        known_hosts = known_files
+    else:  # no file yet: nothing is trusted (asyncssh would fail on a missing file)
         known_hosts = asyncssh.import_known_hosts("")
     kwargs: dict = {
         "host": host.address,
