@@ -566,6 +566,19 @@ def start(lab, *args):
     return run
 
 
+def exchange(lab, server_code: str, port: str, how: str) -> str:
+    """One connection from a to a one-shot server in b; what the client saw."""
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", lab.b, SYSTEM_PYTHON, "-c", server_code, "198.18.250.2", port],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert server.stdout.readline().strip() == "listening"
+    seen = in_ns(lab.a, SEND_CLIENT, "198.18.250.2", port, how).stdout.strip()
+    server.wait(timeout=10)
+    return seen
+
+
 def tcx_needed():
     require(tcp_rst.kernel_has_tcx(), "needs a kernel with tcx (Linux 6.6+)")
     require(tcp_rst.bpf_syscall_number() is not None, "needs a known bpf syscall number")
@@ -595,23 +608,9 @@ def test_resets_packets_history_and_cleanup_on_sigterm(lab, mode, kind, all_flow
     # (a) SYN to a port nobody listens on, from a: b answers with a RST.
     assert in_ns(lab.a, CONNECT, "198.18.250.2", "81").stdout.strip() == "refused"
     # (b) a server in b aborts with SO_LINGER 0 after reading 5 bytes.
-    server = subprocess.Popen(
-        ["ip", "netns", "exec", lab.b, SYSTEM_PYTHON, "-c", ABORT_SERVER, "198.18.250.2", "8080"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert server.stdout.readline().strip() == "listening"
-    assert in_ns(lab.a, SEND_CLIENT, "198.18.250.2", "8080", "abort").stdout.strip() == "reset"
-    server.wait(timeout=10)
+    assert exchange(lab, ABORT_SERVER, "8080", "abort") == "reset"
     # (c) a normal connection that ends with FINs.
-    server = subprocess.Popen(
-        ["ip", "netns", "exec", lab.b, SYSTEM_PYTHON, "-c", NORMAL_SERVER, "198.18.250.2", "8081"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert server.stdout.readline().strip() == "listening"
-    assert in_ns(lab.a, SEND_CLIENT, "198.18.250.2", "8081", "close").stdout.strip() == "closed"
-    server.wait(timeout=10)
+    assert exchange(lab, NORMAL_SERVER, "8081", "close") == "closed"
     # (d) resets that happen in namespace a: must not show up in b's stream.
     assert in_ns(lab.a, CONNECT, "127.0.0.1", "82").stdout.strip() == "refused"
     assert in_ns(lab.b, CONNECT, "198.18.250.1", "83").stdout.strip() == "refused"
