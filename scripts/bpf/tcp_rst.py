@@ -764,7 +764,7 @@ C_TUPLE = r"""
 #define OFF_SKB_TH %(skb_th)d
 #define OFF_SKC_FAMILY %(skc_family)d
 #define OFF_SKC_STATE %(skc_state)d
-#define OFF_SKC_NUM %(skc_num)d
+#define OFF_INET_SPORT %(inet_sport)d
 #define OFF_SKC_DPORT %(skc_dport)d
 #define OFF_SKC_RCV_SADDR %(skc_rcv_saddr)d
 #define OFF_SKC_DADDR %(skc_daddr)d
@@ -839,11 +839,11 @@ static __always_inline int tuple_from_skb(struct reset_event *e, __u64 skb)
 /* An active reset (no trigger): the connected socket's own tuple and send position. */
 static __always_inline int tuple_from_socket(struct reset_event *e, __u64 sk)
 {
-	__u16 family = 0, num = 0, dport = 0;
+	__u16 family = 0, sport = 0, dport = 0;
 	__u8 state = 0;
 	if (bpf_probe_read_kernel(&family, sizeof(family), (void *)(sk + OFF_SKC_FAMILY)) ||
 		bpf_probe_read_kernel(&state, sizeof(state), (void *)(sk + OFF_SKC_STATE)) ||
-		bpf_probe_read_kernel(&num, sizeof(num), (void *)(sk + OFF_SKC_NUM)) ||
+		bpf_probe_read_kernel(&sport, sizeof(sport), (void *)(sk + OFF_INET_SPORT)) ||
 		bpf_probe_read_kernel(&dport, sizeof(dport), (void *)(sk + OFF_SKC_DPORT)))
 		return 0;
 	if (state == 6 || state == 10 || state == 12)
@@ -864,7 +864,7 @@ static __always_inline int tuple_from_socket(struct reset_event *e, __u64 sk)
 	}
 	__builtin_memcpy(e->saddr, saddr, 16);
 	__builtin_memcpy(e->daddr, daddr, 16);
-	e->sport = num;
+	e->sport = EBD_HTONS(sport);   /* inet_sport: skc_num is 0 once the port is put */
 	e->dport = EBD_HTONS(dport);
 	__u32 snd = 0, rcv = 0;
 	if (!bpf_probe_read_kernel(&snd, sizeof(snd), (void *)(sk + OFF_TP_SND_NXT)) &&
@@ -1142,7 +1142,7 @@ TUPLE_PATHS = {
     "skb_th": ("sk_buff", ("transport_header",), 2),
     "skc_family": ("sock_common", ("skc_family",), 2),
     "skc_state": ("sock_common", ("skc_state",), 1),
-    "skc_num": ("sock_common", ("skc_num",), 2),
+    "inet_sport": ("inet_sock", ("inet_sport",), 2),
     "skc_dport": ("sock_common", ("skc_dport",), 2),
     "skc_rcv_saddr": ("sock_common", ("skc_rcv_saddr",), 4),
     "skc_daddr": ("sock_common", ("skc_daddr",), 4),
