@@ -971,6 +971,7 @@ static __always_inline void kp_sock_addrs(struct reset_event *e, struct sock *sk
 {
 	struct sock_common c = {};
 	bpf_probe_read_kernel(&c, sizeof(c), sk);
+	e->src = 2;
 	e->state = c.skc_state;
 	e->sport = c.skc_num;
 	e->dport = EBD_HTONS(c.skc_dport);
@@ -1007,6 +1008,7 @@ static __always_inline int kp_send_reset(struct pt_regs *ctx, struct sock *sk,
 		bpf_probe_read_kernel(&nh, sizeof(nh), &skb->network_header);
 		bpf_probe_read_kernel(&th, sizeof(th), &skb->transport_header);
 		bpf_probe_read_kernel(ports, sizeof(ports), head + th);
+		e.src = 1;
 		e.family = family;
 		e.sport = EBD_HTONS(ports[1]);
 		e.dport = EBD_HTONS(ports[0]);
