@@ -335,6 +335,34 @@ def test_btf_offsets_match_bpftool():
     assert found["sk_net"] == member_bits("sock_common", "skc_net") // 8
     assert found["dev_net"] == member_bits("net_device", "nd_net") // 8
     assert found["net_inum"] == (member_bits("net", "ns") + member_bits("ns_common", "inum")) // 8
+    # Members inside anonymous unions/structs (sk_buff's headers group, sock_common's
+    # address pairs): follow '(anon)' members through the type ids.
+    types, by_name, current = {}, {}, None
+    for line in dump.splitlines():
+        head = re.match(r"\[(\d+)\] (STRUCT|UNION) '([^']*)'", line)
+        if head:
+            current = types.setdefault(int(head[1]), [])
+            by_name.setdefault(head[3], int(head[1]))
+        elif line.startswith("["):
+            current = None
+        elif current is not None:
+            m = re.match(r"\t'([^']*)' type_id=(\d+) bits_offset=(\d+)", line)
+            current.append((m[1], int(m[2]), int(m[3])))
+
+    def deep_bits(tid, member):
+        for name, child, bits in types.get(tid, ()):
+            if name == member:
+                return bits
+            if name == "(anon)" and child in types:
+                found = deep_bits(child, member)
+                if found is not None:
+                    return bits + found
+        return None
+
+    (_, _), (tuples, why) = tcp_rst.btf_offsets()
+    assert tuples is not None, why
+    for key, (struct_name, path, _size) in tcp_rst.TUPLE_PATHS.items():
+        assert tuples[key] * 8 == deep_bits(by_name[struct_name], path[-1]), key
 
 
 # ------------------------------------------------------------------ system python, no root
@@ -831,6 +859,10 @@ def test_ipv6_reset_packets_and_kernel_view(lab):
     syn, rst = packets
     assert (syn["saddr"], syn["daddr"]) == ("2001:db8:250::1", "2001:db8:250::2")
     assert rst["ack"] == (syn["seq"] + 1) % 2**32 and rst["ipid"] == 0
+    # the record names the RST it sent: read from the SYN's IPv6 and TCP headers
+    assert reset["tuple_from"] == "skb"
+    tup = ("saddr", "sport", "daddr", "dport", "seq", "ack")
+    assert [reset[k] for k in tup] == [rst[k] for k in tup]
     assert still_loaded(run.prog_ids) == set()
 
 
