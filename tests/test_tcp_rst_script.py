@@ -787,9 +787,12 @@ def test_resets_packets_history_and_cleanup_on_sigterm(lab, mode, kind, all_flow
     assert [p["flags"] for p in flow[:rst_at] if p["why"] == "handshake"] == [2, 0x12]
 
     # (c) the normal connection: no RST, no reset record; its handshake and FINs are
-    # streamed only with --all-flows (else they stay in the kernel, waiting for a RST).
+    # streamed only with --all-flows (else they stay in the kernel, waiting for a RST, and
+    # come out at the end as kept, with the rest of its history).
     normal = [p for p in packets if 8081 in (p["sport"], p["dport"])]
-    assert {p["why"] for p in normal} == ({"handshake", "close"} if all_flows else set())
+    assert {p["why"] for p in normal} == ({"handshake", "close", "kept"} if all_flows else {"kept"})
+    kept_flags = [p["flags"] for p in normal if p["why"] == "kept"]
+    assert (kept_flags[:2] == [2, 0x12]) != all_flows
     assert not [r for r in resets if 8081 in (r["sport"], r["dport"])]
     # (d) nothing from namespace a.
     assert all(r["netns"] == hello["netns"] for r in resets)
@@ -1099,7 +1102,7 @@ def test_every_reset_kind_names_its_rst_packet(rlab):
         9102: ("skb", "listener", "TCP_LISTEN", "TCP_FLAGS"),
         9103: ("skb", "request", "TCP_LISTEN", "INVALID_SYN"),
         9104: ("skb", "timewait", "TCP_TIME_WAIT", "TCP_TIMEWAIT_SOCKET"),
-        9105: ("socket", "full", "TCP_CLOSE", None),
+        9105: ("socket", "full", "TCP_CLOSE", "TCP_STATE"),
     }
     tup = ("saddr", "sport", "daddr", "dport", "seq", "ack")
     for port, (tuple_from, kind, state, reason) in expect.items():
