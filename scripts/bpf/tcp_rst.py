@@ -8,6 +8,12 @@ the kernel's own view of each reset through the tcp:tcp_send_reset / tcp:tcp_rec
 tracepoints (reason, socket state, current task). The tracepoint context is built from the
 live format file, never from kernel headers, so it works across kernel versions.
 
+Each tcp_send_reset record names the RST it sent: its 4-tuple, seq and ack are read from
+the packet that triggered it (headers via BTF offsets, reversed) or, for an active reset,
+from the socket; never a listener's wildcard addresses. When the run stops, every probe
+is detached first, then the packets the kernel still keeps per flow (flows without a RST)
+are emitted once with why "kept", then a `kept` summary, then `bye`.
+
 Parameters:
   --port PORT[,PORT]      only flows with this port on either side; repeatable
   --addr ADDR[,ADDR]      only flows with this IPv4/IPv6 address on either side; repeatable
@@ -51,21 +57,17 @@ Fields:
   packet.ttl            int    IPv4 TTL or IPv6 hop limit
   packet.len            int    TCP payload bytes
   packet.win            int    TCP window field (unscaled)
-  packet.why            str    rst, handshake, close, history (a packet before the RST) or
-                               kept (emitted at the end: kept in the kernel, no RST came)
+  packet.why            str    rst, handshake, close, history (before the RST), kept (at the end)
   reset.ts_ns           int    host CLOCK_MONOTONIC ns
   reset.probe           str    tcp_send_reset or tcp_receive_reset
   reset.family          int    4 or 6
-  reset.saddr           str    local address (the side sending or receiving the RST); null
-                               when unknown (never a wildcard)
+  reset.saddr           str    local address (sending/receiving the RST), null when unknown
   reset.daddr           str    remote address, null when unknown
   reset.sport           int    local port, null when unknown
   reset.dport           int    remote port, null when unknown
   reset.seq             int    the RST's sequence number (tcp_send_reset), null when unknown
-  reset.ack             int    the RST's acknowledgement field (0 when it carries no ACK),
-                               null when unknown
-  reset.tuple_from      str    where the 4-tuple comes from: skb (the packet that triggered
-                               the RST, reversed), socket, tracepoint, or null (unknown)
+  reset.ack             int    the RST's ack field (0 when it has no ACK), null when unknown
+  reset.tuple_from      str    4-tuple from: skb (trigger, reversed), socket, tracepoint, null
   reset.sk_kind         str    full, request, timewait, listener, or null (no socket/unknown)
   reset.state           str    socket state name, null without a socket
   reset.state_num       int    socket state number (Linux TCP states 1-12), null without one
