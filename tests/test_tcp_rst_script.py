@@ -5,6 +5,7 @@ script under the system python inside the listener side, make resets happen and 
 records, and check that every exit leaves TC and BPF exactly as they were.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "bpf" / "tcp_rst.py"
 FORMATS = Path(__file__).resolve().parent / "fixtures" / "tracepoint_formats"
 SYSTEM_PYTHON = "/usr/bin/python3"
+BOOTSTRAP = ROOT / "src" / "ebpfdiag" / "remote" / "bootstrap.py"
 
 
 tcp_rst = load_tcp_rst()
@@ -103,6 +105,91 @@ def test_unknown_types_become_char_arrays_and_gaps_are_padded():
     assert re.search(r"char __pad\d+\[2\];", receive)
 
 
+# reset_event.src, tflags, has_seq, tseq, tack, tlen: the tracepoint's own tuple, no seq
+NO_TUPLE_INFO = (0, 0, 0, 0, 0, 0)
+
+
+def reset_event(saddr, daddr, sport, dport, *, state=0, src=0, tflags=0, has_seq=0,
+                tseq=0, tack=0, tlen=0, family=4, probe=1):  # fmt: skip
+    return struct.pack(
+        tcp_rst.RESET_FMT, 1, 0, 1, state, 1, probe, family, sport, dport,
+        bytes(saddr).ljust(16, b"\0"), bytes(daddr).ljust(16, b"\0"), b"x".ljust(16, b"\0"),
+        src, tflags, has_seq, tseq, tack, tlen,
+    )  # fmt: skip
+
+
+def test_reset_from_the_trigger_packet_is_the_reversed_tuple_with_rfc793_seq():
+    # The trigger (an ACK, seq 1000, ack 5000) is reversed already by the kernel program;
+    # its RST takes seq from the trigger's ack and carries no ACK (ack field 0).
+    raw = reset_event([198, 18, 200, 2], [198, 18, 200, 1], 80, 40001, state=10, src=1,
+                      tflags=0x10, has_seq=1, tseq=1000, tack=5000)  # fmt: skip
+    record = tcp_rst.decode_reset(raw, {})
+    assert (record["saddr"], record["sport"], record["daddr"], record["dport"]) == (
+        "198.18.200.2", 80, "198.18.200.1", 40001
+    )  # fmt: skip
+    assert (record["seq"], record["ack"], record["tuple_from"]) == (5000, 0, "skb")
+    assert record["sk_kind"] == "listener"
+    # No ACK in the trigger: seq 0, ack = seq + SYN + FIN + payload (mod 2**32).
+    raw = reset_event([198, 18, 200, 2], [198, 18, 200, 1], 80, 40001, state=10, src=1,
+                      tflags=0x03, has_seq=1, tseq=2**32 - 1, tlen=5)  # fmt: skip
+    record = tcp_rst.decode_reset(raw, {})
+    assert (record["seq"], record["ack"]) == (0, 6)
+    # a listener answering a SYN with a RST is a request socket's embryonic reset
+    assert record["sk_kind"] == "request"
+
+
+def test_socket_reset_seq_and_sk_kinds():
+    raw = reset_event([10, 0, 0, 1], [10, 0, 0, 2], 8080, 50000, state=7, src=2,
+                      has_seq=1, tseq=77, tack=88)  # fmt: skip
+    record = tcp_rst.decode_reset(raw, {})
+    assert (record["seq"], record["ack"], record["tuple_from"]) == (77, 88, "socket")
+    assert record["sk_kind"] == "full" and record["state"] == "TCP_CLOSE"
+    kinds = {
+        state: tcp_rst.decode_reset(
+            reset_event([10, 0, 0, 1], [10, 0, 0, 2], 1, 2, state=state), {}
+        )["sk_kind"]  # fmt: skip
+        for state in (0, 1, 6, 10, 12)
+    }
+    assert kinds == {0: None, 1: "full", 6: "timewait", 10: "listener", 12: "request"}
+    receive = tcp_rst.decode_reset(reset_event([10, 0, 0, 1], [10, 0, 0, 2], 1, 2, probe=2), {})
+    assert receive["sk_kind"] == "full" and receive["seq"] is None
+    assert receive["tuple_from"] == "tracepoint"
+
+
+def test_wildcard_tuples_are_never_reported():
+    """6.18 records a listener's own addresses (0.0.0.0:PORT > 0.0.0.0:0) when the
+    packet could not be read: the record says it does not know."""
+    raw = reset_event([0, 0, 0, 0], [0, 0, 0, 0], 80, 0, state=10)
+    record = tcp_rst.decode_reset(raw, {})
+    assert [record[k] for k in ("saddr", "daddr", "sport", "dport", "tuple_from")] == [None] * 5
+    assert (record["seq"], record["ack"], record["sk_kind"]) == (None, None, "listener")
+    v6 = reset_event(bytes(16), bytes(16), 80, 0, family=6, state=10)
+    assert tcp_rst.decode_reset(v6, {})["saddr"] is None
+
+
+def test_kept_flow_entry_decodes_in_time_order():
+    key = struct.pack(
+        tcp_rst.FLOW_FMT,
+        bytes([198, 18, 200, 1]) + bytes(12),
+        bytes([198, 18, 200, 2]) + bytes(12),
+        40000,
+        80,
+        4,
+    )
+    head = struct.pack(tcp_rst.HIST_HEAD_FMT, 1, 1, 0b11, 0)
+    syn_ack, syn = pkt(2, 20, 0, flags=0x12), pkt(1, 10, 1, flags=0x02)
+    ring = [pkt(3, 11, 1), bytes(tcp_rst.PKT_SIZE)]
+    records = tcp_rst.decode_kept(key + head + syn_ack + syn + b"".join(ring), {2: "eth0"})
+    assert [(r["ts_ns"], r["flags"], r["why"]) for r in records] == [
+        (1, 0x02, "kept"), (2, 0x12, "kept"), (3, 16, "kept")
+    ]  # fmt: skip
+    assert (records[0]["saddr"], records[0]["dport"], records[0]["ifname"]) == (
+        "198.18.200.1", 80, "eth0"
+    )  # fmt: skip
+    empty = struct.pack(tcp_rst.HIST_HEAD_FMT, 0, 0, 0, 0) + bytes(4 * tcp_rst.PKT_SIZE)
+    assert tcp_rst.decode_kept(key + empty, {}) == []
+
+
 def test_reason_names_follow_the_file(tmp_path):
     text = (FORMATS / "6.18" / "tcp_send_reset").read_text()
     text = text.replace('{ 1, "NO_SOCKET" }', '{ 1, "NO_LISTENER_HERE" }')
@@ -121,6 +208,7 @@ def test_reason_names_follow_the_file(tmp_path):
         bytes([198, 18, 250, 2]) + bytes(12),
         bytes([198, 18, 250, 1]) + bytes(12),
         b"python3".ljust(16, b"\0"),
+        *NO_TUPLE_INFO,
     )
     record = tcp_rst.decode_reset(raw, {"tcp_send_reset": fmt["symbols"]})
     assert record["reason"] == "NO_LISTENER_HERE"
@@ -147,6 +235,7 @@ def test_legacy_reset_unmaps_v4_addresses_and_has_no_reason():
         mapped + bytes([10, 0, 0, 1]),
         mapped + bytes([10, 0, 0, 2]),
         b"curl".ljust(16, b"\0"),
+        *NO_TUPLE_INFO,
     )
     record = tcp_rst.decode_reset(raw, {})
     assert record["probe"] == "tcp_receive_reset"
@@ -246,6 +335,34 @@ def test_btf_offsets_match_bpftool():
     assert found["sk_net"] == member_bits("sock_common", "skc_net") // 8
     assert found["dev_net"] == member_bits("net_device", "nd_net") // 8
     assert found["net_inum"] == (member_bits("net", "ns") + member_bits("ns_common", "inum")) // 8
+    # Members inside anonymous unions/structs (sk_buff's headers group, sock_common's
+    # address pairs): follow '(anon)' members through the type ids.
+    types, by_name, current = {}, {}, None
+    for line in dump.splitlines():
+        head = re.match(r"\[(\d+)\] (STRUCT|UNION) '([^']*)'", line)
+        if head:
+            current = types.setdefault(int(head[1]), [])
+            by_name.setdefault(head[3], int(head[1]))
+        elif line.startswith("["):
+            current = None
+        elif current is not None:
+            m = re.match(r"\t'([^']*)' type_id=(\d+) bits_offset=(\d+)", line)
+            current.append((m[1], int(m[2]), int(m[3])))
+
+    def deep_bits(tid, member):
+        for name, child, bits in types.get(tid, ()):
+            if name == member:
+                return bits
+            if name == "(anon)" and child in types:
+                found = deep_bits(child, member)
+                if found is not None:
+                    return bits + found
+        return None
+
+    (_, _), (tuples, why) = tcp_rst.btf_offsets()
+    assert tuples is not None, why
+    for key, (struct_name, path, _size) in tcp_rst.TUPLE_PATHS.items():
+        assert tuples[key] * 8 == deep_bits(by_name[struct_name], path[-1]), key
 
 
 # ------------------------------------------------------------------ system python, no root
@@ -480,13 +597,22 @@ def _stop_runs():
 class Run:
     """tcp_rst running inside namespace b; records are read as they come."""
 
-    def __init__(self, lab, *args):
+    def __init__(self, lab, *args, bootstrap=False):
+        """With `bootstrap`, run it the way the controller does: through the remote
+        bootstrap, the script sent on stdin, stdin kept open (its EOF stops the run)."""
+        head = [SYSTEM_PYTHON, "-c", BOOTSTRAP.read_text()] if bootstrap else [SYSTEM_PYTHON]
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", lab.b, SYSTEM_PYTHON, str(SCRIPT), *args],
+            ["ip", "netns", "exec", lab.b, *head, *([] if bootstrap else [str(SCRIPT)]), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if bootstrap else subprocess.DEVNULL,
         )
+        if bootstrap:
+            src = SCRIPT.read_bytes()
+            digest = hashlib.sha256(src).hexdigest()
+            self.proc.stdin.write(b"EBPFDIAG1 %d %s tcp_rst.py\n" % (len(src), digest.encode()))
+            self.proc.stdin.write(src)
+            self.proc.stdin.flush()
         LIVE_RUNS.append(self)
         self.records = []
         self._buf = b""
@@ -512,6 +638,9 @@ class Run:
 
     def finish(self, deadline_s=15):
         """Wait for exit (a functional deadline) and collect the remaining records."""
+        if self.proc.stdin:
+            self.proc.stdin.close()
+            self.proc.stdin = None
         out, err = self.proc.communicate(timeout=deadline_s)
         self.records.extend(json.loads(line) for line in (self._buf + out).splitlines() if line)
         self._buf = b""
@@ -658,9 +787,12 @@ def test_resets_packets_history_and_cleanup_on_sigterm(lab, mode, kind, all_flow
     assert [p["flags"] for p in flow[:rst_at] if p["why"] == "handshake"] == [2, 0x12]
 
     # (c) the normal connection: no RST, no reset record; its handshake and FINs are
-    # streamed only with --all-flows (else they stay in the kernel, waiting for a RST).
+    # streamed only with --all-flows (else they stay in the kernel, waiting for a RST, and
+    # come out at the end as kept, with the rest of its history).
     normal = [p for p in packets if 8081 in (p["sport"], p["dport"])]
-    assert {p["why"] for p in normal} == ({"handshake", "close"} if all_flows else set())
+    assert {p["why"] for p in normal} == ({"handshake", "close", "kept"} if all_flows else {"kept"})
+    kept_flags = [p["flags"] for p in normal if p["why"] == "kept"]
+    assert (kept_flags[:2] == [2, 0x12]) != all_flows
     assert not [r for r in resets if 8081 in (r["sport"], r["dport"])]
     # (d) nothing from namespace a.
     assert all(r["netns"] == hello["netns"] for r in resets)
@@ -730,6 +862,10 @@ def test_ipv6_reset_packets_and_kernel_view(lab):
     syn, rst = packets
     assert (syn["saddr"], syn["daddr"]) == ("2001:db8:250::1", "2001:db8:250::2")
     assert rst["ack"] == (syn["seq"] + 1) % 2**32 and rst["ipid"] == 0
+    # the record names the RST it sent: read from the SYN's IPv6 and TCP headers
+    assert reset["tuple_from"] == "skb"
+    tup = ("saddr", "sport", "daddr", "dport", "seq", "ack")
+    assert [reset[k] for k in tup] == [rst[k] for k in tup]
     assert still_loaded(run.prog_ids) == set()
 
 
@@ -786,6 +922,286 @@ def test_tcx_runs_share_the_hook_and_sigkill_leaves_nothing(lab):
     assert still_loaded(first.prog_ids) == set()
     assert tcx_state(lab) == tcx_before
     assert lab.tc_state() == before
+
+
+# ------------------------------------------------- reset records tied to their RST (root)
+
+RAW_TCP = """
+import socket, struct, sys, time
+src, dst = sys.argv[1], sys.argv[2]
+
+
+def csum(data):
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+for segment in sys.argv[3:]:
+    sport, dport, flags, seq, ack = (int(x) for x in segment.split(":"))
+    hdr = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, 64240, 0, 0)
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, 20)
+    hdr = hdr[:16] + struct.pack("!H", csum(pseudo + hdr)) + hdr[18:]
+    s.sendto(hdr, (dst, 0))
+    time.sleep(0.2)
+"""
+
+LISTEN = """
+import socket, sys
+socks = []
+for port in sys.argv[2:]:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((sys.argv[1], int(port)))
+    s.listen(1024)
+    socks.append(s)
+print("listening", flush=True)
+sys.stdin.read()
+"""
+
+CLOSE_AT_ONCE = ACCEPT_ONE + "c.close()\n"
+
+TIME_WAIT_CLIENT = """
+import errno, socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+assert s.recv(10) == b""  # the server closed: FIN_WAIT2, orphaned -> a time-wait socket
+time.sleep(0.3)
+s.sendall(b"x")  # new data after its half-close: the time-wait socket answers with a RST
+time.sleep(0.3)
+# A RST in CLOSE_WAIT leaves EPIPE as the socket's error (tcp_reset), recv() still says EOF.
+print("reset" if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.EPIPE else "none")
+"""
+
+MANY_CLIENTS = """
+import socket, sys
+conns = [socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+         for _ in range(int(sys.argv[3]))]
+print("connected", flush=True)
+sys.stdin.read()
+"""
+
+
+class ResetLab:
+    """Namespaces a (198.18.200.1) and b (198.18.200.2, where tcp_rst runs) on one veth.
+
+    a drops inbound segments from the ports its raw socket talks to, so its own kernel
+    never answers b's SYN-ACKs and RSTs (a request socket in b stays alive)."""
+
+    RAW_PORTS = (9102, 9103)
+
+    def __init__(self):
+        tag = uuid.uuid4().hex[:4]
+        self.a, self.b = f"ebr-{tag}-a", f"ebr-{tag}-b"
+        self.va, self.vb = f"ebr-{tag}-va", f"ebr-{tag}-vb"
+        self.ip_a, self.ip_b = "198.18.200.1", "198.18.200.2"
+
+    def up(self):
+        sh("ip", "netns", "add", self.a)
+        sh("ip", "netns", "add", self.b)
+        sh("ip", "link", "add", self.va, "netns", self.a, "type", "veth",
+           "peer", "name", self.vb, "netns", self.b)  # fmt: skip
+        sh("ip", "-n", self.a, "addr", "add", self.ip_a + "/24", "dev", self.va)
+        sh("ip", "-n", self.b, "addr", "add", self.ip_b + "/24", "dev", self.vb)
+        for ns, dev in ((self.a, self.va), (self.b, self.vb)):
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        ports = ", ".join(str(p) for p in self.RAW_PORTS)
+        rules = (
+            "table inet ebr { chain in { type filter hook input priority 0; "
+            "tcp sport { " + ports + " } drop; }; }"
+        )
+        subprocess.run(["ip", "netns", "exec", self.a, "nft", "-f", "-"], input=rules,
+                       text=True, check=True, capture_output=True, timeout=30)  # fmt: skip
+
+    def down(self):
+        for ns in (self.a, self.b):
+            sh("ip", "netns", "del", ns, check=False)
+
+    def raw(self, *segments):
+        """Send TCP segments (sport, dport, flags, seq, ack) from a with a raw socket."""
+        args = [":".join(str(x) for x in seg) for seg in segments]
+        in_ns(self.a, RAW_TCP, self.ip_a, self.ip_b, *args)
+
+    def serve(self, code, *args):
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.b, SYSTEM_PYTHON, "-c", code, self.ip_b, *args],
+            stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert proc.stdout.readline().strip() == "listening"
+        return proc
+
+
+@pytest.fixture(scope="module")
+def rlab():
+    require(os.geteuid() == 0, "needs root")
+    require(os.path.exists(SYSTEM_PYTHON), "needs the system python3")
+    require(shutil.which("nft") is not None, "needs nft")
+    require(shutil.which("bpftool") is not None, "needs bpftool")
+    proc = subprocess.run([SYSTEM_PYTHON, "-c", "import bcc, pyroute2"], capture_output=True)
+    require(proc.returncode == 0, "needs python3-bpfcc and python3-pyroute2")
+    lab = ResetLab()
+    try:
+        lab.up()
+        yield lab
+    finally:
+        lab.down()
+
+
+def perf_attachments(pid: int) -> list:
+    """Tracepoint/kprobe attachments a process holds (bpftool perf)."""
+    return [e for e in json.loads(sh("bpftool", "-j", "perf", "show").stdout) if e["pid"] == pid]
+
+
+def stop_server(proc):
+    if proc.poll() is None:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.root
+def test_every_reset_kind_names_its_rst_packet(rlab):
+    """Each tcp_send_reset record carries the 4-tuple, seq and ack of the RST it sent,
+    as the TC hook saw that RST leave: no wildcard listener addresses, ever."""
+    ports = "9101,9102,9103,9104,9105"
+    run = start(rlab, "--port", ports, "--interfaces", rlab.vb, "--history", "8")
+    assert run.of("hello")[0]["version"] == 2
+    listener = rlab.serve(LISTEN, "9102", "9103")
+    try:
+        # no socket: a SYN to a closed port
+        assert in_ns(rlab.a, CONNECT, rlab.ip_b, "9101").stdout.strip() == "refused"
+        # listener: an ACK for a handshake the listener never saw
+        rlab.raw((40102, 9102, 0x10, 1000, 5000))
+        # request socket: a SYN makes one (NEW_SYN_RECV); an in-window SYN resets it
+        rlab.raw((40103, 9103, 0x02, 7000, 0), (40103, 9103, 0x02, 7001, 0))
+    finally:
+        stop_server(listener)
+    # time-wait: new data to a server socket that closed (orphaned FIN_WAIT2)
+    server = rlab.serve(CLOSE_AT_ONCE, "9104")
+    seen = in_ns(rlab.a, TIME_WAIT_CLIENT, rlab.ip_b, "9104").stdout.strip()
+    server.wait(timeout=10)
+    assert seen == "reset"
+    # full socket, active: SO_LINGER 0 abort
+    server = rlab.serve(ABORT_SERVER, "9105")
+    assert in_ns(rlab.a, SEND_CLIENT, rlab.ip_b, "9105", "abort").stdout.strip() == "reset"
+    server.wait(timeout=10)
+
+    for port in (9101, 9102, 9103, 9104, 9105):
+        assert run.read_until(
+            lambda r, port=port: r["type"] == "packet" and r["why"] == "rst" and r["sport"] == port,
+            10,
+        ), port
+    run.proc.send_signal(signal.SIGTERM)
+    code, err = run.finish()
+    assert code == 0, err
+    resets = [r for r in run.of("reset") if r["probe"] == "tcp_send_reset"]
+    rsts = [p for p in run.of("packet") if p["why"] == "rst"]
+    expect = {  # port: (tuple_from, sk_kind, state, reason)
+        9101: ("skb", None, None, "NO_SOCKET"),
+        9102: ("skb", "listener", "TCP_LISTEN", "TCP_FLAGS"),
+        9103: ("skb", "request", "TCP_LISTEN", "INVALID_SYN"),
+        9104: ("skb", "timewait", "TCP_TIME_WAIT", "TCP_TIMEWAIT_SOCKET"),
+        9105: ("socket", "full", "TCP_CLOSE", "TCP_STATE"),
+    }
+    tup = ("saddr", "sport", "daddr", "dport", "seq", "ack")
+    for port, (tuple_from, kind, state, reason) in expect.items():
+        mine = [r for r in resets if r["sport"] == port]
+        [rst] = [p for p in rsts if p["sport"] == port and p["dir"] == "egress"]
+        assert len(mine) == 1, (port, resets)
+        got = mine[0]
+        assert [got[k] for k in tup] == [rst[k] for k in tup], (port, got, rst)
+        assert (got["tuple_from"], got["sk_kind"], got["state"]) == (tuple_from, kind, state)
+        if reason:
+            assert got["reason"] == reason, got
+    assert not [r for r in run.of("reset") if r["saddr"] in ("0.0.0.0", "::")]
+    # the RFC 793 arithmetic on the triggers we sent
+    by_port = {r["sport"]: r for r in resets}
+    assert (by_port[9102]["seq"], by_port[9102]["ack"]) == (5000, 0)
+    assert (by_port[9103]["seq"], by_port[9103]["ack"]) == (0, 7002)
+    # Nothing flushed with a RST comes back in the end-of-run dump.
+    seen = {(p["ts_ns"], p["ifindex"], p["dir"]) for p in run.of("packet") if p["why"] != "kept"}
+    kept = [(p["ts_ns"], p["ifindex"], p["dir"]) for p in run.of("packet") if p["why"] == "kept"]
+    assert not seen & set(kept) and len(kept) == len(set(kept))
+    [summary] = run.of("kept")
+    assert summary["packets"] == len(kept)
+
+
+def kept_handshakes(run, port):
+    """Indices and flags of the kept packets of flows to `port`, plus the order checks."""
+    types = [r["type"] for r in run.records]
+    ready, bye = types.index("ready"), len(types) - 1
+    assert types[bye] == "bye" and types.count("bye") == 1
+    summary = types.index("kept")
+    kept = [(i, r) for i, r in enumerate(run.records)
+            if r["type"] == "packet" and r["why"] == "kept"]  # fmt: skip
+    assert kept and all(ready < i < summary < bye for i, _ in kept)
+    assert run.records[summary]["packets"] == len(kept)
+    return [r for _, r in kept if port in (r["sport"], r["dport"])]
+
+
+@pytest.mark.root
+def test_kept_packets_are_dumped_after_every_hook_is_gone_on_sigterm(rlab):
+    """300 open flows, no RST: on SIGTERM their handshakes come out once, as kept. The
+    dump is larger than the pipe, so the run blocks in it while we do not read: by then
+    no tcx link and no tracepoint of it may be attached any more."""
+    tcx_needed()
+    listener = rlab.serve(LISTEN, "9110")
+    run = start(rlab, "--port", "9110", "--interfaces", rlab.vb)
+    clients = subprocess.Popen(
+        ["ip", "netns", "exec", rlab.a, SYSTEM_PYTHON, "-c", MANY_CLIENTS, rlab.ip_b, "9110",
+         "300"], stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert clients.stdout.readline().strip() == "connected"
+        assert perf_attachments(run.proc.pid)
+        run.proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + 15
+        while time.monotonic() < end:
+            hooks = tcx_progs(rlab.b, rlab.vb, BPF_NR)
+            if not set(hooks["ingress"] + hooks["egress"]) & run.prog_ids:
+                break
+            time.sleep(0.2)
+        time.sleep(0.5)
+        assert run.proc.poll() is None, "the dump did not block: too small to show the order"
+        hooks = tcx_progs(rlab.b, rlab.vb, BPF_NR)
+        assert not set(hooks["ingress"] + hooks["egress"]) & run.prog_ids
+        assert perf_attachments(run.proc.pid) == []
+        code, err = run.finish()
+    finally:
+        stop_server(clients)
+        stop_server(listener)
+    assert code == 0, err
+    assert run.records[-1] == {"type": "bye", "reason": "signal"}
+    kept = kept_handshakes(run, 9110)
+    flows = {}
+    for p in kept:
+        client_port = p["sport"] if p["dport"] == 9110 else p["dport"]
+        flows.setdefault(client_port, []).append(p["flags"])
+    assert len(flows) == 300
+    assert all(flags == [0x02, 0x12, 0x10] for flags in flows.values()), flows
+    assert run.of("kept") == [{"type": "kept", "flows": 300, "packets": 900}]
+    assert still_loaded(run.prog_ids) == set()
+
+
+@pytest.mark.root
+def test_kept_packets_are_dumped_on_stdin_eof_through_the_bootstrap(rlab):
+    """The controller going away (stdin EOF at the bootstrap) still gives the dump, once."""
+    run = Run(rlab, "--port", "9111", "--interfaces", rlab.vb, bootstrap=True)
+    assert run.read_until(lambda r: r["type"] in ("ready", "bye"), 90), "no ready/bye record"
+    assert run.of("ready"), run.finish()[1]
+    run.prog_ids = run_prog_ids(run.proc.pid)
+    server = rlab.serve(NORMAL_SERVER, "9111")
+    assert in_ns(rlab.a, SEND_CLIENT, rlab.ip_b, "9111", "close").stdout.strip() == "closed"
+    server.wait(timeout=10)
+    code, err = run.finish()  # closes stdin: the bootstrap stops the script
+    assert code == 0, err
+    assert run.records[-1] == {"type": "bye", "reason": "signal"}
+    kept = kept_handshakes(run, 9111)
+    assert [p["flags"] for p in kept if p["flags"] & 0x02] == [0x02, 0x12]
+    assert not [p for p in run.of("packet") if p["why"] != "kept"]
+    assert still_loaded(run.prog_ids) == set()
+    assert tcx_progs(rlab.b, rlab.vb, BPF_NR) == {"ingress": [], "egress": []}
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@ the kernel's own view of each reset through the tcp:tcp_send_reset / tcp:tcp_rec
 tracepoints (reason, socket state, current task). The tracepoint context is built from the
 live format file, never from kernel headers, so it works across kernel versions.
 
+Each tcp_send_reset record names the RST it sent: its 4-tuple, seq and ack are read from
+the packet that triggered it (headers via BTF offsets, reversed) or, for an active reset,
+from the socket; never a listener's wildcard addresses. When the run stops, every probe
+is detached first, then the packets the kernel still keeps per flow (flows without a RST)
+are emitted once with why "kept", then a `kept` summary, then `bye`.
+
 Parameters:
   --port PORT[,PORT]      only flows with this port on either side; repeatable
   --addr ADDR[,ADDR]      only flows with this IPv4/IPv6 address on either side; repeatable
@@ -21,7 +27,7 @@ Parameters:
   --format-dir DIR        with --ebpf: read tracepoint format files from DIR
 Fields:
   hello.script          str    "tcp_rst"
-  hello.version         int    record schema version (1)
+  hello.version         int    record schema version (2)
   hello.kernel          str    kernel release
   hello.mono_ns         int    CLOCK_MONOTONIC ns, sampled together with real_ns
   hello.real_ns         int    CLOCK_REALTIME ns
@@ -51,14 +57,18 @@ Fields:
   packet.ttl            int    IPv4 TTL or IPv6 hop limit
   packet.len            int    TCP payload bytes
   packet.win            int    TCP window field (unscaled)
-  packet.why            str    rst, handshake, close or history (a packet before the RST)
+  packet.why            str    rst, handshake, close, history (before the RST), kept (at the end)
   reset.ts_ns           int    host CLOCK_MONOTONIC ns
   reset.probe           str    tcp_send_reset or tcp_receive_reset
   reset.family          int    4 or 6
-  reset.saddr           str    local address (the side sending or receiving the RST)
-  reset.daddr           str    remote address
-  reset.sport           int    local port
-  reset.dport           int    remote port
+  reset.saddr           str    local address (sending/receiving the RST), null when unknown
+  reset.daddr           str    remote address, null when unknown
+  reset.sport           int    local port, null when unknown
+  reset.dport           int    remote port, null when unknown
+  reset.seq             int    the RST's sequence number (tcp_send_reset), null when unknown
+  reset.ack             int    the RST's ack field (0 when it has no ACK), null when unknown
+  reset.tuple_from      str    4-tuple from: skb (trigger, reversed), socket, tracepoint, null
+  reset.sk_kind         str    full, request, timewait, listener, or null (no socket/unknown)
   reset.state           str    socket state name, null without a socket
   reset.state_num       int    socket state number (Linux TCP states 1-12), null without one
   reset.reason          str    kernel reset reason name, null on kernels without reasons
@@ -66,6 +76,8 @@ Fields:
   reset.pid             int    current task (meaningful in process context only)
   reset.comm            str    current task name
   reset.netns           int    network namespace inode of the event, null when unknown
+  kept.flows            int    flows whose kept packets were emitted at the end
+  kept.packets          int    packet records with why kept
   lost.count            int    events lost because a buffer overflowed
   lost.source           str    packets or resets
   bye.reason            str    duration, count, signal, eof or error
@@ -87,7 +99,7 @@ import sys
 import time
 
 SCRIPT = "tcp_rst"
-VERSION = 1
+VERSION = 2
 MAX_HISTORY = 8
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
@@ -111,7 +123,11 @@ TCP_STATES = {
 }
 SYMBOL_CONSTANTS = dict(TCP_STATES, AF_INET=2, AF_INET6=10)
 
-WHY_NAMES = {1: "rst", 2: "handshake", 3: "close", 4: "history"}
+WHY_NAMES = {1: "rst", 2: "handshake", 3: "close", 4: "history", 5: "kept"}
+WHY_KEPT = 5
+TH_FIN, TH_SYN, TH_ACK = 0x01, 0x02, 0x10
+TUPLE_FROM = {1: "skb", 2: "socket"}  # reset_event.src; 0: the tracepoint's own fields
+STATE_TIME_WAIT, STATE_LISTEN, STATE_NEW_SYN_RECV = 6, 10, 12
 DIR_NAMES = {0: "ingress", 1: "egress"}
 TC_PARENTS = (("ingress", 0xFFFFFFF2), ("egress", 0xFFFFFFF3))
 TC_PRIO_BASE = 0xEBD0  # our filters' priorities start here, skipping any already in use
@@ -135,7 +151,9 @@ FLOW_FMT = "=16s16sHHB3x"
 PKT_SIZE = struct.calcsize(PKT_FMT)
 FLOW_SIZE = struct.calcsize(FLOW_FMT)
 EVENT_HEAD_FMT = "=B3xIII"
-RESET_FMT = "=QIIiiHHHH16s16s16s"
+RESET_FMT = "=QIIiiHHHH16s16s16sBBBxIII"
+FLOW_MAP_SIZE = 16384  # entries of the kernel's per-flow LRU map (bounds the final dump)
+HIST_HEAD_FMT = "=IIII"  # struct hist after its key: head, count, hs_mask, pad
 V4_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
 
 
@@ -339,6 +357,7 @@ C_COMMON = r"""
 #define HISTORY %(history)d
 #define STREAM_ALL %(stream_all)d    /* 0: handshake and FIN wait in the map for a RST */
 #define RING_SLOTS %(slots)d
+#define FLOW_MAP_SIZE %(flow_map_size)d
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define EBD_HTONS(x) ((__u16)__builtin_bswap16(x))
 #else
@@ -370,6 +389,7 @@ struct flow_key {            /* canonical 5-tuple: (a, pa) sorts before (b, pb) 
 };
 
 struct hist {                /* the flow's last packets not otherwise reported */
+	struct flow_key key;     /* for the dump at the end (the map is keyed by its hash) */
 	__u32 head;              /* next slot to write */
 	__u32 count;
 	__u32 hs_mask;           /* bit 0: hs[0] holds the SYN, bit 1: hs[1] the SYN-ACK */
@@ -403,6 +423,13 @@ struct reset_event {
 	__u8 saddr[16];
 	__u8 daddr[16];
 	char comm[16];
+	__u8 src;                /* tuple from: 0 tracepoint fields, 1 trigger skb, 2 socket */
+	__u8 tflags;             /* skb: the trigger's TCP flags */
+	__u8 has_seq;            /* tseq/tack are valid */
+	__u8 _pad;
+	__u32 tseq;              /* skb: trigger seq; socket: snd_nxt */
+	__u32 tack;              /* skb: trigger ack_seq; socket: rcv_nxt */
+	__u32 tlen;              /* skb: trigger payload bytes */
 };
 
 struct addr_key {
@@ -438,7 +465,7 @@ BPF_HASH(addrs, struct addr_key, __u8, 64);
 /* Keyed by a 64-bit hash of the canonical 5-tuple: hashing 8 bytes instead of 40 on every
  * packet; two of 16384 live flows sharing a hash is vanishingly unlikely, and would only mix
  * their history. */
-BPF_F_TABLE("lru_hash", __u64, struct hist, flows, 16384, BPF_F_NO_COMMON_LRU);
+BPF_F_TABLE("lru_hash", __u64, struct hist, flows, FLOW_MAP_SIZE, BPF_F_NO_COMMON_LRU);
 BPF_ARRAY(hist_zero, struct hist, 1);
 BPF_PERCPU_ARRAY(scratch, struct pkt_event, 1);
 
@@ -471,7 +498,7 @@ static __always_inline __u64 flow_hash(struct flow_key *k)
 	return h ^ (h >> 31);
 }
 
-static __always_inline struct hist *flow_entry(__u64 *k)
+static __always_inline struct hist *flow_entry(__u64 *k, struct flow_key *key)
 {
 	struct hist *h = flows.lookup(k);
 	if (h)
@@ -481,12 +508,15 @@ static __always_inline struct hist *flow_entry(__u64 *k)
 	if (!z)
 		return 0;
 	flows.update(k, z);
-	return flows.lookup(k);
+	h = flows.lookup(k);
+	if (h)
+		__builtin_memcpy(&h->key, key, sizeof(*key));
+	return h;
 }
 
-static __always_inline void keep_handshake(__u64 *k, struct pkt *p)
+static __always_inline void keep_handshake(__u64 *k, struct flow_key *key, struct pkt *p)
 {
-	struct hist *h = flow_entry(k);
+	struct hist *h = flow_entry(k, key);
 	if (!h)
 		return;
 	__u32 slot = (p->flags & TH_ACK) ? 1 : 0;  /* a retransmission replaces the first */
@@ -497,11 +527,11 @@ static __always_inline void keep_handshake(__u64 *k, struct pkt *p)
 	h->hs_mask |= 1 << slot;
 }
 
-static __always_inline void remember(__u64 *k, struct pkt *p)
+static __always_inline void remember(__u64 *k, struct flow_key *key, struct pkt *p)
 {
 	if (HISTORY == 0)
 		return;
-	struct hist *h = flow_entry(k);
+	struct hist *h = flow_entry(k, key);
 	if (!h)
 		return;
 	__u32 i = h->head;
@@ -611,14 +641,14 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir, __u32 off)
 	else if (p.flags & TH_FIN)
 		why = WHY_CLOSE;
 	if (!why) {
-		remember(&fk, &p);
+		remember(&fk, &k, &p);
 		return TC_ACT_UNSPEC;
 	}
 	if (!STREAM_ALL && why != WHY_RST) {   /* sent to user space only if a RST follows */
 		if (why == WHY_HANDSHAKE)
-			keep_handshake(&fk, &p);
+			keep_handshake(&fk, &k, &p);
 		else
-			remember(&fk, &p);
+			remember(&fk, &k, &p);
 		return TC_ACT_UNSPEC;
 	}
 
@@ -730,8 +760,148 @@ def c_netns_lookup(offsets, sk, skb) -> str:
     return "\n".join(lines)
 
 
-def c_reset_probe(probe: str, fmt: dict, probe_num: int, offsets, buffer: str) -> str:
-    """One tracepoint program that copies the record and emits a reset_event."""
+C_TUPLE = r"""
+#define OFF_SKB_HEAD %(skb_head)d
+#define OFF_SKB_NH %(skb_nh)d
+#define OFF_SKB_TH %(skb_th)d
+#define OFF_SKC_FAMILY %(skc_family)d
+#define OFF_SKC_STATE %(skc_state)d
+#define OFF_INET_SPORT %(inet_sport)d
+#define OFF_SKC_DPORT %(skc_dport)d
+#define OFF_SKC_RCV_SADDR %(skc_rcv_saddr)d
+#define OFF_SKC_DADDR %(skc_daddr)d
+#define OFF_SKC_V6_RCV_SADDR %(skc_v6_rcv_saddr)d
+#define OFF_SKC_V6_DADDR %(skc_v6_daddr)d
+#define OFF_TP_SND_NXT %(snd_nxt)d
+#define OFF_TP_RCV_NXT %(rcv_nxt)d
+
+static __always_inline __u32 ebd_be32(__u8 *b)
+{
+	return ((__u32)b[0] << 24) | ((__u32)b[1] << 16) | ((__u32)b[2] << 8) | b[3];
+}
+
+/* The RST answers `skb`: its 4-tuple is the trigger's reversed. Offsets are the running
+ * kernel's (BTF); the headers are read where the kernel's ip_hdr()/tcp_hdr() find them. */
+static __always_inline int tuple_from_skb(struct reset_event *e, __u64 skb)
+{
+	__u64 head = 0;
+	__u16 nh = 0, th = 0;
+	if (bpf_probe_read_kernel(&head, sizeof(head), (void *)(skb + OFF_SKB_HEAD)) || !head)
+		return 0;
+	if (bpf_probe_read_kernel(&nh, sizeof(nh), (void *)(skb + OFF_SKB_NH)) ||
+		bpf_probe_read_kernel(&th, sizeof(th), (void *)(skb + OFF_SKB_TH)))
+		return 0;
+	if (nh == 0xffff || th == 0xffff || th <= nh)
+		return 0;
+	__u32 l3 = th - nh, tcp_len;
+	__u8 ip[40];
+	if (bpf_probe_read_kernel(ip, 20, (void *)(head + nh)))
+		return 0;
+	__u8 saddr[16] = {}, daddr[16] = {};
+	__u16 family;
+	if ((ip[0] >> 4) == 4) {
+		__u32 tot = (ip[2] << 8) | ip[3];
+		if (ip[9] != 6 || tot < l3)
+			return 0;
+		tcp_len = tot - l3;
+		family = 4;
+		__builtin_memcpy(saddr, &ip[16], 4);
+		__builtin_memcpy(daddr, &ip[12], 4);
+	} else if ((ip[0] >> 4) == 6) {
+		if (bpf_probe_read_kernel(ip, 40, (void *)(head + nh)))
+			return 0;
+		__u32 payload = (ip[4] << 8) | ip[5];
+		if (payload + 40 < l3)
+			return 0;
+		tcp_len = payload + 40 - l3;
+		family = 6;
+		__builtin_memcpy(saddr, &ip[24], 16);
+		__builtin_memcpy(daddr, &ip[8], 16);
+	} else {
+		return 0;
+	}
+	__u8 t[20];
+	if (bpf_probe_read_kernel(t, sizeof(t), (void *)(head + th)))
+		return 0;
+	__u32 doff = (t[12] >> 4) * 4;
+	e->family = family;
+	__builtin_memcpy(e->saddr, saddr, 16);
+	__builtin_memcpy(e->daddr, daddr, 16);
+	e->sport = (t[2] << 8) | t[3];
+	e->dport = (t[0] << 8) | t[1];
+	e->tseq = ebd_be32(&t[4]);
+	e->tack = ebd_be32(&t[8]);
+	e->tflags = t[13];
+	e->tlen = tcp_len > doff ? tcp_len - doff : 0;
+	e->has_seq = 1;
+	e->src = 1;
+	return 1;
+}
+
+/* An active reset (no trigger): the connected socket's own tuple and send position. */
+static __always_inline int tuple_from_socket(struct reset_event *e, __u64 sk)
+{
+	__u16 family = 0, sport = 0, dport = 0;
+	__u8 state = 0;
+	if (bpf_probe_read_kernel(&family, sizeof(family), (void *)(sk + OFF_SKC_FAMILY)) ||
+		bpf_probe_read_kernel(&state, sizeof(state), (void *)(sk + OFF_SKC_STATE)) ||
+		bpf_probe_read_kernel(&sport, sizeof(sport), (void *)(sk + OFF_INET_SPORT)) ||
+		bpf_probe_read_kernel(&dport, sizeof(dport), (void *)(sk + OFF_SKC_DPORT)))
+		return 0;
+	if (state == 6 || state == 10 || state == 12)
+		return 0;                /* time-wait, listener, request: not a tcp_sock */
+	__u8 saddr[16] = {}, daddr[16] = {};
+	if (family == 2) {
+		if (bpf_probe_read_kernel(saddr, 4, (void *)(sk + OFF_SKC_RCV_SADDR)) ||
+			bpf_probe_read_kernel(daddr, 4, (void *)(sk + OFF_SKC_DADDR)))
+			return 0;
+		e->family = 4;
+	} else if (family == 10) {
+		if (bpf_probe_read_kernel(saddr, 16, (void *)(sk + OFF_SKC_V6_RCV_SADDR)) ||
+			bpf_probe_read_kernel(daddr, 16, (void *)(sk + OFF_SKC_V6_DADDR)))
+			return 0;
+		e->family = 0;           /* 6, or 4 when v4-mapped: decided in user space */
+	} else {
+		return 0;
+	}
+	__builtin_memcpy(e->saddr, saddr, 16);
+	__builtin_memcpy(e->daddr, daddr, 16);
+	e->sport = EBD_HTONS(sport);   /* inet_sport: skc_num is 0 once the port is put */
+	e->dport = EBD_HTONS(dport);
+	__u32 snd = 0, rcv = 0;
+	if (!bpf_probe_read_kernel(&snd, sizeof(snd), (void *)(sk + OFF_TP_SND_NXT)) &&
+		!bpf_probe_read_kernel(&rcv, sizeof(rcv), (void *)(sk + OFF_TP_RCV_NXT))) {
+		e->tseq = snd;
+		e->tack = rcv;
+		e->has_seq = 1;
+	}
+	e->src = 2;
+	return 1;
+}
+"""
+
+
+def c_tuple_choice(fields: dict) -> str:
+    """C that replaces the tracepoint's tuple with the RST's own: from the trigger skb when
+    there is one, else from a full socket (active reset). A trigger that cannot be read
+    leaves the tracepoint's fields (the socket's seq would not be the RST's)."""
+    lines = []
+    if "skbaddr" in fields:
+        lines.append("\tif (rec.skbaddr)\n\t\ttuple_from_skb(&e, rec.skbaddr);")
+    if "skaddr" in fields:
+        prefix = "else " if lines else ""
+        lines.append("\t%sif (rec.skaddr)\n\t\ttuple_from_socket(&e, rec.skaddr);" % prefix)
+    return "\n".join(lines)
+
+
+def c_reset_probe(
+    probe: str, fmt: dict, probe_num: int, offsets, buffer: str, tuples: bool = False
+) -> str:
+    """One tracepoint program that copies the record and emits a reset_event.
+
+    With `tuples` (BTF offsets of this kernel), tcp_send_reset's 4-tuple, seq and ack are
+    the RST's own, read from the trigger packet or the socket (see C_TUPLE).
+    """
     fields = field_map(fmt)
     sname = "tp_" + probe
     body = [c_tracepoint_struct(sname, fmt)]
@@ -784,6 +954,8 @@ def c_reset_probe(probe: str, fmt: dict, probe_num: int, offsets, buffer: str) -
                 "\t__builtin_memcpy(e.saddr, rec.saddr, 4);\n"
                 "\t__builtin_memcpy(e.daddr, rec.daddr, 4);"
             )
+    if tuples and probe == "tcp_send_reset":
+        body.append(c_tuple_choice(fields))
     sk = "rec.skaddr" if "skaddr" in fields else None
     skb = "rec.skbaddr" if "skbaddr" in fields else None
     body.append(c_netns_lookup(offsets, sk, skb))
@@ -801,6 +973,7 @@ static __always_inline void kp_sock_addrs(struct reset_event *e, struct sock *sk
 {
 	struct sock_common c = {};
 	bpf_probe_read_kernel(&c, sizeof(c), sk);
+	e->src = 2;
 	e->state = c.skc_state;
 	e->sport = c.skc_num;
 	e->dport = EBD_HTONS(c.skc_dport);
@@ -837,6 +1010,7 @@ static __always_inline int kp_send_reset(struct pt_regs *ctx, struct sock *sk,
 		bpf_probe_read_kernel(&nh, sizeof(nh), &skb->network_header);
 		bpf_probe_read_kernel(&th, sizeof(th), &skb->transport_header);
 		bpf_probe_read_kernel(ports, sizeof(ports), head + th);
+		e.src = 1;
 		e.family = family;
 		e.sport = EBD_HTONS(ports[1]);
 		e.dport = EBD_HTONS(ports[0]);
@@ -892,7 +1066,12 @@ def build_program(plan: dict) -> str:
         parts.append(C_KPROBE_INCLUDES)
     parts.append(
         C_COMMON
-        % {"history": history, "slots": max(history, 1), "stream_all": int(plan["all_flows"])}
+        % {
+            "history": history,
+            "slots": max(history, 1),
+            "stream_all": int(plan["all_flows"]),
+            "flow_map_size": FLOW_MAP_SIZE,
+        }
     )
     parts.append("#define OWN_NETNS %du" % plan["own_netns"])
     if plan["buffer"] == "ringbuf":
@@ -913,8 +1092,15 @@ def build_program(plan: dict) -> str:
         }
     )
     num = {"tcp_send_reset": 1, "tcp_receive_reset": 2}
+    tuples = plan.get("tuple_offsets")
+    if tuples and "tcp_send_reset" in plan["tracepoints"]:
+        parts.append(C_TUPLE % tuples)
     for probe, fmt in sorted(plan["tracepoints"].items()):
-        parts.append(c_reset_probe(probe, fmt, num[probe], plan["offsets"], plan["buffer"]))
+        parts.append(
+            c_reset_probe(
+                probe, fmt, num[probe], plan["offsets"], plan["buffer"], tuples=bool(tuples)
+            )
+        )
     submit_reset = _submit(plan["buffer"], "reset_events", "ctx", "&e", 1)
     if plan["kprobes"]:
         parts.append(C_KPROBE_COMMON)
@@ -951,6 +1137,25 @@ NETNS_PATHS = {
     "skb_dev": ("sk_buff", ("dev",)),
     "dev_net": ("net_device", ("nd_net", "net")),
 }
+
+
+# The RST's own 4-tuple: trigger packet headers, or the socket of an active reset.
+TUPLE_PATHS = {
+    "skb_head": ("sk_buff", ("head",), 8),
+    "skb_nh": ("sk_buff", ("network_header",), 2),
+    "skb_th": ("sk_buff", ("transport_header",), 2),
+    "skc_family": ("sock_common", ("skc_family",), 2),
+    "skc_state": ("sock_common", ("skc_state",), 1),
+    "inet_sport": ("inet_sock", ("inet_sport",), 2),
+    "skc_dport": ("sock_common", ("skc_dport",), 2),
+    "skc_rcv_saddr": ("sock_common", ("skc_rcv_saddr",), 4),
+    "skc_daddr": ("sock_common", ("skc_daddr",), 4),
+    "skc_v6_rcv_saddr": ("sock_common", ("skc_v6_rcv_saddr",), 16),
+    "skc_v6_daddr": ("sock_common", ("skc_v6_daddr",), 16),
+    "snd_nxt": ("tcp_sock", ("snd_nxt",), 4),
+    "rcv_nxt": ("tcp_sock", ("rcv_nxt",), 4),
+}
+BTF_PTR, BTF_INT, BTF_ENUM = 2, 1, 6
 
 
 class Btf:
@@ -1005,6 +1210,23 @@ class Btf:
                     return bit + found[0], found[1]
         return None
 
+    def size(self, tid: int):
+        """Byte size of a scalar, pointer, struct or union type; None for others."""
+        kind, _n, size, _m, _i = self.types[self.resolve(tid)]
+        if kind == BTF_PTR:
+            return 8
+        return size if kind in (BTF_INT, BTF_ENUM, BTF_STRUCT, BTF_UNION) else None
+
+    def field(self, struct_name: str, path, size: int) -> int:
+        """Offset of a member that must be `size` bytes (else a layout we do not know)."""
+        tid = self.find_struct(struct_name)
+        for name in path[:-1]:
+            tid = self.resolve(self.member(tid, name)[1])
+        found = self.member(tid, path[-1])
+        if not found or self.size(found[1]) != size:
+            raise KeyError("%s.%s is not %d bytes" % (struct_name, ".".join(path), size))
+        return self.offset(struct_name, path)
+
     def offset(self, struct_name: str, path) -> int:
         tid, bits = self.find_struct(struct_name), 0
         for name in path:
@@ -1020,12 +1242,35 @@ class Btf:
 
 def netns_offsets(path: str = BTF_VMLINUX):
     """Offsets for sk->skc_net, net->ns.inum, skb->dev and dev->nd_net, or (None, why)."""
+    return btf_offsets(path)[0]
+
+
+def btf_offsets(path: str = BTF_VMLINUX):
+    """((netns offsets, why), (tuple offsets, why)): each dict is None when BTF lacks it."""
     try:
         with open(path, "rb") as f:
             btf = Btf(f.read())
-        return {key: btf.offset(s, p) for key, (s, p) in NETNS_PATHS.items()}, None
-    except (OSError, ValueError, KeyError, struct.error) as exc:
-        return None, "no BTF namespace offsets (%s); filtering by local addresses" % exc
+    except (OSError, ValueError, struct.error) as exc:
+        btf, why = None, exc
+    results = []
+    for paths, what in (
+        (NETNS_PATHS, "no BTF namespace offsets (%s); filtering by local addresses"),
+        (TUPLE_PATHS, "no BTF packet/socket offsets (%s); resets keep the tracepoint's tuple"),
+    ):
+        if btf is None:
+            results.append((None, what % why))
+            continue
+        try:
+            found = {}
+            for key, spec in paths.items():
+                if len(spec) == 3:
+                    found[key] = btf.field(*spec)
+                else:
+                    found[key] = btf.offset(*spec)
+            results.append((found, None))
+        except (KeyError, IndexError, TypeError, struct.error) as exc:
+            results.append((None, what % exc))
+    return tuple(results)
 
 
 # --------------------------------------------------------------------------------------
@@ -1325,12 +1570,26 @@ def addr_text(family: int, raw: bytes) -> str:
 def decode_packets(raw: bytes, ifnames: dict) -> list:
     """One pkt_event -> packet records: the flow's kept handshake, its history (oldest
     first, FINs marked close), then the packet itself."""
-    a, b, pa, pb, family = struct.unpack_from(FLOW_FMT, raw, 0)
     why, head, count, hs_mask = struct.unpack_from(EVENT_HEAD_FMT, raw, FLOW_SIZE + PKT_SIZE)
     hs_at = FLOW_SIZE + PKT_SIZE + struct.calcsize(EVENT_HEAD_FMT)
+    pkts = _kept(raw, hs_at, head, count, hs_mask)
+    pkts.append((struct.unpack_from(PKT_FMT, raw, FLOW_SIZE), why))
+    return _packet_records(raw, pkts, ifnames)
+
+
+def decode_kept(raw: bytes, ifnames: dict) -> list:
+    """One `flows` map value (struct hist) -> its packets as records with why kept,
+    in time order: what the kernel still held for a flow when the run ended."""
+    head, count, hs_mask, _pad = struct.unpack_from(HIST_HEAD_FMT, raw, FLOW_SIZE)
+    pkts = _kept(raw, FLOW_SIZE + struct.calcsize(HIST_HEAD_FMT), head, count, hs_mask)
+    pkts = [(pkt, WHY_KEPT) for pkt, _ in sorted(pkts, key=lambda p: p[0][0])]
+    return _packet_records(raw, pkts, ifnames)
+
+
+def _kept(raw: bytes, hs_at: int, head: int, count: int, hs_mask: int) -> list:
+    """[(pkt tuple, why)]: the handshake slots by time, then the ring oldest first."""
     ring_at = hs_at + 2 * PKT_SIZE
     slots = (len(raw) - ring_at) // PKT_SIZE
-    ends = ((addr_text(family, a), pa), (addr_text(family, b), pb))
     pkts = [
         (struct.unpack_from(PKT_FMT, raw, hs_at + PKT_SIZE * i), 2)
         for i in (0, 1)
@@ -1341,7 +1600,13 @@ def decode_packets(raw: bytes, ifnames: dict) -> list:
     for i in order:
         pkt = struct.unpack_from(PKT_FMT, raw, ring_at + PKT_SIZE * i)
         pkts.append((pkt, 3 if pkt[8] & 0x01 else 4))
-    pkts.append((struct.unpack_from(PKT_FMT, raw, FLOW_SIZE), why))
+    return pkts
+
+
+def _packet_records(raw: bytes, pkts: list, ifnames: dict) -> list:
+    """Packet records for [(pkt tuple, why)] of the flow whose key starts `raw`."""
+    a, b, pa, pb, family = struct.unpack_from(FLOW_FMT, raw, 0)
+    ends = ((addr_text(family, a), pa), (addr_text(family, b), pb))
     records = []
     for (ts, ifindex, seq, ack, length, win, ipid, ttl, flags, direction, fwd), kind in pkts:
         src, dst = ends if fwd else ends[::-1]
@@ -1373,8 +1638,9 @@ def decode_packets(raw: bytes, ifnames: dict) -> list:
 def decode_reset(raw: bytes, symbols: dict) -> dict:
     """One reset_event -> a reset record, names taken from the live format's tables."""
     (ts, netns, pid, state, reason, probe, family, sport, dport, saddr, daddr, comm) = (
-        struct.unpack_from(RESET_FMT, raw, 0)
+        struct.unpack_from(RESET_FMT, raw, 0)[:12]
     )
+    src, tflags, has_seq, tseq, tack, tlen = struct.unpack_from(RESET_FMT, raw, 0)[12:]
     probe_name = RESET_PROBES[probe - 1]
     # Legacy formats carry IPv4 sockets v4-mapped in saddr_v6 and may have no family.
     mapped = saddr[:12] == V4_MAPPED_PREFIX
@@ -1385,7 +1651,9 @@ def decode_reset(raw: bytes, symbols: dict) -> dict:
     tables = symbols.get(probe_name, {})
     state_names = tables.get("state") or {v: k for k, v in TCP_STATES.items()}
     reason_names = tables.get("reason", {})
-    return {
+    tuple_from = TUPLE_FROM.get(src, "tracepoint")
+    seq, ack = rst_seq_ack(src, tflags, has_seq, tseq, tack, tlen)
+    record = {
         "type": "reset",
         "ts_ns": ts,
         "probe": probe_name,
@@ -1394,6 +1662,10 @@ def decode_reset(raw: bytes, symbols: dict) -> dict:
         "daddr": addr_text(family, daddr),
         "sport": sport,
         "dport": dport,
+        "seq": seq,
+        "ack": ack,
+        "tuple_from": tuple_from,
+        "sk_kind": sk_kind(probe_name, state, src, tflags),
         "state": state_names.get(state, "UNKNOWN") if state > 0 else None,
         "state_num": state if state > 0 else None,
         "reason": reason_names.get(reason, "UNKNOWN") if reason >= 0 else None,
@@ -1402,6 +1674,50 @@ def decode_reset(raw: bytes, symbols: dict) -> dict:
         "comm": comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
         "netns": netns or None,
     }
+    if not any(daddr[: 4 if family == 4 else 16]) or not dport or not any(saddr):
+        # A wildcard is a socket's, not a packet's (a listener: 0.0.0.0:PORT > 0.0.0.0:0).
+        record.update(saddr=None, daddr=None, sport=None, dport=None, tuple_from=None)
+    return record
+
+
+def rst_seq_ack(src: int, tflags: int, has_seq: int, tseq: int, tack: int, tlen: int):
+    """The RST's (seq, ack field) as the kernel builds it, or (None, None).
+
+    Answering a packet (tcp_v4/v6_send_reset, RFC 793): a trigger with ACK gets seq = its
+    ack_seq and no ACK; one without gets seq 0 and ack = its seq + SYN + FIN + payload.
+    An active reset (tcp_send_active_reset) carries snd_nxt and rcv_nxt.
+    """
+    if not has_seq:
+        return None, None
+    if src == 1:
+        if tflags & TH_ACK:
+            return tack, 0
+        end = tseq + bool(tflags & TH_SYN) + bool(tflags & TH_FIN) + tlen
+        return 0, end % 2**32
+    if src == 2:
+        return tseq, tack
+    return None, None
+
+
+def sk_kind(probe: str, state: int, src: int, tflags: int):
+    """What kind of socket the kernel reset with, from its state number (TCP_STATES).
+
+    tcp_check_req sends a request socket's reset with the listener as socket (state
+    TCP_LISTEN); a listener never answers a SYN with a RST itself, so a listener's reset
+    of a SYN is a request socket's. tcp_receive_reset only fires on full sockets.
+    """
+    if probe == "tcp_receive_reset":
+        return "full"
+    if state <= 0:
+        return None
+    if state == STATE_LISTEN:
+        syn_only = src == 1 and tflags & (TH_SYN | TH_ACK) == TH_SYN
+        return "request" if syn_only else "listener"
+    if state == STATE_NEW_SYN_RECV:
+        return "request"
+    if state == STATE_TIME_WAIT:
+        return "timewait"
+    return "full"
 
 
 # --------------------------------------------------------------------------------------
@@ -1418,7 +1734,7 @@ def kprobes_available() -> bool:
     return any(os.path.exists(os.path.join(d, "kprobe_events")) for d in TRACEFS_DIRS)
 
 
-def make_plan(args, formats: dict, offsets) -> dict:
+def make_plan(args, formats: dict, offsets, tuple_offsets=None) -> dict:
     """Everything the C program and the attach step depend on, decided up front."""
     missing = []
     kprobes = []
@@ -1442,6 +1758,7 @@ def make_plan(args, formats: dict, offsets) -> dict:
         "tracepoints": formats,
         "kprobes": kprobes,
         "offsets": offsets,
+        "tuple_offsets": tuple_offsets,
         "own_netns": own_netns(),
         "missing": missing,
     }
@@ -1465,7 +1782,7 @@ class Session:
         self.perf_lost = [0, 0]
         self.resets = 0
         self.rst_packets = 0
-        self.scope_why = None
+        self.ready = False
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -1483,8 +1800,10 @@ class Session:
         except ImportError:
             self.ipr = None
         self.addrs = discover_addrs(self.ipr)
-        offsets, self.scope_why = netns_offsets()
-        self.plan = make_plan(self.args, read_formats(None), offsets)
+        (offsets, _), (tuples, tuples_why) = btf_offsets()
+        self.plan = make_plan(self.args, read_formats(None), offsets, tuples)
+        if tuples_why and "tcp_send_reset" in self.plan["tracepoints"]:
+            self.plan["missing"].append({"probe": "btf:reset-tuple", "why": tuples_why})
         try:
             self.bpf = BPF(text=build_program(self.plan))
         except Exception as exc:
@@ -1742,6 +2061,58 @@ class Session:
             self.out.flush()
         return self.stop.reason if self.stop.reason == "eof" else reason
 
+    def detach(self) -> list:
+        """Take every program off its hook; programs and maps stay readable. Returns errors."""
+        errors = []
+        if self.tc is not None:
+            errors.extend(self.tc.close())
+            self.tc = None
+        if self.bpf is None:
+            return errors
+        for probe, how in sorted(self.attach.items()):
+            try:
+                if how.get("kind") == "tracepoint":
+                    self.bpf.detach_tracepoint(tp="tcp:" + probe)
+                elif how.get("kind") == "kprobe":
+                    for event in how["functions"]:
+                        self.bpf.detach_kprobe(event=event)
+            except Exception as exc:  # noqa: BLE001 - keep detaching the rest
+                errors.append("detach %s: %s" % (probe, exc))
+        return errors
+
+    def drain(self) -> None:
+        """Deliver the events already in the buffers (nothing new can arrive once detached)."""
+        if self.plan["buffer"] == "ringbuf":
+            self.bpf.ring_buffer_poll(0)
+        else:
+            self.bpf.perf_buffer_poll(0)
+        self._report_lost()
+        self.out.flush()
+
+    def dump_kept(self) -> None:
+        """Emit the packets the kernel still keeps per flow (handshakes, history, FINs of
+        flows without a RST), then a `kept` summary.
+
+        A RST moves its flow's entry to user space and deletes it in the same program run,
+        and an entry only ever holds packets not streamed, so none is emitted twice. Read
+        after detach and drain: no program can add to or flush an entry meanwhile. Bounded
+        by the map: FLOW_MAP_SIZE flows of at most 2 + --history packets.
+        """
+        flows = []
+        for _key, value in self.bpf["flows"].items():
+            raw = ctypes.string_at(ctypes.addressof(value), ctypes.sizeof(value))
+            records = decode_kept(raw, self.ifnames)
+            if records:
+                flows.append(records)
+        flows.sort(key=lambda records: records[0]["ts_ns"])
+        packets = 0
+        for records in flows:
+            for record in records:
+                self.out.write(record)
+                packets += 1
+        self.out.write({"type": "kept", "flows": len(flows), "packets": packets})
+        self.out.flush()
+
     def _report_lost(self) -> None:
         totals = [sum(self.bpf["lost"][ctypes.c_int(i)]) for i in range(2)]
         for i, source in enumerate(("packets", "resets")):
@@ -1751,10 +2122,18 @@ class Session:
             if count:
                 self.out.write({"type": "lost", "count": count, "source": source})
 
-    def cleanup(self) -> list:
-        errors = []
-        if self.tc is not None:
-            errors.extend(self.tc.close())
+    def cleanup(self, dump: bool = False) -> list:
+        """Detach every probe and filter, then (with `dump`) emit what the kernel kept,
+        then free the programs and maps. Returns errors."""
+        errors = self.detach()
+        if dump and self.bpf is not None and not self.out.broken:
+            try:
+                self.drain()
+                self.dump_kept()
+            except Stop:
+                pass
+            except Exception as exc:  # noqa: BLE001 - still free everything
+                errors.append("kept: %s" % exc)
         if self.bpf is not None:
             try:
                 self.bpf.cleanup()
@@ -1896,8 +2275,8 @@ class StopState:
 
 def print_ebpf(args, out) -> int:
     formats = read_formats(args.format_dir)
-    offsets = None if args.format_dir else netns_offsets()[0]
-    plan = make_plan(args, formats, offsets)
+    (offsets, _), (tuples, _) = ((None, None), (None, None)) if args.format_dir else btf_offsets()
+    plan = make_plan(args, formats, offsets, tuples)
     if args.format_dir:
         plan["kprobes"] = []
     out.write(build_program(plan) + "\n")
@@ -1929,6 +2308,7 @@ def main(argv=None) -> int:
             out.write(session.hello())
             out.write({"type": "ready"})
             out.flush()
+            session.ready = True
             bye["reason"] = session.run()
             code = 0
         except Stop as exc:
@@ -1943,7 +2323,7 @@ def main(argv=None) -> int:
             bye["error"] = "%s: %s" % (type(exc).__name__, exc)
     finally:
         stop.cleaning = True
-        errors = session.cleanup()
+        errors = session.cleanup(dump=session.ready)
     if errors:
         sys.stderr.write("%s: cleanup: %s\n" % (SCRIPT, "; ".join(errors)))
     if code:
