@@ -21,8 +21,9 @@ SCHEMA = [
 
 
 def test_parse_normalises_lists_and_converts_values():
-    args = P.parse(SCHEMA, ["--port", "80,443", "--port", "80", "--addr", "::1,198.18.0.1",
-                            "--history", "2", "--duration", "1.5m", "--all-flows"], "t")  # fmt: skip
+    argv = ["--port", "80,443", "--port", "80", "--addr", "::1,198.18.0.1",
+            "--history", "2", "--duration", "1.5m", "--all-flows"]  # fmt: skip
+    args = P.parse(SCHEMA, argv, "t")
     assert args.port == [80, 443]
     assert args.addr == ["198.18.0.1", "::1"]
     assert args.history == 2 and args.duration == 90.0 and args.all_flows

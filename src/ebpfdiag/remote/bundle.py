@@ -111,9 +111,9 @@ def _strip(lines: list[str], spans: list[tuple[int, int]]) -> list[str]:
 def _header_end(mod: _Module) -> int:
     """Line number after the tool's docstring (0 if it has none)."""
     body = mod.tree.body
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-        if isinstance(body[0].value.value, str):
-            return body[0].end_lineno or 0
+    first = body[0] if body else None
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+        return (first.end_lineno or 0) if isinstance(first.value.value, str) else 0
     return 0
 
 
