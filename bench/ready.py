@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bench.common import EBPFDIAG, ROOT, Measured, Section, fmt, median, run_measured
 from bench.labenv import HOSTS, Tracer, bench_lab
+from ebpfdiag.remote.bundle import bundle
 
 TRACE_PORT = 8080
 
@@ -71,7 +72,7 @@ PHASES = ("import_bcc_s", "discover_s", "compile_s", "attach_s", "detach_s")
 
 
 def _stage_script(work: Path) -> Path:
-    src = (ROOT / "scripts" / "bpf" / "tcp_rst.py").read_text()
+    src = bundle(ROOT / "scripts" / "bpf" / "tcp_rst.py")
     path = work / "tcp_rst_stages.py"
     path.write_text(STAGE % {"src": src, "args": ["--port", str(TRACE_PORT)]})
     return path
