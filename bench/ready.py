@@ -17,6 +17,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from bench.builds import Build
 from bench.common import EBPFDIAG, ROOT, Measured, Section, fmt, median, run_measured
 from bench.labenv import HOSTS, Tracer, bench_lab
 from ebpfdiag.remote.bundle import bundle
@@ -90,7 +91,7 @@ def _run_script(state, script: Path, out: Path) -> Measured:
     return m
 
 
-def run(rounds: int = 3) -> Section:
+def run(rounds: int = 3, against: Build | None = None) -> Section:
     section = Section(
         "ready",
         "Time to ready: trace tcp-rst on client, lb, server",
@@ -118,13 +119,20 @@ def run(rounds: int = 3) -> Section:
             tracer = Tracer(state, [TRACE_PORT])
             walls.setdefault("trace", []).append(tracer.start())
             tracer.stop()
+            if against is not None:
+                tracer = Tracer(state, [TRACE_PORT], against)
+                walls.setdefault("trace-against", []).append(tracer.start())
+                tracer.stop()
 
     def row(label: str, values: list[float], includes: str) -> list[str]:
         return [label, fmt(median(values)), f"{fmt(min(values))}..{fmt(max(values))}", includes]
 
+    section.rows.append(row("trace tcp-rst: start -> `tracing` status", walls["trace"],
+                            "everything below, 3 hosts in parallel, plus clock pings"))  # fmt: skip
+    if against is not None:
+        section.rows.append(row(f"  the same with {against.label}", walls["trace-against"],
+                                "the earlier build, interleaved with this one"))  # fmt: skip
     section.rows += [
-        row("trace tcp-rst: start -> `tracing` status", walls["trace"],
-            "everything below, 3 hosts in parallel, plus clock pings"),
         row("controller start-up (`ebpfdiag --version`)", walls["startup"],
             "interpreter + CLI imports"),
         row("run-script empty script", walls["empty"],
