@@ -8,19 +8,22 @@ lab; every fleet, lab and helper process is removed on every exit path.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import correlation, datapath, fanout, pipeline, ready
+from bench import builds, correlation, datapath, fanout, pipeline, ready
 from bench.common import ROOT, Section, machine
 
 DOC = ROOT / "docs" / "benchmarks.md"
+#: the benchmarks that ``--against REV`` runs with both builds
+COMPARED = ("ready", "datapath")
 
 #: name -> (full run, quick run); quick sizes keep the whole set under a minute or two.
-BENCHMARKS: dict[str, tuple[Callable[[], Section], Callable[[], Section]]] = {
+BENCHMARKS: dict[str, tuple[Callable[..., Section], Callable[..., Section]]] = {
     "fanout": (
         lambda: fanout.run(sizes=(50, 100), rounds=3),
         lambda: fanout.run(sizes=(5,), rounds=1),
@@ -29,14 +32,17 @@ BENCHMARKS: dict[str, tuple[Callable[[], Section], Callable[[], Section]]] = {
         lambda: correlation.run(sizes=(100_000, 300_000, 1_000_000), rounds=2),
         lambda: correlation.run(sizes=(10_000, 30_000), rounds=1),
     ),
-    "ready": (lambda: ready.run(rounds=3), lambda: ready.run(rounds=1)),
+    "ready": (
+        lambda against=None: ready.run(rounds=3, against=against),
+        lambda against=None: ready.run(rounds=1, against=against),
+    ),
     "pipeline": (
         lambda: pipeline.run(records_per_host=300_000, rounds=3),
         lambda: pipeline.run(records_per_host=5_000, rounds=1, slow_s=0.5),
     ),
     "datapath": (
-        lambda: datapath.run(rounds=7, connections=2000, bulk_s=3),
-        lambda: datapath.run(rounds=1, connections=50, bulk_s=1),
+        lambda against=None: datapath.run(rounds=7, connections=2000, bulk_s=3, against=against),
+        lambda against=None: datapath.run(rounds=1, connections=50, bulk_s=1, against=against),
     ),
 }
 
@@ -53,6 +59,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, help="write the report here (default for full runs: "
                         "docs/benchmarks.md)")  # fmt: skip
+    parser.add_argument(
+        "--against",
+        metavar="REV",
+        help="also run the datapath and time-to-ready benchmarks with the controller and "
+        "scripts of commit REV, interleaved with this tree's (e.g. --against HEAD~5)",
+    )
     args = parser.parse_args(argv)
     args.only = [n.strip() for group in args.only for n in group.split(",") if n.strip()]
     unknown = sorted(set(args.only) - set(BENCHMARKS))
@@ -94,24 +106,32 @@ def main(argv: list[str] | None = None) -> int:
     names = args.only or list(BENCHMARKS)
     sections: list[Section] = []
     failed = False
-    for name in names:
-        print(f"-- {name} ...", file=sys.stderr, flush=True)
-        full, quick = BENCHMARKS[name]
-        t0 = time.monotonic()
-        try:
-            section = (quick if args.quick else full)()
-        except Exception as exc:  # one broken benchmark must not hide the others' figures
-            traceback.print_exc()
-            section = Section(name, f"{name}: did not complete", ["error"], [[str(exc)]])
-            section.failed = True
-        print(f"   {name} took {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
-        print(section.text() + "\n", flush=True)
-        failed |= section.failed
-        sections.append(section)
+    with contextlib.ExitStack() as stack:
+        against = stack.enter_context(builds.checkout(args.against)) if args.against else None
+        for name in names:
+            section = _one(name, args.quick, against)
+            failed |= section.failed
+            sections.append(section)
     if args.out:
         args.out.write_text(report(sections, info, started, args.quick))
         print(f"wrote {args.out}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _one(name: str, quick_run: bool, against: builds.Build | None) -> Section:
+    print(f"-- {name} ...", file=sys.stderr, flush=True)
+    full, quick = BENCHMARKS[name]
+    fn = quick if quick_run else full
+    t0 = time.monotonic()
+    try:
+        section = fn(against=against) if against is not None and name in COMPARED else fn()
+    except Exception as exc:  # one broken benchmark must not hide the others' figures
+        traceback.print_exc()
+        section = Section(name, f"{name}: did not complete", ["error"], [[str(exc)]])
+        section.failed = True
+    print(f"   {name} took {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+    print(section.text() + "\n", flush=True)
+    return section
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import json
 import subprocess
 import time
 
+from bench.builds import CURRENT, Build
 from bench.common import SYSTEM_PYTHON, Section, Target, fmt, median
 from bench.labenv import Tracer, bench_lab, ns_argv
 
@@ -55,6 +56,17 @@ CONDITIONS = {
     "trace, traffic's ports": [BULK_PORT, SHORT_PORT],
     "trace, unrelated port": [UNRELATED_PORT],
 }
+
+
+def conditions(against: Build | None) -> dict[str, tuple[list[int], Build] | None]:
+    """Every condition of a round; with ``against``, the traced ones once more with that
+    build, so this tree and the earlier one are compared in the same run."""
+    out: dict[str, tuple[list[int], Build] | None] = {}
+    for name, ports in CONDITIONS.items():
+        out[name] = (ports, CURRENT) if ports else None
+        if ports and against is not None:
+            out[f"{name} [{against.label}]"] = (ports, against)
+    return out
 
 
 def _bulk(state, seconds: float) -> float:
@@ -101,7 +113,7 @@ def _tc_prog_stats() -> tuple[int, int]:
     return sum(p.get("run_time_ns", 0) for p in progs), sum(p.get("run_cnt", 0) for p in progs)
 
 
-def _profile(state, connections: int, bulk_s: float) -> list[str]:
+def _profile(state, conds, connections: int, bulk_s: float) -> list[str]:
     """Where the traced datapath's time goes in the kernel: one more traced bulk and short
     run with bpf_stats on (outside the timed rounds: the stats cost a little per run)."""
     stats = "/proc/sys/kernel/bpf_stats_enabled"
@@ -111,8 +123,8 @@ def _profile(state, connections: int, bulk_s: float) -> list[str]:
     try:
         with open(stats, "w") as f:
             f.write("1")
-        for cond in list(CONDITIONS)[1:]:
-            tracer = Tracer(state, CONDITIONS[cond])
+        for cond, (ports, build) in [c for c in conds.items() if c[1]]:
+            tracer = Tracer(state, ports, build)
             tracer.start()
             try:
                 t0, n0 = _tc_prog_stats()
@@ -137,7 +149,9 @@ def _profile(state, connections: int, bulk_s: float) -> list[str]:
     return lines
 
 
-def run(rounds: int = 3, connections: int = 2000, bulk_s: float = 3.0) -> Section:
+def run(
+    rounds: int = 3, connections: int = 2000, bulk_s: float = 3.0, against: Build | None = None
+) -> Section:
     section = Section(
         "datapath",
         "Datapath overhead in the lab (client -> VIP -> server)",
@@ -151,9 +165,10 @@ def run(rounds: int = 3, connections: int = 2000, bulk_s: float = 3.0) -> Sectio
             "rounds",
         ],  # fmt: skip
     )
-    bulk: dict[str, list[float]] = {c: [] for c in CONDITIONS}
-    short: dict[str, list[float]] = {c: [] for c in CONDITIONS}
-    events: dict[str, list[int]] = {c: [] for c in CONDITIONS}
+    conds = conditions(against)
+    bulk: dict[str, list[float]] = {c: [] for c in conds}
+    short: dict[str, list[float]] = {c: [] for c in conds}
+    events: dict[str, list[int]] = {c: [] for c in conds}
     with bench_lab() as state:
         procs = _servers(state)
         profile: list[str] = []
@@ -161,8 +176,8 @@ def run(rounds: int = 3, connections: int = 2000, bulk_s: float = 3.0) -> Sectio
             _bulk(state, 1)  # warm-up
             _short(state, 100)
             for _ in range(rounds):
-                for cond, ports in CONDITIONS.items():
-                    tracer = Tracer(state, ports) if ports else None
+                for cond, how in conds.items():
+                    tracer = Tracer(state, *how) if how else None
                     if tracer:
                         tracer.start()
                     try:
@@ -172,18 +187,18 @@ def run(rounds: int = 3, connections: int = 2000, bulk_s: float = 3.0) -> Sectio
                         if tracer:
                             tracer.stop()
                             events[cond].append(tracer.events)
-            profile = _profile(state, connections, bulk_s)
+            profile = _profile(state, conds, connections, bulk_s)
         finally:
             for p in procs:
                 p.kill()
                 p.wait()
     base_b, base_s = median(bulk["no tracer"]), median(short["no tracer"])
-    for cond in CONDITIONS:
+    for cond in conds:
         b, s = median(bulk[cond]), median(short[cond])
         ev = f"{median(events[cond]):,.0f}" if events[cond] else "-"
         section.rows.append([cond, fmt(b), fmt(b / base_b), f"{s:,.0f}", fmt(s / base_s), ev,
                              str(len(bulk[cond]))])  # fmt: skip
-    for cond in list(CONDITIONS)[1:]:
+    for cond in list(conds)[1:]:
         rb, rs = median(bulk[cond]) / base_b, median(short[cond]) / base_s
         section.targets += [
             Target(f"bulk ratio, {cond}", fmt(rb), ">= 0.95", rb >= 0.95),

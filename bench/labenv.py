@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench.common import EBPFDIAG
+from bench.builds import CURRENT, Build
 
 PREFIX = "eblb"
 BASE = "198.18.84.0"
@@ -41,9 +41,10 @@ def ns_argv(state, host: str, argv: list[str]) -> list[str]:
 class Tracer:
     """``ebpfdiag trace tcp-rst --json`` on the lab's three hosts, as a user would run it."""
 
-    def __init__(self, state, ports: list[int]):
+    def __init__(self, state, ports: list[int], build: Build = CURRENT):
         self.state = state
         self.ports = ports
+        self.build = build
         self.proc: subprocess.Popen | None = None
         self.ready_s: float | None = None
         self._drain: threading.Thread | None = None
@@ -52,13 +53,15 @@ class Tracer:
 
     def start(self, timeout: float = 60.0) -> float:
         """Start and wait for the ``tracing`` status record; returns seconds until it came."""
-        argv = [EBPFDIAG, "trace", "tcp-rst", "-i", str(self.state.inventory), "--hosts", HOSTS,
-                "--json"]  # fmt: skip
+        argv = [*self.build.argv, "trace", "tcp-rst", "-i", str(self.state.inventory),
+                "--hosts", HOSTS, "--json"]  # fmt: skip
         for port in self.ports:
             argv += ["--port", str(port)]
         t0 = time.monotonic()
         self._err = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._err)
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=self._err, env=self.build.environ()
+        )
         deadline = t0 + timeout
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()

@@ -17,8 +17,10 @@ import json
 import tempfile
 from pathlib import Path
 
+from bench.builds import Build
 from bench.common import EBPFDIAG, ROOT, Measured, Section, fmt, median, run_measured
 from bench.labenv import HOSTS, Tracer, bench_lab
+from ebpfdiag.remote.bundle import bundle
 
 TRACE_PORT = 8080
 
@@ -71,7 +73,7 @@ PHASES = ("import_bcc_s", "discover_s", "compile_s", "attach_s", "detach_s")
 
 
 def _stage_script(work: Path) -> Path:
-    src = (ROOT / "scripts" / "bpf" / "tcp_rst.py").read_text()
+    src = bundle(ROOT / "scripts" / "bpf" / "tcp_rst.py")
     path = work / "tcp_rst_stages.py"
     path.write_text(STAGE % {"src": src, "args": ["--port", str(TRACE_PORT)]})
     return path
@@ -89,7 +91,7 @@ def _run_script(state, script: Path, out: Path) -> Measured:
     return m
 
 
-def run(rounds: int = 3) -> Section:
+def run(rounds: int = 3, against: Build | None = None) -> Section:
     section = Section(
         "ready",
         "Time to ready: trace tcp-rst on client, lb, server",
@@ -117,13 +119,20 @@ def run(rounds: int = 3) -> Section:
             tracer = Tracer(state, [TRACE_PORT])
             walls.setdefault("trace", []).append(tracer.start())
             tracer.stop()
+            if against is not None:
+                tracer = Tracer(state, [TRACE_PORT], against)
+                walls.setdefault("trace-against", []).append(tracer.start())
+                tracer.stop()
 
     def row(label: str, values: list[float], includes: str) -> list[str]:
         return [label, fmt(median(values)), f"{fmt(min(values))}..{fmt(max(values))}", includes]
 
+    section.rows.append(row("trace tcp-rst: start -> `tracing` status", walls["trace"],
+                            "everything below, 3 hosts in parallel, plus clock pings"))  # fmt: skip
+    if against is not None:
+        section.rows.append(row(f"  the same with {against.label}", walls["trace-against"],
+                                "the earlier build, interleaved with this one"))  # fmt: skip
     section.rows += [
-        row("trace tcp-rst: start -> `tracing` status", walls["trace"],
-            "everything below, 3 hosts in parallel, plus clock pings"),
         row("controller start-up (`ebpfdiag --version`)", walls["startup"],
             "interpreter + CLI imports"),
         row("run-script empty script", walls["empty"],

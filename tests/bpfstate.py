@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import require
@@ -17,8 +18,23 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 TCP_RST = Path(__file__).resolve().parents[1] / "scripts" / "bpf" / "tcp_rst.py"
 
 
+def _remote_path() -> None:
+    if str(TCP_RST.parent) not in sys.path:
+        sys.path.insert(0, str(TCP_RST.parent))
+
+
+def load_core(name: str):
+    """A shared remote module (``scripts/bpf/core/NAME.py``), for its pure functions."""
+    _remote_path()
+    return importlib.import_module(f"core.{name}")
+
+
 def load_tcp_rst():
-    """The remote script as a module, for its pure functions (it imports bcc lazily)."""
+    """The remote script as a module, for its pure functions (it imports bcc lazily).
+
+    Its folder goes on sys.path first, as when the script is run directly, so its
+    ``from core.NAME import ...`` lines find the shared remote modules."""
+    _remote_path()
     spec = importlib.util.spec_from_file_location("tcp_rst_script", TCP_RST)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

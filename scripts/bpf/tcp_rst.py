@@ -84,7 +84,6 @@ Fields:
   bye.error             str    error message (reason error only)
 """
 
-import argparse
 import ctypes
 import errno
 import ipaddress
@@ -98,9 +97,10 @@ import subprocess
 import sys
 import time
 
+from core.params import ParamError, parse
+
 SCRIPT = "tcp_rst"
 VERSION = 2
-MAX_HISTORY = 8
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 RESET_PROBES = ("tcp_send_reset", "tcp_receive_reset")
@@ -135,7 +135,6 @@ ETH_P_ALL = 0x0003
 ARPHRD_ETHER = 1
 ARPHRD_LOOPBACK = 772
 L3_LINK_TYPES = (768, 769, 776, 778, 823, 65534)  # ipip, ip6ip6, sit, gre, ip6gre, none
-TC_MODES = ("auto", "tcx", "clsact")
 # tcx links: union bpf_attr.link_create is prog_fd, target_ifindex, attach_type, flags, then
 # tcx.relative_fd (u32) and tcx.expected_revision (u64, 8-aligned) (include/uapi/linux/bpf.h).
 BPF_LINK_CREATE = 28
@@ -2151,110 +2150,39 @@ class Session:
 # --------------------------------------------------------------------------------------
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise ArgError(message)
+PARAMS = [
+    {"name": "port", "type": "port", "multiple": True, "metavar": "PORT[,PORT]",
+     "help": "only flows with this port on either side; repeatable"},
+    {"name": "addr", "type": "addr", "multiple": True, "metavar": "ADDR[,ADDR]",
+     "help": "only flows with this IPv4/IPv6 address on either side; repeatable"},
+    {"name": "interfaces", "type": "ifname", "multiple": True, "metavar": "IF[,IF]",
+     "help": "interfaces to watch (default: every interface except lo)"},
+    {"name": "history", "type": "int", "min": 0, "max": 8, "default": 4, "metavar": "K",
+     "help": "packets remembered per flow, shown before its RST (0-8, default 4)"},
+    {"name": "all-flows", "type": "flag",
+     "help": "also report handshake and close packets of flows without a RST"},
+    {"name": "duration", "type": "float", "min": 0, "default": 0, "metavar": "SECONDS",
+     "help": "stop after SECONDS (default 0: run until signalled)"},
+    {"name": "count", "type": "int", "min": 0, "default": 0, "metavar": "N",
+     "help": "stop after N reset records (RST packets when no reset probe)"},
+    {"name": "tc-mode", "type": "choice", "choices": ["auto", "tcx", "clsact"],
+     "default": "auto", "metavar": "MODE",
+     "help": "packet hook: auto (tcx if the kernel has it), tcx or clsact"},
+    {"name": "ebpf", "type": "flag", "local": True,
+     "help": "print the generated C program and exit (needs no root)"},
+    {"name": "format-dir", "type": "path", "local": True, "metavar": "DIR",
+     "help": "with --ebpf: read tracepoint format files from DIR"},
+]  # fmt: skip
 
 
-def _csv(convert):
-    def parse(text):
-        try:
-            return [convert(item.strip()) for item in text.split(",") if item.strip()]
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse
-
-
-def _port(text: str) -> int:
-    port = int(text)
-    if not 0 < port < 65536:
-        raise ValueError("port out of range: %s" % text)
-    return port
-
-
-def _addr(text: str) -> str:
-    return str(ipaddress.ip_address(text))
-
-
-def _non_negative(convert):
-    def parse(text):
-        value = convert(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError("must be >= 0: %s" % text)
-        return value
-
-    return parse
-
-
-def parse_args(argv) -> argparse.Namespace:
+def parse_args(argv):
     doc = (__doc__ or "").split("\n\n", 1)
-    parser = Parser(
-        prog=SCRIPT,
-        description=doc[0],
-        epilog=doc[1] if len(doc) > 1 else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--port",
-        action="append",
-        type=_csv(_port),
-        default=[],
-        help="only flows with this port on either side (repeatable, a,b)",
-    )
-    parser.add_argument(
-        "--addr",
-        action="append",
-        type=_csv(_addr),
-        default=[],
-        help="only flows with this address on either side (repeatable, a,b)",
-    )
-    parser.add_argument(
-        "--interfaces",
-        type=_csv(str),
-        default=None,
-        help="interfaces to watch (default: all except lo)",
-    )
-    parser.add_argument(
-        "--history",
-        type=int,
-        default=4,
-        help="packets remembered per flow (0-%d, default 4)" % MAX_HISTORY,
-    )
-    parser.add_argument(
-        "--all-flows",
-        action="store_true",
-        help="report the handshake and close packets of every matching flow as they happen "
-        "(default: only for flows that end in a reset, kept in the kernel until then)",
-    )
-    parser.add_argument(
-        "--duration",
-        type=_non_negative(float),
-        default=0,
-        help="seconds to run (0: until signalled)",
-    )
-    parser.add_argument(
-        "--count",
-        type=_non_negative(int),
-        default=0,
-        help="stop after N reset records (RST packets without reset probes)",
-    )
-    parser.add_argument(
-        "--tc-mode",
-        choices=TC_MODES,
-        default="auto",
-        help="packet hook: tcx links (Linux 6.6+), legacy clsact filters, or auto "
-        "(tcx when the kernel has it); for troubleshooting",
-    )
-    parser.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--format-dir", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    args.port = sorted(set(p for group in args.port for p in group))
-    args.addr = sorted(set(a for group in args.addr for a in group))
-    if not 0 <= args.history <= MAX_HISTORY:
-        parser.error("--history must be between 0 and %d" % MAX_HISTORY)
+    try:
+        args = parse(PARAMS, argv, SCRIPT, doc[0], doc[1] if len(doc) > 1 else None)
+    except ParamError as exc:
+        raise ArgError(str(exc)) from None
     if args.format_dir and not args.ebpf:
-        parser.error("--format-dir only goes with --ebpf")
+        raise ArgError("--format-dir only goes with --ebpf")
     return args
 
 

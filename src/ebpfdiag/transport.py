@@ -48,7 +48,10 @@ class Script:
 
     @classmethod
     def from_path(cls, path: Path, args: tuple[str, ...] = ()) -> Script:
-        return cls(path.name, path.read_bytes(), args)
+        """The program to push for ``path``: bundled with the core modules it uses."""
+        from ebpfdiag.remote.bundle import bundle
+
+        return cls(path.name, bundle(path).encode(), args)
 
     def frame(self) -> bytes:
         digest = hashlib.sha256(self.source).hexdigest()

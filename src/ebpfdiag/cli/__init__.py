@@ -27,13 +27,14 @@ def cli() -> None:
 
 
 def _register() -> None:
+    from ebpfdiag.cli.bundle import bundle_cmd
     from ebpfdiag.cli.doctor import doctor
     from ebpfdiag.cli.hosts import hosts
     from ebpfdiag.cli.lab import lab
     from ebpfdiag.cli.run_script import run_script
     from ebpfdiag.cli.trace import trace
 
-    for command in (hosts, run_script, doctor, trace, lab):
+    for command in (hosts, run_script, doctor, trace, lab, bundle_cmd):
         cli.add_command(command)
 
 
