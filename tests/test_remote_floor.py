@@ -16,7 +16,7 @@ from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOOR = "3.6"
-REMOTE = sorted((ROOT / "scripts" / "bpf").glob("*.py")) + [
+REMOTE = sorted((ROOT / "scripts" / "bpf").glob("**/*.py")) + [
     ROOT / "src" / "ebpfdiag" / "remote" / "bootstrap.py"
 ]
 
@@ -31,7 +31,8 @@ def vermin(*paths: Path) -> subprocess.CompletedProcess:
 
 
 def test_remote_code_runs_on_the_oldest_host_python():
-    assert len(REMOTE) >= 3 and all(p.exists() for p in REMOTE)
+    assert len(REMOTE) >= 4 and all(p.exists() for p in REMOTE)
+    assert any(p.parent.name == "core" for p in REMOTE)
     proc = vermin(*REMOTE)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Target versions not met" not in proc.stdout
