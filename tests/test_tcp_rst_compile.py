@@ -23,7 +23,8 @@ FORMATS = Path(__file__).resolve().parent / "fixtures" / "tracepoint_formats"
 VERSIONS = sorted(p.name for p in FORMATS.iterdir() if p.is_dir())
 
 COMPILE = r"""
-import importlib.util, json, sys
+import importlib.util, json, os, sys
+sys.path.insert(0, os.path.dirname(sys.argv[1]))  # the tool's core modules
 spec = importlib.util.spec_from_file_location("tcp_rst", sys.argv[1])
 m = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(m)

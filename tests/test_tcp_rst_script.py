@@ -5,7 +5,6 @@ script under the system python inside the listener side, make resets happen and 
 records, and check that every exit leaves TC and BPF exactly as they were.
 """
 
-import hashlib
 import json
 import os
 import re
@@ -21,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.bpfstate import load_tcp_rst, tcx_progs
+from ebpfdiag.transport import Script
+from tests.bpfstate import load_core, load_tcp_rst, tcx_progs
 from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,11 +32,14 @@ BOOTSTRAP = ROOT / "src" / "ebpfdiag" / "remote" / "bootstrap.py"
 
 
 tcp_rst = load_tcp_rst()
-BPF_NR = tcp_rst.bpf_syscall_number()
+core_btf = load_core("btf")
+core_tc = load_core("tc")
+core_tracepoints = load_core("tracepoints")
+BPF_NR = core_tc.bpf_syscall_number()
 
 
 def read_format(version: str, probe: str) -> dict:
-    return tcp_rst.parse_format((FORMATS / version / probe).read_text())
+    return core_tracepoints.parse_format((FORMATS / version / probe).read_text())
 
 
 def offsets(fmt: dict) -> dict:
@@ -60,7 +63,7 @@ def test_parse_live_618_send_reset_fields_and_tables():
     # State keys are constant names in this file; they map through the ABI numbers.
     assert fmt["symbols"]["state"][7] == "TCP_CLOSE"
     assert fmt["symbols"]["state"][10] == "TCP_LISTEN"
-    assert tcp_rst.address_layout(fmt) == "sockaddr"
+    assert core_tracepoints.address_layout(fmt) == "sockaddr"
 
 
 def test_parse_pointer_and_array_declarations():
@@ -70,7 +73,7 @@ def test_parse_pointer_and_array_declarations():
     assert by_name["saddr_v6"]["count"] == 16
     assert by_name["family"]["count"] is None
     assert fmt["symbols"]["family"] == {2: "AF_INET", 10: "AF_INET6"}
-    assert tcp_rst.address_layout(fmt) == "legacy"
+    assert core_tracepoints.address_layout(fmt) == "legacy"
 
 
 @pytest.mark.parametrize(
@@ -86,7 +89,7 @@ def test_parse_pointer_and_array_declarations():
 )
 def test_generated_struct_pins_recorded_offsets(version, probe, expected):
     fmt = read_format(version, probe)
-    code = tcp_rst.c_tracepoint_struct("tp_x", fmt)
+    code = core_tracepoints.c_tracepoint_struct("tp_x", fmt)
     pinned = dict(
         (name, int(off))
         for name, off in re.findall(r"offsetof\(struct tp_x, (\w+)\) == (\d+)", code)
@@ -97,10 +100,10 @@ def test_generated_struct_pins_recorded_offsets(version, probe, expected):
 
 
 def test_unknown_types_become_char_arrays_and_gaps_are_padded():
-    send = tcp_rst.c_tracepoint_struct("tp_s", read_format("6.18", "tcp_send_reset"))
+    send = core_tracepoints.c_tracepoint_struct("tp_s", read_format("6.18", "tcp_send_reset"))
     assert "char reason[4];" in send
     assert "enum" not in send.split("*/")[0]  # no enum type in a declaration
-    receive = tcp_rst.c_tracepoint_struct("tp_r", read_format("6.18", "tcp_receive_reset"))
+    receive = core_tracepoints.c_tracepoint_struct("tp_r", read_format("6.18", "tcp_receive_reset"))
     # daddr_v6 ends at 62, sock_cookie starts at 64: two bytes of explicit padding.
     assert re.search(r"char __pad\d+\[2\];", receive)
 
@@ -193,7 +196,7 @@ def test_kept_flow_entry_decodes_in_time_order():
 def test_reason_names_follow_the_file(tmp_path):
     text = (FORMATS / "6.18" / "tcp_send_reset").read_text()
     text = text.replace('{ 1, "NO_SOCKET" }', '{ 1, "NO_LISTENER_HERE" }')
-    fmt = tcp_rst.parse_format(text)
+    fmt = core_tracepoints.parse_format(text)
     raw = struct.pack(
         tcp_rst.RESET_FMT,
         123,
@@ -291,10 +294,10 @@ def test_kept_handshake_comes_first_and_fins_are_marked_close():
 
 
 def test_prio_goes_ahead_of_existing_filters_when_possible():
-    assert tcp_rst.pick_prio(set()) == tcp_rst.TC_PRIO_BASE
-    assert tcp_rst.pick_prio({100, 49152}) == 99
-    assert tcp_rst.pick_prio({1}) == tcp_rst.TC_PRIO_BASE
-    assert tcp_rst.pick_prio({1, tcp_rst.TC_PRIO_BASE}) == tcp_rst.TC_PRIO_BASE + 1
+    assert core_tc.pick_prio(set()) == core_tc.TC_PRIO_BASE
+    assert core_tc.pick_prio({100, 49152}) == 99
+    assert core_tc.pick_prio({1}) == core_tc.TC_PRIO_BASE
+    assert core_tc.pick_prio({1, core_tc.TC_PRIO_BASE}) == core_tc.TC_PRIO_BASE + 1
 
 
 def test_tcx_is_detected_from_kallsyms(tmp_path):
@@ -302,27 +305,27 @@ def test_tcx_is_detected_from_kallsyms(tmp_path):
     with_tcx.write_text("0 T tcx_prog_attach_x\n0 T tcx_prog_attach\n0 T tcx_prog_detach\n")
     without = tmp_path / "without"
     without.write_text("0 T tcx_prog_attach_x\n0 T tc_setup_cb_add\n")
-    assert tcp_rst.kernel_has_tcx(str(with_tcx)) is True
-    assert tcp_rst.kernel_has_tcx(str(without)) is False
+    assert core_tc.kernel_has_tcx(str(with_tcx)) is True
+    assert core_tc.kernel_has_tcx(str(without)) is False
     # Unreadable proves nothing: the attach itself decides, falling back on refusal.
-    assert tcp_rst.kernel_has_tcx(str(tmp_path / "absent")) is True
+    assert core_tc.kernel_has_tcx(str(tmp_path / "absent")) is True
 
 
 def test_link_create_attr_matches_the_uapi_layout():
     # prog_fd, target_ifindex, attach_type, flags, tcx.relative_fd, pad, tcx.expected_revision
-    assert struct.calcsize(tcp_rst.LINK_CREATE_FMT) == 32
-    raw = struct.pack(tcp_rst.LINK_CREATE_FMT, 7, 3, 46, tcp_rst.BPF_F_BEFORE, 0, 5)
+    assert struct.calcsize(core_tc.LINK_CREATE_FMT) == 32
+    raw = struct.pack(core_tc.LINK_CREATE_FMT, 7, 3, 46, core_tc.BPF_F_BEFORE, 0, 5)
     assert struct.unpack_from("<IIII", raw) == (7, 3, 46, 8)
     assert struct.unpack_from("<Q", raw, 24) == (5,)
 
 
 def test_btf_offsets_match_bpftool():
-    require(os.path.exists(tcp_rst.BTF_VMLINUX), "needs /sys/kernel/btf/vmlinux")
+    require(os.path.exists(core_btf.BTF_VMLINUX), "needs /sys/kernel/btf/vmlinux")
     require(shutil.which("bpftool") is not None, "needs bpftool")
-    found, why = tcp_rst.netns_offsets()
+    found, why = core_btf.netns_offsets()
     assert found is not None, why
     dump = subprocess.run(
-        ["bpftool", "btf", "dump", "file", tcp_rst.BTF_VMLINUX, "format", "raw"],
+        ["bpftool", "btf", "dump", "file", core_btf.BTF_VMLINUX, "format", "raw"],
         capture_output=True,
         text=True,
         check=True,
@@ -359,9 +362,9 @@ def test_btf_offsets_match_bpftool():
                     return bits + found
         return None
 
-    (_, _), (tuples, why) = tcp_rst.btf_offsets()
+    (_, _), (tuples, why) = core_btf.btf_offsets()
     assert tuples is not None, why
-    for key, (struct_name, path, _size) in tcp_rst.TUPLE_PATHS.items():
+    for key, (struct_name, path, _size) in core_btf.TUPLE_PATHS.items():
         assert tuples[key] * 8 == deep_bits(by_name[struct_name], path[-1]), key
 
 
@@ -403,11 +406,11 @@ def test_ebpf_generation_for_recorded_kernels(version):
             assert f"int ebd_{probe}(" not in code
             assert probe in proc.stderr  # reported as missing
             continue
-        fmt = tcp_rst.parse_format(fmt_file.read_text())
+        fmt = core_tracepoints.parse_format(fmt_file.read_text())
         assert f"int ebd_{probe}(void *ctx)" in code
         for field in fmt["fields"]:
             assert f"offsetof(struct tp_{probe}, {field['name']}) == {field['offset']}" in code
-    layout = tcp_rst.address_layout(read_format(version, "tcp_receive_reset"))
+    layout = core_tracepoints.address_layout(read_format(version, "tcp_receive_reset"))
     assert layout == "legacy"
     if version == "6.18":
         assert "rec.saddr[4]" in code and "__builtin_memcpy(&reason" in code
@@ -607,11 +610,8 @@ class Run:
             stderr=subprocess.PIPE,
             stdin=subprocess.PIPE if bootstrap else subprocess.DEVNULL,
         )
-        if bootstrap:
-            src = SCRIPT.read_bytes()
-            digest = hashlib.sha256(src).hexdigest()
-            self.proc.stdin.write(b"EBPFDIAG1 %d %s tcp_rst.py\n" % (len(src), digest.encode()))
-            self.proc.stdin.write(src)
+        if bootstrap:  # the bundle, framed as the controller sends it
+            self.proc.stdin.write(Script.from_path(SCRIPT).frame())
             self.proc.stdin.flush()
         LIVE_RUNS.append(self)
         self.records = []
@@ -709,8 +709,8 @@ def exchange(lab, server_code: str, port: str, how: str) -> str:
 
 
 def tcx_needed():
-    require(tcp_rst.kernel_has_tcx(), "needs a kernel with tcx (Linux 6.6+)")
-    require(tcp_rst.bpf_syscall_number() is not None, "needs a known bpf syscall number")
+    require(core_tc.kernel_has_tcx(), "needs a kernel with tcx (Linux 6.6+)")
+    require(core_tc.bpf_syscall_number() is not None, "needs a known bpf syscall number")
 
 
 @pytest.mark.root
@@ -769,7 +769,7 @@ def test_resets_packets_history_and_cleanup_on_sigterm(lab, mode, kind, all_flow
     assert rst[0]["dport"] == syn[0]["sport"] and rst[0]["ts_ns"] > syn[0]["ts_ns"]
 
     # (b) abort: reason name from the live format, history before the RST.
-    live = tcp_rst.parse_format(
+    live = core_tracepoints.parse_format(
         Path("/sys/kernel/tracing/events/tcp/tcp_send_reset/format").read_text()
     )
     abort = [r for r in resets if r["probe"] == "tcp_send_reset" and r["sport"] == 8080]

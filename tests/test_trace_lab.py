@@ -19,12 +19,13 @@ import pytest
 
 from ebpfdiag.lab.scenarios import SCENARIOS, run_scenario
 from ebpfdiag.lab.topology import Lab
-from tests.bpfstate import load_tcp_rst, tcx_progs
+from tests.bpfstate import load_core, load_tcp_rst, tcx_progs
 from tests.conftest import require, require_root_tools
 
 pytestmark = pytest.mark.root
 
 tcp_rst = load_tcp_rst()
+core_tc = load_core("tc")
 PREFIX, BASE = "eblr", "198.18.88.0"
 STATE_DIR = Path("/run/ebpfdiag/lab-trace-test")
 HOSTS = "client,lb,server"
@@ -105,7 +106,7 @@ def finish(proc: subprocess.Popen) -> list[dict]:
 def attached(lab) -> dict[str, str]:
     """Per host, what is attached to its interfaces: tc and xdp as bpftool lists them, plus
     tcx links (which bpftool before 7.3 does not list)."""
-    nr = tcp_rst.bpf_syscall_number()
+    nr = core_tc.bpf_syscall_number()
     out = {}
     for host in lab.hosts:
         net = json.loads(ns(lab, host, "bpftool", "-j", "net", "show"))

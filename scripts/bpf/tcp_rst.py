@@ -85,43 +85,48 @@ Fields:
 """
 
 import ctypes
-import errno
 import ipaddress
-import json
 import os
-import re
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 
+from core.btf import btf_offsets, c_netns_lookup
+from core.discovery import (
+    discover_addrs,
+    discover_links,
+    kernel_version,
+    kprobes_available,
+    own_netns,
+)
+from core.events import (
+    C_BUFFERS_PERF,
+    C_BUFFERS_RINGBUF,
+    C_LOST,
+    RINGBUF_MIN_KERNEL,
+    Output,
+    c_submit,
+    now_ns,
+)
+from core.lifecycle import SetupError, Stop, StopState
 from core.params import ParamError, parse
+from core.tc import TCX_UNSUPPORTED, TcHooks, TcxLinks, bpf_syscall_number, kernel_has_tcx
+from core.tracepoints import (
+    TCP_STATES,
+    TRACEFS_DIRS,
+    address_layout,
+    c_tracepoint_struct,
+    ensure_tracefs,
+    field_map,
+    parse_format,
+)
 
 SCRIPT = "tcp_rst"
 VERSION = 2
-TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
-BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 RESET_PROBES = ("tcp_send_reset", "tcp_receive_reset")
-RINGBUF_MIN_KERNEL = (5, 8)
 
-# Linux TCP state numbers are ABI (include/net/tcp_states.h); format files may name them.
-TCP_STATES = {
-    "TCP_ESTABLISHED": 1,
-    "TCP_SYN_SENT": 2,
-    "TCP_SYN_RECV": 3,
-    "TCP_FIN_WAIT1": 4,
-    "TCP_FIN_WAIT2": 5,
-    "TCP_TIME_WAIT": 6,
-    "TCP_CLOSE": 7,
-    "TCP_CLOSE_WAIT": 8,
-    "TCP_LAST_ACK": 9,
-    "TCP_LISTEN": 10,
-    "TCP_CLOSING": 11,
-    "TCP_NEW_SYN_RECV": 12,
-}
-SYMBOL_CONSTANTS = dict(TCP_STATES, AF_INET=2, AF_INET6=10)
 
 WHY_NAMES = {1: "rst", 2: "handshake", 3: "close", 4: "history", 5: "kept"}
 WHY_KEPT = 5
@@ -129,20 +134,6 @@ TH_FIN, TH_SYN, TH_ACK = 0x01, 0x02, 0x10
 TUPLE_FROM = {1: "skb", 2: "socket"}  # reset_event.src; 0: the tracepoint's own fields
 STATE_TIME_WAIT, STATE_LISTEN, STATE_NEW_SYN_RECV = 6, 10, 12
 DIR_NAMES = {0: "ingress", 1: "egress"}
-TC_PARENTS = (("ingress", 0xFFFFFFF2), ("egress", 0xFFFFFFF3))
-TC_PRIO_BASE = 0xEBD0  # our filters' priorities start here, skipping any already in use
-ETH_P_ALL = 0x0003
-ARPHRD_ETHER = 1
-ARPHRD_LOOPBACK = 772
-L3_LINK_TYPES = (768, 769, 776, 778, 823, 65534)  # ipip, ip6ip6, sit, gre, ip6gre, none
-# tcx links: union bpf_attr.link_create is prog_fd, target_ifindex, attach_type, flags, then
-# tcx.relative_fd (u32) and tcx.expected_revision (u64, 8-aligned) (include/uapi/linux/bpf.h).
-BPF_LINK_CREATE = 28
-BPF_F_BEFORE = 1 << 3  # with no relative program: first in the chain
-LINK_CREATE_FMT = "=IIIII4xQ"
-TCX_ATTACH_TYPES = (("ingress", 46), ("egress", 47))  # BPF_TCX_INGRESS, BPF_TCX_EGRESS
-TCX_UNSUPPORTED = (errno.EINVAL, errno.EOPNOTSUPP, 524)  # 524: the kernel's ENOTSUPP
-BPF_SYSCALLS = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
 
 # Userspace mirrors of the C structs below (explicit padding, little/native endian).
 PKT_FMT = "=QIIIHHHBBBB2x"
@@ -156,22 +147,6 @@ HIST_HEAD_FMT = "=IIII"  # struct hist after its key: head, count, hs_mask, pad
 V4_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
 
 
-class Stop(BaseException):
-    """Raised to leave the run from anywhere; carries the bye reason.
-
-    A BaseException, like KeyboardInterrupt, so `except Exception` around attach steps
-    does not mistake a signal for a failed probe.
-    """
-
-    def __init__(self, reason: str) -> None:
-        BaseException.__init__(self, reason)
-        self.reason = reason
-
-
-class SetupError(Exception):
-    """A failure before `ready`: reported as one stderr line and a bye with reason error."""
-
-
 class ArgError(Exception):
     """A bad command-line argument: exit code 2."""
 
@@ -179,70 +154,6 @@ class ArgError(Exception):
 # --------------------------------------------------------------------------------------
 # Tracepoint format files
 # --------------------------------------------------------------------------------------
-
-FIELD_RE = re.compile(
-    r"^\s*field:(?P<decl>[^;]+);\s*offset:(?P<offset>\d+);\s*size:(?P<size>\d+);"
-    r"\s*signed:(?P<signed>\d+);"
-)
-SYMBOLIC_RE = re.compile(r"__print_symbolic\(\s*REC->(\w+)\s*,((?:\s*,?\s*\{[^}]*\})+)\s*\)")
-SYMBOL_ENTRY_RE = re.compile(r"\{\s*([^,{}]+?)\s*,\s*\"([^\"]*)\"\s*\}")
-
-
-def parse_format(text: str) -> dict:
-    """Parse a tracefs `format` file into its fields and `__print_symbolic` tables.
-
-    Returns {"name", "id", "fields": [{name, type, offset, size, signed, count}],
-    "symbols": {field: {number: name}}}. Symbol keys that are constant names (TCP_CLOSE,
-    AF_INET) are mapped through the ABI tables; unknown names are skipped.
-    """
-    fmt = {"name": None, "id": None, "fields": [], "symbols": {}}
-    print_fmt = ""
-    for line in text.splitlines():
-        if line.startswith("name:"):
-            fmt["name"] = line.split(":", 1)[1].strip()
-        elif line.startswith("ID:"):
-            fmt["id"] = int(line.split(":", 1)[1])
-        elif line.startswith("print fmt:"):
-            print_fmt = line.split(":", 1)[1]
-        else:
-            m = FIELD_RE.match(line)
-            if m:
-                fmt["fields"].append(_parse_field(m))
-    for field, table in SYMBOLIC_RE.findall(print_fmt):
-        symbols = fmt["symbols"].setdefault(field, {})
-        for key, name in SYMBOL_ENTRY_RE.findall(table):
-            number = _symbol_number(key)
-            if number is not None:
-                symbols[number] = name
-    return fmt
-
-
-def _parse_field(m) -> dict:
-    decl = m.group("decl").strip()
-    count = None
-    arr = re.match(r"^(.*?)\s*\[(\d*)\]$", decl)
-    if arr:
-        decl, count = arr.group(1), int(arr.group(2) or 0)
-    name_m = re.match(r"^(.*?)[\s*]*\b(\w+)$", decl)
-    ctype, name = (name_m.group(1).strip(), name_m.group(2)) if name_m else (decl, decl)
-    if "*" in decl.rsplit(name, 1)[0]:
-        ctype = ctype + " *" if not ctype.endswith("*") else ctype
-    return {
-        "name": name,
-        "type": ctype,
-        "offset": int(m.group("offset")),
-        "size": int(m.group("size")),
-        "signed": m.group("signed") == "1",
-        "count": count,
-    }
-
-
-def _symbol_number(key: str):
-    key = key.strip()
-    try:
-        return int(key, 0)
-    except ValueError:
-        return SYMBOL_CONSTANTS.get(key)
 
 
 def read_formats(fmt_dir) -> dict:
@@ -268,80 +179,9 @@ def read_formats(fmt_dir) -> dict:
     return formats
 
 
-def field_map(fmt: dict) -> dict:
-    return {f["name"]: f for f in fmt["fields"]}
-
-
-def address_layout(fmt: dict) -> str:
-    """`sockaddr` (6.10+: saddr/daddr hold a sockaddr_in/in6) or `legacy` (sport, saddr_v6...)."""
-    saddr = field_map(fmt).get("saddr")
-    return "sockaddr" if saddr and saddr["size"] >= 16 else "legacy"
-
-
 # --------------------------------------------------------------------------------------
 # C generation
 # --------------------------------------------------------------------------------------
-
-SCALAR_TYPES = {
-    ("__u8", 1): "__u8",
-    ("u8", 1): "__u8",
-    ("unsigned char", 1): "__u8",
-    ("char", 1): "char",
-    ("__u16", 2): "__u16",
-    ("u16", 2): "__u16",
-    ("unsigned short", 2): "__u16",
-    ("__u32", 4): "__u32",
-    ("u32", 4): "__u32",
-    ("unsigned int", 4): "__u32",
-    ("int", 4): "__s32",
-    ("__s32", 4): "__s32",
-    ("pid_t", 4): "__s32",
-    ("__u64", 8): "__u64",
-    ("u64", 8): "__u64",
-    ("unsigned long", 8): "__u64",
-    ("long", 8): "__s64",
-}
-
-
-def c_tracepoint_struct(struct_name: str, fmt: dict) -> str:
-    """A C struct whose members sit exactly at the format file's offsets.
-
-    Known scalars keep a C type; pointers become __u64; anything else (enums, unknown
-    typedefs) becomes a char array of the recorded size. Gaps get explicit padding, and a
-    static assertion per member pins each offset.
-    """
-    lines = ["struct %s {" % struct_name]
-    asserts = []
-    pos = 0
-    for i, f in enumerate(fmt["fields"]):
-        if f["offset"] < pos:
-            continue  # overlapping/duplicate field: keep the first
-        if f["offset"] > pos:
-            lines.append("\tchar __pad%d[%d];" % (i, f["offset"] - pos))
-        where = (f["offset"], f["size"], f["type"])
-        lines.append("\t%s;\t/* offset %d size %d: %s */" % ((_c_member(f),) + where))
-        asserts.append(
-            '_Static_assert(__builtin_offsetof(struct %s, %s) == %d, "%s.%s offset");'
-            % (struct_name, f["name"], f["offset"], struct_name, f["name"])
-        )
-        pos = f["offset"] + f["size"]
-    lines.append("} __attribute__((packed));")
-    return "\n".join(lines + asserts) + "\n"
-
-
-def _c_member(f: dict) -> str:
-    base = f["type"].replace("const ", "").replace("volatile ", "").strip()
-    if f["count"] is not None:
-        elem = SCALAR_TYPES.get((base, f["size"] // f["count"])) if f["count"] else None
-        if elem and f["size"] % f["count"] == 0:
-            return "%s %s[%d]" % (elem, f["name"], f["count"])
-        return "char %s[%d]" % (f["name"], f["size"])
-    if base.endswith("*") and f["size"] == 8:
-        return "__u64 %s" % f["name"]
-    scalar = SCALAR_TYPES.get((base, f["size"]))
-    if scalar:
-        return "%s %s" % (scalar, f["name"])
-    return "char %s[%d]" % (f["name"], f["size"])
 
 
 C_COMMON = r"""
@@ -439,24 +279,6 @@ struct addr_key {
 BPF_PERCPU_ARRAY(lost, __u64, 2);            /* 0: packets, 1: resets (ring buffer full) */
 """
 
-C_BUFFERS_RINGBUF = r"""
-BPF_RINGBUF_OUTPUT(pkt_events, %(pages)d);
-BPF_RINGBUF_OUTPUT(reset_events, %(pages)d);
-"""
-
-C_BUFFERS_PERF = r"""
-BPF_PERF_OUTPUT(pkt_events);
-BPF_PERF_OUTPUT(reset_events);
-"""
-
-C_LOST = r"""
-static __always_inline void count_lost(__u32 idx)
-{
-	__u64 *v = lost.lookup(&idx);
-	if (v)
-		(*v)++;
-}
-"""
 
 C_TC = r"""
 BPF_ARRAY(ports, __u8, 65536);               /* port -> 1 when wanted (array: cheapest lookup) */
@@ -710,55 +532,6 @@ C_ADDR_FILTER = r"""	if (!addr_wanted(k.family, saddr) && !addr_wanted(k.family,
 		return TC_ACT_UNSPEC;"""
 
 
-def _submit(buffer: str, table: str, ctx: str, ptr: str, lost_idx: int) -> str:
-    """The statement that sends one event; ring-buffer failures are counted, not dropped."""
-    if buffer == "ringbuf":
-        return "if (%s.ringbuf_output(%s, sizeof(*%s), 0) != 0)\n\t\tcount_lost(%d);" % (
-            table,
-            ptr,
-            ptr,
-            lost_idx,
-        )
-    return "%s.perf_submit(%s, %s, sizeof(*%s));" % (table, ctx, ptr, ptr)
-
-
-def c_netns_lookup(offsets, sk, skb) -> str:
-    """C that sets e.netns from the socket (or, without one, the skb's device) and returns
-    early for another namespace's event.
-
-    `sk` and `skb` are C expressions for the kernel pointers as integers (None when the
-    probe has no such pointer); tracepoint and kprobe programs share this block.
-    """
-    if not offsets:
-        return ""
-    lines = ["\t__u64 net = 0;"]
-    if sk:
-        lines += [
-            "\tif (%s)" % sk,
-            "\t\tbpf_probe_read_kernel(&net, sizeof(net), (void *)(%s + %d));"
-            % (sk, offsets["sk_net"]),
-        ]
-    if skb:
-        lines += [
-            "\t%sif (%s) {" % ("else " if sk else "", skb),
-            "\t\t__u64 dev = 0;",
-            "\t\tbpf_probe_read_kernel(&dev, sizeof(dev), (void *)(%s + %d));"
-            % (skb, offsets["skb_dev"]),
-            "\t\tif (dev)",
-            "\t\t\tbpf_probe_read_kernel(&net, sizeof(net), (void *)(dev + %d));"
-            % offsets["dev_net"],
-            "\t}",
-        ]
-    lines += [
-        "\tif (net)",
-        "\t\tbpf_probe_read_kernel(&e.netns, sizeof(e.netns), (void *)(net + %d));"
-        % offsets["net_inum"],
-        "\tif (e.netns && e.netns != OWN_NETNS)",
-        "\t\treturn 0;                    /* another namespace's reset */",
-    ]
-    return "\n".join(lines)
-
-
 C_TUPLE = r"""
 #define OFF_SKB_HEAD %(skb_head)d
 #define OFF_SKB_NH %(skb_nh)d
@@ -958,7 +731,7 @@ def c_reset_probe(
     sk = "rec.skaddr" if "skaddr" in fields else None
     skb = "rec.skbaddr" if "skbaddr" in fields else None
     body.append(c_netns_lookup(offsets, sk, skb))
-    body.append("\t" + _submit(buffer, "reset_events", "ctx", "&e", 1))
+    body.append("\t" + c_submit(buffer, "reset_events", "ctx", "&e", 1))
     body.append("\treturn 0;\n}\n")
     return "\n".join(line for line in body if line)
 
@@ -1087,7 +860,7 @@ def build_program(plan: dict) -> str:
         C_TC
         % {
             "filters": "\n".join(filters),
-            "submit_pkt": _submit(plan["buffer"], "pkt_events", "skb", "e", 0),
+            "submit_pkt": c_submit(plan["buffer"], "pkt_events", "skb", "e", 0),
         }
     )
     num = {"tcp_send_reset": 1, "tcp_receive_reset": 2}
@@ -1100,7 +873,7 @@ def build_program(plan: dict) -> str:
                 probe, fmt, num[probe], plan["offsets"], plan["buffer"], tuples=bool(tuples)
             )
         )
-    submit_reset = _submit(plan["buffer"], "reset_events", "ctx", "&e", 1)
+    submit_reset = c_submit(plan["buffer"], "reset_events", "ctx", "&e", 1)
     if plan["kprobes"]:
         parts.append(C_KPROBE_COMMON)
     if "tcp_send_reset" in plan["kprobes"]:
@@ -1113,451 +886,8 @@ def build_program(plan: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# BTF: the few kernel struct offsets needed to tell which namespace an event belongs to
+# Decoding
 # --------------------------------------------------------------------------------------
-
-BTF_STRUCT, BTF_UNION = 4, 5
-BTF_MODIFIERS = (8, 9, 10, 11, 18)  # typedef, volatile, const, restrict, type_tag
-BTF_EXTRA = {
-    1: (4, 0),
-    3: (12, 0),
-    4: (0, 12),
-    5: (0, 12),
-    6: (0, 8),
-    13: (0, 8),
-    14: (4, 0),
-    15: (0, 12),
-    17: (4, 0),
-    19: (0, 12),
-}  # kind: (fixed bytes, bytes per vlen)
-NETNS_PATHS = {
-    "sk_net": ("sock_common", ("skc_net", "net")),
-    "net_inum": ("net", ("ns", "inum")),
-    "skb_dev": ("sk_buff", ("dev",)),
-    "dev_net": ("net_device", ("nd_net", "net")),
-}
-
-
-# The RST's own 4-tuple: trigger packet headers, or the socket of an active reset.
-TUPLE_PATHS = {
-    "skb_head": ("sk_buff", ("head",), 8),
-    "skb_nh": ("sk_buff", ("network_header",), 2),
-    "skb_th": ("sk_buff", ("transport_header",), 2),
-    "skc_family": ("sock_common", ("skc_family",), 2),
-    "skc_state": ("sock_common", ("skc_state",), 1),
-    "inet_sport": ("inet_sock", ("inet_sport",), 2),
-    "skc_dport": ("sock_common", ("skc_dport",), 2),
-    "skc_rcv_saddr": ("sock_common", ("skc_rcv_saddr",), 4),
-    "skc_daddr": ("sock_common", ("skc_daddr",), 4),
-    "skc_v6_rcv_saddr": ("sock_common", ("skc_v6_rcv_saddr",), 16),
-    "skc_v6_daddr": ("sock_common", ("skc_v6_daddr",), 16),
-    "snd_nxt": ("tcp_sock", ("snd_nxt",), 4),
-    "rcv_nxt": ("tcp_sock", ("rcv_nxt",), 4),
-}
-BTF_PTR, BTF_INT, BTF_ENUM = 2, 1, 6
-
-
-class Btf:
-    """A minimal reader of a BTF blob: struct/union members and their bit offsets."""
-
-    def __init__(self, data: bytes) -> None:
-        magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
-        if magic != 0xEB9F:
-            raise ValueError("not little-endian BTF")
-        type_off, type_len, str_off, _str_len = struct.unpack_from("<IIII", data, 8)
-        self.data = data
-        self.strings = hdr_len + str_off
-        self.types = [(0, 0, 0, 0, 0)]  # (kind, name_off, size_or_type, members_pos, info)
-        pos, end = hdr_len + type_off, hdr_len + type_off + type_len
-        while pos < end:
-            name_off, info, size_or_type = struct.unpack_from("<III", data, pos)
-            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-            fixed, per = BTF_EXTRA.get(kind, (0, 0))
-            self.types.append((kind, name_off, size_or_type, pos + 12, info))
-            pos += 12 + fixed + per * vlen
-
-    def name(self, off: int) -> str:
-        start = self.strings + off
-        return self.data[start : self.data.index(b"\0", start)].decode()
-
-    def find_struct(self, name: str) -> int:
-        for tid, (kind, name_off, _s, _m, info) in enumerate(self.types):
-            if kind == BTF_STRUCT and info & 0xFFFF and self.name(name_off) == name:
-                return tid
-        raise KeyError("struct %s not in BTF" % name)
-
-    def resolve(self, tid: int) -> int:
-        while self.types[tid][0] in BTF_MODIFIERS:
-            tid = self.types[tid][2]
-        return tid
-
-    def member(self, tid: int, name: str):
-        """(bit offset, type id) of member `name`, looking into anonymous members too."""
-        kind, _n, _s, mpos, info = self.types[tid]
-        if kind not in (BTF_STRUCT, BTF_UNION):
-            return None
-        kflag = info >> 31
-        for i in range(info & 0xFFFF):
-            m_name, m_type, m_off = struct.unpack_from("<III", self.data, mpos + 12 * i)
-            bit = m_off & 0xFFFFFF if kflag else m_off
-            label = self.name(m_name)
-            if label == name:
-                return bit, m_type
-            if not label:
-                found = self.member(self.resolve(m_type), name)
-                if found:
-                    return bit + found[0], found[1]
-        return None
-
-    def size(self, tid: int):
-        """Byte size of a scalar, pointer, struct or union type; None for others."""
-        kind, _n, size, _m, _i = self.types[self.resolve(tid)]
-        if kind == BTF_PTR:
-            return 8
-        return size if kind in (BTF_INT, BTF_ENUM, BTF_STRUCT, BTF_UNION) else None
-
-    def field(self, struct_name: str, path, size: int) -> int:
-        """Offset of a member that must be `size` bytes (else a layout we do not know)."""
-        tid = self.find_struct(struct_name)
-        for name in path[:-1]:
-            tid = self.resolve(self.member(tid, name)[1])
-        found = self.member(tid, path[-1])
-        if not found or self.size(found[1]) != size:
-            raise KeyError("%s.%s is not %d bytes" % (struct_name, ".".join(path), size))
-        return self.offset(struct_name, path)
-
-    def offset(self, struct_name: str, path) -> int:
-        tid, bits = self.find_struct(struct_name), 0
-        for name in path:
-            found = self.member(tid, name)
-            if not found:
-                raise KeyError("%s has no member %s" % (struct_name, ".".join(path)))
-            bits += found[0]
-            tid = self.resolve(found[1])
-        if bits % 8:
-            raise KeyError("%s.%s is a bit field" % (struct_name, ".".join(path)))
-        return bits // 8
-
-
-def netns_offsets(path: str = BTF_VMLINUX):
-    """Offsets for sk->skc_net, net->ns.inum, skb->dev and dev->nd_net, or (None, why)."""
-    return btf_offsets(path)[0]
-
-
-def btf_offsets(path: str = BTF_VMLINUX):
-    """((netns offsets, why), (tuple offsets, why)): each dict is None when BTF lacks it."""
-    try:
-        with open(path, "rb") as f:
-            btf = Btf(f.read())
-    except (OSError, ValueError, struct.error) as exc:
-        btf, why = None, exc
-    results = []
-    for paths, what in (
-        (NETNS_PATHS, "no BTF namespace offsets (%s); filtering by local addresses"),
-        (TUPLE_PATHS, "no BTF packet/socket offsets (%s); resets keep the tracepoint's tuple"),
-    ):
-        if btf is None:
-            results.append((None, what % why))
-            continue
-        try:
-            found = {}
-            for key, spec in paths.items():
-                if len(spec) == 3:
-                    found[key] = btf.field(*spec)
-                else:
-                    found[key] = btf.offset(*spec)
-            results.append((found, None))
-        except (KeyError, IndexError, TypeError, struct.error) as exc:
-            results.append((None, what % exc))
-    return tuple(results)
-
-
-# --------------------------------------------------------------------------------------
-# This host: interfaces and addresses
-# --------------------------------------------------------------------------------------
-
-
-def ensure_tracefs() -> str:
-    """Where tracefs is; mount it privately when this mount namespace lacks it.
-
-    `ip netns exec` (and containers) give a fresh /sys without tracefs. A private mount
-    namespace for this process alone makes it visible again without changing the host.
-    Returns "" when there is none and it cannot be mounted.
-    """
-    for path in TRACEFS_DIRS:
-        if os.path.isdir(os.path.join(path, "events")):
-            return path
-    libc = ctypes.CDLL(None, use_errno=True)
-    ms_rec_private = 0x4000 | 0x40000
-    if libc.unshare(0x00020000) != 0:  # CLONE_NEWNS
-        return ""
-    if libc.mount(b"none", b"/", None, ms_rec_private, None) != 0:
-        return ""
-    if libc.mount(b"tracefs", TRACEFS_DIRS[0].encode(), b"tracefs", 0, None) != 0:
-        return ""
-    return TRACEFS_DIRS[0]
-
-
-def own_netns() -> int:
-    try:
-        return os.stat("/proc/self/ns/net").st_ino
-    except OSError:
-        return 0
-
-
-def discover_links(ipr) -> list:
-    """[(ifindex, name, l2 header length or None when unsupported)] excluding loopback."""
-    links = []
-    for link in ipr.get_links():
-        kind = link["ifi_type"]
-        if kind == ARPHRD_LOOPBACK:
-            continue
-        l2 = 14 if kind == ARPHRD_ETHER else (0 if kind in L3_LINK_TYPES else None)
-        links.append((link["index"], link.get_attr("IFLA_IFNAME"), l2))
-    return links
-
-
-def discover_addrs(ipr) -> list:
-    """This namespace's non-loopback addresses (pyroute2, else `ip -j addr`)."""
-    found = []
-    if ipr is not None:
-        for msg in ipr.get_addr():
-            found.append(msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS"))
-    else:
-        try:
-            proc = subprocess.run(
-                ["ip", "-j", "addr", "show"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
-            )
-            for link in json.loads(proc.stdout.decode() or "[]"):
-                found.extend(a.get("local") for a in link.get("addr_info", []))
-        except (OSError, ValueError):
-            pass
-    addrs = []
-    for text in found:
-        try:
-            ip = ipaddress.ip_address(text)
-        except (TypeError, ValueError):
-            continue
-        if not ip.is_loopback and str(ip) not in addrs:
-            addrs.append(str(ip))
-    return addrs
-
-
-# --------------------------------------------------------------------------------------
-# TC attachment that never disturbs filters it did not create
-# --------------------------------------------------------------------------------------
-
-
-def pick_prio(used) -> int:
-    """A free filter priority, ahead of existing filters when there is room.
-
-    Our program only observes (TC_ACT_UNSPEC), so running first costs the others nothing
-    and lets us see packets they would redirect or drop.
-    """
-    if not used:
-        return TC_PRIO_BASE
-    ahead = [p for p in range(min(used) - 1, 0, -1) if p not in used]
-    if ahead:
-        return ahead[0]
-    return next(p for p in range(TC_PRIO_BASE, 0xFFFF) if p not in used)
-
-
-class TcHooks:
-    """Adds our cls_bpf filters at free priorities; removes exactly those on close.
-
-    The fallback for kernels without tcx: a filter holds its own program reference, so
-    one left behind by a SIGKILLed run stays until removed by hand.
-    """
-
-    kind = "tc-clsact"
-
-    def __init__(self, ipr) -> None:
-        self.ipr = ipr
-        self.filters = []  # (ifindex, parent, prio)
-        self.created_clsact = []
-        self.notes = []  # (direction, prio) where an existing filter runs before ours
-
-    def attach(self, ifindex: int, progs: dict) -> None:
-        # Each step is recorded before it is made, so a signal arriving mid-call still
-        # leaves close() knowing what to remove.
-        kinds = [q.get_attr("TCA_KIND") for q in self.ipr.get_qdiscs(index=ifindex)]
-        if "clsact" not in kinds:
-            self.created_clsact.append(ifindex)
-            try:
-                self.ipr.tc("add", "clsact", ifindex)
-            except Exception:
-                self.created_clsact.remove(ifindex)
-                raise
-        for direction, parent in TC_PARENTS:
-            used = set(f["info"] >> 16 for f in self.ipr.get_filters(index=ifindex, parent=parent))
-            prio = pick_prio(used)
-            if used and prio > min(used):
-                self.notes.append((direction, min(used)))
-            fn = progs[direction]
-            self.filters.append((ifindex, parent, prio))
-            try:
-                self.ipr.tc(
-                    "add-filter",
-                    "bpf",
-                    ifindex,
-                    prio,
-                    fd=fn.fd,
-                    name=fn.name.decode() if isinstance(fn.name, bytes) else fn.name,
-                    parent=parent,
-                    prio=prio,
-                    protocol=ETH_P_ALL,
-                    classid=1,
-                    direct_action=True,
-                )
-            except Exception:
-                self.filters.remove((ifindex, parent, prio))
-                raise
-
-    def close(self) -> list:
-        """Remove our filters, then any clsact we created that is now empty. Returns errors."""
-        errors = []
-        for ifindex, parent, prio in reversed(self.filters):
-            try:
-                self.ipr.tc(
-                    "del-filter",
-                    "bpf",
-                    ifindex,
-                    prio,
-                    parent=parent,
-                    prio=prio,
-                    protocol=ETH_P_ALL,
-                )
-            except Exception as exc:  # noqa: BLE001 - keep removing the rest
-                errors.append("filter %d/%x/%d: %s" % (ifindex, parent, prio, exc))
-        self.filters = []
-        for ifindex in self.created_clsact:
-            try:
-                if not any(self.ipr.get_filters(index=ifindex, parent=p) for _, p in TC_PARENTS):
-                    self.ipr.tc("del", "clsact", ifindex)
-            except Exception as exc:  # noqa: BLE001
-                errors.append("clsact %d: %s" % (ifindex, exc))
-        self.created_clsact = []
-        return errors
-
-
-# --------------------------------------------------------------------------------------
-# tcx (Linux 6.6+): BPF links, which the kernel detaches when the process dies
-# --------------------------------------------------------------------------------------
-
-
-def bpf_syscall_number():
-    """__NR_bpf for this machine's 64-bit ABI, or None (then the clsact path is used)."""
-    if struct.calcsize("P") != 8:
-        return None
-    return BPF_SYSCALLS.get(os.uname().machine)
-
-
-def kernel_has_tcx(kallsyms: str = "/proc/kallsyms") -> bool:
-    """False only when the symbol table is readable and lacks tcx_prog_attach.
-
-    An unreadable table proves nothing: BPF_LINK_CREATE is tried and its refusal decides.
-    """
-    try:
-        with open(kallsyms) as f:
-            return any(line.endswith(" tcx_prog_attach\n") for line in f)
-    except OSError:
-        return True
-
-
-class TcxLinks:
-    """One tcx link per hook, first in the hook's chain.
-
-    A link is owned by its file descriptor: when the process ends for any reason, SIGKILL
-    included, the kernel closes the fd and detaches the program. No qdisc is created and
-    legacy clsact filters are not touched; the program returns TC_ACT_UNSPEC (TCX_NEXT),
-    so every program after it still runs.
-    """
-
-    kind = "tcx-link"
-
-    def __init__(self, nr: int) -> None:
-        self.nr = nr
-        self.libc = ctypes.CDLL(None, use_errno=True)
-        self.libc.syscall.restype = ctypes.c_long
-        self.fds = []
-        self.notes = []  # tcx links go first: nothing runs ahead of them
-
-    def link_create(self, prog_fd: int, ifindex: int, attach_type: int) -> int:
-        attr = ctypes.create_string_buffer(struct.calcsize(LINK_CREATE_FMT))
-        struct.pack_into(
-            LINK_CREATE_FMT, attr, 0, prog_fd, ifindex, attach_type, BPF_F_BEFORE, 0, 0
-        )
-        fd = self.libc.syscall(
-            ctypes.c_long(self.nr),
-            ctypes.c_long(BPF_LINK_CREATE),
-            attr,
-            ctypes.c_long(ctypes.sizeof(attr)),
-        )
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, "BPF_LINK_CREATE: %s" % os.strerror(err))
-        return fd
-
-    def attach(self, ifindex: int, progs: dict) -> None:
-        """Both hooks or neither: a half-attached interface is undone before raising."""
-        made = []
-        try:
-            for direction, attach_type in TCX_ATTACH_TYPES:
-                made.append(self.link_create(progs[direction].fd, ifindex, attach_type))
-        except BaseException:
-            for fd in made:
-                os.close(fd)
-            raise
-        self.fds.extend(made)
-
-    def close(self) -> list:
-        """Close our links (the kernel detaches them). Returns errors."""
-        errors = []
-        for fd in reversed(self.fds):
-            try:
-                os.close(fd)
-            except OSError as exc:
-                errors.append("tcx link fd %d: %s" % (fd, exc))
-        self.fds = []
-        return errors
-
-
-# --------------------------------------------------------------------------------------
-# Output and decoding
-# --------------------------------------------------------------------------------------
-
-
-def now_ns(clock: str) -> int:
-    fn = getattr(time, clock + "_ns", None)
-    if fn:
-        return fn()
-    return int(getattr(time, clock)() * 1e9)
-
-
-class Output:
-    """NDJSON writer; a closed stdout means the controller is gone (bye reason eof)."""
-
-    def __init__(self, stream) -> None:
-        self.stream = stream
-        self.broken = False
-
-    def write(self, record: dict) -> None:
-        if self.broken:
-            raise Stop("eof")
-        try:
-            self.stream.write(json.dumps(record, separators=(",", ":")) + "\n")
-        except (BrokenPipeError, ValueError):
-            self.broken = True
-            raise Stop("eof") from None
-
-    def flush(self) -> None:
-        if self.broken:
-            return
-        try:
-            self.stream.flush()
-        except (BrokenPipeError, ValueError):
-            self.broken = True
-            raise Stop("eof") from None
 
 
 def addr_text(family: int, raw: bytes) -> str:
@@ -1722,15 +1052,6 @@ def sk_kind(probe: str, state: int, src: int, tflags: int):
 # --------------------------------------------------------------------------------------
 # The session: plan, attach, loop, clean up
 # --------------------------------------------------------------------------------------
-
-
-def kernel_version() -> tuple:
-    nums = re.findall(r"\d+", os.uname().release)[:2]
-    return tuple(int(n) for n in nums) if len(nums) == 2 else (0, 0)
-
-
-def kprobes_available() -> bool:
-    return any(os.path.exists(os.path.join(d, "kprobe_events")) for d in TRACEFS_DIRS)
 
 
 def make_plan(args, formats: dict, offsets, tuple_offsets=None) -> dict:
@@ -2184,21 +1505,6 @@ def parse_args(argv):
     if args.format_dir and not args.ebpf:
         raise ArgError("--format-dir only goes with --ebpf")
     return args
-
-
-class StopState:
-    """Shared between signal handlers and the loop."""
-
-    def __init__(self) -> None:
-        self.reason = None
-        self.in_callback = False
-        self.cleaning = False
-
-    def handler(self, signum, frame) -> None:
-        first = self.reason is None
-        self.reason = self.reason or "signal"
-        if first and not self.in_callback and not self.cleaning:
-            raise Stop("signal")
 
 
 def print_ebpf(args, out) -> int:

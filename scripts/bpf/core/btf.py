@@ -1,0 +1,203 @@
+"""Kernel struct offsets from BTF (/sys/kernel/btf/vmlinux).
+
+The headers BCC compiles against may be another kernel's, so their struct layouts cannot be
+trusted; offsets that a program truly needs are read from the running kernel's BTF and
+passed to the C as constants. Python 3.6.
+"""
+
+import struct
+
+BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
+
+
+def c_netns_lookup(offsets, sk, skb) -> str:
+    """C that sets e.netns from the socket (or, without one, the skb's device) and returns
+    early for another namespace's event.
+
+    `sk` and `skb` are C expressions for the kernel pointers as integers (None when the
+    probe has no such pointer); tracepoint and kprobe programs share this block.
+    """
+    if not offsets:
+        return ""
+    lines = ["\t__u64 net = 0;"]
+    if sk:
+        lines += [
+            "\tif (%s)" % sk,
+            "\t\tbpf_probe_read_kernel(&net, sizeof(net), (void *)(%s + %d));"
+            % (sk, offsets["sk_net"]),
+        ]
+    if skb:
+        lines += [
+            "\t%sif (%s) {" % ("else " if sk else "", skb),
+            "\t\t__u64 dev = 0;",
+            "\t\tbpf_probe_read_kernel(&dev, sizeof(dev), (void *)(%s + %d));"
+            % (skb, offsets["skb_dev"]),
+            "\t\tif (dev)",
+            "\t\t\tbpf_probe_read_kernel(&net, sizeof(net), (void *)(dev + %d));"
+            % offsets["dev_net"],
+            "\t}",
+        ]
+    lines += [
+        "\tif (net)",
+        "\t\tbpf_probe_read_kernel(&e.netns, sizeof(e.netns), (void *)(net + %d));"
+        % offsets["net_inum"],
+        "\tif (e.netns && e.netns != OWN_NETNS)",
+        "\t\treturn 0;                    /* another namespace's reset */",
+    ]
+    return "\n".join(lines)
+
+
+BTF_STRUCT, BTF_UNION = 4, 5
+BTF_MODIFIERS = (8, 9, 10, 11, 18)  # typedef, volatile, const, restrict, type_tag
+BTF_EXTRA = {
+    1: (4, 0),
+    3: (12, 0),
+    4: (0, 12),
+    5: (0, 12),
+    6: (0, 8),
+    13: (0, 8),
+    14: (4, 0),
+    15: (0, 12),
+    17: (4, 0),
+    19: (0, 12),
+}  # kind: (fixed bytes, bytes per vlen)
+NETNS_PATHS = {
+    "sk_net": ("sock_common", ("skc_net", "net")),
+    "net_inum": ("net", ("ns", "inum")),
+    "skb_dev": ("sk_buff", ("dev",)),
+    "dev_net": ("net_device", ("nd_net", "net")),
+}
+
+
+# The RST's own 4-tuple: trigger packet headers, or the socket of an active reset.
+TUPLE_PATHS = {
+    "skb_head": ("sk_buff", ("head",), 8),
+    "skb_nh": ("sk_buff", ("network_header",), 2),
+    "skb_th": ("sk_buff", ("transport_header",), 2),
+    "skc_family": ("sock_common", ("skc_family",), 2),
+    "skc_state": ("sock_common", ("skc_state",), 1),
+    "inet_sport": ("inet_sock", ("inet_sport",), 2),
+    "skc_dport": ("sock_common", ("skc_dport",), 2),
+    "skc_rcv_saddr": ("sock_common", ("skc_rcv_saddr",), 4),
+    "skc_daddr": ("sock_common", ("skc_daddr",), 4),
+    "skc_v6_rcv_saddr": ("sock_common", ("skc_v6_rcv_saddr",), 16),
+    "skc_v6_daddr": ("sock_common", ("skc_v6_daddr",), 16),
+    "snd_nxt": ("tcp_sock", ("snd_nxt",), 4),
+    "rcv_nxt": ("tcp_sock", ("rcv_nxt",), 4),
+}
+BTF_PTR, BTF_INT, BTF_ENUM = 2, 1, 6
+
+
+class Btf:
+    """A minimal reader of a BTF blob: struct/union members and their bit offsets."""
+
+    def __init__(self, data: bytes) -> None:
+        magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
+        if magic != 0xEB9F:
+            raise ValueError("not little-endian BTF")
+        type_off, type_len, str_off, _str_len = struct.unpack_from("<IIII", data, 8)
+        self.data = data
+        self.strings = hdr_len + str_off
+        self.types = [(0, 0, 0, 0, 0)]  # (kind, name_off, size_or_type, members_pos, info)
+        pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+        while pos < end:
+            name_off, info, size_or_type = struct.unpack_from("<III", data, pos)
+            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+            fixed, per = BTF_EXTRA.get(kind, (0, 0))
+            self.types.append((kind, name_off, size_or_type, pos + 12, info))
+            pos += 12 + fixed + per * vlen
+
+    def name(self, off: int) -> str:
+        start = self.strings + off
+        return self.data[start : self.data.index(b"\0", start)].decode()
+
+    def find_struct(self, name: str) -> int:
+        for tid, (kind, name_off, _s, _m, info) in enumerate(self.types):
+            if kind == BTF_STRUCT and info & 0xFFFF and self.name(name_off) == name:
+                return tid
+        raise KeyError("struct %s not in BTF" % name)
+
+    def resolve(self, tid: int) -> int:
+        while self.types[tid][0] in BTF_MODIFIERS:
+            tid = self.types[tid][2]
+        return tid
+
+    def member(self, tid: int, name: str):
+        """(bit offset, type id) of member `name`, looking into anonymous members too."""
+        kind, _n, _s, mpos, info = self.types[tid]
+        if kind not in (BTF_STRUCT, BTF_UNION):
+            return None
+        kflag = info >> 31
+        for i in range(info & 0xFFFF):
+            m_name, m_type, m_off = struct.unpack_from("<III", self.data, mpos + 12 * i)
+            bit = m_off & 0xFFFFFF if kflag else m_off
+            label = self.name(m_name)
+            if label == name:
+                return bit, m_type
+            if not label:
+                found = self.member(self.resolve(m_type), name)
+                if found:
+                    return bit + found[0], found[1]
+        return None
+
+    def size(self, tid: int):
+        """Byte size of a scalar, pointer, struct or union type; None for others."""
+        kind, _n, size, _m, _i = self.types[self.resolve(tid)]
+        if kind == BTF_PTR:
+            return 8
+        return size if kind in (BTF_INT, BTF_ENUM, BTF_STRUCT, BTF_UNION) else None
+
+    def field(self, struct_name: str, path, size: int) -> int:
+        """Offset of a member that must be `size` bytes (else a layout we do not know)."""
+        tid = self.find_struct(struct_name)
+        for name in path[:-1]:
+            tid = self.resolve(self.member(tid, name)[1])
+        found = self.member(tid, path[-1])
+        if not found or self.size(found[1]) != size:
+            raise KeyError("%s.%s is not %d bytes" % (struct_name, ".".join(path), size))
+        return self.offset(struct_name, path)
+
+    def offset(self, struct_name: str, path) -> int:
+        tid, bits = self.find_struct(struct_name), 0
+        for name in path:
+            found = self.member(tid, name)
+            if not found:
+                raise KeyError("%s has no member %s" % (struct_name, ".".join(path)))
+            bits += found[0]
+            tid = self.resolve(found[1])
+        if bits % 8:
+            raise KeyError("%s.%s is a bit field" % (struct_name, ".".join(path)))
+        return bits // 8
+
+
+def netns_offsets(path: str = BTF_VMLINUX):
+    """Offsets for sk->skc_net, net->ns.inum, skb->dev and dev->nd_net, or (None, why)."""
+    return btf_offsets(path)[0]
+
+
+def btf_offsets(path: str = BTF_VMLINUX):
+    """((netns offsets, why), (tuple offsets, why)): each dict is None when BTF lacks it."""
+    try:
+        with open(path, "rb") as f:
+            btf = Btf(f.read())
+    except (OSError, ValueError, struct.error) as exc:
+        btf, why = None, exc
+    results = []
+    for paths, what in (
+        (NETNS_PATHS, "no BTF namespace offsets (%s); filtering by local addresses"),
+        (TUPLE_PATHS, "no BTF packet/socket offsets (%s); resets keep the tracepoint's tuple"),
+    ):
+        if btf is None:
+            results.append((None, what % why))
+            continue
+        try:
+            found = {}
+            for key, spec in paths.items():
+                if len(spec) == 3:
+                    found[key] = btf.field(*spec)
+                else:
+                    found[key] = btf.offset(*spec)
+            results.append((found, None))
+        except (KeyError, IndexError, TypeError, struct.error) as exc:
+            results.append((None, what % exc))
+    return tuple(results)

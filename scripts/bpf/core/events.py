@@ -1,0 +1,75 @@
+"""Event output: NDJSON records on stdout, and the C that moves events and lost counts
+out of the kernel (a ring buffer where the kernel has one, else a perf buffer). Python 3.6.
+"""
+
+import json
+import time
+
+from core.lifecycle import Stop
+
+RINGBUF_MIN_KERNEL = (5, 8)
+
+
+C_BUFFERS_RINGBUF = r"""
+BPF_RINGBUF_OUTPUT(pkt_events, %(pages)d);
+BPF_RINGBUF_OUTPUT(reset_events, %(pages)d);
+"""
+
+C_BUFFERS_PERF = r"""
+BPF_PERF_OUTPUT(pkt_events);
+BPF_PERF_OUTPUT(reset_events);
+"""
+
+C_LOST = r"""
+static __always_inline void count_lost(__u32 idx)
+{
+	__u64 *v = lost.lookup(&idx);
+	if (v)
+		(*v)++;
+}
+"""
+
+
+def c_submit(buffer: str, table: str, ctx: str, ptr: str, lost_idx: int) -> str:
+    """The statement that sends one event; ring-buffer failures are counted, not dropped."""
+    if buffer == "ringbuf":
+        return "if (%s.ringbuf_output(%s, sizeof(*%s), 0) != 0)\n\t\tcount_lost(%d);" % (
+            table,
+            ptr,
+            ptr,
+            lost_idx,
+        )
+    return "%s.perf_submit(%s, %s, sizeof(*%s));" % (table, ctx, ptr, ptr)
+
+
+def now_ns(clock: str) -> int:
+    fn = getattr(time, clock + "_ns", None)
+    if fn:
+        return fn()
+    return int(getattr(time, clock)() * 1e9)
+
+
+class Output:
+    """NDJSON writer; a closed stdout means the controller is gone (bye reason eof)."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.broken = False
+
+    def write(self, record: dict) -> None:
+        if self.broken:
+            raise Stop("eof")
+        try:
+            self.stream.write(json.dumps(record, separators=(",", ":")) + "\n")
+        except (BrokenPipeError, ValueError):
+            self.broken = True
+            raise Stop("eof") from None
+
+    def flush(self) -> None:
+        if self.broken:
+            return
+        try:
+            self.stream.flush()
+        except (BrokenPipeError, ValueError):
+            self.broken = True
+            raise Stop("eof") from None

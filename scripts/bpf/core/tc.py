@@ -1,0 +1,195 @@
+"""Packet hooks on interfaces: tcx links (Linux 6.6+) or clsact filters, always detached.
+
+tcx links are BPF links the kernel removes when the process dies, even after SIGKILL;
+clsact filters are added with priorities of our own and removed one by one, never touching
+filters that were there before. Python 3.6.
+"""
+
+import ctypes
+import errno
+import os
+import struct
+
+from core.discovery import ETH_P_ALL
+
+TC_PARENTS = (("ingress", 0xFFFFFFF2), ("egress", 0xFFFFFFF3))
+TC_PRIO_BASE = 0xEBD0  # our filters' priorities start here, skipping any already in use
+
+
+# tcx links: union bpf_attr.link_create is prog_fd, target_ifindex, attach_type, flags, then
+# tcx.relative_fd (u32) and tcx.expected_revision (u64, 8-aligned) (include/uapi/linux/bpf.h).
+BPF_LINK_CREATE = 28
+BPF_F_BEFORE = 1 << 3  # with no relative program: first in the chain
+LINK_CREATE_FMT = "=IIIII4xQ"
+TCX_ATTACH_TYPES = (("ingress", 46), ("egress", 47))  # BPF_TCX_INGRESS, BPF_TCX_EGRESS
+TCX_UNSUPPORTED = (errno.EINVAL, errno.EOPNOTSUPP, 524)  # 524: the kernel's ENOTSUPP
+BPF_SYSCALLS = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
+
+
+def pick_prio(used) -> int:
+    """A free filter priority, ahead of existing filters when there is room.
+
+    Our program only observes (TC_ACT_UNSPEC), so running first costs the others nothing
+    and lets us see packets they would redirect or drop.
+    """
+    if not used:
+        return TC_PRIO_BASE
+    ahead = [p for p in range(min(used) - 1, 0, -1) if p not in used]
+    if ahead:
+        return ahead[0]
+    return next(p for p in range(TC_PRIO_BASE, 0xFFFF) if p not in used)
+
+
+class TcHooks:
+    """Adds our cls_bpf filters at free priorities; removes exactly those on close.
+
+    The fallback for kernels without tcx: a filter holds its own program reference, so
+    one left behind by a SIGKILLed run stays until removed by hand.
+    """
+
+    kind = "tc-clsact"
+
+    def __init__(self, ipr) -> None:
+        self.ipr = ipr
+        self.filters = []  # (ifindex, parent, prio)
+        self.created_clsact = []
+        self.notes = []  # (direction, prio) where an existing filter runs before ours
+
+    def attach(self, ifindex: int, progs: dict) -> None:
+        # Each step is recorded before it is made, so a signal arriving mid-call still
+        # leaves close() knowing what to remove.
+        kinds = [q.get_attr("TCA_KIND") for q in self.ipr.get_qdiscs(index=ifindex)]
+        if "clsact" not in kinds:
+            self.created_clsact.append(ifindex)
+            try:
+                self.ipr.tc("add", "clsact", ifindex)
+            except Exception:
+                self.created_clsact.remove(ifindex)
+                raise
+        for direction, parent in TC_PARENTS:
+            used = set(f["info"] >> 16 for f in self.ipr.get_filters(index=ifindex, parent=parent))
+            prio = pick_prio(used)
+            if used and prio > min(used):
+                self.notes.append((direction, min(used)))
+            fn = progs[direction]
+            self.filters.append((ifindex, parent, prio))
+            try:
+                self.ipr.tc(
+                    "add-filter",
+                    "bpf",
+                    ifindex,
+                    prio,
+                    fd=fn.fd,
+                    name=fn.name.decode() if isinstance(fn.name, bytes) else fn.name,
+                    parent=parent,
+                    prio=prio,
+                    protocol=ETH_P_ALL,
+                    classid=1,
+                    direct_action=True,
+                )
+            except Exception:
+                self.filters.remove((ifindex, parent, prio))
+                raise
+
+    def close(self) -> list:
+        """Remove our filters, then any clsact we created that is now empty. Returns errors."""
+        errors = []
+        for ifindex, parent, prio in reversed(self.filters):
+            try:
+                self.ipr.tc(
+                    "del-filter",
+                    "bpf",
+                    ifindex,
+                    prio,
+                    parent=parent,
+                    prio=prio,
+                    protocol=ETH_P_ALL,
+                )
+            except Exception as exc:  # noqa: BLE001 - keep removing the rest
+                errors.append("filter %d/%x/%d: %s" % (ifindex, parent, prio, exc))
+        self.filters = []
+        for ifindex in self.created_clsact:
+            try:
+                if not any(self.ipr.get_filters(index=ifindex, parent=p) for _, p in TC_PARENTS):
+                    self.ipr.tc("del", "clsact", ifindex)
+            except Exception as exc:  # noqa: BLE001
+                errors.append("clsact %d: %s" % (ifindex, exc))
+        self.created_clsact = []
+        return errors
+
+
+def bpf_syscall_number():
+    """__NR_bpf for this machine's 64-bit ABI, or None (then the clsact path is used)."""
+    if struct.calcsize("P") != 8:
+        return None
+    return BPF_SYSCALLS.get(os.uname().machine)
+
+
+def kernel_has_tcx(kallsyms: str = "/proc/kallsyms") -> bool:
+    """False only when the symbol table is readable and lacks tcx_prog_attach.
+
+    An unreadable table proves nothing: BPF_LINK_CREATE is tried and its refusal decides.
+    """
+    try:
+        with open(kallsyms) as f:
+            return any(line.endswith(" tcx_prog_attach\n") for line in f)
+    except OSError:
+        return True
+
+
+class TcxLinks:
+    """One tcx link per hook, first in the hook's chain.
+
+    A link is owned by its file descriptor: when the process ends for any reason, SIGKILL
+    included, the kernel closes the fd and detaches the program. No qdisc is created and
+    legacy clsact filters are not touched; the program returns TC_ACT_UNSPEC (TCX_NEXT),
+    so every program after it still runs.
+    """
+
+    kind = "tcx-link"
+
+    def __init__(self, nr: int) -> None:
+        self.nr = nr
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.libc.syscall.restype = ctypes.c_long
+        self.fds = []
+        self.notes = []  # tcx links go first: nothing runs ahead of them
+
+    def link_create(self, prog_fd: int, ifindex: int, attach_type: int) -> int:
+        attr = ctypes.create_string_buffer(struct.calcsize(LINK_CREATE_FMT))
+        struct.pack_into(
+            LINK_CREATE_FMT, attr, 0, prog_fd, ifindex, attach_type, BPF_F_BEFORE, 0, 0
+        )
+        fd = self.libc.syscall(
+            ctypes.c_long(self.nr),
+            ctypes.c_long(BPF_LINK_CREATE),
+            attr,
+            ctypes.c_long(ctypes.sizeof(attr)),
+        )
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, "BPF_LINK_CREATE: %s" % os.strerror(err))
+        return fd
+
+    def attach(self, ifindex: int, progs: dict) -> None:
+        """Both hooks or neither: a half-attached interface is undone before raising."""
+        made = []
+        try:
+            for direction, attach_type in TCX_ATTACH_TYPES:
+                made.append(self.link_create(progs[direction].fd, ifindex, attach_type))
+        except BaseException:
+            for fd in made:
+                os.close(fd)
+            raise
+        self.fds.extend(made)
+
+    def close(self) -> list:
+        """Close our links (the kernel detaches them). Returns errors."""
+        errors = []
+        for fd in reversed(self.fds):
+            try:
+                os.close(fd)
+            except OSError as exc:
+                errors.append("tcx link fd %d: %s" % (fd, exc))
+        self.fds = []
+        return errors
