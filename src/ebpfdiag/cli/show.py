@@ -102,6 +102,7 @@ def load_trace(path: Path) -> tuple[TraceResult, list[dict]]:
     events: list[dict] = []
     clocks: dict[str, ClockEstimate] = {}
     tightened: dict[str, ClockEstimate] = {}
+    listed: list[str] = []
     interrupted, duration_s = False, 0.0
 
     def host_of(rec: dict[str, Any]) -> HostTrace:
@@ -128,6 +129,7 @@ def load_trace(path: Path) -> tuple[TraceResult, list[dict]]:
                 )
             elif kind == "host":
                 ht = host_of(rec)
+                listed.append(ht.name)
                 ht.ready = bool(rec.get("ready"))
                 ht.lost = int(rec.get("lost") or 0)
                 ht.bye = {"reason": rec["bye"]} if rec.get("bye") else None
@@ -148,6 +150,8 @@ def load_trace(path: Path) -> tuple[TraceResult, list[dict]]:
             raise UsageError(f"{path}: a malformed '{kind}' record") from None
     if not events and not hosts:
         raise UsageError(f"{path}: not a saved trace (no packet, reset or host records)")
+    # Hosts in the order the live command listed them (a stream has its events first).
+    hosts = {name: hosts[name] for name in [*listed, *hosts] if name in hosts}
     # Streams saved before clock records existed carry only the tightened estimates.
     for name, est in tightened.items():
         clocks.setdefault(name, est)

@@ -13,7 +13,7 @@ from ebpfdiag.cli.app import DURATION, App, host_options, pass_app
 from ebpfdiag.errors import EXIT_HOSTS_FAILED, UsageError
 
 if TYPE_CHECKING:
-    from ebpfdiag.tracing import TraceResult
+    from ebpfdiag.tracing import TraceResult, TraceSession
 
 
 @click.group()
@@ -142,13 +142,21 @@ def tcp_rst(
         engine = Fanout(hosts, script, opts, session)
         session.fanout = engine
         app.run(engine)
-    result = session.finish(engine.interrupted)
+    return conclude(app, session, engine.interrupted, output)
+
+
+def conclude(app: App, session: TraceSession, interrupted: bool, output: Path | None) -> int:
+    """After the run: correlate, render (or finish the NDJSON stream), write ``--output``;
+    returns the exit code (1 also when ``--output`` could not be written)."""
+    from ebpfdiag.render.timeline import event_record
+
+    result = session.finish(interrupted)
     saved = source_records(result)
     # The stream had the packets and resets live; lost counts come with the rest at the end.
     lost = [event_record(e) for e in session.events if e["type"] == "lost"]
     records = emit_result(app, result, lost + saved)
     code = app.exit_code(
-        [h.result for h in result.hosts.values() if h.result is not None], engine.interrupted
+        [h.result for h in result.hosts.values() if h.result is not None], interrupted
     )
     if output is not None:
         doc = document(saved, [event_record(e) for e in session.events], records)
