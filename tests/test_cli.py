@@ -151,6 +151,7 @@ def test_wheel_ships_the_scripts(tmp_path):
     shipped = {p.name for p in (root / "scripts" / "bpf").glob("*.py")}
     assert {f"ebpfdiag/scripts/bpf/{n}" for n in shipped} <= set(names)
     assert "ebpfdiag/remote/bootstrap.py" in names
+    assert not [n for n in names if n.endswith("/fleet.py")]  # the test fleet is not the product
 
 
 def test_trace_rejects_bad_filters_before_connecting(inv):
