@@ -93,6 +93,12 @@ def test_saved_document_and_stream_give_the_live_answer(name, tmp_path):
     assert {h["host"] for h in saved["hellos"]} == {"client", "lb", "server"}
     assert all("host" in e for e in saved["events"])
     assert all("ts_ns" in e for e in saved["events"] if e["kind"] in ("packet", "reset"))
+    # host and summary records have the shape they have in run-script and doctor
+    assert {"hosts", "ok", "failed", "failed_hosts", "interrupted", "duration_s"} <= set(
+        saved["summary"]
+    )
+    assert saved["summary"]["failed_hosts"] == [] and saved["summary"]["ok"] == 3
+    assert all(h["exit_code"] == 0 and "duration_s" in h for h in saved["hosts"])
     for path in (doc, stream):
         r = cli("show", str(path), "--json")
         assert r.returncode == 0, r.stderr

@@ -113,6 +113,7 @@ def doctor(app: App, no_compile: bool) -> int:
     rows = [host_row(h, cs) for h, cs in all_checks.items()]
     broken = sorted(row["host"] for row in rows if not row["ready"])
     if app.as_json:
+        failed_hosts = [r.host for r in results if not r.ok]
         for checks in all_checks.values():
             for c in checks:
                 app.json.write(c)
@@ -122,9 +123,13 @@ def doctor(app: App, no_compile: bool) -> int:
             {
                 "type": "summary",
                 "hosts": len(results),
+                "ok": len(results) - len(failed_hosts),
+                "failed": len(failed_hosts),
+                "failed_hosts": failed_hosts,
+                "interrupted": engine.interrupted,
+                "duration_s": round(time.monotonic() - started, 3),
                 "ready": len(results) - len(broken),
                 "not_ready": broken,
-                "duration_s": round(time.monotonic() - started, 3),
             }
         )
         app.json.flush()

@@ -137,8 +137,11 @@ def load_trace(path: Path) -> tuple[TraceResult, list[dict]]:
                     ht.result = HostResult(
                         ht.name,
                         rec["status"],
+                        exit_code=rec.get("exit_code"),
+                        exit_signal=rec.get("exit_signal"),
                         error=rec.get("error"),
                         error_kind=rec.get("error_kind"),
+                        duration_s=float(rec.get("duration_s") or 0.0),
                     )
                 if rec.get("clock"):
                     est = rec["clock"]

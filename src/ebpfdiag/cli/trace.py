@@ -190,7 +190,7 @@ def emit_result(app: App, result: TraceResult, saved: list[dict]) -> list[dict]:
     (``saved`` records, hosts, warnings, flows, summary) or the timelines."""
     from ebpfdiag.render.timeline import render_result, trace_records
 
-    records = list(trace_records(result))
+    records = [_one_shape(rec, result) for rec in trace_records(result)]
     for rec in records:
         if rec["type"] == "host" and rec["error"]:
             app.term.error(f"{rec['host']}: {rec['error']}")
@@ -201,6 +201,21 @@ def emit_result(app: App, result: TraceResult, saved: list[dict]) -> list[dict]:
     else:
         render_result(result, app.term.out, app.term.err)
     return records
+
+
+_NO_OUTCOME = {"exit_code": None, "exit_signal": None, "duration_s": None}
+
+
+def _one_shape(rec: dict, result: TraceResult) -> dict:
+    """``host`` and ``summary`` records with the fields they have in every command
+    (docs/json.md): a host's exit code and time, the ok/failed counts."""
+    if rec["type"] == "host":
+        outcome = result.hosts[rec["host"]].result
+        return {**(outcome.to_json() if outcome else _NO_OUTCOME), **rec}
+    if rec["type"] == "summary":
+        failed = len(rec["failed_hosts"])
+        return {**rec, "ok": rec["hosts"] - failed, "failed": failed}
+    return rec
 
 
 def document(saved: list[dict], events: list[dict], records: list[dict]) -> dict:

@@ -11,7 +11,6 @@ error: the writer remembers it and the command stops its hosts cleanly.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from collections.abc import Callable
@@ -47,8 +46,14 @@ class NDJSONWriter:
         if len(self._pending) >= 1024:
             self.flush()
         elif not self._scheduled:
+            # No event loop can run before asyncio is imported: commands that never start
+            # one (hosts, show) do not pay for importing it.
+            aio = sys.modules.get("asyncio")
+            if aio is None:
+                self.flush()
+                return
             try:
-                asyncio.get_running_loop().call_soon(self.flush)
+                aio.get_running_loop().call_soon(self.flush)
                 self._scheduled = True
             except RuntimeError:
                 self.flush()
