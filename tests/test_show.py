@@ -89,6 +89,10 @@ def test_saved_document_and_stream_give_the_live_answer(name, tmp_path):
     stream_recs, doc, stream = live(name, tmp_path)
     saved = json.loads(doc.read_text())
     assert saved["type"] == "trace" and saved["v"] == 2
+    # the document holds the records of the --json stream, as they are
+    assert saved["summary"] == by_type(stream_recs, "summary")[0]
+    assert saved["flows"] == by_type(stream_recs, "flow") and saved["flows"]
+    assert saved["hosts"] == by_type(stream_recs, "host")
     assert {c["host"] for c in saved["clocks"]} == {"client", "lb", "server"}
     assert {h["host"] for h in saved["hellos"]} == {"client", "lb", "server"}
     assert all("host" in e for e in saved["events"])

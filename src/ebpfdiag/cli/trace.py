@@ -219,17 +219,21 @@ def _one_shape(rec: dict, result: TraceResult) -> dict:
 
 
 def document(saved: list[dict], events: list[dict], records: list[dict]) -> dict:
-    """``--output``: the same records as ``--json``, as one JSON document."""
+    """``--output``: the same records as ``--json`` (schema version included), as one JSON
+    document."""
     from ebpfdiag.render.ndjson import SCHEMA_VERSION
+
+    def of(kind: str, recs: list[dict]) -> list[dict]:
+        return [{"v": SCHEMA_VERSION, **r} for r in recs if r["type"] == kind]
 
     return {
         "type": "trace",
         "v": SCHEMA_VERSION,
-        "hellos": [r for r in saved if r["type"] == "hello"],
-        "clocks": [r for r in saved if r["type"] == "clock"],
-        "hosts": [r for r in records if r["type"] == "host"],
-        "events": events,
-        "flows": [r for r in records if r["type"] == "flow"],
-        "warnings": [r for r in records if r["type"] == "warning"],
-        "summary": next(r for r in records if r["type"] == "summary"),
+        "hellos": of("hello", saved),
+        "clocks": of("clock", saved),
+        "hosts": of("host", records),
+        "events": [{"v": SCHEMA_VERSION, **e} for e in events],
+        "flows": of("flow", records),
+        "warnings": of("warning", records),
+        "summary": of("summary", records)[0],
     }
