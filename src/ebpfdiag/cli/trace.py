@@ -213,8 +213,13 @@ def _one_shape(rec: dict, result: TraceResult) -> dict:
         outcome = result.hosts[rec["host"]].result
         return {**(outcome.to_json() if outcome else _NO_OUTCOME), **rec}
     if rec["type"] == "summary":
-        failed = len(rec["failed_hosts"])
-        return {**rec, "ok": rec["hosts"] - failed, "failed": failed}
+        out = {}
+        for key, value in rec.items():
+            out[key] = value
+            if key == "hosts":
+                out["ok"] = value - len(rec["failed_hosts"])
+                out["failed"] = len(rec["failed_hosts"])
+        return out
     return rec
 
 
