@@ -30,6 +30,7 @@ from ebpfdiag.errors import (
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from ebpfdiag.clock import ClockSample
     from ebpfdiag.fanout import Fanout, FanoutOptions, HostResult
     from ebpfdiag.inventory import Host
     from ebpfdiag.render.ndjson import NDJSONWriter
@@ -144,7 +145,7 @@ class Sink:
     def lines(self, host: str, stream: str, lines: list[bytes]) -> None:
         pass
 
-    def clock(self, host: str, sample: Any) -> None:
+    def clock(self, host: str, sample: ClockSample) -> None:
         pass
 
     def result(self, result: HostResult) -> None:
