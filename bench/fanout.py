@@ -109,7 +109,7 @@ TOOLS: dict[str, Callable] = {"ebpfdiag": run_ebpfdiag, "clush": run_clush, "pss
 
 def run(sizes: tuple[int, ...] = (50, 100), rounds: int = 3) -> Section:
     """Interleave the tools A B C A B C ... at each size; medians of the complete runs."""
-    from ebpfdiag.lab.fleet import Fleet
+    from tests.fleet import Fleet
 
     section = Section(
         "fanout",

@@ -103,7 +103,7 @@ def _profile(fleet, script: Path, n: int, work: Path) -> str:
 
 
 def run(records_per_host: int = 300_000, rounds: int = 3, slow_s: float = 5.0) -> Section:
-    from ebpfdiag.lab.fleet import Fleet
+    from tests.fleet import Fleet
 
     section = Section(
         "pipeline",

@@ -151,6 +151,7 @@ def test_wheel_ships_the_scripts(tmp_path):
     shipped = {p.name for p in (root / "scripts" / "bpf").glob("*.py")}
     assert {f"ebpfdiag/scripts/bpf/{n}" for n in shipped} <= set(names)
     assert "ebpfdiag/remote/bootstrap.py" in names
+    assert not [n for n in names if n.endswith("/fleet.py")]  # the test fleet is not the product
 
 
 def test_trace_rejects_bad_filters_before_connecting(inv):
@@ -163,3 +164,64 @@ def test_trace_rejects_bad_filters_before_connecting(inv):
     assert_one_line_usage_error(
         cli("trace", "tcp-rst", "-i", str(inv), "--hosts", "web", "--count", "0"), "--count"
     )
+
+
+def test_version_and_hosts_load_no_ssh_rich_or_correlation(inv):
+    """Start-up cost: these commands must not import what only host runs need."""
+    engine = ("asyncssh", "ebpfdiag.correlate", "ebpfdiag.fanout")
+    rich = ("rich.console", "rich.table")
+    hosts = ["hosts", "-i", str(inv), "--hosts", "web"]
+    for args, heavy in (
+        (["--version"], engine + rich),
+        ([*hosts, "--json"], engine + rich),
+        (hosts, engine),  # the table needs rich, nothing more
+    ):
+        code = (
+            "import sys\n"
+            "from ebpfdiag.cli.app import main\n"
+            "try:\n"
+            f"    main({args!r})\n"
+            "except SystemExit as exc:\n"
+            "    assert exc.code == 0, exc.code\n"
+            f"print([m for m in {heavy!r} if m in sys.modules], file=sys.stderr)\n"
+        )
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr.strip() == "[]", (args, r.stderr)
+        assert r.stdout
+
+
+def test_fanout_default_is_the_engines():
+    from ebpfdiag.cli.app import DEFAULT_FANOUT
+    from ebpfdiag.fanout import DEFAULT_FANOUT as ENGINE_DEFAULT
+
+    assert DEFAULT_FANOUT == ENGINE_DEFAULT
+
+
+def test_unwritable_output_is_refused_before_anything_else(inv, tmp_path):
+    # --ask-sudo-pass without a terminal would fail next: the output check must come first.
+    base = ["trace", "tcp-rst", "-i", str(inv), "--hosts", "web", "--ask-sudo-pass"]
+    missing = tmp_path / "no-such-dir" / "rst.json"
+    assert_one_line_usage_error(cli(*base, "--output", str(missing)), str(missing))
+    assert_one_line_usage_error(cli(*base, "--output", str(tmp_path)), str(tmp_path))
+    kept = tmp_path / "kept.json"
+    r = cli(*base, "--output", str(kept))
+    assert_one_line_usage_error(r, "--ask-sudo-pass")
+    assert not kept.exists()
+
+
+def test_failed_hosts_is_a_list_in_run_script_summary():
+    from ebpfdiag.cli.run_script import summary_record
+    from ebpfdiag.fanout import HostResult
+
+    results = [HostResult("h1", "ok"), HostResult("h2", "failed"), HostResult("h3", "timeout")]
+    summary = summary_record(results, False, 1.0)
+    assert summary["failed_hosts"] == ["h2", "h3"] and summary["failed"] == 2
+
+
+def test_show_help_and_root_help_list_every_command():
+    r = cli("--help")
+    assert r.returncode == 0
+    for name in ("hosts", "run-script", "doctor", "trace", "show", "lab"):
+        assert f"  {name} " in r.stdout
+    assert "Examples:" in cli("show", "--help").stdout

@@ -38,3 +38,23 @@ def test_live_status_shows_a_line_per_host_and_the_counts():
     lines = [line.split() for line in text.splitlines()]
     assert lines[:3] == [["web01", "running"], ["web02", "failed"], ["lb", "connecting"]]
     assert " ".join(lines[3]) == "3 hosts 1 connecting, 1 failed, 1 running"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_no_live_status_block_under_json():
+    from ebpfdiag.cli.app import App
+
+    drawn = {}
+    for as_json in (False, True):
+        err = _Terminal()
+        app = App(stdout=_Terminal(), stderr=err)
+        app.as_json = as_json
+        with app.status_view(["web01", "web02"]) as status:
+            status.set("web01", "running")
+        drawn[as_json] = err.getvalue()
+    assert "web01" in drawn[False]
+    assert drawn[True] == ""

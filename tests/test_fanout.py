@@ -78,7 +78,7 @@ def records(stdout: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     require_root_tools("ip", "/usr/sbin/sshd", "sudo", "ssh-keygen")
-    from ebpfdiag.lab.fleet import Fleet
+    from tests.fleet import Fleet
 
     f = Fleet(
         "ebdt", 24, subnet="198.19.0.0/24", no_sshd_hosts=[DOWN], password_sudo_hosts=[SUDO_PW]
@@ -350,7 +350,7 @@ def test_jump_host_tunnels_to_a_host_the_controller_cannot_reach(fleet, tmp_path
 def test_connections_dropped_by_maxstartups_are_retried(tmp_path):
     """sshd drops connections beyond MaxStartups during key exchange; a burst of 12 logins
     to one sshd that admits 2 at a time must still reach every 'host'."""
-    from ebpfdiag.lab.fleet import Fleet
+    from tests.fleet import Fleet
 
     with Fleet("ebdr", 1, subnet="198.19.2.0/24", max_startups="2:100:2") as one:
         inv = yaml.safe_load(one.inventory.read_text())

@@ -11,8 +11,8 @@ import yaml
 
 from ebpfdiag.errors import UsageError
 from ebpfdiag.lab import netns, users
-from ebpfdiag.lab.fleet import Fleet
 from tests.conftest import require_root_tools
+from tests.fleet import Fleet
 
 # Prefixes and subnets of their own, so these tests never meet a developer's fleet or lab.
 PREFIX = "ebdf"

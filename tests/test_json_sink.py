@@ -48,3 +48,16 @@ def test_a_batch_keeps_order_and_shares_its_arrival_time():
     out = [json.loads(x) for x in buf.getvalue().splitlines()]
     assert [o.get("record", o.get("text")) for o in out] == [{"n": 1}, "two", {"n": 3}]
     assert len({o["ts"] for o in out}) == 1
+
+
+def test_every_record_starts_with_the_schema_version():
+    buf = io.StringIO()
+    writer = NDJSONWriter(buf)
+    JSONSink(writer).lines("h1", "stdout", [b'{"n":1}', b"two"])
+    writer.write({"type": "summary", "hosts": 1})
+    writer.write({"v": 1, "type": "host", "host": "h1"})  # read back from an old file
+    writer.flush()
+    lines = buf.getvalue().splitlines()
+    assert all(line.startswith('{"v":2,"type":') for line in lines), lines
+    assert [json.loads(x)["v"] for x in lines] == [2, 2, 2, 2]
+    assert lines[3].count('"v"') == 1

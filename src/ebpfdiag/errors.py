@@ -1,6 +1,6 @@
 """Exceptions that the CLI turns into one-line messages and exit codes.
 
-Every stage raises these instead of printing, so one place (``cli.main``) decides
+Every stage raises these instead of printing, so one place (``cli.app.main``) decides
 how an error looks and which exit code it gets.
 """
 

@@ -4,27 +4,15 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
-from ebpfdiag.catalog import script_path
-from ebpfdiag.cli.common import (
-    exit_code_for,
-    hosts_option,
-    inventory_option,
-    json_option,
-    prepare_run,
-    run_until_done,
-    ssh_options,
-)
-from ebpfdiag.clock import ClockSample
+from ebpfdiag.cli.app import App, Sink, host_options, pass_app
 from ebpfdiag.errors import EXIT_HOSTS_FAILED
-from ebpfdiag.fanout import Fanout, HostResult
-from ebpfdiag.render.ndjson import NDJSONWriter
-from ebpfdiag.transport import Script
+
+if TYPE_CHECKING:
+    from ebpfdiag.fanout import HostResult
 
 #: Checks without which no BCC script can run; the others say which probe kinds exist.
 REQUIRED = ("ssh", "sudo", "python", "bcc", "headers", "compile", "tracefs")
@@ -39,14 +27,11 @@ _TRANSPORT_FIXES = {
 }
 
 
-class DoctorSink:
+class DoctorSink(Sink):
     """Collects the check records each host prints; no live output (it is quick)."""
 
     def __init__(self) -> None:
         self.checks: dict[str, list[dict]] = {}
-
-    def state(self, host: str, state: str) -> None:
-        pass
 
     def lines(self, host: str, stream: str, lines: list[bytes]) -> None:
         if stream != "stdout":
@@ -58,12 +43,6 @@ class DoctorSink:
                 continue
             if isinstance(rec, dict) and rec.get("type") == "check":
                 self.checks.setdefault(host, []).append({**rec, "host": host})
-
-    def clock(self, host: str, sample: ClockSample) -> None:
-        pass
-
-    def result(self, result: HostResult) -> None:
-        pass
 
 
 def host_checks(result: HostResult, remote: list[dict]) -> list[dict]:
@@ -87,36 +66,18 @@ def _check(host: str, name: str, ok: bool, detail: str, fix: str = "") -> dict:
 PROBE_KINDS = ("tracepoint", "raw_tracepoint", "kprobes", "tc_bpf", "ringbuf")
 
 
-def render_table(all_checks: dict[str, list[dict]], console: Console) -> None:
-    """One row per host (readable for 3 hosts or 300), then every failed check with its fix."""
-    table = Table(show_edge=False, pad_edge=False)
-    for col in ("host", "ready", "kernel", "usable probes", "problems"):
-        table.add_column(col, overflow="fold")
-    for host, checks in all_checks.items():
-        by_name = {c["name"]: c for c in checks}
-        broken = [c["name"] for c in checks if not c["ok"] and c["name"] in REQUIRED]
-        kernel = by_name.get("kernel", {}).get("detail", "")
-        probes = [k for k in PROBE_KINDS if by_name.get(k, {}).get("ok")]
-        missing = [c["name"] for c in checks if not c["ok"] and c["name"] not in REQUIRED]
-        problems = ", ".join(broken + [f"no {m}" for m in missing])
-        table.add_row(
-            host,
-            Text("no", style="bold red") if broken else Text("yes", style="green"),
-            kernel.split(" ")[0],
-            ", ".join(probes),
-            problems,
-        )
-    console.print(table)
-    for host, checks in all_checks.items():
-        for c in checks:
-            if not c["ok"]:
-                fix = f" -> fix: {c['fix']}" if c["fix"] else ""
-                console.print(
-                    f"{host}: {c['name']}: {c['detail']}{fix}",
-                    markup=False,
-                    highlight=False,
-                    soft_wrap=True,
-                )
+def host_row(host: str, checks: list[dict]) -> dict:
+    """What the table shows for one host: ready or not, kernel, usable probe kinds, problems."""
+    by_name = {c["name"]: c for c in checks}
+    broken = [c["name"] for c in checks if not c["ok"] and c["name"] in REQUIRED]
+    missing = [c["name"] for c in checks if not c["ok"] and c["name"] not in REQUIRED]
+    return {
+        "host": host,
+        "ready": not broken,
+        "kernel": by_name.get("kernel", {}).get("detail", "").split(" ")[0],
+        "probes": [k for k in PROBE_KINDS if by_name.get(k, {}).get("ok")],
+        "problems": broken + [f"no {m}" for m in missing],
+    }
 
 
 EXAMPLES = """
@@ -128,61 +89,54 @@ Examples:
 
 
 @click.command(epilog=EXAMPLES)
-@hosts_option
-@inventory_option
-@ssh_options
+@host_options()
 @click.option("--no-compile", is_flag=True, help="Skip the test compile of a BPF program.")
-@json_option
-def doctor(
-    hosts_expr: str,
-    inventory: str | None,
-    fanout: int,
-    accept_new_host_keys: bool,
-    ask_sudo_pass: bool,
-    no_compile: bool,
-    as_json: bool,
-) -> int:
+@pass_app
+def doctor(app: App, no_compile: bool) -> int:
     """Check, per host, that BCC scripts can run: SSH, sudo, python, kernel, BTF, bcc,
     headers, tracefs, and which of kprobes, tracepoints, raw tracepoints and TC BPF work.
 
     Exit code 1 when a host is unreachable or misses something every script needs.
     """
-    hosts, opts = prepare_run(
-        inventory,
-        hosts_expr,
-        fanout=fanout,
-        accept_new_host_keys=accept_new_host_keys,
-        ask_sudo_pass=ask_sudo_pass,
-        timeout=60,
-    )
+    from ebpfdiag.catalog import script_path
+    from ebpfdiag.fanout import Fanout
+    from ebpfdiag.transport import Script
+
+    hosts, opts = app.prepare_run(timeout=60)
     args = ("--no-compile",) if no_compile else ()
     script = Script.from_path(script_path("doctor"), args)
     sink = DoctorSink()
     started = time.monotonic()
     engine = Fanout(hosts, script, opts, sink)
-    results = run_until_done(engine.run(), engine.stop)
+    results = app.run(engine)
     all_checks = {r.host: host_checks(r, sink.checks.get(r.host, [])) for r in results}
-    broken = sorted(
-        h for h, cs in all_checks.items() if any(not c["ok"] and c["name"] in REQUIRED for c in cs)
-    )
-    if as_json:
-        writer = NDJSONWriter()
+    rows = [host_row(h, cs) for h, cs in all_checks.items()]
+    broken = sorted(row["host"] for row in rows if not row["ready"])
+    if app.as_json:
+        failed_hosts = [r.host for r in results if not r.ok]
         for checks in all_checks.values():
             for c in checks:
-                writer.write(c)
+                app.json.write(c)
         for r in results:
-            writer.write(r.to_json())
-        writer.write(
+            app.json.write(r.to_json())
+        app.json.write(
             {
                 "type": "summary",
                 "hosts": len(results),
+                "ok": len(results) - len(failed_hosts),
+                "failed": len(failed_hosts),
+                "failed_hosts": failed_hosts,
+                "interrupted": engine.interrupted,
+                "duration_s": round(time.monotonic() - started, 3),
                 "ready": len(results) - len(broken),
                 "not_ready": broken,
-                "duration_s": round(time.monotonic() - started, 3),
             }
         )
-        writer.flush()
+        app.json.flush()
     else:
-        render_table(all_checks, Console())
-    code = exit_code_for(results, engine.interrupted)
+        from ebpfdiag.render.tables import doctor_table
+
+        failed = [c for checks in all_checks.values() for c in checks if not c["ok"]]
+        doctor_table(rows, failed, app.term.out)
+    code = app.exit_code(results, engine.interrupted)
     return code if code or not broken else EXIT_HOSTS_FAILED

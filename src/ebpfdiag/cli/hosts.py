@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-from ebpfdiag.cli.common import hosts_option, inventory_option, json_option, select_hosts
-from ebpfdiag.render.ndjson import NDJSONWriter
+from ebpfdiag.cli.app import App, host_options, pass_app
 
 EXAMPLES = """
 \b
@@ -18,30 +15,17 @@ Examples:
 
 
 @click.command(epilog=EXAMPLES)
-@hosts_option
-@inventory_option
-@json_option
-def hosts(hosts_expr: str, inventory: str | None, as_json: bool) -> int:
+@host_options(ssh=False)
+@pass_app
+def hosts(app: App) -> int:
     """Print the hosts that --hosts selects (nothing is contacted)."""
-    selected, _jumps = select_hosts(inventory, hosts_expr)
-    if as_json:
-        writer = NDJSONWriter()
+    selected, _jumps = app.select_hosts()
+    if app.as_json:
         for h in selected:
-            writer.write({"type": "host", "host": h.name, **h.to_json()})
-        writer.flush()
+            app.json.write({"type": "host", "host": h.name, **h.to_json()})
+        app.json.flush()
         return 0
-    table = Table(show_edge=False, pad_edge=False)
-    for col in ("host", "address", "port", "user", "sudo", "python", "groups"):
-        table.add_column(col)
-    for h in selected:
-        table.add_row(
-            h.name,
-            h.address,
-            str(h.port or 22),
-            h.user or "",
-            "yes" if h.sudo else "no",
-            h.python,
-            ",".join(h.groups),
-        )
-    Console().print(table)
+    from ebpfdiag.render.tables import hosts_table
+
+    hosts_table(selected, app.term.out)
     return 0

@@ -1,18 +1,18 @@
 """``ebpfdiag lab``: build, inspect and remove the client -> LB -> server lab."""
 
+from __future__ import annotations
+
 import json
 from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
+from ebpfdiag.cli.app import App, pass_app
+from ebpfdiag.errors import EXIT_HOSTS_FAILED, EXIT_OK
 from ebpfdiag.lab.scenarios import SCENARIOS, describe, run_scenario, scenario
 from ebpfdiag.lab.topology import STATE_DIR_ENV, Lab
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
 STATE_DIR_KEY = "ebpfdiag.lab.state_dir"  # in ctx.meta, so the root group's ctx.obj is untouched
 
 
@@ -44,7 +44,9 @@ def _lab(ctx: click.Context, **kw: Any) -> Lab:
 @click.option("--prefix", default="ebl", hidden=True)
 @click.option("--base", default="198.18.0.0", hidden=True)
 @click.pass_context
+@pass_app
 def up(
+    app: App,
     ctx: click.Context,
     servers: int | None,
     inventory_out: Path | None,
@@ -63,51 +65,37 @@ def up(
     )
     state = the_lab.up()
     for message in the_lab.messages:
-        err.print(f"lab: {message}")
+        app.term.status(f"lab: {message}")
     hosts = ", ".join(f"{h.name} {h.mgmt_address}" for h in state.hosts.values())
-    err.print(f"lab up: {hosts}; VIP {state.vip}")
-    err.print(f"inventory: {state.inventory}")
-    err.print(f"try: ebpfdiag run-script ... --hosts {','.join(state.hosts)}")
+    app.term.status(f"lab up: {hosts}; VIP {state.vip}")
+    app.term.status(f"inventory: {state.inventory}")
+    app.term.status(f"try: ebpfdiag run-script ... --hosts {','.join(state.hosts)}")
 
 
 @lab.command()
 @click.pass_context
-def down(ctx: click.Context) -> None:
+@pass_app
+def down(app: App, ctx: click.Context) -> None:
     """Remove everything the lab made (idempotent, also after a crashed 'lab up')."""
     removed = _lab(ctx).down()
     for item in removed:
-        err.print(f"removed {item}")
-    err.print("lab down" if removed else "lab down: nothing to remove")
+        app.term.status(f"removed {item}")
+    app.term.status("lab down" if removed else "lab down: nothing to remove")
 
 
 @lab.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
-def status(ctx: click.Context, as_json: bool) -> None:
+@pass_app
+def status(app: App, ctx: click.Context, as_json: bool) -> None:
     """Hosts, addresses, sshd state and the LB rules."""
     data = _lab(ctx).status()
     if as_json:
-        click.echo(json.dumps(data, indent=2))
+        app.term.data(json.dumps(data, indent=2))
         return
-    table = Table(title=f"lab {'up' if data['up'] else 'down'}: VIP {data['vip']}")
-    for column in ("host", "role", "netns", "mgmt", "data", "sshd"):
-        table.add_column(column)
-    for host in data["hosts"]:
-        table.add_row(
-            host["name"],
-            host["role"],
-            host["netns"] if host["netns_exists"] else f"{host['netns']} (missing)",
-            host["mgmt_address"],
-            " ".join(f"{i}={a}" for i, a in host["interfaces"].items()),
-            f"running ({host['sshd_pid']})" if host["sshd_pid"] else "stopped",
-        )
-    out.print(table)
-    ports = ", ".join(f"{name} {port}" for name, port in data["ports"].items())
-    out.print(f"scenario ports: {ports}")
-    out.print(f"inventory: {data['inventory'] or '-'}")
-    if data["lb_rules"]:
-        out.print("LB rules (nftables on lb):")
-        out.print(data["lb_rules"].rstrip(), markup=False)
+    from ebpfdiag.render.tables import lab_status
+
+    lab_status(data, app.term.out)
 
 
 @lab.command("scenario")
@@ -115,44 +103,35 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.option("--list", "list_", is_flag=True, help="Describe the scenarios.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
-def scenario_cmd(ctx: click.Context, name: str | None, list_: bool, as_json: bool) -> None:
+@pass_app
+def scenario_cmd(
+    app: App, ctx: click.Context, name: str | None, list_: bool, as_json: bool
+) -> None:
     """Reproduce a known failure through the LB and print what the client saw."""
     if list_ or name is None:
-        _list_scenarios(as_json)
+        if as_json:
+            app.term.data(json.dumps(describe(), indent=2))
+        else:
+            from ebpfdiag.render.tables import scenarios_table
+
+            scenarios_table(describe(), app.term.out)
         return
     state = _lab(ctx).state()
     if state is None:
         raise click.UsageError("the lab is not up; run 'sudo ebpfdiag lab up' first")
     result = run_scenario(scenario(name).name, state)
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        app.term.data(json.dumps(result.to_dict(), indent=2))
     else:
-        out.print(result.summary(), markup=False)
+        app.term.data(result.summary())
     if not result.reproduced:
         ctx.exit(1)
 
 
-def _list_scenarios(as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(describe(), indent=2))
-        return
-    table = Table()
-    for column in ("scenario", "VIP port", "what happens", "client sees", "reset from"):
-        table.add_column(column)
-    for spec in SCENARIOS.values():
-        origin = "-"
-        if spec.expected:
-            reason = spec.expected.reason or "no tcp_send_reset"
-            origin = f"{spec.expected.host} {spec.expected.kind} ({reason})"
-        table.add_row(
-            spec.name, str(spec.port), spec.summary, spec.client_error or "response", origin
-        )
-    out.print(table)
-
-
 @lab.command()
 @click.option("--link", is_flag=True, help="Link the nearest installed headers if none match.")
-def headers(link: bool) -> None:
+@pass_app
+def headers(app: App, link: bool) -> int:
     """Check that BCC finds kernel headers for the running kernel; optionally link them.
 
     Debian ships no headers for custom kernels; --link points
@@ -162,8 +141,9 @@ def headers(link: bool) -> None:
 
     messages, _made = ensure_headers(link)
     for m in messages:
-        err.print(m, markup=False)
+        app.term.status(m)
     if not (modules_dir() / "build").exists():
-        raise SystemExit(1)
+        return EXIT_HOSTS_FAILED
     if not messages:
-        err.print(f"kernel headers: {modules_dir() / 'build'}", markup=False)
+        app.term.status(f"kernel headers: {modules_dir() / 'build'}")
+    return EXIT_OK

@@ -3,31 +3,19 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
 
-from ebpfdiag.catalog import resolve_script
-from ebpfdiag.cli.common import (
-    DURATION,
-    exit_code_for,
-    hosts_option,
-    inventory_option,
-    json_option,
-    prepare_run,
-    run_until_done,
-    ssh_options,
-)
-from ebpfdiag.clock import ClockSample
+from ebpfdiag.cli.app import DURATION, App, Sink, host_options, pass_app
 from ebpfdiag.errors import UsageError
-from ebpfdiag.fanout import Fanout, HostResult
-from ebpfdiag.inventory import compress_names
-from ebpfdiag.render.ndjson import NDJSONWriter
-from ebpfdiag.render.terminal import HostPrefixer, StatusView, summary_table
-from ebpfdiag.transport import Script
+from ebpfdiag.render.ndjson import RECORD_HEAD, NDJSONWriter
+
+if TYPE_CHECKING:
+    from ebpfdiag.fanout import HostResult
+    from ebpfdiag.render.terminal import HostPrefixer, StatusView
 
 _scan_json = json.JSONDecoder().scan_once  # the C scanner, without json.loads' wrappers
 
@@ -41,7 +29,7 @@ def _is_object(text: str) -> bool:
     return type(obj) is dict and (end == len(text) or not text[end:].strip())
 
 
-class JSONSink:
+class JSONSink(Sink):
     """Every line becomes a record: JSON objects the script printed are kept structured.
 
     A valid object is spliced into its record as the host printed it rather than decoded
@@ -52,16 +40,15 @@ class JSONSink:
         self.w = writer
         self._host_json: dict[str, str] = {}
 
-    def state(self, host: str, state: str) -> None:
-        pass
-
     def lines(self, host: str, stream: str, lines: list[bytes]) -> None:
         ts = time.time_ns()  # the lines of one batch arrived together
         host_json = self._host_json.get(host)
         if host_json is None:
             host_json = self._host_json[host] = json.dumps(host)
-        head = f'{{"type":"record","host":{host_json},"ts":{ts},"record":'
-        text_head = f'{{"type":"line","host":{host_json},"ts":{ts},"stream":"{stream}","text":'
+        head = f'{RECORD_HEAD}"type":"record","host":{host_json},"ts":{ts},"record":'
+        text_head = (
+            f'{RECORD_HEAD}"type":"line","host":{host_json},"ts":{ts},"stream":"{stream}","text":'
+        )
         out = []
         for line in lines:
             text = line.decode(errors="replace")
@@ -71,19 +58,16 @@ class JSONSink:
                 out.append(f"{text_head}{json.dumps(text, ensure_ascii=False)}}}")
         self.w.write_many(out)
 
-    def clock(self, host: str, sample: ClockSample) -> None:
-        pass
-
     def result(self, result: HostResult) -> None:
         self.w.write(result.to_json())
 
 
-class TerminalSink:
+class TerminalSink(Sink):
     """Prefixed lines on stdout (script stderr on stderr), live status, failures as they come."""
 
-    def __init__(self, names: list[str], status: StatusView):
-        self.out = HostPrefixer(names)
-        self.err = HostPrefixer(names, sys.stderr)
+    def __init__(self, out: HostPrefixer, err: HostPrefixer, status: StatusView):
+        self.out = out
+        self.err = err
         self.status = status
 
     def state(self, host: str, state: str) -> None:
@@ -93,9 +77,6 @@ class TerminalSink:
         out = self.out if stream == "stdout" else self.err
         for line in lines:
             out.write(host, line.decode(errors="replace"))
-
-    def clock(self, host: str, sample: ClockSample) -> None:
-        pass
 
     def result(self, result: HostResult) -> None:
         if not result.ok:
@@ -109,7 +90,7 @@ def summary_record(results: list[HostResult], interrupted: bool, elapsed: float)
         "hosts": len(results),
         "ok": len(results) - len(failed),
         "failed": len(failed),
-        "failed_hosts": compress_names(failed),
+        "failed_hosts": failed,
         "interrupted": interrupted,
         "duration_s": round(elapsed, 3),
     }
@@ -127,23 +108,16 @@ Examples:
 @click.command("run-script", epilog=EXAMPLES)
 @click.argument("script")
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- SCRIPT ARGS]")
-@hosts_option
-@inventory_option
-@ssh_options
+@host_options()
 @click.option("--duration", type=DURATION, help="Stop the script after this long (a normal end).")
 @click.option("--timeout", type=DURATION, help="Fail hosts whose script runs longer than this.")
-@json_option
+@pass_app
 def run_script(
+    app: App,
     script: str,
     script_args: tuple[str, ...],
-    hosts_expr: str,
-    inventory: str | None,
-    fanout: int,
-    accept_new_host_keys: bool,
-    ask_sudo_pass: bool,
     duration: float | None,
     timeout: float | None,
-    as_json: bool,
 ) -> int:
     """Run SCRIPT (a local Python/BCC file, or a shipped script's name) on every host.
 
@@ -151,33 +125,31 @@ def run_script(
     under the host's python3 and ends when ebpfdiag ends. Lines stream back as they are
     printed. Exit code: 0 all hosts ok, 1 some failed, 2 bad input, 130 interrupted.
     """
+    from ebpfdiag.catalog import resolve_script
+    from ebpfdiag.fanout import Fanout
+    from ebpfdiag.transport import Script
+
     path = resolve_script(script)
     remote = Script(path.name, _read_script(path), tuple(script_args))
-    hosts, opts = prepare_run(
-        inventory,
-        hosts_expr,
-        fanout=fanout,
-        accept_new_host_keys=accept_new_host_keys,
-        ask_sudo_pass=ask_sudo_pass,
-        timeout=timeout,
-        duration=duration,
-    )
+    hosts, opts = app.prepare_run(timeout=timeout, duration=duration)
     started = time.monotonic()
-    names = [h.name for h in hosts]
-    err = Console(stderr=True)
-    if as_json:
-        engine: Fanout | None = None
-        writer = NDJSONWriter(on_closed=lambda: engine and engine.stop())
-        engine = Fanout(hosts, remote, opts, JSONSink(writer))
-        results = run_until_done(engine.run(), engine.stop)
-        writer.write(summary_record(results, engine.interrupted, time.monotonic() - started))
-        writer.flush()
+    if app.as_json:
+        engine = Fanout(hosts, remote, opts, JSONSink(app.json))
+        results = app.run(engine)
+        app.json.write(summary_record(results, engine.interrupted, time.monotonic() - started))
+        app.json.flush()
     else:
-        with StatusView(names, err) as status:
-            engine = Fanout(hosts, remote, opts, TerminalSink(names, status))
-            results = run_until_done(engine.run(), engine.stop)
-        summary_table(results, err)
-    return exit_code_for(results, engine.interrupted)
+        from ebpfdiag.render.tables import summary_table
+        from ebpfdiag.render.terminal import HostPrefixer
+
+        names = [h.name for h in hosts]
+        out = HostPrefixer(names, app.term.stdout)
+        err = HostPrefixer(names, app.term.stderr)
+        with app.status_view(names) as status:
+            engine = Fanout(hosts, remote, opts, TerminalSink(out, err, status))
+            results = app.run(engine)
+        summary_table(results, app.term.err)
+    return app.exit_code(results, engine.interrupted)
 
 
 def _read_script(path: Path) -> bytes:

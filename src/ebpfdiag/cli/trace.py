@@ -4,30 +4,16 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
 
-from ebpfdiag.catalog import script_path
-from ebpfdiag.cli.common import (
-    DURATION,
-    exit_code_for,
-    hosts_option,
-    inventory_option,
-    json_option,
-    prepare_run,
-    run_until_done,
-    ssh_options,
-)
-from ebpfdiag.errors import UsageError
-from ebpfdiag.fanout import Fanout
-from ebpfdiag.render.ndjson import NDJSONWriter
-from ebpfdiag.render.terminal import StatusView
-from ebpfdiag.render.timeline import event_record, live_line, render_result, trace_records
-from ebpfdiag.tracing import RST, TraceSession
-from ebpfdiag.transport import Script
+from ebpfdiag.cli.app import DURATION, App, host_options, pass_app
+from ebpfdiag.errors import EXIT_HOSTS_FAILED, UsageError
+
+if TYPE_CHECKING:
+    from ebpfdiag.tracing import TraceResult, TraceSession
 
 
 @click.group()
@@ -74,9 +60,7 @@ def _script_args(
 
 
 @trace.command("tcp-rst", epilog=EXAMPLES)
-@hosts_option
-@inventory_option
-@ssh_options
+@host_options()
 @click.option("--port", "ports", multiple=True, metavar="PORT[,PORT]", help="Only these ports.")
 @click.option("--addr", "addrs", multiple=True, metavar="ADDR[,ADDR]", help="Only these addresses.")
 @click.option("--interfaces", metavar="IF[,IF]", help="Interfaces to watch (default: all but lo).")
@@ -87,15 +71,12 @@ def _script_args(
               "(by default they wait in the kernel and come only with a reset).")  # fmt: skip
 @click.option("--duration", type=DURATION, help="Stop after this long (default: until Ctrl-C).")
 @click.option("--count", type=click.IntRange(1), help="Stop after N reset flows.")
-@click.option("--output", type=click.Path(dir_okay=False, writable=True, path_type=Path),
-              help="Also write the whole result as one JSON document.")  # fmt: skip
-@json_option
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the whole trace as one JSON document ('ebpfdiag show' "
+              "renders it again later, without the hosts).")  # fmt: skip
+@pass_app
 def tcp_rst(
-    hosts_expr: str,
-    inventory: str | None,
-    fanout: int,
-    accept_new_host_keys: bool,
-    ask_sudo_pass: bool,
+    app: App,
     ports: tuple[str, ...],
     addrs: tuple[str, ...],
     interfaces: str | None,
@@ -104,7 +85,6 @@ def tcp_rst(
     duration: float | None,
     count: int | None,
     output: Path | None,
-    as_json: bool,
 ) -> int:
     """Who sent a TCP reset, and why: one timeline across client, load balancer and server.
 
@@ -113,45 +93,43 @@ def tcp_rst(
     hosts (through DNAT/SNAT), aligns the hosts' clocks, and gives a verdict per flow:
     which host originated the reset, whether its TCP stack or a firewall did, and why.
     """
+    from ebpfdiag.catalog import script_path
+    from ebpfdiag.fanout import Fanout
+    from ebpfdiag.render.timeline import event_record, live_line
+    from ebpfdiag.tracing import RST, TraceSession
+    from ebpfdiag.transport import Script
+
     args = _script_args(ports, addrs, interfaces, history, all_flows)
-    hosts, opts = prepare_run(
-        inventory,
-        hosts_expr,
-        fanout=fanout,
-        accept_new_host_keys=accept_new_host_keys,
-        ask_sudo_pass=ask_sudo_pass,
-    )
+    if output is not None:
+        app.check_writable(output)
+    hosts, opts = app.prepare_run()
     script = Script.from_path(script_path("tcp_rst"), args)
     names = [h.name for h in hosts]
-    err = Console(stderr=True, highlight=False)
-    # Timelines are wide; when piped, do not squeeze them into 80 columns.
-    out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-    writer = NDJSONWriter() if as_json else None
     t0: list[int] = []
 
     def on_event(rec: dict) -> None:
-        if writer is not None:
-            writer.write(event_record(rec))
+        if app.as_json:
+            app.json.write(event_record(rec))
             return
         if rec["type"] == "reset" or rec.get("flags", 0) & RST:
             if not t0 and rec.get("ts"):
                 t0.append(rec["ts"])
-            out.print(live_line(rec, t0[0] if t0 else None))
+            app.term.out.print(live_line(rec, t0[0] if t0 else None))
 
     def on_ready(ready: list[str], failed: list[str]) -> None:
         msg = f"tracing on {len(ready)} host{'s' if len(ready) != 1 else ''}"
         if failed:
             msg += f" ({len(failed)} failed: {', '.join(failed)})"
-        if writer is not None:
-            writer.write({"type": "status", "state": "tracing", "hosts": ready, "failed": failed})
-            writer.flush()
-        err.print(msg + (" - Ctrl-C to stop" if duration is None and count is None else ""))
+        if app.as_json:
+            app.json.write({"type": "status", "state": "tracing", "hosts": ready, "failed": failed})
+            app.json.flush()
+        app.term.status(msg + (" - Ctrl-C to stop" if duration is None and count is None else ""))
 
     def on_diagnostic(host: str, text: str) -> None:
         if text.strip():
-            err.print(f"{host}: {text}", markup=False)
+            app.term.status(f"{host}: {text}")
 
-    with StatusView(names, err) as status:
+    with app.status_view(names) as status:
         session = TraceSession(
             names,
             duration=duration,
@@ -163,34 +141,104 @@ def tcp_rst(
         )
         engine = Fanout(hosts, script, opts, session)
         session.fanout = engine
-        run_until_done(engine.run(), engine.stop)
-    result = session.finish(engine.interrupted)
-    records = list(trace_records(result))
+        app.run(engine)
+    return conclude(app, session, engine.interrupted, output)
+
+
+def conclude(app: App, session: TraceSession, interrupted: bool, output: Path | None) -> int:
+    """After the run: correlate, render (or finish the NDJSON stream), write ``--output``;
+    returns the exit code (1 also when ``--output`` could not be written)."""
+    from ebpfdiag.render.timeline import event_record
+
+    result = session.finish(interrupted)
+    saved = source_records(result)
+    # The stream had the packets and resets live; lost counts come with the rest at the end.
+    lost = [event_record(e) for e in session.events if e["type"] == "lost"]
+    records = emit_result(app, result, lost + saved)
+    code = app.exit_code(
+        [h.result for h in result.hosts.values() if h.result is not None], interrupted
+    )
+    if output is not None:
+        doc = document(saved, [event_record(e) for e in session.events], records)
+        if not app.write_file(output, json.dumps(doc, indent=1) + "\n"):
+            code = max(code, EXIT_HOSTS_FAILED)
+    return code
+
+
+def source_records(result: TraceResult) -> list[dict]:
+    """What re-analysis needs besides the events: each host's ``hello`` and its SSH clock
+    estimate (before correlation tightens it), as ``hello`` and ``clock`` records."""
+    out: list[dict] = []
+    for name, ht in result.hosts.items():
+        if ht.hello is not None:
+            out.append({**ht.hello, "type": "hello", "host": name})
+    for name, ht in result.hosts.items():
+        if (est := ht.clock) is not None:
+            out.append(
+                {
+                    "type": "clock",
+                    "host": name,
+                    "offset_ns": est.offset_ns,
+                    "error_ns": est.error_ns,
+                }
+            )
+    return out
+
+
+def emit_result(app: App, result: TraceResult, saved: list[dict]) -> list[dict]:
+    """The end of a trace, live or from a file: host failures on stderr, then NDJSON
+    (``saved`` records, hosts, warnings, flows, summary) or the timelines."""
+    from ebpfdiag.render.timeline import render_result, trace_records
+
+    records = [_one_shape(rec, result) for rec in trace_records(result)]
     for rec in records:
         if rec["type"] == "host" and rec["error"]:
-            err.print(f"ebpfdiag: {rec['host']}: {rec['error']}", markup=False)
-    if writer is not None:
-        for rec in records:
-            writer.write(rec)
-        writer.flush()
+            app.term.error(f"{rec['host']}: {rec['error']}")
+    if app.as_json:
+        for rec in saved + records:
+            app.json.write(rec)
+        app.json.flush()
     else:
-        render_result(result, out, err)
-    if output is not None:
-        _write_document(output, session.events, records)
-    results = [h.result for h in result.hosts.values() if h.result is not None]
-    return exit_code_for(results, engine.interrupted)
+        render_result(result, app.term.out, app.term.err)
+    return records
 
 
-def _write_document(path: Path, events: list[dict], records: list[dict]) -> None:
-    doc = {
+_NO_OUTCOME = {"exit_code": None, "exit_signal": None, "duration_s": None}
+
+
+def _one_shape(rec: dict, result: TraceResult) -> dict:
+    """``host`` and ``summary`` records with the fields they have in every command
+    (docs/json.md): a host's exit code and time, the ok/failed counts."""
+    if rec["type"] == "host":
+        outcome = result.hosts[rec["host"]].result
+        return {**(outcome.to_json() if outcome else _NO_OUTCOME), **rec}
+    if rec["type"] == "summary":
+        out = {}
+        for key, value in rec.items():
+            out[key] = value
+            if key == "hosts":
+                out["ok"] = value - len(rec["failed_hosts"])
+                out["failed"] = len(rec["failed_hosts"])
+        return out
+    return rec
+
+
+def document(saved: list[dict], events: list[dict], records: list[dict]) -> dict:
+    """``--output``: the same records as ``--json`` (schema version included), as one JSON
+    document."""
+    from ebpfdiag.render.ndjson import SCHEMA_VERSION
+
+    def of(kind: str, recs: list[dict]) -> list[dict]:
+        return [{"v": SCHEMA_VERSION, **r} for r in recs if r["type"] == kind]
+
+    return {
         "type": "trace",
-        "hosts": [r for r in records if r["type"] == "host"],
-        "events": [event_record(e) for e in events],
-        "flows": [r for r in records if r["type"] == "flow"],
-        "warnings": [r for r in records if r["type"] == "warning"],
-        "summary": next(r for r in records if r["type"] == "summary"),
+        "v": SCHEMA_VERSION,
+        "hellos": of("hello", saved),
+        "clocks": of("clock", saved),
+        "hosts": of("host", records),
+        "events": [{"v": SCHEMA_VERSION, **e} for e in events],
+        "flows": of("flow", records),
+        "warnings": of("warning", records),
+        "summary": of("summary", records)[0],
     }
-    try:
-        path.write_text(json.dumps(doc, indent=1) + "\n")
-    except OSError as exc:
-        print(f"ebpfdiag: cannot write {path}: {exc.strerror}", file=sys.stderr)

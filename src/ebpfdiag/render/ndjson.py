@@ -1,5 +1,9 @@
 """NDJSON on stdout: one compact JSON object per line, every record with a ``type``.
 
+Every record starts with the schema version, ``{"v":2,...``: ``write`` adds it, and
+producers that splice pre-encoded objects (run-script's pass-through) start their lines
+with ``RECORD_HEAD`` so that no line is decoded or copied again here.
+
 Writes are batched and flushed when the producer is idle, so a fast stream costs few
 syscalls while a slow one still appears line by line. A closed pipe (``| head``) is not an
 error: the writer remembers it and the command stops its hosts cleanly.
@@ -7,12 +11,16 @@ error: the writer remembers it and the command stops its hosts cleanly.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from collections.abc import Callable
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+#: Version of the record shapes in docs/json.md; raised when a field changes meaning.
+SCHEMA_VERSION = 2
+#: How every record line starts: the opening brace and the version.
+RECORD_HEAD = f'{{"v":{SCHEMA_VERSION},'
 
 
 class NDJSONWriter:
@@ -24,22 +32,28 @@ class NDJSONWriter:
         self._scheduled = False
 
     def write(self, record: dict) -> None:
-        self.write_raw(_dumps(record))
-
-    def write_raw(self, line: str) -> None:
-        """A line that is already one JSON object (pass-through without re-encoding)."""
-        self.write_many([line])
+        """One record (never empty: it has a ``type``), with the schema version first."""
+        if "v" in record:  # a record read back from a file keeps one version: this one
+            record = {k: v for k, v in record.items() if k != "v"}
+        self.write_many([RECORD_HEAD + _dumps(record)[1:]])
 
     def write_many(self, lines: list[str]) -> None:
-        """Lines that are already JSON objects, in order (one call per batch)."""
+        """Lines that are already JSON objects starting with ``RECORD_HEAD``, in order
+        (one call per batch)."""
         if self.closed or not lines:
             return
         self._pending.extend(lines)
         if len(self._pending) >= 1024:
             self.flush()
         elif not self._scheduled:
+            # No event loop can run before asyncio is imported: commands that never start
+            # one (hosts, show) do not pay for importing it.
+            aio = sys.modules.get("asyncio")
+            if aio is None:
+                self.flush()
+                return
             try:
-                asyncio.get_running_loop().call_soon(self.flush)
+                aio.get_running_loop().call_soon(self.flush)
                 self._scheduled = True
             except RuntimeError:
                 self.flush()

@@ -1,6 +1,7 @@
-"""Terminal output: coloured host prefixes, a live status view, summary tables.
+"""Terminal output while hosts run: coloured host prefixes and the live status view.
 
-Status goes to stderr, data to stdout; nothing here runs in ``--json`` mode.
+Status goes to stderr, data to stdout; nothing here runs in ``--json`` mode (end-of-run
+tables are in ``render.tables``).
 """
 
 from __future__ import annotations
@@ -9,18 +10,19 @@ import sys
 import zlib
 from collections import Counter
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from ebpfdiag.fanout import HostResult
-from ebpfdiag.inventory import compress_names
+if TYPE_CHECKING:
+    from ebpfdiag.fanout import HostResult
 
 _PALETTE = ("cyan", "magenta", "green", "yellow", "blue", "bright_cyan", "bright_magenta")
 _ANSI = {"cyan": 36, "magenta": 35, "green": 32, "yellow": 33, "blue": 34}
-_STATE_STYLE = {
+STATE_STYLE = {
     "queued": "dim",
     "connecting": "yellow",
     "starting": "yellow",
@@ -109,32 +111,7 @@ class StatusView:
         rows = self.names if len(self.names) <= self.console.height - 3 else []
         for name in rows:
             state = self.states[name]
-            table.add_row(Text(name, style=host_colour(name)), Text(state, _STATE_STYLE[state]))
+            table.add_row(Text(name, style=host_colour(name)), Text(state, STATE_STYLE[state]))
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         table.add_row(Text(f"{len(self.names)} hosts", style="bold"), Text(summary))
         return table
-
-
-def summary_table(results: list[HostResult], console: Console, detail_limit: int = 30) -> None:
-    """End-of-run table: every host when few, else failures in full and the rest folded."""
-    table = Table(title=None, show_edge=False, pad_edge=False)
-    for col in ("host", "status", "exit", "time", "error"):
-        table.add_column(col, overflow="fold")
-    shown = results if len(results) <= detail_limit else [r for r in results if not r.ok]
-    for r in shown:
-        table.add_row(
-            Text(r.host, style=host_colour(r.host)),
-            Text(r.status, style=_STATE_STYLE.get(r.status, "")),
-            "" if r.exit_code is None else str(r.exit_code),
-            f"{r.duration_s:.2f}s",
-            r.error or "",
-        )
-    if len(shown) < len(results):
-        ok = [r.host for r in results if r.ok]
-        table.add_row(compress_names(ok), Text("ok", style="green"), "", "", f"{len(ok)} hosts")
-    console.print(table)
-    failed = [r.host for r in results if not r.ok]
-    line = f"{len(results) - len(failed)}/{len(results)} hosts ok"
-    if failed:
-        line += f"; failed: {compress_names(failed)}"
-    console.print(line, style="red" if failed else "green", markup=False, highlight=False)

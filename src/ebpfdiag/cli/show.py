@@ -1,0 +1,164 @@
+"""``ebpfdiag show``: render and re-analyse a saved trace without the hosts.
+
+Reads what ``trace tcp-rst --output FILE`` wrote, or a ``--json`` stream saved with
+``> FILE``, rebuilds each host's part (hello, SSH clock estimate, outcome) and its raw
+packet/reset records, correlates them again and renders them like the live command.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from ebpfdiag.cli.app import App, json_option, pass_app
+from ebpfdiag.errors import UsageError
+
+if TYPE_CHECKING:
+    from ebpfdiag.tracing import HostTrace, TraceResult
+
+#: Host records the correlation reads (``event`` records of a saved stream are turned back
+#: into these).
+_RAW = ("packet", "reset", "lost")
+
+EXAMPLES = """
+\b
+Examples:
+  ebpfdiag trace tcp-rst --hosts client,lb,server --duration 1m --output rst.json
+  ebpfdiag show rst.json
+  ebpfdiag trace tcp-rst --hosts client,lb,server --duration 1m --json > rst.ndjson
+  ebpfdiag show rst.ndjson --json | jq -r 'select(.type=="flow") | .verdict.text'
+"""
+
+
+@click.command(epilog=EXAMPLES)
+@click.argument("file", type=click.Path(path_type=Path))
+@json_option
+@pass_app
+def show(app: App, file: Path) -> int:
+    """Render a saved trace again: correlate its records and show the timelines and verdicts.
+
+    FILE is a document written by 'trace tcp-rst --output FILE' or the NDJSON of
+    'trace tcp-rst --json' saved to a file. Nothing is contacted.
+    """
+    from ebpfdiag.cli.trace import emit_result, source_records
+    from ebpfdiag.render.timeline import event_record
+
+    result, events = load_trace(file)
+    if app.as_json:
+        for rec in events:
+            app.json.write(event_record(rec))
+    emit_result(app, result, source_records(result))
+    return 0
+
+
+def read_records(path: Path) -> list[dict]:
+    """A saved document or NDJSON stream as a flat list of records; anything else is a
+    one-line usage error naming the file (and line)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not a text file"
+        raise UsageError(f"cannot read {path}: {reason}") from None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and doc.get("type") == "trace":
+        try:
+            return [
+                *doc.get("hellos", []),
+                *doc.get("clocks", []),
+                *doc["hosts"],
+                *doc["events"],
+                doc["summary"],
+            ]
+        except (KeyError, TypeError):
+            raise UsageError(f"{path}: a trace document without hosts/events/summary") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict):
+            raise UsageError(f"{path}:{number}: not a trace record (expected one JSON object)")
+        records.append(rec)
+    return records
+
+
+def load_trace(path: Path) -> tuple[TraceResult, list[dict]]:
+    """The saved trace as the live command had it at the end, and its raw records."""
+    from ebpfdiag.clock import ClockEstimate
+    from ebpfdiag.correlate import correlate
+    from ebpfdiag.fanout import HostResult
+    from ebpfdiag.tracing import HostTrace, TraceResult
+
+    hosts: dict[str, HostTrace] = {}
+    events: list[dict] = []
+    clocks: dict[str, ClockEstimate] = {}
+    tightened: dict[str, ClockEstimate] = {}
+    listed: list[str] = []
+    interrupted, duration_s = False, 0.0
+
+    def host_of(rec: dict[str, Any]) -> HostTrace:
+        name = rec.get("host")
+        if not isinstance(name, str):
+            raise UsageError(f"{path}: a '{rec.get('type')}' record without its host")
+        return hosts.setdefault(name, HostTrace(name))
+
+    for rec in read_records(path):
+        rec.pop("v", None)
+        kind = rec.get("type")
+        if kind == "event":
+            kind = rec.pop("kind", None)
+            rec["type"] = kind
+        try:
+            if kind in _RAW:
+                host_of(rec)
+                events.append(rec)
+            elif kind == "hello":
+                host_of(rec).hello = rec
+            elif kind == "clock":
+                clocks[host_of(rec).name] = ClockEstimate(
+                    int(rec["offset_ns"]), int(rec["error_ns"])
+                )
+            elif kind == "host":
+                ht = host_of(rec)
+                listed.append(ht.name)
+                ht.ready = bool(rec.get("ready"))
+                ht.lost = int(rec.get("lost") or 0)
+                ht.bye = {"reason": rec["bye"]} if rec.get("bye") else None
+                if rec.get("status") not in (None, "unknown"):
+                    ht.result = HostResult(
+                        ht.name,
+                        rec["status"],
+                        exit_code=rec.get("exit_code"),
+                        exit_signal=rec.get("exit_signal"),
+                        error=rec.get("error"),
+                        error_kind=rec.get("error_kind"),
+                        duration_s=float(rec.get("duration_s") or 0.0),
+                    )
+                if rec.get("clock"):
+                    est = rec["clock"]
+                    tightened[ht.name] = ClockEstimate(int(est["offset_ns"]), int(est["error_ns"]))
+            elif kind == "summary":
+                interrupted = bool(rec.get("interrupted"))
+                duration_s = float(rec.get("duration_s") or 0.0)
+        except (KeyError, TypeError, ValueError):
+            raise UsageError(f"{path}: a malformed '{kind}' record") from None
+    if not events and not hosts:
+        raise UsageError(f"{path}: not a saved trace (no packet, reset or host records)")
+    # Hosts in the order the live command listed them (a stream has its events first).
+    hosts = {name: hosts[name] for name in [*listed, *hosts] if name in hosts}
+    # Streams saved before clock records existed carry only the tightened estimates.
+    for name, est in tightened.items():
+        clocks.setdefault(name, est)
+    for name, est in clocks.items():
+        hosts[name].clock = est
+    correlation = correlate(events, clocks)
+    return TraceResult(hosts, correlation, interrupted, duration_s), events
