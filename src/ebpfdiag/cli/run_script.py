@@ -11,6 +11,7 @@ import click
 
 from ebpfdiag.cli.app import DURATION, App, Sink, host_options, pass_app
 from ebpfdiag.errors import UsageError
+from ebpfdiag.remote.bundle import bundle
 from ebpfdiag.render.ndjson import RECORD_HEAD, NDJSONWriter
 
 if TYPE_CHECKING:
@@ -153,7 +154,8 @@ def run_script(
 
 
 def _read_script(path: Path) -> bytes:
-    """Refuse a script that would only fail on every host: unreadable or not Python."""
+    """Refuse a script that would only fail on every host: unreadable or not Python.
+    What is sent is its bundle: the script with the core modules it imports, if any."""
     try:
         source = path.read_bytes()
     except OSError as exc:
@@ -164,4 +166,4 @@ def _read_script(path: Path) -> bytes:
         raise UsageError(f"{path}:{exc.lineno}: {exc.msg}") from None
     except ValueError as exc:
         raise UsageError(f"{path}: {exc}") from None
-    return source
+    return bundle(path).encode()

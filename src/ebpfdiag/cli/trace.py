@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,7 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ebpfdiag.cli.app import DURATION, App, host_options, pass_app
-from ebpfdiag.errors import EXIT_HOSTS_FAILED, UsageError
+from ebpfdiag.errors import EXIT_HOSTS_FAILED
 
 if TYPE_CHECKING:
     from ebpfdiag.tracing import TraceResult, TraceSession
@@ -38,25 +37,19 @@ def _script_args(
     history: int,
     all_flows: bool,
 ) -> tuple[str, ...]:
-    args: list[str] = []
-    for p in ports:
-        for part in p.split(","):
-            if not part.strip().isdigit() or not 0 < int(part) < 65536:
-                raise UsageError(f"--port: '{part}' is not a port number (1-65535)")
-            args += ["--port", part.strip()]
-    for a in addrs:
-        for part in a.split(","):
-            try:
-                ipaddress.ip_address(part.strip())
-            except ValueError:
-                raise UsageError(f"--addr: '{part}' is not an IPv4 or IPv6 address") from None
-            args += ["--addr", part.strip()]
-    if interfaces:
-        args += ["--interfaces", interfaces]
-    args += ["--history", str(history)]
-    if all_flows:
-        args.append("--all-flows")
-    return tuple(args)
+    """The tool's argv, checked against its parameter schema: refused here exactly as the
+    tool would refuse it, before any host is contacted."""
+    from ebpfdiag.catalog import script_path
+    from ebpfdiag.remote.schema import tool_argv
+
+    values = {
+        "port": list(ports),
+        "addr": list(addrs),
+        "interfaces": [interfaces] if interfaces else [],
+        "history": history,
+        "all-flows": all_flows,
+    }
+    return tool_argv(script_path("tcp_rst"), values)
 
 
 @trace.command("tcp-rst", epilog=EXAMPLES)
@@ -64,7 +57,7 @@ def _script_args(
 @click.option("--port", "ports", multiple=True, metavar="PORT[,PORT]", help="Only these ports.")
 @click.option("--addr", "addrs", multiple=True, metavar="ADDR[,ADDR]", help="Only these addresses.")
 @click.option("--interfaces", metavar="IF[,IF]", help="Interfaces to watch (default: all but lo).")
-@click.option("--history", type=click.IntRange(0, 8), default=4, show_default=True,
+@click.option("--history", type=int, default=4, show_default=True, metavar="0-8",
               help="Packets per flow kept in the kernel and shown before its RST.")  # fmt: skip
 @click.option("--all-flows", is_flag=True,
               help="Also stream handshake and close packets of flows that do not reset "
