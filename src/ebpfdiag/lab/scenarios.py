@@ -449,12 +449,11 @@ class NatWatch:
     """The LB's conntrack NEW events for one VIP port, i.e. what its NAT made of each flow.
 
     Entries of connections refused or reset before a reply are deleted at once, so
-    ``conntrack -L`` afterwards finds nothing: the events are the record. ``start`` returns
-    once the listener provably receives events (a marker entry was seen), so the client
-    never runs before it.
+    ``conntrack -L`` afterwards finds nothing: the events are the record. A marker entry
+    (client port 1, then 2) is inserted and deleted on start and on stop: seeing the first
+    proves the listener is subscribed before the client runs, seeing the second that every
+    earlier event has been read before the listener is stopped.
     """
-
-    MARKER_PORT = 1  # client source port of the marker entry
 
     def __init__(self, lab: "LabState", port: int) -> None:
         self.ns = lab.hosts["lb"].netns
@@ -464,42 +463,51 @@ class NatWatch:
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []
 
-    def _marker(self, action: str) -> list[str]:
-        return ["conntrack", action, "-p", "tcp", "-s", self.client, "-d", self.vip,
-                "--sport", str(self.MARKER_PORT), "--dport", str(self.port)]  # fmt: skip
+    def _marker(self, action: str, sport: int) -> list[str]:
+        argv = ["conntrack", action, "-p", "tcp", "-s", self.client, "-d", self.vip,
+                "--sport", str(sport), "--dport", str(self.port)]  # fmt: skip
+        if action == "-I":
+            argv += ["-r", self.vip, "-q", self.client, "--reply-port-src", str(self.port),
+                     "--reply-port-dst", str(sport), "--state", "SYN_SENT", "-t", "5"]  # fmt: skip
+        return ns_exec_argv(self.ns, argv)
 
-    def start(self, wait: float = 5.0) -> None:
+    def _sync(self, sport: int, wait: float = 5.0) -> bool:
+        """Insert a marker entry and read events until it shows; False if it never does."""
+        assert self.proc is not None and self.proc.stdout is not None
+        deadline = time.monotonic() + wait
+        try:
+            while time.monotonic() < deadline:
+                run(self._marker("-I", sport), check=False)
+                while select.select([self.proc.stdout], [], [], 0.2)[0]:
+                    line = self.proc.stdout.readline().decode()  # unbuffered: select is exact
+                    if not line:
+                        return False
+                    if f"sport={sport} " in line:
+                        return True
+                    self.lines.append(line)
+                run(self._marker("-D", sport), check=False)
+            return False
+        finally:
+            run(self._marker("-D", sport), check=False)
+
+    def start(self) -> None:
         argv = ["conntrack", "-E", "-e", "NEW", "-p", "tcp", "--orig-dst", self.vip,
                 "--dport", str(self.port)]  # fmt: skip
         self.proc = subprocess.Popen(
             ns_exec_argv(self.ns, argv),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
-            text=True,
+            bufsize=0,
         )
-        assert self.proc.stdout is not None
-        reply = ["-r", self.vip, "-q", self.client, "--reply-port-src", str(self.port),
-                 "--reply-port-dst", str(self.MARKER_PORT)]  # fmt: skip
-        insert = self._marker("-I") + reply + ["--state", "SYN_SENT", "-t", "5"]
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            run(ns_exec_argv(self.ns, insert), check=False)
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
-            if ready:
-                line = self.proc.stdout.readline()
-                if f"sport={self.MARKER_PORT} " in line:
-                    run(ns_exec_argv(self.ns, self._marker("-D")), check=False)
-                    return
-                self.lines.append(line)
-            run(ns_exec_argv(self.ns, self._marker("-D")), check=False)
-        self.stop()
-        raise LabError("conntrack -E on lb showed no events")
+        if not self._sync(1):
+            self.stop()
+            raise LabError("conntrack -E on lb showed no events")
 
     def stop(self) -> list[dict[str, Any]]:
-        """End the listener; the NEW entries it saw (marker excluded), parsed."""
+        """End the listener; the NEW entries it saw (markers excluded), parsed."""
         if self.proc is None:
             return []
-        time.sleep(0.05)  # events of the last packets are queued by now; let them be read
+        synced = self._sync(2)
         self.proc.terminate()
         try:
             out, _ = self.proc.communicate(timeout=3)
@@ -507,10 +515,12 @@ class NatWatch:
             kill_pids([self.proc.pid])
             out, _ = self.proc.communicate()
         self.proc = None
-        lines = self.lines + out.splitlines()
+        if not synced:
+            raise LabError("conntrack -E on lb stopped showing events")
+        lines = self.lines + out.decode().splitlines()
         entries = [parse_conntrack(line.replace("[NEW]", "").strip()) for line in lines
                    if line.strip().startswith("[NEW] tcp ")]  # fmt: skip
-        return [e for e in entries if e["original"].get("sport") != self.MARKER_PORT]
+        return [e for e in entries if e["original"].get("sport") not in (1, 2)]
 
 
 def parse_conntrack(line: str) -> dict[str, Any]:
