@@ -12,6 +12,8 @@ through the LB.
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,11 +92,29 @@ def tc_state(lab) -> dict[tuple[str, str, str], str]:
     return out
 
 
-def tracer_programs() -> list[str]:
+def tracer_programs(lab) -> list[str]:
+    """Names of the tracer's BPF programs held by processes of this lab's hosts.
+
+    Scoped to the lab's namespaces because other runs on the same kernel load the same
+    programs. A program of ours outlives its process only when attached to an interface,
+    which ``tc_state`` and ``attached`` check.
+    """
+    inodes = {os.stat(f"/run/netns/{h.netns}").st_ino for h in lab.hosts.values()}
+    ids = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or os.stat(proc / "ns" / "net").st_ino not in inodes:
+                continue
+            for info in (proc / "fdinfo").iterdir():
+                ids.update(re.findall(r"^prog_id:\s+(\d+)", info.read_text(), re.M))
+        except OSError:  # the process ended meanwhile
+            continue
     progs = json.loads(subprocess.run(
         ["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True
     ).stdout)  # fmt: skip
-    return [p.get("name", "") for p in progs if p.get("name", "").startswith("ebd_")]
+    return [
+        p["name"] for p in progs if p.get("name", "").startswith("ebd_") and str(p.get("id")) in ids
+    ]
 
 
 def start_trace(lab, port: int | None, *extra: str, hosts: str = HOSTS) -> subprocess.Popen:
@@ -140,16 +160,17 @@ def attached(lab) -> dict[str, str]:
     return out
 
 
-def programs_gone() -> bool:
-    """The tracer's programs are unloaded (the kernel frees them a moment after the fds close)."""
+def programs_gone(lab) -> bool:
+    """No process of the lab holds a tracer program any more (they end a moment after
+    the controller does)."""
     deadline = time.monotonic() + 10
-    while tracer_programs() and time.monotonic() < deadline:
+    while tracer_programs(lab) and time.monotonic() < deadline:
         time.sleep(0.2)
-    return tracer_programs() == []
+    return tracer_programs(lab) == []
 
 
 def assert_clean(lab) -> None:
-    assert programs_gone()
+    assert programs_gone(lab)
     leftover = {k: v for k, v in tc_state(lab).items() if v.strip()}
     assert leftover == {}
     assert attached(lab) == {}
@@ -213,7 +234,7 @@ def test_healthy_scenario_gives_no_reset_flow(lab, all_flows):
 
 def test_killed_controller_leaves_nothing_attached(lab):
     proc = start_trace(lab, 9)
-    assert tracer_programs(), "the tracer's programs should be loaded while it runs"
+    assert tracer_programs(lab), "the tracer's programs should be loaded while it runs"
     assert set(attached(lab)) == {"client", "lb", "server"}
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -235,7 +256,7 @@ def test_existing_clsact_filter_survives_a_trace(lab):
         assert len(flows) == 1
         assert ns(lab, "client", "tc", "filter", "show", "dev", dev, "ingress") == before
         assert "clsact" in ns(lab, "client", "tc", "qdisc", "show", "dev", dev)
-        assert tracer_programs() == []
+        assert programs_gone(lab)
     finally:
         ns(lab, "client", "tc", "qdisc", "del", "dev", dev, "clsact")
 
@@ -279,7 +300,7 @@ def test_clsact_path_leaves_a_foreign_filter_alone(lab):
         assert "clsact" in ns(lab, "lb", "tc", "qdisc", "show", "dev", dev)
         for other in set(interfaces(lab, "lb")) - {dev}:
             assert "clsact" not in ns(lab, "lb", "tc", "qdisc", "show", "dev", other), other
-        assert programs_gone()
+        assert programs_gone(lab)
     finally:
         ns(lab, "lb", "tc", "qdisc", "del", "dev", dev, "clsact")
 
