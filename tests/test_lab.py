@@ -14,13 +14,16 @@ from click.testing import CliRunner
 from ebpfdiag.errors import UsageError
 from ebpfdiag.inventory import load_inventory
 from ebpfdiag.lab import netns, prereqs, users
-from ebpfdiag.lab.scenarios import SCENARIOS, run_scenario
+from ebpfdiag.lab.scenarios import RULE_COMMENT, SCENARIOS, parse_conntrack, run_scenario
 from ebpfdiag.lab.topology import INVENTORY_MARKER, LAB_USER, NFT_TABLE, Lab
 from tests.conftest import require, require_root_tools
 
 # Own prefixes, networks and state dirs: the tests never touch a developer's lab.
 PREFIX, BASE = "eblt", "198.18.64.0"
 STATE_DIR = Path("/run/ebpfdiag/lab-test")
+MULTI_PREFIX, MULTI_BASE = "eblm", "198.18.72.0"
+MULTI_STATE_DIR = Path("/run/ebpfdiag/lab-test-multi")
+ONE_SERVER = sorted(name for name, s in SCENARIOS.items() if s.min_servers == 1)
 
 
 def require_lab_tools() -> None:
@@ -97,6 +100,40 @@ def lab(lab_obj):
     return lab_obj.state()
 
 
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory):
+    """A lab with two servers behind the VIP."""
+    require_lab_tools()
+    inventory = tmp_path_factory.mktemp("multi") / "inv.yaml"
+    the_lab = Lab(state_dir=MULTI_STATE_DIR, prefix=MULTI_PREFIX, base=MULTI_BASE, servers=2,
+                  inventory_out=inventory)  # fmt: skip
+    the_lab.down()
+    try:
+        yield the_lab.up()
+    finally:
+        the_lab.down()
+    assert leftovers(MULTI_PREFIX, MULTI_STATE_DIR) == []
+
+
+def ns_out(lab, host: str, *argv: str) -> str:
+    return netns.run(netns.ns_exec_argv(lab.hosts[host].netns, list(argv)))
+
+
+def out_rsts(lab, host: str) -> int:
+    """The host's TCP OutRsts counter (per network namespace)."""
+    lines = [line.split() for line in ns_out(lab, host, "cat", "/proc/net/snmp").splitlines()]
+    names, values = [f for f in lines if f[0] == "Tcp:"][:2]
+    return int(values[names.index("OutRsts")])
+
+
+def lb_rules(lab) -> str:
+    return ns_out(lab, "lb", "nft", "list", "table", "ip", NFT_TABLE)
+
+
+def listeners(lab, host: str) -> str:
+    return ns_out(lab, host, "ss", "-Htln")
+
+
 # -- pure logic ----------------------------------------------------------------------------
 
 
@@ -151,7 +188,19 @@ def test_scenario_list_is_data():
     result = CliRunner().invoke(_lab_cli(), ["scenario", "--list", "--json"])
     assert result.exit_code == 0
     listed = {s["name"]: s for s in json.loads(result.output)}
-    assert set(listed) >= {"healthy", "rst-no-listener", "rst-abort", "rst-lb-reject"}
+    assert set(listed) >= {"healthy", "rst-no-listener", "rst-abort", "rst-lb-reject",
+                           "rst-lb-failover", "rst-no-listener-portmap"}  # fmt: skip
+    assert listed["rst-lb-failover"]["min_servers"] == 2
+    assert listed["rst-lb-failover"]["moves"] == {"host": "lb", "from": "server1", "to": "server2"}
+    assert listed["rst-lb-failover"]["expected"]["state"] == "TCP_LISTEN"
+    portmap = listed["rst-no-listener-portmap"]
+    assert (portmap["port"], portmap["backend_port"], portmap["masquerade"]) == (
+        8085,
+        9085,
+        "fully-random",
+    )
+    assert all(listed[n]["backend_port"] is None for n in ("healthy", "rst-no-listener"))
+    assert "maps VIP port 8085 to server port 9085" in portmap["summary"]  # what --list shows
     assert listed["rst-no-listener"]["expected"]["reason"] == "NO_SOCKET"
     assert listed["rst-lb-reject"]["expected"] == {
         "host": "lb",
@@ -166,6 +215,18 @@ def _lab_cli():
     from ebpfdiag.cli.lab import lab
 
     return lab
+
+
+def test_parse_conntrack_line():
+    line = (
+        "tcp      6 120 SYN_SENT src=198.18.1.10 dst=198.18.3.1 sport=40000 dport=8085 "
+        "[UNREPLIED] src=198.18.2.10 dst=198.18.2.1 sport=9085 dport=31337"
+    )
+    assert parse_conntrack(line) == {
+        "state": "SYN_SENT",
+        "original": {"src": "198.18.1.10", "dst": "198.18.3.1", "sport": 40000, "dport": 8085},
+        "reply": {"src": "198.18.2.10", "dst": "198.18.2.1", "sport": 9085, "dport": 31337},
+    }
 
 
 # -- the real lab --------------------------------------------------------------------------
@@ -218,7 +279,7 @@ def test_client_reaches_server_through_vip_with_nat_on_lb(lab):
 
 
 @pytest.mark.root
-@pytest.mark.parametrize("name", sorted(SCENARIOS))
+@pytest.mark.parametrize("name", ONE_SERVER)
 def test_scenario_reproduces_what_the_client_sees(lab, name):
     spec = SCENARIOS[name]
     result = run_scenario(name, lab)
@@ -228,9 +289,103 @@ def test_scenario_reproduces_what_the_client_sees(lab, name):
     assert result.vip_port == spec.port
     if spec.client_error:
         assert result.errno is not None and result.received == ""
+    if spec.forwarded:  # the LB's NAT of this flow, from its conntrack events
+        assert [e["original"]["dport"] for e in result.lb_conntrack] == [spec.port]
+        assert result.lb_conntrack[0]["reply"]["sport"] == spec.server_port
+        assert (result.server_host, result.server_port) == ("server", spec.server_port)
+    else:
+        assert result.lb_conntrack == []
     # Server-side helpers are gone: only sshd is left in the server namespace.
     pids = netns.netns_pids(lab.hosts["server"].netns)
     assert all("sshd" in " ".join(netns.pid_cmdline(p)) for p in pids), pids
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("name", ["healthy", "rst-no-listener", "rst-abort"])
+def test_existing_scenarios_keep_their_ports_through_the_lb(lab, name):
+    """Only the portmap scenario rewrites ports: the others keep VIP port and client port."""
+    result = run_scenario(name, lab)
+    [entry] = result.lb_conntrack
+    assert entry["reply"] == {
+        "src": lab.hosts["server"].data_address,
+        "dst": lab.hosts["lb"].interfaces["br-servers"].split("/")[0],
+        "sport": SCENARIOS[name].port,
+        "dport": result.client_port,
+    }
+
+
+@pytest.mark.root
+def test_portmap_rewrites_both_ports(lab):
+    spec = SCENARIOS["rst-no-listener-portmap"]
+    before = out_rsts(lab, "server")
+    for _ in range(2):
+        result = run_scenario(spec.name, lab)
+        assert (result.error, result.phase) == ("ECONNREFUSED", "connect") and result.reproduced
+        [entry] = result.lb_conntrack
+        assert entry["original"] == {"src": result.client_address, "dst": lab.vip,
+                                     "sport": result.client_port, "dport": 8085}  # fmt: skip
+        # DNAT rewrote the destination port; masquerade fully-random the source port.
+        assert entry["reply"]["src"] == lab.hosts["server"].data_address
+        assert entry["reply"]["sport"] == 9085
+        assert entry["reply"]["dport"] != result.client_port
+    # The server's own stack answered each SYN (to port 9085, where nothing listens).
+    assert out_rsts(lab, "server") - before == 2
+    assert (result.server_host, result.server_port) == ("server", 9085)
+
+
+@pytest.mark.root
+def test_failover_needs_two_servers(lab):
+    with pytest.raises(UsageError, match="needs a lab with 2 servers, this one has 1"):
+        run_scenario("rst-lb-failover", lab)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ebpfdiag", "lab", "--state-dir", str(STATE_DIR), "scenario",
+         "rst-lb-failover"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "--servers 2" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.root
+def test_failover_moves_the_flow_to_the_second_server(multi):
+    spec = SCENARIOS["rst-lb-failover"]
+    server1, server2 = (multi.hosts[n].data_address for n in ("server1", "server2"))
+    rules_before = lb_rules(multi)
+    resets_before = {h: out_rsts(multi, h) for h in ("server1", "server2", "lb")}
+    result = run_scenario(spec.name, multi)
+    assert (result.error, result.phase) == ("ECONNRESET", "recv") and result.reproduced
+    assert result.elapsed_ms < 1000
+    assert result.received == "ok hello\n"  # data went both ways before the failover
+    assert (result.server_host, result.server_address) == ("server1", server1)
+    accepted = [e for e in result.server_events if e["event"] == "accepted"]
+    assert [e["host"] for e in accepted] == ["server1"]
+    # lb's conntrack: the flow was NATed to server1, then (after the delete) to server2.
+    assert [e["original"]["sport"] for e in result.lb_conntrack] == [result.client_port] * 2
+    assert [e["reply"]["src"] for e in result.lb_conntrack] == [server1, server2]
+    assert [e["state"] for e in result.lb_conntrack] == ["SYN_SENT", "ESTABLISHED"]
+    assert result.moved == {"host": "lb", "from": "server1", "to": "server2"}
+    # server2's stack sent the one reset; server1 (closed in repair mode) and lb sent none.
+    resets = {h: out_rsts(multi, h) - n for h, n in resets_before.items()}
+    assert resets == {"server1": 0, "server2": 1, "lb": 0}
+    # The scenario's pinning rules are gone, the lab's rules are as before.
+    assert RULE_COMMENT not in lb_rules(multi)
+    assert lb_rules(multi) == rules_before
+    assert all(f":{spec.port} " not in listeners(multi, h) for h in multi.servers)
+
+
+@pytest.mark.root
+def test_failover_removes_rules_a_killed_run_left(multi):
+    lb = multi.hosts["lb"].netns
+    netns.run(netns.ns_exec_argv(lb, ["nft", "insert", "rule", "ip", NFT_TABLE, "prerouting",
+              "ip", "daddr", multi.vip, "tcp", "dport", "8084", "dnat", "to",
+              multi.hosts["server2"].data_address, "comment", f'"{RULE_COMMENT}"']))  # fmt: skip
+    assert run_scenario("rst-lb-failover", multi).moved == {
+        "host": "lb",
+        "from": "server1",
+        "to": "server2",
+    }
+    assert RULE_COMMENT not in lb_rules(multi)
 
 
 @pytest.mark.root
@@ -248,20 +403,14 @@ def test_status_and_second_up(lab_obj, lab):
 
 
 @pytest.mark.root
-def test_several_servers_share_the_vip(tmp_path):
-    require_lab_tools()
-    state_dir = Path("/run/ebpfdiag/lab-test-multi")
-    multi = Lab(state_dir=state_dir, prefix="eblm", base="198.18.72.0", servers=2,
-                inventory_out=tmp_path / "inv.yaml")  # fmt: skip
-    try:
-        state = multi.up()
-        assert state.servers == ["server1", "server2"]
-        hit = {run_scenario("healthy", state).server_host for _ in range(4)}
-        assert hit == {"server1", "server2"}  # numgen inc alternates
-        assert run_scenario("rst-abort", state).error == "ECONNRESET"
-    finally:
-        multi.down()
-    assert leftovers("eblm", state_dir) == []
+def test_several_servers_share_the_vip(multi):
+    assert multi.servers == ["server1", "server2"]
+    hit = {run_scenario("healthy", multi).server_host for _ in range(4)}
+    assert hit == {"server1", "server2"}  # numgen inc alternates
+    assert run_scenario("rst-abort", multi).error == "ECONNRESET"
+    # Port rewrite with round robin: each server in turn, always on the backend port.
+    hit = [run_scenario("rst-no-listener-portmap", multi) for _ in range(2)]
+    assert {(r.server_host, r.server_port) for r in hit} == {("server1", 9085), ("server2", 9085)}
 
 
 @pytest.mark.root

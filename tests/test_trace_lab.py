@@ -1,14 +1,19 @@
 """``ebpfdiag trace tcp-rst`` end to end in the lab: real sshd, real BPF, real nftables.
 
 Each scenario must give exactly the flows it caused, with the right origin host, origin
-kind and kernel reason; afterwards no TC filter and no BPF program of the tracer is left
-on any host, also after the controller is SIGKILLed mid-trace; a clsact filter that was
-there before survives untouched.
+kind and kernel reason, with and without --all-flows; afterwards no TC filter and no BPF
+program of the tracer is left on any host, also after the controller is SIGKILLed
+mid-trace; a clsact filter that was there before survives untouched, also when the
+tracer's own filters go into that clsact (--tc-mode clsact). A flow the LB moves to
+another server mid-connection and a flow whose ports the LB rewrites are followed
+through the LB.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +34,11 @@ core_tc = load_core("tc")
 PREFIX, BASE = "eblr", "198.18.88.0"
 STATE_DIR = Path("/run/ebpfdiag/lab-trace-test")
 HOSTS = "client,lb,server"
+# The two-server lab for rst-lb-failover (never up at the same time as test_lab's eblm).
+MULTI_PREFIX, MULTI_BASE = "eblm", "198.18.92.0"
+MULTI_STATE_DIR = Path("/run/ebpfdiag/lab-trace-multi")
+MULTI_HOSTS = "client,lb,server1,server2"
+RESET_SCENARIOS = ["rst-no-listener", "rst-abort", "rst-lb-reject"]
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +47,20 @@ def lab(tmp_path_factory):
     require(Path("/usr/lib/python3/dist-packages/bcc").is_dir(), "needs python3-bpfcc")
     inventory = tmp_path_factory.mktemp("trace") / "inventory.yaml"
     the_lab = Lab(state_dir=STATE_DIR, prefix=PREFIX, base=BASE, inventory_out=inventory)
+    the_lab.down()
+    try:
+        yield the_lab.up()
+    finally:
+        the_lab.down()
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory):
+    require_root_tools("ip", "nft", "tc", "conntrack", "/usr/sbin/sshd")
+    require(Path("/usr/lib/python3/dist-packages/bcc").is_dir(), "needs python3-bpfcc")
+    inventory = tmp_path_factory.mktemp("trace-multi") / "inventory.yaml"
+    the_lab = Lab(state_dir=MULTI_STATE_DIR, prefix=MULTI_PREFIX, base=MULTI_BASE, servers=2,
+                  inventory_out=inventory)  # fmt: skip
     the_lab.down()
     try:
         yield the_lab.up()
@@ -69,17 +93,37 @@ def tc_state(lab) -> dict[tuple[str, str, str], str]:
     return out
 
 
-def tracer_programs() -> list[str]:
+def tracer_programs(lab) -> list[str]:
+    """Names of the tracer's BPF programs held by processes of this lab's hosts.
+
+    Scoped to the lab's namespaces because other runs on the same kernel load the same
+    programs. A program of ours outlives its process only when attached to an interface,
+    which ``tc_state`` and ``attached`` check.
+    """
+    inodes = {os.stat(f"/run/netns/{h.netns}").st_ino for h in lab.hosts.values()}
+    ids = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or os.stat(proc / "ns" / "net").st_ino not in inodes:
+                continue
+            for info in (proc / "fdinfo").iterdir():
+                ids.update(re.findall(r"^prog_id:\s+(\d+)", info.read_text(), re.M))
+        except OSError:  # the process ended meanwhile
+            continue
     progs = json.loads(subprocess.run(
         ["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True
     ).stdout)  # fmt: skip
-    return [p.get("name", "") for p in progs if p.get("name", "").startswith("ebd_")]
+    return [
+        p["name"] for p in progs if p.get("name", "").startswith("ebd_") and str(p.get("id")) in ids
+    ]
 
 
-def start_trace(lab, port: int, *extra: str) -> subprocess.Popen:
+def start_trace(lab, port: int | None, *extra: str, hosts: str = HOSTS) -> subprocess.Popen:
+    """``trace tcp-rst`` on ``hosts``, returned once every host traces; ``port`` None: all."""
+    ports = ["--port", str(port)] if port is not None else []
     proc = subprocess.Popen(
         [sys.executable, "-m", "ebpfdiag", "trace", "tcp-rst", "-i", lab.inventory,
-         "--hosts", HOSTS, "--port", str(port), "--json", *extra],
+         "--hosts", hosts, *ports, "--json", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -91,7 +135,7 @@ def start_trace(lab, port: int, *extra: str) -> subprocess.Popen:
             break
         rec = json.loads(line)
         if rec["type"] == "status" and rec["state"] == "tracing":
-            assert sorted(rec["hosts"]) == ["client", "lb", "server"], rec
+            assert sorted(rec["hosts"]) == sorted(hosts.split(",")), rec
             return proc
     proc.kill()
     raise AssertionError(f"trace never became ready: {proc.stderr.read()}")
@@ -117,22 +161,30 @@ def attached(lab) -> dict[str, str]:
     return out
 
 
-def assert_clean(lab) -> None:
+def programs_gone(lab) -> bool:
+    """No process of the lab holds a tracer program any more (they end a moment after
+    the controller does)."""
     deadline = time.monotonic() + 10
-    while tracer_programs() and time.monotonic() < deadline:
+    while tracer_programs(lab) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert tracer_programs() == []
+    return tracer_programs(lab) == []
+
+
+def assert_clean(lab) -> None:
+    assert programs_gone(lab)
     leftover = {k: v for k, v in tc_state(lab).items() if v.strip()}
     assert leftover == {}
     assert attached(lab) == {}
 
 
-@pytest.mark.parametrize("name", ["rst-no-listener", "rst-abort", "rst-lb-reject"])
-def test_scenario_reset_is_traced_to_its_origin(lab, name, tmp_path):
+@pytest.mark.parametrize("all_flows", [False, True], ids=["default", "all-flows"])
+@pytest.mark.parametrize("name", RESET_SCENARIOS)
+def test_scenario_reset_is_traced_to_its_origin(lab, name, all_flows, tmp_path):
     spec = SCENARIOS[name]
     document = tmp_path / "trace.json"
+    extra = ["--all-flows"] if all_flows else []
     proc = start_trace(
-        lab, spec.port, "--count", "1", "--duration", "20s", "--output", str(document)
+        lab, spec.port, "--count", "1", "--duration", "20s", "--output", str(document), *extra
     )
     result = run_scenario(name, lab)
     assert result.reproduced, result.summary()
@@ -183,7 +235,7 @@ def test_healthy_scenario_gives_no_reset_flow(lab, all_flows):
 
 def test_killed_controller_leaves_nothing_attached(lab):
     proc = start_trace(lab, 9)
-    assert tracer_programs(), "the tracer's programs should be loaded while it runs"
+    assert tracer_programs(lab), "the tracer's programs should be loaded while it runs"
     assert set(attached(lab)) == {"client", "lb", "server"}
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -205,9 +257,116 @@ def test_existing_clsact_filter_survives_a_trace(lab):
         assert len(flows) == 1
         assert ns(lab, "client", "tc", "filter", "show", "dev", dev, "ingress") == before
         assert "clsact" in ns(lab, "client", "tc", "qdisc", "show", "dev", dev)
-        assert tracer_programs() == []
+        assert programs_gone(lab)
     finally:
         ns(lab, "client", "tc", "qdisc", "del", "dev", dev, "clsact")
+
+
+def test_clsact_path_leaves_a_foreign_filter_alone(lab):
+    """--tc-mode clsact on a tcx kernel: our filters share a clsact with a foreign one."""
+    dev = "to-client"
+    ns(lab, "lb", "tc", "qdisc", "add", "dev", dev, "clsact")
+    ns(lab, "lb", "tc", "filter", "add", "dev", dev, "ingress", "prio", "7",
+       "u32", "match", "u32", "0", "0")  # fmt: skip
+    try:
+        before = tc_state(lab)
+        assert "u32" in before[("lb", dev, "ingress")]
+        assert [k for k, v in before.items() if v.strip()] == [("lb", dev, "ingress")]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ebpfdiag", "run-script", "tcp_rst", "-i", lab.inventory,
+             "--hosts", "lb", "--json", "--", "--tc-mode", "clsact", "--duration", "3"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        records = []
+        while not any(r.get("record", {}).get("type") == "ready" for r in records):
+            line = proc.stdout.readline()
+            assert line, f"tcp_rst never became ready: {proc.stderr.read()}"
+            records.append(json.loads(line))
+        hello = next(r["record"] for r in records if r["record"]["type"] == "hello")
+        assert hello["attach"]["tc"]["kind"] == "tc-clsact", hello["attach"]
+        during = tc_state(lab)
+        # Our filters really are in clsact (the path under test), next to the foreign one.
+        assert "ebd_tc_ingress" in during[("lb", dev, "ingress")]
+        assert "u32" in during[("lb", dev, "ingress")]
+        assert "ebd_tc_egress" in during[("lb", dev, "egress")]
+        for other in set(interfaces(lab, "lb")) - {dev}:
+            assert "ebd_tc_ingress" in during[("lb", other, "ingress")], other
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        ends = [json.loads(line)["record"] for line in out.splitlines() if '"record"' in line]
+        assert ends[-1] == {"type": "bye", "reason": "duration"}
+        # Ours are gone everywhere; the foreign filter and the clsact it lives in are intact;
+        # the clsact qdiscs we created on the other interfaces are gone too.
+        assert tc_state(lab) == before
+        assert "clsact" in ns(lab, "lb", "tc", "qdisc", "show", "dev", dev)
+        for other in set(interfaces(lab, "lb")) - {dev}:
+            assert "clsact" not in ns(lab, "lb", "tc", "qdisc", "show", "dev", other), other
+        assert programs_gone(lab)
+    finally:
+        ns(lab, "lb", "tc", "qdisc", "del", "dev", dev, "clsact")
+
+
+@pytest.mark.parametrize("all_flows", [False, True], ids=["default", "all-flows"])
+def test_failover_reset_is_traced_to_the_second_server(multi, all_flows):
+    spec = SCENARIOS["rst-lb-failover"]
+    extra = ["--all-flows"] if all_flows else []
+    proc = start_trace(
+        multi, spec.port, "--count", "1", "--duration", "20s", *extra, hosts=MULTI_HOSTS
+    )
+    result = run_scenario(spec.name, multi)
+    assert result.reproduced, result.summary()
+    recs = finish(proc)
+    flows = [r for r in recs if r["type"] == "flow" and r.get("verdict")]
+    assert len(flows) == 1, [f["verdict"]["text"] for f in flows]
+    [flow] = flows
+    verdict = flow["verdict"]
+    assert verdict["origin_host"] == "server2"
+    assert verdict["origin_kind"] == "tcp-stack"
+    assert verdict["reason"] == spec.expected.reason
+    assert verdict["moved"] == {"host": "lb", "from": "server1", "to": "server2"}
+    assert verdict["path"][-1]["host"] == "client"
+    lb_side = multi.hosts["lb"].interfaces["br-servers"].split("/")[0]
+    tuples = {(e["host"], e["saddr"], e["sport"], e["daddr"], e["dport"])
+              for e in flow["endpoints"]}  # fmt: skip
+    assert ("client", result.client_address, result.client_port, multi.vip, spec.port) in tuples
+    for server in ("server1", "server2"):
+        address = multi.hosts[server].data_address
+        assert (server, lb_side, result.client_port, address, spec.port) in tuples, server
+    assert recs[-1]["resets"] == [
+        {"origin_host": "server2", "origin_kind": "tcp-stack", "reason": spec.expected.reason,
+         "count": 1}
+    ]  # fmt: skip
+    assert_clean(multi)
+
+
+def test_portmap_reset_is_traced_through_the_rewritten_ports(lab):
+    spec = SCENARIOS["rst-no-listener-portmap"]
+    proc = start_trace(lab, None, "--count", "1", "--duration", "20s")  # no --port: all flows
+    result = run_scenario(spec.name, lab)
+    assert result.reproduced, result.summary()
+    [nat] = result.lb_conntrack
+    recs = finish(proc)
+    flows = [r for r in recs if r["type"] == "flow" and r.get("verdict")]
+    assert len(flows) == 1, [f["verdict"]["text"] for f in flows]
+    [flow] = flows
+    verdict = flow["verdict"]
+    assert (verdict["origin_host"], verdict["origin_kind"], verdict["reason"]) == (
+        "server",
+        "tcp-stack",
+        "NO_SOCKET",
+    )
+    assert verdict["path"][-1]["host"] == "client"
+    client = {"saddr": result.client_address, "sport": result.client_port,
+              "daddr": lab.vip, "dport": spec.port}  # fmt: skip
+    server_side = {"saddr": nat["reply"]["dst"], "sport": nat["reply"]["dport"],
+                   "daddr": nat["reply"]["src"], "dport": spec.backend_port}  # fmt: skip
+    assert server_side["sport"] != client["sport"]  # masquerade fully-random moved it
+    # lb's NAT as the tracer saw it: the client's tuple before, the server-side one after.
+    lb_nat = [(m["before"], m["after"]) for m in flow["nat"] if m["host"] == "lb"]
+    assert (client, server_side) in lb_nat, flow["nat"]
+    server = next(e for e in flow["endpoints"] if e["host"] == "server")
+    assert (server["sport"], server["dport"]) == (server_side["sport"], spec.backend_port)
+    assert_clean(lab)
 
 
 def test_ctrl_c_ends_the_trace_cleanly_with_its_result(lab):

@@ -5,15 +5,19 @@ a scan by name prefix can find what a crashed run left behind.
 """
 
 import contextlib
+import ctypes
 import os
 import signal
+import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 from ebpfdiag.errors import LabError
 
 NETNS_DIR = Path("/run/netns")
+CLONE_NEWNET = 0x40000000
 
 
 def run(argv: list[str], *, check: bool = True, input: str | None = None) -> str:
@@ -162,3 +166,32 @@ def kill_pids(pids: list[int], *, timeout: float = 3.0) -> None:
                 time.sleep(0.02)
         if not live:
             return
+
+
+def socket_in(netns: str) -> socket.socket:
+    """A TCP socket that lives in ``netns``, for a scenario that steps a connection by hand.
+
+    A socket keeps the namespace it was made in, so a short-lived thread enters the
+    namespace (setns changes only the calling thread), makes the socket and ends; the
+    socket is then used from any thread of this process.
+    """
+    made: list[socket.socket] = []
+    failed: list[str] = []
+
+    def make() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        try:
+            with open(NETNS_DIR / netns) as handle:
+                if libc.setns(handle.fileno(), CLONE_NEWNET) != 0:
+                    failed.append(os.strerror(ctypes.get_errno()))
+                    return
+            made.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        except OSError as exc:
+            failed.append(exc.strerror or str(exc))
+
+    thread = threading.Thread(target=make, name=f"netns-{netns}")
+    thread.start()
+    thread.join()
+    if not made:
+        raise LabError(f"cannot make a socket in namespace {netns}: {failed[0]}")
+    return made[0]

@@ -15,7 +15,7 @@ from typing import Any
 from ebpfdiag.errors import LabError, UsageError
 from ebpfdiag.lab.netns import run
 
-DEBIAN_PACKAGES = ("openssh-server", "sudo", "nftables", "iproute2", "python3-bpfcc")
+DEBIAN_PACKAGES = ("openssh-server", "sudo", "nftables", "conntrack", "iproute2", "python3-bpfcc")
 TRACEFS = Path("/sys/kernel/tracing")
 HEADERS_ROOT = Path("/usr/src")
 

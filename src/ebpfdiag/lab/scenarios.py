@@ -6,8 +6,12 @@ client saw. ``SCENARIOS`` is data on purpose: tracer tests compare their verdict
 ``Scenario.expected`` (which host sent the reset, as what, for which kernel reason).
 """
 
+import contextlib
+import errno
 import json
+import re
 import select
+import socket
 import subprocess
 import sys
 import time
@@ -16,12 +20,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ebpfdiag.errors import LabError, UsageError
-from ebpfdiag.lab.netns import kill_pids, ns_exec_argv
+from ebpfdiag.lab.netns import kill_pids, ns_exec_argv, run, socket_in
 
 if TYPE_CHECKING:
     from ebpfdiag.lab.topology import LabState
 
 PEERS = Path(__file__).with_name("peers.py")
+NFT_TABLE = "ebpfdiag_lab"
+RULE_COMMENT = "ebpfdiag-scenario"  # marks the rules a scenario adds for itself on lb
+TCP_REPAIR = 19  # linux/tcp.h: a socket closed in repair mode sends neither FIN nor RST
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,17 @@ class Scenario:
     client_error: str | None  # what the client's socket call fails with (errno name)
     client_phase: str  # where the client sees it: connect / recv / done
     expected: ResetOrigin | None
+    backend_port: int | None = None  # the servers' port when the LB rewrites the VIP port
+    masquerade: str = "keep-port"  # or "fully-random": the LB picks a new source port
+    min_servers: int = 1
+    # Set for a flow the LB moves between servers mid-connection: {host, from, to}, where
+    # from/to are the first and second server; what a tracer's verdict should report.
+    moves: dict[str, str] | None = None
+
+    @property
+    def server_port(self) -> int:
+        """The port the servers listen on (or not) behind the LB."""
+        return self.backend_port or self.port
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -94,6 +112,35 @@ SCENARIOS: dict[str, Scenario] = {
             client_phase="connect",
             expected=ResetOrigin(host="lb", kind="firewall", reason=None, state=None),
         ),
+        Scenario(
+            name="rst-lb-failover",
+            port=8084,
+            summary="an established connection pinned to server1 is re-NATed to server2 "
+            "after its conntrack entry is deleted on the LB; server2's listener answers "
+            "the client's next data with RST (needs --servers 2)",
+            forwarded=True,
+            server_mode="hold",
+            client_error="ECONNRESET",
+            client_phase="recv",
+            expected=ResetOrigin(
+                host="server", kind="tcp-stack", reason="TCP_FLAGS", state="TCP_LISTEN"
+            ),
+            min_servers=2,
+            moves={"host": "lb", "from": "server1", "to": "server2"},
+        ),
+        Scenario(
+            name="rst-no-listener-portmap",
+            port=8085,
+            summary="as rst-no-listener, but the LB maps VIP port 8085 to server port 9085 "
+            "and masquerades with fully random source ports",
+            forwarded=True,
+            server_mode=None,
+            client_error="ECONNREFUSED",
+            client_phase="connect",
+            expected=ResetOrigin(host="server", kind="tcp-stack", reason="NO_SOCKET", state=None),
+            backend_port=9085,
+            masquerade="fully-random",
+        ),
     )
 }
 
@@ -118,6 +165,12 @@ class ScenarioResult:
     expected_error: str | None = None
     reproduced: bool = False
     server_events: list[dict[str, Any]] = field(default_factory=list)
+    # The LB's conntrack entries of the client's port after the request (forwarded
+    # scenarios): {"state", "original": {src, dst, sport, dport}, "reply": {...}}.
+    lb_conntrack: list[dict[str, Any]] = field(default_factory=list)
+    # rst-lb-failover: {"host": "lb", "from": S1, "to": S2} once lb's conntrack shows the
+    # flow on the second server; None otherwise.
+    moved: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,6 +183,8 @@ class ScenarioResult:
         via = f"{self.client_address}:{self.client_port} -> {self.vip}:{self.vip_port}"
         if self.server_host:
             via += f" -> {self.server_host} {self.server_address}:{self.server_port}"
+        if self.moved:
+            via += f", moved by {self.moved['host']} to {self.moved['to']}"
         verdict = "reproduced" if self.reproduced else "NOT reproduced"
         return f"{self.scenario}: {seen}; {via}; {verdict}"
 
@@ -145,20 +200,49 @@ def scenario(name: str) -> Scenario:
 def run_scenario(name: str, lab: "LabState", *, timeout: float = 3.0) -> ScenarioResult:
     """Run one scenario against a running lab; server helpers are gone when it returns."""
     spec = scenario(name)
+    if len(lab.servers) < spec.min_servers:
+        raise UsageError(
+            f"scenario {name} needs a lab with {spec.min_servers} servers, this one has "
+            f"{len(lab.servers)}; fix: ebpfdiag lab down && ebpfdiag lab up "
+            f"--servers {spec.min_servers}"
+        )
+    if spec.moves:
+        return _run_failover(spec, lab, timeout)
     helpers: dict[str, subprocess.Popen] = {}
     events: list[dict[str, Any]] = []
+    watch = NatWatch(lab, spec.port) if spec.forwarded else None
     try:
         if spec.server_mode:
             for server in lab.servers:
                 helpers[server] = _start_server(lab.hosts[server].netns, spec)
             for server, proc in helpers.items():
                 events += [dict(e, host=server) for e in _read_until_listening(server, proc)]
+        if watch:
+            watch.start()
         seen = _run_client(lab, spec, timeout)
     finally:
         for server, proc in helpers.items():
             events += [dict(e, host=server) for e in _stop(proc)]
-    result = ScenarioResult(
-        scenario=name,
+        nat = watch.stop() if watch else []
+    result = _result(spec, lab, seen)
+    result.server_events = events
+    accepted = [e for e in events if e.get("event") == "accepted"]
+    if accepted:
+        result.server_host = accepted[0]["host"]
+        result.server_address, result.server_port = accepted[0]["local"]
+    result.lb_conntrack = [e for e in nat if e["original"]["sport"] == result.client_port]
+    if not accepted and result.lb_conntrack:  # no server accepted: the LB's NAT says where
+        reply = result.lb_conntrack[0]["reply"]
+        by_address = {lab.hosts[name].data_address: name for name in lab.servers}
+        result.server_host = by_address.get(reply["src"])
+        result.server_address, result.server_port = reply["src"], reply["sport"]
+    result.reproduced = result.error == spec.client_error and result.phase == spec.client_phase
+    return result
+
+
+def _result(spec: Scenario, lab: "LabState", seen: dict[str, Any]) -> ScenarioResult:
+    return ScenarioResult(
+        scenario=spec.name,
         error=seen["error"],
         errno=seen["errno"],
         phase=seen["phase"],
@@ -169,18 +253,7 @@ def run_scenario(name: str, lab: "LabState", *, timeout: float = 3.0) -> Scenari
         vip_port=spec.port,
         received=seen["received"],
         expected_error=spec.client_error,
-        server_events=events,
     )
-    accepted = [e for e in events if e.get("event") == "accepted"]
-    if accepted:
-        result.server_host = accepted[0]["host"]
-        result.server_address, result.server_port = accepted[0]["local"]
-    elif spec.forwarded and len(lab.servers) == 1:
-        result.server_host = lab.servers[0]
-        result.server_address = lab.hosts[lab.servers[0]].data_address
-        result.server_port = spec.port
-    result.reproduced = result.error == spec.client_error and result.phase == spec.client_phase
-    return result
 
 
 def _start_server(ns: str, spec: Scenario) -> subprocess.Popen:
@@ -232,6 +305,235 @@ def _run_client(lab: "LabState", spec: Scenario, timeout: float) -> dict[str, An
     if proc.returncode != 0 or not proc.stdout.strip():
         raise LabError(f"scenario client failed: {proc.stderr.strip() or proc.returncode}")
     return json.loads(proc.stdout.splitlines()[-1])
+
+
+def _run_failover(spec: Scenario, lab: "LabState", timeout: float) -> ScenarioResult:
+    """rst-lb-failover, stepped by hand: every socket lives in this process.
+
+    The LB's DNAT for this one client port is a rule of the scenario's own: first to the
+    first server; after a request and its response it points at the second server and the
+    flow's conntrack entry is deleted, so the client's next segment is NATed afresh
+    (nf_conntrack_tcp_loose picks it up mid-stream) and reaches a server that never saw
+    the handshake. The first server's socket is closed in repair mode afterwards, so the
+    scenario causes exactly one reset.
+    """
+    first, second = lab.servers[0], lab.servers[1]
+    client, lb = lab.hosts["client"], lab.hosts["lb"]
+    address = {name: str(lab.hosts[name].data_address) for name in (first, second)}
+    events: list[dict[str, Any]] = []
+    sockets: list[socket.socket] = []
+    held: socket.socket | None = None
+    watch = NatWatch(lab, spec.port)
+    _drop_scenario_rules(lb.netns)
+    try:
+        watch.start()
+        listeners = {}
+        for name in (first, second):
+            listener = socket_in(lab.hosts[name].netns)
+            sockets.append(listener)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("0.0.0.0", spec.server_port))
+            listener.listen(4)
+            listener.settimeout(timeout)
+            listeners[name] = listener
+            events.append({"event": "listening", "port": spec.server_port, "host": name})
+        sock = socket_in(client.netns)
+        sockets.append(sock)
+        sock.settimeout(timeout)
+        sock.bind((str(client.data_address), 0))
+        client_port = sock.getsockname()[1]
+        match = (
+            f"ip saddr {client.data_address} tcp sport {client_port} "
+            f"ip daddr {lab.vip} tcp dport {spec.port}"
+        )
+        _add_scenario_rule(lb.netns, f"{match} dnat to {address[first]}")
+        try:
+            sock.connect((lab.vip, spec.port))
+            held, peer = listeners[first].accept()
+            events.append(
+                {"event": "accepted", "peer": list(peer), "host": first,
+                 "local": list(held.getsockname())}
+            )  # fmt: skip
+            held.settimeout(timeout)
+            sock.sendall(b"hello\n")
+            held.sendall(b"ok " + held.recv(4096))
+            received = b""
+            while not received.endswith(b"\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                received += chunk
+        except OSError as exc:
+            raise LabError(f"{spec.name}: the connection to {first} failed: {exc}") from None
+        time.sleep(0.2)  # the client's ACK reaches the first server: it has nothing to resend
+        _drop_scenario_rules(lb.netns)
+        _add_scenario_rule(lb.netns, f"{match} dnat to {address[second]}")
+        _delete_conntrack(lb.netns, str(client.data_address), client_port)
+        seen = _send_after_failover(sock)
+    finally:
+        nat = watch.stop()
+        _drop_scenario_rules(lb.netns)
+        if held is not None:
+            with contextlib.suppress(OSError):
+                held.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+            held.close()
+        for item in sockets:
+            item.close()
+    seen.update(
+        client_address=str(client.data_address),
+        client_port=client_port,
+        received=received.decode("utf-8", "replace"),
+    )
+    result = _result(spec, lab, seen)
+    result.server_events = events
+    result.server_host, result.server_address = first, address[first]
+    result.server_port = spec.server_port
+    result.lb_conntrack = [e for e in nat if e["original"]["sport"] == client_port]
+    if any(e["reply"]["src"] == address[second] for e in result.lb_conntrack):
+        result.moved = {"host": "lb", "from": first, "to": second}
+    result.reproduced = (
+        result.error == spec.client_error
+        and result.phase == spec.client_phase
+        and result.moved is not None
+    )
+    return result
+
+
+def _send_after_failover(sock: socket.socket) -> dict[str, Any]:
+    """Send on the moved connection and wait for the answer, as the application sees it."""
+    phase, error, err_no = "send", None, None
+    start = time.monotonic()
+    try:
+        sock.sendall(b"again\n")
+        phase = "recv"
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        error, err_no = "ETIMEDOUT", errno.ETIMEDOUT
+    except OSError as exc:
+        err_no = exc.errno
+        error = errno.errorcode.get(exc.errno or 0, str(exc))
+    return {
+        "error": error,
+        "errno": err_no,
+        "phase": phase if error else "done",
+        "elapsed_ms": round((time.monotonic() - start) * 1000.0, 3),
+    }
+
+
+def _nft(ns: str, *argv: str) -> str:
+    return run(ns_exec_argv(ns, ["nft", *argv]))
+
+
+def _add_scenario_rule(ns: str, rule: str) -> None:
+    """Insert ``rule`` first in the LB's prerouting (NAT) chain, marked as the scenario's."""
+    _nft(ns, "insert", "rule", "ip", NFT_TABLE, "prerouting", *rule.split(),
+         "comment", f'"{RULE_COMMENT}"')  # fmt: skip
+
+
+def _drop_scenario_rules(ns: str) -> None:
+    """Remove every rule a scenario added (also those a killed run left behind)."""
+    listing = _nft(ns, "-a", "list", "chain", "ip", NFT_TABLE, "prerouting")
+    for handle in re.findall(rf'comment "{RULE_COMMENT}" # handle (\d+)', listing):
+        _nft(ns, "delete", "rule", "ip", NFT_TABLE, "prerouting", "handle", handle)
+
+
+def _delete_conntrack(ns: str, source: str, port: int) -> None:
+    argv = ["conntrack", "-D", "-p", "tcp", "--orig-src", source, "--orig-port-src", str(port)]
+    proc = subprocess.run(ns_exec_argv(ns, argv), capture_output=True, text=True)
+    if not re.search(r"\b[1-9]\d* flow entries have been deleted", proc.stderr):
+        raise LabError(f"conntrack on lb deleted no entry for port {port}: {proc.stderr.strip()}")
+
+
+class NatWatch:
+    """The LB's conntrack NEW events for one VIP port, i.e. what its NAT made of each flow.
+
+    Entries of connections refused or reset before a reply are deleted at once, so
+    ``conntrack -L`` afterwards finds nothing: the events are the record. A marker entry
+    (client port 1, then 2) is inserted and deleted on start and on stop: seeing the first
+    proves the listener is subscribed before the client runs, seeing the second that every
+    earlier event has been read before the listener is stopped.
+    """
+
+    def __init__(self, lab: "LabState", port: int) -> None:
+        self.ns = lab.hosts["lb"].netns
+        self.vip = lab.vip
+        self.port = port
+        self.client = str(lab.hosts["client"].data_address)
+        self.proc: subprocess.Popen | None = None
+        self.lines: list[str] = []
+
+    def _marker(self, action: str, sport: int) -> list[str]:
+        argv = ["conntrack", action, "-p", "tcp", "-s", self.client, "-d", self.vip,
+                "--sport", str(sport), "--dport", str(self.port)]  # fmt: skip
+        if action == "-I":
+            argv += ["-r", self.vip, "-q", self.client, "--reply-port-src", str(self.port),
+                     "--reply-port-dst", str(sport), "--state", "SYN_SENT", "-t", "5"]  # fmt: skip
+        return ns_exec_argv(self.ns, argv)
+
+    def _sync(self, sport: int, wait: float = 5.0) -> bool:
+        """Insert a marker entry and read events until it shows; False if it never does."""
+        assert self.proc is not None and self.proc.stdout is not None
+        deadline = time.monotonic() + wait
+        try:
+            while time.monotonic() < deadline:
+                run(self._marker("-I", sport), check=False)
+                while select.select([self.proc.stdout], [], [], 0.2)[0]:
+                    line = self.proc.stdout.readline().decode()  # unbuffered: select is exact
+                    if not line:
+                        return False
+                    if f"sport={sport} " in line:
+                        return True
+                    self.lines.append(line)
+                run(self._marker("-D", sport), check=False)
+            return False
+        finally:
+            run(self._marker("-D", sport), check=False)
+
+    def start(self) -> None:
+        argv = ["conntrack", "-E", "-e", "NEW", "-p", "tcp", "--orig-dst", self.vip,
+                "--dport", str(self.port)]  # fmt: skip
+        self.proc = subprocess.Popen(
+            ns_exec_argv(self.ns, argv),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            bufsize=0,
+        )
+        if not self._sync(1):
+            self.stop()
+            raise LabError("conntrack -E on lb showed no events")
+
+    def stop(self) -> list[dict[str, Any]]:
+        """End the listener; the NEW entries it saw (markers excluded), parsed."""
+        if self.proc is None:
+            return []
+        synced = self._sync(2)
+        self.proc.terminate()
+        try:
+            out, _ = self.proc.communicate(timeout=3)
+        except subprocess.TimeoutExpired:
+            kill_pids([self.proc.pid])
+            out, _ = self.proc.communicate()
+        self.proc = None
+        if not synced:
+            raise LabError("conntrack -E on lb stopped showing events")
+        lines = self.lines + out.decode().splitlines()
+        entries = [parse_conntrack(line.replace("[NEW]", "").strip()) for line in lines
+                   if line.strip().startswith("[NEW] tcp ")]  # fmt: skip
+        return [e for e in entries if e["original"].get("sport") not in (1, 2)]
+
+
+def parse_conntrack(line: str) -> dict[str, Any]:
+    """One ``conntrack -L`` line: the first src/dst/sport/dport are the original
+    direction, the second the reply (what NAT made of it)."""
+    fields = line.split()
+    tuples: list[dict[str, Any]] = [{}, {}]
+    for token in fields[3:]:
+        key, _, value = token.partition("=")
+        if key in ("src", "dst", "sport", "dport"):
+            side = tuples[0] if key not in tuples[0] else tuples[1]
+            side[key] = int(value) if key.endswith("port") else value
+    return {"state": fields[3], "original": tuples[0], "reply": tuples[1]}
 
 
 def describe() -> list[dict[str, Any]]:

@@ -27,14 +27,13 @@ import yaml
 
 from ebpfdiag.errors import LabError, UsageError
 from ebpfdiag.lab import netns, prereqs, sshd, state, users
-from ebpfdiag.lab.scenarios import SCENARIOS
+from ebpfdiag.lab.scenarios import NFT_TABLE, SCENARIOS
 
 DEFAULT_PREFIX = "ebl"
 DEFAULT_BASE = "198.18.0.0"
 DEFAULT_STATE_DIR = Path("/var/lib/ebpfdiag/lab")
 STATE_DIR_ENV = "EBPFDIAG_LAB_DIR"
 LAB_USER = "ebpfdiag-lab"
-NFT_TABLE = "ebpfdiag_lab"
 INVENTORY_MARKER = "# ebpfdiag-lab: written by 'ebpfdiag lab up'; 'ebpfdiag lab down' removes it"
 PYTHON = "/usr/bin/python3"
 LAB_RANGE = ipaddress.ip_network("198.18.0.0/15")
@@ -303,7 +302,12 @@ class Lab:
         netns.run(netns.ns_exec_argv(lb.netns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"]))
 
     def _load_balancer(self, lab: LabState) -> None:
-        """nftables on lb: one DNAT rule across all servers, masquerade, and the reject port."""
+        """nftables on lb: DNAT across all servers, masquerade, and the reject port.
+
+        Scenarios that rewrite the VIP port get a DNAT rule of their own (and a masquerade
+        with random source ports, if they ask for it) ahead of the shared rules; a scenario
+        that moves a flow between servers inserts its own DNAT rules while it runs.
+        """
         lb = lab.hosts["lb"]
         addresses = [lab.hosts[name].data_address for name in lab.servers]
         if len(addresses) == 1:
@@ -311,9 +315,24 @@ class Lab:
         else:
             pairs = ", ".join(f"{i} : {a}" for i, a in enumerate(addresses))
             target = f"numgen inc mod {len(addresses)} map {{ {pairs} }}"
-        forwarded = sorted(s.port for s in SCENARIOS.values() if s.forwarded)
+        forwarded = [s for s in SCENARIOS.values() if s.forwarded and not s.moves]
+        shared = sorted(s.port for s in forwarded if not s.backend_port)
         rejected = sorted(s.port for s in SCENARIOS.values() if not s.forwarded)
-        ports = ", ".join(map(str, forwarded))
+        dnat = [
+            f"ip daddr {lab.vip} tcp dport {s.port} dnat to {target} : {s.backend_port}"
+            for s in forwarded
+            if s.backend_port
+        ]
+        dnat.append(f"ip daddr {lab.vip} tcp dport {{ {', '.join(map(str, shared))} }} "
+                    f"dnat to {target}")  # fmt: skip
+        snat = [
+            f'oifname "br-servers" ct original ip daddr {lab.vip} meta l4proto tcp '
+            f"ct original proto-dst {s.port} masquerade {s.masquerade}"
+            for s in forwarded
+            if s.masquerade != "keep-port"
+        ]
+        snat.append('oifname "br-servers" masquerade')
+        nl = "\n        "
         rules = f"""
 table ip {NFT_TABLE}
 delete table ip {NFT_TABLE}
@@ -324,11 +343,11 @@ table ip {NFT_TABLE} {{
     }}
     chain prerouting {{
         type nat hook prerouting priority dstnat; policy accept;
-        ip daddr {lab.vip} tcp dport {{ {ports} }} dnat to {target}
+        {nl.join(dnat)}
     }}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
-        oifname "br-servers" masquerade
+        {nl.join(snat)}
     }}
 }}
 """
