@@ -126,9 +126,14 @@ def scenarios_table(scenarios: Iterable[Mapping[str, Any]], console: Console) ->
         if expected:
             reason = expected.get("reason") or "no tcp_send_reset"
             origin = f"{expected['host']} {expected['kind']} ({reason})"
+        port = str(spec["port"])
+        if spec.get("backend_port"):
+            port += f" -> {spec['backend_port']}"
+        if spec.get("min_servers", 1) > 1:
+            port += f" (lab up --servers {spec['min_servers']})"
         table.add_row(
             spec["name"],
-            str(spec["port"]),
+            port,
             spec["summary"],
             spec.get("client_error") or "response",
             origin,
