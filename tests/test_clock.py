@@ -1,6 +1,7 @@
 """Clock estimation from SSH pings and tightening by packet causality (synthetic data)."""
 
 import random
+import time
 
 import pytest
 
@@ -8,6 +9,8 @@ from ebpfdiag.clock import (
     ERROR_FLOOR_NS,
     ClockEstimate,
     ClockSample,
+    EpochAnchor,
+    HostClock,
     Observation,
     estimate,
     tighten,
@@ -109,3 +112,120 @@ def test_tighten_ignores_hosts_without_an_estimate():
     tight = tighten(ssh, [Observation("a", 0, "ghost", 0), Observation("a", 5, "a", 0)])
     assert tight.consistent
     assert dict(tight) == {"a": ClockEstimate(1_000, 2 * MS)}
+
+
+# ---------------------------------------------------------------- offset over time
+
+S = 1_000_000_000
+
+
+class _Host:
+    """A host whose true offset is ``base + drift * h`` plus ``step`` from ``step_at`` on."""
+
+    def __init__(self, drift: float = 0.0, step_ns: int = 0, step_at: int | None = None):
+        self.base = 1_700_000_000 * S
+        self.drift = drift
+        self.step_ns = step_ns
+        self.step_at = step_at
+
+    def offset(self, h: int) -> float:
+        off = self.base + self.drift * h
+        if self.step_at is not None and h >= self.step_at:
+            off += self.step_ns
+        return off
+
+    def ping(self, h: int, there_ns: int, back_ns: int) -> ClockSample:
+        """The host reads h; the ping took ``there_ns`` to arrive and ``back_ns`` to return."""
+        read = round(h + self.offset(h))
+        return ClockSample(read - there_ns, h, read + back_ns)
+
+
+def _assert_within(clock: HostClock, host: _Host, h: int) -> ClockEstimate:
+    est = clock.at(h)
+    true = host.offset(h)
+    assert abs(est.offset_ns - true) <= est.error_ns, (h, est, true)
+    return est
+
+
+def test_drift_of_50_ppm_over_10_minutes_is_aligned_within_its_bounds():
+    rng = random.Random(50)
+    host = _Host(drift=50e-6)
+    clock = HostClock()
+    for h in range(10 * S, 610 * S, S):  # one ping a second, asymmetric delays
+        clock.add(host.ping(h, rng.randrange(50 * US, 900 * US), rng.randrange(50 * US, 300 * US)))
+    for _ in range(2000):
+        h = rng.randrange(10 * S, 611 * S)  # includes a second past the last ping
+        est = _assert_within(clock, host, h)
+        assert est.error_ns < 1 * MS  # the drift (30 ms over the trace) is modelled
+    assert len(clock.segments) == 1
+    drift = clock.report()["segments"][0]["drift_ppm"]
+    assert 49 < drift < 51
+    # one constant for the whole trace must cover the 30 ms the offset moved
+    summary = clock.summary(10 * S, 610 * S)
+    assert summary.error_ns >= 15 * MS
+    for h in (10 * S, 300 * S, 610 * S):
+        assert abs(summary.offset_ns - host.offset(h)) <= summary.error_ns
+
+
+def test_a_5_ms_step_starts_a_new_segment_and_each_side_keeps_its_own():
+    rng = random.Random(5)
+    step_at = 300 * S + 400 * MS
+    host = _Host(drift=10e-6, step_ns=5 * MS, step_at=step_at)
+    clock = HostClock()
+    for h in range(0, 600 * S, S):
+        clock.add(host.ping(h, rng.randrange(50 * US, 400 * US), rng.randrange(50 * US, 400 * US)))
+    assert len(clock.segments) == 2
+    assert clock.segments[1].first_h == 301 * S  # the first ping after the step
+    for h in [rng.randrange(0, 300 * S) for _ in range(500)] + [300 * S]:
+        est = _assert_within(clock, host, h)
+        assert est.error_ns < 1 * MS
+    for h in [rng.randrange(301 * S, 601 * S) for _ in range(500)]:
+        est = _assert_within(clock, host, h)
+        assert est.error_ns < 1 * MS
+    for h in range(300 * S + 1, 301 * S, 50 * MS):  # between the pings around the step
+        est = _assert_within(clock, host, h)
+        assert est.error_ns >= 2 * MS  # either side may hold: the bound says so
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_bounds_never_under_report_with_random_drift_delays_and_steps(seed):
+    rng = random.Random(seed)
+    step_at = rng.randrange(60 * S, 240 * S) if seed % 2 else None
+    step = rng.choice([-1, 1]) * rng.randrange(5 * MS, 50 * MS)
+    host = _Host(drift=rng.uniform(-150e-6, 150e-6), step_ns=step, step_at=step_at)
+    clock = HostClock()
+    h = rng.randrange(0, 1000 * S)
+    start = h
+    end = h + 300 * S
+    if step_at is not None:
+        host.step_at = start + step_at
+    while h < end:
+        slow = rng.random() < 0.1  # a busy host answers late now and then
+        there = rng.randrange(20 * US, 30 * MS if slow else 1 * MS)
+        clock.add(host.ping(h, there, rng.randrange(20 * US, 1 * MS)))
+        h += rng.randrange(200 * MS, 3 * S)
+    for _ in range(3000):
+        _assert_within(clock, host, rng.randrange(start - S, end + 2 * S))
+    if step_at is not None:
+        assert len(clock.segments) == 2
+    first, last = start + S, end - S
+    summary = clock.summary(first, last)
+    for h in range(first, last, S):
+        assert abs(summary.offset_ns - host.offset(h)) <= summary.error_ns
+
+
+def test_epoch_anchor_shifts_controller_stamps_only():
+    anchor = EpochAnchor(mono_ns=5 * S, epoch_ns=1_700_000_000 * S)
+    sample = anchor.sample(ClockSample(6 * S, 77, 6 * S + 10))
+    assert sample == ClockSample(1_700_000_001 * S, 77, 1_700_000_001 * S + 10)
+    now = EpochAnchor.now()
+    assert abs(now.to_epoch(time.monotonic_ns()) - time.time_ns()) < 50 * MS
+
+
+def test_host_clock_without_samples_has_no_estimate():
+    clock = HostClock()
+    assert not clock
+    with pytest.raises(ValueError):
+        clock.at(0)
+    with pytest.raises(ValueError):
+        clock.add(ClockSample(t_send_ns=10, host_mono_ns=5, t_recv_ns=9))
