@@ -1,5 +1,6 @@
 """Clock estimation from SSH pings and tightening by packet causality (synthetic data)."""
 
+import json
 import random
 import time
 
@@ -15,6 +16,7 @@ from ebpfdiag.clock import (
     estimate,
     tighten,
 )
+from ebpfdiag.tracing import TraceSession
 
 MS = 1_000_000
 US = 1_000
@@ -229,3 +231,126 @@ def test_host_clock_without_samples_has_no_estimate():
         clock.at(0)
     with pytest.raises(ValueError):
         clock.add(ClockSample(t_send_ns=10, host_mono_ns=5, t_recv_ns=9))
+
+
+# ---------------------------------------------------------------- a session's clocks
+
+
+def _session(names, settle_s: float, shown: list[dict]) -> TraceSession:
+    session = TraceSession(names, on_event=shown.append, settle_s=settle_s)
+    session.anchor = EpochAnchor(mono_ns=0, epoch_ns=0)  # controller ns == epoch ns here
+    return session
+
+
+def _packet(ts_ns: int, dir: str, flags: int = 0x14, seq: int = 1000) -> bytes:
+    rec = {"type": "packet", "ts_ns": ts_ns, "ifname": "eth0", "dir": dir, "flags": flags,
+           "seq": seq, "ack": 0, "len": 0, "ipid": 7, "saddr": "198.18.0.1", "sport": 4000,
+           "daddr": "198.18.0.2", "dport": 80, "why": "rst"}  # fmt: skip
+    return json.dumps(rec).encode()
+
+
+def _reset(ts_ns: int) -> bytes:
+    rec = {"type": "reset", "ts_ns": ts_ns, "probe": "tcp_receive_reset", "saddr": "198.18.0.2",
+           "sport": 80, "daddr": "198.18.0.1", "dport": 4000, "state": "SYN_SENT"}  # fmt: skip
+    return json.dumps(rec).encode()
+
+
+# All hosts share one clock (offset 0); the SSH pings are lopsided in opposite directions,
+# so each host's midpoint is off by 400 us, within its 500 us bound, in opposite senses.
+def _lopsided(session: TraceSession, host: str, h: int, sign: int) -> None:
+    there, back = (900 * US, 100 * US) if sign > 0 else (100 * US, 900 * US)
+    session.clock(host, ClockSample(h - there, h, h + back))
+
+
+def _offsets_agree(events: list[dict]) -> None:
+    for a in events:
+        for b in events:
+            gap = abs((a["ts"] - a["ts_ns"]) - (b["ts"] - b["ts_ns"]))
+            assert gap <= a["clock_error_ns"] + b["clock_error_ns"], (a, b)
+
+
+@pytest.mark.parametrize("settle_s", [0.0, 60.0])  # shown one by one / held and ordered
+def test_live_events_never_show_an_arrival_before_its_departure(settle_s):
+    shown: list[dict] = []
+    session = _session(["server", "lb", "client"], settle_s, shown)
+    _lopsided(session, "server", 5 * S, -1)  # server's clock reads 400 us late
+    _lopsided(session, "lb", 5 * S, +1)  # lb's 400 us early
+    _lopsided(session, "client", 5 * S, +1)
+    t = 5 * S + 100 * MS
+    session.lines("server", "stdout", [_packet(t, "egress")])  # server sends the RST
+    session.lines("lb", "stdout", [_packet(t + 20 * US, "ingress")])
+    session.lines("lb", "stdout", [_packet(t + 30 * US, "egress")])  # forwarded
+    session.lines("client", "stdout", [_packet(t + 50 * US, "ingress"), _reset(t + 60 * US)])
+    result = session.finish(False)
+    assert [(e["host"], e.get("dir")) for e in shown] == [
+        ("server", "egress"), ("lb", "ingress"), ("lb", "egress"), ("client", "ingress"),
+        ("client", None),
+    ]  # fmt: skip
+    times = [e["ts"] for e in shown]
+    assert times == sorted(times)
+    if settle_s:  # all in one batch: the clocks moved within their bounds, not the events
+        assert all("ts_clamped_ns" not in e for e in shown)
+        _offsets_agree(shown)
+    else:  # each shown at once, with its clock's error: later ones had to move, flagged
+        assert [e["host"] for e in shown if "ts_clamped_ns" in e] == [
+            "lb",
+            "lb",
+            "client",
+            "client",
+        ]
+    assert shown[-1]["ts"] - shown[-2]["ts"] == 10 * US  # one host keeps its own spacing
+    assert result.correlation.flows and result.correlation.warnings == []
+
+
+def test_held_events_are_ordered_by_aligned_time_across_hosts():
+    shown: list[dict] = []
+    session = _session(["a", "b"], 60.0, shown)
+    session.clock("a", ClockSample(S - 50 * US, S, S + 50 * US))
+    session.clock("b", ClockSample(S - 50 * US, S + 10 * MS, S + 50 * US))  # b is 10 ms ahead
+    session.lines("b", "stdout", [_packet(S + 10 * MS + 3 * MS, "egress", seq=1)])
+    session.lines("a", "stdout", [_packet(S + 1 * MS, "egress", seq=2)])
+    assert shown == []  # still settling
+    session.finish(False)
+    assert [(e["host"], e["ts"]) for e in shown] == [("a", S + 1 * MS), ("b", S + 3 * MS)]
+
+
+def test_contradicting_bounds_clamp_the_arrival_and_flag_it():
+    shown: list[dict] = []
+    session = _session(["a", "b"], 0.0, shown)
+    session.clock("a", ClockSample(S - 10 * US, S, S + 10 * US))
+    session.clock("b", ClockSample(S - 10 * US, S + 2 * MS, S + 10 * US))  # b's bound is wrong
+    session.lines("a", "stdout", [_packet(S + 5 * MS, "egress")])
+    session.lines("b", "stdout", [_packet(S + 5 * MS + 100 * US, "ingress")])  # 1.9 ms "early"
+    session.finish(False)
+    arrival = shown[1]
+    assert arrival["host"] == "b" and arrival["ts"] == shown[0]["ts"]
+    assert arrival["ts_clamped_ns"] == 1_900 * US
+
+
+def test_records_before_the_first_clock_sample_wait_and_are_kept():
+    shown: list[dict] = []
+    session = _session(["lb", "client"], 0.0, shown)
+    _lopsided(session, "client", S, +1)
+    # lb streams its records before its first ping comes back
+    session.lines("lb", "stdout", [_packet(S + 10 * MS, "egress")])
+    session.lines("client", "stdout", [_packet(S + 10 * MS + 40 * US, "ingress")])
+    assert [e["host"] for e in shown] == ["client"]
+    _lopsided(session, "lb", S + 20 * MS, -1)
+    assert [e["host"] for e in shown] == ["client", "lb"]
+    result = session.finish(False)
+    assert all(isinstance(e["ts"], int) for e in session.events)
+    assert not [w for w in result.correlation.warnings if w.kind == "malformed"]
+    assert len(result.correlation.flows) == 1
+    assert set(result.clocks) == {"lb", "client"}
+    assert result.clocks["lb"]["segments"][0]["samples"] == 1
+
+
+def test_a_host_that_never_answers_a_ping_keeps_its_records_without_ts():
+    shown: list[dict] = []
+    session = _session(["a"], 0.0, shown)
+    session.lines("a", "stdout", [_packet(S, "egress")])
+    assert shown == []
+    result = session.finish(False)
+    assert len(shown) == 1 and "ts" not in shown[0]
+    assert not [w for w in result.correlation.warnings if w.kind == "malformed"]
+    assert result.clocks == {}
