@@ -310,8 +310,10 @@ def test_held_events_are_ordered_by_aligned_time_across_hosts():
     session.lines("b", "stdout", [_packet(S + 10 * MS + 3 * MS, "egress", seq=1)])
     session.lines("a", "stdout", [_packet(S + 1 * MS, "egress", seq=2)])
     assert shown == []  # still settling
+    assert len(session.events) == 2  # held, yet counted (--count correlates them)
     session.finish(False)
     assert [(e["host"], e["ts"]) for e in shown] == [("a", S + 1 * MS), ("b", S + 3 * MS)]
+    assert session.events == shown  # the saved document lists them as they were shown
 
 
 def test_contradicting_bounds_clamp_the_arrival_and_flag_it():

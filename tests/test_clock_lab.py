@@ -22,15 +22,16 @@ pytestmark = pytest.mark.root
 
 PREFIX, BASE = "ebc", "198.18.96.0"
 STATE_DIR = Path("/run/ebpfdiag/lab-clock-test")
+#: Beside the state, not under pytest's temporary base (rotated by other pytest runs as root).
+INVENTORY = Path("/run/ebpfdiag/lab-clock-test.inventory.yaml")
 HOSTS = "client,lb,server"
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def lab():
     require_root_tools("ip", "nft", "tc", "bpftool", "/usr/sbin/sshd")
     require(Path("/usr/lib/python3/dist-packages/bcc").is_dir(), "needs python3-bpfcc")
-    inventory = tmp_path_factory.mktemp("clock") / "inventory.yaml"
-    the_lab = Lab(state_dir=STATE_DIR, prefix=PREFIX, base=BASE, inventory_out=inventory)
+    the_lab = Lab(state_dir=STATE_DIR, prefix=PREFIX, base=BASE, inventory_out=INVENTORY)
     the_lab.down()
     try:
         yield the_lab.up()

@@ -114,7 +114,8 @@ class TraceSession:
         settle_s: float = LIVE_SETTLE_S,
     ):
         self.hosts = {n: HostTrace(n) for n in names}
-        self.events: list[dict] = []
+        #: records in the order they were shown (``lost`` records where they came)
+        self._released: list[dict] = []
         self.duration = duration
         self.count = count
         self.on_event = on_event
@@ -134,6 +135,12 @@ class TraceSession:
         #: host -> latest ts shown for it (later events of the host are not shown before it)
         self._last_ts: dict[str, int] = {}
         self.started = time.monotonic()
+
+    @property
+    def events(self) -> list[dict]:
+        """Every packet, reset and lost record so far: the shown ones in the order they were
+        shown, then those still held (all shown once the session finished)."""
+        return self._released + [rec for _, rec in self._held]
 
     # -- FanoutSink ------------------------------------------------------------------
     def state(self, host: str, state: str) -> None:
@@ -175,7 +182,6 @@ class TraceSession:
         ht = self.hosts[host]
         if kind in ("packet", "reset"):
             rec["host"] = host
-            self.events.append(rec)
             self._held.append((time.monotonic(), rec))
             if self.count and (kind == "reset" or rec.get("flags", 0) & RST):
                 self._schedule_count_check()
@@ -187,7 +193,7 @@ class TraceSession:
         elif kind == "lost":
             ht.lost += int(rec.get("count", 0))
             rec["host"] = host
-            self.events.append(rec)
+            self._released.append(rec)
         elif kind == "bye":
             ht.bye = rec
 
@@ -214,6 +220,7 @@ class TraceSession:
             self._correct(due)
             due.sort(key=lambda r: (r.get("ts") is None, r.get("ts") or 0, r.get("ts_ns", 0)))
             self._remember(due, now)
+            self._released += due
             if self.on_event:
                 for rec in due:
                     self.on_event(rec)
