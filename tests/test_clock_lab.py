@@ -39,13 +39,13 @@ def lab():
         the_lab.down()
 
 
-def _trace(lab, name: str) -> list[dict]:
+def _trace(lab, name: str, document: Path) -> list[dict]:
     """A real ``trace tcp-rst --json`` run around one real scenario."""
     spec = SCENARIOS[name]
     proc = subprocess.Popen(
         [sys.executable, "-m", "ebpfdiag", "trace", "tcp-rst", "-i", lab.inventory,
          "--hosts", HOSTS, "--port", str(spec.port), "--json", "--count", "1",
-         "--duration", "20s"],
+         "--duration", "20s", "--output", str(document)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -89,8 +89,9 @@ def _departures_first(sightings: list[dict]) -> list[str]:
 
 
 @pytest.mark.parametrize("name", ["rst-lb-reject", "rst-no-listener"])
-def test_offsets_agree_across_hosts_and_no_hop_precedes_its_cause(lab, name):
-    recs = _trace(lab, name)
+def test_offsets_agree_across_hosts_and_no_hop_precedes_its_cause(lab, name, tmp_path):
+    document = tmp_path / "trace.json"
+    recs = _trace(lab, name, document)
     hosts = {r["host"]: r for r in recs if r["type"] == "host"}
     assert set(hosts) == {"client", "lb", "server"}
     assert all(h["clock"] for h in hosts.values())
@@ -115,6 +116,9 @@ def test_offsets_agree_across_hosts_and_no_hop_precedes_its_cause(lab, name):
     assert _departures_first(packets) == []
     order = [e["ts"] for e in events]
     assert order == sorted(order), "live records out of time order"
+    assert json.loads(document.read_text())["events"] == [
+        {k: v for k, v in e.items() if k != "bound"} for e in events
+    ]
 
     # the clocks the flows were built with
     clocks = {h: r["clock"] for h, r in hosts.items()}
