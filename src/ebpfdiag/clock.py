@@ -27,7 +27,7 @@ import bisect
 import math
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 ERROR_FLOOR_NS = 10_000
 """Added to every sample's interval: the host's reading and the controller's stamps are
@@ -253,10 +253,10 @@ class _Point:
 class _Segment:
     """Samples consistent with one offset line; slope bounds proven by pairs of samples."""
 
-    best: list[_Point] = field(default_factory=list)
-    slope_lo: float = -MAX_DRIFT
-    slope_hi: float = MAX_DRIFT
-    samples: int = 0
+    best: list[_Point]
+    slope_lo: float
+    slope_hi: float
+    samples: int
 
     @property
     def first_h(self) -> int:
@@ -269,25 +269,27 @@ class _Segment:
     def bounds(self, h: int) -> tuple[int, int]:
         """[low, high] of the offset at host time h, from the neighbouring best samples."""
         i = bisect.bisect_right(self.best, h, key=lambda p: p.h)
-        lows: list[float] = []
-        highs: list[float] = []
+        # Offsets are epoch-sized (~2**61): only the small terms go through floats, each
+        # rounded outwards, so no precision is lost where it would shrink a bound.
+        lows: list[int] = []
+        highs: list[int] = []
         if i > 0:
             p = self.best[i - 1]
             d = h - p.h
-            lows.append(p.lo + self.slope_lo * d)
-            highs.append(p.hi + self.slope_hi * d)
+            lows.append(p.lo + math.floor(self.slope_lo * d))
+            highs.append(p.hi + math.ceil(self.slope_hi * d))
         if i < len(self.best):
             q = self.best[i]
             d = q.h - h
-            lows.append(q.lo - self.slope_hi * d)
-            highs.append(q.hi - self.slope_lo * d)
+            lows.append(q.lo - math.ceil(self.slope_hi * d))
+            highs.append(q.hi - math.floor(self.slope_lo * d))
             if i > 0:
-                frac = (h - p.h) / (q.h - p.h)
-                lows.append(p.lo + (q.lo - p.lo) * frac)
-                highs.append(p.hi + (q.hi - p.hi) * frac)
-        low, high = math.floor(max(lows)), math.ceil(min(highs))
+                span = q.h - p.h
+                lows.append(p.lo + (q.lo - p.lo) * (h - p.h) // span)
+                highs.append(p.hi - (p.hi - q.hi) * (h - p.h) // span)
+        low, high = max(lows), min(highs)
         if low > high:  # the model bends here: give the honest envelope instead
-            low, high = math.floor(min(lows)), math.ceil(max(highs))
+            low, high = min(lows), max(highs)
         return low, high
 
     def slopes_with(self, point: _Point) -> tuple[float, float]:
