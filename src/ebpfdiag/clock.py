@@ -391,8 +391,8 @@ class HostClock:
     def summary(self, first_ns: int, last_ns: int) -> ClockEstimate:
         """One constant estimate valid for every host time in [first_ns, last_ns]: what
         correlation tightens. Between two best samples the bounds stay within theirs, and
-        elsewhere they are linear, so the span's ends, the segments' ends and the best
-        samples in and around the span bound it."""
+        elsewhere they are linear, so the span's ends, both sides of the segments' ends and
+        the best samples in and around the span bound it."""
         lows: list[int] = []
         highs: list[int] = []
         times = [first_ns, last_ns]
@@ -400,7 +400,9 @@ class HostClock:
             if seg.first_h > last_ns or seg.last_h < first_ns:
                 continue
             times += [
-                h for h in (seg.first_h, seg.last_h, seg.last_h + 1) if first_ns <= h <= last_ns
+                h
+                for h in (seg.first_h - 1, seg.first_h, seg.last_h, seg.last_h + 1)
+                if first_ns <= h <= last_ns
             ]
             i = max(bisect.bisect_left(seg.best, first_ns, key=lambda p: p.h) - 1, 0)
             j = bisect.bisect_right(seg.best, last_ns, key=lambda p: p.h) + 1
