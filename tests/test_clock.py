@@ -356,3 +356,50 @@ def test_a_host_that_never_answers_a_ping_keeps_its_records_without_ts():
     assert len(shown) == 1 and "ts" not in shown[0]
     assert not [w for w in result.correlation.warnings if w.kind == "malformed"]
     assert result.clocks == {}
+
+
+@pytest.mark.parametrize("seed", [*range(30), 98, 733])  # 98, 733: streams never pause
+def test_live_causality_holds_whatever_the_clock_errors_and_arrival_lags(seed, monkeypatch):
+    """Random clock errors within the bounds, packets relayed client -> lb -> server and
+    back at random pace, each host's records reaching the controller up to 0.2 s late in
+    random chunks (less than the settle time): no arrival is shown before its departure and
+    each host's events keep their own order, across however many batches it takes."""
+    rng = random.Random(seed)
+    now = [100.0]
+    monkeypatch.setattr("ebpfdiag.tracing.time.monotonic", lambda: now[0])
+    hosts = ["client", "lb", "server"]
+    shown: list[dict] = []
+    session = _session(hosts, 0.25, shown)
+    for host in hosts:
+        there = rng.randrange(10 * US, 2 * MS)
+        session.clock(host, ClockSample(S - there, S, S + rng.randrange(10 * US, 2 * MS)))
+    deliveries: list[tuple[float, str, bytes]] = []
+    lag = {h: 0.0 for h in hosts}
+    t = S + 50 * MS
+    for seq in range(30):
+        path = hosts if seq % 2 else hosts[::-1]
+        for src, dst in zip(path, path[1:], strict=False):
+            for host, dir in ((src, "egress"), (dst, "ingress")):
+                lag[host] = max(lag[host] - 0.05, rng.uniform(0, 0.2))  # per host in order
+                arrive = max([d[0] for d in deliveries if d[1] == host] + [t / S + lag[host]])
+                deliveries.append((arrive, host, _packet(t, dir, seq=seq)))
+                t += rng.randrange(5 * US, 60 * US)
+        t += rng.choice([1 * MS, 100 * MS, 400 * MS])  # sometimes a pause, then a batch goes
+    for arrive, host, line in sorted(deliveries, key=lambda d: d[0]):
+        now[0] = 100.0 + arrive
+        session.lines(host, "stdout", [line])
+    now[0] += 10
+    session.finish(False)
+    assert len(shown) == 120
+    for host in hosts:
+        mine = [e for e in shown if e["host"] == host]
+        assert sorted(mine, key=lambda e: e["ts_ns"]) == sorted(mine, key=lambda e: e["ts"])
+    for arrival in shown:
+        for departure in shown:
+            if (
+                arrival["dir"] == "ingress"
+                and departure["dir"] == "egress"
+                and arrival["seq"] == departure["seq"]
+                and arrival["host"] != departure["host"]
+            ):
+                assert arrival["ts"] >= departure["ts"], (departure, arrival)

@@ -12,19 +12,22 @@ for it. An event that arrives before its host's first clock sample waits (it is 
 dropped) until the host has one; at the end, events of a host that never answered a ping
 have no ``ts``.
 
-Live order: events are held until the streams pause for ``LIVE_SETTLE_S`` (at most
-``MAX_HOLD_S``), so that the other hosts' sightings of the same packets (and fresher clock
-samples) join them; then the batch is released sorted by ``ts``. Before that, causality
-corrects the clocks, not single events: a packet leaving host A and arriving at host B says
-B's clock cannot put the arrival before the departure. Per batch each host gets one
-correction within its bound (``tighten`` over the batch's cross-host sightings, with what
+Live order: events are held until the streams pause for ``LIVE_SETTLE_S``, so that the
+other hosts' sightings of the same packets (and fresher clock samples) join them; then the
+batch is released sorted by ``ts``. Streams that never pause are cut every ``MAX_HOLD_S``
+after what arrived a settle time ago, pulling in the departures of the arrivals that go.
+
+Before a batch goes, causality corrects the clocks, not single events: a packet leaving
+host A and arriving at host B says B's clock cannot put the arrival before the departure.
+Each host gets one correction, the smallest that keeps every departure first, inside the
+interval that ``tighten`` leaves of its bound (the batch's cross-host sightings, with what
 is already shown as fixed limits); all the host's events move by it, so its own order
-stays. ``clock_error_ns`` becomes the tightened bound, or grows by the correction when a
-shown limit forced it. When no correction within the bounds exists (a bound is wrong, or
-a shown event is in the way), each host's events move forward just far enough and carry
-``ts_clamped_ns`` (how far). Either way no live line shows an arrival before its departure
-or a host's event before its earlier one; a departure that reaches the controller after
-its arrival was already shown (more than the settle time late) cannot be fixed and is not.
+stays. ``clock_error_ns`` becomes the distance to the far end of that interval, or grows
+by the correction when a shown limit forced it. When no correction within the bounds
+exists (a bound is wrong, or a shown event is in the way), each host's events move forward
+just far enough and carry ``ts_clamped_ns`` (how far). Either way no live line shows an
+arrival before its departure or a host's event before its earlier one; only a departure
+that reaches the controller more than a settle time after its arrival was shown escapes.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ebpfdiag.clock import (
+    Alignment,
     ClockEstimate,
     ClockSample,
     EpochAnchor,
@@ -203,17 +207,21 @@ class TraceSession:
         if not self._held:
             return
         now = time.monotonic()
-        newest = self._held[-1][0]
-        settled = now - newest >= self.settle_s or now - self._held[0][0] >= MAX_HOLD_S
+        quiet = now - self._held[-1][0] >= self.settle_s
+        if final or quiet:
+            cut = len(self._held)
+        elif now - self._held[0][0] >= MAX_HOLD_S:  # never quiet: cut, keeping pairs whole
+            cut = self._cut(now - self.settle_s)
+        else:
+            cut = 0
         due: list[dict] = []
         kept: list[tuple[float, dict]] = []
-        if final or settled:
-            for arrived, rec in self._held:
-                if final or self.hosts[rec["host"]].clock:
-                    due.append(rec)
-                else:
-                    kept.append((arrived, rec))
-            self._held = kept
+        for arrived, rec in self._held[:cut]:
+            if final or self.hosts[rec["host"]].clock:
+                due.append(rec)
+            else:
+                kept.append((arrived, rec))
+        self._held = kept + self._held[cut:]
         if due:
             for rec in due:
                 self._align(rec)
@@ -225,6 +233,29 @@ class TraceSession:
                 for rec in due:
                     self.on_event(rec)
         self._schedule_release()
+
+    def _cut(self, before: float) -> int:
+        """How many held records to release when the streams never pause: those that
+        arrived before ``before``, plus every later departure whose arrival on another
+        host goes now (with what its host sent before it), so no pair is split."""
+        held = self._held
+        cut = next((i for i, (arrived, _) in enumerate(held) if arrived >= before), len(held))
+        while True:
+            arrivals: dict[tuple, set[str]] = defaultdict(set)
+            for _, rec in held[:cut]:
+                if rec.get("dir") == "ingress" and (fp := _fingerprint(rec)) is not None:
+                    arrivals[fp].add(rec["host"])
+            hosts = {
+                rec["host"]
+                for _, rec in held[cut:]
+                if rec.get("dir") == "egress"
+                and (fp := _fingerprint(rec)) in arrivals
+                and arrivals[fp] - {rec["host"]}
+            }
+            if not hosts:
+                return cut
+            last = max(i for i, (_, rec) in enumerate(held) if rec["host"] in hosts)
+            cut = last + 1
 
     def _align(self, rec: dict) -> None:
         clock = self.hosts[rec["host"]].clock
@@ -288,15 +319,18 @@ class TraceSession:
             bounds[host] = ClockEstimate.between(low, high)
         alignment = tighten(bounds, observations) if consistent else None
         if alignment is not None and alignment.consistent:
+            shift = _least_moves(alignment, floor, observations)
             for rec in batch:
                 est = alignment.get(rec["host"])
                 if est is None or "ts" not in rec:
                     continue
-                rec["ts"] += est.offset_ns
+                c = shift[rec["host"]]
+                rec["ts"] += c
                 if rec["host"] in floor or rec["host"] in ceil:  # moved for the display
-                    rec["clock_error_ns"] += abs(est.offset_ns)
-                else:  # moved by the packets' causality alone: the tighter bound holds
-                    rec["clock_error_ns"] = min(rec["clock_error_ns"], est.error_ns)
+                    rec["clock_error_ns"] += abs(c)
+                else:  # moved by the packets' causality alone: the truth is in the interval
+                    far = max(c - est.low, est.high - c)
+                    rec["clock_error_ns"] = min(rec["clock_error_ns"], far)
             return
         # The bounds contradict the packets or what is shown: keep the clocks, move each
         # host's events as one (its own order stays) just far enough, and say so.
@@ -418,6 +452,28 @@ class TraceSession:
             self.anchor,
             clocks,
         )
+
+
+def _least_moves(
+    alignment: Alignment, floor: dict[str, int], observations: list[Observation]
+) -> dict[str, int]:
+    """The corrections closest to none that keep every departure before its arrival.
+
+    Each host starts at 0 moved into its tightened interval (and exactly onto its floor:
+    the interval's ends are rounded outwards), then arrivals are raised past their
+    departures (Bellman-Ford). Solutions of difference constraints are closed under max,
+    and the intervals' upper ends are one, so raising stays inside them."""
+    shift = {h: min(max(0, est.low, floor.get(h, 0)), est.high) for h, est in alignment.items()}
+    for _ in range(len(shift) + 1):
+        moved = False
+        for obs in observations:
+            need = obs.src_mono_ns + shift[obs.src] - obs.dst_mono_ns
+            if need > shift[obs.dst]:
+                shift[obs.dst] = need
+                moved = True
+        if not moved:
+            break
+    return shift
 
 
 def _causes(first: dict, second: dict) -> bool:
