@@ -6,6 +6,7 @@ a packet may come before its departure from another host: not in the live event 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -14,8 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from ebpfdiag.catalog import script_path
+from ebpfdiag.cli.common import prepare_run
+from ebpfdiag.fanout import Fanout
 from ebpfdiag.lab.scenarios import SCENARIOS, run_scenario
 from ebpfdiag.lab.topology import Lab
+from ebpfdiag.tracing import TraceSession
+from ebpfdiag.transport import Script
 from tests.conftest import require, require_root_tools
 
 pytestmark = pytest.mark.root
@@ -130,3 +136,24 @@ def test_offsets_agree_across_hosts_and_no_hop_precedes_its_cause(lab, name, tmp
     assert _departures_first(hops) == []
     for hop in hops:
         assert hop["ts"] - hop["ts_ns"] == clocks[hop["host"]]["offset_ns"]
+
+
+def test_pings_go_on_through_the_trace_and_each_host_keeps_its_model(lab):
+    hosts, opts = prepare_run(
+        str(lab.inventory), HOSTS, fanout=8, accept_new_host_keys=False, ask_sudo_pass=False
+    )
+    session = TraceSession([h.name for h in hosts], duration=4.0)
+    engine = Fanout(hosts, Script.from_path(script_path("tcp_rst"), ("--port", "9")), opts, session)
+    session.fanout = engine
+    asyncio.run(engine.run())
+    result = session.finish(False)
+    assert all(h.result is not None and h.result.ok for h in result.hosts.values())
+    assert set(result.clocks) == {"client", "lb", "server"}
+    for name, model in result.clocks.items():
+        assert model["samples"] >= 9, model  # the start-up burst, then on through the trace
+        assert len(model["segments"]) == 1, model  # one kernel clock: no step
+        seg = model["segments"][0]
+        assert seg["last_host_ns"] - seg["first_host_ns"] >= 3_000_000_000, model
+        # one kernel clock and the controller's monotonic clock: the offset is the anchor's
+        summary = model["summary"]
+        assert abs(summary["offset_ns"] - result.anchor.shift_ns) <= summary["error_ns"], name

@@ -362,7 +362,7 @@ class RemoteRun:
             self.ping_sent[seq] = time.monotonic_ns()
             try:
                 self.process.stdin.write(f"ping {seq}\n".encode())
-            except (OSError, asyncssh.Error):  # the channel closed: the run is ending
+            except (OSError, asyncssh.Error):  # stdin at EOF or closed: the run is ending
                 return
             seq += 1
             await asyncio.sleep(delay)
@@ -393,8 +393,6 @@ class RemoteRun:
                 await _first(stop.wait(), readers)
             if not readers.done():
                 stopped_by_us = True
-                if pinger is not None:
-                    pinger.cancel()  # no ping may follow the EOF
                 process.stdin.write_eof()
             await readers
             await process.wait_closed()
