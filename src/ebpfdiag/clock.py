@@ -1,27 +1,55 @@
-"""Per-host clock alignment: host CLOCK_MONOTONIC nanoseconds -> controller wall-clock ns.
+"""Per-host clock alignment: host CLOCK_MONOTONIC ns -> controller time (ns since the epoch).
 
-Remote scripts stamp events with the host's monotonic clock, which has an arbitrary
-origin per host. The controller pings each host over SSH and keeps the tightest round
-trip (NTP-style), which bounds the offset to half a round trip. Packets seen leaving one
-host and arriving at another then narrow that bound further: nothing arrives before it
-was sent. Everything here is pure arithmetic on integers.
+Remote scripts stamp events with the host's monotonic clock, which has an arbitrary origin
+per host. The controller pings each host over SSH, stamping each ping with its own
+``time.monotonic_ns()`` before sending and after the answer: the host read its clock
+somewhere in between, so every sample bounds the offset ``controller - host`` to an
+interval, whatever the delays on the way (NTP-style, but never trusting a midpoint more
+than its interval). Alignment uses the controller's monotonic clock, never its wall clock,
+so an NTP step on the controller during a trace cannot move events; output ``ts`` is still
+ns since the epoch through ONE :class:`EpochAnchor` (a monotonic/wall pair taken once per
+run), a constant shift applied to every sample.
+
+Offsets change over a long trace (the hosts' oscillators drift against the controller's;
+a suspended or paused host jumps), so :class:`HostClock` keeps pinging results as a model:
+segments in which the offset is linear in host time, with the drift bounded by the samples
+themselves, and a new segment when a sample contradicts the model (a step). ``at(h)``
+gives the offset valid at host time ``h`` with the error bound that holds there.
+
+Packets seen leaving one host and arriving at another then narrow the constant summary
+bounds further (:func:`tighten`): nothing arrives before it was sent. Everything here is
+pure arithmetic on integers, except the anchor.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 ERROR_FLOOR_NS = 10_000
-"""Added to every SSH estimate: the host's answer is stamped a little after it is read."""
+"""Added to every sample's interval: the host's reading and the controller's stamps are
+not taken at the exact instants the bytes pass, and clock rates differ over one round trip."""
 
 FLAG_ERROR_NS = 5_000_000
 """Hosts whose offset is uncertain by more than this are reported as ``flagged``."""
 
+MAX_DRIFT = 200e-6
+"""Largest rate difference assumed between a host's and the controller's monotonic clock
+(200 ppm, twice a common oscillator's tolerance) until the samples bound it tighter."""
+
+BEST_WINDOW_NS = 4_000_000_000
+"""Per window of this much host time, only the sample with the narrowest interval is kept
+to interpolate between: slow round trips (a busy host) never set the bounds."""
+
 
 @dataclass(frozen=True, slots=True)
 class ClockSample:
-    """One SSH ping: controller realtime before sending, host monotonic, controller after."""
+    """One SSH ping: controller time before sending, host monotonic, controller time after.
+
+    The controller's times are from ``time.monotonic_ns()`` (see :class:`EpochAnchor`)."""
 
     t_send_ns: int
     host_mono_ns: int
@@ -33,8 +61,44 @@ class ClockSample:
 
 
 @dataclass(frozen=True, slots=True)
+class EpochAnchor:
+    """The one controller monotonic -> epoch conversion of a run.
+
+    Taken once (the tightest of a few back-to-back readings), then only added: a wall-clock
+    step later in the run changes nothing, and all hosts share the same shift, so their
+    relative alignment never depends on it."""
+
+    mono_ns: int
+    epoch_ns: int
+
+    @classmethod
+    def now(cls) -> EpochAnchor:
+        best: tuple[int, int, int] | None = None
+        for _ in range(5):
+            before = time.monotonic_ns()
+            wall = time.time_ns()
+            after = time.monotonic_ns()
+            if best is None or after - before < best[0]:
+                best = (after - before, (before + after) // 2, wall)
+        assert best is not None
+        return cls(best[1], best[2])
+
+    @property
+    def shift_ns(self) -> int:
+        return self.epoch_ns - self.mono_ns
+
+    def to_epoch(self, mono_ns: int) -> int:
+        return mono_ns + self.shift_ns
+
+    def sample(self, sample: ClockSample) -> ClockSample:
+        """A sample with the controller's stamps moved from monotonic to epoch ns."""
+        shift = self.shift_ns
+        return ClockSample(sample.t_send_ns + shift, sample.host_mono_ns, sample.t_recv_ns + shift)
+
+
+@dataclass(frozen=True, slots=True)
 class ClockEstimate:
-    """controller_realtime_ns ~= host_mono_ns + offset_ns, true value within +- error_ns."""
+    """controller_ns ~= host_mono_ns + offset_ns, true value within +- error_ns."""
 
     offset_ns: int
     error_ns: int
@@ -48,8 +112,14 @@ class ClockEstimate:
         return self.offset_ns + self.error_ns
 
     def align(self, host_mono_ns: int) -> int:
-        """Host monotonic ns -> controller wall-clock ns."""
+        """Host monotonic ns -> controller ns."""
         return host_mono_ns + self.offset_ns
+
+    @classmethod
+    def between(cls, low: int, high: int) -> ClockEstimate:
+        """The estimate whose interval covers [low, high] (rounded outwards)."""
+        mid = (low + high) // 2
+        return cls(mid, max(high - mid, mid - low))
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,3 +235,201 @@ def tighten(
         mid = (low[host] + high[host]) // 2
         tightened[host] = ClockEstimate(mid, high[host] - mid)
     return Alignment(tightened, flagged=flagged_hosts(tightened, flag_ns))
+
+
+# ---------------------------------------------------------------- offset over time
+
+
+@dataclass(frozen=True, slots=True)
+class _Point:
+    """What one sample proves: at host time ``h`` the offset lies in [lo, hi]."""
+
+    h: int
+    lo: int
+    hi: int
+
+
+@dataclass
+class _Segment:
+    """Samples consistent with one offset line; slope bounds proven by pairs of samples."""
+
+    best: list[_Point]
+    slope_lo: float
+    slope_hi: float
+    samples: int
+
+    @property
+    def first_h(self) -> int:
+        return self.best[0].h
+
+    @property
+    def last_h(self) -> int:
+        return self.best[-1].h
+
+    def bounds(self, h: int) -> tuple[int, int]:
+        """[low, high] of the offset at host time h, from the neighbouring best samples."""
+        i = bisect.bisect_right(self.best, h, key=lambda p: p.h)
+        # Offsets are epoch-sized (~2**61): only the small terms go through floats, each
+        # rounded outwards, so no precision is lost where it would shrink a bound.
+        lows: list[int] = []
+        highs: list[int] = []
+        if i > 0:
+            p = self.best[i - 1]
+            d = h - p.h
+            lows.append(p.lo + math.floor(self.slope_lo * d))
+            highs.append(p.hi + math.ceil(self.slope_hi * d))
+        if i < len(self.best):
+            q = self.best[i]
+            d = q.h - h
+            lows.append(q.lo - math.ceil(self.slope_hi * d))
+            highs.append(q.hi - math.floor(self.slope_lo * d))
+            if i > 0:
+                span = q.h - p.h
+                lows.append(p.lo + (q.lo - p.lo) * (h - p.h) // span)
+                highs.append(p.hi - (p.hi - q.hi) * (h - p.h) // span)
+        low, high = max(lows), min(highs)
+        if low > high:  # the model bends here: give the honest envelope instead
+            low, high = min(lows), max(highs)
+        return low, high
+
+    def slopes_with(self, point: _Point) -> tuple[float, float]:
+        """Slope bounds once ``point`` joins: every pair of samples bounds the drift."""
+        lo, hi = self.slope_lo, self.slope_hi
+        for p in self.best:
+            d = point.h - p.h
+            if d == 0:
+                continue
+            if d < 0:
+                d, first, second = -d, point, p
+            else:
+                first, second = p, point
+            lo = max(lo, (second.lo - first.hi) / d)
+            hi = min(hi, (second.hi - first.lo) / d)
+        return lo, hi
+
+
+class HostClock:
+    """One host's offset over time, from its SSH samples (all in controller epoch ns).
+
+    Within a segment the offset is modelled as linear in host time (constant drift); its
+    slope is bounded by every pair of samples (and by ``max_drift``), and the offset at a
+    host time is bounded by the neighbouring best samples: interpolated between them,
+    extrapolated with the slope bounds beyond them. A sample whose interval misses what
+    the model allows at its time starts a new segment (a step: host paused or suspended,
+    or a rate change the line cannot follow). Host times between the last sample before a
+    step and the first after it get the union of both segments' bounds, since the step
+    happened somewhere in between. A step smaller than the bounds goes unseen and is
+    covered only as far as the bounds reach.
+    """
+
+    def __init__(
+        self,
+        *,
+        floor_ns: int = ERROR_FLOOR_NS,
+        max_drift: float = MAX_DRIFT,
+        window_ns: int = BEST_WINDOW_NS,
+    ) -> None:
+        self.floor_ns = floor_ns
+        self.max_drift = max_drift
+        self.window_ns = window_ns
+        self.segments: list[_Segment] = []
+        self.samples = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.segments)
+
+    def add(self, sample: ClockSample) -> None:
+        if sample.rtt_ns < 0:
+            raise ValueError(f"clock sample answered before it was sent: {sample}")
+        h = sample.host_mono_ns
+        point = _Point(
+            h, sample.t_send_ns - h - self.floor_ns, sample.t_recv_ns - h + self.floor_ns
+        )
+        self.samples += 1
+        seg = self.segments[-1] if self.segments else None
+        if seg is not None and point.h >= seg.last_h:
+            low, high = seg.bounds(point.h)
+            slope_lo, slope_hi = seg.slopes_with(point)
+            if point.lo <= high and point.hi >= low and slope_lo <= slope_hi:
+                seg.slope_lo, seg.slope_hi = slope_lo, slope_hi
+                seg.samples += 1
+                self._keep_best(seg, point)
+                return
+        elif seg is not None:  # out of order (never from one SSH channel): keep it simple
+            return
+        self.segments.append(_Segment([point], -self.max_drift, self.max_drift, samples=1))
+
+    def _keep_best(self, seg: _Segment, point: _Point) -> None:
+        """One sample per window: the narrowest. The first one stays (it starts the segment)."""
+        last = seg.best[-1]
+        window = self.window_ns
+        if (
+            len(seg.best) > 1
+            and (point.h - seg.first_h) // window == (last.h - seg.first_h) // window
+        ):
+            if point.hi - point.lo < last.hi - last.lo:
+                seg.best[-1] = point
+            return
+        seg.best.append(point)
+
+    def bounds(self, host_mono_ns: int) -> tuple[int, int]:
+        """[low, high] of the offset at this host time."""
+        if not self.segments:
+            raise ValueError("no clock samples")
+        starts = [s.first_h for s in self.segments]
+        k = max(bisect.bisect_right(starts, host_mono_ns) - 1, 0)
+        low, high = self.segments[k].bounds(host_mono_ns)
+        if k + 1 < len(self.segments) and host_mono_ns > self.segments[k].last_h:
+            nlow, nhigh = self.segments[k + 1].bounds(host_mono_ns)
+            low, high = min(low, nlow), max(high, nhigh)
+        return low, high
+
+    def at(self, host_mono_ns: int) -> ClockEstimate:
+        """Offset and error bound valid at this host time."""
+        return ClockEstimate.between(*self.bounds(host_mono_ns))
+
+    def summary(self, first_ns: int, last_ns: int) -> ClockEstimate:
+        """One constant estimate valid for every host time in [first_ns, last_ns]: what
+        correlation tightens. Between two best samples the bounds stay within theirs, and
+        elsewhere they are linear, so the span's ends, both sides of the segments' ends and
+        the best samples in and around the span bound it."""
+        lows: list[int] = []
+        highs: list[int] = []
+        times = [first_ns, last_ns]
+        for seg in self.segments:
+            if seg.first_h > last_ns or seg.last_h < first_ns:
+                continue
+            times += [
+                h
+                for h in (seg.first_h - 1, seg.first_h, seg.last_h, seg.last_h + 1)
+                if first_ns <= h <= last_ns
+            ]
+            i = max(bisect.bisect_left(seg.best, first_ns, key=lambda p: p.h) - 1, 0)
+            j = bisect.bisect_right(seg.best, last_ns, key=lambda p: p.h) + 1
+            lows += [p.lo for p in seg.best[i:j]]
+            highs += [p.hi for p in seg.best[i:j]]
+        for h in times:
+            low, high = self.bounds(h)
+            lows.append(low)
+            highs.append(high)
+        return ClockEstimate.between(min(lows), max(highs))
+
+    def report(self) -> dict:
+        """The model as plain data (per segment: where it starts and ends in host time,
+        offset at its start, drift in ppm, error there, samples used)."""
+        segments = []
+        for seg in self.segments:
+            est = self.at(seg.first_h)
+            drift = (seg.slope_lo + seg.slope_hi) / 2
+            segments.append(
+                {
+                    "first_host_ns": seg.first_h,
+                    "last_host_ns": seg.last_h,
+                    "offset_ns": est.offset_ns,
+                    "error_ns": est.error_ns,
+                    "drift_ppm": round(drift * 1e6, 3),
+                    "drift_error_ppm": round((seg.slope_hi - seg.slope_lo) / 2 * 1e6, 3),
+                    "samples": seg.samples,
+                }
+            )
+        return {"samples": self.samples, "segments": segments}

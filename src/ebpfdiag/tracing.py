@@ -1,8 +1,33 @@
 """A live trace over many hosts: collect each host's records, align, correlate at the end.
 
 ``TraceSession`` is the fan-out sink of ``trace`` commands. It never prints: the CLI gives
-it callbacks for what to show live (readiness, each reset as it happens) and renders the
-``TraceResult`` it builds at the end.
+it callbacks for what to show live (readiness, each event as it is released) and renders
+the ``TraceResult`` it builds at the end.
+
+Time: every clock sample is moved from the controller's monotonic clock to epoch ns by the
+run's one :class:`EpochAnchor` (taken when the session starts), and each host's samples
+build a :class:`HostClock`. An event is aligned once, when it is released: ``ts`` is its
+host time plus the offset valid at that host time, ``clock_error_ns`` the bound that holds
+for it. An event that arrives before its host's first clock sample waits (it is kept, not
+dropped) until the host has one; at the end, events of a host that never answered a ping
+have no ``ts``.
+
+Live order: events are held until the streams pause for ``LIVE_SETTLE_S``, so that the
+other hosts' sightings of the same packets (and fresher clock samples) join them; then the
+batch is released sorted by ``ts``. Streams that never pause are cut every ``MAX_HOLD_S``
+after what arrived a settle time ago, pulling in the departures of the arrivals that go.
+
+Before a batch goes, causality corrects the clocks, not single events: a packet leaving
+host A and arriving at host B says B's clock cannot put the arrival before the departure.
+Each host gets one correction, the smallest that keeps every departure first, inside the
+interval that ``tighten`` leaves of its bound (the batch's cross-host sightings, with what
+is already shown as fixed limits); all the host's events move by it, so its own order
+stays. ``clock_error_ns`` becomes the distance to the far end of that interval, or grows
+by the correction when a shown limit forced it. When no correction within the bounds
+exists (a bound is wrong, or a shown event is in the way), each host's events move forward
+just far enough and carry ``ts_clamped_ns`` (how far). Either way no live line shows an
+arrival before its departure or a host's event before its earlier one; only a departure
+that reaches the controller more than a settle time after its arrival was shown escapes.
 """
 
 from __future__ import annotations
@@ -10,16 +35,33 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ebpfdiag.clock import ClockEstimate, ClockSample, estimate
+from ebpfdiag.clock import (
+    Alignment,
+    ClockEstimate,
+    ClockSample,
+    EpochAnchor,
+    HostClock,
+    Observation,
+    tighten,
+)
 from ebpfdiag.correlate import Correlation, correlate
 from ebpfdiag.fanout import Fanout, HostResult
 
 RST = 0x04
 #: After a reset is seen, wait this long for the other hosts' sightings before counting flows.
 COUNT_SETTLE_S = 0.3
+#: Live events wait this long before they are shown (see the module docstring).
+LIVE_SETTLE_S = 0.25
+#: ... unless the stream never pauses that long: then a batch goes at least this often.
+MAX_HOLD_S = 2.0
+#: Sightings of one packet further apart than this (aligned) are different packets.
+MATCH_WINDOW_NS = 1_000_000_000
+#: Shown sightings kept to hold later ones to causality, per packet fingerprint.
+RECENT_S = 5.0
 
 
 @dataclass
@@ -31,9 +73,8 @@ class HostTrace:
     ready: bool = False
     lost: int = 0
     bye: dict | None = None
-    samples: list[ClockSample] = field(default_factory=list)
-    #: from the samples so far; kept current as pings arrive, read for every event
-    clock: ClockEstimate | None = None
+    #: the host's offset over time, from its samples (epoch ns); read for every event
+    clock: HostClock = field(default_factory=HostClock)
     diagnostics: list[str] = field(default_factory=list)
     result: HostResult | None = None
 
@@ -44,6 +85,21 @@ class TraceResult:
     correlation: Correlation
     interrupted: bool
     duration_s: float
+    #: the run's one controller monotonic -> epoch pair
+    anchor: EpochAnchor
+    #: per host: the clock model (``HostClock.report``) and the constant ``summary`` given
+    #: to correlation (before tightening); hosts without samples are absent
+    clocks: dict[str, dict]
+
+
+def _fingerprint(rec: dict) -> tuple | None:
+    """What a packet keeps across NAT hops (as correlation matches it)."""
+    if rec.get("type") != "packet":
+        return None
+    try:
+        return (rec["seq"], rec["ack"], rec["flags"], rec["len"], rec.get("ipid") or 0)
+    except KeyError:
+        return None
 
 
 class TraceSession:
@@ -59,19 +115,36 @@ class TraceSession:
         on_ready: Callable[[list[str], list[str]], None] | None = None,
         on_state: Callable[[str, str], None] | None = None,
         on_diagnostic: Callable[[str, str], None] | None = None,
+        settle_s: float = LIVE_SETTLE_S,
     ):
         self.hosts = {n: HostTrace(n) for n in names}
-        self.events: list[dict] = []
+        #: records in the order they were shown (``lost`` records where they came)
+        self._released: list[dict] = []
         self.duration = duration
         self.count = count
         self.on_event = on_event
         self.on_ready = on_ready
         self.on_state = on_state
         self.on_diagnostic = on_diagnostic
+        self.settle_s = settle_s
         self.fanout: Fanout | None = None
         self.all_ready = False
+        self.anchor = EpochAnchor.now()
         self._count_check: asyncio.TimerHandle | None = None
+        self._release_timer: asyncio.TimerHandle | None = None
+        #: (arrival monotonic s, record) not yet aligned and shown
+        self._held: list[tuple[float, dict]] = []
+        #: fingerprint -> shown packet records, with when they were shown
+        self._shown: dict[tuple, list[tuple[float, dict]]] = defaultdict(list)
+        #: host -> latest ts shown for it (later events of the host are not shown before it)
+        self._last_ts: dict[str, int] = {}
         self.started = time.monotonic()
+
+    @property
+    def events(self) -> list[dict]:
+        """Every packet, reset and lost record so far: the shown ones in the order they were
+        shown, then those still held (all shown once the session finished)."""
+        return self._released + [rec for _, rec in self._held]
 
     # -- FanoutSink ------------------------------------------------------------------
     def state(self, host: str, state: str) -> None:
@@ -91,6 +164,7 @@ class TraceSession:
                 self._record(host, rec)
             else:
                 self._diagnostic(host, line.decode(errors="replace"))
+        self._release()
 
     def _diagnostic(self, host: str, text: str) -> None:
         self.hosts[host].diagnostics.append(text)
@@ -98,9 +172,9 @@ class TraceSession:
             self.on_diagnostic(host, text)
 
     def clock(self, host: str, sample: ClockSample) -> None:
-        ht = self.hosts[host]
-        ht.samples.append(sample)
-        ht.clock = estimate(ht.samples)
+        """A sample in controller monotonic ns (see ``EpochAnchor``)."""
+        self.hosts[host].clock.add(self.anchor.sample(sample))
+        self._release()
 
     def result(self, result: HostResult) -> None:
         self.hosts[result.host].result = result
@@ -112,11 +186,7 @@ class TraceSession:
         ht = self.hosts[host]
         if kind in ("packet", "reset"):
             rec["host"] = host
-            est = ht.clock
-            rec["ts"] = est.align(rec["ts_ns"]) if est and "ts_ns" in rec else None
-            self.events.append(rec)
-            if self.on_event:
-                self.on_event(rec)
+            self._held.append((time.monotonic(), rec))
             if self.count and (kind == "reset" or rec.get("flags", 0) & RST):
                 self._schedule_count_check()
         elif kind == "hello":
@@ -127,10 +197,189 @@ class TraceSession:
         elif kind == "lost":
             ht.lost += int(rec.get("count", 0))
             rec["host"] = host
-            self.events.append(rec)
+            self._released.append(rec)
         elif kind == "bye":
             ht.bye = rec
 
+    # -- live release ----------------------------------------------------------------
+    def _release(self, final: bool = False) -> None:
+        """Align, correct and show the held events that have settled (all when final)."""
+        if not self._held:
+            return
+        now = time.monotonic()
+        quiet = now - self._held[-1][0] >= self.settle_s
+        if final or quiet:
+            cut = len(self._held)
+        elif now - self._held[0][0] >= MAX_HOLD_S:  # never quiet: cut, keeping pairs whole
+            cut = self._cut(now - self.settle_s)
+        else:
+            cut = 0
+        due: list[dict] = []
+        kept: list[tuple[float, dict]] = []
+        for arrived, rec in self._held[:cut]:
+            if final or self.hosts[rec["host"]].clock:
+                due.append(rec)
+            else:
+                kept.append((arrived, rec))
+        self._held = kept + self._held[cut:]
+        if due:
+            for rec in due:
+                self._align(rec)
+            self._correct(due)
+            due.sort(key=lambda r: (r.get("ts") is None, r.get("ts") or 0, r.get("ts_ns", 0)))
+            self._remember(due, now)
+            self._released += due
+            if self.on_event:
+                for rec in due:
+                    self.on_event(rec)
+        self._schedule_release()
+
+    def _cut(self, before: float) -> int:
+        """How many held records to release when the streams never pause: those that
+        arrived before ``before``, plus every later departure whose arrival on another
+        host goes now (with what its host sent before it), so no pair is split."""
+        held = self._held
+        cut = next((i for i, (arrived, _) in enumerate(held) if arrived >= before), len(held))
+        while True:
+            arrivals: dict[tuple, set[str]] = defaultdict(set)
+            for _, rec in held[:cut]:
+                if rec.get("dir") == "ingress" and (fp := _fingerprint(rec)) is not None:
+                    arrivals[fp].add(rec["host"])
+            hosts = {
+                rec["host"]
+                for _, rec in held[cut:]
+                if rec.get("dir") == "egress"
+                and (fp := _fingerprint(rec)) in arrivals
+                and arrivals[fp] - {rec["host"]}
+            }
+            if not hosts:
+                return cut
+            last = max(i for i, (_, rec) in enumerate(held) if rec["host"] in hosts)
+            cut = last + 1
+
+    def _align(self, rec: dict) -> None:
+        clock = self.hosts[rec["host"]].clock
+        if not clock or "ts_ns" not in rec:
+            return
+        try:
+            est = clock.at(int(rec["ts_ns"]))
+        except (TypeError, ValueError):
+            return
+        rec["ts"] = est.align(int(rec["ts_ns"]))
+        rec["clock_error_ns"] = est.error_ns
+
+    def _correct(self, batch: list[dict]) -> None:
+        """One causal correction per host for this batch (see the module docstring)."""
+        by_fp: dict[tuple, list[dict]] = defaultdict(list)
+        first: dict[str, int] = {}  # host -> its earliest aligned ts in the batch
+        for rec in batch:
+            if "ts" not in rec:
+                continue
+            host = rec["host"]
+            first[host] = min(first.get(host, rec["ts"]), rec["ts"])
+            fp = _fingerprint(rec)
+            if fp is not None:
+                by_fp[fp].append(rec)
+        observations: list[Observation] = []
+        # Limits from what is already shown: fixed, so they bind this batch's hosts alone.
+        floor = {h: self._last_ts[h] - ts for h, ts in first.items() if h in self._last_ts}
+        ceil: dict[str, int] = {}
+        for fp, recs in by_fp.items():
+            shown = [r for _, r in self._shown.get(fp, ())]
+            for rec in recs:
+                host = rec["host"]
+                observations += [
+                    Observation(host, rec["ts"], o["host"], o["ts"])
+                    for o in recs
+                    if _causes(rec, o)
+                ]
+                for other in shown:
+                    if _causes(other, rec):
+                        floor[host] = max(
+                            floor.get(host, other["ts"] - rec["ts"]), other["ts"] - rec["ts"]
+                        )
+                    elif _causes(rec, other):
+                        ceil[host] = min(
+                            ceil.get(host, other["ts"] - rec["ts"]), other["ts"] - rec["ts"]
+                        )
+        floor = {h: need for h, need in floor.items() if need > 0}
+        if not observations and not floor and not ceil:
+            return
+        bounds: dict[str, ClockEstimate] = {}
+        for rec in batch:
+            if "clock_error_ns" in rec:
+                host, err = rec["host"], rec["clock_error_ns"]
+                if host not in bounds or err < bounds[host].error_ns:
+                    bounds[host] = ClockEstimate(0, err)
+        consistent = True
+        for host, est in list(bounds.items()):
+            low = max(est.low, floor.get(host, est.low))
+            high = min(est.high, ceil.get(host, est.high))
+            consistent = consistent and low <= high
+            bounds[host] = ClockEstimate.between(low, high)
+        alignment = tighten(bounds, observations) if consistent else None
+        if alignment is not None and alignment.consistent:
+            shift = _least_moves(alignment, floor, observations)
+            for rec in batch:
+                est = alignment.get(rec["host"])
+                if est is None or "ts" not in rec:
+                    continue
+                c = shift[rec["host"]]
+                rec["ts"] += c
+                if rec["host"] in floor or rec["host"] in ceil:  # moved for the display
+                    rec["clock_error_ns"] += abs(c)
+                else:  # moved by the packets' causality alone: the truth is in the interval
+                    far = max(c - est.low, est.high - c)
+                    rec["clock_error_ns"] = min(rec["clock_error_ns"], far)
+            return
+        # The bounds contradict the packets or what is shown: keep the clocks, move each
+        # host's events as one (its own order stays) just far enough, and say so.
+        shift = {h: max(floor.get(h, 0), 0) for h in first}
+        for _ in range(len(shift) + 1):
+            moved = False
+            for obs in observations:
+                need = obs.src_mono_ns + shift[obs.src] - obs.dst_mono_ns
+                if need > shift[obs.dst]:
+                    shift[obs.dst] = need
+                    moved = True
+            if not moved:
+                break
+        for rec in batch:
+            if shift.get(rec["host"], 0) > 0 and "ts" in rec:
+                rec["ts"] += shift[rec["host"]]
+                rec["ts_clamped_ns"] = shift[rec["host"]]
+
+    def _remember(self, shown: list[dict], now: float) -> None:
+        for rec in shown:
+            if "ts" in rec:
+                self._last_ts[rec["host"]] = max(
+                    self._last_ts.get(rec["host"], rec["ts"]), rec["ts"]
+                )
+            fp = _fingerprint(rec)
+            if fp is not None and "ts" in rec:
+                self._shown[fp].append((now, rec))
+        old = now - RECENT_S
+        for fp in [fp for fp, recs in self._shown.items() if recs[0][0] < old]:
+            recs = [(t, r) for t, r in self._shown[fp] if t >= old]
+            if recs:
+                self._shown[fp] = recs
+            else:
+                del self._shown[fp]
+
+    def _schedule_release(self) -> None:
+        if not self._held or self._release_timer is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # driven by hand (tests, replay): released on the next call
+            return
+        self._release_timer = loop.call_later(self.settle_s, self._timer_release)
+
+    def _timer_release(self) -> None:
+        self._release_timer = None
+        self._release()
+
+    # -- stop logic ------------------------------------------------------------------
     def _check_ready(self) -> None:
         if self.all_ready:
             return
@@ -159,12 +408,79 @@ class TraceSession:
 
     # -- result ----------------------------------------------------------------------
     def clocks(self) -> dict[str, ClockEstimate]:
-        return {name: ht.clock for name, ht in self.hosts.items() if ht.clock is not None}
+        """Per host, one constant estimate valid over the host time its events span (the
+        drift and steps inside that span widen it): what correlation tightens."""
+        span: dict[str, tuple[int, int]] = {}
+        for rec in self.events:
+            ts_ns = rec.get("ts_ns")
+            if isinstance(ts_ns, int) and rec.get("type") in ("packet", "reset"):
+                first, last = span.get(rec["host"], (ts_ns, ts_ns))
+                span[rec["host"]] = (min(first, ts_ns), max(last, ts_ns))
+        result = {}
+        for name, ht in self.hosts.items():
+            if ht.clock:
+                first, last = span.get(name) or (ht.clock.segments[-1].last_h,) * 2
+                result[name] = ht.clock.summary(first, last)
+        return result
 
     def correlate(self) -> Correlation:
         return correlate(self.events, self.clocks())
 
     def finish(self, interrupted: bool) -> TraceResult:
+        """Show what is still held (aligned if its host ever got a clock), then correlate."""
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
+        self._release(final=True)
+        summaries = self.clocks()
+        clocks = {
+            name: {
+                **ht.clock.report(),
+                "summary": {
+                    "offset_ns": summaries[name].offset_ns,
+                    "error_ns": summaries[name].error_ns,
+                },
+            }
+            for name, ht in self.hosts.items()
+            if name in summaries
+        }
         return TraceResult(
-            self.hosts, self.correlate(), interrupted, time.monotonic() - self.started
+            self.hosts,
+            correlate(self.events, summaries),
+            interrupted,
+            time.monotonic() - self.started,
+            self.anchor,
+            clocks,
         )
+
+
+def _least_moves(
+    alignment: Alignment, floor: dict[str, int], observations: list[Observation]
+) -> dict[str, int]:
+    """The corrections closest to none that keep every departure before its arrival.
+
+    Each host starts at 0 moved into its tightened interval (and exactly onto its floor:
+    the interval's ends are rounded outwards), then arrivals are raised past their
+    departures (Bellman-Ford). Solutions of difference constraints are closed under max,
+    and the intervals' upper ends are one, so raising stays inside them."""
+    shift = {h: min(max(0, est.low, floor.get(h, 0)), est.high) for h, est in alignment.items()}
+    for _ in range(len(shift) + 1):
+        moved = False
+        for obs in observations:
+            need = obs.src_mono_ns + shift[obs.src] - obs.dst_mono_ns
+            if need > shift[obs.dst]:
+                shift[obs.dst] = need
+                moved = True
+        if not moved:
+            break
+    return shift
+
+
+def _causes(first: dict, second: dict) -> bool:
+    """True when ``first`` is the departure (from another host) of ``second``'s arrival."""
+    return (
+        first["host"] != second["host"]
+        and first.get("dir") == "egress"
+        and second.get("dir") == "ingress"
+        and abs(first["ts"] - second["ts"]) <= MATCH_WINDOW_NS
+    )

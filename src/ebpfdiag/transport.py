@@ -26,6 +26,8 @@ from ebpfdiag.inventory import Host
 
 MARK = b"\x1eebpfdiag:"
 SUDO_PROMPT = "\x1eebpfdiag:sudo-prompt\n"
+#: Clock pings settle to one per this many seconds (one short line each way).
+CLOCK_PERIOD_S = 1.0
 #: Exit code of the bootstrap itself when the script did not arrive intact.
 EXIT_BAD_SCRIPT = 98
 
@@ -343,7 +345,7 @@ class RemoteRun:
         elif kind == "clock" and len(words) == 4:
             sent = self.ping_sent.pop(int(words[1]), None)
             if sent is not None:
-                self.on_clock(ClockSample(sent, int(words[2]), time.time_ns()))
+                self.on_clock(ClockSample(sent, int(words[2]), time.monotonic_ns()))
         elif kind == "error" and len(words) >= 3 and words[1] == "python-too-old":
             self._fail(
                 HostFailure(
@@ -353,10 +355,22 @@ class RemoteRun:
             )
 
     async def _ping(self) -> None:
-        for seq in range(self.clock_pings):
-            self.ping_sent[seq] = time.time_ns()
-            self.process.stdin.write(f"ping {seq}\n".encode())
-            await asyncio.sleep(0.02)
+        """Clock pings, stamped with the controller's monotonic clock (never its wall
+        clock, which NTP may step): a quick burst, then at a growing interval up to
+        ``CLOCK_PERIOD_S`` for as long as the script runs, so that offsets are followed
+        over a long trace and a good sample comes soon after the script's busy start."""
+        seq = 0
+        delay = 0.02
+        while True:
+            self.ping_sent[seq] = time.monotonic_ns()
+            try:
+                self.process.stdin.write(f"ping {seq}\n".encode())
+            except (OSError, asyncssh.Error):  # stdin at EOF or closed: the run is ending
+                return
+            seq += 1
+            await asyncio.sleep(delay)
+            if seq >= self.clock_pings:
+                delay = min(max(delay * 2, 0.1), CLOCK_PERIOD_S)
 
     async def run(self, conn: asyncssh.SSHClientConnection, stop: asyncio.Event) -> RunOutcome:
         """Launch and stream until the script exits or ``stop`` is set (then stdin EOF)."""
