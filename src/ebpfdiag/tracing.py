@@ -102,6 +102,10 @@ def _fingerprint(rec: dict) -> tuple | None:
         return None
 
 
+def _ignore(*_args: object) -> None:
+    """The default of every callback: a session that nobody watches live."""
+
+
 class TraceSession:
     """Sink + stop logic for one trace run (duration counted from 'all hosts ready')."""
 
@@ -111,10 +115,10 @@ class TraceSession:
         *,
         duration: float | None = None,
         count: int | None = None,
-        on_event: Callable[[dict], None] | None = None,
-        on_ready: Callable[[list[str], list[str]], None] | None = None,
-        on_state: Callable[[str, str], None] | None = None,
-        on_diagnostic: Callable[[str, str], None] | None = None,
+        on_event: Callable[[dict], None] = _ignore,
+        on_ready: Callable[[list[str], list[str]], None] = _ignore,
+        on_state: Callable[[str, str], None] = _ignore,
+        on_diagnostic: Callable[[str, str], None] = _ignore,
         settle_s: float = LIVE_SETTLE_S,
     ):
         self.hosts = {n: HostTrace(n) for n in names}
@@ -148,8 +152,7 @@ class TraceSession:
 
     # -- FanoutSink ------------------------------------------------------------------
     def state(self, host: str, state: str) -> None:
-        if self.on_state:
-            self.on_state(host, state)
+        self.on_state(host, state)
 
     def lines(self, host: str, stream: str, lines: list[bytes]) -> None:
         for line in lines:
@@ -168,8 +171,7 @@ class TraceSession:
 
     def _diagnostic(self, host: str, text: str) -> None:
         self.hosts[host].diagnostics.append(text)
-        if self.on_diagnostic:
-            self.on_diagnostic(host, text)
+        self.on_diagnostic(host, text)
 
     def clock(self, host: str, sample: ClockSample) -> None:
         """A sample in controller monotonic ns (see ``EpochAnchor``)."""
@@ -229,9 +231,8 @@ class TraceSession:
             due.sort(key=lambda r: (r.get("ts") is None, r.get("ts") or 0, r.get("ts_ns", 0)))
             self._remember(due, now)
             self._released += due
-            if self.on_event:
-                for rec in due:
-                    self.on_event(rec)
+            for rec in due:
+                self.on_event(rec)
         self._schedule_release()
 
     def _cut(self, before: float) -> int:
@@ -391,8 +392,7 @@ class TraceSession:
         failed = [h.name for h in self.hosts.values() if not h.ready]
         if not ready:
             return
-        if self.on_ready:
-            self.on_ready(ready, failed)
+        self.on_ready(ready, failed)
         if self.duration and self.fanout is not None:
             asyncio.get_running_loop().call_later(self.duration, self.fanout.stop)
 
