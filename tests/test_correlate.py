@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from ebpfdiag.clock import ClockEstimate
-from ebpfdiag.correlate import Hop, ResetEvent, correlate, flag_names, summary
-from ebpfdiag.synth import events_per_flow, synth_clocks, synth_events
+from ebpfdiag.questions.rst import correlate, summary
+from ebpfdiag.trace.flows import Hop, ResetEvent
+from ebpfdiag.trace.sightings import flag_names
+from bench.synth import events_per_flow, synth_clocks, synth_events
 
 STREAMS = Path(__file__).parent / "fixtures" / "streams"
 HELLO_CLOCK_ERROR_NS = 1_000_000
@@ -115,7 +117,7 @@ def test_lb_reject_is_a_firewall_reset_on_the_lb():
     assert "server" not in {e.host for e in flow.endpoints}
     assert flow.nat == []
     assert "firewall" in v.text
-    assert summary(result.flows)["resets"] == [
+    assert summary(result.flows).to_json()["resets"] == [
         {"origin_host": "lb", "origin_kind": "firewall", "reason": None, "count": 1}
     ]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ebpfdiag.clock import ClockEstimate
-from ebpfdiag.correlate import correlate
+from ebpfdiag.questions.rst import correlate
 
 STREAMS = Path(__file__).parent / "fixtures" / "streams"
 EXPECTED = {

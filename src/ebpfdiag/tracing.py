@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ebpfdiag.clock import ClockEstimate, ClockSample, estimate
-from ebpfdiag.correlate import Correlation, correlate
+from ebpfdiag.questions.rst import Correlation, correlate
 from ebpfdiag.fanout import Fanout, HostResult
 
 RST = 0x04
