@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from bench.synth import events_per_flow, synth_clocks, synth_events
 from ebpfdiag.clock import ClockEstimate
 from ebpfdiag.questions.rst import correlate, summary
 from ebpfdiag.trace.flows import Hop, ResetEvent
 from ebpfdiag.trace.sightings import flag_names
-from bench.synth import events_per_flow, synth_clocks, synth_events
 
 STREAMS = Path(__file__).parent / "fixtures" / "streams"
 HELLO_CLOCK_ERROR_NS = 1_000_000

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ebpfdiag.clock import ClockEstimate, ClockSample, estimate
-from ebpfdiag.questions.rst import Correlation, correlate
 from ebpfdiag.fanout import Fanout, HostResult
+from ebpfdiag.questions.rst import Correlation, correlate
 
 RST = 0x04
 #: After a reset is seen, wait this long for the other hosts' sightings before counting flows.

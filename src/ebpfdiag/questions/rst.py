@@ -206,13 +206,13 @@ class _Rules:
             target = b.to_host or _backend(b)
             from_b = origin_host is not None and origin_host == b.to_host
             if from_b or (
-                origin_host is None
-                and (first.saddr, first.sport) == (b.after.daddr, b.after.dport)
+                origin_host is None and (first.saddr, first.sport) == (b.after.daddr, b.after.dport)
             ):
                 moved = Moved(b.host, source, target)
                 said = f"{b.host} moved the connection from {_named(a)} to {_named(b)} mid-flow"
                 if from_b and match is not None:
-                    text = f"{said}; {target}'s TCP stack reset it ({_stack_reason(match)}), seen {steps}"
+                    reset_by = f"{target}'s TCP stack reset it ({_stack_reason(match)})"
+                    text = f"{said}; {reset_by}, seen {steps}"
                 else:
                     text = f"{said}; {text}"
         if accepted:

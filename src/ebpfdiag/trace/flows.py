@@ -462,7 +462,9 @@ class _FlowBuilder:
         for pos, ev in enumerate(events):
             if isinstance(ev, Hop):
                 first_seen.setdefault(node_of[id(ev)], pos)
-        endpoints = [by_node[n] for n in sorted(nodes, key=lambda n: first_seen.get(n, len(events)))]
+        endpoints = [
+            by_node[n] for n in sorted(nodes, key=lambda n: first_seen.get(n, len(events)))
+        ]
         nat = _nat(paths, node_of, by_node, endpoints)
         isn = next(
             (tuple(conns.isn[n]) for n in nodes if conns.isn[n][0] is not None), (None, None)
@@ -523,9 +525,9 @@ def _nat(
                 segments.append([hop])
         for i, seg in enumerate(segments):
             first, last = seg[0], seg[-1]
-            if first.dir == "ingress" and last.dir == "egress":
-                if node_of[id(first)] != node_of[id(last)]:
-                    add(first.host, first, last, None, None)
+            inside = first.dir == "ingress" and last.dir == "egress"
+            if inside and node_of[id(first)] != node_of[id(last)]:
+                add(first.host, first, last, None, None)
             if i and segments[i - 1][-1].dir == "egress" and first.dir == "ingress":
                 prev = segments[i - 1][-1]
                 if node_of[id(prev)] != node_of[id(first)]:

@@ -196,7 +196,9 @@ def tie_resets(
         if not s.flags & RST:
             continue
         out = s.dir == "egress"
-        local = (s.saddr, s.sport, s.daddr, s.dport) if out else (s.daddr, s.dport, s.saddr, s.sport)
+        local = (
+            (s.saddr, s.sport, s.daddr, s.dport) if out else (s.daddr, s.dport, s.saddr, s.sport)
+        )
         by_tuple[(s.host, out, local)].append(s)
         by_seq[(s.host, out, s.seq)].append(s)
         by_port[(s.host, out, local[1])].append(s)
@@ -224,9 +226,9 @@ def tie_resets(
             if r.sport and (s.sport if out else s.dport) != r.sport:
                 continue
             gap = abs(s.ts_ns - r.ts_ns)
-            if gap <= limit and (s.host, s.occ) not in claimed:
-                if best is None or gap < abs(best.ts_ns - r.ts_ns):
-                    best = s
+            closer = best is None or gap < abs(best.ts_ns - r.ts_ns)
+            if gap <= limit and closer and (s.host, s.occ) not in claimed:
+                best = s
         if best is not None:
             claimed.add((best.host, best.occ))
             r.sighting = best
