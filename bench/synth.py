@@ -128,3 +128,153 @@ def _reset(host, ts_ns, saddr, sport, daddr, dport) -> dict:
         "state_num": 7, "reason": "TCP_ABORT_ON_CLOSE", "reason_num": 11, "pid": 4242,
         "comm": "python3",
     }  # fmt: skip
+
+
+# ---------------------------------------------------------------- lab-shaped streams
+
+LAB_CLIENT, LAB_VIP, LAB_LB = "198.18.1.10", "198.18.3.1", "198.18.2.1"
+LAB_SERVERS = {"server": "198.18.2.10", "server1": "198.18.2.10", "server2": "198.18.2.11"}
+LAB_MONO_NS = 972_513_000_000
+"""The lab's hosts are namespaces of one kernel: one monotonic clock."""
+LAB_OFFSET_NS = 1_795_623_897_822_985_538
+PSH = 8
+
+
+class LabStream:
+    """Records as ``trace tcp-rst --json`` gives them in the lab: client -> lb (nftables
+    DNAT + masquerade) -> servers on a bridge, so lb sees a packet on ``to-client``,
+    ``br-servers`` and ``to-SERVER``, and a reply on ``br-servers`` half translated.
+
+    ``cport`` is the client's port, ``vport`` the VIP's, ``bport`` the backend's and
+    ``mport`` the port masquerade picks (the client's by default). Only ``hosts`` are
+    traced. ``records`` is the stream; :meth:`clocks` gives SSH-like estimates of it.
+    """
+
+    def __init__(
+        self,
+        *,
+        cport: int = 47337,
+        vport: int = 8081,
+        bport: int = 8081,
+        mport: int | None = None,
+        hosts: tuple[str, ...] = ("client", "lb", "server1", "server2"),
+        start_ns: int = LAB_MONO_NS,
+    ) -> None:
+        self.cport, self.vport, self.bport = cport, vport, bport
+        self.mport = mport or cport
+        self.hosts = set(hosts)
+        self.records: list[dict] = []
+        self.t = start_ns
+        self.last = start_ns
+
+    def client_tuple(self) -> tuple[str, int, str, int]:
+        return (LAB_CLIENT, self.cport, LAB_VIP, self.vport)
+
+    def backend_tuple(self, server: str, mport: int | None = None) -> tuple[str, int, str, int]:
+        return (LAB_LB, mport or self.mport, LAB_SERVERS[server], self.bport)
+
+    def clocks(self, error_ns: int = 330_000) -> dict[str, ClockEstimate]:
+        skew = {"client": 24_000, "lb": -500, "server1": 900, "server2": -1_300, "server": 900}
+        return {
+            h: ClockEstimate(LAB_OFFSET_NS + skew.get(h, 0), error_ns) for h in sorted(self.hosts)
+        }
+
+    def wait(self, ns: int) -> None:
+        self.t += ns
+
+    def _see(self, host, ifname, direction, tup, flags, seq, ack, length, ipid, why, ts):  # noqa: ANN001
+        if host not in self.hosts:
+            return
+        saddr, sport, daddr, dport = tup
+        self.records.append({
+            "type": "packet", "ts_ns": ts, "ifname": ifname, "ifindex": 3, "dir": direction,
+            "family": 4, "saddr": saddr, "daddr": daddr, "sport": sport, "dport": dport,
+            "flags": flags, "seq": seq % 2**32, "ack": ack % 2**32, "ipid": ipid, "ttl": 64,
+            "len": length, "win": 502, "why": why, "host": host, "ts": ts + LAB_OFFSET_NS,
+        })  # fmt: skip
+
+    def forward(self, server: str, flags: int, seq: int, ack: int, length: int = 0,
+                ipid: int = 1, why: str = "history", pieces: int = 1,
+                mport: int | None = None, server_why: str | None = None) -> int:  # fmt: skip
+        """Client -> lb -> ``server``; ``pieces`` > 1 cuts the payload into that many
+        segments after lb (what GSO does to a 64 KiB packet). Returns the send time."""
+        t = self.last = self.t
+        c, b = self.client_tuple(), self.backend_tuple(server, mport)
+        self._see("client", "eth0", "egress", c, flags, seq, ack, length, ipid, why, t)
+        self._see("lb", "to-client", "ingress", c, flags, seq, ack, length, ipid, why, t + 20_000)
+        size = length // pieces
+        for i in range(pieces):
+            part = size if i < pieces - 1 else length - size * (pieces - 1)
+            part_flags = flags if pieces == 1 or i == pieces - 1 else flags & ~PSH
+            at, args = t + 60_000 + 3_000 * i, (part_flags, seq + size * i, ack, part, ipid + i)
+            self._see("lb", "br-servers", "egress", b, *args, server_why or why, at)
+            self._see("lb", f"to-{server}", "egress", b, *args, server_why or why, at + 1_000)
+            self._see(server, "eth0", "ingress", b, *args, server_why or why, at + 8_000)
+        self.t += 200_000 + 3_000 * pieces
+        return t
+
+    def reply(self, server: str, flags: int, seq: int, ack: int, length: int = 0,
+              ipid: int = 0, why: str = "history", mport: int | None = None,
+              server_why: str | None = None) -> int:  # fmt: skip
+        """``server`` -> lb -> client (un-NAT on lb). Returns the send time."""
+        t = self.last = self.t
+        saddr, sport, daddr, dport = self.backend_tuple(server, mport)
+        b = (daddr, dport, saddr, sport)
+        half = (daddr, dport, LAB_CLIENT, self.cport)
+        c = (LAB_VIP, self.vport, LAB_CLIENT, self.cport)
+        args = (flags, seq, ack, length, ipid)
+        self._see(server, "eth0", "egress", b, *args, server_why or why, t)
+        self._see("lb", f"to-{server}", "ingress", b, *args, server_why or why, t + 4_000)
+        self._see("lb", "br-servers", "ingress", half, *args, why, t + 15_000)
+        self._see("lb", "to-client", "egress", c, *args, why, t + 18_000)
+        self._see("client", "eth0", "ingress", c, *args, why, t + 45_000)
+        self.t += 200_000
+        return t
+
+    def reset(self, host: str, probe: str, tup: tuple, *, state: str | None = None,
+              reason: str | None = None, dt_ns: int = -20_000,
+              **extra: object) -> dict:  # fmt: skip
+        """A reset record ``dt_ns`` from the last packet's send time, local side first."""
+        saddr, sport, daddr, dport = tup
+        ts = self.last + dt_ns
+        rec = {
+            "type": "reset", "ts_ns": ts, "probe": probe, "family": 4, "saddr": saddr,
+            "daddr": daddr, "sport": sport, "dport": dport, "state": state, "reason": reason,
+            "pid": 4242, "comm": "python3", "host": host, "ts": ts + LAB_OFFSET_NS, **extra,
+        }  # fmt: skip
+        if host in self.hosts:
+            self.records.append(rec)
+        return rec
+
+
+def lb_failover(*, mport_after: int | None = None, kept: bool = True, **kw) -> LabStream:
+    """``rst-lb-failover`` as the lab plays it: a connection through lb to server1, lb
+    forgets it (conntrack entry deleted, DNAT target changed), the client's next request
+    goes to server2, whose listening socket answers with a RST (recorded as 6.18 records
+    a listener's reset: ``0.0.0.0:PORT > 0.0.0.0:0``, TCP_LISTEN, TCP_FLAGS).
+
+    With ``kept`` the packets of the hosts the RST never crossed (server1, lb's server1
+    side) come at the end of the stream as ``why: "kept"``, as the tracer dumps them."""
+    lab = LabStream(**kw)
+    c_isn, s_isn = 3_844_565_477, 2_598_029_163
+    lab.forward("server1", 2, c_isn, 0, ipid=63505, why="handshake")
+    lab.reply("server1", 18, s_isn, c_isn + 1, why="handshake")
+    lab.forward("server1", 16, c_isn + 1, s_isn + 1, ipid=63506)
+    lab.forward("server1", 24, c_isn + 1, s_isn + 1, 6, ipid=63507)
+    lab.reply("server1", 16, s_isn + 1, c_isn + 7, ipid=52098)
+    lab.wait(50_000_000)
+    lab.forward("server2", 24, c_isn + 7, s_isn + 1, 6, ipid=63508, mport=mport_after,
+                why="rst", server_why="rst")  # fmt: skip
+    lab.wait(-100_000)
+    lab.reply("server2", 4, s_isn + 1, 0, why="rst", mport=mport_after)
+    lab.reset("server2", "tcp_send_reset", ("0.0.0.0", lab.bport, "0.0.0.0", 0),
+              state="TCP_LISTEN", reason="TCP_FLAGS")  # fmt: skip
+    lab.reset("client", "tcp_receive_reset", lab.client_tuple(), dt_ns=60_000)
+    if kept:
+        for rec in lab.records:
+            on_server1 = rec["host"] == "server1" or rec.get("ifname") == "to-server1"
+            early = rec["ts_ns"] < lab.last - 10_000_000
+            if on_server1 or (rec["host"] == "lb" and rec.get("ifname") == "br-servers" and early):
+                rec["why"] = "kept"
+        lab.records.sort(key=lambda r: r.get("why") == "kept")
+    return lab

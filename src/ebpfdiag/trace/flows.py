@@ -462,8 +462,10 @@ class _FlowBuilder:
         for pos, ev in enumerate(events):
             if isinstance(ev, Hop):
                 first_seen.setdefault(node_of[id(ev)], pos)
+        outer = _outer_nodes(paths, node_of)
+        shown = [n for n in nodes if n in outer or n not in first_seen]
         endpoints = [
-            by_node[n] for n in sorted(nodes, key=lambda n: first_seen.get(n, len(events)))
+            by_node[n] for n in sorted(shown, key=lambda n: first_seen.get(n, len(events)))
         ]
         nat = _nat(paths, node_of, by_node, endpoints)
         isn = next(
@@ -481,6 +483,29 @@ def _causality(before: Hop, after: Hop) -> TimelineWarning:
         hosts=[before.host, after.host],
         by_ns=-(after.hop_ns or 0),
     )
+
+
+def _host_segments(hops: list[Hop]) -> list[list[Hop]]:
+    """A path cut into its runs on one host (a path visits each host once)."""
+    segments: list[list[Hop]] = []
+    for hop in hops:
+        if segments and segments[-1][0].host == hop.host:
+            segments[-1].append(hop)
+        else:
+            segments.append([hop])
+    return segments
+
+
+def _outer_nodes(paths: list[list[Hop]], node_of: dict[int, int]) -> set[int]:
+    """Nodes a packet had entering or leaving some host: the tuples a host really used.
+    The others are views half way through a host's NAT (a bridge device between DNAT and
+    SNAT) and stay in the events only."""
+    outer = set()
+    for hops in paths:
+        for seg in _host_segments(hops):
+            outer.add(node_of[id(seg[0])])
+            outer.add(node_of[id(seg[-1])])
+    return outer
 
 
 def _nat(
@@ -517,12 +542,7 @@ def _nat(
         found[key] = NatMapping(host, before, after, kind, up, down, min(a.ts, b.ts))
 
     for hops in paths:
-        segments: list[list[Hop]] = []
-        for hop in hops:
-            if segments and segments[-1][0].host == hop.host:
-                segments[-1].append(hop)
-            else:
-                segments.append([hop])
+        segments = _host_segments(hops)
         for i, seg in enumerate(segments):
             first, last = seg[0], seg[-1]
             inside = first.dir == "ingress" and last.dir == "egress"
