@@ -261,18 +261,61 @@ class Connections:
         self.sightings: list[list[Sighting]] = []
         self.resets: dict[int, list[ResetRecord]] = defaultdict(list)
         self.isn: list[list[int | None]] = []
+        self.start: list[tuple[str, int]] = []
         self._starts: dict[tuple, list[tuple[int, int]]] = {}
+        self._variants: dict[tuple[int, int], int] = {}
         by_tuple: dict[tuple, list[Sighting]] = defaultdict(list)
         for s in recorded.sightings:
             by_tuple[_norm(s.host, (s.saddr, s.sport, s.daddr, s.dport))].append(s)
         for key, seen in by_tuple.items():
             self._split(key, seen)
+        self._by_tuple = by_tuple
 
-    def _new(self) -> int:
+    def _new(self, start: tuple[str, int] = ("", 0)) -> int:
         self.parent.append(len(self.parent))
         self.sightings.append([])
         self.isn.append([None, None])
+        self.start.append(start)
         return len(self.parent) - 1
+
+    def join(self, members: list[Sighting], offsets: Mapping[str, int]) -> None:
+        """One occurrence: its nodes are one connection. A tuple that never saw the newer
+        connection's SYN (a reply-only view) still holds the older incarnation; members in
+        a node of another initial sequence number than the occurrence's latest-started one
+        move to that tuple's node for it."""
+        isn = self.isn
+        known = {isn[s.node][0] for s in members} - {None}
+        if known:
+            if len(known) > 1:
+                latest = max(
+                    (s.node for s in members if isn[s.node][0] is not None),
+                    key=lambda n: self.start[n][1] + offsets[self.start[n][0]],
+                )
+                chosen = isn[latest][0]
+            else:
+                chosen = next(iter(known))
+            for s in members:
+                if isn[s.node][0] != chosen:
+                    s.node = self._variant(s.node, chosen)
+        first = members[0].node
+        for s in members:
+            if s.node != first:
+                self.union(first, s.node)
+
+    def _variant(self, node: int, initiator_isn: int) -> int:
+        key = (node, initiator_isn)
+        found = self._variants.get(key)
+        if found is None:
+            found = self._variants[key] = self._new(self.start[node])
+            self.isn[found][0] = initiator_isn
+        return found
+
+    def regroup(self) -> None:
+        """Sightings per node again, after :meth:`join` moved some."""
+        self.sightings = [[] for _ in self.parent]
+        for seen in self._by_tuple.values():
+            for s in seen:
+                self.sightings[s.node].append(s)
 
     def _split(self, key: tuple, seen: list[Sighting]) -> None:
         """Cut one host's tuple into incarnations at SYNs with a new initial sequence
@@ -283,7 +326,7 @@ class Connections:
         for s in seen:
             syn_isn = _initiator_isn(s)
             if node < 0 or (syn_isn is not None and syn_isn != isn and (isn is not None or others)):
-                node, isn, others = self._new(), syn_isn, 0
+                node, isn, others = self._new((s.host, s.ts_ns)), syn_isn, 0
                 starts.append((s.ts_ns, node))
             elif syn_isn is not None:
                 isn = syn_isn
@@ -468,9 +511,16 @@ class _FlowBuilder:
             by_node[n] for n in sorted(shown, key=lambda n: first_seen.get(n, len(events)))
         ]
         nat = _nat(paths, node_of, by_node, endpoints)
-        isn = next(
-            (tuple(conns.isn[n]) for n in nodes if conns.isn[n][0] is not None), (None, None)
+        initiator = next((conns.isn[n][0] for n in nodes if conns.isn[n][0] is not None), None)
+        responder = next(
+            (
+                conns.isn[n][1]
+                for n in nodes
+                if conns.isn[n][1] is not None and conns.isn[n][0] == initiator
+            ),
+            None,
         )
+        isn = (initiator, responder)
         return Flow(0, isn, endpoints, nat, events, paths, warnings)
 
 
@@ -644,12 +694,11 @@ def trace_flows(
         )
     initial = _initial_clocks(clocks, recorded, warnings)
     conns = Connections(recorded)
-    matcher = Matcher({h: e.offset_ns for h, e in initial.items()}, window_ns)
+    offsets = {h: e.offset_ns for h, e in initial.items()}
+    matcher = Matcher(offsets, window_ns)
     for members in matcher.occurrences(recorded.sightings):
-        first = members[0].node
-        for s in members:
-            if s.node != first:
-                conns.union(first, s.node)
+        conns.join(members, offsets)
+    conns.regroup()
     tie_resets(recorded.resets, recorded.sightings, window_ns)
     unplaced = [r for r in recorded.resets if not conns.place(r)]
     if unplaced:
