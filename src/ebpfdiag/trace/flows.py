@@ -264,6 +264,7 @@ class Connections:
         self.start: list[tuple[str, int]] = []
         self._starts: dict[tuple, list[tuple[int, int]]] = {}
         self._variants: dict[tuple[int, int], int] = {}
+        self._moved: dict[int, list[Sighting]] = defaultdict(list)
         by_tuple: dict[tuple, list[Sighting]] = defaultdict(list)
         for s in recorded.sightings:
             by_tuple[_norm(s.host, (s.saddr, s.sport, s.daddr, s.dport))].append(s)
@@ -284,18 +285,26 @@ class Connections:
         a node of another initial sequence number than the occurrence's latest-started one
         move to that tuple's node for it."""
         isn = self.isn
-        known = {isn[s.node][0] for s in members} - {None}
-        if known:
-            if len(known) > 1:
-                latest = max(
-                    (s.node for s in members if isn[s.node][0] is not None),
-                    key=lambda n: self.start[n][1] + offsets[self.start[n][0]],
-                )
-                chosen = isn[latest][0]
-            else:
-                chosen = next(iter(known))
+        chosen, mixed, partial = None, False, False
+        for s in members:
+            known = isn[s.node][0]
+            if known is None:
+                partial = True
+            elif chosen is None:
+                chosen = known
+            elif known != chosen:
+                mixed = True
+        if mixed:
+            latest = max(
+                (s.node for s in members if isn[s.node][0] is not None),
+                key=lambda n: self.start[n][1] + offsets[self.start[n][0]],
+            )
+            chosen = isn[latest][0]
+        if chosen is not None and (mixed or partial):
             for s in members:
                 if isn[s.node][0] != chosen:
+                    if isn[s.node][0] is None:
+                        self._moved[s.node].append(s)
                     s.node = self._variant(s.node, chosen)
         first = members[0].node
         for s in members:
@@ -311,7 +320,17 @@ class Connections:
         return found
 
     def regroup(self) -> None:
-        """Sightings per node again, after :meth:`join` moved some."""
+        """Sightings per node again, after :meth:`join` moved some. The rest of a node
+        without a SYN of its own follows its nearest moved sighting (in that host's own
+        clock): nothing says it belongs to another connection."""
+        for node, moved in self._moved.items():
+            moved.sort(key=lambda s: s.ts_ns)
+            times = [s.ts_ns for s in moved]
+            for s in self.sightings[node]:
+                if s.node == node:
+                    at = bisect.bisect_left(times, s.ts_ns)
+                    near = [moved[i] for i in (at - 1, at) if 0 <= i < len(moved)]
+                    s.node = min(near, key=lambda m: abs(m.ts_ns - s.ts_ns)).node
         self.sightings = [[] for _ in self.parent]
         for seen in self._by_tuple.values():
             for s in seen:
