@@ -266,8 +266,11 @@ class Connections:
         self._variants: dict[tuple[int, int], int] = {}
         self._moved: dict[int, list[Sighting]] = defaultdict(list)
         by_tuple: dict[tuple, list[Sighting]] = defaultdict(list)
-        for s in recorded.sightings:
-            by_tuple[_norm(s.host, (s.saddr, s.sport, s.daddr, s.dport))].append(s)
+        for s in recorded.sightings:  # _norm, inlined: this runs once per sighting
+            if (s.saddr, s.sport) <= (s.daddr, s.dport):
+                by_tuple[(s.host, s.saddr, s.sport, s.daddr, s.dport)].append(s)
+            else:
+                by_tuple[(s.host, s.daddr, s.dport, s.saddr, s.sport)].append(s)
         for key, seen in by_tuple.items():
             self._split(key, seen)
         self._by_tuple = by_tuple

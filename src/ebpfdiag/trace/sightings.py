@@ -155,7 +155,8 @@ class Recorded:
             if kind == "packet":
                 s = Sighting(rec, host, self._intern)
                 self.sightings.append(s)
-                self._hint(rec, host, s.ts_ns)
+                if host not in self.ts_hints:
+                    self._hint(rec, host, s.ts_ns)
             elif kind == "reset":
                 r = ResetRecord(rec, host)
                 self.resets.append(r)
