@@ -473,6 +473,9 @@ def test_version_2_reset_records_are_tied_by_tuple_and_seq():
         [flow] = correlate(lab.records, lab.clocks(), hellos={"server2": PROBE_OK}).flows
         [sent] = [e for e in flow.resets if e.probe == "tcp_send_reset"]
         assert flow.paths[sent.packet][0].seq == rst["seq"]
+        [rec] = [e for e in flow.to_json()["events"] if e.get("probe") == "tcp_send_reset"]
+        assert (rec["seq"], rec["tuple_from"], rec["sk_kind"]) == (rst["seq"], "skb", "listener")
+        assert rec["packet"] == sent.packet
         assert not any(e.saddr in ("0.0.0.0", None) for e in flow.endpoints)
 
 

@@ -100,7 +100,9 @@ class ResetEvent:
     pid: int | None
     comm: str | None
     seq: int | None
+    ack: int | None
     tuple_from: str | None
+    sk_kind: str | None
     packet: int | None = None
 
     def to_json(self, origin_ts: int) -> dict[str, Any]:
@@ -109,7 +111,8 @@ class ResetEvent:
             "ts_ns": self.ts_ns, "err_ns": self.err_ns, "rel_ms": ms(self.ts - origin_ts),
             "saddr": self.saddr, "sport": self.sport, "daddr": self.daddr,
             "dport": self.dport, "state": self.state, "reason": self.reason, "pid": self.pid,
-            "comm": self.comm, "seq": self.seq, "tuple_from": self.tuple_from,
+            "comm": self.comm, "seq": self.seq, "ack": self.ack,
+            "tuple_from": self.tuple_from, "sk_kind": self.sk_kind,
             "packet": self.packet,
         }  # fmt: skip
 
@@ -512,7 +515,7 @@ class _FlowBuilder:
             packet = packet_of_occ.get(r.sighting.occ) if r.sighting is not None else None
             ev = ResetEvent(r.host, r.probe, ts, r.ts_ns, errors[r.host], r.saddr, r.sport,
                             r.daddr, r.dport, r.state, r.reason, r.pid, r.comm, r.seq,
-                            r.tuple_from, packet)  # fmt: skip
+                            r.ack, r.tuple_from, r.sk_kind, packet)  # fmt: skip
             order.append((ts, 0 if r.probe == SEND_RESET else 2, -1, 0, ev))
         order.sort(key=lambda item: item[:4])
         events = [item[4] for item in order]
