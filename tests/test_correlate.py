@@ -325,6 +325,18 @@ def test_records_without_aligned_ts_are_kept():
     assert result.flows[0].to_json() == base
 
 
+def test_malformed_records_are_counted_not_fatal():
+    records, clocks = load_stream("lab-rst-no-listener")
+    records.append({"type": "packet", "host": "client", "ts_ns": 1})
+    records.append({"type": "packet", "host": "client", "dir": "sideways"})
+    records.append({"type": "reset", "host": "server", "ts_ns": 1, "probe": "tcp_nothing"})
+    result = correlate(records, clocks)
+    assert [(w.kind, w.message) for w in result.warnings] == [
+        ("malformed", "3 records lacked required fields")
+    ]
+    assert len(result.flows) == 1
+
+
 def test_contradictory_clocks_produce_warnings_not_a_silent_timeline():
     records, clocks = load_stream("lab-rst-no-listener")
     # claim the server's clock is known to +-20 us while it is really 5 ms off

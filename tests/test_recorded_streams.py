@@ -89,12 +89,23 @@ def test_recorded_nat_mapping_joins_client_and_server_tuples():
     by_host = {e.host: e for e in flow.endpoints}
     assert by_host["client"].daddr == "198.18.3.1" and by_host["client"].dport == 8081
     assert by_host["server"].daddr == "198.18.2.10" and by_host["server"].saddr == "198.18.2.1"
-    assert any(m.host == "lb" and "dnat" in m.kind for m in flow.nat)
+    # lb's three interfaces are one translating point: one mapping, whole tuples
+    [nat] = flow.nat
+    assert (nat.host, nat.kind, nat.from_host, nat.to_host) == (
+        "lb",
+        "dnat+snat",
+        "client",
+        "server",
+    )
+    assert nat.before.tuple == by_host["client"].tuple
+    assert nat.after.tuple == by_host["server"].tuple
 
 
 def test_recorded_healthy_stream_has_no_reset_flow():
     events, clocks = load("healthy")
     assert correlate_recorded(events, clocks).flows == []
+    [flow] = correlate(events, clocks, include_all=True).flows
+    assert flow.verdict is None and flow.paths and not flow.resets
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
