@@ -437,21 +437,61 @@ def _previous(path: list[Sighting], pos: int) -> int | None:
     return None
 
 
-def _orient(host: str, seen: list[Sighting], resets: list[ResetRecord]) -> Endpoint:
-    """Initiator -> responder: from a SYN, else a SYN-ACK, else the higher port initiates."""
+def _orient(host: str, seen: list[Sighting]) -> Endpoint | None:
+    """Initiator -> responder from a SYN, else a SYN-ACK; None without either."""
     for s in seen:
         if s.flags & (SYN | ACK) == SYN:
             return Endpoint(host, s.saddr, s.sport, s.daddr, s.dport)
     for s in seen:
         if s.flags & (SYN | ACK) == SYN | ACK:
             return Endpoint(host, s.daddr, s.dport, s.saddr, s.sport)
-    if seen:
-        a, ap, b, bp = seen[0].saddr, seen[0].sport, seen[0].daddr, seen[0].dport
-    else:
-        a, ap, b, bp = resets[0].tuple
-    if ap >= bp:
-        return Endpoint(host, a, ap, b, bp)
-    return Endpoint(host, b, bp, a, ap)
+    return None
+
+
+def _orient_all(
+    nodes: list[int], conns: Connections, paths: list[list[Hop]], node_of: dict[int, int]
+) -> dict[int, Endpoint]:
+    """Every node's tuple, initiator first. Nodes without a handshake packet take the
+    direction of a matched packet in a node that has one (NAT keeps who initiated); the
+    rest guess that the higher port initiates."""
+    oriented: dict[int, Endpoint] = {}
+    for node in nodes:
+        found = _orient(_host_of(conns, node), conns.sightings[node])
+        if found is not None:
+            oriented[node] = found
+    for _ in range(2):  # a chain of translations may need a second pass
+        if len(oriented) == len(nodes):
+            break
+        for hops in paths:
+            sure = next((h for h in hops if node_of[id(h)] in oriented), None)
+            if sure is None:
+                continue
+            e = oriented[node_of[id(sure)]]
+            forward = (sure.saddr, sure.sport) == (e.saddr, e.sport)
+            for h in hops:
+                n = node_of[id(h)]
+                if n not in oriented:
+                    src, dst = ((h.saddr, h.sport), (h.daddr, h.dport))
+                    if not forward:
+                        src, dst = dst, src
+                    oriented[n] = Endpoint(h.host, *src, *dst)
+    for node in nodes:
+        if node not in oriented:
+            seen = conns.sightings[node]
+            if seen:
+                a, ap, b, bp = seen[0].saddr, seen[0].sport, seen[0].daddr, seen[0].dport
+            else:
+                a, ap, b, bp = conns.resets[node][0].tuple
+            host = _host_of(conns, node)
+            oriented[node] = (
+                Endpoint(host, a, ap, b, bp) if ap >= bp else Endpoint(host, b, bp, a, ap)
+            )
+    return oriented
+
+
+def _host_of(conns: Connections, node: int) -> str:
+    seen = conns.sightings[node]
+    return seen[0].host if seen else conns.resets[node][0].host
 
 
 def nat_kind(before: Endpoint, after: Endpoint) -> str:
@@ -520,12 +560,7 @@ class _FlowBuilder:
         order.sort(key=lambda item: item[:4])
         events = [item[4] for item in order]
 
-        by_node = {}
-        for node in nodes:
-            seen = conns.sightings[node]
-            node_resets = conns.resets.get(node, [])
-            host = seen[0].host if seen else node_resets[0].host
-            by_node[node] = _orient(host, seen, node_resets)
+        by_node = _orient_all(nodes, conns, paths, node_of)
         first_seen: dict[int, int] = {}
         for pos, ev in enumerate(events):
             if isinstance(ev, Hop):
