@@ -169,3 +169,16 @@ def test_recorded_lb_failover_says_lb_moved_the_connection():
     ]
     hosts = [e.host for e in flow.endpoints]
     assert hosts.count("lb") == 3 and {"server1", "server2"} <= set(hosts)
+
+
+def test_recorded_lb_failover_with_the_lb_untraced_still_shows_the_move():
+    events, clocks = load("rst-lb-failover-all-flows")
+    events = [e for e in events if e.get("host") != "lb"]
+    [flow] = correlate(events, clocks).flows
+    v = flow.verdict
+    assert v.moved.to_json() == {"host": None, "from": "server1", "to": "server2"}
+    assert v.text.startswith("an untraced host moved the connection from server1 ")
+    assert [(m.host, m.from_host, m.to_host) for m in flow.nat] == [
+        (None, "client", "server1"),
+        (None, "client", "server2"),
+    ]

@@ -19,9 +19,10 @@ from ebpfdiag.trace.sightings import RECEIVE_RESET, RST, SEND_RESET, WILDCARD_AD
 
 @dataclass(slots=True)
 class Moved:
-    """A load balancer sent the same client-side tuple to another backend mid-flow."""
+    """A load balancer sent the same client-side tuple to another backend mid-flow;
+    ``host`` is None when the translating host is not traced."""
 
-    host: str
+    host: str | None
     source: str
     target: str
 
@@ -135,8 +136,7 @@ def _moved(flow: Flow) -> tuple[NatMapping, NatMapping] | None:
     to different destinations."""
     by_before: dict[tuple, list[NatMapping]] = defaultdict(list)
     for m in flow.nat:
-        if m.host is not None:
-            by_before[(m.host, m.before.tuple)].append(m)
+        by_before[(m.host, m.before.tuple)].append(m)
     for maps in by_before.values():
         targets = {(m.after.daddr, m.after.dport) for m in maps}
         if len(targets) > 1:
@@ -209,7 +209,8 @@ class _Rules:
                 origin_host is None and (first.saddr, first.sport) == (b.after.daddr, b.after.dport)
             ):
                 moved = Moved(b.host, source, target)
-                said = f"{b.host} moved the connection from {_named(a)} to {_named(b)} mid-flow"
+                who = b.host or "an untraced host"
+                said = f"{who} moved the connection from {_named(a)} to {_named(b)} mid-flow"
                 if from_b and match is not None:
                     reset_by = f"{target}'s TCP stack reset it ({_stack_reason(match)})"
                     text = f"{said}; {reset_by}, seen {steps}"
