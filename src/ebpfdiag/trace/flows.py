@@ -349,7 +349,7 @@ class Connections:
         starts: list[tuple[int, int]] = []
         node, isn, others = -1, None, 0
         for s in seen:
-            syn_isn = _initiator_isn(s)
+            syn_isn = _initiator_isn(s) if s.flags & SYN else None
             if node < 0 or (syn_isn is not None and syn_isn != isn and (isn is not None or others)):
                 node, isn, others = self._new((s.host, s.ts_ns)), syn_isn, 0
                 starts.append((s.ts_ns, node))

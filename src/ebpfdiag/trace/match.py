@@ -94,17 +94,21 @@ class Matcher:
             else:
                 exact[(s.seq, s.ack, s.flags, s.ipid)].append(s)
         for bucket in exact.values():
-            yield from self._cut(bucket, ranged=False)
+            if len(bucket) == 1:
+                bucket[0].occ = self.count
+                self.count += 1
+            else:
+                yield from self._cut(bucket, ranged=False)
         exact.clear()
         for bucket in ranged.values():
             for group in _overlapping(bucket):
-                yield from self._cut(group, ranged=True)
+                if len(group) == 1:
+                    group[0].occ = self.count
+                    self.count += 1
+                else:
+                    yield from self._cut(group, ranged=True)
 
     def _cut(self, group: list[Sighting], ranged: bool) -> Iterator[list[Sighting]]:
-        if len(group) == 1:
-            group[0].occ = self.count
-            self.count += 1
-            return
         offsets, window = self.offsets, self.window_ns
         group.sort(key=lambda s: s.ts_ns + offsets[s.host])
         members: list[Sighting] = []
