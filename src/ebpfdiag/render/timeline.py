@@ -103,7 +103,7 @@ def _hop_row(ev, start: int) -> list:
         if ev.why == "history":
             note.append("before RST")
         elif ev.why == "kept":
-            note.append(f"kept on {ev.host}")
+            note.append("kept until the trace ended")
         return [
             rel,
             host,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ebpfdiag.clock import FLAG_ERROR_NS, Alignment, ClockEstimate, flagged_hosts, tighten
-from ebpfdiag.trace.match import DEFAULT_WINDOW_NS, Matcher, overlaps, tie_resets
+from ebpfdiag.trace.match import DEFAULT_WINDOW_NS, Matcher, Ranges, tie_resets, unwrap
 from ebpfdiag.trace.sightings import (
     ACK,
     SEND_RESET,
@@ -422,19 +422,29 @@ def _path(members: list[Sighting], offsets: Mapping[str, int]) -> list[Sighting]
     return [s for _, seen in keyed for s in seen]
 
 
-def _previous(path: list[Sighting], pos: int) -> int | None:
-    """The point this sighting's bytes came from: the previous one for a packet without
-    payload, else the nearest earlier sighting at another point carrying some of them."""
-    if pos == 0:
-        return None
-    s = path[pos]
-    if not s.length:
-        return pos - 1
-    for k in range(pos - 1, -1, -1):
-        o = path[k]
-        if (o.host, o.ifname, o.dir) != (s.host, s.ifname, s.dir) and overlaps(o, s):
-            return k
-    return None
+def _previous(path: list[Sighting]) -> list[int | None]:
+    """For each sighting, the point its bytes came from: the previous one for a packet
+    without payload, else the latest earlier sighting at another point carrying some of
+    them (each point's ranges are indexed, so a 45-piece packet costs no more than 45)."""
+    if not path[0].length:
+        return [None, *range(len(path) - 1)]
+    ref = path[0].seq
+    points: dict[tuple[str, str, str], Ranges] = {}
+    found: list[int | None] = []
+    for pos, s in enumerate(path):
+        lo = unwrap(s.seq, ref)
+        here = (s.host, s.ifname, s.dir)
+        best = None
+        for point, ranges in points.items():
+            if point != here:
+                k = ranges.find(lo, lo + s.length)
+                if k is not None and (best is None or k > best):
+                    best = k
+        found.append(best)
+        if here not in points:
+            points[here] = Ranges()
+        points[here].add(lo, lo + s.length, pos)
+    return found
 
 
 def _orient(host: str, seen: list[Sighting]) -> Endpoint | None:
@@ -533,12 +543,13 @@ class _FlowBuilder:
             packet_of_occ[path[0].occ] = index
             hops: list[Hop] = []
             shown = None
+            sources = _previous(path)
             for pos, s in enumerate(path):
                 ts = s.ts_ns + offsets[s.host]
                 hop = Hop(s.host, s.ifname, s.dir, ts, s.ts_ns, errors[s.host], s.saddr,
                           s.sport, s.daddr, s.dport, s.flags, s.seq, s.ack, s.length, s.ipid,
                           s.why, index)  # fmt: skip
-                prev = _previous(path, pos)
+                prev = sources[pos]
                 if prev is not None:
                     p = path[prev]
                     hop.hop_ns = ts - hops[prev].ts

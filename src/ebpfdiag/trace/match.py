@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 from ebpfdiag.clock import Observation
 from ebpfdiag.trace.sightings import ACK, RST, SEND_RESET, SEQ_SPACE, SYN, ResetRecord, Sighting
@@ -34,9 +35,33 @@ _DATA_FLAGS = SYN | RST | ACK
 """Flags every piece of a segmented packet keeps (PSH, FIN and CWR go to one piece only)."""
 
 
-def overlaps(a: Sighting, b: Sighting) -> bool:
-    """Do two sightings with payload carry some of the same bytes (seq wraps at 2**32)?"""
-    return (b.seq - a.seq) % SEQ_SPACE < a.length or (a.seq - b.seq) % SEQ_SPACE < b.length
+def unwrap(seq: int, ref: int) -> int:
+    """``seq`` on a line around ``ref``: the bytes of one occurrence span far less than
+    2**31, so their order survives the wrap at 2**32."""
+    return (seq - ref + (1 << 31)) % SEQ_SPACE
+
+
+class Ranges:
+    """Disjoint byte ranges seen at one point, sorted: which one overlaps [lo, hi)?"""
+
+    __slots__ = ("starts", "ends", "items")
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.items: list[Any] = []
+
+    def find(self, lo: int, hi: int) -> Any:
+        i = bisect.bisect_left(self.starts, hi) - 1
+        if i >= 0 and self.ends[i] > lo:
+            return self.items[i]
+        return None
+
+    def add(self, lo: int, hi: int, item: Any) -> None:
+        i = bisect.bisect_left(self.starts, lo)
+        self.starts.insert(i, lo)
+        self.ends.insert(i, hi)
+        self.items.insert(i, item)
 
 
 def _overlapping(bucket: list[Sighting]) -> list[list[Sighting]]:
@@ -111,14 +136,16 @@ class Matcher:
     def _cut(self, group: list[Sighting], ranged: bool) -> Iterator[list[Sighting]]:
         offsets, window = self.offsets, self.window_ns
         group.sort(key=lambda s: s.ts_ns + offsets[s.host])
+        ref = group[0].seq
         members: list[Sighting] = []
-        points: dict[tuple[str, str, str], list[Sighting]] = {}
+        points: dict[tuple[str, str, str], Ranges] = {}
         start = 0
         for s in group:
             t = s.ts_ns + offsets[s.host]
             point = (s.host, s.ifname, s.dir)
             seen = points.get(point)
-            again = bool(seen) and (not ranged or any(overlaps(o, s) for o in seen))
+            lo = unwrap(s.seq, ref)
+            again = seen is not None and (not ranged or seen.find(lo, lo + s.length) is not None)
             if members and (t - start > window or again):
                 yield from self._close(members)
                 members, points, seen = [], {}, None
@@ -126,9 +153,8 @@ class Matcher:
                 start = t
             members.append(s)
             if seen is None:
-                points[point] = [s]
-            else:
-                seen.append(s)
+                seen = points[point] = Ranges()
+            seen.add(lo, lo + s.length, s)
             s.occ = self.count
         yield from self._close(members)
 
@@ -147,14 +173,16 @@ def _observe(members: list[Sighting], bounds: dict[tuple[str, str], Observation]
     4-tuple that only one other host sent it with came from that host (a link). With
     segmented bytes the earliest departure and the latest arrival are used, which keeps
     every bound true."""
-    sent: dict[tuple[str, int, str, int], list[Sighting]] = defaultdict(list)
+    sent: dict[tuple[str, int, str, int], dict[str, int]] = defaultdict(dict)
     first_in: dict[str, int] = {}
     first_out: dict[str, int] = {}
     last_in: dict[str, int] = {}
     last_out: dict[str, int] = {}
     for s in members:
         if s.dir == "egress":
-            sent[(s.saddr, s.sport, s.daddr, s.dport)].append(s)
+            by_host = sent[(s.saddr, s.sport, s.daddr, s.dport)]
+            if s.host not in by_host or s.ts_ns < by_host[s.host]:
+                by_host[s.host] = s.ts_ns
             if s.host not in first_out or s.ts_ns < first_out[s.host]:
                 first_out[s.host] = s.ts_ns
             if s.host not in last_out or s.ts_ns > last_out[s.host]:
@@ -175,11 +203,12 @@ def _observe(members: list[Sighting], bounds: dict[tuple[str, str], Observation]
         pairs += [(src, t, dst, last_in[dst]) for src, t in last_out.items() if src != dst]
     for s in members:
         if s.dir == "ingress":
-            senders = [
-                e for e in sent.get((s.saddr, s.sport, s.daddr, s.dport), ()) if e.host != s.host
-            ]
-            if senders and all(e.host == senders[0].host for e in senders):
-                pairs.append((senders[0].host, min(e.ts_ns for e in senders), s.host, s.ts_ns))
+            senders = sent.get((s.saddr, s.sport, s.daddr, s.dport))
+            if not senders:
+                continue
+            others = [(h, ts) for h, ts in senders.items() if h != s.host]
+            if len(others) == 1:
+                pairs.append((others[0][0], others[0][1], s.host, s.ts_ns))
     for src, a, dst, b in pairs:
         old = bounds.get((src, dst))
         if old is None or a - b > old.src_mono_ns - old.dst_mono_ns:
