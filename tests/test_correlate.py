@@ -433,6 +433,21 @@ def test_segments_of_other_bytes_are_not_matched():
     assert [len(p) for p in data] == [5, 5]
 
 
+def test_retransmitted_bytes_are_a_second_packet_however_they_are_cut():
+    lab = LabStream(hosts=("client", "lb", "server1"))
+    _handshake(lab, "server1", 5_000, 9_000)
+    lab.forward("server1", 24, 5_001, 9_001, 2_896, ipid=102)
+    lab.wait(200 * MS)  # no ACK came: the same bytes again, cut in two after lb this time
+    lab.forward("server1", 24, 5_001, 9_001, 2_896, ipid=103, pieces=2)
+    [flow] = correlate(lab.records, lab.clocks(), include_all=True).flows
+    data = [p for p in flow.paths if p[0].len]
+    assert [[h.len for h in p] for p in data] == [
+        [2_896] * 5,
+        [2_896, 2_896, 1_448, 1_448, 1_448, 1_448, 1_448, 1_448],
+    ]
+    assert not flow.warnings
+
+
 def test_reused_source_port_with_a_new_isn_is_a_new_flow():
     lab = LabStream(hosts=("client", "lb", "server1"))
     _handshake(lab, "server1", 1_111_111, 2_222_222)
