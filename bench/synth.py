@@ -125,7 +125,7 @@ def _reset(host, ts_ns, saddr, sport, daddr, dport) -> dict:
     return {
         "type": "reset", "host": host, "ts_ns": ts_ns, "probe": "tcp_send_reset", "family": 4,
         "saddr": saddr, "daddr": daddr, "sport": sport, "dport": dport, "state": "TCP_CLOSE",
-        "state_num": 7, "reason": "TCP_ABORT_ON_CLOSE", "reason_num": 11, "pid": 4242,
+        "state_num": 7, "reason": "TCP_STATE", "reason_num": 14, "pid": 4242,
         "comm": "python3",
     }  # fmt: skip
 
