@@ -134,27 +134,36 @@ class Matcher:
                     yield from self._cut(group, ranged=True)
 
     def _cut(self, group: list[Sighting], ranged: bool) -> Iterator[list[Sighting]]:
+        """Cut a time-sorted group at the window and wherever a point sees the same bytes
+        again (without payload: sees the packet again)."""
         offsets, window = self.offsets, self.window_ns
         group.sort(key=lambda s: s.ts_ns + offsets[s.host])
         ref = group[0].seq
         members: list[Sighting] = []
-        points: dict[tuple[str, str, str], Ranges] = {}
+        points: dict[tuple[str, str, str], Ranges | None] = {}
         start = 0
         for s in group:
             t = s.ts_ns + offsets[s.host]
             point = (s.host, s.ifname, s.dir)
-            seen = points.get(point)
-            lo = unwrap(s.seq, ref)
-            again = seen is not None and (not ranged or seen.find(lo, lo + s.length) is not None)
+            if ranged:
+                lo = unwrap(s.seq, ref)
+                seen = points.get(point)
+                again = seen is not None and seen.find(lo, lo + s.length) is not None
+            else:
+                again = point in points
             if members and (t - start > window or again):
                 yield from self._close(members)
-                members, points, seen = [], {}, None
+                members, points = [], {}
             if not members:
                 start = t
             members.append(s)
-            if seen is None:
-                seen = points[point] = Ranges()
-            seen.add(lo, lo + s.length, s)
+            if ranged:
+                ranges = points.get(point)
+                if ranges is None:
+                    ranges = points[point] = Ranges()
+                ranges.add(lo, lo + s.length, s)
+            else:
+                points[point] = None
             s.occ = self.count
         yield from self._close(members)
 
