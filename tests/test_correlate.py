@@ -154,6 +154,14 @@ def test_lb_reject_is_a_firewall_reset_only_when_lb_could_see_stack_resets():
     assert "cannot tell stack from firewall" in v.text
 
 
+def test_the_clis_own_host_records_say_which_probes_worked():
+    """A saved ``--json`` output replays: its ``host`` records carry ``attach``."""
+    records, clocks = load_stream("lab-rst-lb-reject")
+    host = {"type": "host", "host": "lb", "status": "ok", "missing": [], **PROBE_OK}
+    v = correlate([*records, host], clocks).flows[0].verdict
+    assert (v.origin_host, v.origin_kind) == ("lb", "firewall")
+
+
 def test_missing_send_probe_cannot_blame_a_firewall():
     records, clocks = load_stream("lab-rst-lb-reject")
     missing = {"missing": [{"probe": "tcp_send_reset", "why": "tracepoint not found"}]}

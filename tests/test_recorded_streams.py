@@ -24,9 +24,9 @@ EXPECTED = {
     "rst-lb-failover-all-flows": ("server2", "tcp-stack", "TCP_FLAGS"),
     "rst-no-listener-portmap": ("server1", "tcp-stack", "NO_SOCKET"),
 }
-#: The first recordings kept no ``host`` records; this is what they said about the probe.
+#: The recordings keep no ``host`` records; this is what they said about the probe.
 PROBE_OK = {"attach": {"tcp_send_reset": {"kind": "tracepoint", "layout": "sockaddr"}}}
-HELLOS = {h: PROBE_OK for h in ("client", "lb", "server")}
+HELLOS = {h: PROBE_OK for h in ("client", "lb", "server", "server1", "server2")}
 
 
 def load(name: str) -> tuple[list[dict], dict[str, ClockEstimate]]:
