@@ -1,4 +1,7 @@
-"""Synthetic recorded-style streams for benchmarks and scale tests of correlation.
+"""Synthetic recorded-style streams for benchmarks and tests of correlation.
+
+``synth_events`` makes many flows for scale; ``LabStream`` and ``lb_failover`` make a few,
+shaped like the lab's recordings, for what the lab cannot show on demand.
 
 Each flow crosses a chain of hosts (client -> lb... -> server, every middle host doing
 DNAT+SNAT) and shows the handshake, a request, its ACK and a close; every ``rst_every``-th
