@@ -8,6 +8,7 @@ tagged with ``host``; clock estimates come from their ``{"type":"clock"}`` recor
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from rich.console import Console
@@ -28,7 +29,6 @@ from ebpfdiag.questions.rst import correlate
 from ebpfdiag.render.timeline import nat_line, render_result
 from ebpfdiag.trace.flows import Hop, ResetEvent
 from ebpfdiag.trace.sightings import flag_names
-from ebpfdiag.tracing import TraceResult
 
 STREAMS = Path(__file__).parent / "fixtures" / "streams"
 MS = 1_000_000
@@ -598,7 +598,7 @@ def test_records_are_compact_json_built_from_the_same_objects():
 
 def test_terminal_view_reads_the_result_objects():
     records, clocks = load_stream("lab-rst-no-listener-portmap")
-    result = TraceResult({}, correlate(records, clocks), False, 1.0)
+    result = SimpleNamespace(correlation=correlate(records, clocks))  # what the view reads
     out, err = Console(record=True, width=250), Console(record=True, width=250)
     render_result(result, out, err)
     text = out.export_text()
