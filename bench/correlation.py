@@ -21,8 +21,8 @@ HOSTS = 3
 
 def measure(n_events: int, profile: bool = False) -> dict:
     """Synthesize, then correlate; the two times apart (only the second is correlation)."""
-    from ebpfdiag.correlate import correlate
-    from ebpfdiag.synth import events_per_flow, synth_clocks, synth_events
+    from bench.synth import events_per_flow, synth_clocks, synth_events
+    from ebpfdiag.questions.rst import correlate
 
     n_flows = max(1, n_events // events_per_flow(HOSTS))
     t0 = time.perf_counter()

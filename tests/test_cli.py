@@ -168,7 +168,7 @@ def test_trace_rejects_bad_filters_before_connecting(inv):
 
 def test_version_and_hosts_load_no_ssh_rich_or_correlation(inv):
     """Start-up cost: these commands must not import what only host runs need."""
-    engine = ("asyncssh", "ebpfdiag.correlate", "ebpfdiag.fanout")
+    engine = ("asyncssh", "ebpfdiag.questions.rst", "ebpfdiag.fanout")
     rich = ("rich.console", "rich.table")
     hosts = ["hosts", "-i", str(inv), "--hosts", "web"]
     for args, heavy in (

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ebpfdiag.catalog import script_path
-from ebpfdiag.cli.common import prepare_run
+from ebpfdiag.cli.app import App, HostOptions
 from ebpfdiag.fanout import Fanout
 from ebpfdiag.lab.scenarios import SCENARIOS, run_scenario
 from ebpfdiag.lab.topology import Lab
@@ -139,9 +139,9 @@ def test_offsets_agree_across_hosts_and_no_hop_precedes_its_cause(lab, name, tmp
 
 
 def test_pings_go_on_through_the_trace_and_each_host_keeps_its_model(lab):
-    hosts, opts = prepare_run(
-        str(lab.inventory), HOSTS, fanout=8, accept_new_host_keys=False, ask_sudo_pass=False
-    )
+    app = App()
+    app.options = HostOptions(hosts_expr=HOSTS, inventory=str(lab.inventory), fanout=8)
+    hosts, opts = app.prepare_run()
     session = TraceSession([h.name for h in hosts], duration=4.0)
     engine = Fanout(hosts, Script.from_path(script_path("tcp_rst"), ("--port", "9")), opts, session)
     session.fanout = engine

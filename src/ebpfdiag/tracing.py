@@ -48,8 +48,8 @@ from ebpfdiag.clock import (
     Observation,
     tighten,
 )
-from ebpfdiag.correlate import Correlation, correlate
 from ebpfdiag.fanout import Fanout, HostResult
+from ebpfdiag.questions.rst import Correlation, correlate
 
 RST = 0x04
 #: After a reset is seen, wait this long for the other hosts' sightings before counting flows.
@@ -85,8 +85,8 @@ class TraceResult:
     correlation: Correlation
     interrupted: bool
     duration_s: float
-    #: the run's one controller monotonic -> epoch pair
-    anchor: EpochAnchor
+    #: the run's one controller monotonic -> epoch pair (None for a trace read from a file)
+    anchor: EpochAnchor | None
     #: per host: the clock model (``HostClock.report``) and the constant ``summary`` given
     #: to correlation (before tightening); hosts without samples are absent
     clocks: dict[str, dict]
@@ -423,8 +423,12 @@ class TraceSession:
                 result[name] = ht.clock.summary(first, last)
         return result
 
+    def hellos(self) -> dict[str, dict]:
+        """Each host's hello: which probes it attached is evidence for the verdicts."""
+        return {name: ht.hello for name, ht in self.hosts.items() if ht.hello}
+
     def correlate(self) -> Correlation:
-        return correlate(self.events, self.clocks())
+        return correlate(self.events, self.clocks(), hellos=self.hellos())
 
     def finish(self, interrupted: bool) -> TraceResult:
         """Show what is still held (aligned if its host ever got a clock), then correlate."""
@@ -446,7 +450,7 @@ class TraceSession:
         }
         return TraceResult(
             self.hosts,
-            correlate(self.events, summaries),
+            correlate(self.events, summaries, hellos=self.hellos()),
             interrupted,
             time.monotonic() - self.started,
             self.anchor,

@@ -94,8 +94,8 @@ def read_records(path: Path) -> list[dict]:
 def load_trace(path: Path) -> tuple[TraceResult, list[dict]]:
     """The saved trace as the live command had it at the end, and its raw records."""
     from ebpfdiag.clock import ClockEstimate
-    from ebpfdiag.correlate import correlate
     from ebpfdiag.fanout import HostResult
+    from ebpfdiag.questions.rst import correlate
     from ebpfdiag.tracing import HostTrace, TraceResult
 
     hosts: dict[str, HostTrace] = {}
@@ -158,7 +158,10 @@ def load_trace(path: Path) -> tuple[TraceResult, list[dict]]:
     # Streams saved before clock records existed carry only the tightened estimates.
     for name, est in tightened.items():
         clocks.setdefault(name, est)
-    for name, est in clocks.items():
-        hosts[name].clock = est
-    correlation = correlate(events, clocks)
-    return TraceResult(hosts, correlation, interrupted, duration_s), events
+    hellos = {name: ht.hello for name, ht in hosts.items() if ht.hello}
+    correlation = correlate(events, clocks, hellos=hellos)
+    summaries = {
+        name: {"summary": {"offset_ns": est.offset_ns, "error_ns": est.error_ns}}
+        for name, est in clocks.items()
+    }
+    return TraceResult(hosts, correlation, interrupted, duration_s, None, summaries), events

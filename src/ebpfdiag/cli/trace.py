@@ -159,20 +159,22 @@ def conclude(app: App, session: TraceSession, interrupted: bool, output: Path | 
 
 
 def source_records(result: TraceResult) -> list[dict]:
-    """What re-analysis needs besides the events: each host's ``hello`` and its SSH clock
-    estimate (before correlation tightens it), as ``hello`` and ``clock`` records."""
+    """What re-analysis needs besides the events: each host's ``hello`` and the clock
+    summary correlation was given (before it tightens it), as ``hello`` and ``clock``
+    records."""
     out: list[dict] = []
     for name, ht in result.hosts.items():
         if ht.hello is not None:
             out.append({**ht.hello, "type": "hello", "host": name})
-    for name, ht in result.hosts.items():
-        if (est := ht.clock) is not None:
+    for name in result.hosts:
+        if (model := result.clocks.get(name)) is not None:
+            summary = model["summary"]
             out.append(
                 {
                     "type": "clock",
                     "host": name,
-                    "offset_ns": est.offset_ns,
-                    "error_ns": est.error_ns,
+                    "offset_ns": summary["offset_ns"],
+                    "error_ns": summary["error_ns"],
                 }
             )
     return out

@@ -11,13 +11,15 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ebpfdiag.correlate import Flow, Hop, flag_names
 from ebpfdiag.render.terminal import host_colour
+from ebpfdiag.trace.flows import Flow, Hop, NatMapping
+from ebpfdiag.trace.sightings import flag_names
 from ebpfdiag.tracing import RST, HostTrace, TraceResult
 
 
 def _tuple(rec: dict) -> str:
-    return f"{rec['saddr']}:{rec['sport']} > {rec['daddr']}:{rec['dport']}"
+    src = f"{rec.get('saddr') or '?'}:{rec.get('sport')}"
+    return f"{src} > {rec.get('daddr') or '?'}:{rec.get('dport')}"
 
 
 def live_line(rec: dict, t0_ns: int | None) -> Text:
@@ -70,7 +72,12 @@ def trace_records(result: TraceResult) -> Iterator[dict]:
     for name, ht in result.hosts.items():
         est = clocks.get(name)
         clock = (
-            {"offset_ns": est.offset_ns, "error_ns": est.error_ns, "flagged": name in flagged}
+            {
+                "offset_ns": est.offset_ns,
+                "error_ns": est.error_ns,
+                "flagged": name in flagged,
+                "model": result.clocks.get(name),
+            }
             if est
             else None
         )
@@ -100,6 +107,8 @@ def _hop_row(ev, start: int) -> list:
             note.append(f"hop {ev.hop_ns / 1e6:.3f} ms")
         if ev.why == "history":
             note.append("before RST")
+        elif ev.why == "kept":
+            note.append("kept until the trace ended")
         return [
             rel,
             host,
@@ -113,11 +122,24 @@ def _hop_row(ev, start: int) -> list:
         rel,
         host,
         Text(ev.probe, style="bold"),
-        f"{ev.saddr}:{ev.sport} > {ev.daddr}:{ev.dport}",
+        f"{ev.saddr or '?'}:{ev.sport} > {ev.daddr or '?'}:{ev.dport}",
         "",
         f"reason={ev.reason or '-'} state={ev.state or '-'}",
         f"{ev.comm or ''}",
     ]
+
+
+def nat_line(m: NatMapping) -> str:
+    """One translating host as a user thinks of it: what came in, what went out."""
+    before = f"{m.from_host} " if m.from_host and m.from_host != m.host else ""
+    before += m.before.text()
+    if m.host is not None:
+        return f"  {before}  =>  {m.host} {m.after.text()}"
+    after = f"{m.to_host} {m.after.text()}" if m.to_host else m.after.text()
+    return (
+        f"  {before}  =>  {after}  (the tuples differ between {m.from_host or '?'} and "
+        f"{m.to_host or '?'}: the host translating them is not traced)"
+    )
 
 
 def render_flow(flow: Flow, console: Console) -> None:
@@ -133,14 +155,7 @@ def render_flow(flow: Flow, console: Console) -> None:
         title += f": {first.saddr}:{first.sport} -> {first.daddr}:{first.dport} at {first.host}"
     console.print(Text(title, style="bold"))
     for m in flow.nat:
-        where = m.host or "between " + " and ".join(getattr(m, "between", []) or [])
-        console.print(
-            f"  {m.kind} on {where}: {m.before.saddr}:{m.before.sport} > "
-            f"{m.before.daddr}:{m.before.dport}  =>  {m.after.saddr}:{m.after.sport} > "
-            f"{m.after.daddr}:{m.after.dport}",
-            markup=False,
-            highlight=False,
-        )
+        console.print(nat_line(m), markup=False, highlight=False)
     console.print(table)
     if flow.verdict:
         console.print(Text(flow.verdict.text, style="bold yellow"), soft_wrap=True)
@@ -154,15 +169,13 @@ def render_result(result: TraceResult, console: Console, err: Console) -> None:
         err.print(Text(f"warning: {w.message}", style="red"), soft_wrap=True)
     for flow in result.correlation.flows:
         render_flow(flow, console)
-    summary = next(r for r in trace_records(result) if r["type"] == "summary")
-    if summary["resets"]:
+    summary = result.correlation.summary()
+    if summary.resets:
         table = Table(title="resets by origin", show_edge=False, pad_edge=False)
         for col in ("origin host", "origin", "reason", "flows"):
             table.add_column(col)
-        for r in summary["resets"]:
-            table.add_row(
-                r["origin_host"] or "?", r["origin_kind"], r["reason"] or "-", str(r["count"])
-            )
+        for r in summary.resets:
+            table.add_row(r.origin_host or "?", r.origin_kind, r.reason or "-", str(r.count))
         console.print(table)
     else:
         console.print("no reset flows seen", style="green")

@@ -1,0 +1,1 @@
+"""Questions asked of traced flows: evidence rules and verdict records, no matching."""

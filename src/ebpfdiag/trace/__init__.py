@@ -1,0 +1,1 @@
+"""What every tracer shares: sightings, the same packet across hosts, flows and paths."""

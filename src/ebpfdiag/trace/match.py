@@ -1,0 +1,283 @@
+"""The same packet across hosts and NAT: sightings -> occurrences, resets -> their RST.
+
+Addresses and ports change at NAT hops; TCP seq, ack and flags do not. Segmentation
+offload (TSO/GSO) and GRO cut the same bytes into different packets on different hops (one
+65,160-byte packet leaving the client, 45 of 1,448 bytes reaching the server), so a
+sighting with payload covers the sequence range [seq, seq+len): sightings with the same
+ack and SYN/RST/ACK flags whose ranges overlap are the same bytes. A sighting without
+payload (SYN, pure ACK, FIN, RST) is matched exactly on seq, ack, flags and IP ID (which
+tells duplicate ACKs apart and survives forwarding and NAT).
+
+Matching sightings close together in aligned time are one *occurrence*: one transmission
+seen at several points. A point (host, interface, direction) seeing the same bytes again
+starts a new occurrence (a retransmission). Everything is one pass to bucket, a sort per
+bucket, and an interval sweep inside buckets with payload. See docs/correlation.md.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from ebpfdiag.clock import Observation
+from ebpfdiag.trace.sightings import ACK, RST, SEND_RESET, SEQ_SPACE, SYN, ResetRecord, Sighting
+
+DEFAULT_WINDOW_NS = 1_000_000_000
+"""Matching sightings further apart than this are different occurrences."""
+
+RESET_TIE_NS = 10_000_000
+"""A reset record known only by its port is tied to a RST at most this far away in its own
+host's clock (the tracepoint and the TC hook see one RST microseconds apart)."""
+
+_DATA_FLAGS = SYN | RST | ACK
+"""Flags every piece of a segmented packet keeps (PSH, FIN and CWR go to one piece only)."""
+
+
+def unwrap(seq: int, ref: int) -> int:
+    """``seq`` on a line around ``ref``: the bytes of one occurrence span far less than
+    2**31, so their order survives the wrap at 2**32."""
+    return (seq - ref + (1 << 31)) % SEQ_SPACE
+
+
+class Ranges:
+    """Disjoint byte ranges seen at one point, sorted: which one overlaps [lo, hi)?"""
+
+    __slots__ = ("starts", "ends", "items")
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.items: list[Any] = []
+
+    def find(self, lo: int, hi: int) -> Any:
+        i = bisect.bisect_left(self.starts, hi) - 1
+        if i >= 0 and self.ends[i] > lo:
+            return self.items[i]
+        return None
+
+    def add(self, lo: int, hi: int, item: Any) -> None:
+        i = bisect.bisect_left(self.starts, lo)
+        self.starts.insert(i, lo)
+        self.ends.insert(i, hi)
+        self.items.insert(i, item)
+
+
+def _overlapping(bucket: list[Sighting]) -> list[list[Sighting]]:
+    """Split a bucket into groups connected by overlapping ranges: an interval sweep, with
+    a range that wraps past 2**32 entered a second time below zero."""
+    if len(bucket) == 1:
+        return [bucket]
+    entries = []
+    for i, s in enumerate(bucket):
+        end = s.seq + s.length
+        entries.append((s.seq, end, i))
+        if end > SEQ_SPACE:
+            entries.append((s.seq - SEQ_SPACE, end - SEQ_SPACE, i))
+    entries.sort()
+    parent = list(range(len(bucket)))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    reach, first = None, -1
+    for start, end, i in entries:
+        if reach is not None and start < reach:
+            ra, rb = find(first), find(i)
+            if ra != rb:
+                parent[rb] = ra
+            reach = max(reach, end)
+        else:
+            reach, first = end, i
+    groups: dict[int, list[Sighting]] = defaultdict(list)
+    for i, s in enumerate(bucket):
+        groups[find(i)].append(s)
+    return list(groups.values())
+
+
+class Matcher:
+    """Cuts sightings into occurrences and keeps the tightest causality observation per
+    pair of hosts (for clock tightening)."""
+
+    def __init__(self, offsets: Mapping[str, int], window_ns: int = DEFAULT_WINDOW_NS) -> None:
+        self.offsets = offsets
+        self.window_ns = window_ns
+        self.observations: dict[tuple[str, str], Observation] = {}
+        self.count = 0
+
+    def occurrences(self, sightings: Iterable[Sighting]) -> Iterator[list[Sighting]]:
+        """Set every sighting's ``occ``; yield the occurrences seen at two points or more."""
+        exact: dict[tuple[int, int, int, int], list[Sighting]] = defaultdict(list)
+        ranged: dict[tuple[int, int], list[Sighting]] = defaultdict(list)
+        for s in sightings:
+            if s.length:
+                ranged[(s.ack, s.flags & _DATA_FLAGS)].append(s)
+            else:
+                exact[(s.seq, s.ack, s.flags, s.ipid)].append(s)
+        for bucket in exact.values():
+            if len(bucket) == 1:
+                bucket[0].occ = self.count
+                self.count += 1
+            else:
+                yield from self._cut(bucket, ranged=False)
+        exact.clear()
+        for bucket in ranged.values():
+            for group in _overlapping(bucket):
+                if len(group) == 1:
+                    group[0].occ = self.count
+                    self.count += 1
+                else:
+                    yield from self._cut(group, ranged=True)
+
+    def _cut(self, group: list[Sighting], ranged: bool) -> Iterator[list[Sighting]]:
+        """Cut a time-sorted group at the window and wherever a point sees the same bytes
+        again (without payload: sees the packet again)."""
+        offsets, window = self.offsets, self.window_ns
+        group.sort(key=lambda s: s.ts_ns + offsets[s.host])
+        ref = group[0].seq
+        members: list[Sighting] = []
+        points: dict[tuple[str, str, str], Ranges | None] = {}
+        start = 0
+        for s in group:
+            t = s.ts_ns + offsets[s.host]
+            point = (s.host, s.ifname, s.dir)
+            if ranged:
+                lo = unwrap(s.seq, ref)
+                seen = points.get(point)
+                again = seen is not None and seen.find(lo, lo + s.length) is not None
+            else:
+                again = point in points
+            if members and (t - start > window or again):
+                yield from self._close(members)
+                members, points = [], {}
+            if not members:
+                start = t
+            members.append(s)
+            if ranged:
+                ranges = points.get(point)
+                if ranges is None:
+                    ranges = points[point] = Ranges()
+                ranges.add(lo, lo + s.length, s)
+            else:
+                points[point] = None
+            s.occ = self.count
+        yield from self._close(members)
+
+    def _close(self, members: list[Sighting]) -> Iterator[list[Sighting]]:
+        self.count += 1
+        if len(members) > 1:
+            if any(s.host != members[0].host for s in members):
+                _observe(members, self.observations)
+            yield members
+
+
+def _observe(members: list[Sighting], bounds: dict[tuple[str, str], Observation]) -> None:
+    """Record causality pairs of one occurrence that need no clock to be trusted: the sole
+    host where the packet starts leaves before every other host sees it, the sole host
+    where it ends sees it after every other host, and a packet arriving with the very
+    4-tuple that only one other host sent it with came from that host (a link). With
+    segmented bytes the earliest departure and the latest arrival are used, which keeps
+    every bound true."""
+    sent: dict[tuple[str, int, str, int], dict[str, int]] = defaultdict(dict)
+    first_in: dict[str, int] = {}
+    first_out: dict[str, int] = {}
+    last_in: dict[str, int] = {}
+    last_out: dict[str, int] = {}
+    for s in members:
+        if s.dir == "egress":
+            by_host = sent[(s.saddr, s.sport, s.daddr, s.dport)]
+            if s.host not in by_host or s.ts_ns < by_host[s.host]:
+                by_host[s.host] = s.ts_ns
+            if s.host not in first_out or s.ts_ns < first_out[s.host]:
+                first_out[s.host] = s.ts_ns
+            if s.host not in last_out or s.ts_ns > last_out[s.host]:
+                last_out[s.host] = s.ts_ns
+        else:
+            if s.host not in first_in or s.ts_ns < first_in[s.host]:
+                first_in[s.host] = s.ts_ns
+            if s.host not in last_in or s.ts_ns > last_in[s.host]:
+                last_in[s.host] = s.ts_ns
+    starts = [h for h, t in first_out.items() if h not in first_in or t < first_in[h]]
+    ends = [h for h, t in last_in.items() if h not in last_out or t > last_out[h]]
+    pairs = []
+    if len(starts) == 1:
+        src = starts[0]
+        pairs += [(src, first_out[src], dst, t) for dst, t in first_in.items() if dst != src]
+    if len(ends) == 1:
+        dst = ends[0]
+        pairs += [(src, t, dst, last_in[dst]) for src, t in last_out.items() if src != dst]
+    for s in members:
+        if s.dir == "ingress":
+            senders = sent.get((s.saddr, s.sport, s.daddr, s.dport))
+            if not senders:
+                continue
+            others = [(h, ts) for h, ts in senders.items() if h != s.host]
+            if len(others) == 1:
+                pairs.append((others[0][0], others[0][1], s.host, s.ts_ns))
+    for src, a, dst, b in pairs:
+        old = bounds.get((src, dst))
+        if old is None or a - b > old.src_mono_ns - old.dst_mono_ns:
+            bounds[(src, dst)] = Observation(src, a, dst, b)
+
+
+def tie_resets(
+    resets: list[ResetRecord], sightings: Iterable[Sighting], window_ns: int = DEFAULT_WINDOW_NS
+) -> None:
+    """Tie each reset record to the RST packet it made (send: leaving its host) or took
+    (receive: entering its host): by 4-tuple and seq when the record has them, else by
+    port and closeness in that host's own clock. Each RST occurrence on a host is tied to
+    one record at most. Sets ``ResetRecord.sighting``."""
+    by_tuple: dict[tuple, list[Sighting]] = defaultdict(list)
+    by_seq: dict[tuple, list[Sighting]] = defaultdict(list)
+    by_port: dict[tuple, list[Sighting]] = defaultdict(list)
+    for s in sightings:
+        if not s.flags & RST:
+            continue
+        out = s.dir == "egress"
+        local = (
+            (s.saddr, s.sport, s.daddr, s.dport) if out else (s.daddr, s.dport, s.saddr, s.sport)
+        )
+        by_tuple[(s.host, out, local)].append(s)
+        by_seq[(s.host, out, s.seq)].append(s)
+        by_port[(s.host, out, local[1])].append(s)
+    port_times: dict[tuple, list[int]] = {}
+    for key, cands in by_port.items():
+        cands.sort(key=lambda s: s.ts_ns)
+        port_times[key] = [s.ts_ns for s in cands]
+    claimed: set[tuple[str, int]] = set()
+    for r in sorted(resets, key=lambda r: r.ts_ns):
+        out = r.probe == SEND_RESET
+        if r.full_tuple:
+            cands, limit = by_tuple.get((r.host, out, r.tuple), ()), window_ns
+        elif r.seq is not None:
+            cands, limit = by_seq.get((r.host, out, r.seq), ()), window_ns
+        elif r.sport:
+            key = (r.host, out, r.sport)
+            cands = _near(by_port.get(key, []), port_times.get(key, []), r.ts_ns, RESET_TIE_NS)
+            limit = RESET_TIE_NS
+        else:
+            continue
+        best = None
+        for s in cands:
+            if r.seq is not None and s.seq != r.seq:
+                continue
+            if r.sport and (s.sport if out else s.dport) != r.sport:
+                continue
+            gap = abs(s.ts_ns - r.ts_ns)
+            closer = best is None or gap < abs(best.ts_ns - r.ts_ns)
+            if gap <= limit and closer and (s.host, s.occ) not in claimed:
+                best = s
+        if best is not None:
+            claimed.add((best.host, best.occ))
+            r.sighting = best
+
+
+def _near(cands: list[Sighting], times: list[int], ts_ns: int, limit: int) -> list[Sighting]:
+    """The time-sorted candidates within ``limit`` of ``ts_ns``."""
+    lo = bisect.bisect_left(times, ts_ns - limit)
+    hi = bisect.bisect_right(times, ts_ns + limit)
+    return cands[lo:hi]

@@ -1,0 +1,193 @@
+"""Host records -> compact sightings: packets seen at one point, resets seen by one kernel.
+
+A million packet records must fit in memory, so each becomes a ``__slots__`` object with
+interned strings. Records that cannot be read are counted, never fatal; records of other
+types are ignored, so a whole recorded stream (or the CLI's own NDJSON) can be replayed.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+FIN, SYN, RST, PSH, ACK = 1, 2, 4, 8, 16
+_FLAG_NAMES = ((1, "FIN"), (2, "SYN"), (4, "RST"), (8, "PSH"), (16, "ACK"), (32, "URG"),
+               (64, "ECE"), (128, "CWR"))  # fmt: skip
+SEND_RESET = "tcp_send_reset"
+RECEIVE_RESET = "tcp_receive_reset"
+WILDCARD_ADDRS = frozenset({"0.0.0.0", "::"})
+SEQ_SPACE = 1 << 32
+
+
+def flag_names(flags: int) -> str:
+    """TCP flag byte -> "SYN|ACK" (tables show names, JSON keeps the number)."""
+    return "|".join(name for bit, name in _FLAG_NAMES if flags & bit) or "-"
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+class Sighting:
+    """One packet at one point (host, interface, direction), as that host's clock saw it.
+
+    ``node`` is the connection view (host, 4-tuple, incarnation) it belongs to and ``occ``
+    the occurrence (one transmission across hosts); both are set by later passes.
+    """
+
+    __slots__ = ("host", "ifname", "dir", "ts_ns", "flags", "seq", "ack", "length", "ipid",
+                 "saddr", "sport", "daddr", "dport", "why", "node", "occ")  # fmt: skip
+
+    def __init__(self, rec: Mapping[str, Any], host: str, intern: dict[str, str]) -> None:
+        self.host = host
+        self.ifname = intern.setdefault(rec["ifname"], rec["ifname"])
+        if rec["dir"] not in ("egress", "ingress"):
+            raise ValueError(f"bad dir {rec['dir']!r}")
+        self.dir = "egress" if rec["dir"] == "egress" else "ingress"
+        self.ts_ns = int(rec["ts_ns"])
+        self.flags = int(rec["flags"])
+        self.seq = int(rec["seq"]) % SEQ_SPACE
+        self.ack = int(rec["ack"]) % SEQ_SPACE
+        self.length = int(rec["len"])
+        self.ipid = int(rec.get("ipid") or 0)
+        self.saddr = intern.setdefault(rec["saddr"], rec["saddr"])
+        self.sport = int(rec["sport"])
+        self.daddr = intern.setdefault(rec["daddr"], rec["daddr"])
+        self.dport = int(rec["dport"])
+        why = rec.get("why")
+        self.why = intern.setdefault(why, why) if why else None
+        self.node = -1
+        self.occ = -1
+
+    @property
+    def tuple(self) -> tuple[str, int, str, int]:
+        return (self.saddr, self.sport, self.daddr, self.dport)
+
+
+class ResetRecord:
+    """One tcp_send_reset / tcp_receive_reset record, local side first.
+
+    Version 2 of the remote tracer adds the RST's ``seq``/``ack`` and where the addresses
+    came from (``tuple_from``: skb, socket, tracepoint); addresses may be null then. Version
+    1 on Linux 6.18 records a listening socket's wildcard addresses (``0.0.0.0:PORT >
+    0.0.0.0:0``). ``sighting`` is the RST packet it was tied to, ``node`` its connection.
+    """
+
+    __slots__ = ("host", "ts_ns", "probe", "saddr", "sport", "daddr", "dport", "state",
+                 "reason", "pid", "comm", "seq", "ack", "tuple_from", "sk_kind", "sighting",
+                 "node")  # fmt: skip
+
+    def __init__(self, rec: Mapping[str, Any], host: str) -> None:
+        self.host = host
+        self.ts_ns = int(rec["ts_ns"])
+        self.probe = rec["probe"]
+        if self.probe not in (SEND_RESET, RECEIVE_RESET):
+            raise ValueError(f"bad probe {self.probe!r}")
+        self.saddr = rec.get("saddr")
+        self.sport = int(rec.get("sport") or 0)
+        self.daddr = rec.get("daddr")
+        self.dport = int(rec.get("dport") or 0)
+        self.state = rec.get("state")
+        self.reason = rec.get("reason")
+        self.pid = rec.get("pid")
+        self.comm = rec.get("comm")
+        self.seq = _opt_int(rec.get("seq"))
+        self.ack = _opt_int(rec.get("ack"))
+        self.tuple_from = rec.get("tuple_from")
+        self.sk_kind = rec.get("sk_kind")
+        self.sighting: Sighting | None = None
+        self.node = -1
+
+    @property
+    def full_tuple(self) -> bool:
+        """Both ends known: no null or wildcard address, no port 0 (a listener's view)."""
+        return (
+            self.saddr not in WILDCARD_ADDRS
+            and self.daddr not in WILDCARD_ADDRS
+            and self.saddr is not None
+            and self.daddr is not None
+            and self.sport > 0
+            and self.dport > 0
+        )
+
+    @property
+    def tuple(self) -> tuple[str | None, int, str | None, int]:
+        return (self.saddr, self.sport, self.daddr, self.dport)
+
+
+def send_probe_state(info: Mapping[str, Any] | None) -> str | None:
+    """From a host's ``hello`` (or the CLI's ``host`` record): "ok" when tcp_send_reset is
+    attached, "missing" when listed as missing, None when nothing says."""
+    if not info:
+        return None
+    missing = {m.get("probe") for m in info.get("missing") or () if isinstance(m, Mapping)}
+    if SEND_RESET in missing:
+        return "missing"
+    if (info.get("attach") or {}).get(SEND_RESET):
+        return "ok"
+    return None
+
+
+class Recorded:
+    """The first pass over a stream: sightings, reset records and what hosts said."""
+
+    def __init__(self) -> None:
+        self.sightings: list[Sighting] = []
+        self.resets: list[ResetRecord] = []
+        self.probes: dict[str, str | None] = {}
+        self.lost: dict[tuple[str, str], int] = defaultdict(int)
+        self.ts_hints: dict[str, int] = {}
+        self.malformed = 0
+        self._intern: dict[str, str] = {}
+
+    @property
+    def hosts(self) -> set[str]:
+        return {s.host for s in self.sightings} | {r.host for r in self.resets}
+
+    def add(self, rec: Mapping[str, Any]) -> None:
+        kind = rec.get("type")
+        host = rec.get("host")
+        if kind not in ("packet", "reset", "hello", "host", "lost") or not isinstance(host, str):
+            return
+        host = self._intern.setdefault(host, host)
+        try:
+            if kind == "packet":
+                s = Sighting(rec, host, self._intern)
+                self.sightings.append(s)
+                if host not in self.ts_hints:
+                    self._hint(rec, host, s.ts_ns)
+            elif kind == "reset":
+                r = ResetRecord(rec, host)
+                self.resets.append(r)
+                self._hint(rec, host, r.ts_ns)
+            elif kind in ("hello", "host"):
+                self.hello(host, rec)
+            else:
+                self.lost[(host, str(rec.get("source")))] += int(rec.get("count") or 0)
+        except (KeyError, TypeError, ValueError):
+            self.malformed += 1
+
+    def hello(self, host: str, info: Mapping[str, Any]) -> None:
+        state = send_probe_state(info)
+        if state is not None or host not in self.probes:
+            self.probes[host] = state
+
+    def _hint(self, rec: Mapping[str, Any], host: str, ts_ns: int) -> None:
+        """The controller's ``ts`` is only a stand-in clock for hosts without estimates; a
+        record that arrived before any estimate carries ``ts: null`` and is kept as is."""
+        ts = rec.get("ts")
+        if host not in self.ts_hints and isinstance(ts, int):
+            self.ts_hints[host] = ts - ts_ns
+
+
+def collect(
+    events: Iterable[Mapping[str, Any]], hellos: Mapping[str, Mapping[str, Any]] | None = None
+) -> Recorded:
+    """Read a stream once; ``hellos`` are what the session kept of each host's ``hello``."""
+    recorded = Recorded()
+    for host, info in (hellos or {}).items():
+        recorded.hello(host, info)
+    for rec in events:
+        recorded.add(rec)
+    return recorded
