@@ -16,7 +16,7 @@ import pytest
 
 from ebpfdiag.cli.app import App
 from ebpfdiag.cli.trace import conclude
-from ebpfdiag.clock import ClockEstimate
+from ebpfdiag.clock import ClockSample
 from ebpfdiag.fanout import HostResult
 from ebpfdiag.render.timeline import event_record
 from ebpfdiag.tracing import TraceSession
@@ -39,18 +39,24 @@ def ndjson(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
-def replay(name: str) -> TraceSession:
+def replay(name: str, on_event=lambda rec: None) -> TraceSession:
     """A finished live session that saw the recorded scenario ``name``."""
     recs = ndjson((STREAMS / f"lab-{name}.ndjson").read_text())
     names = [r["host"] for r in recs if r["type"] == "clock"]
-    session = TraceSession(names)
+    session = TraceSession(names, on_event=on_event)
     for host in names:
-        hello = {"type": "hello", "kernel": "6.18.0", "attach": {}, "missing": []}
+        attach = {p: {"kind": "tracepoint"} for p in ("tcp_send_reset", "tcp_receive_reset")}
+        hello = {"type": "hello", "kernel": "6.18.0", "attach": attach, "missing": []}
         session.lines(host, "stdout", [json.dumps({**hello, "interfaces": ["eth0"]}).encode()])
         session.lines(host, "stdout", [b'{"type":"ready"}'])
+    first = {}
     for r in recs:
-        if r["type"] == "clock":
-            session.hosts[r["host"]].clock = ClockEstimate(r["offset_ns"], r["error_ns"])
+        if r["type"] in ("packet", "reset"):
+            first.setdefault(r["host"], r["ts_ns"])
+    for r in recs:
+        if r["type"] == "clock":  # one ping whose round trip gives the recorded estimate
+            at, off, err = first.get(r["host"], 0), r["offset_ns"], r["error_ns"]
+            session.hosts[r["host"]].clock.add(ClockSample(at + off - err, at, at + off + err))
     for r in recs:
         if r["type"] in ("packet", "reset"):
             host = r["host"]
@@ -68,10 +74,8 @@ def live(name: str, tmp_path: Path) -> tuple[list[dict], Path, Path]:
     out = io.StringIO()
     app = App(stdout=out, stderr=io.StringIO())
     app.as_json = True
-    session = replay(name)
-    for e in session.events:  # what on_event wrote while the hosts ran
-        if e["type"] != "lost":
-            app.json.write(event_record(e))
+    # events go out as the session releases them, as in the live command
+    session = replay(name, on_event=lambda e: app.json.write(event_record(e)))
     doc = tmp_path / "trace.json"
     assert conclude(app, session, False, doc) == 0
     app.json.flush()

@@ -101,6 +101,7 @@ def load_trace(path: Path) -> tuple[TraceResult, list[dict]]:
     hosts: dict[str, HostTrace] = {}
     events: list[dict] = []
     clocks: dict[str, ClockEstimate] = {}
+    models: dict[str, dict] = {}
     tightened: dict[str, ClockEstimate] = {}
     listed: list[str] = []
     interrupted, duration_s = False, 0.0
@@ -127,6 +128,8 @@ def load_trace(path: Path) -> tuple[TraceResult, list[dict]]:
                 clocks[host_of(rec).name] = ClockEstimate(
                     int(rec["offset_ns"]), int(rec["error_ns"])
                 )
+                if isinstance(rec.get("model"), dict):
+                    models[rec["host"]] = rec["model"]
             elif kind == "host":
                 ht = host_of(rec)
                 listed.append(ht.name)
@@ -161,7 +164,8 @@ def load_trace(path: Path) -> tuple[TraceResult, list[dict]]:
     hellos = {name: ht.hello for name, ht in hosts.items() if ht.hello}
     correlation = correlate(events, clocks, hellos=hellos)
     summaries = {
-        name: {"summary": {"offset_ns": est.offset_ns, "error_ns": est.error_ns}}
+        name: models.get(name)
+        or {"summary": {"offset_ns": est.offset_ns, "error_ns": est.error_ns}}
         for name, est in clocks.items()
     }
     return TraceResult(hosts, correlation, interrupted, duration_s, None, summaries), events

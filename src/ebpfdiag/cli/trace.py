@@ -146,13 +146,14 @@ def conclude(app: App, session: TraceSession, interrupted: bool, output: Path | 
     result = session.finish(interrupted)
     saved = source_records(result)
     # The stream had the packets and resets live; lost counts come with the rest at the end.
+    live = [event_record(e) for e in session.events if e["type"] != "lost"]
     lost = [event_record(e) for e in session.events if e["type"] == "lost"]
     records = emit_result(app, result, lost + saved)
     code = app.exit_code(
         [h.result for h in result.hosts.values() if h.result is not None], interrupted
     )
     if output is not None:
-        doc = document(saved, [event_record(e) for e in session.events], records)
+        doc = document(saved, live + lost, records)  # in the order the stream has them
         if not app.write_file(output, json.dumps(doc, indent=1) + "\n"):
             code = max(code, EXIT_HOSTS_FAILED)
     return code
@@ -175,6 +176,7 @@ def source_records(result: TraceResult) -> list[dict]:
                     "host": name,
                     "offset_ns": summary["offset_ns"],
                     "error_ns": summary["error_ns"],
+                    "model": model,
                 }
             )
     return out
