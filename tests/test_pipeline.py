@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from ebpfdiag import records
+from ebpfdiag.transport import Script
 from tests.conftest import require, require_root_tools
 
 HOSTS = ["h01", "h02", "h03"]
@@ -288,3 +289,9 @@ def test_decode_objects_per_chunk_and_per_line():
         {"c": 3},
     ]
     assert records.decode_objects([]) == []
+
+
+def test_the_frame_header_keeps_a_name_with_spaces_on_one_line():
+    head = Script("my\nprobe x.py", b"pass").frame().split(b"\n", 1)[0].decode()
+    tag, length, _digest, name = head.split(" ", 3)
+    assert (tag, length, name) == ("EBPFDIAG1", "4", "my probe x.py")

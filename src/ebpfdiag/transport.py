@@ -51,8 +51,11 @@ class Script:
         return cls(path.name, path.read_bytes(), args)
 
     def frame(self) -> bytes:
+        """Header line + source; the name is the header's last field (spaces allowed)."""
         digest = hashlib.sha256(self.source).hexdigest()
-        return f"EBPFDIAG1 {len(self.source)} {digest} {self.name}\n".encode() + self.source
+        name = self.name.replace("\n", " ")
+        head = f"EBPFDIAG1 {len(self.source)} {digest} {name}\n"
+        return head.encode(errors="replace") + self.source
 
 
 @dataclass(frozen=True)
