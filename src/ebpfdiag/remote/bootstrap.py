@@ -12,8 +12,9 @@ Protocol (stdin from the controller, stderr markers back; stdout belongs to the 
    this process, and if the script has not exited 4 s later, end the process.
 
 The script's fd 1 is a pipe, not the channel: a forked drain process forwards what arrives
-in chunks of up to CHUNK bytes, holding a line at most LINGER_S, so a script that flushes
-every line costs one SSH packet per chunk rather than per line. Being a separate process,
+in chunks of up to CHUNK bytes, holding a line at most LINGER_S (and not at all after a
+quiet spell), so a script that flushes every line costs one channel write per chunk rather
+than per line. Being a separate process,
 the drain forwards everything written before the script ends however it ends (SIGTERM,
 os._exit, SIGKILL), and what children of the script write to fd 1 too.
 """
@@ -98,13 +99,15 @@ def _write_all(fd, data):
 def _drain(rfd, out):
     """Forward the script's stdout pipe to the channel in chunks, until every writer is gone.
 
-    A read that returns less than a chunk means the script is not writing flat out: wait
-    LINGER_S once so the rest of a burst joins this write, then send what is there.
+    Output after a quiet spell goes at once. Output that follows the last write within
+    LINGER_S is a burst under way: wait LINGER_S once so more of it joins this write
+    (unless a full chunk is already there), then send what is there.
     A blocked write (slow controller) stops the reads, the pipe fills and the script's own
     writes block: nothing piles up here.
     """
     poller = select.poll()
     poller.register(rfd, select.POLLIN)
+    last_write = 0.0
     while True:
         poller.poll()
         try:
@@ -113,11 +116,12 @@ def _drain(rfd, out):
             continue
         if not data:
             return
-        if len(data) < CHUNK:
+        if len(data) < CHUNK and time.monotonic() - last_write < LINGER_S:
             time.sleep(LINGER_S)
             with contextlib.suppress(BlockingIOError):
                 data += os.read(rfd, CHUNK - len(data))
         _write_all(out, data)
+        last_write = time.monotonic()
 
 
 def _start_drain():
