@@ -29,8 +29,8 @@ import msgspec
 from bench.common import EBPFDIAG, PYTHON, SYSTEM_PYTHON, Measured, Section, Target, fmt, median
 from bench.common import run_measured as _run_measured
 
-PREFIX = "ebdb"
-SUBNET = "198.19.1.0/24"
+PREFIX = "ebdp"
+SUBNET = "198.19.43.0/24"
 HOSTS = 3
 TARGET_RPS = 200_000
 TARGET_RATIO = 0.8
