@@ -7,12 +7,9 @@ what dominates the controller's CPU on a fast stream.
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
 
 _decode_one = msgspec.json.Decoder().decode
-_decode_many = msgspec.json.Decoder(list[Any]).decode
 _check_one = msgspec.json.Decoder(msgspec.Raw).decode
 _check_many = msgspec.json.Decoder(list[msgspec.Raw]).decode
 _dumps = msgspec.json.Encoder().encode
@@ -28,11 +25,15 @@ def decode_object(line: bytes | str) -> dict | None:
 
 
 def decode_objects(lines: list[bytes]) -> list[dict | None]:
-    """``decode_object`` for each line of a chunk: one decoder call when every line is an
-    object (the usual case on a busy stream), else line by line."""
-    if all_objects(lines):
-        return _decode_many(b"[" + b",".join(lines) + b"]")
-    return [decode_object(line) for line in lines]
+    """``decode_object`` for each line of a chunk: the decoder mapped over it in C when
+    every line is an object (the usual case on a busy stream), else line by line."""
+    try:
+        objs = list(map(_decode_one, lines))
+    except ValueError:
+        return [decode_object(line) for line in lines]
+    if set(map(type, objs)) <= {dict}:
+        return objs
+    return [obj if type(obj) is dict else None for obj in objs]
 
 
 def is_object(line: bytes) -> bool:
