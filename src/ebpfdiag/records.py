@@ -7,6 +7,8 @@ what dominates the controller's CPU on a fast stream.
 
 from __future__ import annotations
 
+import operator
+
 import msgspec
 
 _decode_one = msgspec.json.Decoder().decode
@@ -64,9 +66,15 @@ def all_objects(lines: list[bytes]) -> bool:
     return list(map(len, values)) == list(map(len, lines))
 
 
+_first_byte = operator.itemgetter(0)
+
+
 def _starts_all(lines: list[bytes], prefix: bytes) -> bool:
-    """Every line starts with ``prefix`` (one byte): counted in C over the joined chunk."""
-    return lines[0][:1] == prefix and b"\n".join(lines).count(b"\n" + prefix) == len(lines) - 1
+    """Every line starts with ``prefix`` (one byte): the first bytes gathered in C."""
+    try:
+        return set(map(_first_byte, lines)) == {prefix[0]}
+    except IndexError:  # an empty line
+        return False
 
 
 def json_lines(host: str, ts: int, stream: str, lines: list[bytes]) -> list[str]:
@@ -78,11 +86,9 @@ def json_lines(host: str, ts: int, stream: str, lines: list[bytes]) -> list[str]
     The batch shares ``ts`` (its lines arrived together).
     """
     host_json = _dumps(host).decode()
-    if stream == "stdout" and all_objects(lines):
-        head = f'{{"type":"record","host":{host_json},"ts":{ts},"record":'
-        text = b"\n".join(lines).decode(errors="replace")
-        return (head + text.replace("\n", "}\n" + head) + "}").split("\n")
     head = f'{{"type":"record","host":{host_json},"ts":{ts},"record":'
+    if stream == "stdout" and all_objects(lines):
+        return [f"{head}{line.decode(errors='replace')}}}" for line in lines]
     text_head = f'{{"type":"line","host":{host_json},"ts":{ts},"stream":"{stream}","text":'
     out = []
     for line in lines:
