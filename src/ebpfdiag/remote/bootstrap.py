@@ -14,9 +14,9 @@ Protocol (stdin from the controller, stderr markers back; stdout belongs to the 
 The script's fd 1 is a pipe, not the channel: a forked drain process forwards what arrives
 in chunks of up to CHUNK bytes, holding a line at most LINGER_S (and not at all after a
 quiet spell), so a script that flushes every line costs one channel write per chunk rather
-than per line. Being a separate process,
-the drain forwards everything written before the script ends however it ends (SIGTERM,
-os._exit, SIGKILL), and what children of the script write to fd 1 too.
+than per line. Being a separate process, the drain forwards everything written before the
+script ends however it ends (SIGTERM, os._exit, SIGKILL), and what children of the script
+write to fd 1 too.
 """
 
 import sys
@@ -130,7 +130,12 @@ def _start_drain():
     with contextlib.suppress(OSError):
         fcntl.fcntl(wfd, F_SETPIPE_SZ, PIPE_SIZE)
     sys.stdout.flush()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:  # no process to spare: the script writes to the channel itself
+        os.close(rfd)
+        os.close(wfd)
+        return
     if pid == 0:
         try:
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
