@@ -350,7 +350,13 @@ def run(
         per_line_rate = total / median([r.m.wall_s for r in runs["per-line, file"]])
         if per_line_rate < TARGET_RPS:
             profile = _profile(fleet, scripts["per-line"], n, work)
-    traces = _trace(rounds, trace_connections) if trace_connections else []
+    traces: list[dict] = []
+    trace_error = ""
+    if trace_connections:
+        try:
+            traces = _trace(rounds, trace_connections)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            trace_error = str(exc)  # the run-script figures stand on their own
 
     names = {h.name for h in fleet.hosts}
     empty_cpu = median([m.cpu_s for m in empties])
@@ -433,6 +439,8 @@ def run(
             "kernel time to a reader of the controller's stdout (the script's poll loop "
             "included)."
         )
+    if trace_error:
+        section.notes.append(f"`trace tcp-rst --all-flows` part did not run: {trace_error}")
     if profile:
         section.notes.append(
             "Per-line below target: cProfile of one file run, top functions by self time:"
