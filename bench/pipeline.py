@@ -28,6 +28,7 @@ import msgspec
 
 from bench.common import EBPFDIAG, PYTHON, SYSTEM_PYTHON, Measured, Section, Target, fmt, median
 from bench.common import run_measured as _run_measured
+from ebpfdiag.errors import EbpfdiagError
 
 PREFIX = "ebdp"
 SUBNET = "198.19.43.0/24"
@@ -355,7 +356,7 @@ def run(
     if trace_connections:
         try:
             traces = _trace(rounds, trace_connections)
-        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        except (OSError, RuntimeError, EbpfdiagError, subprocess.SubprocessError) as exc:
             trace_error = str(exc)  # the run-script figures stand on their own
 
     names = {h.name for h in fleet.hosts}
