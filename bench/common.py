@@ -153,3 +153,11 @@ def machine() -> dict[str, Any]:
 
 def fmt(value: float, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
+
+
+def is_record(line: bytes, kind: str) -> bool:
+    """Whether an NDJSON line from ebpfdiag is a record of ``kind`` (a cheap prefix test:
+    every record starts with the schema version, then its type)."""
+    from ebpfdiag.render.ndjson import RECORD_HEAD
+
+    return line.startswith(f'{RECORD_HEAD}"type":"{kind}"'.encode())

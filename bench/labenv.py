@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench.builds import CURRENT, Build
+from bench.common import is_record
 
 PREFIX = "eblb"
 BASE = "198.18.84.0"
@@ -82,7 +83,7 @@ class Tracer:
 
     def _count_events(self) -> None:
         for line in self.proc.stdout:
-            if line.startswith(b'{"type":"event"'):
+            if is_record(line, "event"):
                 self.events += 1
 
     def stop(self) -> str:

@@ -33,7 +33,6 @@ that reaches the controller more than a settle time after its arrival was shown 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -50,6 +49,7 @@ from ebpfdiag.clock import (
 )
 from ebpfdiag.fanout import Fanout, HostResult
 from ebpfdiag.questions.rst import Correlation, correlate
+from ebpfdiag.records import decode_objects
 
 RST = 0x04
 #: After a reset is seen, wait this long for the other hosts' sightings before counting flows.
@@ -155,15 +155,12 @@ class TraceSession:
         self.on_state(host, state)
 
     def lines(self, host: str, stream: str, lines: list[bytes]) -> None:
-        for line in lines:
-            if stream != "stdout":
+        if stream != "stdout":
+            for line in lines:
                 self._diagnostic(host, line.decode(errors="replace"))
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                rec = None
-            if isinstance(rec, dict):
+            return
+        for line, rec in zip(lines, decode_objects(lines), strict=True):
+            if rec is not None:
                 self._record(host, rec)
             else:
                 self._diagnostic(host, line.decode(errors="replace"))

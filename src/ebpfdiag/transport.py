@@ -30,6 +30,11 @@ SUDO_PROMPT = "\x1eebpfdiag:sudo-prompt\n"
 CLOCK_PERIOD_S = 1.0
 #: Exit code of the bootstrap itself when the script did not arrive intact.
 EXIT_BAD_SCRIPT = 98
+#: Largest SSH packet we accept on a script's channel. OpenSSH sends bigger packets when
+#: allowed (asyncssh's default is 32 KiB): a busy stream costs fewer packets to decrypt and
+#: dispatch, ~0.5 us less controller CPU per 290-byte record. The window is unchanged, so
+#: what one host can have in flight stays bounded.
+MAX_PACKET = 256 * 1024
 
 
 class HostFailure(Exception):
@@ -56,8 +61,11 @@ class Script:
         return cls(path.name, bundle(path).encode(), args)
 
     def frame(self) -> bytes:
+        """Header line + source; the name is the header's last field (spaces allowed)."""
         digest = hashlib.sha256(self.source).hexdigest()
-        return f"EBPFDIAG1 {len(self.source)} {digest} {self.name}\n".encode() + self.source
+        name = self.name.replace("\n", " ")
+        head = f"EBPFDIAG1 {len(self.source)} {digest} {name}\n"
+        return head.encode(errors="replace") + self.source
 
 
 @dataclass(frozen=True)
@@ -378,7 +386,9 @@ class RemoteRun:
         use_sudo = host.sudo and host.user != "root"
         with_password = use_sudo and self.opts.sudo_password is not None
         command = remote_command(host, self.script, use_sudo, with_password)
-        self.process = process = await conn.create_process(command, encoding=None)
+        self.process = process = await conn.create_process(
+            command, encoding=None, max_pktsize=MAX_PACKET
+        )
         readers = asyncio.ensure_future(
             asyncio.gather(
                 _read_lines(process.stdout, functools.partial(self.on_lines, "stdout")),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,23 +10,13 @@ import click
 
 from ebpfdiag.cli.app import DURATION, App, Sink, host_options, pass_app
 from ebpfdiag.errors import UsageError
+from ebpfdiag.records import json_lines
 from ebpfdiag.remote.bundle import bundle
-from ebpfdiag.render.ndjson import RECORD_HEAD, NDJSONWriter
+from ebpfdiag.render.ndjson import NDJSONWriter
 
 if TYPE_CHECKING:
     from ebpfdiag.fanout import HostResult
     from ebpfdiag.render.terminal import HostPrefixer, StatusView
-
-_scan_json = json.JSONDecoder().scan_once  # the C scanner, without json.loads' wrappers
-
-
-def _is_object(text: str) -> bool:
-    """Whether ``text`` is exactly one JSON object (trailing blanks allowed)."""
-    try:
-        obj, end = _scan_json(text, 0)
-    except (StopIteration, ValueError):
-        return False
-    return type(obj) is dict and (end == len(text) or not text[end:].strip())
 
 
 class JSONSink(Sink):
@@ -39,25 +28,9 @@ class JSONSink(Sink):
 
     def __init__(self, writer: NDJSONWriter):
         self.w = writer
-        self._host_json: dict[str, str] = {}
 
     def lines(self, host: str, stream: str, lines: list[bytes]) -> None:
-        ts = time.time_ns()  # the lines of one batch arrived together
-        host_json = self._host_json.get(host)
-        if host_json is None:
-            host_json = self._host_json[host] = json.dumps(host)
-        head = f'{RECORD_HEAD}"type":"record","host":{host_json},"ts":{ts},"record":'
-        text_head = (
-            f'{RECORD_HEAD}"type":"line","host":{host_json},"ts":{ts},"stream":"{stream}","text":'
-        )
-        out = []
-        for line in lines:
-            text = line.decode(errors="replace")
-            if stream == "stdout" and text[:1] == "{" and _is_object(text):
-                out.append(f"{head}{text.strip()}}}")
-            else:
-                out.append(f"{text_head}{json.dumps(text, ensure_ascii=False)}}}")
-        self.w.write_many(out)
+        self.w.write_many(json_lines(host, time.time_ns(), stream, lines))
 
     def result(self, result: HostResult) -> None:
         self.w.write(result.to_json())

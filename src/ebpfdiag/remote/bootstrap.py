@@ -10,6 +10,13 @@ Protocol (stdin from the controller, stderr markers back; stdout belongs to the 
 4. meanwhile answer every ``ping <seq>`` line with ``MARK clock <seq> <mono_ns> <real_ns>``,
    so the controller can align clocks; on stdin EOF (controller gone or done) send SIGTERM to
    this process, and if the script has not exited 4 s later, end the process.
+
+The script's fd 1 is a pipe, not the channel: a forked drain process forwards what arrives
+in chunks of up to CHUNK bytes, holding a line at most LINGER_S (and not at all after a
+quiet spell), so a script that flushes every line costs one channel write per chunk rather
+than per line. Being a separate process, the drain forwards everything written before the
+script ends however it ends (SIGTERM, os._exit, SIGKILL), and what children of the script
+write to fd 1 too.
 """
 
 import sys
@@ -21,15 +28,23 @@ if sys.version_info < (3, 6):
     sys.exit(97)
 
 import contextlib  # noqa: E402
+import fcntl  # noqa: E402
 import hashlib  # noqa: E402
 import io  # noqa: E402
 import os  # noqa: E402
+import select  # noqa: E402
 import signal  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
 GRACE_S = 4.0
+#: Longest a line waits in the drain for more output to share its write.
+LINGER_S = 0.002
+#: Largest write to the channel; with the pipe, it bounds what the host buffers.
+CHUNK = 256 * 1024
+PIPE_SIZE = 1024 * 1024
+F_SETPIPE_SZ = 1031
 
 
 def _mark(text):
@@ -49,7 +64,7 @@ def _read_script(inp):
             sys.exit(98)
         if line.startswith(b"EBPFDIAG1 "):
             break
-    _tag, length, digest, name = line.decode().split()
+    _tag, length, digest, name = line.decode().rstrip("\n").split(" ", 3)
     src = inp.read(int(length))
     if len(src) != int(length) or hashlib.sha256(src).hexdigest() != digest:
         _mark("error bad-script")
@@ -75,11 +90,75 @@ def _watch_stdin(inp):
     os._exit(143)
 
 
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _drain(rfd, out):
+    """Forward the script's stdout pipe to the channel in chunks, until every writer is gone.
+
+    Output after a quiet spell goes at once. Output that follows the last write within
+    LINGER_S is a burst under way: wait LINGER_S once so more of it joins this write
+    (unless a full chunk is already there), then send what is there.
+    A blocked write (slow controller) stops the reads, the pipe fills and the script's own
+    writes block: nothing piles up here.
+    """
+    poller = select.poll()
+    poller.register(rfd, select.POLLIN)
+    last_write = 0.0
+    while True:
+        poller.poll()
+        try:
+            data = os.read(rfd, CHUNK)
+        except BlockingIOError:
+            continue
+        if not data:
+            return
+        if len(data) < CHUNK and time.monotonic() - last_write < LINGER_S:
+            time.sleep(LINGER_S)
+            with contextlib.suppress(BlockingIOError):
+                data += os.read(rfd, CHUNK - len(data))
+        _write_all(out, data)
+        last_write = time.monotonic()
+
+
+def _start_drain():
+    """Make fd 1 a pipe drained by a child process into the real stdout."""
+    rfd, wfd = os.pipe()
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(wfd, F_SETPIPE_SZ, PIPE_SIZE)
+    sys.stdout.flush()
+    try:
+        pid = os.fork()
+    except OSError:  # no process to spare: the script writes to the channel itself
+        os.close(rfd)
+        os.close(wfd)
+        return
+    if pid == 0:
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
+            os.close(wfd)
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 0)
+            os.dup2(null, 2)
+            fcntl.fcntl(rfd, fcntl.F_SETFL, fcntl.fcntl(rfd, fcntl.F_GETFL) | os.O_NONBLOCK)
+            _drain(rfd, 1)
+        finally:
+            os._exit(0)
+    os.dup2(wfd, 1)
+    os.close(wfd)
+    os.close(rfd)
+
+
 def main():
     inp = sys.stdin.buffer
     _mark("want-script %d.%d.%d" % sys.version_info[:3])
     name, src = _read_script(inp)
     code = compile(src, name, "exec")
+    _start_drain()
     sys.stdin = open(os.devnull)  # noqa: SIM115 - lives as long as the script
     sys.stdout = io.TextIOWrapper(
         sys.stdout.buffer, encoding="utf-8", errors="replace", line_buffering=True

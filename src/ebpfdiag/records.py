@@ -1,0 +1,103 @@
+"""Script output lines -> JSON: the controller's per-chunk fast paths.
+
+A busy host sends hundreds of lines per SSH packet. Everything here works on a whole chunk
+of lines with one C call where it can (msgspec), because a Python-level step per line is
+what dominates the controller's CPU on a fast stream.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import msgspec
+
+from ebpfdiag.render.ndjson import RECORD_HEAD
+
+_decode_one = msgspec.json.Decoder().decode
+_check_one = msgspec.json.Decoder(msgspec.Raw).decode
+_check_many = msgspec.json.Decoder(list[msgspec.Raw]).decode
+_dumps = msgspec.json.Encoder().encode
+
+
+def decode_object(line: bytes | str) -> dict | None:
+    """The JSON object a line holds, or None when it is not exactly one object."""
+    try:
+        obj = _decode_one(line)
+    except ValueError:  # msgspec.DecodeError, or invalid UTF-8 in a string
+        return None
+    return obj if type(obj) is dict else None
+
+
+def decode_objects(lines: list[bytes]) -> list[dict | None]:
+    """``decode_object`` for each line of a chunk: the decoder mapped over it in C when
+    every line is an object (the usual case on a busy stream), else line by line."""
+    try:
+        objs = list(map(_decode_one, lines))
+    except ValueError:
+        return [decode_object(line) for line in lines]
+    if set(map(type, objs)) <= {dict}:
+        return objs
+    return [obj if type(obj) is dict else None for obj in objs]
+
+
+def is_object(line: bytes) -> bool:
+    """Whether a line is exactly one JSON object (blanks after it allowed), without decoding."""
+    if line[:1] != b"{":
+        return False
+    try:
+        _check_one(line)
+    except msgspec.DecodeError:
+        return False
+    return True
+
+
+def all_objects(lines: list[bytes]) -> bool:
+    """Whether every line of a chunk is exactly one JSON object: one validating pass in C.
+
+    Joined with commas inside brackets, the lines form an array; when its values are as
+    many as the lines and each is as long as its line, every value is exactly its line
+    (the only bytes left over are the commas between them). Each starting with ``{`` makes
+    every value an object.
+    """
+    if not lines or not _starts_all(lines, b"{"):
+        return False
+    try:
+        values = _check_many(b"[" + b",".join(lines) + b"]")
+    except msgspec.DecodeError:
+        return False
+    return list(map(len, values)) == list(map(len, lines))
+
+
+_first_byte = operator.itemgetter(0)
+
+
+def _starts_all(lines: list[bytes], prefix: bytes) -> bool:
+    """Every line starts with ``prefix`` (one byte): the first bytes gathered in C."""
+    try:
+        return set(map(_first_byte, lines)) == {prefix[0]}
+    except IndexError:  # an empty line
+        return False
+
+
+def json_lines(host: str, ts: int, stream: str, lines: list[bytes]) -> list[str]:
+    """One batch of a host's output as NDJSON records, in order.
+
+    A line that is one JSON object becomes ``{"v":2,"type":"record","host","ts","record":{...}}``
+    with the object spliced in as the host printed it (valid JSON is not re-encoded); any
+    other line, and everything on stderr, becomes ``{"type":"line",...,"text":"..."}``.
+    The batch shares ``ts`` (its lines arrived together).
+    """
+    host_json = _dumps(host).decode()
+    head = f'{RECORD_HEAD}"type":"record","host":{host_json},"ts":{ts},"record":'
+    if stream == "stdout" and all_objects(lines):
+        return [f"{head}{line.decode(errors='replace')}}}" for line in lines]
+    text_head = (
+        f'{RECORD_HEAD}"type":"line","host":{host_json},"ts":{ts},"stream":"{stream}","text":'
+    )
+    out = []
+    for line in lines:
+        if stream == "stdout" and is_object(line):
+            out.append(f"{head}{line.decode(errors='replace').rstrip()}}}")
+        else:
+            out.append(f"{text_head}{_dumps(line.decode(errors='replace')).decode()}}}")
+    return out
