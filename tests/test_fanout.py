@@ -162,7 +162,7 @@ def test_bad_hosts_are_reported_while_the_others_succeed(fleet, inventory, tmp_p
     assert by_host[BAD_KEY]["error_kind"] == "host-key-changed"
     assert by_host[NO_PYTHON]["error_kind"] == "python"
     summary = records(r.stdout)[-1]
-    assert summary["failed"] == 4 and summary["failed_hosts"] == "h[21-24]"
+    assert summary["failed"] == 4 and summary["failed_hosts"] == ["h21", "h22", "h23", "h24"]
 
 
 def test_terminal_output_prefixes_hosts_and_summarises(fleet, inventory, tmp_path):

@@ -42,7 +42,7 @@ def spawn(*args: str) -> subprocess.Popen:
 @pytest.fixture(scope="module")
 def fleet():
     require_root_tools("ip", "/usr/sbin/sshd", "sudo", "ssh-keygen")
-    from ebpfdiag.lab.fleet import Fleet
+    from tests.fleet import Fleet
 
     f = Fleet("ebpl", len(HOSTS), subnet="198.19.41.0/24")
     f.up()
