@@ -91,6 +91,9 @@ def test_a_tool_without_core_imports_is_sent_as_it_is(tmp_path):
     tool = tmp_path / "plain.py"
     tool.write_text("print('x')\n")
     assert bundle(tool) == "print('x')\n"
+    # BCC's own tools start with __future__ imports: fine when nothing is bundled
+    tool.write_text("from __future__ import print_function\nprint('x')\n")
+    assert bundle(tool) == tool.read_text()
 
 
 @pytest.mark.parametrize(

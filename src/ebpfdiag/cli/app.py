@@ -227,9 +227,11 @@ class App:
         password = None
         if self.options.ask_sudo_pass:
             try:
-                # getpass falls back to an echoing stdin (with warnings) when there is no tty
-                with open("/dev/tty"):
-                    pass
+                # getpass reads the controlling terminal, else a terminal on stdin; with
+                # neither it would read an echoing stdin (with warnings): refuse that
+                if not sys.stdin.isatty():
+                    with open("/dev/tty"):
+                        pass
                 password = getpass.getpass("sudo password: ")
             except (EOFError, OSError) as exc:
                 raise UsageError("--ask-sudo-pass needs a terminal to ask on") from exc

@@ -41,6 +41,7 @@ def _core_imports(mod_name: str, tree: ast.Module) -> tuple[list[str], list[tupl
     """Core modules imported at top level and the line spans of those statements."""
     deps: list[str] = []
     spans: list[tuple[int, int]] = []
+    future = None
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
@@ -52,7 +53,8 @@ def _core_imports(mod_name: str, tree: ast.Module) -> tuple[list[str], list[tupl
         elif isinstance(node, ast.ImportFrom):
             module = node.module or ""
             if node.level == 0 and module == "__future__":
-                raise BundleError(f"{mod_name}:{node.lineno}: no __future__ imports in remote code")
+                future = node.lineno
+                continue
             if node.level or module == CORE_PACKAGE:
                 raise BundleError(
                     f"{mod_name}:{node.lineno}: use 'from {CORE_PACKAGE}.NAME import ...'"
@@ -64,6 +66,8 @@ def _core_imports(mod_name: str, tree: ast.Module) -> tuple[list[str], list[tupl
                     )
                 deps.append(module.split(".", 1)[1])
                 spans.append((node.lineno, node.end_lineno or node.lineno))
+    if deps and future is not None:  # it would land in the middle of the bundle
+        raise BundleError(f"{mod_name}:{future}: no __future__ imports in bundled remote code")
     return deps, spans
 
 
