@@ -513,6 +513,7 @@ def bootstrapped(source: str) -> subprocess.Popen:
     require(os.path.exists(SYSTEM_PYTHON), "needs the system python3")
     proc = subprocess.Popen(
         [SYSTEM_PYTHON, "-c", BOOTSTRAP.read_text()],
+        bufsize=0,  # raw pipes: select() sees every line not yet read
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -520,8 +521,14 @@ def bootstrapped(source: str) -> subprocess.Popen:
     LIVE_PROCS.append(proc)
     proc.stdin.write(Script("toy.py", source.encode()).frame())
     proc.stdin.flush()
-    assert proc.stdout.readline() == b"ready\n"
+    assert line_of(proc) == b"ready\n"
     return proc
+
+
+def line_of(proc: subprocess.Popen, deadline_s: float = 10) -> bytes:
+    """The next stdout line, or b"" when none comes in time (a test must not hang)."""
+    ready, _, _ = select.select([proc.stdout], [], [], deadline_s)
+    return proc.stdout.readline() if ready else b""
 
 
 LIVE_PROCS = []
@@ -541,9 +548,9 @@ def test_bootstrap_hands_control_lines_to_the_script_among_pings():
     proc = bootstrapped(CONTROLLED)
     proc.stdin.write(b"ping 1\nctl port 9085\nctl exit\nping 2\nctl   two  words \n")
     proc.stdin.flush()
-    assert proc.stdout.readline() == b"got port 9085\n"
+    assert line_of(proc) == b"got port 9085\n"
     # The hook's SystemExit is reported; the stdin thread goes on.
-    assert proc.stdout.readline() == b"got two  words\n"
+    assert line_of(proc) == b"got two  words\n"
     out, err = proc.communicate(timeout=10)  # closes stdin: EOF still stops the script
     assert proc.returncode == 0 and out == b"bye\n"
     assert err.count(b"ebpfdiag:clock ") == 2 and b"SystemExit: 3" in err
