@@ -7,6 +7,7 @@ in a scratch network namespace (sets, named sets, maps, redirect, rules to leave
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -118,3 +119,98 @@ def test_discovery_on_real_nftables():
         env={**os.environ, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
     ).stdout
     assert out.strip() == "[[8085, 9085]]"
+
+
+# ------------------------------------------------------------------ the controller's side
+
+
+class Channels:
+    """The fan-out's control lines, recorded (every host is running)."""
+
+    def __init__(self, refuse: tuple[str, ...] = ()):
+        self.sent: list[tuple[str, str]] = []
+        self.refuse = refuse
+
+    def control(self, host: str, text: str) -> bool:
+        self.sent.append((host, text))
+        return host not in self.refuse
+
+    def stop(self) -> None:
+        pass
+
+
+def feed(session, host: str, *records: dict) -> None:
+    session.lines(host, "stdout", [json.dumps(r).encode() for r in records])
+
+
+def hello(ports: list[int], nat_ports: list) -> dict:
+    return {"type": "hello", "filter": {"ports": ports, "addrs": []}, "nat_ports": nat_ports}
+
+
+def started(ports: list[int], lb_nat: list, refuse: tuple[str, ...] = ()):
+    from ebpfdiag.tracing import TraceSession
+
+    shown: list[tuple] = []
+    session = TraceSession(["client", "lb", "server"], on_ready=lambda r, f: shown.append((r, f)))
+    session.fanout = Channels(refuse)
+    for host in ("client", "lb", "server"):
+        feed(session, host, hello(ports, lb_nat if host == "lb" else []), {"type": "ready"})
+    return session, shown
+
+
+def filter_rec(ports: list[int]) -> dict:
+    return {"type": "filter", "ports": ports, "added": [], "why": "nat"}
+
+
+def test_follow_nat_adds_the_translated_ports_through_chains():
+    from ebpfdiag.tracing import follow_nat
+
+    assert follow_nat({8085}, [[[8085, 9085]], []]) == {9085}
+    assert follow_nat({80}, [[[80, 8080]], [[8080, 9090], [443, 8443]]]) == {8080, 9090}
+    assert follow_nat(set(), [[[8085, 9085]]]) == set()  # no --port: nothing to follow
+    assert follow_nat({22}, [[[8085, 9085], "junk", [1]]]) == set()
+
+
+def test_tracing_waits_until_every_host_confirmed_the_nat_port():
+    async def scenario():
+        session, shown = started([8085], [[8085, 9085]])
+        assert session.fanout.sent == [("client", "port 9085"), ("lb", "port 9085"),
+                                       ("server", "port 9085")]  # fmt: skip
+        feed(session, "client", filter_rec([8085, 9085]))
+        feed(session, "lb", filter_rec([8085, 9085]))
+        assert shown == []  # server has not confirmed yet
+        feed(session, "server", filter_rec([8085, 9085]))
+        assert shown == [(["client", "lb", "server"], [])]
+        assert (session.ports, session.unconfirmed) == ([8085, 9085], [])
+        session.finish(False)
+
+    asyncio.run(scenario())
+
+
+def test_a_host_that_does_not_confirm_is_named_after_the_timeout(monkeypatch):
+    import ebpfdiag.tracing as tracing
+
+    monkeypatch.setattr(tracing, "CONFIRM_TIMEOUT_S", 0.05)
+
+    async def scenario():
+        session, shown = started([8085], [[8085, 9085]], refuse=("client",))
+        feed(session, "lb", filter_rec([8085, 9085]))
+        feed(session, "server", filter_rec([8085]))  # not the added port: not a confirmation
+        assert shown == []
+        await asyncio.sleep(0.2)
+        assert shown == [(["client", "lb", "server"], [])]
+        assert session.unconfirmed == ["client", "server"]
+        session.finish(False)
+
+    asyncio.run(scenario())
+
+
+def test_without_a_nat_mapping_of_a_requested_port_tracing_starts_at_once():
+    async def scenario():
+        for ports, nat in (([8085], []), ([], [[8085, 9085]]), ([80], [[8085, 9085]])):
+            session, shown = started(ports, nat)
+            assert session.fanout.sent == [] and len(shown) == 1
+            assert session.ports == ports
+            session.finish(False)
+
+    asyncio.run(scenario())
