@@ -418,3 +418,18 @@ def test_ssh_config_and_its_known_hosts_are_honoured(fleet, tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"addr {h03.address}" in [x.get("text") for x in records(r.stdout)]
+
+
+def test_a_shipped_tool_runs_as_its_bundle(inventory):
+    """``run-script tcp_rst -- --ebpf``: the host gets the tool and its core modules as one
+    program (nothing of scripts/bpf exists there) and prints the generated C."""
+    r = cli("run-script", "tcp_rst", "-i", str(inventory), "--hosts", "h01", "--json", "--",
+            "--ebpf")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    text = "\n".join(rec["text"] for rec in records(r.stdout) if rec["type"] == "line")
+    assert "ebd_tc_ingress" in text and "TC_ACT_UNSPEC" in text, text[-2000:]
+    r = cli("run-script", "tcp_rst", "-i", str(inventory), "--hosts", "h01", "--json", "--",
+            "--history", "9")  # fmt: skip
+    assert r.returncode == 1
+    errors = [rec["text"] for rec in records(r.stdout) if rec.get("stream") == "stderr"]
+    assert any("--history: 9 is out of range (0-8)" in e for e in errors), errors
