@@ -200,6 +200,7 @@ def test_scenario_reset_is_traced_to_its_origin(lab, name, all_flows, tmp_path):
     client = next(e for e in flows[0]["endpoints"] if e["host"] == "client")
     assert client["dport"] == spec.port and client["daddr"] == lab.vip
     hosts = {r["host"]: r for r in recs if r["type"] == "host"}
+    assert set(hosts) == {"client", "lb", "server"}
     assert all(h["status"] == "ok" and h["ready"] and h["lost"] == 0 for h in hosts.values())
     summary = recs[-1]
     assert summary["type"] == "summary"
