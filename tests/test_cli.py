@@ -77,7 +77,10 @@ def test_missing_inventory_file(tmp_path, probe):
 
 
 def test_bad_range_and_empty_selection(inv):
-    assert_one_line_usage_error(cli("hosts", "-i", str(inv), "--hosts", "web[05-01"))
+    assert_one_line_usage_error(cli("hosts", "-i", str(inv), "--hosts", "web[05-01"), "unbalanced")
+    assert_one_line_usage_error(
+        cli("hosts", "-i", str(inv), "--hosts", "web[05-01]"), "05 is after 01"
+    )
     assert_one_line_usage_error(cli("hosts", "-i", str(inv), "--hosts", "web,!web"), "no hosts")
 
 

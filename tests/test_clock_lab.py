@@ -133,6 +133,7 @@ def test_offsets_agree_across_hosts_and_no_hop_precedes_its_cause(lab, name, tmp
             gap = abs(ca["offset_ns"] - cb["offset_ns"])
             assert gap <= ca["error_ns"] + cb["error_ns"], (a, ca, b, cb)
     hops = [e for e in flows[0]["events"] if e["kind"] == "hop"]
+    assert {h["host"] for h in hops} >= {"client", "lb"}, flows[0]["events"]
     assert _departures_first(hops) == []
     for hop in hops:
         assert hop["ts"] - hop["ts_ns"] == clocks[hop["host"]]["offset_ns"]

@@ -121,14 +121,15 @@ def test_fanout_reaches_every_host_with_its_own_output(fleet, inventory, tmp_pat
     r = run_json(probe, inventory, "h[01-20]", "--", fleet.gateway)
     assert r.returncode == 0, r.stderr
     recs = records(r.stdout)
-    seen = {}
+    seen, uids = {}, {}
     for rec in recs:
         assert "type" in rec
         if rec["type"] == "line" and rec["text"].startswith("addr "):
             seen[rec["host"]] = rec["text"].split()[1]
         if rec["type"] == "line" and rec["text"].startswith("uid "):
-            assert rec["text"] == "uid 0", rec  # ran under sudo
+            uids[rec["host"]] = rec["text"]
     assert seen == {h: fleet.host(h).address for h in HEALTHY}
+    assert uids == {h: "uid 0" for h in HEALTHY}  # every host ran it under sudo
     hosts = [rec for rec in recs if rec["type"] == "host"]
     assert sorted(h["host"] for h in hosts) == HEALTHY
     assert all(h["status"] == "ok" and h["exit_code"] == 0 for h in hosts)
@@ -139,12 +140,10 @@ def test_lines_stream_before_the_script_ends(inventory, tmp_path):
     probe = script_file(tmp_path, STREAM_SCRIPT)
     proc = spawn("run-script", str(probe), "-i", str(inventory), "--hosts", "h01", "--json")
     first = json.loads(proc.stdout.readline())
-    got_first = time.monotonic()
     assert first["type"] == "line" and first["text"] == "first"
     assert proc.poll() is None, "the first line must arrive while the script still runs"
     rest = records(proc.stdout.read())
     assert proc.wait(30) == 0
-    assert time.monotonic() - got_first > 1.0
     assert [r["text"] for r in rest if r["type"] == "line"] == ["second"]
 
 
@@ -352,7 +351,7 @@ def test_connections_dropped_by_maxstartups_are_retried(tmp_path):
     to one sshd that admits 2 at a time must still reach every 'host'."""
     from tests.fleet import Fleet
 
-    with Fleet("ebdr", 1, subnet="198.19.2.0/24", max_startups="2:100:2") as one:
+    with Fleet("ebdr", 1, subnet="198.19.6.0/24", max_startups="2:100:2") as one:
         inv = yaml.safe_load(one.inventory.read_text())
         addr = one.host("h01").address
         inv["hosts"] = {f"alias{i:02d}": {"address": addr, "port": 22} for i in range(1, 13)}
@@ -418,3 +417,18 @@ def test_ssh_config_and_its_known_hosts_are_honoured(fleet, tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"addr {h03.address}" in [x.get("text") for x in records(r.stdout)]
+
+
+def test_a_shipped_tool_runs_as_its_bundle(inventory):
+    """``run-script tcp_rst -- --ebpf``: the host gets the tool and its core modules as one
+    program (nothing of scripts/bpf exists there) and prints the generated C."""
+    r = cli("run-script", "tcp_rst", "-i", str(inventory), "--hosts", "h01", "--json", "--",
+            "--ebpf")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    text = "\n".join(rec["text"] for rec in records(r.stdout) if rec["type"] == "line")
+    assert "ebd_tc_ingress" in text and "TC_ACT_UNSPEC" in text, text[-2000:]
+    r = cli("run-script", "tcp_rst", "-i", str(inventory), "--hosts", "h01", "--json", "--",
+            "--history", "9")  # fmt: skip
+    assert r.returncode == 1
+    errors = [rec["text"] for rec in records(r.stdout) if rec.get("stream") == "stderr"]
+    assert any("--history: 9 is out of range (0-8)" in e for e in errors), errors

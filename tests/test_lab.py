@@ -297,7 +297,7 @@ def test_scenario_reproduces_what_the_client_sees(lab, name):
         assert result.lb_conntrack == []
     # Server-side helpers are gone: only sshd is left in the server namespace.
     pids = netns.netns_pids(lab.hosts["server"].netns)
-    assert all("sshd" in " ".join(netns.pid_cmdline(p)) for p in pids), pids
+    assert pids and all("sshd" in " ".join(netns.pid_cmdline(p)) for p in pids), pids
 
 
 @pytest.mark.root
@@ -391,7 +391,7 @@ def test_failover_removes_rules_a_killed_run_left(multi):
 @pytest.mark.root
 def test_status_and_second_up(lab_obj, lab):
     before = {h["name"]: h["sshd_pid"] for h in lab_obj.status()["hosts"]}
-    assert all(before.values())
+    assert set(before) == {"client", "lb", "server"} and all(before.values())
     again = Lab(state_dir=STATE_DIR).up()
     assert again.to_dict() == lab.to_dict()
     status = lab_obj.status()

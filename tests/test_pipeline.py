@@ -11,7 +11,6 @@ import json
 import os
 import queue
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -93,14 +92,14 @@ def test_a_line_arrives_before_the_next_is_printed(fleet, tmp_path):
 
 
 @pytest.mark.root
-@pytest.mark.parametrize("gap", [0.03, 0.001], ids=["lone lines", "a line every ms"])
-def test_a_line_is_held_only_a_few_ms(fleet, tmp_path, gap):
-    """Lone lines go at once; in a steady trickle (the drain lingers) a line still waits
-    at most the linger bound on the host."""
+def test_a_lone_line_is_not_held_for_the_next(fleet, tmp_path):
+    """Lone lines go at once: none waits for the next line or the end of the script (how
+    fast they go is a benchmark figure, bench/pipeline.py)."""
+    gap = 0.2
     probe = write(
         tmp_path,
         "import sys, time\n"
-        "for i in range(60):\n"
+        "for i in range(20):\n"
         "    time.sleep(float(sys.argv[1]))\n"
         "    print('{\"printed\": %d}' % time.time_ns(), flush=True)\n",
     )
@@ -108,10 +107,10 @@ def test_a_line_is_held_only_a_few_ms(fleet, tmp_path, gap):
     assert r.returncode == 0, r.stderr
     recs = by_host(r.stdout)["h01"]
     delays_ms = sorted((x["ts"] - x["record"]["printed"]) / 1e6 for x in recs)
-    assert len(delays_ms) == 60
-    # At most 2 ms on the host; the rest is SSH and processes on a shared machine.
-    assert statistics.median(delays_ms) < 15, delays_ms
-    assert delays_ms[int(len(delays_ms) * 0.9)] < 50, delays_ms
+    assert len(delays_ms) == 20
+    # Functional, not a speed target (bench/pipeline.py measures that): no line waits for
+    # the next one or for the end of the script, which would take at least the gap.
+    assert delays_ms[-1] < gap * 1000 / 2, delays_ms
 
 
 @pytest.mark.root
@@ -294,19 +293,38 @@ MIXED = [
 ]
 
 
+#: what each MIXED line must become: the object it holds, else its text (stated here, not
+#: computed by the code under test)
+MIXED_MEANING = [
+    {"type": "packet", "seq": 1, "nested": {"a": [1, 2]}},
+    {"spaced": "yes"},
+    '{"a":1} trailing',
+    '{"a":1},{"b":2}',
+    "[1,2,3]",
+    "",
+    'plain "quoted" \\ text \u00e9 \ufffd',
+    "{broken",
+    {"bad utf8 in a string": "\ufffd"},  # invalid UTF-8 inside a string is shown replaced
+]
+
+
 def test_json_lines_match_the_line_by_line_meaning():
-    for lines in (MIXED, [MIXED[0]] * 3, [MIXED[1]], [b'{"a":[{}', b'{}]},{"b":1}']):
+    cases = [
+        (MIXED, MIXED_MEANING),
+        ([MIXED[0]] * 3, [MIXED_MEANING[0]] * 3),
+        ([MIXED[1]], [MIXED_MEANING[1]]),
+        ([b'{"a":[{}', b'{}]},{"b":1}'], ['{"a":[{}', '{}]},{"b":1}']),
+    ]
+    for lines, meanings in cases:
         out = [json.loads(x) for x in records.json_lines('web"01', 7, "stdout", lines)]
         assert len(out) == len(lines)
-        for line, rec in zip(lines, out, strict=True):
-            assert rec["host"] == 'web"01' and rec["ts"] == 7
-            # invalid UTF-8 inside a string is shown replaced, as in a text line
-            obj = records.decode_object(line.decode(errors="replace").encode())
-            if obj is not None:
-                assert rec["type"] == "record" and rec["record"] == obj
+        for rec, meaning in zip(out, meanings, strict=True):
+            assert rec["host"] == 'web"01' and rec["ts"] == 7 and rec["v"] == 2
+            if isinstance(meaning, dict):
+                assert rec["type"] == "record" and rec["record"] == meaning
             else:
                 assert rec["type"] == "line" and rec["stream"] == "stdout"
-                assert rec["text"] == line.decode(errors="replace")
+                assert rec["text"] == meaning
     err = [json.loads(x) for x in records.json_lines("h", 1, "stderr", [MIXED[0]])]
     assert err[0]["type"] == "line" and err[0]["stream"] == "stderr"
 

@@ -201,13 +201,16 @@ def test_scenario_reset_is_traced_to_its_origin(lab, name, all_flows, tmp_path):
     client = next(e for e in flows[0]["endpoints"] if e["host"] == "client")
     assert client["dport"] == spec.port and client["daddr"] == lab.vip
     hosts = {r["host"]: r for r in recs if r["type"] == "host"}
+    assert set(hosts) == {"client", "lb", "server"}
     assert all(h["status"] == "ok" and h["ready"] and h["lost"] == 0 for h in hosts.values())
     summary = recs[-1]
     assert summary["type"] == "summary"
     assert summary["duration_s"] < 15  # --count 1 ended it, not the 20 s --duration
     doc = json.loads(document.read_text())
     assert doc["type"] == "trace" and doc["summary"] == summary and doc["flows"] == flows
-    assert doc["events"] == [r for r in recs if r["type"] == "event"]
+    events = [r for r in recs if r["type"] == "event"]
+    assert {e["kind"] for e in events} >= {"packet", "reset"}
+    assert doc["events"] == events
     assert [h["host"] for h in doc["hosts"]] == ["client", "lb", "server"]
     assert summary["resets"] == [
         {"origin_host": expected.host, "origin_kind": expected.kind,
