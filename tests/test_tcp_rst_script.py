@@ -5,6 +5,7 @@ script under the system python inside the listener side, make resets happen and 
 records, and check that every exit leaves TC and BPF exactly as they were.
 """
 
+import io
 import json
 import os
 import re
@@ -418,6 +419,152 @@ def test_ebpf_generation_for_recorded_kernels(version):
         assert "e.reason = -1;" in code
 
 
+# ------------------------------------------------------------------ control lines (pure)
+
+
+class FakeMap(dict):
+    """The ports array as the control line sees it: keyed by ctypes ints."""
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key.value, value.value)
+
+
+def control_session(*argv):
+    out = io.StringIO()
+    session = tcp_rst.Session(tcp_rst.parse_args(list(argv)), tcp_rst.Output(out), None)
+    session.bpf = {"ports": FakeMap()}
+    return session, out
+
+
+def records_of(out) -> list:
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def test_control_port_joins_the_port_filter(capsys):
+    session, out = control_session("--port", "8085")
+    session.control("port 9085")
+    session.control("port 9085")  # again: confirmed, nothing new
+    assert records_of(out) == [
+        {"type": "filter", "ports": [8085, 9085], "added": [9085], "why": "nat"},
+        {"type": "filter", "ports": [8085, 9085], "added": [], "why": "nat"},
+    ]
+    assert session.bpf["ports"] == {9085: 1}  # in the kernel map, where both directions look
+    rec = {"sport": 40000, "dport": 9085, "saddr": "198.18.0.1", "daddr": "198.18.0.2"}
+    assert session._wanted(rec)  # the reset records follow the widened filter too
+    assert not session._wanted({**rec, "dport": 9086})
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    "line, why",
+    [
+        ("port 0", "--port: '0' is not a port number (1-65535)"),
+        ("port 65536", "--port: '65536' is not a port number (1-65535)"),
+        ("port x", "--port: 'x' is not a port number (1-65535)"),
+        ("port", "not understood"),
+        ("frob 80", "not understood"),
+        ("port 80 81", "not understood"),
+    ],
+)
+def test_control_lines_not_understood_are_reported_and_ignored(line, why, capsys):
+    session, out = control_session("--port", "8085")
+    session.control(line)
+    assert out.getvalue() == ""
+    assert session.ports == [8085] and session.bpf["ports"] == {}
+    err = capsys.readouterr().err
+    assert err.startswith("tcp_rst: ") and why in err and err.count("\n") == 1
+
+
+def test_control_port_without_a_port_filter_changes_nothing():
+    session, out = control_session()
+    session.control("port 9085")
+    assert records_of(out) == [{"type": "filter", "ports": [], "added": [], "why": "nat"}]
+    assert session.bpf["ports"] == {}
+
+
+def test_control_hook_reaches_the_running_session(capsys):
+    session, out = control_session("--port", "80")
+    tcp_rst.ebpfdiag_control("port 81")  # no session yet: said so, nothing breaks
+    assert "before the session" in capsys.readouterr().err
+    tcp_rst.LIVE["session"] = session
+    try:
+        tcp_rst.ebpfdiag_control("port 81")
+    finally:
+        tcp_rst.LIVE.pop("session")
+    assert records_of(out)[0]["added"] == [81]
+
+
+# ------------------------------------------------------------------ bootstrap control lines
+
+CONTROLLED = """
+import os, signal, sys, time
+def ebpfdiag_control(text):
+    if text == "exit":
+        sys.exit(3)
+    print("got " + text, flush=True)
+signal.signal(signal.SIGTERM, lambda *a: (print("bye", flush=True), os._exit(0)))
+print("ready", flush=True)
+while True:
+    time.sleep(0.1)
+"""
+
+
+def bootstrapped(source: str) -> subprocess.Popen:
+    require(os.path.exists(SYSTEM_PYTHON), "needs the system python3")
+    proc = subprocess.Popen(
+        [SYSTEM_PYTHON, "-c", BOOTSTRAP.read_text()],
+        bufsize=0,  # raw pipes: select() sees every line not yet read
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    LIVE_PROCS.append(proc)
+    proc.stdin.write(Script("toy.py", source.encode()).frame())
+    proc.stdin.flush()
+    assert line_of(proc) == b"ready\n"
+    return proc
+
+
+def line_of(proc: subprocess.Popen, deadline_s: float = 10) -> bytes:
+    """The next stdout line, or b"" when none comes in time (a test must not hang)."""
+    ready, _, _ = select.select([proc.stdout], [], [], deadline_s)
+    return proc.stdout.readline() if ready else b""
+
+
+LIVE_PROCS = []
+
+
+@pytest.fixture(autouse=True)
+def _kill_toys():
+    yield
+    while LIVE_PROCS:
+        proc = LIVE_PROCS.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_bootstrap_hands_control_lines_to_the_script_among_pings():
+    proc = bootstrapped(CONTROLLED)
+    proc.stdin.write(b"ping 1\nctl port 9085\nctl exit\nping 2\nctl   two  words \n")
+    proc.stdin.flush()
+    assert line_of(proc) == b"got port 9085\n"
+    # The hook's SystemExit is reported; the stdin thread goes on.
+    assert line_of(proc) == b"got two  words\n"
+    out, err = proc.communicate(timeout=10)  # closes stdin: EOF still stops the script
+    assert proc.returncode == 0 and out == b"bye\n"
+    assert err.count(b"ebpfdiag:clock ") == 2 and b"SystemExit: 3" in err
+
+
+def test_bootstrap_without_a_control_hook_says_so():
+    proc = bootstrapped(CONTROLLED.replace("def ebpfdiag_control", "def other"))
+    proc.stdin.write(b"ctl port 9085\nping 7\n")
+    out, err = proc.communicate(timeout=10)
+    assert out == b"bye\n"
+    assert b"ebpfdiag: control line ignored (no ebpfdiag_control): port 9085\n" in err
+    assert b"ebpfdiag:clock 7 " in err
+
+
 # ------------------------------------------------------------------ real runs (root)
 
 CONNECT = """
@@ -827,6 +974,29 @@ def test_sighup_and_count_leave_no_filters_on_the_clsact_path(lab):
     assert [r["sport"] for r in run.of("reset")] == [85]
     assert lab.tc_state() == before  # ... and removed again
     assert still_loaded(run.prog_ids) == set()
+
+
+@pytest.mark.root
+def test_control_port_widens_the_kernel_filter_through_the_bootstrap(lab):
+    """`ctl port Q` on a running trace: Q's reset and RST packet come, a port never
+    asked for stays filtered out, and lines not understood change nothing."""
+    run = Run(lab, "--port", "9120", "--interfaces", lab.vb, bootstrap=True)
+    assert run.read_until(lambda r: r["type"] in ("ready", "bye"), 90), "no ready/bye record"
+    assert run.of("ready"), run.finish()[1]
+    assert run.of("hello")[0]["nat_ports"] == []  # b has no nftables rules
+    run.proc.stdin.write(b"ctl port 0\nctl frob\nctl port 9121\n")
+    run.proc.stdin.flush()
+    added = run.read_until(lambda r: r["type"] == "filter", 10)
+    assert added == {"type": "filter", "ports": [9120, 9121], "added": [9121], "why": "nat"}
+    for port in ("9122", "9121"):
+        assert in_ns(lab.a, CONNECT, "198.18.250.2", port).stdout.strip() == "refused"
+    assert run.read_until(lambda r: r["type"] == "packet" and r["sport"] == 9121, 10)
+    code, err = run.finish()
+    assert code == 0, err
+    assert [r["sport"] for r in run.of("reset")] == [9121]
+    assert {r["sport"] for r in run.of("packet") if r["flags"] & 0x04} == {9121}
+    assert len(run.of("filter")) == 1
+    assert "--port: '0' is not a port number" in err and "not understood" in err
 
 
 CONNECT6 = """

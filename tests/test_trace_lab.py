@@ -118,8 +118,9 @@ def tracer_programs(lab) -> list[str]:
     ]
 
 
-def start_trace(lab, port: int | None, *extra: str, hosts: str = HOSTS) -> subprocess.Popen:
-    """``trace tcp-rst`` on ``hosts``, returned once every host traces; ``port`` None: all."""
+def start_trace(lab, port: int | None, *extra: str, hosts: str = HOSTS, status: bool = False):
+    """``trace tcp-rst`` on ``hosts``, returned once every host traces; ``port`` None: all.
+    With ``status``, also the ``status`` record that said so."""
     ports = ["--port", str(port)] if port is not None else []
     proc = subprocess.Popen(
         [sys.executable, "-m", "ebpfdiag", "trace", "tcp-rst", "-i", lab.inventory,
@@ -136,7 +137,7 @@ def start_trace(lab, port: int | None, *extra: str, hosts: str = HOSTS) -> subpr
         rec = json.loads(line)
         if rec["type"] == "status" and rec["state"] == "tracing":
             assert sorted(rec["hosts"]) == sorted(hosts.split(",")), rec
-            return proc
+            return (proc, rec) if status else proc
     proc.kill()
     raise AssertionError(f"trace never became ready: {proc.stderr.read()}")
 
@@ -344,9 +345,15 @@ def test_failover_reset_is_traced_to_the_second_server(multi, all_flows):
     assert_clean(multi)
 
 
-def test_portmap_reset_is_traced_through_the_rewritten_ports(lab):
+@pytest.mark.parametrize("filtered", [True, False], ids=["port", "all-ports"])
+def test_portmap_reset_is_traced_through_the_rewritten_ports(lab, filtered):
+    """With --port 8085 the tracer learns lb's 8085 -> 9085 DNAT from nftables and adds
+    9085 to every host's filter before tracing starts; without --port nothing is filtered."""
     spec = SCENARIOS["rst-no-listener-portmap"]
-    proc = start_trace(lab, None, "--count", "1", "--duration", "20s")  # no --port: all flows
+    port = spec.port if filtered else None
+    proc, status = start_trace(lab, port, "--count", "1", "--duration", "20s", status=True)
+    assert status["ports"] == ([spec.port, spec.backend_port] if filtered else [])
+    assert status["unconfirmed"] == []
     result = run_scenario(spec.name, lab)
     assert result.reproduced, result.summary()
     [nat] = result.lb_conntrack
@@ -371,6 +378,9 @@ def test_portmap_reset_is_traced_through_the_rewritten_ports(lab):
     assert (client, server_side) in lb_nat, flow["nat"]
     server = next(e for e in flow["endpoints"] if e["host"] == "server")
     assert (server["sport"], server["dport"]) == (server_side["sport"], spec.backend_port)
+    hellos = {r["host"]: r for r in recs if r["type"] == "hello"}
+    assert hellos["lb"]["nat_ports"] == [[spec.port, spec.backend_port]]
+    assert hellos["server"]["nat_ports"] == hellos["client"]["nat_ports"] == []
     assert_clean(lab)
 
 

@@ -14,6 +14,11 @@ from the socket; never a listener's wildcard addresses. When the run stops, ever
 is detached first, then the packets the kernel still keeps per flow (flows without a RST)
 are emitted once with why "kept", then a `kept` summary, then `bye`.
 
+hello lists the host's DNAT port rewrites (nftables) as nat_ports. While it runs, the
+controller may widen the port filter with a control line `ctl port Q` (through the
+bootstrap, see docs/remote-protocol.md): Q joins the in-kernel filter, and a `filter`
+record says so. A control line it does not understand is reported on stderr and ignored.
+
 Parameters:
   --port PORT[,PORT]      only flows with this port on either side; repeatable
   --addr ADDR[,ADDR]      only flows with this IPv4/IPv6 address on either side; repeatable
@@ -37,6 +42,7 @@ Fields:
   hello.attach          dict   per probe: kind (tracepoint, kprobe, tcx-link, tc-clsact) and layout
   hello.missing         list   probes not attached: {probe, why}
   hello.filter          dict   {ports, addrs} as requested
+  hello.nat_ports       list   [[P, Q], ...]: nftables DNAT sends TCP port P on as port Q
   hello.scope           str    how foreign namespaces' resets are dropped: netns or addrs
   hello.history         int    packets remembered per flow
   hello.all_flows       bool   whether packets of flows without a RST are reported too
@@ -80,10 +86,14 @@ Fields:
   kept.packets          int    packet records with why kept
   lost.count            int    events lost because a buffer overflowed
   lost.source           str    packets or resets
+  filter.ports          list   ports the filter passes now ([]: every port, no filter)
+  filter.added          list   ports this control line added
+  filter.why            str    nat
   bye.reason            str    duration, count, signal, eof or error
   bye.error             str    error message (reason error only)
 """
 
+import contextlib
 import ctypes
 import ipaddress
 import os
@@ -91,6 +101,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 
 from core.btf import btf_offsets, c_netns_lookup
@@ -111,7 +122,8 @@ from core.events import (
     now_ns,
 )
 from core.lifecycle import SetupError, Stop, StopState
-from core.params import ParamError, parse
+from core.natports import discover_nat_ports
+from core.params import ParamError, convert, parse
 from core.tc import TCX_UNSUPPORTED, TcHooks, TcxLinks, bpf_syscall_number, kernel_has_tcx
 from core.tracepoints import (
     TCP_STATES,
@@ -1103,6 +1115,10 @@ class Session:
         self.resets = 0
         self.rst_packets = 0
         self.ready = False
+        #: the port filter now ([]: none); control lines add to it from another thread
+        self.ports = list(args.port)
+        self.nat_ports = []
+        self.filter_lock = threading.Lock()
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -1120,6 +1136,7 @@ class Session:
         except ImportError:
             self.ipr = None
         self.addrs = discover_addrs(self.ipr)
+        self.nat_ports = discover_nat_ports()
         (offsets, _), (tuples, tuples_why) = btf_offsets()
         self.plan = make_plan(self.args, read_formats(None), offsets, tuples)
         if tuples_why and "tcp_send_reset" in self.plan["tracepoints"]:
@@ -1135,8 +1152,9 @@ class Session:
 
     def _fill_filters(self) -> None:
         b = self.bpf
-        for port in self.args.port:
-            b["ports"][ctypes.c_int(port)] = ctypes.c_uint8(1)
+        with self.filter_lock:
+            for port in self.ports:
+                b["ports"][ctypes.c_int(port)] = ctypes.c_uint8(1)
         for text in self.args.addr:
             ip = ipaddress.ip_address(text)
             key = b["addrs"].Key()
@@ -1314,8 +1332,35 @@ class Session:
             return record["netns"] == self.plan["own_netns"]
         return record["saddr"] in self.addrs
 
+    def control(self, text: str) -> None:
+        """A control line from the controller (bootstrap stdin thread): `port Q` adds Q to
+        the port filter, both directions, as --port does; answered by a `filter` record."""
+        words = text.split()
+        if len(words) != 2 or words[0] != "port":
+            sys.stderr.write("%s: control line not understood, ignored: %s\n" % (SCRIPT, text))
+            return
+        try:
+            port = convert(PORT_PARAM, words[1])
+        except ParamError as exc:
+            sys.stderr.write("%s: control line ignored: %s\n" % (SCRIPT, exc))
+            return
+        added = []
+        with self.filter_lock:
+            if self.args.port and port not in self.ports:  # no --port: every port passes
+                if self.bpf is not None:
+                    try:
+                        self.bpf["ports"][ctypes.c_int(port)] = ctypes.c_uint8(1)
+                    except Exception as exc:  # noqa: BLE001 - the run is ending
+                        sys.stderr.write("%s: control: port %d: %s\n" % (SCRIPT, port, exc))
+                        return
+                self.ports = sorted(self.ports + [port])
+                added.append(port)
+            ports = self.ports
+        self.out.write({"type": "filter", "ports": ports, "added": added, "why": "nat"})
+        self.out.flush()
+
     def _wanted(self, record: dict) -> bool:
-        ports, addrs = self.args.port, self.args.addr
+        ports, addrs = self.ports, self.args.addr
         if ports and record["sport"] not in ports and record["dport"] not in ports:
             return False
         return not addrs or record["saddr"] in addrs or record["daddr"] in addrs
@@ -1349,6 +1394,7 @@ class Session:
             "attach": self.attach,
             "missing": self.plan["missing"],
             "filter": {"ports": self.args.port, "addrs": self.args.addr},
+            "nat_ports": self.nat_ports,
             "scope": "netns" if offsets_ok else "addrs",
             "history": self.args.history,
             "all_flows": self.args.all_flows,
@@ -1494,6 +1540,21 @@ PARAMS = [
     {"name": "format-dir", "type": "path", "local": True, "metavar": "DIR",
      "help": "with --ebpf: read tracepoint format files from DIR"},
 ]  # fmt: skip
+PORT_PARAM = next(p for p in PARAMS if p["name"] == "port")
+
+
+#: The session control lines go to (set while main runs).
+LIVE = {}
+
+
+def ebpfdiag_control(text):
+    """The bootstrap's hook for `ctl <text>` lines (see docs/remote-protocol.md)."""
+    session = LIVE.get("session")
+    if session is None:
+        sys.stderr.write("%s: control line before the session, ignored: %s\n" % (SCRIPT, text))
+        return
+    with contextlib.suppress(Stop):  # stdout is gone: the main loop ends the run too
+        session.control(text)
 
 
 def parse_args(argv):
@@ -1534,6 +1595,7 @@ def main(argv=None) -> int:
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(signum, stop.handler)
     session = Session(args, out, stop)
+    LIVE["session"] = session
     bye = {"type": "bye", "reason": "error"}
     code = 1
     try:
@@ -1557,6 +1619,7 @@ def main(argv=None) -> int:
             bye["error"] = "%s: %s" % (type(exc).__name__, exc)
     finally:
         stop.cleaning = True
+        LIVE.pop("session", None)
         errors = session.cleanup(dump=session.ready)
     if errors:
         sys.stderr.write("%s: cleanup: %s\n" % (SCRIPT, "; ".join(errors)))

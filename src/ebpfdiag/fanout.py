@@ -102,12 +102,18 @@ class Fanout:
         self.interrupted = False
         self._stops = {h.name: asyncio.Event() for h in hosts}
         self._timed_out: set[str] = set()
+        self._runs: dict[str, RemoteRun] = {}
 
     def stop(self, interrupted: bool = False) -> None:
         """End every host's script (stdin EOF -> the script cleans up and exits)."""
         self.interrupted = self.interrupted or interrupted
         for ev in self._stops.values():
             ev.set()
+
+    def control(self, host: str, text: str) -> bool:
+        """Send a control line to ``host``'s running script; False when it is not running."""
+        run = self._runs.get(host)
+        return run is not None and run.send_control(text)
 
     async def run(self) -> list[HostResult]:
         raise_fd_limit(len(self.hosts))
@@ -183,9 +189,11 @@ class Fanout:
                 on_running=running,
                 on_clock=lambda sample: self.sink.clock(host.name, sample),
             )
+            self._runs[host.name] = run
             try:
                 outcome = await _bounded_after(run.run(conn, stop), stop, STOP_GRACE_S)
             finally:
+                del self._runs[host.name]
                 if duration_timer is not None:
                     duration_timer.cancel()
         except (OSError, asyncssh.Error) as exc:

@@ -62,6 +62,9 @@ MAX_HOLD_S = 2.0
 MATCH_WINDOW_NS = 1_000_000_000
 #: Shown sightings kept to hold later ones to causality, per packet fingerprint.
 RECENT_S = 5.0
+#: How long ready hosts get to confirm the ports a NAT adds to the filter before tracing
+#: is announced anyway (naming the hosts that did not).
+CONFIRM_TIMEOUT_S = 3.0
 
 
 @dataclass
@@ -77,6 +80,8 @@ class HostTrace:
     clock: HostClock = field(default_factory=HostClock)
     diagnostics: list[str] = field(default_factory=list)
     result: HostResult | None = None
+    #: the port filter the script last confirmed (``filter`` records), None before any
+    ports: list[int] | None = None
 
 
 @dataclass
@@ -133,6 +138,13 @@ class TraceSession:
         self.settle_s = settle_s
         self.fanout: Fanout | None = None
         self.all_ready = False
+        #: the effective port filter once tracing ([]: every port)
+        self.ports: list[int] = []
+        #: ready hosts that did not confirm the ports added for a NAT in time
+        self.unconfirmed: list[str] = []
+        #: host -> ports sent to it and not yet confirmed
+        self._awaiting: dict[str, set[int]] = {}
+        self._confirm_timer: asyncio.TimerHandle | None = None
         self.anchor = EpochAnchor.now()
         self._count_check: asyncio.TimerHandle | None = None
         self._release_timer: asyncio.TimerHandle | None = None
@@ -178,6 +190,7 @@ class TraceSession:
     def result(self, result: HostResult) -> None:
         self.hosts[result.host].result = result
         self._check_ready()
+        self._confirmed(result.host)
 
     # -- records ---------------------------------------------------------------------
     def _record(self, host: str, rec: dict) -> None:
@@ -199,6 +212,9 @@ class TraceSession:
             self._released.append(rec)
         elif kind == "bye":
             ht.bye = rec
+        elif kind == "filter" and isinstance(rec.get("ports"), list):
+            ht.ports = rec["ports"]
+            self._confirmed(host)
 
     # -- live release ----------------------------------------------------------------
     def _release(self, final: bool = False) -> None:
@@ -385,10 +401,54 @@ class TraceSession:
         if pending:
             return
         self.all_ready = True
-        ready = [h.name for h in self.hosts.values() if h.ready]
-        failed = [h.name for h in self.hosts.values() if not h.ready]
+        ready = [h for h in self.hosts.values() if h.ready]
         if not ready:
             return
+        hellos = [h.hello or {} for h in ready]
+        requested = {p for hello in hellos for p in (hello.get("filter") or {}).get("ports") or []}
+        extra = follow_nat(requested, [hello.get("nat_ports") or [] for hello in hellos])
+        self.ports = sorted(requested | extra)
+        if extra and self.fanout is not None:
+            # Every host gets every added port: the rewritten flow crosses all of them.
+            for ht in ready:
+                if all(self.fanout.control(ht.name, f"port {q}") for q in sorted(extra)):
+                    self._awaiting[ht.name] = set(extra)
+                else:
+                    self.unconfirmed.append(ht.name)
+            for ht in ready:
+                self._confirmed(ht.name)  # a filter record may have come already
+            if self._awaiting:
+                self._confirm_timer = asyncio.get_running_loop().call_later(
+                    CONFIRM_TIMEOUT_S, self._confirm_expired
+                )
+                return
+        self._start_tracing()
+
+    def _confirmed(self, host: str) -> None:
+        """A host's filter record: done waiting for it once it has every added port."""
+        waiting = self._awaiting.get(host)
+        if waiting is None:
+            return
+        waiting -= set(self.hosts[host].ports or ())
+        if waiting and self.hosts[host].result is None:  # a host that ended waits no more
+            return
+        del self._awaiting[host]
+        if not self._awaiting and self._confirm_timer is not None:
+            self._confirm_timer.cancel()
+            self._confirm_timer = None
+            self._start_tracing()
+
+    def _confirm_expired(self) -> None:
+        self._confirm_timer = None
+        self.unconfirmed = sorted({*self.unconfirmed, *self._awaiting})
+        self._awaiting.clear()
+        self._start_tracing()
+
+    def _start_tracing(self) -> None:
+        """Every ready host traces with the whole filter (or was given up on): say so, and
+        count ``duration`` from here."""
+        ready = [h.name for h in self.hosts.values() if h.ready]
+        failed = [h.name for h in self.hosts.values() if not h.ready]
         self.on_ready(ready, failed)
         if self.duration and self.fanout is not None:
             asyncio.get_running_loop().call_later(self.duration, self.fanout.stop)
@@ -432,6 +492,9 @@ class TraceSession:
         if self._release_timer is not None:
             self._release_timer.cancel()
             self._release_timer = None
+        if self._confirm_timer is not None:
+            self._confirm_timer.cancel()
+            self._confirm_timer = None
         self._release(final=True)
         summaries = self.clocks()
         clocks = {
@@ -453,6 +516,24 @@ class TraceSession:
             self.anchor,
             clocks,
         )
+
+
+def follow_nat(requested: set[int], mappings: list[list]) -> set[int]:
+    """The ports a flow on ``requested`` ports also uses past the hosts' DNAT rewrites
+    (``[[P, Q], ...]`` per host, followed through chains of rewrites), minus
+    ``requested``: what the filter must add so the translated legs are kept."""
+    pairs = {
+        (p, q)
+        for per_host in mappings
+        for pair in per_host
+        if isinstance(pair, list) and len(pair) == 2
+        for p, q in [pair]
+        if isinstance(p, int) and isinstance(q, int)
+    }
+    ports = set(requested)
+    while new := {q for p, q in pairs if p in ports and q not in ports}:
+        ports |= new
+    return ports - set(requested)
 
 
 def _least_moves(

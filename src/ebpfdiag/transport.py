@@ -380,6 +380,17 @@ class RemoteRun:
             if seq >= self.clock_pings:
                 delay = min(max(delay * 2, 0.1), CLOCK_PERIOD_S)
 
+    def send_control(self, text: str) -> bool:
+        """Write ``ctl <text>`` to the running script's stdin, next to the pings (the
+        bootstrap hands it to the script's ``ebpfdiag_control``); False when it cannot."""
+        if self.process is None or not self.running.is_set() or "\n" in text:
+            return False
+        try:
+            self.process.stdin.write(f"ctl {text}\n".encode())
+        except (OSError, asyncssh.Error):  # stdin at EOF or closed: the run is ending
+            return False
+        return True
+
     async def run(self, conn: asyncssh.SSHClientConnection, stop: asyncio.Event) -> RunOutcome:
         """Launch and stream until the script exits or ``stop`` is set (then stdin EOF)."""
         host = self.host

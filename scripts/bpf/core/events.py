@@ -3,6 +3,7 @@ out of the kernel (a ring buffer where the kernel has one, else a perf buffer). 
 """
 
 import json
+import threading
 import time
 
 from core.lifecycle import Stop
@@ -50,26 +51,33 @@ def now_ns(clock: str) -> int:
 
 
 class Output:
-    """NDJSON writer; a closed stdout means the controller is gone (bye reason eof)."""
+    """NDJSON writer; a closed stdout means the controller is gone (bye reason eof).
+
+    Locked, so a record written from the bootstrap's stdin thread (a control line's
+    answer) never interleaves with the main loop's."""
 
     def __init__(self, stream) -> None:
         self.stream = stream
         self.broken = False
+        self.lock = threading.Lock()
 
     def write(self, record: dict) -> None:
-        if self.broken:
-            raise Stop("eof")
-        try:
-            self.stream.write(json.dumps(record, separators=(",", ":")) + "\n")
-        except (BrokenPipeError, ValueError):
-            self.broken = True
-            raise Stop("eof") from None
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        with self.lock:
+            if self.broken:
+                raise Stop("eof")
+            try:
+                self.stream.write(line)
+            except (BrokenPipeError, ValueError):
+                self.broken = True
+                raise Stop("eof") from None
 
     def flush(self) -> None:
-        if self.broken:
-            return
-        try:
-            self.stream.flush()
-        except (BrokenPipeError, ValueError):
-            self.broken = True
-            raise Stop("eof") from None
+        with self.lock:
+            if self.broken:
+                return
+            try:
+                self.stream.flush()
+            except (BrokenPipeError, ValueError):
+                self.broken = True
+                raise Stop("eof") from None

@@ -113,8 +113,21 @@ def tcp_rst(
         msg = f"tracing on {len(ready)} host{'s' if len(ready) != 1 else ''}"
         if failed:
             msg += f" ({len(failed)} failed: {', '.join(failed)})"
+        if session.ports:
+            msg += f", ports {','.join(map(str, session.ports))}"
+        if session.unconfirmed:
+            msg += f" (not confirmed by {', '.join(session.unconfirmed)}: NAT legs may be missed)"
         if app.as_json:
-            app.json.write({"type": "status", "state": "tracing", "hosts": ready, "failed": failed})
+            app.json.write(
+                {
+                    "type": "status",
+                    "state": "tracing",
+                    "hosts": ready,
+                    "failed": failed,
+                    "ports": session.ports,
+                    "unconfirmed": session.unconfirmed,
+                }
+            )
             app.json.flush()
         app.term.status(msg + (" - Ctrl-C to stop" if duration is None and count is None else ""))
 

@@ -8,8 +8,10 @@ Protocol (stdin from the controller, stderr markers back; stdout belongs to the 
 2. read ``EBPFDIAG1 <length> <sha256> <name>`` then exactly <length> bytes of script;
 3. check the hash, write ``MARK running <pid>``, run the script as ``__main__``;
 4. meanwhile answer every ``ping <seq>`` line with ``MARK clock <seq> <mono_ns> <real_ns>``,
-   so the controller can align clocks; on stdin EOF (controller gone or done) send SIGTERM to
-   this process, and if the script has not exited 4 s later, end the process.
+   so the controller can align clocks; hand every ``ctl <text>`` line to the script's
+   ``ebpfdiag_control(text)`` (a module-level function, called from the stdin thread); on
+   stdin EOF (controller gone or done) send SIGTERM to this process, and if the script has
+   not exited 4 s later, end the process.
 
 The script's fd 1 is a pipe, not the channel: a forked drain process forwards what arrives
 in chunks of up to CHUNK bytes, holding a line at most LINGER_S (and not at all after a
@@ -39,6 +41,8 @@ import time  # noqa: E402
 import traceback  # noqa: E402
 
 GRACE_S = 4.0
+#: The script's function for ``ctl`` lines, looked up in its globals when one comes.
+CONTROL_HOOK = "ebpfdiag_control"
 #: Longest a line waits in the drain for more output to share its write.
 LINGER_S = 0.002
 #: Largest write to the channel; with the pipe, it bounds what the host buffers.
@@ -72,8 +76,9 @@ def _read_script(inp):
     return name, src
 
 
-def _watch_stdin(inp):
-    """Answer clock pings; on EOF stop the script, then the process if it lingers."""
+def _watch_stdin(inp, scope):
+    """Answer clock pings, pass control lines to the script (its globals are ``scope``);
+    on EOF stop the script, then the process if it lingers."""
     while True:
         line = inp.readline()
         if not line:
@@ -83,11 +88,25 @@ def _watch_stdin(inp):
             mono = _clock_ns(time.CLOCK_MONOTONIC)
             real = _clock_ns(time.CLOCK_REALTIME)
             _mark("clock %s %d %d" % (parts[1].decode(), mono, real))
+        elif parts and parts[0] == b"ctl":
+            _control(scope, line.decode("utf-8", "replace").strip()[3:].strip())
     os.kill(os.getpid(), signal.SIGTERM)
     _mark("eof")
     time.sleep(GRACE_S)
     _mark("error grace-expired")
     os._exit(143)
+
+
+def _control(scope, text):
+    """One control line to the script; whatever it does, this thread keeps watching stdin."""
+    hook = scope.get(CONTROL_HOOK)
+    if not callable(hook):
+        sys.stderr.write("ebpfdiag: control line ignored (no %s): %s\n" % (CONTROL_HOOK, text))
+        return
+    try:
+        hook(text)
+    except BaseException:  # SystemExit here would end the watcher, not the script
+        traceback.print_exc()
 
 
 def _write_all(fd, data):
@@ -164,13 +183,14 @@ def main():
         sys.stdout.buffer, encoding="utf-8", errors="replace", line_buffering=True
     )
     sys.argv = [name] + sys.argv[1:]
-    watcher = threading.Thread(target=_watch_stdin, args=(inp,), name="ebpfdiag-stdin")
+    scope = {"__name__": "__main__", "__file__": name, "__builtins__": __builtins__}
+    watcher = threading.Thread(target=_watch_stdin, args=(inp, scope), name="ebpfdiag-stdin")
     watcher.daemon = True
     watcher.start()
     _mark("running %d" % os.getpid())
     status = 0
     try:
-        exec(code, {"__name__": "__main__", "__file__": name, "__builtins__": __builtins__})
+        exec(code, scope)
     except SystemExit as exc:
         status = _exit_status(exc.code)
     except KeyboardInterrupt:
