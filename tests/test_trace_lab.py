@@ -345,13 +345,15 @@ def test_failover_reset_is_traced_to_the_second_server(multi, all_flows):
     assert_clean(multi)
 
 
+@pytest.mark.parametrize("all_flows", [False, True], ids=["default", "all-flows"])
 @pytest.mark.parametrize("filtered", [True, False], ids=["port", "all-ports"])
-def test_portmap_reset_is_traced_through_the_rewritten_ports(lab, filtered):
+def test_portmap_reset_is_traced_through_the_rewritten_ports(lab, filtered, all_flows):
     """With --port 8085 the tracer learns lb's 8085 -> 9085 DNAT from nftables and adds
     9085 to every host's filter before tracing starts; without --port nothing is filtered."""
     spec = SCENARIOS["rst-no-listener-portmap"]
     port = spec.port if filtered else None
-    proc, status = start_trace(lab, port, "--count", "1", "--duration", "20s", status=True)
+    extra = ["--all-flows"] if all_flows else []
+    proc, status = start_trace(lab, port, "--count", "1", "--duration", "20s", *extra, status=True)
     assert status["ports"] == ([spec.port, spec.backend_port] if filtered else [])
     assert status["unconfirmed"] == []
     result = run_scenario(spec.name, lab)
