@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -30,17 +31,28 @@ def params_module() -> ModuleType:
     return module
 
 
+#: ``PARAMS = [`` at the start of a line up to the ``]`` that starts a line: the literal
+#: alone is parsed, not the whole tool (a trace starts a few dozen ms sooner)
+_PARAMS = re.compile(r"^PARAMS = (\[.*?^\])", re.S | re.M)
+
+
 def load_params(tool: Path) -> list[dict[str, Any]]:
     """The tool's ``PARAMS`` literal, or [] when it declares none."""
-    tree = ast.parse(tool.read_text(), filename=str(tool))
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == "PARAMS" for t in node.targets
-        ):
-            params = ast.literal_eval(node.value)
-            params_module().check_schema(params)
-            return list(params)
-    return []
+    text = tool.read_text()
+    m = _PARAMS.search(text)
+    try:
+        params = ast.literal_eval(m.group(1)) if m else None
+    except (ValueError, SyntaxError):
+        params = None
+    if params is None:  # written some other way: find it in the whole module
+        params = []
+        for node in ast.parse(text, filename=str(tool)).body:
+            if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "PARAMS" for t in node.targets
+            ):
+                params = ast.literal_eval(node.value)
+    params_module().check_schema(params)
+    return list(params)
 
 
 def tool_argv(tool: Path, values: dict[str, Any]) -> tuple[str, ...]:
