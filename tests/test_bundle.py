@@ -80,6 +80,7 @@ def test_bundle_runs_alone_with_header_first_and_dependencies_before_users(tmp_p
     assert program.index("# ---- core/shout.py") < program.index("# ---- core/greet.py")
     assert program.index("# ---- core/greet.py") < program.index("# ---- tool.py")
     assert run(program, "bob") == "HELLO BOB!\n"
+    assert bundle(tool, check=False) == program  # the text-only path sees the same
     # the unbundled tool runs the same from its folder
     unbundled = subprocess.run(
         [REMOTE_PYTHON, str(tool), "bob"], capture_output=True, text=True, check=True
@@ -134,6 +135,8 @@ def test_every_shipped_tool_bundles_and_its_help_names_its_parameters(tool):
 
     program = bundle(tool)
     assert "from core" not in program
+    # what a trace pushes (text only, no parse) is exactly the checked bundle
+    assert bundle(tool, check=False) == program
     out = run(program, "--help")
     params = load_params(tool)
     assert params, f"{tool.name} declares no PARAMS"
