@@ -33,7 +33,7 @@ BENCHMARKS: dict[str, tuple[Callable[..., Section], Callable[..., Section]]] = {
         lambda: correlation.run(sizes=(10_000, 30_000), rounds=1),
     ),
     "ready": (
-        lambda against=None: ready.run(rounds=3, against=against),
+        lambda against=None: ready.run(rounds=4, against=against),
         lambda against=None: ready.run(rounds=1, against=against),
     ),
     "pipeline": (

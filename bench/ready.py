@@ -17,7 +17,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from bench.builds import Build
+from bench.builds import CURRENT, Build
 from bench.common import EBPFDIAG, ROOT, Measured, Section, fmt, median, run_measured
 from bench.labenv import HOSTS, Tracer, bench_lab
 from ebpfdiag.remote.bundle import bundle
@@ -106,7 +106,7 @@ def run(rounds: int = 3, against: Build | None = None) -> Section:
         stage = _stage_script(work)
         out = work / "out.ndjson"
         _run_script(state, empty, out)  # warm-up: page cache, first logins
-        for _ in range(rounds):
+        for rnd in range(rounds):
             m = run_measured([EBPFDIAG, "--version"])
             walls.setdefault("startup", []).append(m.wall_s)
             walls.setdefault("empty", []).append(_run_script(state, empty, out).wall_s)
@@ -116,12 +116,12 @@ def run(rounds: int = 3, against: Build | None = None) -> Section:
                 if rec.get("type") == "record" and rec["record"].get("stage") == 1:
                     for p in PHASES:
                         phases[p].append(rec["record"][p])
-            tracer = Tracer(state, [TRACE_PORT])
-            walls.setdefault("trace", []).append(tracer.start())
-            tracer.stop()
-            if against is not None:
-                tracer = Tracer(state, [TRACE_PORT], against)
-                walls.setdefault("trace-against", []).append(tracer.start())
+            # Whichever trace runs right after the staging run meets its hosts still busy
+            # cleaning up: with --against, the two builds take turns going first.
+            runs = [("trace", CURRENT)] + ([("trace-against", against)] if against else [])
+            for key, build in runs[:: -1 if rnd % 2 else 1]:
+                tracer = Tracer(state, [TRACE_PORT], build)
+                walls.setdefault(key, []).append(tracer.start())
                 tracer.stop()
 
     def row(label: str, values: list[float], includes: str) -> list[str]:
@@ -148,7 +148,8 @@ def run(rounds: int = 3, against: Build | None = None) -> Section:
         row("  remote: detach", phases["detach_s"], "not part of time to ready"),
     ]  # fmt: skip
     section.notes += [
-        f"{rounds} interleaved rounds (start-up, empty, staging, trace) after one warm-up. "
+        f"{rounds} interleaved rounds (start-up, empty, staging, trace; with --against the "
+        "two builds' traces take turns going first) after one warm-up. "
         "Remote phases are measured with the host's monotonic clock inside the staging "
         "script, which runs the real `tcp_rst.py` set-up code with `--port 8080`; each value "
         "is the median over hosts and rounds.",
