@@ -348,16 +348,7 @@ class TraceSession:
             return
         # The bounds contradict the packets or what is shown: keep the clocks, move each
         # host's events as one (its own order stays) just far enough, and say so.
-        shift = {h: max(floor.get(h, 0), 0) for h in first}
-        for _ in range(len(shift) + 1):
-            moved = False
-            for obs in observations:
-                need = obs.src_mono_ns + shift[obs.src] - obs.dst_mono_ns
-                if need > shift[obs.dst]:
-                    shift[obs.dst] = need
-                    moved = True
-            if not moved:
-                break
+        shift = _raise_arrivals({h: max(floor.get(h, 0), 0) for h in first}, observations)
         for rec in batch:
             if shift.get(rec["host"], 0) > 0 and "ts" in rec:
                 rec["ts"] += shift[rec["host"]]
@@ -546,6 +537,12 @@ def _least_moves(
     departures (Bellman-Ford). Solutions of difference constraints are closed under max,
     and the intervals' upper ends are one, so raising stays inside them."""
     shift = {h: min(max(0, est.low, floor.get(h, 0)), est.high) for h, est in alignment.items()}
+    return _raise_arrivals(shift, observations)
+
+
+def _raise_arrivals(shift: dict[str, int], observations: list[Observation]) -> dict[str, int]:
+    """Raise each arrival's host past its departure until nothing moves (Bellman-Ford over
+    the hosts: at most one pass per host)."""
     for _ in range(len(shift) + 1):
         moved = False
         for obs in observations:
