@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +146,26 @@ def test_every_shipped_tool_bundles_and_its_help_names_its_parameters(tool):
         assert option in out
         # the header the docs and the catalog read lists the same parameters
         assert option in tool.read_text().split('"""')[1]
+
+
+def test_the_bundle_command_writes_the_pushed_program_for_review(tmp_path):
+    from ebpfdiag.catalog import script_path
+
+    out = tmp_path / "tcp_rst.bundle.py"
+    r = subprocess.run([sys.executable, "-m", "ebpfdiag", "bundle", "tcp_rst", "-o", str(out)],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    program = out.read_text()
+    assert program == bundle(script_path("tcp_rst"))
+    digest = hashlib.sha256(program.encode()).hexdigest()
+    assert r.stderr.startswith(f"sha256 {digest}")
+    assert (
+        "--port PORT[,PORT]"
+        in subprocess.run(
+            [REMOTE_PYTHON, str(out), "--help"], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    nowhere = str(tmp_path / "no" / "such" / "dir")
+    r = subprocess.run([sys.executable, "-m", "ebpfdiag", "bundle", "tcp_rst", "-o", nowhere],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--output" in r.stderr
