@@ -67,6 +67,9 @@ def _script_args(
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the whole trace as one JSON document ('ebpfdiag show' "
               "renders it again later, without the hosts).")  # fmt: skip
+@click.option("--pcap", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write every packet sighting to this pcapng file (headers rebuilt "
+              "from the records, one interface per host:interface, aligned time).")  # fmt: skip
 @pass_app
 def tcp_rst(
     app: App,
@@ -78,6 +81,7 @@ def tcp_rst(
     duration: float | None,
     count: int | None,
     output: Path | None,
+    pcap: Path | None,
 ) -> int:
     """Who sent a TCP reset, and why: one timeline across client, load balancer and server.
 
@@ -88,6 +92,7 @@ def tcp_rst(
     """
     from ebpfdiag.catalog import script_path
     from ebpfdiag.fanout import Fanout
+    from ebpfdiag.render.pcapng import save_pcap
     from ebpfdiag.render.timeline import event_record, live_line
     from ebpfdiag.tracing import RST, TraceSession
     from ebpfdiag.transport import Script
@@ -95,6 +100,8 @@ def tcp_rst(
     args = _script_args(ports, addrs, interfaces, history, all_flows)
     if output is not None:
         app.check_writable(output)
+    if pcap is not None:
+        app.check_writable(pcap)
     hosts, opts = app.prepare_run()
     script = Script.from_path(script_path("tcp_rst"), args)
     names = [h.name for h in hosts]
@@ -148,7 +155,10 @@ def tcp_rst(
         engine = Fanout(hosts, script, opts, session)
         session.fanout = engine
         app.run(engine)
-    return conclude(app, session, engine.interrupted, output)
+    code = conclude(app, session, engine.interrupted, output)
+    if pcap is not None and not save_pcap(pcap, session.events, session.hellos(), app.term.error):
+        code = max(code, EXIT_HOSTS_FAILED)
+    return code
 
 
 def conclude(app: App, session: TraceSession, interrupted: bool, output: Path | None) -> int:

@@ -11,6 +11,7 @@ import json
 import socket
 import struct
 import sys
+import threading
 import time
 
 
@@ -92,21 +93,142 @@ def connect(address, port, timeout, payload, bind):
     )
 
 
+#: bytes added to each ``delay`` answer, so responses are bigger than requests
+RESPONSE_PAD = 400
+_EMIT = threading.Lock()
+
+
+def emit_shared(record):
+    """``emit`` from several threads: one whole line at a time."""
+    with _EMIT:
+        emit(record)
+
+
+def serve_exchanges(port, delay_ms):
+    """Request/response on long connections: each request line is answered after
+    ``delay_ms`` (an application that is slow, where the network is not); one thread per
+    connection so several clients are served at once."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("0.0.0.0", port))
+    listener.listen(64)
+    emit_shared({"event": "listening", "port": port, "delay_ms": delay_ms})
+    while True:
+        conn, peer = listener.accept()
+        emit_shared({"event": "accepted", "peer": list(peer), "local": list(conn.getsockname())})
+        threading.Thread(target=_answer, args=(conn, peer, delay_ms), daemon=True).start()
+
+
+def _answer(conn, peer, delay_ms):
+    answered = 0
+    reader = conn.makefile("rb")
+    try:
+        for request in reader:
+            time.sleep(delay_ms / 1000.0)
+            conn.sendall(b"ok " + request.rstrip(b"\n") + b" " + b"x" * RESPONSE_PAD + b"\n")
+            answered += 1
+    except OSError as exc:
+        emit_shared({"event": "error", "error": errno.errorcode.get(exc.errno, str(exc))})
+    finally:
+        reader.close()
+        conn.close()
+    emit_shared({"event": "closed", "peer": list(peer), "mode": "delay", "answered": answered})
+
+
+def exchange(address, port, timeout, bind, connections, exchanges):
+    """``connections`` connections at once, ``exchanges`` request/response rounds on each;
+    report every round's time as the client measured it (send to whole response)."""
+    results = [None] * connections
+    threads = [
+        threading.Thread(target=_rounds, args=(results, i, address, port, timeout, bind, exchanges))
+        for i in range(connections)
+    ]
+    start = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    errors = [r["error"] for r in results if r["error"]]
+    emit_shared(
+        {
+            "error": errors[0] if errors else None,
+            "errno": next((r["errno"] for r in results if r["error"]), None),
+            "phase": next((r["phase"] for r in results if r["error"]), "done"),
+            "elapsed_ms": round((time.monotonic() - start) * 1000.0, 3),
+            "client_address": results[0]["client_address"],
+            "client_port": results[0]["client_port"],
+            "address": address,
+            "port": port,
+            "received": results[0]["received"],
+            "connections": results,
+        }
+    )
+
+
+def _rounds(results, index, address, port, timeout, bind, exchanges):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.bind((bind, 0))
+    local = sock.getsockname()
+    phase, error, err_no, rtt_ms, received = "connect", None, None, [], b""
+    try:
+        sock.connect((address, port))
+        reader = sock.makefile("rb")
+        for n in range(exchanges):
+            phase = "send"
+            start = time.monotonic()
+            sock.sendall(b"request %d %d\n" % (index, n))
+            phase = "recv"
+            received = reader.readline()
+            if not received.endswith(b"\n"):
+                raise OSError(errno.ECONNRESET, "connection closed before the response")
+            rtt_ms.append(round((time.monotonic() - start) * 1000.0, 3))
+        reader.close()
+    except TimeoutError:
+        error, err_no = "ETIMEDOUT", errno.ETIMEDOUT
+    except OSError as exc:
+        err_no = exc.errno
+        error = errno.errorcode.get(exc.errno, str(exc))
+    sock.close()
+    results[index] = {
+        "client_address": local[0],
+        "client_port": local[1],
+        "error": error,
+        "errno": err_no,
+        "phase": phase if error else "done",
+        "exchanges": len(rtt_ms),
+        "rtt_ms": rtt_ms,
+        "received": received.decode("utf-8", "replace"),
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="role")
     server = sub.add_parser("server")
     server.add_argument("--port", type=int, required=True)
-    server.add_argument("--mode", choices=("echo", "abort"), default="echo")
+    server.add_argument("--mode", choices=("echo", "abort", "delay"), default="echo")
+    server.add_argument("--delay-ms", type=float, default=0.0, help="delay mode: per answer")
     client = sub.add_parser("client")
     client.add_argument("--address", required=True)
     client.add_argument("--port", type=int, required=True)
     client.add_argument("--timeout", type=float, default=3.0)
     client.add_argument("--payload", default="hello\n")
     client.add_argument("--bind", default="0.0.0.0")
+    client.add_argument(
+        "--connections",
+        type=int,
+        default=0,
+        help="request/response rounds on this many connections at once",
+    )
+    client.add_argument("--exchanges", type=int, default=1, help="rounds per connection")
     args = parser.parse_args(argv)
-    if args.role == "server":
+    if args.role == "server" and args.mode == "delay":
+        serve_exchanges(args.port, args.delay_ms)
+    elif args.role == "server":
         serve(args.port, args.mode)
+    elif args.role == "client" and args.connections:
+        exchange(args.address, args.port, args.timeout, args.bind, args.connections, args.exchanges)
     elif args.role == "client":
         connect(args.address, args.port, args.timeout, args.payload.encode(), args.bind)
     else:

@@ -208,6 +208,8 @@ def run_scenario(name: str, lab: "LabState", *, timeout: float = 3.0) -> Scenari
         )
     if spec.moves:
         return _run_failover(spec, lab, timeout)
+    if isinstance(spec, LoadScenario):
+        return _run_load(spec, lab, timeout)
     helpers: dict[str, subprocess.Popen] = {}
     events: list[dict[str, Any]] = []
     watch = NatWatch(lab, spec.port) if spec.forwarded else None
@@ -539,3 +541,211 @@ def parse_conntrack(line: str) -> dict[str, Any]:
 def describe() -> list[dict[str, Any]]:
     """``lab scenario --list`` as data."""
     return [asdict(s) for s in SCENARIOS.values()]
+
+
+# -- Latency scenarios: many request/response rounds; delay from the server application
+# (this kernel has no netem), loss from lb's nftables.
+
+LOSS_CHAIN = "scenario_loss"  # lb's forward-hook chain of lossy scenarios (scenario's own)
+LOSS_SET = "scenario_dropped"  # flow . seq of each data segment it dropped once
+
+
+@dataclass(frozen=True)
+class LoadScenario(Scenario):
+    """Request/response rounds on several connections at once (``peers.py`` delay mode)."""
+
+    connections: int = 3
+    exchanges: int = 10  # rounds per connection
+    delay_ms: float = 0.0  # how long the server application waits before each answer
+    drops: int = 0  # lb drops this many client data segments once each (the first ones)
+
+
+@dataclass
+class LoadResult(ScenarioResult):
+    """What a latency tracer's tests compare with: the injected delay, the rounds as the
+    client timed them, and the segments lb dropped."""
+
+    delay_ms: float = 0.0
+    exchanges: int = 0  # rounds completed over all connections
+    # per connection: client_port, exchanges, rtt_ms (each round, send to whole answer), error
+    connections: list[dict[str, Any]] = field(default_factory=list)
+    # each segment lb dropped, as its forward hook saw it (after DNAT, before masquerade):
+    # {saddr, sport, daddr, dport, seq}
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    retransmissions: int = 0  # client namespace TcpRetransSegs during the run
+    loss_probes: int = 0  # client namespace TcpExtTCPLossProbes during the run
+
+    def summary(self) -> str:
+        rtts = [t for c in self.connections for t in c["rtt_ms"]]
+        seen = f"{self.error} ({self.phase}) after {self.exchanges} rounds"
+        if self.error is None:
+            seen = f"{self.exchanges} rounds on {len(self.connections)} connections"
+        if rtts:
+            seen += f", round {min(rtts):.1f}-{max(rtts):.1f} ms"
+        seen += f", {len(self.dropped)} dropped by lb, {self.retransmissions} retransmitted"
+        via = f"{self.client_address} -> {self.vip}:{self.vip_port}"
+        verdict = "reproduced" if self.reproduced else "NOT reproduced"
+        return f"{self.scenario}: {seen}; {via}; {verdict}"
+
+
+SCENARIOS.update(
+    (s.name, s)
+    for s in (
+        LoadScenario(
+            name="slow-server",
+            port=8110,
+            summary="the server application answers each request 20 ms late (3 connections "
+            "x 10 rounds); a tracer finds ~20 ms between a request reaching the server and "
+            "its answer leaving it, the network legs near zero",
+            forwarded=True,
+            server_mode="delay",
+            client_error=None,
+            client_phase="done",
+            expected=None,
+            delay_ms=20.0,
+        ),
+        LoadScenario(
+            name="lossy-lb",
+            port=8111,
+            summary="lb's nftables drops the first 3 client data segments once each "
+            "(forward hook); the client retransmits them; a tracer finds each one leaving "
+            "client and reaching lb but not leaving lb, then its retransmission passing",
+            forwarded=True,
+            server_mode="delay",
+            client_error=None,
+            client_phase="done",
+            expected=None,
+            drops=3,
+        ),
+        LoadScenario(
+            name="healthy-load",
+            port=8112,
+            summary="8 connections x 50 request/response rounds, no delay, no loss; "
+            "a tracer finds no retransmission and sub-millisecond legs",
+            forwarded=True,
+            server_mode="delay",
+            client_error=None,
+            client_phase="done",
+            expected=None,
+            connections=8,
+            exchanges=50,
+        ),
+    )
+)
+
+
+def _run_load(spec: LoadScenario, lab: "LabState", timeout: float) -> LoadResult:
+    """Start the delaying servers, add lb's drop rule if the scenario loses packets, run
+    the client's rounds; counters of the client namespace say what TCP retransmitted."""
+    client, lb = lab.hosts["client"], lab.hosts["lb"]
+    helpers: dict[str, subprocess.Popen] = {}
+    events: list[dict[str, Any]] = []
+    dropped: list[dict[str, Any]] = []
+    _remove_loss(lb.netns)
+    before = tcp_counters(client.netns)
+    try:
+        for server in lab.servers:
+            argv = [sys.executable, str(PEERS), "server", "--port", str(spec.port),
+                    "--mode", "delay", "--delay-ms", str(spec.delay_ms)]  # fmt: skip
+            helpers[server] = subprocess.Popen(
+                ns_exec_argv(lab.hosts[server].netns, argv),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        for server, proc in helpers.items():
+            events += [dict(e, host=server) for e in _read_until_listening(server, proc)]
+        if spec.drops:
+            _add_loss(lb.netns, spec, str(client.data_address))
+        argv = [sys.executable, str(PEERS), "client", "--address", lab.vip,
+                "--bind", str(client.data_address), "--port", str(spec.port),
+                "--timeout", str(timeout), "--connections", str(spec.connections),
+                "--exchanges", str(spec.exchanges)]  # fmt: skip
+        proc = subprocess.run(ns_exec_argv(client.netns, argv), capture_output=True, text=True,
+                              timeout=timeout * spec.exchanges + 30)  # fmt: skip
+        if proc.returncode != 0 or not proc.stdout.strip():
+            raise LabError(f"scenario client failed: {proc.stderr.strip() or proc.returncode}")
+        seen = json.loads(proc.stdout.splitlines()[-1])
+        if spec.drops:
+            dropped = _dropped(lb.netns)
+    finally:
+        for server, proc in helpers.items():
+            events += [dict(e, host=server) for e in _stop(proc)]
+        _remove_loss(lb.netns)
+    after = tcp_counters(client.netns)
+    connections = seen.pop("connections")
+    result = LoadResult(
+        **_result(spec, lab, seen).to_dict(),
+        delay_ms=spec.delay_ms,
+        exchanges=sum(c["exchanges"] for c in connections),
+        connections=connections,
+        dropped=dropped,
+        retransmissions=after["TcpRetransSegs"] - before["TcpRetransSegs"],
+        loss_probes=after["TcpExtTCPLossProbes"] - before["TcpExtTCPLossProbes"],
+    )
+    result.server_events = events
+    accepted = [e for e in events if e.get("event") == "accepted"]
+    if accepted:
+        result.server_host = accepted[0]["host"]
+        result.server_address, result.server_port = accepted[0]["local"]
+    rtts = [t for c in connections for t in c["rtt_ms"]]
+    result.reproduced = (
+        result.error is None
+        and result.exchanges == spec.connections * spec.exchanges
+        and min(rtts, default=0.0) >= spec.delay_ms
+        and (len(dropped) == spec.drops and result.retransmissions >= spec.drops
+             if spec.drops else result.retransmissions == 0)
+    )  # fmt: skip
+    return result
+
+
+def _add_loss(ns: str, spec: LoadScenario, client: str) -> None:
+    """lb's forward hook drops each of the client's first ``spec.drops`` data segments
+    once: the dynamic set (bounded to that many) remembers flow and seq, so the
+    retransmission of a remembered segment passes, and a full set drops nothing more."""
+    key = "ip saddr . tcp sport . ip daddr . tcp dport . tcp sequence"
+    mark = f'comment "{RULE_COMMENT}"'
+    rule = (
+        f"ip saddr {client} tcp dport {spec.server_port} tcp flags & (fin | syn | rst | psh) "
+        f"== psh {key} != @{LOSS_SET} add @{LOSS_SET} {{ {key} }} counter drop {mark}"
+    )
+    commands = f"""
+add set ip {NFT_TABLE} {LOSS_SET} {{ typeof {key}; size {spec.drops}; flags dynamic; {mark}; }}
+add chain ip {NFT_TABLE} {LOSS_CHAIN} {{ type filter hook forward priority filter; {mark}; }}
+add rule ip {NFT_TABLE} {LOSS_CHAIN} {rule}
+"""
+    run(ns_exec_argv(ns, ["nft", "-f", "-"]), input=commands)
+
+
+def _remove_loss(ns: str) -> None:
+    """Remove the lossy scenario's chain and set (also those a killed run left behind)."""
+    listing = _nft(ns, "list", "table", "ip", NFT_TABLE)
+    if f"chain {LOSS_CHAIN} " in listing:
+        _nft(ns, "delete", "chain", "ip", NFT_TABLE, LOSS_CHAIN)
+    if f"set {LOSS_SET} " in listing:
+        _nft(ns, "delete", "set", "ip", NFT_TABLE, LOSS_SET)
+
+
+def _dropped(ns: str) -> list[dict[str, Any]]:
+    """The set's elements: each dropped segment's flow and seq."""
+    data = json.loads(_nft(ns, "-j", "list", "set", "ip", NFT_TABLE, LOSS_SET))
+    out = []
+    for entry in data["nftables"]:
+        for elem in (entry.get("set") or {}).get("elem", []):
+            saddr, sport, daddr, dport, seq = elem["concat"]
+            out.append({"saddr": saddr, "sport": sport, "daddr": daddr, "dport": dport,
+                        "seq": seq})  # fmt: skip
+    return out
+
+
+def tcp_counters(ns: str) -> dict[str, int]:
+    """The namespace's TCP counters (``/proc/net/snmp`` and ``netstat``, as ``nstat``
+    names them: ``TcpRetransSegs``, ``TcpExtTCPLossProbes``, ...)."""
+    text = run(ns_exec_argv(ns, ["cat", "/proc/net/snmp", "/proc/net/netstat"]))
+    lines = text.splitlines()
+    out: dict[str, int] = {}
+    for names, values in zip(lines[::2], lines[1::2], strict=True):
+        group, _, names = names.partition(":")
+        for name, value in zip(names.split(), values.split(":", 1)[1].split(), strict=True):
+            out[group + name] = int(value)
+    return out
