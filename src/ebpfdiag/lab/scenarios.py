@@ -667,7 +667,7 @@ def _run_load(spec: LoadScenario, lab: "LabState", timeout: float) -> LoadResult
             raise LabError(f"scenario client failed: {proc.stderr.strip() or proc.returncode}")
         seen = json.loads(proc.stdout.splitlines()[-1])
         if spec.drops:
-            dropped = _dropped(lb.netns)
+            dropped = _dropped(lb.netns, spec.server_port)
     finally:
         for server, proc in helpers.items():
             events += [dict(e, host=server) for e in _stop(proc)]
@@ -703,7 +703,7 @@ def _add_loss(ns: str, spec: LoadScenario, client: str) -> None:
     """lb's forward hook drops each of the client's first ``spec.drops`` data segments
     once: the dynamic set (bounded to that many) remembers flow and seq, so the
     retransmission of a remembered segment passes, and a full set drops nothing more."""
-    key = "ip saddr . tcp sport . ip daddr . tcp dport . tcp sequence"
+    key = "ip saddr . tcp sport . ip daddr . tcp sequence"  # nft 1.0.6 takes 4 parts at most
     mark = f'comment "{RULE_COMMENT}"'
     rule = (
         f"ip saddr {client} tcp dport {spec.server_port} tcp flags & (fin | syn | rst | psh) "
@@ -726,13 +726,13 @@ def _remove_loss(ns: str) -> None:
         _nft(ns, "delete", "set", "ip", NFT_TABLE, LOSS_SET)
 
 
-def _dropped(ns: str) -> list[dict[str, Any]]:
-    """The set's elements: each dropped segment's flow and seq."""
+def _dropped(ns: str, dport: int) -> list[dict[str, Any]]:
+    """The set's elements: each dropped segment's flow and seq (the rule's one ``dport``)."""
     data = json.loads(_nft(ns, "-j", "list", "set", "ip", NFT_TABLE, LOSS_SET))
     out = []
     for entry in data["nftables"]:
         for elem in (entry.get("set") or {}).get("elem", []):
-            saddr, sport, daddr, dport, seq = elem["concat"]
+            saddr, sport, daddr, seq = elem["concat"]
             out.append({"saddr": saddr, "sport": sport, "daddr": daddr, "dport": dport,
                         "seq": seq})  # fmt: skip
     return out
