@@ -641,6 +641,7 @@ def _run_load(spec: LoadScenario, lab: "LabState", timeout: float) -> LoadResult
     helpers: dict[str, subprocess.Popen] = {}
     events: list[dict[str, Any]] = []
     dropped: list[dict[str, Any]] = []
+    watch = NatWatch(lab, spec.port)
     _remove_loss(lb.netns)
     before = tcp_counters(client.netns)
     try:
@@ -657,6 +658,7 @@ def _run_load(spec: LoadScenario, lab: "LabState", timeout: float) -> LoadResult
             events += [dict(e, host=server) for e in _read_until_listening(server, proc)]
         if spec.drops:
             _add_loss(lb.netns, spec, str(client.data_address))
+        watch.start()
         argv = [sys.executable, str(PEERS), "client", "--address", lab.vip,
                 "--bind", str(client.data_address), "--port", str(spec.port),
                 "--timeout", str(timeout), "--connections", str(spec.connections),
@@ -672,6 +674,7 @@ def _run_load(spec: LoadScenario, lab: "LabState", timeout: float) -> LoadResult
         for server, proc in helpers.items():
             events += [dict(e, host=server) for e in _stop(proc)]
         _remove_loss(lb.netns)
+        nat = watch.stop()
     after = tcp_counters(client.netns)
     connections = seen.pop("connections")
     result = LoadResult(
@@ -684,6 +687,7 @@ def _run_load(spec: LoadScenario, lab: "LabState", timeout: float) -> LoadResult
         loss_probes=after["TcpExtTCPLossProbes"] - before["TcpExtTCPLossProbes"],
     )
     result.server_events = events
+    result.lb_conntrack = [e for e in nat if e["original"]["sport"] == result.client_port]
     accepted = [e for e in events if e.get("event") == "accepted"]
     if accepted:
         result.server_host = accepted[0]["host"]
