@@ -26,7 +26,7 @@ from tests.conftest import require_root_tools
 pytestmark = pytest.mark.root
 
 PREFIX, BASE = "eblp", "198.18.140.0"
-STATE_DIR = Path("/run/ebpfdiag/lab-latency-test")
+STATE_DIR = Path("/run/ebpfdiag/lab-eblp-test")  # also test_pcapng's lab (one at a time)
 
 
 @pytest.fixture(scope="module")
