@@ -143,14 +143,16 @@ def test_three_hosts_read_back_by_tshark(tmp_path):
     assert all(len(ids) == 1 for ids in streams.values()) and len(set.union(*streams.values())) == 3
 
 
-def test_packets_without_aligned_time_are_left_out_and_said(tmp_path):
+def test_packets_without_aligned_time_or_fields_are_left_out_and_said(tmp_path):
     events = three_hosts()
     del events[0]["ts"]  # a host whose clock was never sampled
+    events[1]["saddr"] = "not an address"
     said: list[str] = []
     path = tmp_path / "trace.pcapng"
     assert save_pcap(path, events, HELLOS, said.append)
-    assert len(tshark(path, "frame.number")) == 25
-    assert said == [f"{path}: 1 packets left out (their host's clock was never sampled)"]
+    assert len(tshark(path, "frame.number")) == 24
+    assert said == [f"{path}: 1 packets left out (their host's clock was never sampled)",
+                    f"{path}: 1 packets left out (malformed records)"]  # fmt: skip
 
 
 def test_an_unwritable_file_is_one_line(tmp_path):

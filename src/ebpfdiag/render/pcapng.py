@@ -4,7 +4,8 @@ The hosts report headers, not bytes: each ``packet`` record becomes an Enhanced 
 Block whose IPv4/IPv6 and TCP headers are rebuilt from its fields (addresses, ports, seq,
 ack, flags, window, IP ID, TTL). The captured length is the headers alone; the original
 length adds the payload the host counted, so Wireshark follows sequence numbers as if the
-payload had been cut by a snap length. The TCP checksum is left 0 (the payload is unknown).
+payload had been cut by a snap length. The TCP checksum is left 0 (the payload is unknown);
+IPv4 packets carry DF, as Linux TCP sends them.
 
 One Interface Description Block per ``host:interface`` (named so; its description names
 the host, the interface and the TC hook the host attached), ns timestamps
@@ -45,6 +46,8 @@ class PcapStats:
     packets: dict[str, int] = field(default_factory=dict)
     #: packet records of a host whose clock was never sampled: no aligned ``ts`` to place them
     unaligned: int = 0
+    #: packet records whose fields make no header (a host's malformed output)
+    malformed: int = 0
 
     @property
     def written(self) -> int:
@@ -77,13 +80,18 @@ def write_pcap(
         for ifname in (hello or {}).get("interfaces") or []:
             interface(host, str(ifname))
     for rec in packets:
+        try:
+            headers = packet_headers(rec)
+            original = len(headers) + int(rec["len"])
+        except (KeyError, TypeError, ValueError, struct.error):
+            stats.malformed += 1
+            continue
         ifname = str(rec.get("ifname") or rec.get("ifindex"))
         index = interface(rec["host"], ifname)
-        headers = packet_headers(rec)
         comment = f"host={rec['host']} hook={rec.get('dir', '?')} why={rec.get('why', '?')}"
         if "clock_error_ns" in rec:
             comment += f" clock_error_ns={rec['clock_error_ns']}"
-        blocks.append(_packet(index, rec["ts"], headers, len(headers) + rec["len"], comment))
+        blocks.append(_packet(index, rec["ts"], headers, original, comment))
         stats.packets[f"{rec['host']}:{ifname}"] += 1
     Path(path).write_bytes(b"".join(blocks))
     return stats
@@ -174,4 +182,6 @@ def save_pcap(
         return False
     if stats.unaligned:
         error(f"{path}: {stats.unaligned} packets left out (their host's clock was never sampled)")
+    if stats.malformed:
+        error(f"{path}: {stats.malformed} packets left out (malformed records)")
     return True
