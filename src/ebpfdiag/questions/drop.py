@@ -116,7 +116,8 @@ class HostEvidence:
             "type": "netstat", "host": self.host, "final": self.netstat_final,
             "delta": dict(self.netstat), "kernel_drops": self.kernel_drops,
             "retrans": {"records": self.retrans, "syn": self.syn_retrans},
-            "suppressed": self.suppressed, "lost": self.lost, "probe": self.probe,
+            "suppressed": self.suppressed, "counts_final": self.counts_final,
+            "lost": self.lost, "probe": self.probe,
             "reasons": self.reasons,
         }  # fmt: skip
 
@@ -420,7 +421,8 @@ def _drop_words(d: DropEvent) -> str:
     return f"dropped on {d.host} by {d.reason}" + (f" ({func})" if func else "")
 
 
-def _packet_words(rec: Mapping[str, Any]) -> str:
+def _packet_words(p: Hop | Mapping[str, Any]) -> str:
+    rec = p.to_json(0) if isinstance(p, Hop) else p
     t = f"{rec.get('saddr')}:{rec.get('sport')} > {rec.get('daddr')}:{rec.get('dport')}"
     if rec.get("flags") is None:
         return t
@@ -430,7 +432,8 @@ def _packet_words(rec: Mapping[str, Any]) -> str:
 def _text(d: DropEvent, lossy: list[str]) -> str:
     before = d.path[:-1]
     words = [_describe_hop(h) for h in before] + [_drop_words(d)]
-    text = f"{_packet_words(d.rec)}: " + ", ".join(words)
+    first = before[0] if before else d.rec  # the packet as it left its sender
+    text = f"{_packet_words(first)}: " + ", ".join(words)
     if before:
         text += f", {ms(d.ts - before[0].ts):.3f} ms later"
     elif d.rec.get("seq") is not None:
@@ -499,20 +502,12 @@ def _summary(result: DropResult) -> Summary:
             f"the kernels counted drops they do not free with a reason: {said}"
             " (namespace-wide, not only the traced traffic)"
         )
-    retrans = [h for h in hosts.values() if h.retrans or h.netstat.get("TCPSynRetrans")]
-    if retrans:
-        parts.append(
-            "retransmissions: "
-            + "; ".join(
-                f"{h.host} {h.retrans} of the traced flows ({h.syn_retrans} SYN)"
-                + (
-                    f", TCPSynRetrans +{h.netstat['TCPSynRetrans']}"
-                    if h.netstat.get("TCPSynRetrans")
-                    else ""
-                )
-                for h in retrans
-            )
-        )
+    for h in hosts.values():
+        syn = h.netstat.get("TCPSynRetrans")
+        if h.retrans or syn:
+            said = f"{h.host} retransmitted {h.retrans} times on the traced flows"
+            said += f" ({h.syn_retrans} SYN)"
+            parts.append(said + (f", TCPSynRetrans +{syn}" if syn else ""))
     text = "; ".join(parts)
     if missing:
         text += "; missing evidence: " + "; ".join(missing)
@@ -597,8 +592,15 @@ def correlate(
     for flow in traced.flows:
         verdict = flow.verdict
         if isinstance(verdict, FlowDrops):
-            verdict.text = "; ".join(d.text for d in verdict.drops) or "no drop record"
+            verdict.text = _flow_text(verdict.drops)
     return DropResult(traced.flows, drops, seen.hosts, traced.warnings, alignment)
+
+
+def _flow_text(drops: list[DropEvent]) -> str:
+    if not drops:
+        return "no drop record"
+    more = f" ({len(drops)} drops in this flow, the first shown)" if len(drops) > 1 else ""
+    return drops[0].text + more
 
 
 def _event(rec: Mapping[str, Any], evidence: HostEvidence, ts: int, err_ns: int) -> DropEvent:

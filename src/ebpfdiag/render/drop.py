@@ -14,10 +14,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ebpfdiag.questions.drop import DropResult, function_of
+from ebpfdiag.questions.drop import DropEvent, DropResult, FlowDrops, Retransmission, function_of
 from ebpfdiag.render.terminal import host_colour
-from ebpfdiag.render.timeline import render_flow
-from ebpfdiag.trace.sightings import flag_names
+from ebpfdiag.render.timeline import nat_line
+from ebpfdiag.trace.flows import Flow, Hop
+from ebpfdiag.trace.sightings import DROP, flag_names
 
 
 def _addresses(rec: Mapping[str, Any]) -> str:
@@ -93,6 +94,75 @@ def counters_table(result: DropResult, console: Console) -> None:
             ", ".join(retrans) or "-",
         )
     console.print(table)
+
+
+def _hop_row(hop: Hop, start: int, drop: DropEvent | None) -> list:
+    note = []
+    if drop is not None:
+        note.append(f"{drop.label} at {drop.location or '?'}")
+    if hop.nat:
+        note.append("after NAT")
+    if hop.hop_ns is not None:
+        note.append(f"hop {hop.hop_ns / 1e6:.3f} ms")
+    dropped = hop.dir == DROP
+    return [
+        f"{(hop.ts - start) / 1e6:9.3f}",
+        Text(hop.host, style=host_colour(hop.host)),
+        Text(
+            f"{hop.ifname} {'dropped' if dropped else hop.dir}", style="bold red" if dropped else ""
+        ),
+        f"{hop.saddr}:{hop.sport} > {hop.daddr}:{hop.dport}",
+        flag_names(hop.flags),
+        f"seq={hop.seq} ack={hop.ack} len={hop.len}",
+        Text(", ".join(note), style="bold red" if dropped else ""),
+    ]
+
+
+def _retrans_row(x: Retransmission, start: int) -> list:
+    return [
+        f"{(x.ts - start) / 1e6:9.3f}",
+        Text(x.host, style=host_colour(x.host)),
+        Text(x.probe or "retransmit", style="bold yellow"),
+        f"{x.saddr}:{x.sport} > {x.daddr}:{x.dport}",
+        "",
+        f"state {x.state or '-'}",
+        "retransmission",
+    ]
+
+
+def render_flow(flow: Flow, console: Console) -> None:
+    """A flow's timeline (as tcp-rst draws it), its drops named with reason and location
+    and its retransmissions in time order."""
+    verdict = flow.verdict
+    drops = verdict.drops if isinstance(verdict, FlowDrops) else []
+    by_key = {(d.host, d.ts_ns): d for d in drops}
+    retrans = sorted((x for d in drops for x in d.retrans), key=lambda x: x.ts)
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("ms", "host", "where", "addresses", "flags", "tcp", "note"):
+        table.add_column(col, overflow="fold")
+    start = flow.start_ts
+    for ev in flow.events:
+        if not isinstance(ev, Hop):
+            continue
+        while retrans and retrans[0].ts < ev.ts:
+            table.add_row(*_retrans_row(retrans.pop(0), start))
+        drop = by_key.get((ev.host, ev.ts_ns)) if ev.dir == DROP else None
+        table.add_row(*_hop_row(ev, start, drop))
+    for x in retrans:
+        table.add_row(*_retrans_row(x, start))
+    first = flow.endpoints[0] if flow.endpoints else None
+    title = f"flow {flow.id}"
+    if first:
+        title += f": {first.saddr}:{first.sport} -> {first.daddr}:{first.dport} at {first.host}"
+    console.print(Text(title, style="bold"))
+    for m in flow.nat:
+        console.print(nat_line(m), markup=False, highlight=False)
+    console.print(table)
+    if verdict is not None:
+        console.print(Text(verdict.text, style="bold yellow"), soft_wrap=True)
+    for w in flow.warnings:
+        console.print(Text(f"warning: {w.message}", style="red"), soft_wrap=True)
+    console.print()
 
 
 def render(result: DropResult, console: Console, err: Console) -> None:
