@@ -505,7 +505,8 @@ def _summary(result: DropResult) -> Summary:
     for h in hosts.values():
         syn = h.netstat.get("TCPSynRetrans")
         if h.retrans or syn:
-            said = f"{h.host} retransmitted {h.retrans} times on the traced flows"
+            times = "time" if h.retrans == 1 else "times"
+            said = f"{h.host} retransmitted {h.retrans} {times} on the traced flows"
             said += f" ({h.syn_retrans} SYN)"
             parts.append(said + (f", TCPSynRetrans +{syn}" if syn else ""))
     text = "; ".join(parts)

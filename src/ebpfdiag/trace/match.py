@@ -22,16 +22,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from ebpfdiag.clock import Observation
-from ebpfdiag.trace.sightings import (
-    ACK,
-    DROP,
-    RST,
-    SEND_RESET,
-    SEQ_SPACE,
-    SYN,
-    ResetRecord,
-    Sighting,
-)
+from ebpfdiag.trace.sightings import ACK, RST, SEND_RESET, SEQ_SPACE, SYN, ResetRecord, Sighting
 
 DEFAULT_WINDOW_NS = 1_000_000_000
 """Matching sightings further apart than this are different occurrences."""
@@ -244,7 +235,7 @@ def tie_resets(
     by_seq: dict[tuple, list[Sighting]] = defaultdict(list)
     by_port: dict[tuple, list[Sighting]] = defaultdict(list)
     for s in sightings:
-        if not s.flags & RST or s.dir == DROP:  # reset records tie to where a RST left or entered
+        if not s.flags & RST:
             continue
         out = s.dir == "egress"
         local = (
