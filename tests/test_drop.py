@@ -131,8 +131,10 @@ def test_netfilter_drop_on_lb_is_joined_to_the_client_and_lb_sightings():
     s.t += 1_000_000_000
     s.retrans("client", (CLIENT, 40000, VIP, 80), dt=-5_000)
     s.syn(ipid=2, drop_on_lb=True)
+    s.t += 2_000_000_000
+    s.retrans("client", (CLIENT, 40000, VIP, 80))  # after the second drop: the client gave up
     s.all_counted(lb=[("NETFILTER_DROP", 12, "nf_hook_slow+0x9a", 2, 2)])
-    s.netstat("client", {"TCPSynRetrans": 1, "RetransSegs": 1})
+    s.netstat("client", {"TCPSynRetrans": 2, "RetransSegs": 2})
     result = correlate(s.records, clocks(), hosts=HOSTS)
 
     assert len(result.flows) == 1 and len(result.drops) == 2
@@ -148,8 +150,9 @@ def test_netfilter_drop_on_lb_is_joined_to_the_client_and_lb_sightings():
         "dropped on lb by NETFILTER_DROP (nf_hook_slow), 0.080 ms later; "
         "client retransmitted on this flow 999.915 ms later (SYN_SENT)"
     ), first.text
-    # the retransmission belongs to the drop that caused it, not to the next one
-    assert [x.host for x in first.retrans] == ["client"] and second.retrans == []
+    # each retransmission belongs to the latest drop before it
+    assert [x.ts_ns for x in first.retrans] == [s.mono("client", -2_000_005_000)]
+    assert [x.ts_ns for x in second.retrans] == [s.mono("client", 0)]
     assert first.missing == []
 
     recs = records_of(result)
