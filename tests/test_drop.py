@@ -181,6 +181,19 @@ def test_netfilter_drop_on_lb_is_joined_to_the_client_and_lb_sightings():
     assert "left client eth0, entered lb to-client, dropped on lb" in text
 
 
+def test_times_across_hosts_with_uncertain_clocks_are_said_to_be_unsure():
+    s = Stream()
+    s.syn(drop_on_lb=True)
+    s.all_counted(lb=[("NETFILTER_DROP", 12, "nf_hook_slow+0x9a", 1, 1)])
+    fuzzy = clocks()
+    fuzzy["client"] = ClockEstimate(OFFSETS["client"], 20_000_000)
+    (d,) = correlate(s.records, fuzzy, hosts=HOSTS).drops
+    assert " ms later (times unsure: clock of client uncertain by +-" in d.text
+    assert any(m.startswith("clock of client uncertain") for m in d.missing)
+    (sure,) = correlate(s.records, clocks(), hosts=HOSTS).drops
+    assert "unsure" not in sure.text
+
+
 def test_a_location_only_host_is_shown_as_such():
     s = Stream(hellos={"server": {"reasons": {"source": "none", "count": 0}, "fallback": "x"}})
     c, b = (CLIENT, 40000, VIP, 80), (CLIENT, 40000, SERVER, 8080)

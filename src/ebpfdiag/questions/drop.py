@@ -429,13 +429,28 @@ def _packet_words(p: Hop | Mapping[str, Any]) -> str:
     return f"{flag_names(rec['flags'])} {t}"
 
 
-def _text(d: DropEvent, lossy: list[str]) -> str:
+def _fuzzy(d: DropEvent, clocks: Alignment) -> list[str]:
+    """Hosts of a path across hosts whose clocks are too uncertain to trust its times."""
+    hosts = sorted({h.host for h in d.path})
+    if len(hosts) < 2:
+        return []
+    flagged = set(getattr(clocks, "flagged", ()))
+    return [
+        f"clock of {h} uncertain by +-{ms(clocks[h].error_ns):.3f} ms"
+        for h in hosts
+        if h in flagged
+    ]
+
+
+def _text(d: DropEvent, lossy: list[str], fuzzy: list[str]) -> str:
     before = d.path[:-1]
     words = [_describe_hop(h) for h in before] + [_drop_words(d)]
     first = before[0] if before else d.rec  # the packet as it left its sender
     text = f"{_packet_words(first)}: " + ", ".join(words)
     if before:
         text += f", {ms(d.ts - before[0].ts):.3f} ms later"
+        if fuzzy:
+            text += f" (times unsure: {', '.join(fuzzy)})"
     elif d.rec.get("seq") is not None:
         text += "; not seen on any other traced interface"
         if lossy:
@@ -587,8 +602,9 @@ def correlate(
     _tie_retrans(seen.retrans, drops, flow_of, aligned)
     for d in drops:
         gap = _reason_gap(d.host, d.rec, d.label)
-        d.missing = ([gap] if gap else []) + lossy
-        d.text = _text(d, lossy)
+        fuzzy = _fuzzy(d, alignment)
+        d.missing = ([gap] if gap else []) + lossy + fuzzy
+        d.text = _text(d, lossy, fuzzy)
     drops.sort(key=lambda d: d.ts)
     for flow in traced.flows:
         verdict = flow.verdict
