@@ -396,7 +396,7 @@ class _Evidence:
                         int(row.get("count") or 0),
                         int(row.get("matched") or 0),
                         label,
-                    )  # fmt: skip
+                    )
                 )
         for host, (_, rec) in self._netstat.items():
             ev = self.host(host)
