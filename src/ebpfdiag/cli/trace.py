@@ -262,3 +262,214 @@ def document(saved: list[dict], events: list[dict], records: list[dict]) -> dict
         "warnings": of("warning", records),
         "summary": of("summary", records)[0],
     }
+
+
+# ---------------------------------------------------------------- trace drop
+
+DROP_EXAMPLES = """
+\b
+Examples:
+  ebpfdiag trace drop --hosts client,lb,server --port 80 --duration 30s
+  ebpfdiag trace drop --hosts client,lb,server --addr 198.18.1.10 --count 5
+  ebpfdiag trace drop --hosts lbs,web --port 443 --json | jq -r 'select(.type=="drop") | .text'
+  ebpfdiag trace drop --hosts lbs,web --port 80 --rate 50 --duration 1m --output drop.json
+"""
+
+#: Host records the drop tracer sends besides tcp-rst's: events to align and show live,
+#: and per-host totals of which the last one counts.
+DROP_EVENTS = ("drop", "retrans")
+DROP_TOTALS = ("drop_counts", "netstat")
+
+
+def _drop_args(ports: tuple[str, ...], addrs: tuple[str, ...], rate: str | None) -> tuple[str, ...]:
+    """The drop tool's argv, checked against its parameter schema before any host is
+    contacted (``--duration`` and ``--count`` are counted here, across hosts)."""
+    from ebpfdiag.catalog import script_path
+    from ebpfdiag.remote.schema import tool_argv
+
+    values: dict[str, object] = {"port": list(ports), "addr": list(addrs)}
+    if rate is not None:
+        values["rate"] = rate
+    return tool_argv(script_path("drop"), values)
+
+
+def _drop_session(names: list[str], count: int | None, **kwargs) -> TraceSession:
+    """A TraceSession that also collects the drop tracer's records, stops after ``count``
+    drop events and answers with ``questions.drop`` instead of the reset verdicts."""
+    import asyncio
+    import dataclasses
+    import time
+
+    from ebpfdiag.questions.drop import correlate as drop_correlate
+    from ebpfdiag.tracing import COUNT_SETTLE_S, TraceSession
+
+    class DropSession(TraceSession):
+        drops = 0
+
+        def _record(self, host: str, rec: dict) -> None:
+            kind = rec.get("type")
+            if kind in DROP_EVENTS:
+                rec["host"] = host
+                self._held.append((time.monotonic(), rec))
+                if kind == "drop":
+                    self.drops += 1
+                    if count and self.drops == count and self.fanout is not None:
+                        asyncio.get_running_loop().call_later(COUNT_SETTLE_S, self.fanout.stop)
+            elif kind in DROP_TOTALS:
+                rec["host"] = host
+                self._released.append(rec)
+            else:
+                super()._record(host, rec)
+
+        def clocks(self) -> dict:
+            """As TraceSession's, over the host time of drops and retransmissions too."""
+            span: dict[str, tuple[int, int]] = {}
+            for rec in self.events:
+                ts_ns = rec.get("ts_ns")
+                if isinstance(ts_ns, int) and rec.get("type") in ("packet", *DROP_EVENTS):
+                    first, last = span.get(rec["host"], (ts_ns, ts_ns))
+                    span[rec["host"]] = (min(first, ts_ns), max(last, ts_ns))
+            result = {}
+            for name, ht in self.hosts.items():
+                if ht.clock:
+                    first, last = span.get(name) or (ht.clock.segments[-1].last_h,) * 2
+                    result[name] = ht.clock.summary(first, last)
+            return result
+
+        def correlate(self):  # type: ignore[override]
+            return drop_correlate(
+                self.events, self.clocks(), hellos=self.hellos(), hosts=list(self.hosts)
+            )
+
+        def finish(self, interrupted: bool) -> TraceResult:
+            return dataclasses.replace(super().finish(interrupted), correlation=self.correlate())
+
+    return DropSession(names, **kwargs)
+
+
+@trace.command("drop", epilog=DROP_EXAMPLES)
+@host_options()
+@click.option("--port", "ports", multiple=True, metavar="PORT[,PORT]", help="Only these ports.")
+@click.option("--addr", "addrs", multiple=True, metavar="ADDR[,ADDR]", help="Only these addresses.")
+@click.option("--duration", type=DURATION, help="Stop after this long (default: until Ctrl-C).")
+@click.option("--count", type=click.IntRange(1), help="Stop after N drop events.")
+@click.option("--rate", metavar="R",
+              help="Drop events per second each host sends at most (the tool's default when "
+              "not given); the rest are counted, not sent.")  # fmt: skip
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the whole trace as one JSON document.")  # fmt: skip
+@pass_app
+def drop(
+    app: App,
+    ports: tuple[str, ...],
+    addrs: tuple[str, ...],
+    duration: float | None,
+    count: int | None,
+    rate: str | None,
+    output: Path | None,
+) -> int:
+    """Where a flow's packets die, on which host, and why.
+
+    Attaches the kernel's drop tracepoint (skb:kfree_skb) on every host and reports each
+    dropped packet of the traced traffic with the kernel's reason and location, joined to
+    the sightings of the same packet on the other hosts (through DNAT/SNAT). At the end:
+    drops by host, reason and location (the hosts' own counts, so rate-limited events are
+    still counted), the kernel counters that grew without a drop event (listen queue
+    overflows, SYN retransmissions), and the timeline of every flow with a drop.
+    """
+    from ebpfdiag.catalog import script_path
+    from ebpfdiag.fanout import Fanout
+    from ebpfdiag.render.drop import live_line
+    from ebpfdiag.render.timeline import event_record
+    from ebpfdiag.transport import Script
+
+    args = _drop_args(ports, addrs, rate)
+    if output is not None:
+        app.check_writable(output)
+    hosts, opts = app.prepare_run()
+    script = Script.from_path(script_path("drop"), args)
+    names = [h.name for h in hosts]
+    t0: list[int] = []
+
+    def on_event(rec: dict) -> None:
+        if app.as_json:
+            app.json.write(event_record(rec))
+        elif rec["type"] in DROP_EVENTS:
+            if not t0 and rec.get("ts"):
+                t0.append(rec["ts"])
+            app.term.out.print(live_line(rec, t0[0] if t0 else None))
+
+    def on_ready(ready: list[str], failed: list[str]) -> None:
+        msg = f"tracing drops on {len(ready)} host{'s' if len(ready) != 1 else ''}"
+        if failed:
+            msg += f" ({len(failed)} failed: {', '.join(failed)})"
+        if app.as_json:
+            app.json.write({"type": "status", "state": "tracing", "hosts": ready,
+                            "failed": failed, "ports": session.ports,
+                            "unconfirmed": session.unconfirmed})  # fmt: skip
+            app.json.flush()
+        app.term.status(msg + (" - Ctrl-C to stop" if duration is None and count is None else ""))
+
+    def on_diagnostic(host: str, text: str) -> None:
+        if text.strip():
+            app.term.status(f"{host}: {text}")
+
+    with app.status_view(names) as status:
+        session = _drop_session(
+            names,
+            count,
+            duration=duration,
+            on_event=on_event,
+            on_ready=lambda r, f: (status.close(), on_ready(r, f)),
+            on_state=status.set,
+            on_diagnostic=on_diagnostic,
+        )
+        engine = Fanout(hosts, script, opts, session)
+        session.fanout = engine
+        app.run(engine)
+    return _conclude_drop(app, session, engine.interrupted, output)
+
+
+def _conclude_drop(app: App, session: TraceSession, interrupted: bool, output: Path | None) -> int:
+    """After the run: the drop answer as NDJSON or tables and timelines, ``--output``."""
+    from ebpfdiag.render.drop import render
+    from ebpfdiag.render.ndjson import SCHEMA_VERSION
+    from ebpfdiag.render.timeline import event_record, trace_records
+
+    result = session.finish(interrupted)
+    saved = source_records(result)
+    last: dict[tuple[str, str], dict] = {}  # each host's last totals say everything
+    for e in session.events:
+        if e["type"] in DROP_TOTALS:
+            last[(e["host"], e["type"])] = e
+    kept = [event_record(e) for e in session.events if e["type"] == "lost"]
+    kept += [event_record(e) for e in last.values()]
+    records = [_one_shape(rec, result) for rec in trace_records(result)]
+    for rec in records:
+        if rec["type"] == "host" and rec["error"]:
+            app.term.error(f"{rec['host']}: {rec['error']}")
+    if app.as_json:
+        for rec in kept + saved + records:
+            app.json.write(rec)
+        app.json.flush()
+    else:
+        render(result.correlation, app.term.out, app.term.err)
+    code = app.exit_code(
+        [h.result for h in result.hosts.values() if h.result is not None], interrupted
+    )
+    if output is not None:
+        live = [event_record(e) for e in session.events if e["type"] not in ("lost", *DROP_TOTALS)]
+
+        def of(*kinds: str) -> list[dict]:
+            return [{"v": SCHEMA_VERSION, **r} for r in saved + records if r["type"] in kinds]
+
+        doc = {
+            "type": "trace", "v": SCHEMA_VERSION, "command": "drop",
+            "hellos": of("hello"), "clocks": of("clock"), "hosts": of("host"),
+            "events": [{"v": SCHEMA_VERSION, **e} for e in live + kept],
+            "drop_counts": of("drop_count"), "netstat": of("netstat"), "drops": of("drop"),
+            "flows": of("flow"), "warnings": of("warning"), "summary": of("summary")[0],
+        }  # fmt: skip
+        if not app.write_file(output, json.dumps(doc, indent=1) + "\n"):
+            code = max(code, EXIT_HOSTS_FAILED)
+    return code

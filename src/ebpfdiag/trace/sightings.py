@@ -18,6 +18,9 @@ SEND_RESET = "tcp_send_reset"
 RECEIVE_RESET = "tcp_receive_reset"
 WILDCARD_ADDRS = frozenset({"0.0.0.0", "::"})
 SEQ_SPACE = 1 << 32
+DROP = "drop"
+"""The ``dir`` of a packet's last sighting: its host's kernel freed it as a drop."""
+_DIRS = {"egress": "egress", "ingress": "ingress", DROP: DROP}
 
 
 def flag_names(flags: int) -> str:
@@ -30,7 +33,8 @@ def _opt_int(value: Any) -> int | None:
 
 
 class Sighting:
-    """One packet at one point (host, interface, direction), as that host's clock saw it.
+    """One packet at one point (host, interface, direction), as that host's clock saw it;
+    direction ``drop`` is the point where that host's kernel dropped it.
 
     ``node`` is the connection view (host, 4-tuple, incarnation) it belongs to and ``occ``
     the occurrence (one transmission across hosts); both are set by later passes.
@@ -42,9 +46,9 @@ class Sighting:
     def __init__(self, rec: Mapping[str, Any], host: str, intern: dict[str, str]) -> None:
         self.host = host
         self.ifname = intern.setdefault(rec["ifname"], rec["ifname"])
-        if rec["dir"] not in ("egress", "ingress"):
+        if rec["dir"] not in _DIRS:
             raise ValueError(f"bad dir {rec['dir']!r}")
-        self.dir = "egress" if rec["dir"] == "egress" else "ingress"
+        self.dir = _DIRS[rec["dir"]]
         self.ts_ns = int(rec["ts_ns"])
         self.flags = int(rec["flags"])
         self.seq = int(rec["seq"]) % SEQ_SPACE
@@ -63,6 +67,21 @@ class Sighting:
     @property
     def tuple(self) -> tuple[str, int, str, int]:
         return (self.saddr, self.sport, self.daddr, self.dport)
+
+
+_DROP_FIELDS = ("ts_ns", "ts", "flags", "seq", "ack", "len", "ipid", "saddr", "sport", "daddr",
+                "dport")  # fmt: skip
+
+
+def drop_sighting(rec: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A drop tracer's ``drop`` record as the packet record of its last sighting (``dir``
+    "drop", on the device the kernel freed it from), so the matcher joins it to the same
+    packet on other hosts; None when it has no TCP fields to match on."""
+    if any(rec.get(key) is None for key in ("seq", "ack", "flags", "sport", "dport")):
+        return None
+    out = {key: rec.get(key) for key in _DROP_FIELDS}
+    out.update(type="packet", host=rec.get("host"), dir=DROP, ifname=rec.get("ifname") or "-")
+    return out
 
 
 class ResetRecord:

@@ -1,0 +1,201 @@
+"""``ebpfdiag trace drop``: help with examples, bad input refused in one line (exit 2) by
+the tool's own parameter schema before any host is contacted."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ebpfdiag.catalog
+from ebpfdiag.cli.app import main
+
+#: Used only when scripts/bpf/drop.py is not in this tree yet: the parameters its record
+#: contract names, so the CLI's schema check has something to check against.
+STANDIN_PARAMS = '''"""Stand-in parameter schema of the drop tool, for the CLI schema test only."""
+PARAMS = [
+    {"name": "port", "type": "port", "multiple": True, "metavar": "PORT[,PORT]"},
+    {"name": "addr", "type": "addr", "multiple": True, "metavar": "ADDR[,ADDR]"},
+    {"name": "duration", "type": "float", "min": 0, "default": 0},
+    {"name": "count", "type": "int", "min": 0, "default": 0},
+    {"name": "rate", "type": "int", "min": 1, "default": 100},
+]
+'''
+
+
+@pytest.fixture
+def drop_tool(tmp_path, monkeypatch) -> Path:
+    """The shipped drop tool, or a stand-in schema when the tool is not there yet."""
+    shipped = ebpfdiag.catalog.scripts_dir() / "drop.py"
+    if shipped.is_file():
+        return shipped
+    standin = tmp_path / "drop_params_standin.py"
+    standin.write_text(STANDIN_PARAMS)
+    real = ebpfdiag.catalog.script_path
+    monkeypatch.setattr(
+        ebpfdiag.catalog, "script_path", lambda name: standin if name == "drop" else real(name)
+    )
+    return standin
+
+
+@pytest.fixture
+def inv(tmp_path) -> Path:
+    path = tmp_path / "inventory.yaml"
+    path.write_text("hosts:\n  lb: {address: 198.18.200.1}\n  web: {address: 198.18.200.2}\n")
+    return path
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+def one_line_error(code: int, out: str, err: str, *needles: str) -> str:
+    assert code == 2, (code, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("ebpfdiag: ") and "Traceback" not in err
+    assert out == ""
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_help_has_examples():
+    r = subprocess.run(
+        [sys.executable, "-m", "ebpfdiag", "trace", "drop", "--help"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "Where a flow's packets die" in r.stdout
+    assert "Examples:" in r.stdout
+    assert "ebpfdiag trace drop --hosts client,lb,server --port 80" in r.stdout
+    for option in ("--port", "--addr", "--duration", "--count", "--rate", "--json", "--output"):
+        assert option in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("--rate", "0"), "--rate"),
+        (("--rate", "many"), "--rate"),
+        (("--port", "99999"), "99999"),
+        (("--port", "80,http"), "http"),
+        (("--addr", "foo"), "foo"),
+    ],
+)
+def test_bad_tool_parameters_are_one_line_and_exit_2(capsys, drop_tool, inv, args, needle):
+    code, out, err = run(capsys, "trace", "drop", "-i", str(inv), "--hosts", "lb", *args)
+    one_line_error(code, out, err, needle)
+
+
+def test_good_tool_parameters_pass_the_schema(capsys, drop_tool, inv):
+    """Valid values get past the schema: the next check (the host expression) speaks."""
+    code, out, err = run(
+        capsys, "trace", "drop", "-i", str(inv), "--hosts", "nosuch",
+        "--port", "80,8080", "--addr", "198.18.1.10", "--rate", "50",
+    )  # fmt: skip
+    line = one_line_error(code, out, err, "nosuch")
+    assert "--rate" not in line and "--port" not in line
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [(("--count", "0"), "--count"), (("--duration", "soon"), "soon")],
+)
+def test_bad_stop_conditions_are_one_line_and_exit_2(capsys, drop_tool, inv, args, needle):
+    code, out, err = run(capsys, "trace", "drop", "-i", str(inv), "--hosts", "lb", *args)
+    one_line_error(code, out, err, needle)
+
+
+def test_unwritable_output_is_refused_before_the_hosts(capsys, drop_tool, inv, tmp_path):
+    missing = tmp_path / "no-such-dir" / "drop.json"
+    code, out, err = run(
+        capsys, "trace", "drop", "-i", str(inv), "--hosts", "lb", "--output", str(missing)
+    )
+    one_line_error(code, out, err, str(missing))
+
+
+def _fed_session(count: int | None = None, fanout=None):  # noqa: ANN001
+    """A drop session fed by hand with a three-host stream whose SYN dies on lb, each host
+    pinged once at the same instant (the stream's true clocks)."""
+    import json
+    import time
+
+    from ebpfdiag.cli.trace import _drop_session
+    from ebpfdiag.clock import ClockSample
+    from tests.test_drop import CLIENT, HOSTS, VIP, Stream
+
+    s = Stream()
+    s.syn(drop_on_lb=True)
+    s.t += 1_000_000_000
+    s.retrans("client", (CLIENT, 40000, VIP, 80), dt=-5_000)
+    s.syn(ipid=2, drop_on_lb=True)
+    s.all_counted(lb=[("NETFILTER_DROP", 12, "nf_hook_slow+0x9a", 1, 1)])  # an early report
+    s.all_counted(lb=[("NETFILTER_DROP", 12, "nf_hook_slow+0x9a", 2, 2)])
+    shown: list[dict] = []
+    session = _drop_session(list(HOSTS), count, on_event=shown.append, settle_s=0)
+    session.fanout = fanout
+    now = time.monotonic_ns()
+    for host in HOSTS:
+        session.clock(host, ClockSample(now, s.mono(host, 0), now + 2_000))
+    for rec in s.records:
+        line = json.dumps({k: v for k, v in rec.items() if k != "host"}).encode()
+        session.lines(rec["host"], "stdout", [line])
+    return session, shown
+
+
+def test_the_session_collects_drop_records_and_answers_the_drop_question():
+    import io
+    import json
+
+    from ebpfdiag.cli.app import App
+    from ebpfdiag.cli.trace import _conclude_drop
+
+    session, shown = _fed_session()
+    assert {r["type"] for r in shown} == {"packet", "drop", "retrans"}  # shown live, aligned
+    assert all(isinstance(r.get("ts"), int) for r in shown)
+    out = io.StringIO()
+    app = App(stdout=out, stderr=io.StringIO())
+    app.as_json = True
+    assert _conclude_drop(app, session, False, None) == 0
+    recs = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert all("type" in r and r["v"] for r in recs)
+    by_type: dict[str, list[dict]] = {}
+    for r in recs:
+        by_type.setdefault(r["type"], []).append(r)
+    assert [r["host"] for r in by_type["drop"]] == ["lb", "lb"]
+    assert "0.080 ms later" in by_type["drop"][0]["text"]
+    assert [r["matched"] for r in by_type["drop_count"]] == [2]  # the last report counts
+    totals = [(r["host"], r["kind"]) for r in by_type["event"] if r["kind"] == "drop_counts"]
+    assert sorted(totals) == [("client", "drop_counts"), ("lb", "drop_counts"),
+                              ("server", "drop_counts")]  # fmt: skip
+    assert {r["host"] for r in by_type["host"]} == {"client", "lb", "server"}
+    summary = recs[-1]
+    assert summary["type"] == "summary" and summary["verdict"] == "dropped"
+    assert (summary["hosts"], summary["drops"], summary["flows"]) == (3, 2, 1)
+
+
+def test_count_stops_the_trace_after_n_drop_events():
+    import asyncio
+
+    from ebpfdiag.tracing import COUNT_SETTLE_S
+
+    class Engine:
+        stopped = 0
+
+        def stop(self) -> None:
+            self.stopped += 1
+
+    async def feed(count: int) -> int:
+        engine = Engine()
+        _fed_session(count, engine)
+        await asyncio.sleep(COUNT_SETTLE_S + 0.1)
+        return engine.stopped
+
+    assert asyncio.run(feed(2)) == 1
+    assert asyncio.run(feed(3)) == 0  # only two drops came
