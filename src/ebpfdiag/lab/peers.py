@@ -100,6 +100,7 @@ def connect(address, port, timeout, payload, bind, out_of_window=False):
 
 TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ = 19, 20, 21  # linux/tcp.h
 TCP_RECV_QUEUE, TCP_SEND_QUEUE = 1, 2
+TCP_REPAIR_OFF_NO_WP = -1  # leave repair mode without the window probe (an extra old segment)
 
 
 def serve_no_accept(port, backlog):
@@ -178,7 +179,7 @@ def send_out_of_window(sock, offset=0x40000000):
         sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
         rcv = sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF
     finally:
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 0)
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
     (src, sport), (dst, dport) = sock.getsockname(), sock.getpeername()
     payload = b"x"
     seq = (snd + offset) & 0xFFFFFFFF
