@@ -281,3 +281,16 @@ def test_symbols_from_kallsyms(tmp_path):
     hidden = tmp_path / "hidden"
     hidden.write_text("0000000000000000 T _text\n")
     assert symbols_mod.Symbols(str(hidden)).resolve(0xFFFFFFFF81000197) is None
+
+
+def test_catalog_lists_the_tool_with_its_parameters_and_fields():
+    from ebpfdiag.catalog import list_scripts
+
+    info = next(s for s in list_scripts() if s.name == "drop")
+    assert info.summary.startswith("drop: where a flow's packets die")
+    options = [p[0].split()[0] for p in info.parameters]
+    assert options == ["--port", "--addr", "--duration", "--count", "--rate", "--ebpf",
+                       "--format-dir"]  # fmt: skip
+    fields = {f[0] for f in info.fields}
+    assert {"drop.reason", "drop.location", "drop_counts.counts", "netstat.delta",
+            "retrans.state", "hello.reasons"} <= fields  # fmt: skip

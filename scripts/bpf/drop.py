@@ -44,7 +44,8 @@ Fields:
   hello.reasons         dict   {source: format, btf or none, count}: where reason names come from
   hello.fallback        str    only without drop reasons: why drops are named by location
   hello.rate            dict   {events_per_s, burst}: the per-packet record limit
-  hello.netstat         dict   {counters}: the netstat/snmp counters watched
+  hello.netstat         dict   {counters}: the netstat/snmp counters watched (names as the
+                               kernel prints them: PAWSEstab is LINUX_MIB_PAWSESTABREJECTED)
   drop.ts_ns            int    host CLOCK_MONOTONIC ns
   drop.reason           str    kernel drop reason name, null when unknown or no reasons
   drop.reason_num       int    kernel drop reason number, null on kernels without reasons
