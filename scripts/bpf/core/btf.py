@@ -85,7 +85,7 @@ TUPLE_PATHS = {
     "snd_nxt": ("tcp_sock", ("snd_nxt",), 4),
     "rcv_nxt": ("tcp_sock", ("rcv_nxt",), 4),
 }
-BTF_PTR, BTF_INT, BTF_ENUM = 2, 1, 6
+BTF_PTR, BTF_INT, BTF_ENUM, BTF_ENUM64 = 2, 1, 6, 19
 
 
 class Btf:
@@ -178,6 +178,25 @@ class Btf:
             raise KeyError("%s.%s is a bit field" % (struct_name, ".".join(path)))
         return bits // 8
 
+    def enum(self, name: str) -> dict:
+        """{value: name} of the first enum (32 or 64 bit) called `name`."""
+        for kind, name_off, _size, mpos, info in self.types:
+            if kind not in (BTF_ENUM, BTF_ENUM64) or self.name(name_off) != name:
+                continue
+            values = {}
+            signed = info >> 31
+            for i in range(info & 0xFFFF):
+                if kind == BTF_ENUM:
+                    e_name, value = struct.unpack_from(
+                        "<Ii" if signed else "<II", self.data, mpos + 8 * i
+                    )
+                else:
+                    e_name, low, high = struct.unpack_from("<III", self.data, mpos + 12 * i)
+                    value = (high << 32) | low
+                values[value] = self.name(e_name)
+            return values
+        raise KeyError("enum %s not in BTF" % name)
+
 
 def netns_offsets(path: str = BTF_VMLINUX):
     """Offsets for sk->skc_net, net->ns.inum, skb->dev and dev->nd_net, or (None, why)."""
@@ -210,3 +229,17 @@ def btf_offsets(path: str = BTF_VMLINUX):
         except (KeyError, IndexError, TypeError, struct.error) as exc:
             results.append((None, what % exc))
     return tuple(results)
+
+
+def btf_enum(name: str, path: str = BTF_VMLINUX):
+    """{value: enumerator name} of enum `name` in a BTF file, or (None, why).
+
+    Returns (table, None) or (None, why). Enum numbering moves between kernels (drop
+    reasons are renumbered whenever one is added), so names are read on the host.
+    """
+    try:
+        with open(path, "rb") as f:
+            btf = Btf(f.read())
+        return btf.enum(name), None
+    except (OSError, ValueError, KeyError, struct.error) as exc:
+        return None, "no BTF enum %s (%s)" % (name, exc)

@@ -8,6 +8,7 @@ what it saw (error name, errno, elapsed time, addresses).
 import argparse
 import errno
 import json
+import select
 import socket
 import struct
 import sys
@@ -49,7 +50,7 @@ def serve(port, mode):
         emit({"event": "closed", "peer": list(peer), "mode": mode})
 
 
-def connect(address, port, timeout, payload, bind):
+def connect(address, port, timeout, payload, bind, out_of_window=False):
     """One request; report the outcome as the application sees it."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.settimeout(timeout)
@@ -63,6 +64,9 @@ def connect(address, port, timeout, payload, bind):
     try:
         sock.connect((address, port))
         local = sock.getsockname()
+        if out_of_window:
+            send_out_of_window(sock)
+            time.sleep(0.2)  # the stray segment dies on the way before the request follows
         phase = "send"
         sock.sendall(payload)
         phase = "recv"
@@ -202,13 +206,114 @@ def _rounds(results, index, address, port, timeout, bind, exchanges):
     }
 
 
+# -- drop scenarios: a listener that never accepts, many connects, an out-of-window segment --
+
+TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ = 19, 20, 21  # linux/tcp.h
+TCP_RECV_QUEUE, TCP_SEND_QUEUE = 1, 2
+TCP_REPAIR_OFF_NO_WP = -1  # leave repair mode without the window probe (an extra old segment)
+
+
+def serve_no_accept(port, backlog):
+    """Listen and never accept: once the accept queue is full, the kernel refuses SYNs."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("0.0.0.0", port))
+    listener.listen(backlog)
+    emit({"event": "listening", "port": port, "backlog": backlog})
+    while True:
+        time.sleep(3600)
+
+
+def connect_many(address, port, timeout, bind, count):
+    """``count`` connects at once, held open until all are done; one summary line.
+
+    The outcome is the first failure (as ``connect`` reports it), with how many connected."""
+    socks = []
+    start = time.monotonic()
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.bind((bind, 0))
+        sock.connect_ex((address, port))
+        socks.append(sock)
+    pending = dict((s.fileno(), s) for s in socks)
+    outcome = {}
+    while pending and time.monotonic() - start < timeout:
+        _, ready, _ = select.select([], list(pending.values()), [], 0.05)
+        for sock in ready:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            outcome[sock.fileno()] = errno.errorcode.get(err) if err else None
+            del pending[sock.fileno()]
+    for fd in pending:
+        outcome[fd] = "ETIMEDOUT"
+    failed = [s for s in socks if outcome[s.fileno()]]
+    first = failed[0] if failed else socks[0]
+    error = outcome[first.fileno()]
+    local = first.getsockname()
+    emit(
+        {
+            "error": error,
+            "errno": getattr(errno, error) if error else None,
+            "phase": "connect" if error else "done",
+            "elapsed_ms": round((time.monotonic() - start) * 1000.0, 3),
+            "client_address": local[0],
+            "client_port": local[1],
+            "address": address,
+            "port": port,
+            "received": "",
+            "connected": count - len(failed),
+            "failed": len(failed),
+        }
+    )
+    for sock in socks:
+        sock.close()
+
+
+def checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def send_out_of_window(sock, offset=0x40000000):
+    """Send, beside the kernel, one segment of this connection whose sequence number lies
+    ``offset`` bytes past what the socket sends next: conntrack on the way finds it out of
+    window. The socket's own sequence numbers are read in repair mode."""
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+        snd = sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+        rcv = sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF
+    finally:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
+    (src, sport), (dst, dport) = sock.getsockname(), sock.getpeername()
+    payload = b"x"
+    seq = (snd + offset) & 0xFFFFFFFF
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, rcv, 5 << 4, 0x18, 502, 0, 0) + payload
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp))
+    tcp = tcp[:16] + struct.pack("!H", checksum(pseudo + tcp)) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))  # fmt: skip
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    try:
+        raw.sendto(ip + tcp, (dst, 0))
+    finally:
+        raw.close()
+    return seq
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="role")
     server = sub.add_parser("server")
     server.add_argument("--port", type=int, required=True)
-    server.add_argument("--mode", choices=("echo", "abort", "delay"), default="echo")
+    server.add_argument("--mode", choices=("echo", "abort", "delay", "no-accept"), default="echo")
     server.add_argument("--delay-ms", type=float, default=0.0, help="delay mode: per answer")
+    server.add_argument("--backlog", type=int, default=1, help="no-accept mode: listen backlog")
     client = sub.add_parser("client")
     client.add_argument("--address", required=True)
     client.add_argument("--port", type=int, required=True)
@@ -222,15 +327,22 @@ def main(argv=None):
         help="request/response rounds on this many connections at once",
     )
     client.add_argument("--exchanges", type=int, default=1, help="rounds per connection")
+    client.add_argument("--many", type=int, default=1, help="connects at once, held open")
+    client.add_argument("--out-of-window", action="store_true")
     args = parser.parse_args(argv)
     if args.role == "server" and args.mode == "delay":
         serve_exchanges(args.port, args.delay_ms)
+    elif args.role == "server" and args.mode == "no-accept":
+        serve_no_accept(args.port, args.backlog)
     elif args.role == "server":
         serve(args.port, args.mode)
     elif args.role == "client" and args.connections:
         exchange(args.address, args.port, args.timeout, args.bind, args.connections, args.exchanges)
+    elif args.role == "client" and args.many > 1:
+        connect_many(args.address, args.port, args.timeout, args.bind, args.many)
     elif args.role == "client":
-        connect(args.address, args.port, args.timeout, args.payload.encode(), args.bind)
+        connect(args.address, args.port, args.timeout, args.payload.encode(), args.bind,
+                args.out_of_window)  # fmt: skip
     else:
         parser.error("choose server or client")
     return 0

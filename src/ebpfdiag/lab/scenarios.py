@@ -145,6 +145,147 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 
+# -- Drop scenarios: packets die on a known host, for the reason Linux 6.18 gives ----------
+# Each gets its own port; the LB's shared DNAT forwards it to the servers (forwarded=True)
+# unless the scenario's own rules, marked with RULE_COMMENT and removed afterwards, say
+# otherwise. DROP_EXPECTED names where the packets die and what the kernel says there.
+
+DROP_CHAIN = "scenario_filter"  # a filter chain of lb's table, made and removed per run
+
+
+@dataclass(frozen=True)
+class DropOrigin:
+    """Where a drop scenario's packets die and how the kernel shows it on Linux 6.18."""
+
+    host: str  # role: "lb" or "server"
+    reason: str | None  # skb:kfree_skb reason there; None: no packet is freed with a reason
+    counters: tuple[str, ...] = ()  # /proc/net/netstat|snmp counters that grow on that host
+    client_retrans: bool = False  # the client retransmits its SYN (tcp_retransmit_skb)
+
+
+DROP_SCENARIOS = (
+    Scenario(
+        name="drop-lb-firewall",
+        port=8090,
+        summary="an nftables rule on the LB drops the client's SYNs to the VIP port; the LB "
+        "kernel frees them with reason NETFILTER_DROP and the client's connect times out",
+        forwarded=True,
+        server_mode="echo",
+        client_error="ETIMEDOUT",
+        client_phase="connect",
+        expected=None,
+    ),
+    Scenario(
+        name="drop-server-backlog",
+        port=8091,
+        summary="the server application listens (backlog 1) and never accepts; once its "
+        "accept queue is full the server kernel refuses further SYNs without a drop reason "
+        "(consumed), counting ListenOverflows and ListenDrops; the client retransmits its "
+        "SYNs and times out",
+        forwarded=True,
+        server_mode="no-accept",
+        client_error="ETIMEDOUT",
+        client_phase="connect",
+        expected=None,
+    ),
+    Scenario(
+        name="drop-lb-noroute",
+        port=8092,
+        summary="the LB's NAT sends the VIP port to a backend address it has no route for; "
+        "the LB kernel frees the SYN with reason IP_INNOROUTES and answers ICMP network "
+        "unreachable",
+        forwarded=True,
+        server_mode=None,
+        client_error="ENETUNREACH",
+        client_phase="connect",
+        expected=None,
+    ),
+    Scenario(
+        name="drop-lb-invalid",
+        port=8093,
+        summary="an established connection through the LB gets one segment far outside its "
+        "window; the LB's conntrack finds it invalid and its 'ct state invalid drop' rule "
+        "frees it with reason NETFILTER_DROP; the connection itself goes on",
+        forwarded=True,
+        server_mode="echo",
+        client_error=None,
+        client_phase="done",
+        expected=None,
+    ),
+)
+DROP_EXPECTED: dict[str, DropOrigin] = {
+    "drop-lb-firewall": DropOrigin(host="lb", reason="NETFILTER_DROP"),
+    "drop-server-backlog": DropOrigin(
+        host="server",
+        reason=None,
+        counters=("ListenOverflows", "ListenDrops"),
+        client_retrans=True,
+    ),  # fmt: skip
+    "drop-lb-noroute": DropOrigin(host="lb", reason="IP_INNOROUTES", counters=("InNoRoutes",)),
+    "drop-lb-invalid": DropOrigin(host="lb", reason="NETFILTER_DROP"),
+}
+SCENARIOS.update((s.name, s) for s in DROP_SCENARIOS)
+NOROUTE_HOST = 254  # the last address of the VIP's /24: on no interface, in no route of lb
+
+
+def _noroute_backend(lab: "LabState") -> str:
+    vip = lab.vip.rsplit(".", 1)[0]
+    return f"{vip}.{NOROUTE_HOST}"
+
+
+def _add_filter_rule(ns: str, rule: str) -> None:
+    """Add ``rule`` to the scenario's own filter chain on lb (prerouting, after conntrack
+    and DNAT), made here if needed; marked as the scenario's."""
+    _nft(ns, "add", "chain", "ip", NFT_TABLE, DROP_CHAIN, "{", "type", "filter", "hook",
+         "prerouting", "priority", "filter", ";", "policy", "accept", ";", "}")  # fmt: skip
+    _nft(ns, "add", "rule", "ip", NFT_TABLE, DROP_CHAIN, *rule.split(),
+         "comment", f'"{RULE_COMMENT}"')  # fmt: skip
+
+
+def _drop_filter_chain(ns: str) -> None:
+    """Remove the scenario's filter chain with its rules (also one a killed run left)."""
+    if f"chain {DROP_CHAIN} " in _nft(ns, "list", "table", "ip", NFT_TABLE):
+        _nft(ns, "flush", "chain", "ip", NFT_TABLE, DROP_CHAIN)
+        _nft(ns, "delete", "chain", "ip", NFT_TABLE, DROP_CHAIN)
+
+
+def _run_drop(spec: Scenario, lab: "LabState", timeout: float) -> "ScenarioResult":
+    """A drop scenario: the LB rules it needs, the server helpers, one client run."""
+    lb = lab.hosts["lb"].netns
+    helpers: dict[str, subprocess.Popen] = {}
+    events: list[dict[str, Any]] = []
+    client_args: list[str] = []
+    _drop_filter_chain(lb)
+    _drop_scenario_rules(lb)
+    try:
+        if spec.name == "drop-lb-firewall":
+            _add_filter_rule(lb, f"tcp dport {spec.port} tcp flags syn drop")
+        elif spec.name == "drop-lb-invalid":
+            _add_filter_rule(lb, f"tcp dport {spec.port} ct state invalid drop")
+            client_args = ["--out-of-window"]
+        elif spec.name == "drop-lb-noroute":
+            _add_scenario_rule(
+                lb, f"ip daddr {lab.vip} tcp dport {spec.port} dnat to {_noroute_backend(lab)}"
+            )
+        elif spec.name == "drop-server-backlog":
+            client_args = ["--many", "5"]
+        if spec.server_mode:
+            for server in lab.servers:
+                helpers[server] = _start_server(lab.hosts[server].netns, spec)
+            for server, proc in helpers.items():
+                events += [dict(e, host=server) for e in _read_until_listening(server, proc)]
+        seen = _run_client(lab, spec, timeout, client_args)
+    finally:
+        for server, proc in helpers.items():
+            events += [dict(e, host=server) for e in _stop(proc)]
+        _drop_filter_chain(lb)
+        _drop_scenario_rules(lb)
+    result = _result(spec, lab, seen)
+    result.server_events = events
+    result.reproduced = result.error == spec.client_error and result.phase == spec.client_phase
+    return result
+
+
 @dataclass
 class ScenarioResult:
     """What the client saw, plus which server (if any) took the connection."""
@@ -210,6 +351,8 @@ def run_scenario(name: str, lab: "LabState", *, timeout: float = 3.0) -> Scenari
         return _run_failover(spec, lab, timeout)
     if isinstance(spec, LoadScenario):
         return _run_load(spec, lab, timeout)
+    if spec.name in DROP_EXPECTED:
+        return _run_drop(spec, lab, timeout)
     helpers: dict[str, subprocess.Popen] = {}
     events: list[dict[str, Any]] = []
     watch = NatWatch(lab, spec.port) if spec.forwarded else None
@@ -294,10 +437,12 @@ def _stop(proc: subprocess.Popen) -> list[dict]:
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
-def _run_client(lab: "LabState", spec: Scenario, timeout: float) -> dict[str, Any]:
+def _run_client(
+    lab: "LabState", spec: Scenario, timeout: float, extra: list[str] | None = None
+) -> dict[str, Any]:
     argv = [sys.executable, str(PEERS), "client", "--address", lab.vip]
     argv += ["--bind", str(lab.hosts["client"].data_address)]
-    argv += ["--port", str(spec.port), "--timeout", str(timeout)]
+    argv += ["--port", str(spec.port), "--timeout", str(timeout), *(extra or [])]
     proc = subprocess.run(
         ns_exec_argv(lab.hosts["client"].netns, argv),
         capture_output=True,

@@ -1,0 +1,1095 @@
+#!/usr/bin/python3
+"""drop: where a flow's packets die on this host, and why.
+
+Watches one host (network namespace) through the skb:kfree_skb tracepoint: every packet
+the kernel frees as dropped, with the kernel's drop reason (Linux 5.17+) or, on kernels
+without one, the drop location (the caller of kfree_skb, named through /proc/kallsyms).
+Reason names are read on the host, from the tracepoint's print format or the BTF enum
+skb_drop_reason, never from a table in this file: the numbering moves between kernels.
+Packets freed as consumed (consume_skb, or reasons before NOT_SPECIFIED such as
+SKB_CONSUMED) are not drops and are left out in the kernel.
+
+In the kernel, every drop of this namespace is counted by (reason, location), and how many
+of them passed the filter (--port/--addr on either side, read from the packet's headers
+through BTF offsets, IPv4/IPv6, TCP/UDP ports). Drops that pass it are sent one by one,
+limited by a token bucket (default 1000 per second, burst 100); the rest are counted as
+suppressed. The counts go out every second while they change, and once at the end.
+Drops the kernel counts without freeing a packet with a reason (a SYN refused because the
+accept queue is full is consumed) show in the namespace's /proc/net/netstat and snmp
+counters, sent as deltas since the start. TCP retransmissions of filtered flows
+(tcp:tcp_retransmit_skb, tcp:tcp_retransmit_synack) are sent as retrans records.
+Every probe is detached on stdin EOF, SIGTERM, SIGHUP, --duration or --count.
+
+Parameters:
+  --port PORT[,PORT]      only packets with this port on either side; repeatable
+  --addr ADDR[,ADDR]      only packets with this IPv4/IPv6 address on either side; repeatable
+  --duration SECONDS      stop after SECONDS (default 0: run until signalled)
+  --count N               stop after N drop records (default 0: no limit)
+  --rate R                drop records per second at most (default 1000, burst 100; 0: counts only)
+  --ebpf                  print the generated C program and exit (needs no root)
+  --format-dir DIR        with --ebpf: read tracepoint format files from DIR
+Fields:
+  hello.script          str    "drop"
+  hello.version         int    record schema version (1)
+  hello.kernel          str    kernel release
+  hello.mono_ns         int    CLOCK_MONOTONIC ns, sampled together with real_ns
+  hello.real_ns         int    CLOCK_REALTIME ns
+  hello.netns           int    inode of this network namespace
+  hello.addrs           list   this namespace's non-loopback addresses
+  hello.interfaces      list   this namespace's interfaces (names)
+  hello.attach          dict   per probe: kind (tracepoint)
+  hello.missing         list   probes or facts not available: {probe, why}
+  hello.filter          dict   {ports, addrs} as requested
+  hello.buffer          str    ringbuf or perf
+  hello.reasons         dict   {source: format, btf or none, count}: where reason names come from
+  hello.fallback        str    only without drop reasons: why drops are named by location
+  hello.rate            dict   {events_per_s, burst}: the per-packet record limit
+  hello.netstat         dict   {counters}: the netstat/snmp counters watched (names as the
+                               kernel prints them: PAWSEstab is LINUX_MIB_PAWSESTABREJECTED)
+  drop.ts_ns            int    host CLOCK_MONOTONIC ns
+  drop.reason           str    kernel drop reason name, null when unknown or no reasons
+  drop.reason_num       int    kernel drop reason number, null on kernels without reasons
+  drop.location         str    where it was freed ("nf_hook_slow+0x97"), null when unknown
+  drop.ifindex          int    the packet's device, 0 when none
+  drop.ifname           str    its name, null when not in this namespace or none
+  drop.family           int    4 or 6
+  drop.proto            int    IP protocol (6 TCP, 17 UDP, ...)
+  drop.saddr            str    source address
+  drop.daddr            str    destination address
+  drop.sport            int    source port, null for neither TCP nor UDP
+  drop.dport            int    destination port, null for neither TCP nor UDP
+  drop.flags            int    TCP flag byte, null for non-TCP
+  drop.seq              int    TCP sequence number, null for non-TCP
+  drop.ack              int    TCP acknowledgement number, null for non-TCP
+  drop.len              int    TCP/UDP payload bytes (IP payload for others)
+  drop.ipid             int    IPv4 identification (0 for IPv6)
+  drop_counts.ts_ns     int    host CLOCK_MONOTONIC ns
+  drop_counts.final     bool   true for the last one, sent after every probe is detached
+  drop_counts.counts    list   {reason, reason_num, location, count, matched} since start
+  drop_counts.suppressed  int  drops that passed the filter but were not sent (rate limit)
+  netstat.ts_ns         int    host CLOCK_MONOTONIC ns
+  netstat.final         bool   true for the last one
+  netstat.delta         dict   counter name -> increase since start
+  retrans.ts_ns         int    host CLOCK_MONOTONIC ns
+  retrans.probe         str    tcp_retransmit_skb or tcp_retransmit_synack
+  retrans.family        int    4 or 6
+  retrans.saddr         str    local address
+  retrans.sport         int    local port
+  retrans.daddr         str    remote address
+  retrans.dport         int    remote port
+  retrans.state         str    socket state name, null when the probe has none
+  lost.count            int    records lost because a buffer overflowed
+  lost.source           str    drops or retrans
+  lost.ts_ns            int    host CLOCK_MONOTONIC ns
+  bye.reason            str    duration, count, signal, eof or error
+  bye.error             str    error message (reason error only)
+"""
+
+import ctypes
+import ipaddress
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+
+from core.btf import BTF_VMLINUX, NETNS_PATHS, TUPLE_PATHS, Btf, c_netns_lookup
+from core.discovery import discover_addrs, kernel_version, own_netns
+from core.events import C_LOST, RINGBUF_MIN_KERNEL, Output, c_submit, now_ns
+from core.lifecycle import SetupError, Stop, StopState
+from core.netstat import NetstatDelta
+from core.params import ParamError, parse
+from core.symbols import Symbols
+from core.tracepoints import (
+    TCP_STATES,
+    TRACEFS_DIRS,
+    c_tracepoint_struct,
+    ensure_tracefs,
+    field_map,
+    parse_format,
+)
+
+SCRIPT = "drop"
+VERSION = 1
+DROP_PROBE = ("skb", "kfree_skb")
+RETRANS_PROBES = (("tcp", "tcp_retransmit_skb"), ("tcp", "tcp_retransmit_synack"))
+DEFAULT_RATE = 1000
+BURST = 100
+NO_REASON = 0xFFFFFFFF
+COUNTS_SIZE = 4096  # (reason, location) pairs counted in the kernel
+REASON_PREFIX = "SKB_DROP_REASON_"
+# lost[] slots in the kernel: records lost (buffer full) and counters that could not grow.
+LOST_DROPS, LOST_RETRANS, SUPPRESSED, COUNTS_FULL = 0, 1, 2, 3
+
+# Userspace mirrors of the C structs below.
+DROP_FMT = "=QQIIIIIHHHHBBBB16s16s"
+RETRANS_FMT = "=QIiHHBB2x16s16s"
+COUNT_KEY_FMT = "=QI4x"
+COUNT_VAL_FMT = "=QQ"
+
+
+class ArgError(Exception):
+    """A bad command-line argument: exit code 2."""
+
+
+# --------------------------------------------------------------------------------------
+# Format files and reason names
+# --------------------------------------------------------------------------------------
+
+
+def read_formats(fmt_dir) -> dict:
+    """{probe: parsed format} for kfree_skb and the retransmit tracepoints that exist.
+
+    From a directory of recorded files named after the probe (optionally `.format`), or
+    from tracefs."""
+    formats = {}
+    for system, probe in (DROP_PROBE,) + RETRANS_PROBES:
+        if fmt_dir:
+            candidates = [os.path.join(fmt_dir, probe), os.path.join(fmt_dir, probe + ".format")]
+        else:
+            candidates = [os.path.join(d, "events", system, probe, "format") for d in TRACEFS_DIRS]
+        for path in candidates:
+            try:
+                with open(path) as f:
+                    formats[probe] = parse_format(f.read())
+                break
+            except OSError:
+                continue
+    return formats
+
+
+def short_reason(name: str) -> str:
+    """BTF enumerator -> the name the tracepoint prints (SKB_DROP_REASON_X -> X)."""
+    return name[len(REASON_PREFIX) :] if name.startswith(REASON_PREFIX) else name
+
+
+def reason_table(fmt, btf_enum) -> dict:
+    """Where this kernel's reason names come from, and which numbers are not drops.
+
+    Returns {"source": "format" | "btf" | "none", "names": {num: name}, "has_field",
+    "first_drop": the number of NOT_SPECIFIED (every enumerator before it, such as
+    SKB_NOT_DROPPED_YET and SKB_CONSUMED, marks a packet that was not dropped),
+    "consumed": the number of SKB_CONSUMED or None}. The print format is the tracepoint's
+    own table; BTF fills in what it leaves out (6.18 prints from NOT_SPECIFIED on).
+    """
+    has_field = fmt is not None and "reason" in field_map(fmt)
+    table = {"source": "none", "names": {}, "has_field": has_field, "first_drop": 0}
+    table["consumed"] = None
+    if not has_field:
+        return table
+    printed = dict(fmt["symbols"].get("reason", {}))
+    from_btf = {}
+    for num, name in (btf_enum or {}).items():
+        if name.startswith(REASON_PREFIX) or name in ("SKB_CONSUMED", "SKB_NOT_DROPPED_YET"):
+            if name.startswith(REASON_PREFIX + "SUBSYS_") or name == REASON_PREFIX + "MAX":
+                continue
+            from_btf[num] = short_reason(name)
+    names = dict(from_btf)
+    names.update(printed)
+    names = dict((n, v) for n, v in names.items() if v != "MAX")
+    if printed:
+        table["source"] = "format"
+    elif from_btf:
+        table["source"] = "btf"
+    table["names"] = names
+    by_name = dict((v, n) for n, v in names.items())
+    table["first_drop"] = by_name.get("NOT_SPECIFIED", 0)
+    for consumed in ("SKB_CONSUMED", "CONSUMED"):
+        if consumed in by_name:
+            table["consumed"] = by_name[consumed]
+    return table
+
+
+def reason_count(table: dict) -> int:
+    """Drop reasons named (the non-drop markers before NOT_SPECIFIED left out)."""
+    return len([n for n in table["names"] if n >= table["first_drop"]])
+
+
+# --------------------------------------------------------------------------------------
+# BTF facts: offsets for the packet headers and the namespace, the reason enum
+# --------------------------------------------------------------------------------------
+
+
+def btf_facts(path: str):
+    """(offsets or None, reason enum or None, [why ...]) from one read of a BTF file."""
+    try:
+        with open(path, "rb") as f:
+            btf = Btf(f.read())
+    except (OSError, ValueError, struct.error) as exc:
+        return None, None, ["no BTF (%s): no packet headers, no namespace filter" % exc]
+    whys = []
+    offsets = None
+    try:
+        found = dict((key, btf.offset(*spec)) for key, spec in NETNS_PATHS.items())
+        for key in ("skb_head", "skb_nh"):
+            found[key] = btf.field(*TUPLE_PATHS[key])
+        found["skb_sk"] = btf.field("sk_buff", ("sk",), 8)
+        found["dev_ifindex"] = btf.field("net_device", ("ifindex",), 4)
+        offsets = found
+    except (KeyError, IndexError, TypeError, struct.error) as exc:
+        whys.append("no BTF offsets (%s): no packet headers, no namespace filter" % exc)
+    try:
+        enum = btf.enum("skb_drop_reason")
+    except (KeyError, struct.error):
+        enum = None
+    return offsets, enum, whys
+
+
+# --------------------------------------------------------------------------------------
+# C generation
+# --------------------------------------------------------------------------------------
+
+
+C_COMMON = r"""
+#define NO_REASON 0xffffffffu
+#define FIRST_DROP_REASON %(first_drop)du   /* NOT_SPECIFIED: lower numbers are not drops */
+#define CONSUMED_REASON %(consumed)du       /* SKB_CONSUMED, or NO_REASON when unknown */
+#define RATE_INTERVAL_NS %(interval)dull    /* 0: no per-packet records */
+#define RATE_BURST_NS %(burst_ns)dull
+#define FILTER_PORTS %(filter_ports)d
+#define FILTER_ADDRS %(filter_addrs)d
+#define HAVE_OFFSETS %(have_offsets)d
+#define OWN_NETNS %(own_netns)du
+
+struct drop_event {
+	__u64 ts;
+	__u64 location;
+	__u32 reason;            /* NO_REASON on kernels without drop reasons */
+	__u32 ifindex;
+	__u32 seq;
+	__u32 ack;
+	__u32 netns;
+	__u16 sport;
+	__u16 dport;
+	__u16 len;
+	__u16 ipid;
+	__u8 family;             /* 0: headers unreadable */
+	__u8 proto;
+	__u8 flags;
+	__u8 l4;                 /* 1 TCP fields valid, 2 UDP ports valid */
+	__u8 saddr[16];
+	__u8 daddr[16];
+};
+
+struct retrans_event {
+	__u64 ts;
+	__u32 netns;
+	__s32 state;             /* -1: the probe has none */
+	__u16 sport;
+	__u16 dport;
+	__u8 family;
+	__u8 probe;              /* 1 tcp_retransmit_skb, 2 tcp_retransmit_synack */
+	__u8 _pad[2];
+	__u8 saddr[16];
+	__u8 daddr[16];
+};
+
+struct count_key {
+	__u64 location;
+	__u32 reason;
+	__u32 _pad;
+};
+
+struct count_val {
+	__u64 count;
+	__u64 matched;           /* passed the filter */
+};
+
+struct addr_key {
+	__u32 family;
+	__u32 a[4];
+};
+
+BPF_PERCPU_ARRAY(lost, __u64, 4);  /* drops lost, retrans lost, suppressed, counts map full */
+BPF_HASH(counts, struct count_key, struct count_val, %(counts_size)d);
+BPF_ARRAY(ports, __u8, 65536);
+BPF_HASH(addrs, struct addr_key, __u8, 64);
+BPF_ARRAY(bucket, __u64, 1);      /* token bucket: theoretical arrival time (GCRA) */
+BPF_PERCPU_ARRAY(scratch, struct drop_event, 1);
+"""
+
+C_HELPERS = r"""
+static __always_inline int port_wanted(__u16 a, __u16 b)
+{
+	__u32 ka = a, kb = b;
+	__u8 *va = ports.lookup(&ka);
+	__u8 *vb = ports.lookup(&kb);
+	return (va && *va) || (vb && *vb);
+}
+
+static __always_inline int addr_wanted(__u32 family, __u8 *a)
+{
+	struct addr_key k = {};
+	k.family = family;
+	__builtin_memcpy(k.a, a, 16);
+	return addrs.lookup(&k) != 0;
+}
+
+static __always_inline int flow_wanted(__u32 family, __u8 *sa, __u8 *da, __u16 sp, __u16 dp)
+{
+	if (FILTER_PORTS && !port_wanted(sp, dp))
+		return 0;
+	if (FILTER_ADDRS && !addr_wanted(family, sa) && !addr_wanted(family, da))
+		return 0;
+	return 1;
+}
+
+/* One token for a per-packet record: a GCRA bucket of RATE_BURST_NS depth. Racy across
+ * CPUs by design (no lock on this path): at worst a few records more than the rate. */
+static __always_inline int take_token(void)
+{
+	if (RATE_INTERVAL_NS == 0)
+		return 0;
+	__u32 zero = 0;
+	__u64 *tat = bucket.lookup(&zero);
+	if (!tat)
+		return 0;
+	__u64 now = bpf_ktime_get_ns();
+	__u64 t = *tat;
+	if (t < now)
+		t = now;
+	if (t - now > RATE_BURST_NS)
+		return 0;
+	*tat = t + RATE_INTERVAL_NS;
+	return 1;
+}
+
+static __always_inline void count_drop(__u32 reason, __u64 location, int matched)
+{
+	struct count_key k = {};
+	k.location = location;
+	k.reason = reason;
+	struct count_val *v = counts.lookup(&k);
+	if (!v) {
+		struct count_val zero = {};
+		counts.insert(&k, &zero);
+		v = counts.lookup(&k);
+		if (!v) {
+			count_lost(3);
+			return;
+		}
+	}
+	__sync_fetch_and_add(&v->count, 1);
+	if (matched)
+		__sync_fetch_and_add(&v->matched, 1);
+}
+
+static __always_inline __u32 ebd_be32(__u8 *p)
+{
+	return ((__u32)p[0] << 24) | ((__u32)p[1] << 16) | ((__u32)p[2] << 8) | p[3];
+}
+"""
+
+C_HEADERS = r"""
+/* The packet's addresses, ports and TCP fields, read through the skb with BTF offsets
+ * (head + network_header; the L4 header right after the IP header, since transport_header
+ * is not set yet on early receive paths). Returns 0 when there is no IP header to read. */
+static __always_inline int read_packet(__u64 skb, __u16 protocol, struct drop_event *e)
+{
+	if (protocol != 0x0800 && protocol != 0x86DD && protocol != 0)
+		return 0;
+	__u64 head = 0;
+	__u16 nh = 0;
+	if (bpf_probe_read_kernel(&head, sizeof(head), (void *)(skb + OFF_SKB_HEAD)) || !head)
+		return 0;
+	if (bpf_probe_read_kernel(&nh, sizeof(nh), (void *)(skb + OFF_SKB_NH)) || nh == 0xffff)
+		return 0;
+	__u8 ip[40];
+	if (bpf_probe_read_kernel(ip, 20, (void *)(head + nh)))
+		return 0;
+	__u32 l4off, payload;
+	int fragment = 0;
+	if ((ip[0] >> 4) == 4 && protocol != 0x86DD) {
+		__u32 ihl = (ip[0] & 0x0f) * 4;
+		__u32 tot = ((__u32)ip[2] << 8) | ip[3];
+		if (ihl < 20)
+			return 0;
+		e->family = 4;
+		e->proto = ip[9];
+		e->ipid = ((__u16)ip[4] << 8) | ip[5];
+		__builtin_memcpy(e->saddr, &ip[12], 4);
+		__builtin_memcpy(e->daddr, &ip[16], 4);
+		l4off = nh + ihl;
+		payload = tot > ihl ? tot - ihl : 0;
+		fragment = (ip[6] & 0x1f) || ip[7];
+	} else if ((ip[0] >> 4) == 6 && protocol != 0x0800) {
+		if (bpf_probe_read_kernel(ip, 40, (void *)(head + nh)))
+			return 0;
+		e->family = 6;
+		e->proto = ip[6];
+		__builtin_memcpy(e->saddr, &ip[8], 16);
+		__builtin_memcpy(e->daddr, &ip[24], 16);
+		l4off = nh + 40;
+		payload = ((__u32)ip[4] << 8) | ip[5];
+	} else {
+		return 0;
+	}
+	e->len = payload;
+	if (fragment)
+		return 1;
+	if (e->proto == 6) {
+		__u8 t[20];
+		if (bpf_probe_read_kernel(t, sizeof(t), (void *)(head + l4off)))
+			return 1;
+		__u32 doff = (t[12] >> 4) * 4;
+		e->sport = ((__u16)t[0] << 8) | t[1];
+		e->dport = ((__u16)t[2] << 8) | t[3];
+		e->seq = ebd_be32(&t[4]);
+		e->ack = ebd_be32(&t[8]);
+		e->flags = t[13];
+		e->len = payload > doff ? payload - doff : 0;
+		e->l4 = 1;
+	} else if (e->proto == 17) {
+		__u8 u[8];
+		if (bpf_probe_read_kernel(u, sizeof(u), (void *)(head + l4off)))
+			return 1;
+		e->sport = ((__u16)u[0] << 8) | u[1];
+		e->dport = ((__u16)u[2] << 8) | u[3];
+		e->len = payload > 8 ? payload - 8 : 0;
+		e->l4 = 2;
+	}
+	return 1;
+}
+"""
+
+
+def c_offsets(offsets) -> str:
+    return "\n".join(
+        "#define OFF_%s %d" % (key.upper(), value) for key, value in sorted(offsets.items())
+    )
+
+
+def c_drop_probe(plan: dict) -> str:
+    """The kfree_skb program: drop test, namespace, count, filter, rate-limited record."""
+    fmt = plan["tracepoints"]["kfree_skb"]
+    fields = field_map(fmt)
+    offsets = plan["offsets"]
+    body = [c_tracepoint_struct("tp_kfree_skb", fmt)]
+    body.append("int ebd_kfree_skb(void *ctx)\n{")
+    body.append("\tstruct tp_kfree_skb rec = {};")
+    body.append("\tif (bpf_probe_read_kernel(&rec, sizeof(rec), ctx) != 0)\n\t\treturn 0;")
+    reason = fields.get("reason")
+    if plan["reasons"]["has_field"] and reason and reason["size"] in (1, 2, 4):
+        body.append("\t__u32 reason = 0;")
+        body.append("\t__builtin_memcpy(&reason, &rec.reason, %d);" % reason["size"])
+        body.append(
+            "\tif (reason < FIRST_DROP_REASON || reason == CONSUMED_REASON)\n"
+            "\t\treturn 0;                /* not a drop: consumed or not dropped yet */"
+        )
+    else:
+        body.append("\t__u32 reason = NO_REASON;  /* this kernel has no drop reasons */")
+    body.append("\t__u32 zero = 0;")
+    body.append("\tstruct drop_event *ev = scratch.lookup(&zero);\n\tif (!ev)\n\t\treturn 0;")
+    body.append("\t__builtin_memset(ev, 0, sizeof(*ev));")
+    body.append("\tstruct drop_event e = {};")  # the namespace block writes e.netns
+    body.append("\t__u64 skb = rec.skbaddr;")
+    if offsets:
+        sk = "rec.rx_sk" if "rx_sk" in fields else "0"
+        body.append("\t__u64 sk = %s;" % sk)
+        body.append(
+            "\tif (!sk && skb)\n"
+            "\t\tbpf_probe_read_kernel(&sk, sizeof(sk), (void *)(skb + OFF_SKB_SK));"
+        )
+        body.append(c_netns_lookup(offsets, "sk", "skb"))
+        body.append(
+            "\t__u64 dev = 0;\n"
+            "\tif (skb)\n"
+            "\t\tbpf_probe_read_kernel(&dev, sizeof(dev), (void *)(skb + OFF_SKB_DEV));\n"
+            "\tif (dev)\n"
+            "\t\tbpf_probe_read_kernel(&ev->ifindex, sizeof(ev->ifindex),"
+            " (void *)(dev + OFF_DEV_IFINDEX));"
+        )
+        body.append("\tint have = skb ? read_packet(skb, rec.protocol, ev) : 0;")
+    else:
+        body.append("\tint have = 0;             /* no BTF offsets: headers unreadable */")
+    body.append("\tint filtered = FILTER_PORTS || FILTER_ADDRS;")
+    body.append(
+        "\tint matched = !filtered ||\n"
+        "\t\t(have && flow_wanted(ev->family, ev->saddr, ev->daddr, ev->sport, ev->dport));"
+    )
+    body.append("\tcount_drop(reason, rec.location, matched);")
+    body.append("\tif (!matched)\n\t\treturn 0;")
+    body.append("\tif (!take_token()) {\n\t\tcount_lost(2);\n\t\treturn 0;\n\t}")
+    body.append("\tev->ts = bpf_ktime_get_ns();")
+    body.append("\tev->location = rec.location;")
+    body.append("\tev->reason = reason;")
+    body.append("\tev->netns = e.netns;")
+    body.append("\t" + c_submit(plan["buffer"], "drop_events", "ctx", "ev", LOST_DROPS))
+    body.append("\treturn 0;\n}\n")
+    return "\n".join(line for line in body if line)
+
+
+def c_retrans_probe(probe: str, fmt: dict, probe_num: int, plan: dict) -> str:
+    """A retransmit program: the tracepoint's own 4-tuple, kept only for filtered flows."""
+    fields = field_map(fmt)
+    sname = "tp_" + probe
+    body = [c_tracepoint_struct(sname, fmt)]
+    body.append("int ebd_%s(void *ctx)\n{" % probe)
+    body.append("\tstruct %s rec = {};" % sname)
+    body.append("\tif (bpf_probe_read_kernel(&rec, sizeof(rec), ctx) != 0)\n\t\treturn 0;")
+    body.append("\tstruct retrans_event e = {};")
+    body.append("\te.probe = %d;" % probe_num)
+    body.append("\te.state = %s;" % ("rec.state" if "state" in fields else "-1"))
+    body.append("\te.sport = rec.sport;\n\te.dport = rec.dport;")
+    if "family" in fields:
+        body.append("\te.family = rec.family == 2 ? 4 : (rec.family == 10 ? 6 : 0);")
+    else:
+        body.append("\te.family = 4;")
+    if "saddr_v6" in fields:
+        body.append(
+            "\tif (e.family == 6) {\n"
+            "\t\t__builtin_memcpy(e.saddr, rec.saddr_v6, 16);\n"
+            "\t\t__builtin_memcpy(e.daddr, rec.daddr_v6, 16);\n"
+            "\t} else {\n"
+            "\t\t__builtin_memcpy(e.saddr, rec.saddr, 4);\n"
+            "\t\t__builtin_memcpy(e.daddr, rec.daddr, 4);\n"
+            "\t}"
+        )
+    else:
+        body.append(
+            "\t__builtin_memcpy(e.saddr, rec.saddr, 4);\n\t__builtin_memcpy(e.daddr, rec.daddr, 4);"
+        )
+    body.append("\tif (!flow_wanted(e.family, e.saddr, e.daddr, e.sport, e.dport))\n\t\treturn 0;")
+    if plan["offsets"] and "skaddr" in fields:
+        body.append(c_netns_lookup(plan["offsets"], "rec.skaddr", None))
+    body.append("\te.ts = bpf_ktime_get_ns();")
+    body.append("\t" + c_submit(plan["buffer"], "retrans_events", "ctx", "&e", LOST_RETRANS))
+    body.append("\treturn 0;\n}\n")
+    return "\n".join(line for line in body if line)
+
+
+def build_program(plan: dict) -> str:
+    """The whole C program for a plan (see make_plan)."""
+    rate = plan["rate"]
+    interval = int(1e9 / rate) if rate > 0 else 0
+    reasons = plan["reasons"]
+    consumed = reasons["consumed"]
+    parts = [
+        C_COMMON
+        % {
+            "first_drop": reasons["first_drop"],
+            "consumed": NO_REASON if consumed is None else consumed,
+            "interval": interval,
+            "burst_ns": interval * (BURST - 1),
+            "filter_ports": int(bool(plan["ports"])),
+            "filter_addrs": int(bool(plan["addrs"])),
+            "have_offsets": int(bool(plan["offsets"])),
+            "own_netns": plan["own_netns"],
+            "counts_size": COUNTS_SIZE,
+        }
+    ]
+    if plan["offsets"]:
+        parts.append(c_offsets(plan["offsets"]))
+    if plan["buffer"] == "ringbuf":
+        parts.append("BPF_RINGBUF_OUTPUT(drop_events, %d);" % plan["pages"])
+        parts.append("BPF_RINGBUF_OUTPUT(retrans_events, 16);")
+    else:
+        parts.append("BPF_PERF_OUTPUT(drop_events);\nBPF_PERF_OUTPUT(retrans_events);")
+    parts.append(C_LOST)
+    parts.append(C_HELPERS)
+    if plan["offsets"]:
+        parts.append(C_HEADERS)
+    if "kfree_skb" in plan["tracepoints"]:
+        parts.append(c_drop_probe(plan))
+    for num, (_system, probe) in enumerate(RETRANS_PROBES, start=1):
+        if probe in plan["tracepoints"]:
+            parts.append(c_retrans_probe(probe, plan["tracepoints"][probe], num, plan))
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------
+
+
+def addr_text(family: int, raw: bytes) -> str:
+    if family == 4:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    return socket.inet_ntop(socket.AF_INET6, raw[:16])
+
+
+def reason_fields(reason: int, names: dict) -> dict:
+    if reason == NO_REASON:
+        return {"reason": None, "reason_num": None}
+    return {"reason": names.get(reason), "reason_num": reason}
+
+
+def decode_drop(raw: bytes, names: dict, symbols, ifname) -> dict:
+    """One drop_event -> a drop record. `ifname(ifindex)` names a device or None."""
+    (ts, location, reason, ifindex, seq, ack, _netns, sport, dport, length, ipid, family,
+     proto, flags, l4, saddr, daddr) = struct.unpack_from(DROP_FMT, raw, 0)  # fmt: skip
+    record = {"type": "drop", "ts_ns": ts}
+    record.update(reason_fields(reason, names))
+    record.update(
+        {
+            "location": symbols.resolve(location) if location else None,
+            "ifindex": ifindex,
+            "ifname": ifname(ifindex) if ifindex else None,
+            "family": family or None,
+            "proto": proto if family else None,
+            "saddr": addr_text(family, saddr) if family else None,
+            "daddr": addr_text(family, daddr) if family else None,
+            "sport": sport if l4 else None,
+            "dport": dport if l4 else None,
+            "flags": flags if l4 == 1 else None,
+            "seq": seq if l4 == 1 else None,
+            "ack": ack if l4 == 1 else None,
+            "len": length if family else None,
+            "ipid": ipid if family else None,
+        }
+    )
+    return record
+
+
+def decode_retrans(raw: bytes, state_names: dict) -> dict:
+    ts, _netns, state, sport, dport, family, probe, saddr, daddr = struct.unpack_from(
+        RETRANS_FMT, raw, 0
+    )
+    if family == 6 and saddr[:12] == b"\0" * 10 + b"\xff\xff":
+        family, saddr, daddr = 4, saddr[12:], daddr[12:]
+    return {
+        "type": "retrans",
+        "ts_ns": ts,
+        "probe": RETRANS_PROBES[probe - 1][1],
+        "family": family,
+        "saddr": addr_text(family or 4, saddr),
+        "sport": sport,
+        "daddr": addr_text(family or 4, daddr),
+        "dport": dport,
+        "state": state_names.get(state, "UNKNOWN") if state > 0 else None,
+    }
+
+
+def count_rows(items, names: dict, symbols) -> list:
+    """[(count_key bytes, count_val bytes)] -> drop_counts rows, largest first."""
+    rows = []
+    for key, value in items:
+        location, reason = struct.unpack_from(COUNT_KEY_FMT, key, 0)
+        count, matched = struct.unpack_from(COUNT_VAL_FMT, value, 0)
+        row = reason_fields(reason, names)
+        row.update(
+            {
+                "location": symbols.resolve(location) if location else None,
+                "count": count,
+                "matched": matched,
+            }
+        )
+        rows.append(row)
+    rows.sort(key=lambda r: (-r["count"], r["reason_num"] or 0, r["location"] or ""))
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# The session
+# --------------------------------------------------------------------------------------
+
+
+def make_plan(args, formats: dict, offsets, btf_enum) -> dict:
+    """Everything the C program and the attach step depend on, decided up front."""
+    missing = []
+    for system, probe in (DROP_PROBE,) + RETRANS_PROBES:
+        if probe not in formats:
+            missing.append({"probe": probe, "why": "no tracepoint %s:%s" % (system, probe)})
+    reasons = reason_table(formats.get("kfree_skb"), btf_enum)
+    return {
+        "buffer": "ringbuf" if kernel_version() >= RINGBUF_MIN_KERNEL else "perf",
+        "pages": 64,
+        "ports": args.port,
+        "addrs": args.addr,
+        "rate": args.rate,
+        "tracepoints": formats,
+        "offsets": offsets,
+        "reasons": reasons,
+        "own_netns": own_netns(),
+        "missing": missing,
+    }
+
+
+class Session:
+    """One run: compile, attach, stream records, and undo every attachment."""
+
+    def __init__(self, args, out: Output, stop) -> None:
+        self.args = args
+        self.out = out
+        self.stop = stop
+        self.bpf = None
+        self.plan = None
+        self.attach = {}
+        self.addrs = []
+        self.ifnames = {}
+        self.symbols = Symbols()
+        self.netstat = None
+        self.drops = 0
+        self.lost_seen = [0, 0]
+        self.perf_lost = [0, 0]
+        self.last_counts = ([], 0)  # nothing to report until something is counted
+        self.ready = False
+
+    def setup(self) -> None:
+        ensure_tracefs()  # before importing bcc, which looks for tracefs once
+        try:
+            from bcc import BPF
+        except ImportError:
+            raise SetupError("BCC is not installed (python3-bpfcc)") from None
+        try:
+            from pyroute2 import IPRoute
+
+            ipr = IPRoute()
+        except ImportError:
+            ipr = None
+        try:
+            self.addrs = discover_addrs(ipr)
+        finally:
+            if ipr is not None:
+                ipr.close()
+        self.ifnames = dict((i, n) for i, n in socket.if_nameindex())
+        self.netstat = NetstatDelta()
+        offsets, enum, whys = btf_facts(self.args.btf or BTF_VMLINUX)
+        self.plan = make_plan(self.args, read_formats(None), offsets, enum)
+        for why in whys:
+            self.plan["missing"].append({"probe": "btf", "why": why})
+        if "kfree_skb" not in self.plan["tracepoints"]:
+            raise SetupError("no tracepoint skb:kfree_skb on this kernel")
+        try:
+            self.bpf = BPF(text=build_program(self.plan))
+        except Exception as exc:
+            raise SetupError("BPF compile failed: %s" % exc) from None
+        self._fill_filters()
+        for system, probe in (DROP_PROBE,) + RETRANS_PROBES:
+            if probe not in self.plan["tracepoints"]:
+                continue
+            try:
+                self.bpf.attach_tracepoint(tp="%s:%s" % (system, probe), fn_name="ebd_" + probe)
+            except Exception as exc:
+                self.plan["missing"].append({"probe": probe, "why": str(exc)})
+                continue
+            self.attach[probe] = {"kind": "tracepoint", "tp": "%s:%s" % (system, probe)}
+        if "kfree_skb" not in self.attach:
+            raise SetupError("cannot attach skb:kfree_skb: %s" % self.plan["missing"][-1]["why"])
+        self._open_buffers()
+
+    def _fill_filters(self) -> None:
+        b = self.bpf
+        for port in self.args.port:
+            b["ports"][ctypes.c_int(port)] = ctypes.c_uint8(1)
+        for text in self.args.addr:
+            ip = ipaddress.ip_address(text)
+            key = b["addrs"].Key()
+            key.family = ip.version
+            raw = ip.packed
+            ctypes.memmove(ctypes.addressof(key.a), raw, len(raw))
+            b["addrs"][key] = ctypes.c_uint8(1)
+
+    def _open_buffers(self) -> None:
+        b = self.bpf
+        if self.plan["buffer"] == "ringbuf":
+            b["drop_events"].open_ring_buffer(self._ring_cb(self._on_drop))
+            b["retrans_events"].open_ring_buffer(self._ring_cb(self._on_retrans))
+            return
+        b["drop_events"].open_perf_buffer(
+            self._perf_cb(self._on_drop), page_cnt=64, lost_cb=self._lost_cb(0)
+        )
+        b["retrans_events"].open_perf_buffer(
+            self._perf_cb(self._on_retrans), page_cnt=16, lost_cb=self._lost_cb(1)
+        )
+
+    # -- callbacks: exceptions cannot cross the C boundary, so they park a stop reason ----
+
+    def _guard(self, handler, data, size) -> int:
+        if self.out.broken:
+            return 0
+        self.stop.in_callback = True
+        try:
+            handler(ctypes.string_at(data, size))
+        except Stop as exc:
+            self.stop.reason = self.stop.reason or exc.reason
+        finally:
+            self.stop.in_callback = False
+        return 0
+
+    def _ring_cb(self, handler):
+        return lambda ctx, data, size: self._guard(handler, data, size)
+
+    def _perf_cb(self, handler):
+        return lambda cpu, data, size: self._guard(handler, data, size)
+
+    def _lost_cb(self, idx: int):
+        def lost(count):
+            self.perf_lost[idx] += count
+
+        return lost
+
+    def _ifname(self, ifindex: int):
+        if ifindex not in self.ifnames:
+            try:
+                self.ifnames[ifindex] = socket.if_indextoname(ifindex)
+            except OSError:
+                self.ifnames[ifindex] = None
+        return self.ifnames[ifindex]
+
+    def _on_drop(self, raw: bytes) -> None:
+        if self.args.count and self.drops >= self.args.count:
+            return
+        names = self.plan["reasons"]["names"]
+        self.out.write(decode_drop(raw, names, self.symbols, self._ifname))
+        self.drops += 1
+        if self.args.count and self.drops >= self.args.count:
+            self.stop.reason = self.stop.reason or "count"
+
+    def _on_retrans(self, raw: bytes) -> None:
+        fmt = self.plan["tracepoints"].get("tcp_retransmit_skb") or {"symbols": {}}
+        states = fmt["symbols"].get("state") or dict((v, k) for k, v in TCP_STATES.items())
+        self.out.write(decode_retrans(raw, states))
+
+    # -- periodic records --------------------------------------------------------------
+
+    def _counts(self) -> tuple:
+        items = []
+        for key, value in self.bpf["counts"].items():
+            items.append(
+                (
+                    ctypes.string_at(ctypes.addressof(key), ctypes.sizeof(key)),
+                    ctypes.string_at(ctypes.addressof(value), ctypes.sizeof(value)),
+                )
+            )
+        suppressed = sum(self.bpf["lost"][ctypes.c_int(SUPPRESSED)])
+        return items, suppressed
+
+    def report_counts(self, final: bool = False) -> None:
+        """drop_counts when anything changed since the last one (always when final)."""
+        items, suppressed = self._counts()
+        snapshot = (sorted(items), suppressed)
+        if not final and snapshot == self.last_counts:
+            return
+        self.last_counts = snapshot
+        names = self.plan["reasons"]["names"]
+        self.out.write(
+            {
+                "type": "drop_counts",
+                "ts_ns": now_ns("monotonic"),
+                "final": final,
+                "counts": count_rows(items, names, self.symbols),
+                "suppressed": suppressed,
+            }
+        )
+
+    def report_netstat(self, final: bool = False) -> None:
+        delta = self.netstat.delta() if final else self.netstat.changed()
+        if delta is None:
+            return
+        self.out.write(
+            {"type": "netstat", "ts_ns": now_ns("monotonic"), "final": final, "delta": delta}
+        )
+
+    def _report_lost(self) -> None:
+        totals = [sum(self.bpf["lost"][ctypes.c_int(i)]) for i in (LOST_DROPS, LOST_RETRANS)]
+        for i, source in enumerate(("drops", "retrans")):
+            count = totals[i] - self.lost_seen[i] + self.perf_lost[i]
+            self.lost_seen[i] = totals[i]
+            self.perf_lost[i] = 0
+            if count:
+                self.out.write(
+                    {"type": "lost", "count": count, "source": source, "ts_ns": now_ns("monotonic")}
+                )
+
+    # -- running -----------------------------------------------------------------------
+
+    def hello(self) -> dict:
+        reasons = self.plan["reasons"]
+        record = {
+            "type": "hello",
+            "script": SCRIPT,
+            "version": VERSION,
+            "kernel": os.uname().release,
+            "mono_ns": now_ns("monotonic"),
+            "real_ns": now_ns("time"),
+            "netns": self.plan["own_netns"],
+            "addrs": self.addrs,
+            "interfaces": sorted(n for n in self.ifnames.values() if n and n != "lo"),
+            "attach": self.attach,
+            "missing": self.plan["missing"],
+            "filter": {"ports": self.args.port, "addrs": self.args.addr},
+            "buffer": self.plan["buffer"],
+            "reasons": {"source": reasons["source"], "count": reason_count(reasons)},
+            "rate": {"events_per_s": self.args.rate, "burst": BURST if self.args.rate else 0},
+            "netstat": {"counters": self.netstat.names()},
+        }
+        if reasons["source"] == "none":
+            record["fallback"] = (
+                "skb:kfree_skb has no reason field on this kernel: drops are named by "
+                "location (kernel symbol)"
+                if not reasons["has_field"]
+                else "no names for drop reasons (no print table, no BTF): numbers and locations"
+            )
+        return record
+
+    def run(self) -> str:
+        deadline = time.monotonic() + self.args.duration if self.args.duration else None
+        poll = (
+            self.bpf.ring_buffer_poll
+            if self.plan["buffer"] == "ringbuf"
+            else self.bpf.perf_buffer_poll
+        )
+        next_report = time.monotonic() + 1.0
+        while not self.stop.reason:
+            timeout = 200
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.stop.reason = "duration"
+                    break
+                timeout = max(1, min(timeout, int(left * 1000)))
+            poll(timeout)
+            self._report_lost()
+            if time.monotonic() >= next_report:
+                next_report = time.monotonic() + 1.0
+                self.report_counts()
+                self.report_netstat()
+            self.out.flush()
+        return self.stop.reason
+
+    def detach(self) -> list:
+        errors = []
+        if self.bpf is None:
+            return errors
+        for probe, how in sorted(self.attach.items()):
+            try:
+                self.bpf.detach_tracepoint(tp=how["tp"])
+            except Exception as exc:  # noqa: BLE001 - keep detaching the rest
+                errors.append("detach %s: %s" % (probe, exc))
+        return errors
+
+    def cleanup(self, final: bool = False) -> list:
+        """Detach every probe, then (with `final`) deliver what is buffered and the final
+        counts, then free the programs and maps. Returns errors."""
+        errors = self.detach()
+        if final and self.bpf is not None and not self.out.broken:
+            try:
+                if self.plan["buffer"] == "ringbuf":
+                    self.bpf.ring_buffer_poll(0)
+                else:
+                    self.bpf.perf_buffer_poll(0)
+                self._report_lost()
+                self.report_counts(final=True)
+                self.report_netstat(final=True)
+                self.out.flush()
+            except Stop:
+                pass
+            except Exception as exc:  # noqa: BLE001 - still free everything
+                errors.append("final counts: %s" % exc)
+        if self.bpf is not None:
+            try:
+                self.bpf.cleanup()
+            except Exception as exc:  # noqa: BLE001
+                errors.append("cleanup: %s" % exc)
+            self.bpf = None
+        return errors
+
+
+# --------------------------------------------------------------------------------------
+# Arguments, signals, main
+# --------------------------------------------------------------------------------------
+
+
+PARAMS = [
+    {"name": "port", "type": "port", "multiple": True, "metavar": "PORT[,PORT]",
+     "help": "only packets with this port on either side; repeatable"},
+    {"name": "addr", "type": "addr", "multiple": True, "metavar": "ADDR[,ADDR]",
+     "help": "only packets with this IPv4/IPv6 address on either side; repeatable"},
+    {"name": "duration", "type": "float", "min": 0, "default": 0, "metavar": "SECONDS",
+     "help": "stop after SECONDS (default 0: run until signalled)"},
+    {"name": "count", "type": "int", "min": 0, "default": 0, "metavar": "N",
+     "help": "stop after N drop records (default 0: no limit)"},
+    {"name": "rate", "type": "int", "min": 0, "max": 1000000, "default": 1000, "metavar": "R",
+     "help": "drop records per second at most (default 1000, burst 100; 0: counts only)"},
+    {"name": "ebpf", "type": "flag", "local": True,
+     "help": "print the generated C program and exit (needs no root)"},
+    {"name": "format-dir", "type": "path", "local": True, "metavar": "DIR",
+     "help": "with --ebpf: read tracepoint format files from DIR"},
+    {"name": "btf", "type": "path", "local": True, "hidden": True, "metavar": "FILE",
+     "help": "BTF file for offsets and reason names (tests)"},
+]  # fmt: skip
+
+
+def parse_args(argv):
+    doc = (__doc__ or "").split("\n\n", 1)
+    try:
+        args = parse(PARAMS, argv, SCRIPT, doc[0], doc[1] if len(doc) > 1 else None)
+    except ParamError as exc:
+        raise ArgError(str(exc)) from None
+    if args.format_dir and not args.ebpf:
+        raise ArgError("--format-dir only goes with --ebpf")
+    return args
+
+
+def print_ebpf(args, out) -> int:
+    """The C program for recorded formats (--format-dir) or this host's; BTF facts from
+    --btf, else from this host unless the formats are recorded ones."""
+    formats = read_formats(args.format_dir)
+    if "kfree_skb" not in formats:
+        sys.stderr.write("%s: no kfree_skb format found\n" % SCRIPT)
+        return 2
+    offsets, enum = None, None
+    if args.btf or not args.format_dir:
+        offsets, enum, _whys = btf_facts(args.btf or BTF_VMLINUX)
+    plan = make_plan(args, formats, offsets, enum)
+    out.write(build_program(plan) + "\n")
+    for item in plan["missing"]:
+        sys.stderr.write("%s: %s: %s\n" % (SCRIPT, item["probe"], item["why"]))
+    return 0
+
+
+def main(argv=None) -> int:
+    out = Output(sys.stdout)
+    try:
+        args = parse_args(argv)
+    except ArgError as exc:
+        sys.stderr.write("%s: %s\n" % (SCRIPT, exc))
+        out.write({"type": "bye", "reason": "error", "error": str(exc)})
+        out.flush()
+        return 2
+    if args.ebpf:
+        return print_ebpf(args, sys.stdout)
+    stop = StopState()
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(signum, stop.handler)
+    session = Session(args, out, stop)
+    bye = {"type": "bye", "reason": "error"}
+    code = 1
+    try:
+        try:
+            session.setup()
+            out.write(session.hello())
+            out.write({"type": "ready"})
+            out.flush()
+            session.ready = True
+            bye["reason"] = session.run()
+            code = 0
+        except Stop as exc:
+            bye["reason"] = exc.reason
+            code = 0
+        except KeyboardInterrupt:
+            bye["reason"] = "signal"
+            code = 0
+        except SetupError as exc:
+            bye["error"] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - report, clean up, exit 1
+            bye["error"] = "%s: %s" % (type(exc).__name__, exc)
+    finally:
+        stop.cleaning = True
+        errors = session.cleanup(final=session.ready)
+    if errors:
+        sys.stderr.write("%s: cleanup: %s\n" % (SCRIPT, "; ".join(errors)))
+    if code:
+        sys.stderr.write("%s: %s\n" % (SCRIPT, bye.get("error")))
+    try:
+        out.write(bye)
+        out.flush()
+    except Stop:
+        pass
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
