@@ -421,8 +421,13 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir, __u32 off)
 		struct ack_state *st = acks.lookup(&key);
 		if (!st) {
 			struct ack_state fresh = {};
-			fresh.prev[cls] = t->ack;
-			fresh.has[cls] = 1;
+			if (cls) {       /* constant indexes: the verifier refuses a computed stack offset */
+				fresh.prev[1] = t->ack;
+				fresh.has[1] = 1;
+			} else {
+				fresh.prev[0] = t->ack;
+				fresh.has[0] = 1;
+			}
 			acks.update(&key, &fresh);
 		} else if (!st->has[cls]) {
 			st->prev[cls] = t->ack;
