@@ -506,14 +506,38 @@ def hooks_of(lab, host: str, ids: set[int]) -> set[int]:
     return left
 
 
+def tc_state(lab) -> dict:
+    """lb's qdiscs and TC filters per interface, as `tc` lists them."""
+    state = {}
+    for key in ("lb_c", "lb_s"):
+        dev = lab.dev[key]
+        qdiscs = sh("tc", "-n", lab.ns["lb"], "qdisc", "show", "dev", dev).stdout
+        filters = [
+            sh("tc", "-n", lab.ns["lb"], "filter", "show", "dev", dev, hook).stdout.strip()
+            if "clsact" in qdiscs
+            else ""
+            for hook in ("ingress", "egress")
+        ]
+        state[dev] = (tuple(sorted(re.findall(r"qdisc (\w+)", qdiscs))), *filters)
+    return state
+
+
 @pytest.mark.root
-@pytest.mark.parametrize("how", ["eof", "sigterm"])
-def test_nothing_is_left_attached_after_stdin_eof_or_sigterm(lab, how):
-    run = run_on(lab, "lb", "--sample", "4", bootstrap=how == "eof")
+@pytest.mark.parametrize(
+    "how, mode, kind", [("eof", "auto", "tcx-link"), ("sigterm", "auto", "tcx-link"),
+                        ("sigterm", "clsact", "tc-clsact")]
+)  # fmt: skip
+def test_nothing_is_left_attached_after_stdin_eof_or_sigterm(lab, how, mode, kind):
+    before = tc_state(lab)
+    run = run_on(lab, "lb", "--sample", "4", "--tc-mode", mode, bootstrap=how == "eof")
     hello = run.of("hello")[0]
     assert set(hello["interfaces"]) == {lab.dev["lb_c"], lab.dev["lb_s"]}
-    assert hello["attach"]["tc"]["kind"] == "tcx-link"
-    assert len(hooks_of(lab, "lb", run.prog_ids)) >= 2
+    assert hello["attach"]["tc"]["kind"] == kind
+    if kind == "tcx-link":
+        assert len(hooks_of(lab, "lb", run.prog_ids)) >= 2
+        assert tc_state(lab) == before
+    else:
+        assert all("ebd_tc_" in f[1] and "ebd_tc_" in f[2] for f in tc_state(lab).values())
     assert perf_attachments(run.proc.pid)
     assert exchange(lab, 8405, 50_000) == 50_000
     if how == "eof":
@@ -525,6 +549,7 @@ def test_nothing_is_left_attached_after_stdin_eof_or_sigterm(lab, how):
     assert run.records[-2]["type"] == "counts"
     assert run.of("packet")
     assert hooks_of(lab, "lb", run.prog_ids) == set()
+    assert tc_state(lab) == before  # clsact: our filters and the qdisc we added are gone
     assert still_loaded(run.prog_ids) == set()
     for dev in (lab.dev["lb_c"], lab.dev["lb_s"]):
         assert tcx_progs(lab.ns["lb"], dev, BPF_NR) == {"ingress": [], "egress": []}
