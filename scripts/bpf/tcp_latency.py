@@ -23,8 +23,9 @@ followed from host to host and hook to hook, however it is cut (TSO/GSO, GRO, BI
   ack that does not move forward changes nothing.
 - ctl: a SYN is kept when hash32(ISN) % N == 0, a SYN-ACK when hash32(ack - 1) % N == 0
   (the client's ISN), so a sampled handshake is kept on every host; FIN and RST always.
-- N = 1 keeps every packet; why is then ctl (SYN/FIN/RST), data (payload) or ack, and pt /
-  apt are null when the packet holds / acknowledges no block start.
+- why is the first rule that keeps the packet: ctl, data, ack. N = 1 keeps every packet: one
+  no rule keeps is data (with payload) or ack (without); pt / apt are null when it holds /
+  newly acknowledges no block start (a request carrying an ack of new response bytes: ack).
 
 Counters per host: seen (packets passing the filter, at any hook), sampled (kept by the
 rule), lost (kept but the buffer was full: packet records = sampled - lost), in a `counts`
