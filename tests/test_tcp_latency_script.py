@@ -553,3 +553,86 @@ def test_nothing_is_left_attached_after_stdin_eof_or_sigterm(lab, how, mode, kin
     assert still_loaded(run.prog_ids) == set()
     for dev in (lab.dev["lb_c"], lab.dev["lb_s"]):
         assert tcx_progs(lab.ns["lb"], dev, BPF_NR) == {"ingress": [], "egress": []}
+
+
+DUAL_SERVER = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", int(sys.argv[1])))
+s.listen(4)
+print("listening", flush=True)
+for _ in range(2):
+    c, _ = s.accept()
+    while c.recv(65536):
+        c.sendall(b"ok")
+    c.close()
+"""
+
+DUAL_CLIENT = r"""
+import socket, sys, time
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+addr = socket.getaddrinfo(sys.argv[1], int(sys.argv[2]), family, socket.SOCK_STREAM)[0][4]
+s = socket.socket(family)
+s.settimeout(10)
+s.connect(addr)
+for _ in range(3):
+    s.sendall(b"x" * 3000)
+    s.recv(2)
+    time.sleep(0.15)  # past the records' 100 ms rate limit
+s.close()
+"""
+
+
+def link_local(lab, host: str, dev: str) -> str:
+    """The interface's IPv6 link-local address, once duplicate detection is over."""
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        out = json.loads(lab.exec(host, "ip", "-j", "-6", "addr", "show", "dev", dev).stdout)
+        for info in out[0]["addr_info"]:
+            if info["local"].startswith("fe80") and not info.get("tentative"):
+                return info["local"]
+        time.sleep(0.2)
+    raise AssertionError(f"no link-local address on {dev}")
+
+
+@pytest.mark.root
+def test_ipv6_flows_and_v4_mapped_sockets(lab):
+    """IPv6 over the link-local addresses the veths already have (no address is added),
+    and an IPv4 client of a dual-stack server: its socket is IPv6 with a v4-mapped peer,
+    reported, and filtered by --addr, as the IPv4 flow it is."""
+    port = 8406
+    lb_ll = link_local(lab, "lb", lab.dev["lb_c"])
+    client_ll = link_local(lab, "client", lab.dev["client"])
+    runs = {
+        "client": run_on(lab, "client", "--port", str(port), "--sample", "1"),
+        "lb": run_on(lab, "lb", "--addr", CLIENT_IP, "--sample", "1"),
+    }
+    server = lab.popen("lb", SYSTEM_PYTHON, "-c", DUAL_SERVER, str(port),
+                       stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert server.stdout.readline().strip() == "listening"
+        lab.exec("client", SYSTEM_PYTHON, "-c", DUAL_CLIENT, f"{lb_ll}%{lab.dev['client']}",
+                 str(port))  # fmt: skip
+        lab.exec("client", SYSTEM_PYTHON, "-c", DUAL_CLIENT, LB_C_IP, str(port))
+        server.wait(timeout=20)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    stop_all(runs)
+    v6 = [p for p in runs["client"].of("packet") if p["family"] == 6]
+    sent = [p for p in v6 if p["dir"] == "egress" and p["dport"] == port]
+    assert {(p["saddr"], p["daddr"]) for p in v6 if p["dir"] == "egress"} == {(client_ll, lb_ll)}
+    assert sum(p["len"] for p in sent) == 9000 and all(p["ipid"] == 0 for p in v6)
+    probes6 = [r for r in runs["client"].of("tcp_probe") if r["family"] == 6]
+    assert probes6 and probes6[0]["saddr"] == client_ll and probes6[0]["daddr"] == lb_ll
+    # on lb, filtered by the IPv4 client address: only the IPv4 flow, though its socket
+    # is an IPv6 one
+    recv = runs["lb"].of("recv")
+    assert recv and all(
+        (r["family"], r["saddr"], r["daddr"], r["sport"]) == (4, LB_C_IP, CLIENT_IP, port)
+        for r in recv
+    )
+    assert len(recv) >= 3 and all(0 < r["len"] <= 3000 for r in recv)  # one per request
+    assert {p["family"] for p in runs["lb"].of("packet")} == {4}

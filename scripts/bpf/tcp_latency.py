@@ -273,6 +273,11 @@ C_COMMON = r"""
 #define WHY_ACK 2
 #define WHY_CTL 3
 #define OWN_NETNS %(netns)du
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define EBD_MAPPED_WORD 0xffff0000u  /* 00 00 ff ff as a 32-bit word */
+#else
+#define EBD_MAPPED_WORD 0x0000ffffu
+#endif
 
 struct lat_event {           /* one kept packet, 80 bytes */
 	struct ebd_tcp t;
@@ -294,7 +299,7 @@ struct sock_event {          /* tcp_probe, retransmit or recv */
 	__u32 daddr[4];          /* remote */
 	__u16 sport;
 	__u16 dport;
-	__u16 family;            /* 4, 6, or 0: infer from a v4-mapped address */
+	__u16 family;            /* 4 or 6 (unmap_v4) */
 	__u8 _pad[2];
 	__s32 state;
 	__u32 srtt_us;
@@ -350,6 +355,22 @@ static __always_inline __u64 tuple_hash(__u32 *s, __u32 *d, __u16 sp, __u16 dp, 
 		h = (h ^ (((__u64)s[i] << 32) | d[i])) * prime;
 	h = (h ^ (((__u64)sp << 16) | dp)) * prime;
 	return h ^ (h >> 31);
+}
+
+/* A v4-mapped IPv6 socket (::ffff:a.b.c.d) carries an IPv4 flow: the filter and the record
+ * see it as IPv4. Family 0 (a format without one) is settled here too. */
+static __always_inline void unmap_v4(struct sock_event *e)
+{
+	if (e->family == 4)
+		return;
+	if (e->saddr[0] || e->saddr[1] || e->saddr[2] != EBD_MAPPED_WORD) {
+		e->family = 6;
+		return;
+	}
+	e->family = 4;
+	e->saddr[0] = e->saddr[3];
+	e->daddr[0] = e->daddr[3];
+	e->saddr[2] = e->saddr[3] = e->daddr[2] = e->daddr[3] = 0;
 }
 
 /* One record per flow and kind per RATE_NS: 1 when this one may go */
@@ -525,8 +546,8 @@ static __always_inline int sock_tuple(struct sock_event *e, __u64 sk)
 def c_tp_addrs(fmt: dict) -> str:
     """C that fills e.family/saddr/daddr/sport/dport from the tracepoint record `rec`:
     sockaddr_in/in6 fields (tcp_probe, 6.10+ layouts) or the legacy sport/saddr/saddr_v6.
-    A v4-mapped IPv6 socket is left as family 6 here and unmapped in user space (family
-    0 when the format has no family field: inferred from the address)."""
+    A v4-mapped IPv6 socket is left as family 6 and a format without a family field as 0:
+    unmap_v4() settles both before the filter."""
     fields = field_map(fmt)
     if address_layout(fmt) == "sockaddr":
         return (
@@ -580,7 +601,6 @@ def c_sock_probe(probe: str, fmt: dict, plan: dict) -> str:
     rate-limit (not retransmissions), emit a sock_event."""
     fields = field_map(fmt)
     sname = "tp_" + probe
-    family = "(e.family ? e.family : 6)"
     body = [c_tracepoint_struct(sname, fmt)]
     body.append("int ebd_%s(void *ctx)\n{" % probe)
     body.append("\tstruct %s rec = {};" % sname)
@@ -597,8 +617,9 @@ def c_sock_probe(probe: str, fmt: dict, plan: dict) -> str:
         body.append("\te.len = rec.ret;")
     else:
         body.append(c_tp_addrs(fmt))
+    body.append("\tunmap_v4(&e);")
     body.append(
-        c_filters(plan["ports"], plan["addrs"], family, "e.saddr", "e.daddr",
+        c_filters(plan["ports"], plan["addrs"], "e.family", "e.saddr", "e.daddr",
                   "e.sport", "e.dport", "return 0;")
     )  # fmt: skip
     sk = "rec.sk" if "sk" in fields else ("rec.skaddr" if "skaddr" in fields else None)
@@ -687,17 +708,10 @@ def decode_packet(raw: bytes, ifnames: dict) -> dict:
     return record
 
 
-V4_MAPPED = b"\0" * 10 + b"\xff\xff"
-
-
 def decode_sock(raw: bytes, state_names: dict) -> dict:
     """One sock_event -> a tcp_probe, retrans or recv record (local side first)."""
     (ts, netns, kind, saddr, daddr, sport, dport, family, state, srtt, cwnd, snd_wnd,
      rcv_wnd, snd_una, snd_nxt, length) = struct.unpack_from(SOCK_FMT, raw, 0)  # fmt: skip
-    if family != 4 and saddr[:12] == V4_MAPPED:
-        saddr, daddr, family = saddr[12:], daddr[12:], 4
-    elif family == 0:
-        family = 6
     record = {
         "type": KIND_RECORD.get(kind, "tcp_probe"),
         "ts_ns": ts,
