@@ -61,13 +61,21 @@ def test_ebpf_output_for_recorded_formats(version):
     assert "port_wanted(t->sport)" in code  # --port filters in the kernel, both sides
     assert "addr_wanted(t->family" not in code  # no --addr: no address lookups
     assert "ebd_parse_tcp(skb, off, t)" in code  # the shared parser from core/packet.py
+    recorded = sorted(p.name for p in (FORMATS / version).iterdir())
     for probe in ("tcp_probe", "tcp_retransmit_skb", "sock_recv_length"):
+        if probe not in recorded:
+            assert f"int ebd_{probe}(" not in code
+            assert f"tcp_latency: {probe}: no tracepoint" in proc.stderr
+            continue
         fmt = tool.parse_format((FORMATS / version / probe).read_text())
         assert f"int ebd_{probe}(void *ctx)" in code
         for field in fmt["fields"]:
             assert f"offsetof(struct tp_{probe}, {field['name']}) == {field['offset']}" in code
-        assert "port_wanted(e.sport)" in code.split(f"int ebd_{probe}(")[1].split("\n}\n")[0]
-    assert proc.stderr == ""
+        program = code.split(f"int ebd_{probe}(")[1].split("\n}\n")[0]
+        assert "port_wanted(e.sport)" in program and "unmap_v4(&e);" in program
+    if version == "5.x-no-family":  # IPv4 sockets only in saddr_v6, v4-mapped
+        assert "__builtin_memcpy(e.saddr, rec.saddr_v6, 16);" in code
+        assert "e.family = rec.family" not in code
 
 
 def test_missing_tracepoints_are_named_and_left_out(tmp_path):

@@ -334,6 +334,48 @@ def perf_attachments(pid: int) -> list:
     return [e for e in json.loads(sh("bpftool", "-j", "perf", "show").stdout) if e["pid"] == pid]
 
 
+FORMATS = Path(__file__).resolve().parent / "fixtures" / "latency" / "formats"
+
+LOAD = r"""
+import importlib.util, json, os, sys
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+spec = importlib.util.spec_from_file_location("tcp_latency", sys.argv[1])
+m = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(m)
+args = m.parse_args(["--port", "80", "--addr", "198.18.128.1", "--sample", "8"])
+(offsets, _), (tuples, _) = m.btf_offsets()
+plan = m.make_plan(args, m.read_formats(sys.argv[2]), offsets, tuples)
+plan["buffer"] = sys.argv[3]
+from bcc import BPF
+b = BPF(text=m.build_program(plan))
+loaded = []
+for probe in sorted(plan["tracepoints"]):
+    b.load_func("ebd_" + probe, BPF.TRACEPOINT)
+    loaded.append("ebd_" + probe)
+for fn in ("ebd_tc_ingress", "ebd_tc_egress", "ebd_tc_in_l3", "ebd_tc_out_l3"):
+    b.load_func(fn, BPF.SCHED_CLS)
+    loaded.append(fn)
+print(json.dumps(loaded))
+"""
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("buffer", ["ringbuf", "perf"])
+@pytest.mark.parametrize("version", sorted(p.name for p in FORMATS.iterdir()))
+def test_generated_program_loads_for_recorded_kernels(version, buffer):
+    """BCC compiles the C for each recorded kernel's formats and this kernel's verifier
+    takes every program, with ring buffers and with perf buffers (kernels before 5.8)."""
+    require(os.geteuid() == 0, "needs root (BPF)")
+    require(os.path.exists(SYSTEM_PYTHON), "needs the system python3")
+    proc = subprocess.run([SYSTEM_PYTHON, "-c", LOAD, str(SCRIPT), str(FORMATS / version),
+                           buffer], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    probes = sorted(p.name for p in (FORMATS / version).iterdir())
+    assert json.loads(proc.stdout.splitlines()[-1]) == ["ebd_" + p for p in probes] + [
+        "ebd_tc_ingress", "ebd_tc_egress", "ebd_tc_in_l3", "ebd_tc_out_l3"
+    ]  # fmt: skip
+
+
 # ------------------------------------------------------------------ real runs (root)
 
 
