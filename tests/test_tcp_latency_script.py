@@ -376,6 +376,17 @@ def test_generated_program_loads_for_recorded_kernels(version, buffer):
     ]  # fmt: skip
 
 
+def assert_every_byte_sighted(packets, isn_next: int, size: int, where) -> None:
+    """The payloads of `packets` cover [isn_next, isn_next + size) without a gap (a
+    retransmission may cover bytes twice)."""
+    rel = sorted(((p["seq"] - isn_next) % 2**32, p["len"]) for p in packets if p["len"])
+    at = 0
+    for start, length in rel:
+        assert start <= at, (where, "gap", at, start)
+        at = max(at, start + length)
+    assert at == size, (where, at, size)
+
+
 # ------------------------------------------------------------------ real runs (root)
 
 
@@ -678,3 +689,86 @@ def test_ipv6_flows_and_v4_mapped_sockets(lab):
     )
     assert len(recv) >= 3 and all(0 < r["len"] <= 3000 for r in recv)  # one per request
     assert {p["family"] for p in runs["lb"].of("packet")} == {4}
+
+
+# IFLA_GSO_IPV4_MAX_SIZE (63) and IFLA_GRO_IPV4_MAX_SIZE (64): iproute2 here predates them
+SET_IPV4_MAX = r"""
+import socket, struct, sys
+idx = socket.if_nametoindex(sys.argv[1])
+attrs = b"".join(struct.pack("=HHI", 8, t, int(sys.argv[2])) for t in (63, 64))
+body = struct.pack("=BxHiII", 0, 0, idx, 0, 0) + attrs
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+s.sendto(struct.pack("=IHHII", 16 + len(body), 16, 0x5, 1, 0) + body, (0, 0))
+sys.exit(-struct.unpack_from("=i", s.recv(4096), 16)[0])
+"""
+
+BULK_SERVER = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", int(sys.argv[1])))
+s.listen(1)
+print("listening", flush=True)
+c, _ = s.accept()
+n = 0
+while True:
+    d = c.recv(1 << 20)
+    if not d:
+        break
+    n += len(d)
+print(n, flush=True)
+"""
+
+BULK_CLIENT = r"""
+import socket, sys
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+addr = socket.getaddrinfo(sys.argv[1], int(sys.argv[2]), family, socket.SOCK_STREAM)[0][4]
+s = socket.socket(family)
+s.connect(addr)
+s.sendall(b"x" * int(sys.argv[3]))
+s.close()
+"""
+
+
+def big_tcp(lab, size: int) -> None:
+    """BIG TCP on the client -> lb veth, both families (65536: back to normal)."""
+    for host, key in (("client", "client"), ("lb", "lb_c")):
+        dev = lab.dev[key]
+        lab.exec(host, "ip", "link", "set", "dev", dev, "gso_max_size", str(size),
+                 "gro_max_size", str(size))  # fmt: skip
+        lab.exec(host, SYSTEM_PYTHON, "-c", SET_IPV4_MAX, dev, str(size))
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("family", [4, 6])
+def test_big_tcp_packets_are_sighted_whole(lab, family):
+    """Packets over 64 KiB: IPv4 with total length 0, IPv6 with a hop-by-hop jumbo header.
+    Every byte is in exactly one sighted packet, at the sender and at the receiver."""
+    port, size = 8407 + family, 20_000_000
+    target = (
+        LB_C_IP if family == 4 else f"{link_local(lab, 'lb', lab.dev['lb_c'])}%{lab.dev['client']}"
+    )
+    big_tcp(lab, 150_000)
+    try:
+        runs = {h: run_on(lab, h, "--port", str(port), "--sample", "1") for h in ("client", "lb")}
+        server = lab.popen("lb", SYSTEM_PYTHON, "-c", BULK_SERVER, str(port),
+                           stdout=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            assert server.stdout.readline().strip() == "listening"
+            lab.exec("client", SYSTEM_PYTHON, "-c", BULK_CLIENT, target, str(port), str(size))
+            assert server.stdout.readline().strip() == str(size)
+        finally:
+            if server.poll() is None:
+                server.kill()
+            server.wait(timeout=10)
+        stop_all(runs)
+    finally:
+        big_tcp(lab, 65536)
+    for host, key, direction in (("client", "client", "egress"), ("lb", "lb_c", "ingress")):
+        packets = flow_packets(runs[host], port, lab.dev[key], direction)
+        sent = [p for p in packets if p["dport"] == port]
+        assert {p["family"] for p in sent} == {family}
+        [syn] = [p for p in sent if p["flags"] & 0x02]
+        assert_every_byte_sighted(sent, syn["seq"] + 1, size, host)
+        assert max(p["len"] for p in sent) > 65535, host  # BIG TCP was in use

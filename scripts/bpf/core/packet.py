@@ -62,7 +62,8 @@ static __always_inline int load_hdr(struct __sk_buff *skb, __u32 off, void *to, 
 
 /* 1 when skb holds a TCP packet (first fragment or unfragmented), with *t filled in.
  * An IP length of 0 (BIG TCP: more than 64 KiB in one packet) takes the length from
- * skb->len. IPv6 extension headers are not followed. */
+ * skb->len; IPv6 BIG TCP's hop-by-hop jumbo header is stepped over, other IPv6 extension
+ * headers are not followed. */
 static __always_inline int ebd_parse_tcp(struct __sk_buff *skb, __u32 off, struct ebd_tcp *t)
 {
 	__u32 proto = skb->protocol;
@@ -92,16 +93,29 @@ static __always_inline int ebd_parse_tcp(struct __sk_buff *skb, __u32 off, struc
 		__u8 ip[40];
 		if (load_hdr(skb, off, ip, sizeof(ip)) < 0)
 			return 0;
-		if ((ip[0] >> 4) != 6 || ip[6] != 6)
+		if ((ip[0] >> 4) != 6)
 			return 0;
+		__u8 next = ip[6];
 		l3len = (ip[4] << 8) | ip[5];
-		if (l3len == 0 && skb->len > off + 40)
-			l3len = skb->len - off - 40;  /* BIG TCP */
+		l4 = off + 40;
+		if (l3len == 0 && next == 0) {
+			/* BIG TCP: an 8-byte hop-by-hop header holding the jumbo payload option */
+			__u8 hbh[8];
+			if (load_hdr(skb, off + 40, hbh, sizeof(hbh)) < 0 || hbh[1] != 0 || hbh[2] != 0xc2)
+				return 0;
+			next = hbh[0];
+			l4 = off + 48;
+		}
+		if (next != 6)
+			return 0;                /* other extension headers are not followed */
+		if (l3len == 0)
+			l3len = skb->len > l4 ? skb->len - l4 : 0;  /* BIG TCP */
+		else
+			l3len -= l4 - off - 40;
 		t->ttl = ip[7];
 		__builtin_memcpy(t->saddr, &ip[8], 16);
 		__builtin_memcpy(t->daddr, &ip[24], 16);
 		t->family = 6;
-		l4 = off + 40;
 	} else {
 		return 0;
 	}
