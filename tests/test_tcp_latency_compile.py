@@ -6,10 +6,12 @@ kernel program's own C (compiled here for user space with the host's C compiler)
 from __future__ import annotations
 
 import ast
+import io
 import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -289,3 +291,83 @@ def test_kernel_c_and_python_mirror_choose_the_same_points(tmp_path, n, shift):
         rule = tool.data_point if what == "data" else tool.ack_point
         want = rule(a, b, n, shift)
         assert got == ("none" if want is None else str(want)), (what, a, b)
+
+
+# ------------------------------------------------------------------ decoding and control
+
+
+def test_packet_event_decodes_to_the_contract_record():
+    raw = struct.pack(
+        tool.EVENT_FMT,
+        bytes([198, 18, 128, 1]) + bytes(12), bytes([198, 18, 128, 6]) + bytes(12),
+        4_000_000_000, 77, 65160, 50000, 9080, 512, 4242, 64, 0x18, 4,
+        123456789, 3, 6144, 0, 1, 1, 1, 0,
+    )  # fmt: skip
+    assert len(raw) == tool.EVENT_SIZE == 80
+    record = tool.decode_packet(raw, {3: "eth0"})
+    assert record == {
+        "type": "packet", "ts_ns": 123456789, "ifname": "eth0", "ifindex": 3, "dir": "egress",
+        "family": 4, "saddr": "198.18.128.1", "daddr": "198.18.128.6", "sport": 50000,
+        "dport": 9080, "flags": 0x18, "seq": 4_000_000_000, "ack": 77, "ipid": 4242,
+        "ttl": 64, "len": 65160, "win": 512, "why": "data", "pt": 6144, "apt": None,
+    }  # fmt: skip
+    v6 = struct.pack(
+        tool.EVENT_FMT, bytes(15) + b"\1", bytes(15) + b"\2", 1, 2, 0, 1, 2, 3, 0, 255, 0x10,
+        6, 5, 9, 0, 1024, 0, 2, 0, 1,
+    )  # fmt: skip
+    record = tool.decode_packet(v6, {})
+    assert (record["saddr"], record["daddr"], record["ifname"], record["dir"]) == (
+        "::1", "::2", "9", "ingress"
+    )  # fmt: skip
+    assert (record["why"], record["pt"], record["apt"]) == ("ack", None, 1024)
+
+
+def sock_event(kind, family=4, state=-1, length=0, netns=7):
+    return struct.pack(
+        tool.SOCK_FMT, 99, netns, kind, bytes([198, 18, 128, 1]) + bytes(12),
+        bytes([198, 18, 128, 6]) + bytes(12), 50000, 9080, family, state,
+        2500, 10, 65535, 131072, 1000, 2000, length,
+    )  # fmt: skip
+
+
+def test_socket_events_decode_to_their_records():
+    assert tool.SOCK_SIZE == 88
+    probe = tool.decode_sock(sock_event(1), {})
+    assert probe == {
+        "type": "tcp_probe", "ts_ns": 99, "family": 4, "saddr": "198.18.128.1", "sport": 50000,
+        "daddr": "198.18.128.6", "dport": 9080, "srtt_us": 2500, "snd_cwnd": 10,
+        "snd_wnd": 65535, "rcv_wnd": 131072, "snd_una": 1000, "snd_nxt": 2000, "_netns": 7,
+    }  # fmt: skip
+    live = tool.parse_format((FORMATS / "6.18" / "tcp_retransmit_skb").read_text())
+    retrans = tool.decode_sock(sock_event(2, state=1), live["symbols"]["state"])
+    assert retrans["type"] == "retrans" and retrans["state"] == "TCP_ESTABLISHED"
+    assert tool.decode_sock(sock_event(2, state=4), {})["state"] == "TCP_FIN_WAIT1"
+    recv = tool.decode_sock(sock_event(3, length=300), {})
+    assert recv["type"] == "recv" and recv["len"] == 300 and "srtt_us" not in recv
+
+
+class FakeMap(dict):
+    """The ports array as fill_filters sees it: keyed by ctypes ints."""
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key.value, value.value)
+
+
+def test_control_port_widens_the_filter(capsys):
+    out = io.StringIO()
+    session = tool.Session(tool.parse_args(["--port", "8080"]), tool.Output(out), None)
+    session.bpf = {"ports": FakeMap()}
+    session.control("port 9080")
+    session.control("port 9080")
+    session.control("port x")
+    session.control("frob")
+    assert [json.loads(line) for line in out.getvalue().splitlines()] == [
+        {"type": "filter", "ports": [8080, 9080], "added": [9080], "why": "nat"},
+        {"type": "filter", "ports": [8080, 9080], "added": [], "why": "nat"},
+    ]
+    assert session.bpf["ports"] == {9080: 1}
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "tcp_latency: control line ignored: --port: 'x' is not a port number (1-65535)",
+        "tcp_latency: control line not understood, ignored: frob",
+    ]
