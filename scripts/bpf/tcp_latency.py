@@ -40,7 +40,7 @@ Parameters:
   --port PORT[,PORT]      only flows with this port on either side; repeatable
   --addr ADDR[,ADDR]      only flows with this IPv4/IPv6 address on either side; repeatable
   --interfaces IF[,IF]    interfaces to watch (default: every interface except lo)
-  --sample N              keep about 1 packet in N (by sequence block; 1 keeps all)
+  --sample N              choose 1 sequence block in N (default 1024: 1 per MiB; 1 keeps all)
   --block-shift K         sequence blocks of 2**K bytes (default 10)
   --duration SECONDS      stop after SECONDS (default 0: run until signalled)
   --tc-mode MODE          packet hook: auto (tcx if the kernel has it), tcx or clsact
@@ -1128,8 +1128,8 @@ PARAMS = [
      "help": "only flows with this IPv4/IPv6 address on either side; repeatable"},
     {"name": "interfaces", "type": "ifname", "multiple": True, "metavar": "IF[,IF]",
      "help": "interfaces to watch (default: every interface except lo)"},
-    {"name": "sample", "type": "int", "min": 1, "max": 65536, "default": 16, "metavar": "N",
-     "help": "keep about 1 packet in N (by sequence block; 1 keeps all)"},
+    {"name": "sample", "type": "int", "min": 1, "max": 65536, "default": 1024, "metavar": "N",
+     "help": "choose 1 sequence block in N (default 1024: 1 per MiB; 1 keeps all)"},
     {"name": "block-shift", "type": "int", "min": 0, "max": 20, "default": 10, "metavar": "K",
      "help": "sequence blocks of 2**K bytes (default 10)"},
     {"name": "duration", "type": "float", "min": 0, "default": 0, "metavar": "SECONDS",
