@@ -30,11 +30,17 @@ followed from host to host and hook to hook, however it is cut (TSO/GSO, GRO, BI
 Counters per host: seen (packets passing the filter, at any hook), sampled (kept by the
 rule), lost (kept but the buffer was full: packet records = sampled - lost), in a `counts`
 record every second and once at the end. The kernel's own view comes from tracepoints,
-filtered by the same ports/addresses and by network namespace (BTF offsets), each rate
-limited to one record per flow per 100 ms: tcp:tcp_probe (RTT, windows), tcp:tcp_retransmit_skb
-and sock:sock_recv_length (the application reading a flow's socket; its 4-tuple from the
-socket via BTF offsets). A control line `ctl port Q` (see docs/remote-protocol.md) adds Q to
-the port filter and is answered by a `filter` record, as in tcp_rst.
+filtered by the same ports/addresses and by network namespace (BTF offsets):
+tcp:tcp_probe (RTT, windows) and sock:sock_recv_length (the application reading a flow's
+socket, not MSG_PEEK; its 4-tuple from the socket via BTF offsets), each at most one record
+per flow per 100 ms, and every tcp:tcp_retransmit_skb. A v4-mapped IPv6 socket's events are
+IPv4. A control line `ctl port Q` (see docs/remote-protocol.md) adds Q to the port filter
+and is answered by a `filter` record, as in tcp_rst.
+
+Beyond the record schema the controller relies on: the ack state is per hook (a forwarded
+packet is seen at two hooks of one host), counts.sampled includes the lost records, lost
+records name their source, hello has scope (as tcp_rst), `filter` records answer control
+lines.
 
 Parameters:
   --port PORT[,PORT]      only flows with this port on either side; repeatable
