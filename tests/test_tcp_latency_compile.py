@@ -371,3 +371,24 @@ def test_control_port_widens_the_filter(capsys):
         "tcp_latency: control line ignored: --port: 'x' is not a port number (1-65535)",
         "tcp_latency: control line not understood, ignored: frob",
     ]
+
+
+def test_packet_lines_are_the_records_as_json_writes_them():
+    """The fast line builder the tool uses writes exactly json.dumps(decode_packet(...))."""
+    import random
+
+    rng = random.Random(7)
+    ifnames = {2: "eth0", 3: 'we"ird\\name'}
+    lines = tool.PacketLines(ifnames)
+    for _ in range(2000):
+        family = rng.choice([4, 6])
+        raw = struct.pack(
+            tool.EVENT_FMT, rng.randbytes(16), rng.randbytes(16), rng.randrange(2**32),
+            rng.randrange(2**32), rng.randrange(2**32), rng.randrange(2**16),
+            rng.randrange(2**16), rng.randrange(2**16), rng.randrange(2**16), rng.randrange(256),
+            rng.randrange(256), family, rng.randrange(2**64), rng.choice([2, 3, 9]),
+            rng.randrange(2**32), rng.randrange(2**32), rng.randrange(2), rng.randrange(1, 4),
+            rng.randrange(2), rng.randrange(2),
+        )  # fmt: skip
+        want = json.dumps(tool.decode_packet(raw, ifnames), separators=(",", ":")) + "\n"
+        assert lines.line(raw) == want

@@ -129,6 +129,7 @@ Fields:
 
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import struct
@@ -179,7 +180,8 @@ PKT_PAGES, SOCK_PAGES = 256, 32
 # Userspace mirrors of the C structs (explicit padding, native order).
 EVENT_FMT = TCP_FMT + "QIIIBBBB"
 SOCK_FMT = "=QII16s16sHHHxxiIIIIIIi"
-EVENT_SIZE = struct.calcsize(EVENT_FMT)
+EVENT_STRUCT = struct.Struct(EVENT_FMT)
+EVENT_SIZE = EVENT_STRUCT.size
 SOCK_SIZE = struct.calcsize(SOCK_FMT)
 STATE_NAMES = dict((v, k) for k, v in TCP_STATES.items())
 
@@ -714,6 +716,63 @@ def decode_packet(raw: bytes, ifnames: dict) -> dict:
     return record
 
 
+#: decode_packet's record as json.dumps writes it (compact), built without the dict: a busy
+#: host emits tens of thousands of these a second and json.dumps is most of their cost
+PACKET_LINE = (
+    '{"type":"packet","ts_ns":%d,"ifname":%s,"ifindex":%d,"dir":"%s","family":%d,'
+    '"saddr":"%s","daddr":"%s","sport":%d,"dport":%d,"flags":%d,"seq":%d,"ack":%d,'
+    '"ipid":%d,"ttl":%d,"len":%d,"win":%d,"why":"%s","pt":%s,"apt":%s}\n'
+)
+ADDR_CACHE_MAX = 4096
+
+
+class PacketLines:
+    """lat_event -> its NDJSON line, equal to json.dumps(decode_packet(...)) plus a newline.
+
+    Interface names are JSON-quoted once; address texts are cached (a few flows carry most
+    packets)."""
+
+    def __init__(self, ifnames: dict) -> None:
+        self.ifnames = dict((idx, json.dumps(name)) for idx, name in ifnames.items())
+        self.addrs = {}
+
+    def addr(self, family: int, raw: bytes) -> str:
+        text = self.addrs.get(raw)
+        if text is None:
+            if len(self.addrs) >= ADDR_CACHE_MAX:
+                self.addrs.clear()
+            text = self.addrs[raw] = addr_text(family, raw)
+        return text
+
+    def line(self, raw: bytes) -> str:
+        values = EVENT_STRUCT.unpack_from(raw)
+        (saddr, daddr, seq, ack, length, sport, dport, win, ipid, ttl, flags, family, ts,
+         ifindex, pt, apt, direction, why, has_pt, has_apt) = values  # fmt: skip
+        ifname = self.ifnames.get(ifindex)
+        if ifname is None:
+            ifname = self.ifnames[ifindex] = json.dumps(str(ifindex))
+        if family == 4:
+            saddr, daddr = saddr[:4], daddr[:4]
+        return PACKET_LINE % (
+            ts, ifname, ifindex, DIR_NAMES.get(direction, "ingress"), family,
+            self.addr(family, saddr), self.addr(family, daddr), sport, dport, flags, seq, ack,
+            ipid, ttl, length, win, WHY_NAMES.get(why, "data"),
+            pt if has_pt else "null", apt if has_apt else "null",
+        )  # fmt: skip
+
+
+def write_line(out: Output, line: str) -> None:
+    """Output.write for a line already in NDJSON form (same lock, same end on a closed pipe)."""
+    with out.lock:
+        if out.broken:
+            raise Stop("eof")
+        try:
+            out.stream.write(line)
+        except (BrokenPipeError, ValueError):
+            out.broken = True
+            raise Stop("eof") from None
+
+
 def decode_sock(raw: bytes, state_names: dict) -> dict:
     """One sock_event -> a tcp_probe, retrans or recv record (local side first)."""
     (ts, netns, kind, saddr, daddr, sport, dport, family, state, srtt, cwnd, snd_wnd,
@@ -796,6 +855,7 @@ class Session:
         self.plan = None
         self.attach = {}
         self.ifnames = {}
+        self.lines = PacketLines({})
         self.addrs = []
         self.nat_ports = []
         self.lost_seen = [0, 0]
@@ -854,6 +914,7 @@ class Session:
     def _attach_tc(self) -> None:
         links = discover_links(self.ipr)
         self.ifnames = dict((idx, name) for idx, name, _ in links)
+        self.lines = PacketLines(self.ifnames)
         wanted = self.args.interfaces
         if wanted:
             unknown = sorted(set(wanted) - set(self.ifnames.values()))
@@ -966,7 +1027,7 @@ class Session:
         return lost
 
     def _on_packet(self, raw: bytes) -> None:
-        self.out.write(decode_packet(raw, self.ifnames))
+        write_line(self.out, self.lines.line(raw))
 
     def _on_sock(self, raw: bytes) -> None:
         record = decode_sock(raw, self.state_names)
