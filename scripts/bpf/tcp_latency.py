@@ -20,7 +20,8 @@ followed from host to host and hook to hook, however it is cut (TSO/GSO, GRO, BI
   point: prev_ack <= c < ack (mod 2**32), prev_ack the class's last ack seen (per-hook LRU
   state: interface, direction, 4-tuple). apt = the highest such c; only the 64 highest
   block starts below ack are examined. A direction without state only records its ack; an
-  ack that does not move forward changes nothing.
+  ack that does not move forward changes nothing; a SYN or SYN-ACK starts its direction
+  afresh (a new connection on the same 4-tuple).
 - ctl: a SYN is kept when hash32(ISN) % N == 0, a SYN-ACK when hash32(ack - 1) % N == 0
   (the client's ISN), so a sampled handshake is kept on every host; FIN and RST always.
 - why is the first rule that keeps the packet: ctl, data, ack. N = 1 keeps every packet: one
@@ -444,12 +445,15 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir, __u32 off)
 		if (e.has_pt)
 			why = WHY_DATA;
 	}
-	if ((t->flags & TH_ACK) && !(t->flags & TH_RST)) {
+	if (syn || ((t->flags & TH_ACK) && !(t->flags & TH_RST))) {
 		__u64 key = tuple_hash(t->saddr, t->daddr, t->sport, t->dport,
 			((__u64)skb->ifindex << 8) | dir);
 		__u32 cls = t->len ? 0 : 1;
-		struct ack_state *st = acks.lookup(&key);
-		if (!st) {
+		struct ack_state *st = syn ? 0 : acks.lookup(&key);
+		if (syn && !(t->flags & TH_ACK)) {
+			struct ack_state fresh = {};   /* a new connection on this 4-tuple: no state */
+			acks.update(&key, &fresh);
+		} else if (!st) {   /* the SYN-ACK starts afresh too: an old ack is meaningless */
 			struct ack_state fresh = {};
 			if (cls) {       /* constant indexes: the verifier refuses a computed stack offset */
 				fresh.prev[1] = t->ack;
