@@ -319,12 +319,13 @@ def pure_ack_points(packets):
 def assert_same_acks(here: list[int], there: list[int]) -> None:
     """The same ACKs kept at both ends of a path, in the same order. Two ACKs reordered on
     the way (sent from two CPUs, they take two CPUs' backlogs through a veth) may be kept
-    differently at the two ends: a rare few differences are allowed, not more."""
+    differently at the two ends (up to 7 % of them in a recorded bulk run, see
+    tests/fixtures/latency/NOTES.md): a few differences are allowed, not more."""
     import difflib
 
     same = sum(b.size for b in difflib.SequenceMatcher(None, here, there).get_matching_blocks())
-    assert len(here) - same <= max(2, len(here) // 20), (here, there)
-    assert len(there) - same <= max(2, len(there) // 20), (here, there)
+    assert len(here) - same <= max(3, len(here) // 7), (here, there)
+    assert len(there) - same <= max(3, len(there) // 7), (here, there)
 
 
 def loaded_progs() -> set[int]:
