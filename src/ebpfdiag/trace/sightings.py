@@ -33,11 +33,14 @@ class Sighting:
     """One packet at one point (host, interface, direction), as that host's clock saw it.
 
     ``node`` is the connection view (host, 4-tuple, incarnation) it belongs to and ``occ``
-    the occurrence (one transmission across hosts); both are set by later passes.
+    the occurrence (one transmission across hosts); both are set by later passes. ``pt``
+    and ``apt`` are the sampled points of tracers that sample bytes (tcp_latency): the
+    lowest chosen point in the payload, the highest one newly acknowledged (else None).
     """
 
     __slots__ = ("host", "ifname", "dir", "ts_ns", "flags", "seq", "ack", "length", "ipid",
-                 "saddr", "sport", "daddr", "dport", "why", "node", "occ")  # fmt: skip
+                 "saddr", "sport", "daddr", "dport", "why", "node", "occ", "pt",
+                 "apt")  # fmt: skip
 
     def __init__(self, rec: Mapping[str, Any], host: str, intern: dict[str, str]) -> None:
         self.host = host
@@ -59,6 +62,9 @@ class Sighting:
         self.why = intern.setdefault(why, why) if why else None
         self.node = -1
         self.occ = -1
+        pt, apt = rec.get("pt"), rec.get("apt")
+        self.pt = None if pt is None else int(pt) % SEQ_SPACE
+        self.apt = None if apt is None else int(apt) % SEQ_SPACE
 
     @property
     def tuple(self) -> tuple[str, int, str, int]:
@@ -130,9 +136,14 @@ def send_probe_state(info: Mapping[str, Any] | None) -> str | None:
 
 
 class Recorded:
-    """The first pass over a stream: sightings, reset records and what hosts said."""
+    """The first pass over a stream: sightings, reset records and what hosts said.
 
-    def __init__(self) -> None:
+    Records whose type is in ``keep`` (a question's own evidence, e.g. tcp_latency's
+    ``counts`` or ``recv``) are kept as they are in ``kept``, in stream order."""
+
+    def __init__(self, keep: Iterable[str] = ()) -> None:
+        self.keep = frozenset(keep)
+        self.kept: list[Mapping[str, Any]] = []
         self.sightings: list[Sighting] = []
         self.resets: list[ResetRecord] = []
         self.probes: dict[str, str | None] = {}
@@ -148,7 +159,11 @@ class Recorded:
     def add(self, rec: Mapping[str, Any]) -> None:
         kind = rec.get("type")
         host = rec.get("host")
-        if kind not in ("packet", "reset", "hello", "host", "lost") or not isinstance(host, str):
+        if not isinstance(host, str):
+            return
+        if kind in self.keep:
+            self.kept.append(rec)
+        if kind not in ("packet", "reset", "hello", "host", "lost"):
             return
         host = self._intern.setdefault(host, host)
         try:
@@ -182,10 +197,13 @@ class Recorded:
 
 
 def collect(
-    events: Iterable[Mapping[str, Any]], hellos: Mapping[str, Mapping[str, Any]] | None = None
+    events: Iterable[Mapping[str, Any]],
+    hellos: Mapping[str, Mapping[str, Any]] | None = None,
+    keep: Iterable[str] = (),
 ) -> Recorded:
-    """Read a stream once; ``hellos`` are what the session kept of each host's ``hello``."""
-    recorded = Recorded()
+    """Read a stream once; ``hellos`` are what the session kept of each host's ``hello``,
+    ``keep`` the other record types to keep as they are."""
+    recorded = Recorded(keep)
     for host, info in (hellos or {}).items():
         recorded.hello(host, info)
     for rec in events:
