@@ -32,7 +32,8 @@ ACK, PSH, SYN = 16, 8, 2
 class LatencyStream:
     """Records of one or more flows through client -> lb -> server (see the module doc).
 
-    ``wire_ns`` is each link's one-way delay (plus up to ``jitter_ns``), ``lb_ns`` the
+    ``wire_ns`` is each link's one-way delay (plus up to ``jitter_ns``, plus ``back_ns``
+    on the way back: an asymmetric path), ``lb_ns`` the
     time lb holds a packet, ``offsets`` each host's true clock offset. ``hosts`` are the
     traced ones."""
 
@@ -40,13 +41,14 @@ class LatencyStream:
         self,
         *,
         wire_ns: int = 20_000,
+        back_ns: int = 0,
         jitter_ns: int = 10_000,
         lb_ns: int = 15_000,
         offsets: dict[str, int] | None = None,
         hosts: tuple[str, ...] = ("client", "lb", "server"),
         seed: int = 1,
     ) -> None:
-        self.wire_ns, self.jitter_ns, self.lb_ns = wire_ns, jitter_ns, lb_ns
+        self.wire_ns, self.back_ns, self.jitter_ns, self.lb_ns = wire_ns, back_ns, jitter_ns, lb_ns
         self.offsets = {"client": BASE_NS, "lb": BASE_NS, "server": BASE_NS, **(offsets or {})}
         self.hosts = set(hosts)
         self.rng = random.Random(seed)
@@ -62,8 +64,8 @@ class LatencyStream:
     def _host_ns(self, host: str, t: int) -> int:
         return BASE_NS + t - self.offsets[host]
 
-    def _wire(self) -> int:
-        return self.wire_ns + self.rng.randrange(self.jitter_ns + 1)
+    def _wire(self, back: bool = False) -> int:
+        return self.wire_ns + self.rng.randrange(self.jitter_ns + 1) + (self.back_ns if back else 0)
 
     # -- records -------------------------------------------------------------------
     def see(self, host, ifname, direction, tup, flags, seq, ack, length, why,
@@ -149,13 +151,13 @@ class Flow:
         half = (self.b[2], self.b[3], self.c[0], self.c[1])
         cback = (self.c[2], self.c[3], self.c[0], self.c[1])
         s.see("server", "eth0", "egress", back, flags, seq, ack, length, why, pt, apt, t)
-        t += s._wire()
+        t += s._wire(back=True)
         s.see("lb", "to-server", "ingress", back, flags, seq, ack, length, why, pt, apt, t)
         s.see("lb", "br-servers", "ingress", half, flags, seq, ack, length, why, pt, apt,
               t + 3_000)  # fmt: skip
         t += s.lb_ns
         s.see("lb", "to-client", "egress", cback, flags, seq, ack, length, why, pt, apt, t)
-        t += s._wire()
+        t += s._wire(back=True)
         s.see("client", "eth0", "ingress", cback, flags, seq, ack, length, why, pt, apt, t)
         return t
 
@@ -212,10 +214,11 @@ def simple_stream(
     offsets: dict[str, int] | None = None,
     flows: int = 1,
     seed: int = 1,
+    back_ns: int = 0,
     **kw: object,
 ) -> LatencyStream:
     """``flows`` connections, each a handshake and ``exchanges`` request/responses."""
-    stream = LatencyStream(offsets=offsets, seed=seed)
+    stream = LatencyStream(offsets=offsets, seed=seed, back_ns=back_ns)
     for host in ("client", "lb", "server"):
         stream.counts(host, at=0)
     for f in range(flows):

@@ -639,7 +639,7 @@ def _stats(exchanges: list[Exchange], handshakes: Mapping) -> list[SegmentStats]
                         d, kind, "answer", ex.answerer, ex.answerer, [], None
                     )
                 stat.values.append(value)
-    for (host, role), values in handshakes.items():
+    for (host, role), values in sorted(handshakes.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         groups[("handshake", host, role)] = SegmentStats(
             "handshake", "handshake", "SYN->SYN-ACK", host, host, values, None
         )
@@ -652,9 +652,11 @@ def _stats(exchanges: list[Exchange], handshakes: Mapping) -> list[SegmentStats]
 
 
 def fmt_ms(ns: int, bound_ns: int | None = None) -> str:
-    """A figure for people: "< bound" when the figure is smaller than its clock bound."""
+    """A figure for people. A cross-host figure carries its clock bound; one smaller than
+    its bound is never shown as a precise number: the truth lies in [0, ns + bound], so it
+    is shown as "< ns + bound"."""
     if bound_ns is not None and ns < bound_ns:
-        return f"< {_ms_text(bound_ns)} ms"
+        return f"< {_ms_text(ns + bound_ns)} ms"
     text = f"{_ms_text(ns)} ms"
     return f"{text} ± {_ms_text(bound_ns)}" if bound_ns else text
 
