@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ebpfdiag.clock import FLAG_ERROR_NS, Alignment, ClockEstimate, pair_bounds
-from ebpfdiag.trace.flows import Flow, Prepared, TimelineWarning, _path, prepare
+from ebpfdiag.trace.flows import Flow, Prepared, TimelineWarning, prepare
 from ebpfdiag.trace.match import DEFAULT_WINDOW_NS
 from ebpfdiag.trace.sightings import ACK, SEQ_SPACE, SYN, Sighting
 
@@ -282,20 +282,33 @@ class _Seen:
     __slots__ = ("hosts", "entry", "exit", "last", "occ")
 
     def __init__(self, sightings: list[Sighting], offsets: Mapping[str, int]) -> None:
-        path = _path(sightings, offsets)
-        self.occ = path[0].occ
-        self.hosts: list[str] = []
-        self.entry: dict[str, int] = {}
-        self.exit: dict[str, int] = {}
-        for s in path:
-            if not self.hosts or self.hosts[-1] != s.host:
-                self.hosts.append(s.host)
+        # hosts in causal order, as ``trace.flows`` orders a path: where the packet first
+        # leaves, then hosts it passes through, then where it only arrives (aligned time
+        # within each rank); entry/exit in each host's own clock
+        entry: dict[str, int] = {}
+        exit_: dict[str, int] = {}
+        first: dict[str, Sighting] = {}
+        latest: dict[str, Sighting] = {}
+        for s in sightings:
+            h, t = s.host, s.ts_ns
             if s.dir == "ingress":
-                if s.host not in self.entry or s.ts_ns < self.entry[s.host]:
-                    self.entry[s.host] = s.ts_ns
-            elif s.host not in self.exit or s.ts_ns > self.exit[s.host]:
-                self.exit[s.host] = s.ts_ns
-        self.last = path[-1]
+                if t < entry.get(h, t + 1):
+                    entry[h] = t
+            elif t > exit_.get(h, t - 1):
+                exit_[h] = t
+            if h not in first or t < first[h].ts_ns:
+                first[h] = s
+            if h not in latest or t >= latest[h].ts_ns:
+                latest[h] = s
+
+        def rank(h: str) -> tuple[int, int]:
+            f = first[h]
+            return (0 if f.dir == "egress" else 1 if h in exit_ else 2, f.ts_ns + offsets[h])
+
+        self.hosts = sorted(first, key=rank) if len(first) > 1 else list(first)
+        self.entry, self.exit = entry, exit_
+        self.last = latest[self.hosts[-1]]
+        self.occ = sightings[0].occ
 
     @property
     def sender(self) -> str:
@@ -434,16 +447,22 @@ class _Rules:
     def _flow(self, root: int, seen: list[Sighting]) -> Iterator[Exchange]:
         by_occ: dict[int, list[Sighting]] = defaultdict(list)
         data: list[Sighting] = []
+        syns: list[Sighting] = []
+        answered: set[int] = set()
         for s in seen:
             by_occ[s.occ].append(s)
             if s.length:
                 data.append(s)
-        self._handshake(by_occ)
+                if s.apt is not None:
+                    answered.add(s.occ)
+            elif s.flags & SYN:
+                syns.append(s)
+        if syns:
+            self._handshake(syns)
         responses: dict[int, tuple[int, list[Sighting], Sighting]] = {}
-        for occ, members in by_occ.items():
+        for occ in answered:
+            members = by_occ[occ]
             marked = [s for s in members if s.apt is not None and s.length]
-            if not marked:
-                continue
             votes = Counter(s.apt for s in marked)
             c = max(votes, key=lambda a: (votes[a], a))
             first = min(
@@ -513,7 +532,7 @@ class _Rules:
         if answerer in final.entry and answerer in response.exit:
             t_in, t_out = final.entry[answerer], response.exit[answerer]
             parts.append(Part("answer", "answer", answerer, answerer, t_out - t_in))
-            at = self._answer_socket(resp_members, answerer)
+            at = self._answer_socket(resp_members, answerer) if self.ev.recv else None
             got = self.ev.recv_after(answerer, at, t_in, t_out) if at else None
             if got is not None:
                 queue, app = got - t_in, t_out - got
@@ -523,7 +542,7 @@ class _Rules:
                       len(copies), occs, queue, app)  # fmt: skip
         if len(copies) > 1:
             ex.lost = self._lost(copies[0], copies[1], sender)
-        for host, tup_src in ((sender, reqs), (answerer, resp_members)):
+        for host, tup_src in ((sender, reqs), (answerer, resp_members)) if self.ev.probes else ():
             tup = next((s.tuple for s in tup_src if s.host == host), None)
             if tup is not None:
                 probe = self.ev.probe_at(host, tup, response.entry[sender] - offsets[sender]
@@ -582,7 +601,7 @@ class _Rules:
         shift = self.offsets[last.host] - self.offsets[host]
         return self.ev.loss_between(host, lo + shift, hi + shift)
 
-    def _handshake(self, by_occ: dict[int, list[Sighting]]) -> None:
+    def _handshake(self, syns: list[Sighting]) -> None:
         """SYN -> SYN-ACK per host: on the initiator from its SYN leaving to the SYN-ACK
         arriving, elsewhere from the SYN entering to the SYN-ACK leaving (the first of
         each, so a retransmitted SYN counts its timeout)."""
@@ -590,15 +609,14 @@ class _Rules:
         syn_out: dict[str, int] = {}
         isn = None
         synack: list[Sighting] = []
-        for members in by_occ.values():
-            for s in members:
-                kind = s.flags & (SYN | ACK)
-                if kind == SYN:
-                    isn = s.seq if isn is None else isn
-                    times = syn_in if s.dir == "ingress" else syn_out
-                    times[s.host] = min(times.get(s.host, s.ts_ns), s.ts_ns)
-                elif kind == SYN | ACK:
-                    synack.append(s)
+        for s in syns:
+            kind = s.flags & (SYN | ACK)
+            if kind == SYN:
+                isn = s.seq if isn is None else isn
+                times = syn_in if s.dir == "ingress" else syn_out
+                times[s.host] = min(times.get(s.host, s.ts_ns), s.ts_ns)
+            elif kind == SYN | ACK:
+                synack.append(s)
         if isn is None:
             return
         answers = [s for s in synack if s.ack == (isn + 1) % SEQ_SPACE]
@@ -759,8 +777,6 @@ def correlate(
     evidence = _Evidence(prepared.recorded.kept)
     rules = _Rules(prepared, evidence)
     exchanges = list(rules.exchanges())
-    for ex in exchanges:
-        ex.text = _describe(ex)
     segments = _stats(exchanges, rules.handshakes)
     by_dir: dict[str, list[Exchange]] = defaultdict(list)
     for ex in exchanges:
@@ -793,6 +809,7 @@ def correlate(
     ranked = sorted(exchanges, key=lambda e: -e.total_ns)[:slowest]
     flows = []
     for ex in ranked:
+        ex.text = _describe(ex)
         flow = prepared.excerpt(ex.root, ex.occurrences)
         flow.verdict = ExchangeView(ex)
         flows.append(flow)

@@ -126,6 +126,13 @@ class Matcher:
                 yield from self._cut(bucket, ranged=False)
         exact.clear()
         for bucket in ranged.values():
+            first = bucket[0]
+            seq, length = first.seq, first.length
+            if len(bucket) > 1 and all(s.seq == seq and s.length == length for s in bucket):
+                # one range everywhere (no segmentation on the way): seeing it again at a
+                # point is what a retransmission looks like, as without payload
+                yield from self._cut(bucket, ranged=False)
+                continue
             for group in _overlapping(bucket):
                 if len(group) == 1:
                     group[0].occ = self.count
@@ -182,25 +189,29 @@ def _observe(members: list[Sighting], bounds: dict[tuple[str, str], Observation]
     4-tuple that only one other host sent it with came from that host (a link). With
     segmented bytes the earliest departure and the latest arrival are used, which keeps
     every bound true."""
-    sent: dict[tuple[str, int, str, int], dict[str, int]] = defaultdict(dict)
+    sent: dict[tuple[str, int, str, int], dict[str, int]] = {}
     first_in: dict[str, int] = {}
     first_out: dict[str, int] = {}
     last_in: dict[str, int] = {}
     last_out: dict[str, int] = {}
-    for s in members:
+    for s in members:  # once per sighting: plain dict reads, no defaultdict
+        h, t = s.host, s.ts_ns
         if s.dir == "egress":
-            by_host = sent[(s.saddr, s.sport, s.daddr, s.dport)]
-            if s.host not in by_host or s.ts_ns < by_host[s.host]:
-                by_host[s.host] = s.ts_ns
-            if s.host not in first_out or s.ts_ns < first_out[s.host]:
-                first_out[s.host] = s.ts_ns
-            if s.host not in last_out or s.ts_ns > last_out[s.host]:
-                last_out[s.host] = s.ts_ns
+            key = (s.saddr, s.sport, s.daddr, s.dport)
+            by_host = sent.get(key)
+            if by_host is None:
+                sent[key] = {h: t}
+            elif t < by_host.get(h, t + 1):
+                by_host[h] = t
+            if t < first_out.get(h, t + 1):
+                first_out[h] = t
+            if t > last_out.get(h, t - 1):
+                last_out[h] = t
         else:
-            if s.host not in first_in or s.ts_ns < first_in[s.host]:
-                first_in[s.host] = s.ts_ns
-            if s.host not in last_in or s.ts_ns > last_in[s.host]:
-                last_in[s.host] = s.ts_ns
+            if t < first_in.get(h, t + 1):
+                first_in[h] = t
+            if t > last_in.get(h, t - 1):
+                last_in[h] = t
     starts = [h for h, t in first_out.items() if h not in first_in or t < first_in[h]]
     ends = [h for h, t in last_in.items() if h not in last_out or t > last_out[h]]
     pairs = []

@@ -18,6 +18,7 @@ SEND_RESET = "tcp_send_reset"
 RECEIVE_RESET = "tcp_receive_reset"
 WILDCARD_ADDRS = frozenset({"0.0.0.0", "::"})
 SEQ_SPACE = 1 << 32
+_DIRS = {"egress": "egress", "ingress": "ingress"}
 
 
 def flag_names(flags: int) -> str:
@@ -43,28 +44,31 @@ class Sighting:
                  "apt")  # fmt: skip
 
     def __init__(self, rec: Mapping[str, Any], host: str, intern: dict[str, str]) -> None:
+        # runs once per packet record (a million per trace): locals, no checks that the
+        # lookups below do anyway (a bad ``dir`` is a KeyError, counted as malformed)
+        keep = intern.setdefault
+        get = rec.get
         self.host = host
-        self.ifname = intern.setdefault(rec["ifname"], rec["ifname"])
-        if rec["dir"] not in ("egress", "ingress"):
-            raise ValueError(f"bad dir {rec['dir']!r}")
-        self.dir = "egress" if rec["dir"] == "egress" else "ingress"
+        self.ifname = keep(rec["ifname"], rec["ifname"])
+        self.dir = _DIRS[rec["dir"]]
         self.ts_ns = int(rec["ts_ns"])
         self.flags = int(rec["flags"])
         self.seq = int(rec["seq"]) % SEQ_SPACE
         self.ack = int(rec["ack"]) % SEQ_SPACE
         self.length = int(rec["len"])
-        self.ipid = int(rec.get("ipid") or 0)
-        self.saddr = intern.setdefault(rec["saddr"], rec["saddr"])
+        self.ipid = int(get("ipid") or 0)
+        self.saddr = keep(rec["saddr"], rec["saddr"])
         self.sport = int(rec["sport"])
-        self.daddr = intern.setdefault(rec["daddr"], rec["daddr"])
+        self.daddr = keep(rec["daddr"], rec["daddr"])
         self.dport = int(rec["dport"])
-        why = rec.get("why")
-        self.why = intern.setdefault(why, why) if why else None
+        why = get("why")
+        self.why = keep(why, why) if why else None
         self.node = -1
         self.occ = -1
-        pt, apt = rec.get("pt"), rec.get("apt")
+        pt = get("pt")
         self.pt = None if pt is None else int(pt) % SEQ_SPACE
-        self.apt = None if apt is None else int(apt) % SEQ_SPACE
+        pt = get("apt")
+        self.apt = None if pt is None else int(pt) % SEQ_SPACE
 
     @property
     def tuple(self) -> tuple[str, int, str, int]:
