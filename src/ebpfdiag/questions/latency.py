@@ -43,17 +43,13 @@ SLOW_NS = 1_000_000
 CULPRIT_SHARE = 0.5
 """A part is the culprit when it holds at least this share of the p99 exchange."""
 
-_HALF = 1 << 31
+_NEAR = 1 << 30
+"""Sequence numbers of one byte stream this close (either way) belong together."""
 
 
 def _within(point: int, s: Sighting) -> bool:
     """Is sequence number ``point`` inside the sighting's payload (mod 2**32)?"""
     return (point - s.seq) % SEQ_SPACE < s.length
-
-
-def _near(a: int, b: int) -> bool:
-    """Two sequence numbers of one byte stream (far closer than 2**30 apart)."""
-    return (a - b + _HALF) % SEQ_SPACE - _HALF in range(-(1 << 30), 1 << 30)
 
 
 def percentile(values: list[int], q: float) -> int:
@@ -475,19 +471,31 @@ class _Rules:
         if not responses:
             return
         points = sorted(responses)
+        n = len(points)
         requests: dict[int, list[Sighting]] = defaultdict(list)
-        for s in data:
-            lo, hi = s.seq, s.seq + s.length
-            for a, b in ((lo, min(hi, SEQ_SPACE)), (0, hi - SEQ_SPACE)):
-                if a >= b:
-                    continue
-                i = bisect.bisect_left(points, a)
-                while i < len(points) and points[i] < b:
-                    c = points[i]
-                    occ, _, first = responses[c]
-                    if s.occ != occ and _near(s.ack, first.seq) and _near(s.seq, first.ack):
-                        requests[c].append(s)
+        near = _NEAR
+        for s in data:  # once per data sighting: which answered points does it hold?
+            lo = s.seq
+            hi = lo + s.length
+            i = bisect.bisect_left(points, lo)
+            found = []
+            while i < n and points[i] < hi:
+                found.append(points[i])
+                i += 1
+            if hi > SEQ_SPACE:  # the range wraps past 2**32
+                i, wrap = 0, hi - SEQ_SPACE
+                while i < n and points[i] < wrap:
+                    found.append(points[i])
                     i += 1
+            for c in found:
+                occ, _, first = responses[c]
+                # the other direction: its acks are near the response's seq and vice versa
+                if (
+                    s.occ != occ
+                    and (s.ack - first.seq + near) % SEQ_SPACE < 2 * near
+                    and (s.seq - first.ack + near) % SEQ_SPACE < 2 * near
+                ):
+                    requests[c].append(s)
         for c, reqs in requests.items():
             ex = self._exchange(root, c, reqs, *responses[c])
             if ex is not None:
