@@ -88,6 +88,8 @@ class Part:
             return f"{self.src} {'receive queue' if self.kind == 'queue' else 'application'}"
         if self.kind == "handshake":
             return f"SYN->SYN-ACK at {self.src}"
+        if self.kind == "retransmission":
+            return "retransmission wait"
         return self.src
 
     def to_json(self) -> dict[str, Any]:
@@ -596,7 +598,7 @@ class _Rules:
             suspects = [host] + ([next_host] if next_host else [])
             place = f"lost between {host} and {next_host}" if next_host else "lost after it"
         if i == len(first.hosts) - 1 and last.dir == "ingress" and next_host is None:
-            text = f"first copy reached {host} ({where}); its answer did not come back"
+            text = f"seen reaching {where}; its answer did not come back"
             return Lost(host, last.ifname, last.dir, None, "arrived", text)
         doubts = [d for h in suspects if (d := self._doubt(h, first, last, lo, hi))]
         if doubts:
@@ -752,6 +754,8 @@ def _verdict(direction: str, exs: list[Exchange], missing: list[str]) -> Directi
             share = round(100 * top[1] / ex.total_ns)
             where = "the wire" if culprit == "wire" else culprit
             text += f"; most of it ({share}%) is {where}"
+            if culprit == "retransmission" and ex.lost is not None:
+                text += f" (the first copy was {ex.lost.text})"
     elif ex.total_ns < SLOW_NS:
         text += f"; nothing stands out (under {fmt_ms(SLOW_NS)})"
     if missing:
