@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ebpfdiag.clock import FLAG_ERROR_NS, Alignment, ClockEstimate, pair_bounds
-from ebpfdiag.trace.flows import Flow, Prepared, TimelineWarning, prepare
+from ebpfdiag.trace.flows import Flow, Prepared, TimelineWarning, paused_gc, prepare
 from ebpfdiag.trace.match import DEFAULT_WINDOW_NS
 from ebpfdiag.trace.sightings import ACK, SEQ_SPACE, SYN, Sighting
 
@@ -436,19 +436,18 @@ class _Rules:
 
     def exchanges(self) -> Iterator[Exchange]:
         by_root: dict[int, list[Sighting]] = defaultdict(list)
-        find = self.p.conns.find
+        conns = self.p.conns
+        root_of = [conns.find(node) for node in range(len(conns.parent))]
         for s in self.p.recorded.sightings:
-            by_root[find(s.node)].append(s)
+            by_root[root_of[s.node]].append(s)
         for root, seen in by_root.items():
             yield from self._flow(root, seen)
 
     def _flow(self, root: int, seen: list[Sighting]) -> Iterator[Exchange]:
-        by_occ: dict[int, list[Sighting]] = defaultdict(list)
         data: list[Sighting] = []
         syns: list[Sighting] = []
         answered: set[int] = set()
         for s in seen:
-            by_occ[s.occ].append(s)
             if s.length:
                 data.append(s)
                 if s.apt is not None:
@@ -457,6 +456,10 @@ class _Rules:
                 syns.append(s)
         if syns:
             self._handshake(syns)
+        by_occ: dict[int, list[Sighting]] = defaultdict(list)
+        for s in data:  # responses carry payload: their occurrences hold data sightings only
+            if s.occ in answered:
+                by_occ[s.occ].append(s)
         responses: dict[int, tuple[int, list[Sighting], Sighting]] = {}
         for occ in answered:
             members = by_occ[occ]
@@ -784,6 +787,18 @@ def correlate(
     flag_ns: int = FLAG_ERROR_NS,
 ) -> Latency:
     """Host-tagged tcp_latency records -> segment statistics, verdicts, slowest exchanges."""
+    with paused_gc():
+        return _correlate(events, clocks, hellos, slowest, window_ns, flag_ns)
+
+
+def _correlate(
+    events: Iterable[Mapping[str, Any]],
+    clocks: Mapping[str, ClockEstimate],
+    hellos: Mapping[str, Mapping[str, Any]] | None,
+    slowest: int,
+    window_ns: int,
+    flag_ns: int,
+) -> Latency:
     prepared = prepare(events, clocks, hellos=hellos, window_ns=window_ns, flag_ns=flag_ns,
                        keep=KEEP)  # fmt: skip
     evidence = _Evidence(prepared.recorded.kept)

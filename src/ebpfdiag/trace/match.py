@@ -188,13 +188,14 @@ def _observe(members: list[Sighting], bounds: dict[tuple[str, str], Observation]
     where it ends sees it after every other host, and a packet arriving with the very
     4-tuple that only one other host sent it with came from that host (a link). With
     segmented bytes the earliest departure and the latest arrival are used, which keeps
-    every bound true."""
+    every bound true. Runs once per occurrence: plain dicts, one pass, no defaults."""
     sent: dict[tuple[str, int, str, int], dict[str, int]] = {}
     first_in: dict[str, int] = {}
     first_out: dict[str, int] = {}
     last_in: dict[str, int] = {}
     last_out: dict[str, int] = {}
-    for s in members:  # once per sighting: plain dict reads, no defaultdict
+    arrivals = []
+    for s in members:
         h, t = s.host, s.ts_ns
         if s.dir == "egress":
             key = (s.saddr, s.sport, s.daddr, s.dport)
@@ -203,32 +204,44 @@ def _observe(members: list[Sighting], bounds: dict[tuple[str, str], Observation]
                 sent[key] = {h: t}
             elif t < by_host.get(h, t + 1):
                 by_host[h] = t
-            if t < first_out.get(h, t + 1):
+            old = first_out.get(h)
+            if old is None:
+                first_out[h] = last_out[h] = t
+            elif t < old:
                 first_out[h] = t
-            if t > last_out.get(h, t - 1):
+            elif t > last_out[h]:
                 last_out[h] = t
         else:
-            if t < first_in.get(h, t + 1):
+            arrivals.append(s)
+            old = first_in.get(h)
+            if old is None:
+                first_in[h] = last_in[h] = t
+            elif t < old:
                 first_in[h] = t
-            if t > last_in.get(h, t - 1):
+            elif t > last_in[h]:
                 last_in[h] = t
-    starts = [h for h, t in first_out.items() if h not in first_in or t < first_in[h]]
-    ends = [h for h, t in last_in.items() if h not in last_out or t > last_out[h]]
     pairs = []
+    starts = [h for h, t in first_out.items() if t < first_in.get(h, t + 1)]
     if len(starts) == 1:
         src = starts[0]
-        pairs += [(src, first_out[src], dst, t) for dst, t in first_in.items() if dst != src]
+        a = first_out[src]
+        pairs += [(src, a, dst, t) for dst, t in first_in.items() if dst != src]
+    ends = [h for h, t in last_in.items() if t > last_out.get(h, t - 1)]
     if len(ends) == 1:
         dst = ends[0]
-        pairs += [(src, t, dst, last_in[dst]) for src, t in last_out.items() if src != dst]
-    for s in members:
-        if s.dir == "ingress":
-            senders = sent.get((s.saddr, s.sport, s.daddr, s.dport))
-            if not senders:
-                continue
-            others = [(h, ts) for h, ts in senders.items() if h != s.host]
-            if len(others) == 1:
-                pairs.append((others[0][0], others[0][1], s.host, s.ts_ns))
+        b = last_in[dst]
+        pairs += [(src, t, dst, b) for src, t in last_out.items() if src != dst]
+    for s in arrivals:
+        senders = sent.get((s.saddr, s.sport, s.daddr, s.dport))
+        if senders:
+            if len(senders) == 1:
+                ((h, ts),) = senders.items()
+                if h != s.host:
+                    pairs.append((h, ts, s.host, s.ts_ns))
+            elif len(senders) == 2 and s.host in senders:
+                for h, ts in senders.items():
+                    if h != s.host:
+                        pairs.append((h, ts, s.host, s.ts_ns))
     for src, a, dst, b in pairs:
         old = bounds.get((src, dst))
         if old is None or a - b > old.src_mono_ns - old.dst_mono_ns:

@@ -210,6 +210,17 @@ def collect(
     recorded = Recorded(keep)
     for host, info in (hellos or {}).items():
         recorded.hello(host, info)
+    # packets of a host already placed in time go straight to a Sighting (a million per
+    # trace); everything else through Recorded.add
+    intern, hinted = recorded._intern, recorded.ts_hints
+    append = recorded.sightings.append
     for rec in events:
-        recorded.add(rec)
+        host = rec.get("host")
+        if rec.get("type") == "packet" and isinstance(host, str) and host in hinted:
+            try:
+                append(Sighting(rec, intern.get(host, host), intern))
+            except (KeyError, TypeError, ValueError):
+                recorded.malformed += 1
+        else:
+            recorded.add(rec)
     return recorded
