@@ -460,19 +460,25 @@ class _Rules:
         for s in data:  # responses carry payload: their occurrences hold data sightings only
             if s.occ in answered:
                 by_occ[s.occ].append(s)
-        responses: dict[int, tuple[int, list[Sighting], Sighting]] = {}
+        responses: dict[int, tuple[int, list[Sighting], Sighting, int]] = {}
+        offsets = self.offsets
         for occ in answered:
             members = by_occ[occ]
-            marked = [s for s in members if s.apt is not None and s.length]
-            votes = Counter(s.apt for s in marked)
-            c = max(votes, key=lambda a: (votes[a], a))
-            first = min(
-                (s for s in marked if s.apt == c), key=lambda s: s.ts_ns + self.offsets[s.host]
-            )
+            marked = [s for s in members if s.apt is not None]
+            apts = {s.apt for s in marked}
+            if len(apts) == 1:
+                (c,) = apts
+            else:  # hosts disagree (one lost its ack state): the most common, then highest
+                votes = Counter(s.apt for s in marked)
+                c = max(votes, key=lambda a: (votes[a], a))
+            first, t = None, 0
+            for s in marked:
+                if s.apt == c and (first is None or s.ts_ns + offsets[s.host] < t):
+                    first, t = s, s.ts_ns + offsets[s.host]
+            assert first is not None
             old = responses.get(c)
-            t = first.ts_ns + self.offsets[first.host]
-            if old is None or t < old[2].ts_ns + self.offsets[old[2].host]:
-                responses[c] = (occ, members, first)
+            if old is None or t < old[3]:
+                responses[c] = (occ, members, first, t)
         if not responses:
             return
         points = sorted(responses)
@@ -493,7 +499,7 @@ class _Rules:
                     found.append(points[i])
                     i += 1
             for c in found:
-                occ, _, first = responses[c]
+                occ, _, first, _ = responses[c]
                 # the other direction: its acks are near the response's seq and vice versa
                 if (
                     s.occ != occ
@@ -502,7 +508,7 @@ class _Rules:
                 ):
                     requests[c].append(s)
         for c, reqs in requests.items():
-            ex = self._exchange(root, c, reqs, *responses[c])
+            ex = self._exchange(root, c, reqs, *responses[c][:3])
             if ex is not None:
                 yield ex
 
@@ -516,19 +522,20 @@ class _Rules:
         first: Sighting,
     ) -> Exchange | None:
         offsets = self.offsets
+        s0 = first.seq
+        response = _Seen([s for s in resp_members if _within(s0, s)], offsets)
+        # the requester is where the response ends up, the answerer where it starts
+        sender = response.hosts[-1]
+        if sender not in response.entry:
+            return None
         by_occ: dict[int, list[Sighting]] = defaultdict(list)
         for s in reqs:
             by_occ[s.occ].append(s)
         copies = [_Seen(m, offsets) for m in by_occ.values()]
-        sender = copies[0].sender
         copies = [cp for cp in copies if sender in cp.exit]
         if not copies:
             return None
         copies.sort(key=lambda cp: cp.exit[sender])
-        s0 = first.seq
-        response = _Seen([s for s in resp_members if _within(s0, s)], offsets)
-        if sender not in response.entry:
-            return None
         answered = [cp for cp in copies if cp.hosts[-1] == response.sender]
         final = answered[-1] if answered else copies[-1]
         answerer = response.sender
