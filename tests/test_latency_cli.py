@@ -103,6 +103,8 @@ def test_saved_latency_trace_shows_the_same_answer(tmp_path):
     kinds = {r["type"] for r in recs}
     assert {"segment", "exchange", "sampling", "clock_pair", "verdict", "summary"} <= kinds
     assert all("host" in r for r in recs if r["type"] in ("sampling", "host", "event"))
+    # the tool's counts came through the session to the question
+    assert [r["seen"] for r in recs if r["type"] == "sampling"] == [100, 100, 100]
     (verdict,) = [r for r in recs if r["type"] == "verdict"]
     assert verdict["culprit"] == "server" and verdict["text"].startswith("client->server")
     summary = recs[-1]
