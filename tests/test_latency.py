@@ -222,8 +222,16 @@ def test_recv_splits_server_time_into_queue_and_application():
 
 def test_records_have_type_and_host():
     stream = simple_stream(5, 20 * MS)
-    result = correlate(stream.records, stream.clocks(), slowest=1)
+    hello = {
+        "type": "hello",
+        "host": "lb",
+        "script": "tcp_latency",
+        "sample": {"n": 16, "block": 1024},
+    }
+    result = correlate([hello, *stream.records], stream.clocks(), slowest=1)
     recs = list(result.records())
+    lb = next(r for r in recs if r["type"] == "sampling" and r["host"] == "lb")
+    assert (lb["sample_n"], lb["block"], lb["seen"]) == (16, 1024, 100)
     kinds = {r["type"] for r in recs}
     assert {"sampling", "clock_pair", "segment", "exchange", "verdict", "summary"} <= kinds
     assert all("host" in r for r in recs if r["type"] == "sampling")

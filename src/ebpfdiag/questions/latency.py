@@ -34,7 +34,7 @@ from ebpfdiag.trace.flows import Flow, Prepared, TimelineWarning, paused_gc, pre
 from ebpfdiag.trace.match import DEFAULT_WINDOW_NS
 from ebpfdiag.trace.sightings import ACK, SEQ_SPACE, SYN, Sighting
 
-KEEP = ("counts", "lost", "tcp_probe", "recv")
+KEEP = ("counts", "lost", "tcp_probe", "recv", "hello")
 """The tracer's own records this question reads besides packets."""
 
 SLOW_NS = 1_000_000
@@ -708,7 +708,9 @@ def _ms_text(ns: int) -> str:
     return f"{value:.3f}".rstrip("0").rstrip(".") if value else "0"
 
 
-def _verdict(direction: str, exs: list[Exchange], missing: list[str]) -> DirectionVerdict:
+def _verdict(direction: str, exs: list[Exchange]) -> DirectionVerdict:
+    """Where the p99 exchange of one direction spent its time (parts clock-free)."""
+    missing: list[str] = []
     exs = sorted(exs, key=lambda e: e.total_ns)
     ex = exs[percentile(list(range(len(exs))), 0.99)]
     parts: dict[str, int] = defaultdict(int)
@@ -737,7 +739,7 @@ def _verdict(direction: str, exs: list[Exchange], missing: list[str]) -> Directi
     if wire_pairs:
         listed.append(("wire", wire, unbalanced or None))
     if ex.answerer not in parts:
-        missing = [*missing, f"{ex.answerer} was not seen both taking the request and answering"]
+        missing.append(f"{ex.answerer} was not seen both taking the request and answering")
     if abs(gap) > max(unbalanced, 1000):
         listed.append(("unaccounted", gap, None))
     listed.sort(key=lambda item: -item[1])
@@ -826,15 +828,13 @@ def _correlate(
     unbounded = sorted(
         {(s.src, s.dst) for s in segments if s.kind == "wire" and s.bound_ns is None}
     )
-    missing_clock = []
     if unbounded:
         pairs = ", ".join(f"{a}->{b}" for a, b in unbounded)
-        missing_clock.append(f"no clock bound for {pairs}")
         warnings.append(TimelineWarning(
             "clock-unbounded",
             f"no packets both ways bound the clocks of {pairs}: their wire figures use the "
             "SSH estimates", hosts=sorted({h for p in unbounded for h in p})))  # fmt: skip
-    verdicts = [_verdict(d, exs, []) for d, exs in sorted(by_dir.items())]
+    verdicts = [_verdict(d, exs) for d, exs in sorted(by_dir.items())]
     if not exchanges:
         verdicts.append(DirectionVerdict(
             "-", 0, None, [], None, ["no sampled request with its response"],
@@ -851,7 +851,8 @@ def _correlate(
     for i, flow in enumerate(flows, 1):
         flow.id = i
     sampling = {}
-    hello_of = dict(hellos or {})
+    hello_of = {r["host"]: r for r in prepared.recorded.kept if r.get("type") == "hello"}
+    hello_of.update(hellos or {})
     for host in sorted(set(evidence.last_counts) | prepared.recorded.hosts):
         counts = evidence.last_counts.get(host, {})
         sample = (hello_of.get(host) or {}).get("sample") or {}
