@@ -123,7 +123,7 @@ class Matcher:
                 bucket[0].occ = self.count
                 self.count += 1
             else:
-                yield from self._cut(bucket, ranged=False)
+                yield from self._cut_exact(bucket)
         exact.clear()
         for bucket in ranged.values():
             first = bucket[0]
@@ -131,46 +131,65 @@ class Matcher:
             if len(bucket) > 1 and all(s.seq == seq and s.length == length for s in bucket):
                 # one range everywhere (no segmentation on the way): seeing it again at a
                 # point is what a retransmission looks like, as without payload
-                yield from self._cut(bucket, ranged=False)
+                yield from self._cut_exact(bucket)
                 continue
             for group in _overlapping(bucket):
                 if len(group) == 1:
                     group[0].occ = self.count
                     self.count += 1
                 else:
-                    yield from self._cut(group, ranged=True)
+                    yield from self._cut(group)
 
-    def _cut(self, group: list[Sighting], ranged: bool) -> Iterator[list[Sighting]]:
-        """Cut a time-sorted group at the window and wherever a point sees the same bytes
-        again (without payload: sees the packet again)."""
-        offsets, window = self.offsets, self.window_ns
+    def _cut_exact(self, group: list[Sighting]) -> Iterator[list[Sighting]]:
+        """:meth:`_cut` for sightings of one fingerprint (or one byte range): a point that
+        sees it again starts a new occurrence. The common case, so kept lean."""
+        offsets, window, observations = self.offsets, self.window_ns, self.observations
         group.sort(key=lambda s: s.ts_ns + offsets[s.host])
-        ref = group[0].seq
         members: list[Sighting] = []
-        points: dict[tuple[str, str, str], Ranges | None] = {}
+        points: set[tuple[str, str, str]] = set()
         start = 0
         for s in group:
             t = s.ts_ns + offsets[s.host]
             point = (s.host, s.ifname, s.dir)
-            if ranged:
-                lo = unwrap(s.seq, ref)
-                seen = points.get(point)
-                again = seen is not None and seen.find(lo, lo + s.length) is not None
-            else:
-                again = point in points
+            if members and (t - start > window or point in points):
+                self.count += 1
+                if len(members) > 1:
+                    if any(m.host != members[0].host for m in members):
+                        _observe(members, observations)
+                    yield members
+                members, points = [], set()
+            if not members:
+                start = t
+            members.append(s)
+            points.add(point)
+            s.occ = self.count
+        yield from self._close(members)
+
+    def _cut(self, group: list[Sighting]) -> Iterator[list[Sighting]]:
+        """Cut a time-sorted group of overlapping byte ranges at the window and wherever a
+        point sees some of the same bytes again."""
+        offsets, window = self.offsets, self.window_ns
+        group.sort(key=lambda s: s.ts_ns + offsets[s.host])
+        ref = group[0].seq
+        members: list[Sighting] = []
+        points: dict[tuple[str, str, str], Ranges] = {}
+        start = 0
+        for s in group:
+            t = s.ts_ns + offsets[s.host]
+            point = (s.host, s.ifname, s.dir)
+            lo = unwrap(s.seq, ref)
+            seen = points.get(point)
+            again = seen is not None and seen.find(lo, lo + s.length) is not None
             if members and (t - start > window or again):
                 yield from self._close(members)
                 members, points = [], {}
             if not members:
                 start = t
             members.append(s)
-            if ranged:
-                ranges = points.get(point)
-                if ranges is None:
-                    ranges = points[point] = Ranges()
-                ranges.add(lo, lo + s.length, s)
-            else:
-                points[point] = None
+            ranges = points.get(point)
+            if ranges is None:
+                ranges = points[point] = Ranges()
+            ranges.add(lo, lo + s.length, s)
             s.occ = self.count
         yield from self._close(members)
 
