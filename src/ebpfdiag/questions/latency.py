@@ -53,9 +53,9 @@ def _within(point: int, s: Sighting) -> bool:
 
 
 def percentile(values: list[int], q: float) -> int:
-    """Nearest-rank percentile of sorted values."""
-    k = max(0, min(len(values) - 1, -(-int(q * len(values) * 1000) // 1000) - 1))
-    return values[k]
+    """Nearest-rank percentile of sorted values (``q`` in hundredths: 0.5, 0.9, 0.99)."""
+    rank = -(-len(values) * round(q * 100) // 100)  # ceil(n * q), in integers
+    return values[max(rank - 1, 0)]
 
 
 # ---------------------------------------------------------------- records
