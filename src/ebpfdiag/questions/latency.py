@@ -454,8 +454,17 @@ class _Rules:
                     answered.add(s.occ)
             elif s.flags & SYN:
                 syns.append(s)
+        initiator = None
         if syns:
             self._handshake(syns)
+            opened = [x for x in syns if x.flags & (SYN | ACK) == SYN]
+            starts = {x.host for x in opened if x.dir == "egress"} - {
+                x.host for x in opened if x.dir == "ingress"
+            }
+            initiator = next(iter(starts)) if len(starts) == 1 else None
+        implied = self._first_answer(syns, data, answered) if syns else None
+        if implied is not None:
+            answered.add(implied[0])
         by_occ: dict[int, list[Sighting]] = defaultdict(list)
         for s in data:  # responses carry payload: their occurrences hold data sightings only
             if s.occ in answered:
@@ -466,14 +475,19 @@ class _Rules:
             members = by_occ[occ]
             marked = [s for s in members if s.apt is not None]
             apts = {s.apt for s in marked}
-            if len(apts) == 1:
+            if implied is not None and occ == implied[0]:
+                c = implied[1]
+                marked = [s for s in members if s.seq == implied[2]]  # its first bytes
+            elif len(apts) == 1:
                 (c,) = apts
             else:  # hosts disagree (one lost its ack state): the most common, then highest
                 votes = Counter(s.apt for s in marked)
                 c = max(votes, key=lambda a: (votes[a], a))
             first, t = None, 0
             for s in marked:
-                if s.apt == c and (first is None or s.ts_ns + offsets[s.host] < t):
+                if (s.apt == c or s.apt is None) and (
+                    first is None or s.ts_ns + offsets[s.host] < t
+                ):
                     first, t = s, s.ts_ns + offsets[s.host]
             assert first is not None
             old = responses.get(c)
@@ -508,7 +522,7 @@ class _Rules:
                 ):
                     requests[c].append(s)
         for c, reqs in requests.items():
-            ex = self._exchange(root, c, reqs, *responses[c][:3])
+            ex = self._exchange(root, c, reqs, *responses[c][:3], initiator)
             if ex is not None:
                 yield ex
 
@@ -520,6 +534,7 @@ class _Rules:
         resp_occ: int,
         resp_members: list[Sighting],
         first: Sighting,
+        initiator: str | None,
     ) -> Exchange | None:
         offsets = self.offsets
         s0 = first.seq
@@ -536,6 +551,8 @@ class _Rules:
         if not copies:
             return None
         copies.sort(key=lambda cp: cp.exit[sender])
+        if not self._from_initiator(sender, initiator, reqs):
+            return None
         answered = [cp for cp in copies if cp.hosts[-1] == response.sender]
         final = answered[-1] if answered else copies[-1]
         answerer = response.sender
@@ -570,6 +587,47 @@ class _Rules:
                 if probe is not None:
                     ex.probes[host] = probe
         return ex
+
+    @staticmethod
+    def _first_answer(
+        syns: list[Sighting], data: list[Sighting], answered: set[int]
+    ) -> tuple[int, int, int] | None:
+        """The responder's first data carries no ``apt`` (the tracer has no ack state for
+        a direction before its first packet), so a connection's first answer would never
+        count. With the handshake seen it is known: the data starting right after the
+        responder's ISN. It answers the highest sampled point of the initiator's bytes
+        below its ack (a point some sighting reported as its ``pt``). Returns (its
+        occurrence, that point, its first sequence number)."""
+        synack = next((x for x in syns if x.flags & (SYN | ACK) == SYN | ACK), None)
+        if synack is None:
+            return None
+        first_byte = (synack.seq + 1) % SEQ_SPACE
+        heads = [s for s in data if s.seq == first_byte]
+        if not heads or any(s.occ in answered for s in heads):
+            return None
+        start = synack.ack  # the initiator's first byte
+        span = (heads[0].ack - start) % SEQ_SPACE
+        points = [
+            s.pt
+            for s in data
+            if s.pt is not None
+            and (s.seq - start) % SEQ_SPACE < span
+            and (s.pt - start) % SEQ_SPACE < span
+        ]
+        if not points:
+            return None
+        return heads[0].occ, max(points, key=lambda p: (p - start) % SEQ_SPACE), first_byte
+
+    @staticmethod
+    def _from_initiator(sender: str, initiator: str | None, reqs: list[Sighting]) -> bool:
+        """Requests come from the side that opened the connection (its SYN's sender; without
+        a handshake in the trace, the side with the higher, ephemeral port). Data of the
+        other side acknowledged by the initiator's next request is the initiator's own pace
+        (think time), not a delay of the path: never an exchange."""
+        if initiator is not None:
+            return sender == initiator
+        sent = next((s for s in reqs if s.host == sender and s.dir == "egress"), None)
+        return sent is not None and sent.sport >= sent.dport
 
     @staticmethod
     def _answer_socket(members: list[Sighting], host: str) -> tuple | None:
@@ -677,7 +735,9 @@ def _stats(exchanges: list[Exchange], handshakes: Mapping) -> list[SegmentStats]
                         d, kind, "answer", ex.answerer, ex.answerer, [], None
                     )
                 stat.values.append(value)
-    for (host, role), values in sorted(handshakes.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (host, role), values in sorted(
+        handshakes.items(), key=lambda kv: (kv[0][1] != "out", kv[0][0])
+    ):
         groups[("handshake", host, role)] = SegmentStats(
             "handshake", "handshake", "SYN->SYN-ACK", host, host, values, None
         )
