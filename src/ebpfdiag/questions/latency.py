@@ -299,11 +299,14 @@ class _Seen:
             if h not in latest or t >= latest[h].ts_ns:
                 latest[h] = s
 
-        def rank(h: str) -> tuple[int, int]:
-            f = first[h]
-            return (0 if f.dir == "egress" else 1 if h in exit_ else 2, f.ts_ns + offsets[h])
-
-        self.hosts = sorted(first, key=rank) if len(first) > 1 else list(first)
+        if len(first) > 1:
+            ranked = sorted(
+                (0 if f.dir == "egress" else 1 if h in exit_ else 2, f.ts_ns + offsets[h], h)
+                for h, f in first.items()
+            )
+            self.hosts = [h for _, _, h in ranked]
+        else:
+            self.hosts = list(first)
         self.entry, self.exit = entry, exit_
         self.last = latest[self.hosts[-1]]
         self.occ = sightings[0].occ
