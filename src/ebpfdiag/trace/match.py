@@ -274,6 +274,8 @@ def tie_resets(
     (receive: entering its host): by 4-tuple and seq when the record has them, else by
     port and closeness in that host's own clock. Each RST occurrence on a host is tied to
     one record at most. Sets ``ResetRecord.sighting``."""
+    if not resets:  # nothing to tie: spare a pass over every sighting
+        return
     by_tuple: dict[tuple, list[Sighting]] = defaultdict(list)
     by_seq: dict[tuple, list[Sighting]] = defaultdict(list)
     by_port: dict[tuple, list[Sighting]] = defaultdict(list)

@@ -155,10 +155,12 @@ class Recorded:
         self.ts_hints: dict[str, int] = {}
         self.malformed = 0
         self._intern: dict[str, str] = {}
+        self._hosts: set[str] = set()
 
     @property
     def hosts(self) -> set[str]:
-        return {s.host for s in self.sightings} | {r.host for r in self.resets}
+        """Hosts with a packet or a reset record."""
+        return set(self._hosts)
 
     def add(self, rec: Mapping[str, Any]) -> None:
         kind = rec.get("type")
@@ -174,11 +176,13 @@ class Recorded:
             if kind == "packet":
                 s = Sighting(rec, host, self._intern)
                 self.sightings.append(s)
+                self._hosts.add(host)
                 if host not in self.ts_hints:
                     self._hint(rec, host, s.ts_ns)
             elif kind == "reset":
                 r = ResetRecord(rec, host)
                 self.resets.append(r)
+                self._hosts.add(host)
                 self._hint(rec, host, r.ts_ns)
             elif kind in ("hello", "host"):
                 self.hello(host, rec)
