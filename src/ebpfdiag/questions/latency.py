@@ -516,13 +516,11 @@ class _Rules:
                     found.append(points[i])
                     i += 1
             for c in found:
-                occ, _, first, _ = responses[c]
+                first = responses[c][2]
                 # the other direction: its acks are near the response's seq and vice versa
-                if (
-                    s.occ != occ
-                    and (s.ack - first.seq + near) % SEQ_SPACE < 2 * near
-                    and (s.seq - first.ack + near) % SEQ_SPACE < 2 * near
-                ):
+                if (s.ack - first.seq + near) % SEQ_SPACE < 2 * near and (
+                    s.seq - first.ack + near
+                ) % SEQ_SPACE < 2 * near:
                     requests[c].append(s)
         for c, reqs in requests.items():
             ex = self._exchange(root, c, reqs, *responses[c][:3], initiator)

@@ -107,6 +107,8 @@ class Matcher:
         self.offsets = offsets
         self.window_ns = window_ns
         self.observations: dict[tuple[str, str], Observation] = {}
+        #: per pair the largest departure - arrival seen so far (the observation's bound)
+        self._best: dict[tuple[str, str], int] = {}
         self.count = 0
 
     def occurrences(self, sightings: Iterable[Sighting]) -> Iterator[list[Sighting]]:
@@ -155,7 +157,7 @@ class Matcher:
                 self.count += 1
                 if len(members) > 1:
                     if any(m.host != members[0].host for m in members):
-                        _observe(members, observations)
+                        _observe(members, observations, self._best)
                     yield members
                 members, points = [], set()
             if not members:
@@ -197,11 +199,15 @@ class Matcher:
         self.count += 1
         if len(members) > 1:
             if any(s.host != members[0].host for s in members):
-                _observe(members, self.observations)
+                _observe(members, self.observations, self._best)
             yield members
 
 
-def _observe(members: list[Sighting], bounds: dict[tuple[str, str], Observation]) -> None:
+def _observe(
+    members: list[Sighting],
+    bounds: dict[tuple[str, str], Observation],
+    best: dict[tuple[str, str], int],
+) -> None:
     """Record causality pairs of one occurrence that need no clock to be trusted: the sole
     host where the packet starts leaves before every other host sees it, the sole host
     where it ends sees it after every other host, and a packet arriving with the very
@@ -262,9 +268,10 @@ def _observe(members: list[Sighting], bounds: dict[tuple[str, str], Observation]
                     if h != s.host:
                         pairs.append((h, ts, s.host, s.ts_ns))
     for src, a, dst, b in pairs:
-        old = bounds.get((src, dst))
-        if old is None or a - b > old.src_mono_ns - old.dst_mono_ns:
-            bounds[(src, dst)] = Observation(src, a, dst, b)
+        key = (src, dst)
+        if a - b > best.get(key, -(1 << 80)):
+            best[key] = a - b
+            bounds[key] = Observation(src, a, dst, b)
 
 
 def tie_resets(
