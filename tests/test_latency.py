@@ -303,3 +303,17 @@ def test_recorded_bulk_upload_matches_gso_packets_to_the_servers_pieces():
     (verdict,) = result.verdicts
     assert verdict.culprit is None and verdict.text.startswith("unknown")
     assert result.sampling["server"]["seen"] == 5170 and result.sampling["server"]["sample_n"] == 8
+
+
+def test_untraced_lb_is_not_blamed_on_a_host():
+    # lb holds every packet 5 ms but is not traced: the time is between the traced hosts
+    stream = LatencyStream(lb_ns=5 * MS, hosts=("client", "server"))
+    flow = Flow(stream, 40_000)
+    flow.handshake()
+    for _ in range(5):
+        flow.exchange(100_000)
+    result = correlate(stream.records, stream.clocks())
+    (verdict,) = result.verdicts
+    assert verdict.culprit == "wire"
+    assert "between the traced hosts (the wire and any untraced hop on it)" in verdict.text
+    assert "lb" not in verdict.text

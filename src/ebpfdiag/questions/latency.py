@@ -825,7 +825,11 @@ def _verdict(direction: str, exs: list[Exchange]) -> DirectionVerdict:
         if top[1] >= CULPRIT_SHARE * ex.total_ns and top[0] != "unaccounted":
             culprit = top[0]
             share = round(100 * top[1] / ex.total_ns)
-            where = "the wire" if culprit == "wire" else culprit
+            where = (
+                "between the traced hosts (the wire and any untraced hop on it)"
+                if culprit == "wire"
+                else culprit
+            )
             text += f"; most of it ({share}%) is {where}"
             if culprit == "retransmission" and ex.lost is not None:
                 text += f" (the first copy was {ex.lost.text})"
