@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -317,3 +318,19 @@ def test_untraced_lb_is_not_blamed_on_a_host():
     assert verdict.culprit == "wire"
     assert "between the traced hosts (the wire and any untraced hop on it)" in verdict.text
     assert "lb" not in verdict.text
+
+
+def test_damaged_records_are_counted_never_fatal():
+    base = simple_stream(6, 2 * MS, recv_ns=100_000).records
+    hello = {"type": "hello", "host": "lb", "sample": {"n": 1, "block": 1024}}
+    rng = random.Random(7)
+    for _ in range(60):
+        recs = [dict(r) for r in [hello, *base]]
+        for r in rng.sample(recs, 8):
+            key = rng.choice(list(r))
+            if rng.random() < 0.3:
+                del r[key]
+            else:
+                r[key] = rng.choice([None, "x", -1, 2**40, [], {}, 1.5, True])
+        recs_out = list(correlate(recs, LatencyStream().clocks(), slowest=2).records())
+        assert recs_out[-1]["type"] == "summary"

@@ -539,7 +539,10 @@ class _Rules:
     ) -> Exchange | None:
         offsets = self.offsets
         s0 = first.seq
-        response = _Seen([s for s in resp_members if _within(s0, s)], offsets)
+        held = [s for s in resp_members if _within(s0, s)]
+        if not held:  # a record with a negative length, say: nothing to time
+            return None
+        response = _Seen(held, offsets)
         # the requester is where the response ends up, the answerer where it starts
         sender = response.hosts[-1]
         if sender not in response.entry:
@@ -920,7 +923,8 @@ def _correlate(
     hello_of.update(hellos or {})
     for host in sorted(set(evidence.last_counts) | prepared.recorded.hosts):
         counts = evidence.last_counts.get(host, {})
-        sample = (hello_of.get(host) or {}).get("sample") or {}
+        sample = (hello_of.get(host) or {}).get("sample")
+        sample = sample if isinstance(sample, dict) else {}
         sampling[host] = {
             "seen": counts.get("seen"), "sampled": counts.get("sampled"),
             "lost": counts.get("lost"), "sample_n": sample.get("n"),

@@ -57,9 +57,12 @@ class Sighting:
         self.ack = int(rec["ack"]) % SEQ_SPACE
         self.length = int(rec["len"])
         self.ipid = int(get("ipid") or 0)
-        self.saddr = keep(rec["saddr"], rec["saddr"])
+        saddr, daddr = rec["saddr"], rec["daddr"]
+        if type(saddr) is not str or type(daddr) is not str:  # ordered and printed later
+            raise TypeError("addresses must be strings")
+        self.saddr = keep(saddr, saddr)
         self.sport = int(rec["sport"])
-        self.daddr = keep(rec["daddr"], rec["daddr"])
+        self.daddr = keep(daddr, daddr)
         self.dport = int(rec["dport"])
         why = get("why")
         self.why = keep(why, why) if why else None
@@ -165,7 +168,7 @@ class Recorded:
     def add(self, rec: Mapping[str, Any]) -> None:
         kind = rec.get("type")
         host = rec.get("host")
-        if not isinstance(host, str):
+        if not isinstance(host, str) or not isinstance(kind, str):
             return
         if kind in self.keep:
             self.kept.append(rec)
