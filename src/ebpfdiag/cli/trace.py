@@ -346,6 +346,10 @@ def latency(
             app.json.flush()
         app.term.status(msg + (" - Ctrl-C to stop" if duration is None else ""))
 
+    def on_diagnostic(host: str, text: str) -> None:
+        if text.strip():
+            app.term.status(f"{host}: {text}")
+
     with app.status_view(names) as status:
         session = TraceSession(
             names,
@@ -353,7 +357,7 @@ def latency(
             on_event=on_event,
             on_ready=lambda r, f: (status.close(), on_ready(r, f)),
             on_state=status.set,
-            on_diagnostic=lambda host, text: text.strip() and app.term.status(f"{host}: {text}"),
+            on_diagnostic=on_diagnostic,
             correlate=partial(correlate, slowest=slowest),
             keep=LATENCY_KEEP,
         )
