@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import builds, correlation, datapath, fanout, pipeline, ready
+from bench import builds, correlation, datapath, fanout, latency, pipeline, ready
 from bench.common import ROOT, Section, machine
 
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -31,6 +31,10 @@ BENCHMARKS: dict[str, tuple[Callable[..., Section], Callable[..., Section]]] = {
     "correlation": (
         lambda: correlation.run(sizes=(100_000, 300_000, 1_000_000), rounds=2),
         lambda: correlation.run(sizes=(10_000, 30_000), rounds=1),
+    ),
+    "latency": (
+        lambda: latency.run(sizes=(100_000, 1_000_000)),
+        lambda: latency.run(sizes=(20_000,)),
     ),
     "ready": (
         lambda against=None: ready.run(rounds=4, against=against),

@@ -12,32 +12,11 @@ import pytest
 import ebpfdiag.catalog
 from ebpfdiag.cli.app import main
 
-#: Used only when scripts/bpf/drop.py is not in this tree yet: the parameters its record
-#: contract names, so the CLI's schema check has something to check against.
-STANDIN_PARAMS = '''"""Stand-in parameter schema of the drop tool, for the CLI schema test only."""
-PARAMS = [
-    {"name": "port", "type": "port", "multiple": True, "metavar": "PORT[,PORT]"},
-    {"name": "addr", "type": "addr", "multiple": True, "metavar": "ADDR[,ADDR]"},
-    {"name": "duration", "type": "float", "min": 0, "default": 0},
-    {"name": "count", "type": "int", "min": 0, "default": 0},
-    {"name": "rate", "type": "int", "min": 1, "default": 100},
-]
-'''
-
 
 @pytest.fixture
-def drop_tool(tmp_path, monkeypatch) -> Path:
-    """The shipped drop tool, or a stand-in schema when the tool is not there yet."""
-    shipped = ebpfdiag.catalog.scripts_dir() / "drop.py"
-    if shipped.is_file():
-        return shipped
-    standin = tmp_path / "drop_params_standin.py"
-    standin.write_text(STANDIN_PARAMS)
-    real = ebpfdiag.catalog.script_path
-    monkeypatch.setattr(
-        ebpfdiag.catalog, "script_path", lambda name: standin if name == "drop" else real(name)
-    )
-    return standin
+def drop_tool() -> Path:
+    """The shipped drop tool, whose parameter schema the CLI checks against."""
+    return ebpfdiag.catalog.script_path("drop")
 
 
 @pytest.fixture
@@ -81,7 +60,7 @@ def test_help_has_examples():
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (("--rate", "0"), "--rate"),
+        (("--rate", "-1"), "--rate"),
         (("--rate", "many"), "--rate"),
         (("--port", "99999"), "99999"),
         (("--port", "80,http"), "http"),

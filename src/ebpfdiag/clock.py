@@ -433,3 +433,52 @@ class HostClock:
                 }
             )
         return {"samples": self.samples, "segments": segments}
+
+
+# ---------------------------------------------------------------- host pairs
+
+
+def pair_bounds(
+    estimates: Mapping[str, ClockEstimate], observations: Iterable[Observation]
+) -> dict[tuple[str, str], tuple[int, int]] | None:
+    """For every ordered pair (a, b): the interval [low, high] that offset_b - offset_a
+    must lie in, given the SSH intervals and the packets' causality; None when they
+    contradict each other.
+
+    A pair's relative offset is what a segment between its hosts needs, and it can be far
+    tighter than either host's own bound: packets both ways between a and b give NTP-style
+    four-timestamp bounds (a request a->b says offset_b - offset_a >= a_out - b_in, its
+    answer b->a says it is <= a_in - b_out), whatever the SSH round trips were. Shortest
+    paths over the difference constraints (Floyd-Warshall; hosts are few) combine all of
+    them, through other hosts and through the SSH reference too.
+    """
+    ref = ""  # the controller's clock: offset 0
+    hosts = [h for h in estimates if h != ref]
+    nodes = [ref, *hosts]
+    inf = math.inf
+    # dist[u][v]: the largest offset_v - offset_u can be
+    dist: dict[str, dict[str, float]] = {u: {v: 0 if u == v else inf for v in nodes} for u in nodes}
+    for h in hosts:
+        est = estimates[h]
+        dist[ref][h] = min(dist[ref][h], est.high)
+        dist[h][ref] = min(dist[h][ref], -est.low)
+    for obs in observations:
+        if obs.src == obs.dst or obs.src not in estimates or obs.dst not in estimates:
+            continue
+        # offset_dst - offset_src >= src - dst  <=>  offset_src - offset_dst <= dst - src
+        w = obs.dst_mono_ns - obs.src_mono_ns
+        if w < dist[obs.dst][obs.src]:
+            dist[obs.dst][obs.src] = w
+    for k in nodes:
+        dk = dist[k]
+        for u in nodes:
+            du = dist[u]
+            via = du[k]
+            if via == inf:
+                continue
+            for v in nodes:
+                if via + dk[v] < du[v]:
+                    du[v] = via + dk[v]
+    if any(dist[u][u] < 0 for u in nodes):
+        return None
+    return {(a, b): (int(-dist[b][a]), int(dist[a][b])) for a in hosts for b in hosts if a != b}

@@ -37,6 +37,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ebpfdiag.clock import (
     Alignment,
@@ -87,7 +88,8 @@ class HostTrace:
 @dataclass
 class TraceResult:
     hosts: dict[str, HostTrace]
-    correlation: Correlation
+    #: what the question's correlate function returned (a ``Correlation`` for tcp-rst)
+    correlation: Correlation | Any
     interrupted: bool
     duration_s: float
     #: the run's one controller monotonic -> epoch pair (None for a trace read from a file)
@@ -125,8 +127,15 @@ class TraceSession:
         on_state: Callable[[str, str], None] = _ignore,
         on_diagnostic: Callable[[str, str], None] = _ignore,
         settle_s: float = LIVE_SETTLE_S,
+        correlate: Callable[..., Any] = correlate,
+        keep: tuple[str, ...] = (),
     ):
+        """``correlate(events, clocks, hellos=...)`` answers the question at the end (and
+        for ``count``); ``keep``: the tool's other record types, kept with the events as
+        they came (not aligned live)."""
         self.hosts = {n: HostTrace(n) for n in names}
+        self._correlate = correlate
+        self.keep = keep
         #: records in the order they were shown (``lost`` records where they came)
         self._released: list[dict] = []
         self.duration = duration
@@ -158,8 +167,9 @@ class TraceSession:
 
     @property
     def events(self) -> list[dict]:
-        """Every packet, reset and lost record so far: the shown ones in the order they were
-        shown, then those still held (all shown once the session finished)."""
+        """Every packet, reset, lost (and ``keep``) record so far: the shown ones in the
+        order they were shown, then those still held (all shown once the session
+        finished)."""
         return self._released + [rec for _, rec in self._held]
 
     # -- FanoutSink ------------------------------------------------------------------
@@ -208,6 +218,9 @@ class TraceSession:
             self._check_ready()
         elif kind == "lost":
             ht.lost += int(rec.get("count", 0))
+            rec["host"] = host
+            self._released.append(rec)
+        elif kind in self.keep:
             rec["host"] = host
             self._released.append(rec)
         elif kind == "bye":
@@ -475,8 +488,8 @@ class TraceSession:
         """Each host's hello: which probes it attached is evidence for the verdicts."""
         return {name: ht.hello for name, ht in self.hosts.items() if ht.hello}
 
-    def correlate(self) -> Correlation:
-        return correlate(self.events, self.clocks(), hellos=self.hellos())
+    def correlate(self) -> Correlation | Any:
+        return self._correlate(self.events, self.clocks(), hellos=self.hellos())
 
     def finish(self, interrupted: bool) -> TraceResult:
         """Show what is still held (aligned if its host ever got a clock), then correlate."""
@@ -501,7 +514,7 @@ class TraceSession:
         }
         return TraceResult(
             self.hosts,
-            correlate(self.events, summaries, hellos=self.hellos()),
+            self._correlate(self.events, summaries, hellos=self.hellos()),
             interrupted,
             time.monotonic() - self.started,
             self.anchor,

@@ -1,8 +1,9 @@
 """``ebpfdiag show``: render and re-analyse a saved trace without the hosts.
 
-Reads what ``trace tcp-rst --output FILE`` wrote, or a ``--json`` stream saved with
-``> FILE``, rebuilds each host's part (hello, SSH clock estimate, outcome) and its raw
-packet/reset records, correlates them again and renders them like the live command.
+Reads what ``trace tcp-rst --output FILE`` or ``trace latency --output FILE`` wrote, or a
+``--json`` stream of either saved with ``> FILE``, rebuilds each host's part (hello, SSH
+clock estimate, outcome) and its raw records, correlates them again (with the question the
+trace asked) and renders them like the live command.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ if TYPE_CHECKING:
     from ebpfdiag.tracing import HostTrace, TraceResult
 
 #: Host records the correlation reads (``event`` records of a saved stream are turned back
-#: into these).
-_RAW = ("packet", "reset", "lost")
+#: into these): tcp_rst's, and tcp_latency's own.
+_RAW = ("packet", "reset", "lost", "counts", "tcp_probe", "recv", "retrans")
+#: Records only ``trace latency`` writes: a saved stream with one of them is a latency trace.
+_LATENCY = ("segment", "verdict", "sampling", "clock_pair")
 
 EXAMPLES = """
 \b
@@ -40,17 +43,22 @@ Examples:
 def show(app: App, file: Path) -> int:
     """Render a saved trace again: correlate its records and show the timelines and verdicts.
 
-    FILE is a document written by 'trace tcp-rst --output FILE' or the NDJSON of
-    'trace tcp-rst --json' saved to a file. Nothing is contacted.
+    FILE is a document written by 'trace tcp-rst --output FILE' (or 'trace latency'), or
+    the NDJSON of either command's --json saved to a file. Nothing is contacted.
     """
-    from ebpfdiag.cli.trace import emit_result, source_records
+    from ebpfdiag.cli.trace import emit_latency, emit_result, source_records
     from ebpfdiag.render.timeline import event_record
 
     result, events = load_trace(file)
     if app.as_json:
         for rec in events:
             app.json.write(event_record(rec))
-    emit_result(app, result, source_records(result))
+    from ebpfdiag.questions.latency import Latency
+
+    if isinstance(result.correlation, Latency):
+        emit_latency(app, result, source_records(result))
+    else:
+        emit_result(app, result, source_records(result))
     return 0
 
 
@@ -69,6 +77,7 @@ def read_records(path: Path) -> list[dict]:
     if isinstance(doc, dict) and doc.get("type") == "trace":
         try:
             return [
+                *doc.get("latency", [])[:1],  # says which question it answered
                 *doc.get("hellos", []),
                 *doc.get("clocks", []),
                 *doc["hosts"],
@@ -95,7 +104,7 @@ def load_trace(path: Path) -> tuple[TraceResult, list[dict]]:
     """The saved trace as the live command had it at the end, and its raw records."""
     from ebpfdiag.clock import ClockEstimate
     from ebpfdiag.fanout import HostResult
-    from ebpfdiag.questions.rst import correlate
+    from ebpfdiag.questions import latency, rst
     from ebpfdiag.tracing import HostTrace, TraceResult
 
     hosts: dict[str, HostTrace] = {}
@@ -105,6 +114,7 @@ def load_trace(path: Path) -> tuple[TraceResult, list[dict]]:
     tightened: dict[str, ClockEstimate] = {}
     listed: list[str] = []
     interrupted, duration_s = False, 0.0
+    question = rst.correlate
 
     def host_of(rec: dict[str, Any]) -> HostTrace:
         name = rec.get("host")
@@ -124,6 +134,8 @@ def load_trace(path: Path) -> tuple[TraceResult, list[dict]]:
                 events.append(rec)
             elif kind == "hello":
                 host_of(rec).hello = rec
+                if rec.get("script") == "tcp_latency":
+                    question = latency.correlate
             elif kind == "clock":
                 clocks[host_of(rec).name] = ClockEstimate(
                     int(rec["offset_ns"]), int(rec["error_ns"])
@@ -149,6 +161,8 @@ def load_trace(path: Path) -> tuple[TraceResult, list[dict]]:
                 if rec.get("clock"):
                     est = rec["clock"]
                     tightened[ht.name] = ClockEstimate(int(est["offset_ns"]), int(est["error_ns"]))
+            elif kind in _LATENCY:
+                question = latency.correlate
             elif kind == "summary":
                 interrupted = bool(rec.get("interrupted"))
                 duration_s = float(rec.get("duration_s") or 0.0)
@@ -162,7 +176,7 @@ def load_trace(path: Path) -> tuple[TraceResult, list[dict]]:
     for name, est in tightened.items():
         clocks.setdefault(name, est)
     hellos = {name: ht.hello for name, ht in hosts.items() if ht.hello}
-    correlation = correlate(events, clocks, hellos=hellos)
+    correlation = question(events, clocks, hellos=hellos)
     summaries = {
         name: models.get(name)
         or {"summary": {"offset_ns": est.offset_ns, "error_ns": est.error_ns}}

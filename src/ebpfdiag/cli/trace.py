@@ -473,3 +473,208 @@ def _conclude_drop(app: App, session: TraceSession, interrupted: bool, output: P
         if not app.write_file(output, json.dumps(doc, indent=1) + "\n"):
             code = max(code, EXIT_HOSTS_FAILED)
     return code
+
+
+# ---------------------------------------------------------------- trace latency
+
+LATENCY_EXAMPLES = """
+\b
+Examples:
+  ebpfdiag trace latency --hosts client,lb,server --port 80 --duration 30s
+  ebpfdiag trace latency --hosts client,lb,server --port 8080 --sample 1 --slowest 3
+  ebpfdiag trace latency --hosts lbs,web --json | jq -r 'select(.type=="verdict") | .text'
+  ebpfdiag trace latency --hosts lbs,web --duration 1m --output latency.json
+"""
+
+#: tcp_latency's records that the latency question reads besides packets
+LATENCY_KEEP = ("counts", "tcp_probe", "recv", "retrans")
+
+
+@trace.command("latency", epilog=LATENCY_EXAMPLES)
+@host_options()
+@click.option("--port", "ports", multiple=True, metavar="PORT[,PORT]", help="Only these ports.")
+@click.option("--addr", "addrs", multiple=True, metavar="ADDR[,ADDR]", help="Only these addresses.")
+@click.option("--interfaces", metavar="IF[,IF]", help="Interfaces to watch (default: all but lo).")
+@click.option("--duration", type=DURATION, help="Stop after this long (default: until Ctrl-C).")
+@click.option("--sample", type=click.IntRange(1, 65536), metavar="N",
+              help="Keep about 1 sequence block in N on every host (the same bytes everywhere; "
+              "1 keeps every packet; default: the tool's).")  # fmt: skip
+@click.option("--slowest", type=click.IntRange(0), default=5, show_default=True, metavar="K",
+              help="Show the K slowest exchanges as timelines.")  # fmt: skip
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the whole trace as one JSON document ('ebpfdiag show' "
+              "renders it again later, without the hosts).")  # fmt: skip
+@click.option("--pcap", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the sampled packets as pcapng.")  # fmt: skip
+@pass_app
+def latency(
+    app: App,
+    ports: tuple[str, ...],
+    addrs: tuple[str, ...],
+    interfaces: str | None,
+    duration: float | None,
+    sample: int | None,
+    slowest: int,
+    output: Path | None,
+    pcap: Path | None,
+) -> int:
+    """Where one flow's time goes: client host, wire, load balancer, server host.
+
+    Samples the same bytes of every TCP flow on every host (TC on each interface, plus
+    tcp_probe and the application's receive calls where the kernel has them), matches each
+    sampled request across hosts and NAT with its response, tightens the hosts' clock
+    offsets from the packets both ways, and reports per segment count, p50, p90, p99 and max
+    (cross-host figures with their clock bound), one verdict per direction, and the slowest
+    exchanges as timelines.
+    """
+    from functools import partial
+
+    from ebpfdiag.catalog import script_path
+    from ebpfdiag.fanout import Fanout
+    from ebpfdiag.questions.latency import correlate
+    from ebpfdiag.remote.schema import tool_argv
+    from ebpfdiag.render.timeline import event_record
+    from ebpfdiag.tracing import TraceSession
+    from ebpfdiag.transport import Script
+
+    values: dict = {"port": list(ports), "addr": list(addrs),
+                    "interfaces": [interfaces] if interfaces else []}  # fmt: skip
+    if sample is not None:
+        values["sample"] = sample
+    tool = script_path("tcp_latency")
+    args = tool_argv(tool, values)
+    for path in (output, pcap):
+        if path is not None:
+            app.check_writable(path)
+    hosts, opts = app.prepare_run()
+    names = [h.name for h in hosts]
+
+    def on_event(rec: dict) -> None:
+        if app.as_json:
+            app.json.write(event_record(rec))
+
+    def on_ready(ready: list[str], failed: list[str]) -> None:
+        msg = f"tracing latency on {len(ready)} host{'s' if len(ready) != 1 else ''}"
+        if failed:
+            msg += f" ({len(failed)} failed: {', '.join(failed)})"
+        if app.as_json:
+            app.json.write({"type": "status", "state": "tracing", "hosts": ready,
+                            "failed": failed, "ports": session.ports,
+                            "unconfirmed": session.unconfirmed})  # fmt: skip
+            app.json.flush()
+        app.term.status(msg + (" - Ctrl-C to stop" if duration is None else ""))
+
+    def on_diagnostic(host: str, text: str) -> None:
+        if text.strip():
+            app.term.status(f"{host}: {text}")
+
+    with app.status_view(names) as status:
+        session = TraceSession(
+            names,
+            duration=duration,
+            on_event=on_event,
+            on_ready=lambda r, f: (status.close(), on_ready(r, f)),
+            on_state=status.set,
+            on_diagnostic=on_diagnostic,
+            correlate=partial(correlate, slowest=slowest),
+            keep=LATENCY_KEEP,
+        )
+        engine = Fanout(hosts, Script.from_path(tool, args), opts, session)
+        session.fanout = engine
+        app.run(engine)
+    return conclude_latency(app, session, engine.interrupted, output, pcap)
+
+
+def conclude_latency(
+    app: App,
+    session: TraceSession,
+    interrupted: bool,
+    output: Path | None,
+    pcap: Path | None = None,
+) -> int:
+    """After a latency run: correlate, render (or end the NDJSON stream), write
+    ``--output`` and ``--pcap``; returns the exit code."""
+    from ebpfdiag.render.timeline import event_record
+
+    result = session.finish(interrupted)
+    saved = source_records(result)
+    code = app.exit_code(
+        [h.result for h in result.hosts.values() if h.result is not None], interrupted
+    )
+    live = [event_record(e) for e in session.events if e["type"] in ("packet", "reset")]
+    rest = [event_record(e) for e in session.events if e["type"] not in ("packet", "reset")]
+    records = emit_latency(app, result, rest + saved)
+    if output is not None:
+        doc = latency_document(saved, live + rest, records)
+        if not app.write_file(output, json.dumps(doc, indent=1) + "\n"):
+            code = max(code, EXIT_HOSTS_FAILED)
+    if pcap is not None:
+        from ebpfdiag.render.pcapng import save_pcap
+
+        if not save_pcap(pcap, session.events, session.hellos(), app.term.error):
+            code = max(code, EXIT_HOSTS_FAILED)
+    return code
+
+
+def latency_records(result: TraceResult) -> list[dict]:
+    """hosts, then the latency records, the summary with the fields every command has."""
+    from ebpfdiag.render.timeline import host_record
+
+    clocks = result.correlation.clocks
+    flagged = set(getattr(clocks, "flagged", []))
+    out: list[dict] = []
+    for name, ht in result.hosts.items():
+        est = clocks.get(name)
+        clock = None
+        if est is not None:
+            clock = {"offset_ns": est.offset_ns, "error_ns": est.error_ns,
+                     "flagged": name in flagged, "model": result.clocks.get(name)}  # fmt: skip
+        out.append(_one_shape(host_record(ht, clock), result))
+    for rec in result.correlation.records():
+        if rec["type"] == "summary":
+            failed = [n for n, h in result.hosts.items() if not (h.result and h.result.ok)]
+            rec = _one_shape({**rec, "hosts": len(result.hosts), "failed_hosts": failed,
+                              "interrupted": result.interrupted,
+                              "duration_s": round(result.duration_s, 3)}, result)  # fmt: skip
+        out.append(rec)
+    return out
+
+
+def emit_latency(app: App, result: TraceResult, saved: list[dict]) -> list[dict]:
+    """The end of a latency trace, live or from a file: host failures on stderr, then
+    NDJSON or the terminal view."""
+    from ebpfdiag.render.latency import render_latency
+
+    records = latency_records(result)
+    for rec in records:
+        if rec["type"] == "host" and rec["error"]:
+            app.term.error(f"{rec['host']}: {rec['error']}")
+    if app.as_json:
+        for rec in saved + records:
+            app.json.write(rec)
+        app.json.flush()
+    else:
+        render_latency(result.correlation, app.term.out, app.term.err)
+    return records
+
+
+def latency_document(saved: list[dict], events: list[dict], records: list[dict]) -> dict:
+    """``--output`` of trace latency: the ``--json`` records as one JSON document."""
+    from ebpfdiag.render.ndjson import SCHEMA_VERSION
+
+    def v(recs: list[dict]) -> list[dict]:
+        return [{"v": SCHEMA_VERSION, **r} for r in recs]
+
+    hosts = [r for r in records if r["type"] == "host"]
+    body = [r for r in records if r["type"] not in ("host", "summary")]
+    return {
+        "type": "trace",
+        "question": "latency",
+        "v": SCHEMA_VERSION,
+        "hellos": v([r for r in saved if r["type"] == "hello"]),
+        "clocks": v([r for r in saved if r["type"] == "clock"]),
+        "hosts": v(hosts),
+        "events": v(events),
+        "latency": v(body),
+        "summary": v([r for r in records if r["type"] == "summary"])[0],
+    }

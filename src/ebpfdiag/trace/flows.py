@@ -12,12 +12,21 @@ built in full. Questions (``ebpfdiag.questions``) add their verdicts to these fl
 from __future__ import annotations
 
 import bisect
+import contextlib
+import gc
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ebpfdiag.clock import FLAG_ERROR_NS, Alignment, ClockEstimate, flagged_hosts, tighten
+from ebpfdiag.clock import (
+    FLAG_ERROR_NS,
+    Alignment,
+    ClockEstimate,
+    Observation,
+    flagged_hosts,
+    tighten,
+)
 from ebpfdiag.trace.match import DEFAULT_WINDOW_NS, Matcher, Ranges, tie_resets, unwrap
 from ebpfdiag.trace.sightings import (
     ACK,
@@ -39,6 +48,20 @@ Tuple4 = tuple[str, int, str, int]
 
 def ms(delta_ns: int) -> float:
     return round(delta_ns / 1e6, 3)
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Correlation allocates millions of small objects without cycles: the cyclic garbage
+    collector would walk them all again and again and free nothing (a quarter of the time
+    at a million sightings). Reference counting still frees everything as usual."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 # ---------------------------------------------------------------- records
@@ -521,14 +544,17 @@ class _FlowBuilder:
         self.offsets = {host: est.offset_ns for host, est in clocks.items()}
         self.errors = {host: est.error_ns for host, est in clocks.items()}
 
-    def build(self, nodes: list[int]) -> Flow:
+    def build(self, nodes: list[int], only: set[int] | None = None) -> Flow:
+        """The flow of these nodes; with ``only``, just those occurrences (no resets)."""
         conns, offsets, errors = self.conns, self.offsets, self.errors
         occurrences: dict[int, list[Sighting]] = defaultdict(list)
         resets: list[ResetRecord] = []
         for node in nodes:
             for s in conns.sightings[node]:
-                occurrences[s.occ].append(s)
-            resets.extend(conns.resets.get(node, ()))
+                if only is None or s.occ in only:
+                    occurrences[s.occ].append(s)
+            if only is None:
+                resets.extend(conns.resets.get(node, ()))
 
         warnings: list[TimelineWarning] = []
         paths: list[list[Hop]] = []
@@ -731,25 +757,62 @@ def _align(
     return alignment
 
 
-def trace_flows(
+@dataclass(slots=True)
+class Prepared:
+    """A stream after matching and clock tightening, before any flow is built: what a
+    question reads when it needs the sightings themselves (``conns.find(s.node)`` is a
+    sighting's flow, ``s.occ`` its occurrence). ``observations`` are the causality pairs
+    the clocks were tightened with."""
+
+    recorded: Recorded
+    conns: Connections
+    clocks: Alignment
+    warnings: list[TimelineWarning]
+    observations: list[Observation]
+
+    def flows(self, select: Callable[[Sighting], bool] | None = None) -> list[Flow]:
+        """The flows with a sighting ``select`` accepts, or with a reset record (all when
+        ``select`` is None), numbered in time order."""
+        conns = self.conns
+        wanted = None
+        if select is not None:
+            wanted = {conns.find(s.node) for s in self.recorded.sightings if select(s)}
+            wanted |= {conns.find(n) for n in conns.resets}
+        components: dict[int, list[int]] = defaultdict(list)
+        for node in range(len(conns.parent)):
+            root = conns.find(node)
+            if wanted is None or root in wanted:
+                components[root].append(node)
+        builder = _FlowBuilder(conns, self.clocks)
+        flows = [builder.build(nodes) for nodes in components.values()]
+        flows.sort(key=lambda f: f.start_ts)
+        for number, flow in enumerate(flows, 1):
+            flow.id = number
+            for warning in flow.warnings:
+                warning.flow = number
+        return flows
+
+    def excerpt(self, root: int, occurrences: set[int]) -> Flow:
+        """One flow's timeline restricted to some of its occurrences (e.g. one exchange of
+        a request and its response), with the flow's endpoints and NAT; ``id`` is 0."""
+        conns = self.conns
+        nodes = [n for n in range(len(conns.parent)) if conns.find(n) == root]
+        return _FlowBuilder(conns, self.clocks).build(nodes, occurrences)
+
+
+def prepare(
     events: Iterable[Mapping[str, Any]],
     clocks: Mapping[str, ClockEstimate],
     *,
     hellos: Mapping[str, Mapping[str, Any]] | None = None,
-    select: Callable[[Sighting], bool] | None = None,
     window_ns: int = DEFAULT_WINDOW_NS,
     tighten_clocks: bool = True,
     flag_ns: int = FLAG_ERROR_NS,
-) -> Traced:
-    """Host-tagged ``packet``/``reset`` records -> flows across hosts and NAT.
-
-    ``clocks`` are the SSH estimates per host, tightened with the packets' own causality
-    unless ``tighten_clocks`` is False; every output ``ts`` is ``ts_ns + offset`` with the
-    clocks actually used. Only flows with a sighting ``select`` accepts, or with a reset
-    record, are built (all flows when ``select`` is None). Records of other types are
-    ignored, so a whole recorded stream can be passed as is.
-    """
-    recorded = collect(events, hellos)
+    keep: Iterable[str] = (),
+) -> Prepared:
+    """Read, match and align a stream (see :func:`trace_flows`); records of the types in
+    ``keep`` are kept as they are in ``recorded.kept``."""
+    recorded = collect(events, hellos, keep)
     warnings: list[TimelineWarning] = []
     if recorded.malformed:
         warnings.append(
@@ -782,23 +845,41 @@ def trace_flows(
                 hosts=hosts,
             )
         )
-    alignment = _align(initial, matcher.observations.values(), tighten_clocks, flag_ns, warnings)
+    observations = list(matcher.observations.values())
+    alignment = _align(initial, observations, tighten_clocks, flag_ns, warnings)
+    return Prepared(recorded, conns, alignment, warnings, observations)
 
-    wanted = None
-    if select is not None:
-        wanted = {conns.find(s.node) for s in recorded.sightings if select(s)}
-        wanted |= {conns.find(n) for n in conns.resets}
-    components: dict[int, list[int]] = defaultdict(list)
-    for node in range(len(conns.parent)):
-        root = conns.find(node)
-        if wanted is None or root in wanted:
-            components[root].append(node)
 
-    builder = _FlowBuilder(conns, alignment)
-    flows = [builder.build(nodes) for nodes in components.values()]
-    flows.sort(key=lambda f: f.start_ts)
-    for number, flow in enumerate(flows, 1):
-        flow.id = number
-        for warning in flow.warnings:
-            warning.flow = number
-    return Traced(flows, warnings, alignment, dict(recorded.probes))
+def trace_flows(
+    events: Iterable[Mapping[str, Any]],
+    clocks: Mapping[str, ClockEstimate],
+    *,
+    hellos: Mapping[str, Mapping[str, Any]] | None = None,
+    select: Callable[[Sighting], bool] | None = None,
+    window_ns: int = DEFAULT_WINDOW_NS,
+    tighten_clocks: bool = True,
+    flag_ns: int = FLAG_ERROR_NS,
+) -> Traced:
+    """Host-tagged ``packet``/``reset`` records -> flows across hosts and NAT.
+
+    ``clocks`` are the SSH estimates per host, tightened with the packets' own causality
+    unless ``tighten_clocks`` is False; every output ``ts`` is ``ts_ns + offset`` with the
+    clocks actually used. Only flows with a sighting ``select`` accepts, or with a reset
+    record, are built (all flows when ``select`` is None). Records of other types are
+    ignored, so a whole recorded stream can be passed as is.
+    """
+    with paused_gc():
+        prepared = prepare(
+            events,
+            clocks,
+            hellos=hellos,
+            window_ns=window_ns,
+            tighten_clocks=tighten_clocks,
+            flag_ns=flag_ns,
+        )
+        return Traced(
+            prepared.flows(select),
+            prepared.warnings,
+            prepared.clocks,
+            dict(prepared.recorded.probes),
+        )

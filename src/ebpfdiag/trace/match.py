@@ -107,6 +107,8 @@ class Matcher:
         self.offsets = offsets
         self.window_ns = window_ns
         self.observations: dict[tuple[str, str], Observation] = {}
+        #: per pair the largest departure - arrival seen so far (the observation's bound)
+        self._best: dict[tuple[str, str], int] = {}
         self.count = 0
 
     def occurrences(self, sightings: Iterable[Sighting]) -> Iterator[list[Sighting]]:
@@ -123,47 +125,73 @@ class Matcher:
                 bucket[0].occ = self.count
                 self.count += 1
             else:
-                yield from self._cut(bucket, ranged=False)
+                yield from self._cut_exact(bucket)
         exact.clear()
         for bucket in ranged.values():
+            first = bucket[0]
+            seq, length = first.seq, first.length
+            if len(bucket) > 1 and all(s.seq == seq and s.length == length for s in bucket):
+                # one range everywhere (no segmentation on the way): seeing it again at a
+                # point is what a retransmission looks like, as without payload
+                yield from self._cut_exact(bucket)
+                continue
             for group in _overlapping(bucket):
                 if len(group) == 1:
                     group[0].occ = self.count
                     self.count += 1
                 else:
-                    yield from self._cut(group, ranged=True)
+                    yield from self._cut(group)
 
-    def _cut(self, group: list[Sighting], ranged: bool) -> Iterator[list[Sighting]]:
-        """Cut a time-sorted group at the window and wherever a point sees the same bytes
-        again (without payload: sees the packet again)."""
-        offsets, window = self.offsets, self.window_ns
+    def _cut_exact(self, group: list[Sighting]) -> Iterator[list[Sighting]]:
+        """:meth:`_cut` for sightings of one fingerprint (or one byte range): a point that
+        sees it again starts a new occurrence. The common case, so kept lean."""
+        offsets, window, observations = self.offsets, self.window_ns, self.observations
         group.sort(key=lambda s: s.ts_ns + offsets[s.host])
-        ref = group[0].seq
         members: list[Sighting] = []
-        points: dict[tuple[str, str, str], Ranges | None] = {}
+        points: set[tuple[str, str, str]] = set()
         start = 0
         for s in group:
             t = s.ts_ns + offsets[s.host]
             point = (s.host, s.ifname, s.dir)
-            if ranged:
-                lo = unwrap(s.seq, ref)
-                seen = points.get(point)
-                again = seen is not None and seen.find(lo, lo + s.length) is not None
-            else:
-                again = point in points
+            if members and (t - start > window or point in points):
+                self.count += 1
+                if len(members) > 1:
+                    if any(m.host != members[0].host for m in members):
+                        _observe(members, observations, self._best)
+                    yield members
+                members, points = [], set()
+            if not members:
+                start = t
+            members.append(s)
+            points.add(point)
+            s.occ = self.count
+        yield from self._close(members)
+
+    def _cut(self, group: list[Sighting]) -> Iterator[list[Sighting]]:
+        """Cut a time-sorted group of overlapping byte ranges at the window and wherever a
+        point sees some of the same bytes again."""
+        offsets, window = self.offsets, self.window_ns
+        group.sort(key=lambda s: s.ts_ns + offsets[s.host])
+        ref = group[0].seq
+        members: list[Sighting] = []
+        points: dict[tuple[str, str, str], Ranges] = {}
+        start = 0
+        for s in group:
+            t = s.ts_ns + offsets[s.host]
+            point = (s.host, s.ifname, s.dir)
+            lo = unwrap(s.seq, ref)
+            seen = points.get(point)
+            again = seen is not None and seen.find(lo, lo + s.length) is not None
             if members and (t - start > window or again):
                 yield from self._close(members)
                 members, points = [], {}
             if not members:
                 start = t
             members.append(s)
-            if ranged:
-                ranges = points.get(point)
-                if ranges is None:
-                    ranges = points[point] = Ranges()
-                ranges.add(lo, lo + s.length, s)
-            else:
-                points[point] = None
+            ranges = points.get(point)
+            if ranges is None:
+                ranges = points[point] = Ranges()
+            ranges.add(lo, lo + s.length, s)
             s.occ = self.count
         yield from self._close(members)
 
@@ -171,57 +199,79 @@ class Matcher:
         self.count += 1
         if len(members) > 1:
             if any(s.host != members[0].host for s in members):
-                _observe(members, self.observations)
+                _observe(members, self.observations, self._best)
             yield members
 
 
-def _observe(members: list[Sighting], bounds: dict[tuple[str, str], Observation]) -> None:
+def _observe(
+    members: list[Sighting],
+    bounds: dict[tuple[str, str], Observation],
+    best: dict[tuple[str, str], int],
+) -> None:
     """Record causality pairs of one occurrence that need no clock to be trusted: the sole
     host where the packet starts leaves before every other host sees it, the sole host
     where it ends sees it after every other host, and a packet arriving with the very
     4-tuple that only one other host sent it with came from that host (a link). With
     segmented bytes the earliest departure and the latest arrival are used, which keeps
-    every bound true."""
-    sent: dict[tuple[str, int, str, int], dict[str, int]] = defaultdict(dict)
+    every bound true. Runs once per occurrence: plain dicts, one pass, no defaults."""
+    sent: dict[tuple[str, int, str, int], dict[str, int]] = {}
     first_in: dict[str, int] = {}
     first_out: dict[str, int] = {}
     last_in: dict[str, int] = {}
     last_out: dict[str, int] = {}
+    arrivals = []
     for s in members:
+        h, t = s.host, s.ts_ns
         if s.dir == "egress":
-            by_host = sent[(s.saddr, s.sport, s.daddr, s.dport)]
-            if s.host not in by_host or s.ts_ns < by_host[s.host]:
-                by_host[s.host] = s.ts_ns
-            if s.host not in first_out or s.ts_ns < first_out[s.host]:
-                first_out[s.host] = s.ts_ns
-            if s.host not in last_out or s.ts_ns > last_out[s.host]:
-                last_out[s.host] = s.ts_ns
+            key = (s.saddr, s.sport, s.daddr, s.dport)
+            by_host = sent.get(key)
+            if by_host is None:
+                sent[key] = {h: t}
+            elif t < by_host.get(h, t + 1):
+                by_host[h] = t
+            old = first_out.get(h)
+            if old is None:
+                first_out[h] = last_out[h] = t
+            elif t < old:
+                first_out[h] = t
+            elif t > last_out[h]:
+                last_out[h] = t
         else:
-            if s.host not in first_in or s.ts_ns < first_in[s.host]:
-                first_in[s.host] = s.ts_ns
-            if s.host not in last_in or s.ts_ns > last_in[s.host]:
-                last_in[s.host] = s.ts_ns
-    starts = [h for h, t in first_out.items() if h not in first_in or t < first_in[h]]
-    ends = [h for h, t in last_in.items() if h not in last_out or t > last_out[h]]
+            arrivals.append(s)
+            old = first_in.get(h)
+            if old is None:
+                first_in[h] = last_in[h] = t
+            elif t < old:
+                first_in[h] = t
+            elif t > last_in[h]:
+                last_in[h] = t
     pairs = []
+    starts = [h for h, t in first_out.items() if t < first_in.get(h, t + 1)]
     if len(starts) == 1:
         src = starts[0]
-        pairs += [(src, first_out[src], dst, t) for dst, t in first_in.items() if dst != src]
+        a = first_out[src]
+        pairs += [(src, a, dst, t) for dst, t in first_in.items() if dst != src]
+    ends = [h for h, t in last_in.items() if t > last_out.get(h, t - 1)]
     if len(ends) == 1:
         dst = ends[0]
-        pairs += [(src, t, dst, last_in[dst]) for src, t in last_out.items() if src != dst]
-    for s in members:
-        if s.dir == "ingress":
-            senders = sent.get((s.saddr, s.sport, s.daddr, s.dport))
-            if not senders:
-                continue
-            others = [(h, ts) for h, ts in senders.items() if h != s.host]
-            if len(others) == 1:
-                pairs.append((others[0][0], others[0][1], s.host, s.ts_ns))
+        b = last_in[dst]
+        pairs += [(src, t, dst, b) for src, t in last_out.items() if src != dst]
+    for s in arrivals:
+        senders = sent.get((s.saddr, s.sport, s.daddr, s.dport))
+        if senders:
+            if len(senders) == 1:
+                ((h, ts),) = senders.items()
+                if h != s.host:
+                    pairs.append((h, ts, s.host, s.ts_ns))
+            elif len(senders) == 2 and s.host in senders:
+                for h, ts in senders.items():
+                    if h != s.host:
+                        pairs.append((h, ts, s.host, s.ts_ns))
     for src, a, dst, b in pairs:
-        old = bounds.get((src, dst))
-        if old is None or a - b > old.src_mono_ns - old.dst_mono_ns:
-            bounds[(src, dst)] = Observation(src, a, dst, b)
+        key = (src, dst)
+        if a - b > best.get(key, -(1 << 80)):
+            best[key] = a - b
+            bounds[key] = Observation(src, a, dst, b)
 
 
 def tie_resets(
@@ -231,6 +281,8 @@ def tie_resets(
     (receive: entering its host): by 4-tuple and seq when the record has them, else by
     port and closeness in that host's own clock. Each RST occurrence on a host is tied to
     one record at most. Sets ``ResetRecord.sighting``."""
+    if not resets:  # nothing to tie: spare a pass over every sighting
+        return
     by_tuple: dict[tuple, list[Sighting]] = defaultdict(list)
     by_seq: dict[tuple, list[Sighting]] = defaultdict(list)
     by_port: dict[tuple, list[Sighting]] = defaultdict(list)

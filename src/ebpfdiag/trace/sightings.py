@@ -37,32 +37,44 @@ class Sighting:
     direction ``drop`` is the point where that host's kernel dropped it.
 
     ``node`` is the connection view (host, 4-tuple, incarnation) it belongs to and ``occ``
-    the occurrence (one transmission across hosts); both are set by later passes.
+    the occurrence (one transmission across hosts); both are set by later passes. ``pt``
+    and ``apt`` are the sampled points of tracers that sample bytes (tcp_latency): the
+    lowest chosen point in the payload, the highest one newly acknowledged (else None).
     """
 
     __slots__ = ("host", "ifname", "dir", "ts_ns", "flags", "seq", "ack", "length", "ipid",
-                 "saddr", "sport", "daddr", "dport", "why", "node", "occ")  # fmt: skip
+                 "saddr", "sport", "daddr", "dport", "why", "node", "occ", "pt",
+                 "apt")  # fmt: skip
 
     def __init__(self, rec: Mapping[str, Any], host: str, intern: dict[str, str]) -> None:
+        # runs once per packet record (a million per trace): locals, no checks that the
+        # lookups below do anyway (a bad ``dir`` is a KeyError, counted as malformed)
+        keep = intern.setdefault
+        get = rec.get
         self.host = host
-        self.ifname = intern.setdefault(rec["ifname"], rec["ifname"])
-        if rec["dir"] not in _DIRS:
-            raise ValueError(f"bad dir {rec['dir']!r}")
+        self.ifname = keep(rec["ifname"], rec["ifname"])
         self.dir = _DIRS[rec["dir"]]
         self.ts_ns = int(rec["ts_ns"])
         self.flags = int(rec["flags"])
         self.seq = int(rec["seq"]) % SEQ_SPACE
         self.ack = int(rec["ack"]) % SEQ_SPACE
         self.length = int(rec["len"])
-        self.ipid = int(rec.get("ipid") or 0)
-        self.saddr = intern.setdefault(rec["saddr"], rec["saddr"])
+        self.ipid = int(get("ipid") or 0)
+        saddr, daddr = rec["saddr"], rec["daddr"]
+        if type(saddr) is not str or type(daddr) is not str:  # ordered and printed later
+            raise TypeError("addresses must be strings")
+        self.saddr = keep(saddr, saddr)
         self.sport = int(rec["sport"])
-        self.daddr = intern.setdefault(rec["daddr"], rec["daddr"])
+        self.daddr = keep(daddr, daddr)
         self.dport = int(rec["dport"])
-        why = rec.get("why")
-        self.why = intern.setdefault(why, why) if why else None
+        why = get("why")
+        self.why = keep(why, why) if why else None
         self.node = -1
         self.occ = -1
+        pt = get("pt")
+        self.pt = None if pt is None else int(pt) % SEQ_SPACE
+        pt = get("apt")
+        self.apt = None if pt is None else int(pt) % SEQ_SPACE
 
     @property
     def tuple(self) -> tuple[str, int, str, int]:
@@ -149,9 +161,14 @@ def send_probe_state(info: Mapping[str, Any] | None) -> str | None:
 
 
 class Recorded:
-    """The first pass over a stream: sightings, reset records and what hosts said."""
+    """The first pass over a stream: sightings, reset records and what hosts said.
 
-    def __init__(self) -> None:
+    Records whose type is in ``keep`` (a question's own evidence, e.g. tcp_latency's
+    ``counts`` or ``recv``) are kept as they are in ``kept``, in stream order."""
+
+    def __init__(self, keep: Iterable[str] = ()) -> None:
+        self.keep = frozenset(keep)
+        self.kept: list[Mapping[str, Any]] = []
         self.sightings: list[Sighting] = []
         self.resets: list[ResetRecord] = []
         self.probes: dict[str, str | None] = {}
@@ -159,26 +176,34 @@ class Recorded:
         self.ts_hints: dict[str, int] = {}
         self.malformed = 0
         self._intern: dict[str, str] = {}
+        self._hosts: set[str] = set()
 
     @property
     def hosts(self) -> set[str]:
-        return {s.host for s in self.sightings} | {r.host for r in self.resets}
+        """Hosts with a packet or a reset record."""
+        return set(self._hosts)
 
     def add(self, rec: Mapping[str, Any]) -> None:
         kind = rec.get("type")
         host = rec.get("host")
-        if kind not in ("packet", "reset", "hello", "host", "lost") or not isinstance(host, str):
+        if not isinstance(host, str) or not isinstance(kind, str):
+            return
+        if kind in self.keep:
+            self.kept.append(rec)
+        if kind not in ("packet", "reset", "hello", "host", "lost"):
             return
         host = self._intern.setdefault(host, host)
         try:
             if kind == "packet":
                 s = Sighting(rec, host, self._intern)
                 self.sightings.append(s)
+                self._hosts.add(host)
                 if host not in self.ts_hints:
                     self._hint(rec, host, s.ts_ns)
             elif kind == "reset":
                 r = ResetRecord(rec, host)
                 self.resets.append(r)
+                self._hosts.add(host)
                 self._hint(rec, host, r.ts_ns)
             elif kind in ("hello", "host"):
                 self.hello(host, rec)
@@ -201,12 +226,26 @@ class Recorded:
 
 
 def collect(
-    events: Iterable[Mapping[str, Any]], hellos: Mapping[str, Mapping[str, Any]] | None = None
+    events: Iterable[Mapping[str, Any]],
+    hellos: Mapping[str, Mapping[str, Any]] | None = None,
+    keep: Iterable[str] = (),
 ) -> Recorded:
-    """Read a stream once; ``hellos`` are what the session kept of each host's ``hello``."""
-    recorded = Recorded()
+    """Read a stream once; ``hellos`` are what the session kept of each host's ``hello``,
+    ``keep`` the other record types to keep as they are."""
+    recorded = Recorded(keep)
     for host, info in (hellos or {}).items():
         recorded.hello(host, info)
+    # packets of a host already placed in time go straight to a Sighting (a million per
+    # trace); everything else through Recorded.add
+    intern, hinted = recorded._intern, recorded.ts_hints
+    append = recorded.sightings.append
     for rec in events:
-        recorded.add(rec)
+        host = rec.get("host")
+        if rec.get("type") == "packet" and isinstance(host, str) and host in hinted:
+            try:
+                append(Sighting(rec, intern.get(host, host), intern))
+            except (KeyError, TypeError, ValueError):
+                recorded.malformed += 1
+        else:
+            recorded.add(rec)
     return recorded
