@@ -24,7 +24,7 @@ MAX_FAMILIES = 32
 MAX_LABEL_LEN = 128
 MAX_BUCKETS = 64
 OTHER = "other"
-_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 #: label names the controller sets itself
 RESERVED_LABELS = ("host", "le")
 
@@ -44,14 +44,14 @@ class FamilySpec:
 
 def parse_family(name: str, raw: object) -> FamilySpec | None:
     """A hello ``families`` entry -> spec, or None when it is not well formed."""
-    if not isinstance(raw, dict) or not _NAME.match(name):
+    if not isinstance(raw, dict) or not NAME_RE.match(name):
         return None
     kind, labels = raw.get("type"), raw.get("labels", [])
     if kind not in ("counter", "histogram") or not isinstance(labels, list):
         return None
     if len(labels) > 8 or len(set(labels)) != len(labels):
         return None
-    if not all(isinstance(lb, str) and _NAME.match(lb) for lb in labels):
+    if not all(isinstance(lb, str) and NAME_RE.match(lb) for lb in labels):
         return None
     if any(lb in RESERVED_LABELS for lb in labels):
         return None
@@ -87,6 +87,8 @@ class HostMetrics:
     last_update: float | None = None
     #: runs of the script that said hello (1 + restarts and reconnects)
     sessions: int = 0
+    #: delta records applied (heartbeats included)
+    deltas: int = 0
     lost: int = 0
     bpf_stats: bool = False
     bpf_run_ns: int = 0
@@ -139,6 +141,7 @@ class HostMetrics:
             self.families[name] = spec
 
     def _delta(self, rec: dict) -> None:
+        self.deltas += 1
         for name, rows in _items(rec.get("c")):
             spec = self.families.get(name)
             if spec is None or spec.type != "counter" or not isinstance(rows, list):
