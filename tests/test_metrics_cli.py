@@ -1,0 +1,73 @@
+"""``ebpfdiag metrics``: usage errors are one line and exit 2 before any host is contacted;
+the backoff between reconnects doubles up to its cap, with jitter."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from ebpfdiag.cli.metrics import parse_listen
+from ebpfdiag.errors import UsageError
+from ebpfdiag.metrics.sessions import BACKOFF_MAX_S, backoff_delays, stale_after
+
+# A literal host that is never contacted: every case fails before connecting.
+HOST = "nobody@198.18.152.250:22"
+
+
+def ebpfdiag(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ebpfdiag", *argv], capture_output=True, text=True, timeout=30
+    )
+
+
+def one_line_usage_error(proc: subprocess.CompletedProcess, words: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_parse_listen():
+    assert parse_listen("127.0.0.1:9469") == ("127.0.0.1", 9469)
+    assert parse_listen("[::1]:9469") == ("::1", 9469)
+    for bad in ("9469", "localhost:9469", "127.0.0.1:0", "127.0.0.1:x", "[::1]"):
+        with pytest.raises(UsageError):
+            parse_listen(bad)
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["serve", "--listen", "nowhere"], "--listen nowhere"),
+        (["serve", "--listen", "127.0.0.1:9469", "--interval", "0"], "--interval"),
+        (["serve", "--listen", "127.0.0.1:9469", "--host-label", "bad key!"], "--host-label"),
+        (["textfile", "--dir", "/nonexistent/ebmx"], "not a directory"),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2(argv, words):
+    one_line_usage_error(ebpfdiag("metrics", argv[0], "--hosts", HOST, *argv[1:]), words)
+
+
+def test_a_busy_listen_port_is_a_usage_error():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = ebpfdiag("metrics", "serve", "--hosts", HOST, "--listen", f"127.0.0.1:{port}")
+    one_line_usage_error(proc, "cannot listen on")
+
+
+def test_backoff_doubles_to_its_cap_with_jitter():
+    middle = backoff_delays(1.0, 8.0, rand=lambda: 0.5)
+    assert [next(middle) for _ in range(6)] == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    low, high = backoff_delays(rand=lambda: 0.0), backoff_delays(rand=lambda: 1.0)
+    assert next(low) == pytest.approx(0.8) and next(high) == pytest.approx(1.2)
+    capped = backoff_delays(rand=lambda: 1.0)
+    assert max(next(capped) for _ in range(20)) == pytest.approx(BACKOFF_MAX_S * 1.2)
+
+
+def test_silence_that_ends_a_run():
+    assert stale_after(1.0) == 10.0 and stale_after(15.0) == 45.0
