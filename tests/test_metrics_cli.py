@@ -3,15 +3,18 @@ the backoff between reconnects doubles up to its cap, with jitter."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from ebpfdiag.cli.metrics import parse_listen
 from ebpfdiag.errors import UsageError
 from ebpfdiag.metrics.sessions import BACKOFF_MAX_S, backoff_delays, stale_after
+from tests.conftest import require
 
 # A literal host that is never contacted: every case fails before connecting.
 HOST = "nobody@198.18.152.250:22"
@@ -71,3 +74,16 @@ def test_backoff_doubles_to_its_cap_with_jitter():
 
 def test_silence_that_ends_a_run():
     assert stale_after(1.0) == 10.0 and stale_after(15.0) == 45.0
+
+
+def test_the_documented_alert_rules_pass_promtool(tmp_path):
+    require(shutil.which("promtool") is not None, "needs promtool (Debian prometheus)")
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
+    section = doc.split("## Example alert rules", 1)[1]
+    rules = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert "ebpfdiag_host_up == 0" in rules and "ebpfdiag_tcp_resets_sent_total" in rules
+    path = tmp_path / "rules.yml"
+    path.write_text(rules)
+    proc = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SUCCESS: 6 rules found" in proc.stdout
