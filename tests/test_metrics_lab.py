@@ -152,13 +152,14 @@ def kill_ssh_sessions(lab, host: str) -> list[int]:
     return killed
 
 
-def refuse_ssh(lab, host: str, on: bool) -> None:
-    """An nftables rule in the host's namespace that resets every packet to port 22."""
+def refuse_ssh(lab, host: str, on: bool, verdict: str = "reject with tcp reset") -> None:
+    """An nftables rule in the host's namespace for every packet to port 22: reset it, or
+    (``verdict`` drop) let it vanish like a link that went down."""
     ns = ["ip", "netns", "exec", lab.host(host).netns, "nft"]
     if on:
         script = (
             f"table inet {CUT_TABLE} {{\n chain input {{\n"
-            "  type filter hook input priority -10;\n  tcp dport 22 reject with tcp reset\n }\n}\n"
+            f"  type filter hook input priority -10;\n  tcp dport 22 {verdict}\n }}\n}}\n"
         )
         subprocess.run([*ns, "-f", "-"], input=script, text=True, check=True)
     else:
@@ -232,6 +233,57 @@ def test_prometheus_sees_resets_by_reason_and_host_survives_a_cut_session(lab, t
     while metrics_programs() and time.monotonic() < deadline:
         time.sleep(0.3)
     assert metrics_programs() == []  # every host's script detached on SIGTERM
+
+
+def exposed(port: int, name: str) -> dict[str, float]:
+    """{host: value} of one metric, read from serve's /metrics."""
+    out = {}
+    for line in get(f"http://127.0.0.1:{port}/metrics").decode().splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line.rsplit(" ", 1)
+            out[labels.split('host="', 1)[1].split('"', 1)[0]] = float(value)
+    return out
+
+
+def wait_exposed(port: int, name: str, check, timeout: float) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    last: dict = {}
+    while time.monotonic() < deadline:
+        try:
+            last = exposed(port, name)
+        except OSError:  # not listening yet
+            last = {}
+        if check(last):
+            return last
+        time.sleep(0.3)
+    raise AssertionError(f"{name}: still {last} after {timeout}s")
+
+
+def test_a_silent_link_is_detected_and_reconnected(lab):
+    """Packets to the server's sshd vanish (no FIN, no RST): after 10 s without a delta the
+    host is down and retried; once packets flow again it is back, counting on."""
+    port = free_port()
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "ebpfdiag", "metrics", "serve", "-i", lab.inventory,
+         "--hosts", "server", "--listen", f"127.0.0.1:{port}", "--interval", "1s"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_exposed(port, "ebpfdiag_host_up", lambda r: r == {"server": 1}, 60)
+        refuse_ssh(lab, "server", True, verdict="drop")
+        try:
+            t0 = time.monotonic()
+            wait_exposed(port, "ebpfdiag_host_up", lambda r: r == {"server": 0}, 25)
+            assert time.monotonic() - t0 >= 9  # three missed deltas, at least 10 s
+        finally:
+            refuse_ssh(lab, "server", False)
+        wait_exposed(port, "ebpfdiag_host_up", lambda r: r == {"server": 1}, 60)
+        assert exposed(port, "ebpfdiag_host_sessions_total") == {"server": 2}
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        _out, err = serve.communicate(timeout=30)
+    assert serve.returncode == 0, err
+    assert "server: no data for 10s; retrying in" in err, err
 
 
 def test_textfile_once_writes_a_file_promtool_accepts(lab, tmp_path):

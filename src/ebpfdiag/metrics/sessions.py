@@ -27,6 +27,8 @@ from ebpfdiag.inventory import Host
 from ebpfdiag.metrics.exposition import Fleet
 from ebpfdiag.transport import HostFailure, JumpPool, RemoteRun, Script, SSHOptions, connect
 
+#: Time a run gets from connecting to its first record (BCC compiles on the host meanwhile).
+SETUP_TIMEOUT_S = 120.0
 BACKOFF_MIN_S = 1.0
 BACKOFF_MAX_S = 60.0
 #: How long a script gets to detach and exit after stdin EOF before the channel is closed.
@@ -84,7 +86,10 @@ class HostSession:
         self._heard = 0.0
         self._got_data = False
         self._stderr: list[str] = []
-        self._stale = False
+        #: seconds of silence that ended the last run (0: it did not go stale)
+        self._stale = 0.0
+        #: records of the current run
+        self._records = 0
 
     def stop(self) -> None:
         self.stopping.set()
@@ -131,6 +136,7 @@ class HostSession:
         if self.stopping.is_set():
             run_stop.set()
         self._heard = time.monotonic()
+        self._records = 0
         run = RemoteRun(
             self.host,
             self.script,
@@ -160,7 +166,7 @@ class HostSession:
         if self.stopping.is_set():
             return None
         if self._stale:
-            return f"no data for {stale_after(self.interval):g}s"
+            return f"no data for {self._stale:g}s"
         if outcome is None:
             return "the metrics script did not stop in time"
         tail = "; ".join(self._stderr)
@@ -177,13 +183,14 @@ class HostSession:
             return await connect(self.host, self.ssh, self.jumps)
 
     async def _watch(self, run_stop: asyncio.Event) -> None:
-        """End a run that went silent (no record, not even a heartbeat delta)."""
-        self._stale = False
-        limit = stale_after(self.interval)
+        """End a run that went silent (no record, not even a heartbeat delta), or that
+        said nothing within SETUP_TIMEOUT_S of connecting."""
+        self._stale = 0.0
         while not run_stop.is_set():
-            await asyncio.sleep(min(limit / 4, 1.0))
+            await asyncio.sleep(1.0)
+            limit = stale_after(self.interval) if self._records else SETUP_TIMEOUT_S
             if time.monotonic() - self._heard > limit:
-                self._stale = True
+                self._stale = limit
                 run_stop.set()
 
     def _lines(self, stream: str, lines: list[bytes]) -> None:
@@ -202,6 +209,7 @@ class HostSession:
             if not isinstance(rec, dict):
                 continue
             self._heard = time.monotonic()
+            self._records += 1
             was_up = self.fleet.hosts[self.host.name].up
             self.fleet.record(self.host.name, rec, now)
             if rec.get("type") == "delta":
