@@ -289,15 +289,19 @@ def test_a_silent_link_is_detected_and_reconnected(lab):
 def test_textfile_once_writes_a_file_promtool_accepts(lab, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "ebpfdiag", "metrics", "textfile", "-i", lab.inventory,
-         "--hosts", HOSTS, "--dir", str(tmp_path), "--interval", "1s", "--once"],
+         "--hosts", HOSTS, "--dir", str(tmp_path), "--interval", "1s", "--once",
+         "--host-label", "groups", "--json"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    path = tmp_path / "ebpfdiag.prom"
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert sorted(r["host"] for r in records if r["type"] == "metrics-host" and r["up"]) == sorted(
+        HOSTS.split(",")
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ebpfdiag.prom"]  # no temp file left
-    text = path.read_text()
-    for host in HOSTS.split(","):
-        assert f'ebpfdiag_host_up{{host="{host}"}} 1.0' in text
+    text = (tmp_path / "ebpfdiag.prom").read_text()
+    assert 'ebpfdiag_host_up{groups="lab",host="client"} 1.0' in text, text
+    assert 'ebpfdiag_host_up{groups="lab,servers",host="server"} 1.0' in text, text
     assert "# TYPE ebpfdiag_tcp_resets_sent_total counter" in text
     check = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),
                            capture_output=True)  # fmt: skip
