@@ -9,12 +9,13 @@ delta carries rows over more reasons than the 64-series cap, so the cap is exerc
 controller runs in a child process that reports its own CPU (all threads) and resident
 memory once every host is up and warmed up, and again after the measured intervals.
 
-Datapath: the bench lab's bulk and short-connection traffic (bench/datapath.py helpers)
-with and without ``metrics serve --interval 1s`` on client, lb and server, interleaved.
+Datapath: bench/datapath.py's bulk and short-connection traffic, in this benchmark's own
+lab, with and without ``metrics serve --interval 1s`` on client, lb and server, interleaved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -25,13 +26,18 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench.common import EBPFDIAG, PYTHON, ROOT, Section, Target, fmt, median
 
 PREFIX = "ebmx"
-#: shared with the metrics lab test (tests/test_metrics_lab.py): they never run together
+#: The fleet and the datapath lab use the metrics lab test's range (tests/test_metrics_lab.py)
+#: one after the other; the bench and that test never run together. Not the shared bench
+#: lab (bench/labenv.py): other benchmarks may have it up at the same time.
 SUBNET = "198.18.152.0/24"
+LAB_BASE = "198.18.152.0"
+LAB_STATE_DIR = Path("/run/ebpfdiag/lab-metrics-bench")
 REASONS = 100  # distinct reason labels the emitters cycle through (cap: 64 series)
 
 EMITTER = r"""
@@ -251,12 +257,66 @@ class Serve:
                                f"{self.proc.stderr.read().decode()[-300:]}")  # fmt: skip
 
 
+def _bpf_totals(port: int) -> tuple[float, float]:
+    """(run seconds, runs) of the metrics programs summed over every host, from /metrics."""
+    secs = runs = 0.0
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("ebpfdiag_bpf_run_seconds_total{"):
+                secs += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("ebpfdiag_bpf_runs_total{"):
+                runs += float(line.rsplit(" ", 1)[1])
+    return secs, runs
+
+
+def _profile(state, connections: int) -> str:
+    """In-kernel cost per short connection, from the programs' own bpf_stats (turned on for
+    this one extra run only: the stats cost a little per program run)."""
+    from bench.datapath import _short
+
+    stats = Path("/proc/sys/kernel/bpf_stats_enabled")
+    before = stats.read_text().strip()
+    stats.write_text("1")
+    try:
+        serve = Serve(state)
+        try:
+            time.sleep(2.5)  # a delta or two with the counts before the traffic
+            s0, n0 = _bpf_totals(serve.port)
+            _short(state, connections)
+            time.sleep(2.5)  # the deltas that carry the traffic's runs
+            s1, n1 = _bpf_totals(serve.port)
+        finally:
+            serve.stop()
+    finally:
+        stats.write_text(before)
+    runs = max(n1 - n0, 1)
+    return (
+        f"{runs / connections:.0f} program runs per short connection over the 3 hosts (each "
+        f"host's programs see every namespace's events and keep their own) at "
+        f"{(s1 - s0) * 1e9 / runs:.0f} ns each = {(s1 - s0) * 1e6 / connections:.1f} us of "
+        "kernel time per connection (kernel.bpf_stats_enabled, one extra run)"
+    )
+
+
+@contextlib.contextmanager
+def metrics_lab() -> Iterator:
+    """This benchmark's own client -> lb -> server lab, always taken down."""
+    from ebpfdiag.lab.topology import Lab
+
+    lab = Lab(state_dir=LAB_STATE_DIR, prefix=PREFIX, base=LAB_BASE,
+              inventory_out=LAB_STATE_DIR / "inventory.yaml")  # fmt: skip
+    lab.down()
+    try:
+        yield lab.up()
+    finally:
+        lab.down()
+
+
 def run_datapath(rounds: int, connections: int, bulk_s: float) -> dict[str, dict[str, list]]:
     from bench.datapath import _bulk, _servers, _short
-    from bench.labenv import bench_lab
 
     results = {c: {"bulk": [], "short": []} for c in ("no metrics", "metrics on 3 hosts")}
-    with bench_lab() as state:
+    with metrics_lab() as state:
         procs = _servers(state)
         try:
             _bulk(state, 1)  # warm-up
@@ -270,6 +330,7 @@ def run_datapath(rounds: int, connections: int, bulk_s: float) -> dict[str, dict
                     finally:
                         if serve:
                             serve.stop()
+            results["profile"] = _profile(state, connections)
         finally:
             for p in procs:
                 p.kill()
@@ -310,6 +371,7 @@ def run(hosts: int = 100, interval: float = 1.0, warmup: int = 20, measure: int 
                r["max_series"] <= 64),
     ]  # fmt: skip
     dp = run_datapath(dp_rounds, connections, bulk_s)
+    profile = dp.pop("profile")
     base_b, base_s = median(dp["no metrics"]["bulk"]), median(dp["no metrics"]["short"])
     for cond, res in dp.items():
         b, s = median(res["bulk"]), median(res["short"])
@@ -336,6 +398,7 @@ def run(hosts: int = 100, interval: float = 1.0, warmup: int = 20, measure: int 
         f"iperf3) and short-connection ({connections} connections, best of 3) runs, without "
         "and with `metrics serve --interval 1s` on client, lb and server (tracepoint "
         "programs on resets, retransmissions and socket state changes, all in one kernel).",
+        f"In-kernel cost: {profile}.",
     ]
     return section
 
