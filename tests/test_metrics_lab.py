@@ -286,6 +286,49 @@ def test_a_silent_link_is_detected_and_reconnected(lab):
     assert "server: no data for 10s; retrying in" in err, err
 
 
+def kill_remote_scripts(lab, host: str) -> int:
+    """SIGKILL the host's remote script processes (the bootstrap runs the script in its own
+    process; its argv is the bootstrap's source). Returns how many."""
+    inode = netns_inode(lab, host)
+    killed = 0
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or os.stat(proc / "ns" / "net").st_ino != inode:
+                continue
+            cmdline = (proc / "cmdline").read_bytes()
+            if b"python3" in cmdline and b"want-script" in cmdline:
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed += 1
+        except OSError:
+            continue
+    return killed
+
+
+def test_a_killed_script_is_restarted_and_its_counters_continue(lab):
+    port = free_port()
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "ebpfdiag", "metrics", "serve", "-i", lab.inventory,
+         "--hosts", "server", "--listen", f"127.0.0.1:{port}", "--interval", "1s"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    sent = "ebpfdiag_tcp_resets_sent_total"
+    try:
+        wait_exposed(port, "ebpfdiag_host_up", lambda r: r == {"server": 1}, 60)
+        assert run_scenario("rst-no-listener", lab).reproduced
+        wait_exposed(port, sent, lambda r: r == {"server": 1}, 15)
+        assert kill_remote_scripts(lab, "server") >= 1
+        wait_exposed(port, "ebpfdiag_host_sessions_total", lambda r: r == {"server": 2}, 60)
+        wait_exposed(port, "ebpfdiag_host_up", lambda r: r == {"server": 1}, 30)
+        assert exposed(port, sent) == {"server": 1}  # kept, not restarted from zero
+        assert run_scenario("rst-no-listener", lab).reproduced
+        wait_exposed(port, sent, lambda r: r == {"server": 2}, 15)
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        _out, err = serve.communicate(timeout=30)
+    assert serve.returncode == 0, err
+    assert "server: the metrics script ended (signal KILL)" in err, err
+
+
 def test_textfile_once_writes_a_file_promtool_accepts(lab, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "ebpfdiag", "metrics", "textfile", "-i", lab.inventory,
