@@ -1,4 +1,4 @@
-"""``ebpfdiag metrics serve|textfile``: kernel network counters from many hosts, no agent.
+"""``ebpfdiag metrics serve|textfile``: kernel network counters from many hosts, nothing installed.
 
 Each host runs the ``netmetrics`` tool over a long-lived SSH session (its counters live in
 the host's kernel, its deltas come every interval); the controller keeps per-host totals
