@@ -58,6 +58,15 @@ def test_counters_continue_across_a_script_restart():
     assert h.counters["tcp_resets_sent"][("NO_SOCKET", "UNKNOWN", "")] == 5
 
 
+def test_hello_says_what_the_host_cannot_count():
+    h = HostMetrics("old")
+    missing = [{"probe": "tcp_receive_reset", "why": "no tracepoint tcp:tcp_receive_reset"}]
+    h.on_record(dict(HELLO, missing=missing), 1.0)
+    assert h.missing == ["tcp_receive_reset: no tracepoint tcp:tcp_receive_reset"]
+    h.on_record(dict(HELLO, missing=[]), 2.0)  # a later run that has it
+    assert h.missing == []
+
+
 def test_a_decrease_or_a_malformed_row_is_rejected_never_applied():
     h = HostMetrics("web1")
     h.on_record(HELLO, 1.0)

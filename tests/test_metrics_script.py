@@ -203,3 +203,26 @@ def test_real_run_counts_resets_and_connect_times_in_its_namespace(netns):
     assert sent == {("NO_SOCKET", "UNKNOWN", ""): 3, ("TCP_STATE", "TCP_CLOSE", "7000"): 1}
     assert received == {("TCP_SYN_SENT", ""): 3, ("TCP_ESTABLISHED", "7000"): 1}
     assert connects == 1  # the refused SYNs never got established
+
+
+def run_tool(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(TOOL), *argv], capture_output=True, text=True, timeout=30
+    )
+
+
+def test_ebpf_prints_the_program_for_recorded_formats_without_root_or_bcc():
+    proc = run_tool("--ebpf", "--format-dir", str(FORMATS / "4.15"))
+    assert proc.returncode == 0, proc.stderr
+    assert "int nm_tcp_send_reset(void *ctx)" in proc.stdout
+    assert "k.reason = 4294967295u;" in proc.stdout  # 4.15 has no reset reason
+    assert "nm_inet_sock_set_state" not in proc.stdout  # not in the recorded formats
+
+
+def test_a_bad_argument_is_one_line_exit_2_and_a_bye():
+    proc = run_tool("--format-dir", "/tmp")
+    assert proc.returncode == 2
+    assert proc.stderr == "netmetrics: --format-dir only goes with --ebpf\n"
+    assert json.loads(proc.stdout) == {
+        "type": "bye", "reason": "error", "error": "--format-dir only goes with --ebpf"
+    }  # fmt: skip

@@ -126,11 +126,15 @@ class Runner:
         self.sessions = None
 
     def on_state(self, host: str, up: bool, error: str | None) -> None:
+        with self.fleet.lock:
+            missing = list(self.fleet.hosts[host].missing) if up else []
         if self.app.as_json:
-            self.app.json.write({"type": "metrics-host", "host": host, "up": up, "error": error})
+            rec = {"type": "metrics-host", "host": host, "up": up, "error": error}
+            self.app.json.write({**rec, "missing": missing})
             self.app.json.flush()
         elif up:
-            self.app.term.status(f"metrics: {host} up")
+            note = f" (not counted: {'; '.join(missing)})" if missing else ""
+            self.app.term.status(f"metrics: {host} up{note}")
         else:
             self.app.term.error(f"{host}: {error}")
 

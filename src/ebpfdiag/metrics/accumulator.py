@@ -96,6 +96,8 @@ class HostMetrics:
     rejected: int = 0
     #: the error of the last attempt that failed, for status lines (None once up)
     error: str | None = None
+    #: what the script's hello said it could not count: "probe: why"
+    missing: list[str] = field(default_factory=list)
     families: dict[str, FamilySpec] = field(default_factory=dict)
     counters: dict[str, dict[tuple[str, ...], float]] = field(default_factory=dict)
     histograms: dict[str, dict[tuple[str, ...], Histogram]] = field(default_factory=dict)
@@ -126,6 +128,12 @@ class HostMetrics:
     def _hello(self, rec: dict) -> None:
         self.sessions += 1
         self.bpf_stats = bool(rec.get("bpf_stats"))
+        missing = rec.get("missing")
+        self.missing = (
+            [f"{m.get('probe')}: {m.get('why')}" for m in missing if isinstance(m, dict)][:16]
+            if isinstance(missing, list)
+            else []
+        )
         families = rec.get("families")
         if not isinstance(families, dict):
             return
