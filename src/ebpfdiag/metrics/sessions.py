@@ -108,6 +108,8 @@ class HostSession:
                 error = str(exc)
             except (OSError, asyncssh.Error) as exc:
                 error = f"connection to {self.host.name} lost: {exc}"
+            except Exception as exc:  # a bug must not end the other hosts' sessions
+                error = f"internal error: {exc!r}"
             if self.stopping.is_set():
                 self.fleet.down(self.host.name)
                 break
