@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import builds, correlation, datapath, fanout, latency, pipeline, ready
+from bench import builds, correlation, datapath, fanout, latency, metrics, pipeline, ready
 from bench.common import ROOT, Section, machine
 
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -47,6 +47,10 @@ BENCHMARKS: dict[str, tuple[Callable[..., Section], Callable[..., Section]]] = {
     "datapath": (
         lambda against=None: datapath.run(rounds=7, connections=2000, bulk_s=3, against=against),
         lambda against=None: datapath.run(rounds=1, connections=50, bulk_s=1, against=against),
+    ),
+    "metrics": (
+        lambda: metrics.run(hosts=100, interval=1.0, warmup=20, measure=30, dp_rounds=5),
+        lambda: metrics.run(hosts=5, warmup=2, measure=3, dp_rounds=1, connections=50, bulk_s=1),
     ),
 }
 

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEB_PACKAGES=(python3-bpfcc bpfcc-tools bpftool linux-headers-amd64 openssh-server openssh-client
-  sudo nftables iproute2 iperf3 conntrack python3-pyroute2 python3-venv tcpdump tshark clustershell pssh)
+  sudo nftables iproute2 iperf3 conntrack python3-pyroute2 python3-venv tcpdump tshark clustershell pssh prometheus)
 
 say() { echo "setup: $*" >&2; }
 

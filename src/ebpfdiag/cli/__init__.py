@@ -19,6 +19,7 @@ COMMANDS = {
     "show": "ebpfdiag.cli.show:show",
     "lab": "ebpfdiag.cli.lab:lab",
     "bundle": "ebpfdiag.cli.bundle:bundle_cmd",
+    "metrics": "ebpfdiag.cli.metrics:metrics",
 }
 
 

@@ -1,0 +1,729 @@
+#!/usr/bin/python3
+"""netmetrics: TCP counters kept in this host's kernel, sent as deltas every interval.
+
+Counts in BPF maps (nothing per event leaves the kernel): TCP resets sent, by kernel reason,
+socket state and local listening port (tcp:tcp_send_reset); resets received, by state and
+port (tcp:tcp_receive_reset; where its format has no state, the socket's through BTF);
+retransmissions by state and port (tcp:tcp_retransmit_skb); the time from SYN sent to
+established as a log2 histogram (sock:inet_sock_set_state, keyed by socket); and, from
+this namespace's /proc/net/netstat, listen queue overflows and drops. Reason and state
+names come from the live format files' __print_symbolic tables, never from a fixed table.
+
+Every interval one `delta` record carries what changed since the last one (only rows that
+changed; an empty delta is a heartbeat). A family is declared once in hello (type, label
+names, help), so a receiver accumulates families it does not know by name. Counts start
+at zero when the tool starts: a receiver adds deltas, it never sees a counter go back.
+The port label is the local port when it is one of this host's listening ports (at most
+--port-labels of them, refreshed every interval), else empty: it stays bounded.
+
+Parameters:
+  --interval SECONDS      send a delta every SECONDS (default 15)
+  --port-labels N         listening ports that may label resets (0-64, default 16)
+  --duration SECONDS      stop after SECONDS (default 0: run until signalled)
+  --ebpf                  print the generated C program and exit (needs no root)
+  --format-dir DIR        with --ebpf: read tracepoint format files from DIR
+Fields:
+  hello.script          str    "netmetrics"
+  hello.version         int    record schema version (1)
+  hello.kernel          str    kernel release
+  hello.netns           int    inode of this network namespace
+  hello.interval        float  seconds between deltas
+  hello.families        dict   name -> {type: counter|histogram, labels, help, bounds, scale}
+  hello.attach          dict   per probe: kind (tracepoint)
+  hello.missing         list   probes not attached: {probe, why}
+  hello.bpf_stats       bool   whether the kernel counts BPF run time (kernel.bpf_stats_enabled)
+  delta.seq             int    1, 2, ... per run
+  delta.mono_ns         int    host CLOCK_MONOTONIC ns when the maps were read
+  delta.c               dict   counter family -> [[label values..., increase], ...]
+  delta.h               dict   histogram family -> [[labels..., sum increase, [[slot, n], ...]]]
+  delta.lost            int    updates lost since the last delta (a map was full)
+  delta.bpf             list   [run ns, runs] of this tool's programs since the last delta
+  bye.reason            str    duration, signal, eof or error
+  bye.error             str    error message (reason error only)
+"""
+
+import ctypes
+import os
+import signal
+import sys
+import time
+
+from core.btf import btf_offsets, c_netns_lookup
+from core.discovery import own_netns
+from core.events import Output, now_ns
+from core.lifecycle import SetupError, Stop, StopState
+from core.params import ParamError, parse
+from core.tracepoints import (
+    TCP_STATES,
+    TRACEFS_DIRS,
+    address_layout,
+    c_tracepoint_struct,
+    ensure_tracefs,
+    field_map,
+    parse_format,
+)
+
+SCRIPT = "netmetrics"
+VERSION = 1
+PROBES = (
+    ("tcp", "tcp_send_reset"),
+    ("tcp", "tcp_receive_reset"),
+    ("tcp", "tcp_retransmit_skb"),
+    ("sock", "inet_sock_set_state"),
+)
+NO_REASON = 0xFFFFFFFF  # the kernel's format has no reason field
+HIST_SLOTS = 32  # log2 microseconds: slot s holds values below 2**s us (slot 0: below 1 us)
+MAP_ENTRIES = 1024
+SYN_ENTRIES = 16384
+NETSTAT = (("ListenOverflows", "tcp_listen_overflows"), ("ListenDrops", "tcp_listen_drops"))
+
+FAMILIES = {
+    "tcp_resets_sent": {
+        "type": "counter",
+        "labels": ["reason", "state", "port"],
+        "help": "TCP resets sent by this host's kernel (tcp:tcp_send_reset), by reason, "
+        "socket state and local listening port",
+    },
+    "tcp_resets_received": {
+        "type": "counter",
+        "labels": ["state", "port"],
+        "help": "TCP resets received and accepted by a socket (tcp:tcp_receive_reset), by "
+        "socket state and local listening port",
+    },
+    "tcp_retransmits": {
+        "type": "counter",
+        "labels": ["state", "port"],
+        "help": "TCP segments retransmitted (tcp:tcp_retransmit_skb), by socket state and "
+        "local listening port",
+    },
+    "tcp_listen_overflows": {
+        "type": "counter",
+        "labels": [],
+        "help": "Times a listen queue was full (TcpExt ListenOverflows of the namespace)",
+    },
+    "tcp_listen_drops": {
+        "type": "counter",
+        "labels": [],
+        "help": "SYNs dropped at a listener (TcpExt ListenDrops of the namespace)",
+    },
+    "tcp_connect_seconds": {
+        "type": "histogram",
+        "labels": [],
+        "help": "Time from SYN sent to established of this host's outgoing TCP connections "
+        "(sock:inet_sock_set_state)",
+        "scale": 1e-9,
+        "bounds": [2**s * 1e-6 for s in range(HIST_SLOTS)],
+    },
+}
+
+
+class ArgError(Exception):
+    """A bad command-line argument: exit code 2."""
+
+
+# --------------------------------------------------------------------------------------
+# Formats and C generation
+# --------------------------------------------------------------------------------------
+
+
+def read_formats(fmt_dir) -> dict:
+    """{probe: parsed format} from tracefs or a directory of recorded files (`NAME` or
+    `NAME.format`); absent probes are left out."""
+    formats = {}
+    for system, probe in PROBES:
+        if fmt_dir:
+            candidates = [os.path.join(fmt_dir, probe), os.path.join(fmt_dir, probe + ".format")]
+        else:
+            candidates = [os.path.join(d, "events", system, probe, "format") for d in TRACEFS_DIRS]
+        for path in candidates:
+            try:
+                with open(path) as f:
+                    formats[probe] = parse_format(f.read())
+                break
+            except OSError:
+                continue
+    return formats
+
+
+C_COMMON = r"""
+#define OWN_NETNS %(netns)du
+#define HIST_SLOTS %(slots)d
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define NM_HTONS(x) ((__u16)__builtin_bswap16(x))
+#else
+#define NM_HTONS(x) ((__u16)(x))
+#endif
+
+struct nm_scope { __u32 netns; };
+struct rst_key { __u32 reason; __s32 state; __u32 port; };
+struct st_key { __s32 state; __u32 port; };
+
+BPF_HASH(rst_sent, struct rst_key, __u64, %(entries)d);
+BPF_HASH(rst_recv, struct st_key, __u64, %(entries)d);
+BPF_HASH(retrans, struct st_key, __u64, %(entries)d);
+BPF_HASH(syn_start, __u64, __u64, %(syn_entries)d);
+BPF_ARRAY(conn_hist, __u64, HIST_SLOTS);
+BPF_ARRAY(conn_sum, __u64, 1);               /* ns */
+BPF_ARRAY(lost, __u64, 1);                   /* updates that found a map full */
+BPF_ARRAY(listen_ports, __u8, 65536);        /* port -> 1: may be a label */
+
+static __always_inline void count_lost(void)
+{
+	__u32 zero = 0;
+	__u64 *v = lost.lookup(&zero);
+	if (v)
+		__sync_fetch_and_add(v, 1);
+}
+
+static __always_inline __u32 label_port(__u16 a, __u16 b)
+{
+	__u32 k = a;
+	__u8 *on = listen_ports.lookup(&k);
+	if (on && *on)
+		return a;
+	k = b;
+	on = listen_ports.lookup(&k);
+	if (on && *on)
+		return b;
+	return 0;
+}
+"""
+
+
+def c_bump(table: str, key: str) -> str:
+    """C that adds one to table[key]; a racing insert on another CPU is found by the second
+    lookup, and an insert into a full map is counted as lost."""
+    return (
+        "\t__u64 *v = %(t)s.lookup(&%(k)s);\n"
+        "\tif (v) {\n"
+        "\t\t__sync_fetch_and_add(v, 1);\n"
+        "\t} else {\n"
+        "\t\t__u64 one = 1;\n"
+        "\t\tif (%(t)s.insert(&%(k)s, &one) != 0) {\n"
+        "\t\t\tv = %(t)s.lookup(&%(k)s);\n"
+        "\t\t\tif (v)\n"
+        "\t\t\t\t__sync_fetch_and_add(v, 1);\n"
+        "\t\t\telse\n"
+        "\t\t\t\tcount_lost();\n"
+        "\t\t}\n"
+        "\t}\n"
+        "\treturn 0;\n}\n" % {"t": table, "k": key}
+    )
+
+
+def c_ports(fmt: dict) -> str:
+    """C that sets `sp`, `dp` (host order) from the record, whatever its address layout."""
+    fields = field_map(fmt)
+    if address_layout(fmt) == "sockaddr":
+        return (
+            "\t__u16 sp = 0, dp = 0;\n"
+            "\t__builtin_memcpy(&sp, &rec.saddr[2], 2);\n"
+            "\t__builtin_memcpy(&dp, &rec.daddr[2], 2);\n"
+            "\tsp = NM_HTONS(sp);\n"
+            "\tdp = NM_HTONS(dp);"
+        )
+    if "sport" in fields and "dport" in fields:
+        return "\t__u16 sp = rec.sport, dp = rec.dport;"
+    return "\t__u16 sp = 0, dp = 0;"
+
+
+def c_probe_head(probe: str, fmt: dict, offsets) -> list:
+    """Struct, function head, record copy and the namespace filter of one program."""
+    fields = field_map(fmt)
+    sname = "tp_" + probe
+    sk = "rec.skaddr" if "skaddr" in fields else None
+    skb = "rec.skbaddr" if "skbaddr" in fields else None
+    return [
+        c_tracepoint_struct(sname, fmt),
+        "int nm_%s(void *ctx)\n{" % probe,
+        "\tstruct %s rec = {};" % sname,
+        "\tif (bpf_probe_read_kernel(&rec, sizeof(rec), ctx) != 0)\n\t\treturn 0;",
+        "\tstruct nm_scope e = {};",
+        c_netns_lookup(offsets, sk, skb),
+    ]
+
+
+def c_state(fields: dict, sk_state_off) -> str:
+    """C that sets `state`: the record's, else the socket's skc_state via BTF, else -1."""
+    if "state" in fields:
+        return "\t__s32 state = rec.state;"
+    if "skaddr" in fields and sk_state_off is not None:
+        return (
+            "\t__s32 state = -1;\n"
+            "\t__u8 st = 0;\n"
+            "\tif (rec.skaddr && !bpf_probe_read_kernel(&st, 1, (void *)(rec.skaddr + %d)))\n"
+            "\t\tstate = st;" % sk_state_off
+        )
+    return "\t__s32 state = -1;"
+
+
+def c_send_reset(fmt: dict, offsets) -> str:
+    fields = field_map(fmt)
+    body = c_probe_head("tcp_send_reset", fmt, offsets)
+    reason = fields.get("reason")
+    body.append("\tstruct rst_key k = {};")
+    if reason and reason["size"] in (1, 2, 4):
+        body.append("\t__builtin_memcpy(&k.reason, &rec.reason, %d);" % reason["size"])
+    else:
+        body.append("\tk.reason = %du;" % NO_REASON)
+    body.append("\tk.state = %s;" % ("rec.state" if "state" in fields else "-1"))
+    body.append(c_ports(fmt))
+    body.append("\tk.port = label_port(sp, dp);")
+    body.append(c_bump("rst_sent", "k"))
+    return "\n".join(line for line in body if line)
+
+
+def c_state_counter(probe: str, table: str, fmt: dict, offsets, sk_state_off) -> str:
+    body = c_probe_head(probe, fmt, offsets)
+    body.append(c_state(field_map(fmt), sk_state_off))
+    body.append(c_ports(fmt))
+    body.append("\tstruct st_key k = {};\n\tk.state = state;\n\tk.port = label_port(sp, dp);")
+    body.append(c_bump(table, "k"))
+    return "\n".join(line for line in body if line)
+
+
+def c_set_state(fmt: dict, offsets) -> str:
+    """SYN_SENT stamps the socket; leaving SYN_SENT for ESTABLISHED fills the histogram."""
+    fields = field_map(fmt)
+    body = c_probe_head("inet_sock_set_state", fmt, offsets)
+    if "protocol" in fields:
+        body.append("\tif (rec.protocol != 6)\n\t\treturn 0;")
+    body.append(
+        "\t__u64 sk = rec.skaddr;\n"
+        "\tif (rec.newstate == %(syn)d) {\n"
+        "\t\t__u64 now = bpf_ktime_get_ns();\n"
+        "\t\tif (syn_start.update(&sk, &now) != 0)\n"
+        "\t\t\tcount_lost();\n"
+        "\t\treturn 0;\n"
+        "\t}\n"
+        "\tif (rec.oldstate != %(syn)d)\n"
+        "\t\treturn 0;\n"
+        "\t__u64 *start = syn_start.lookup(&sk);\n"
+        "\tif (!start)\n"
+        "\t\treturn 0;\n"
+        "\t__u64 took = bpf_ktime_get_ns() - *start;\n"
+        "\tsyn_start.delete(&sk);\n"
+        "\tif (rec.newstate != %(est)d)\n"
+        "\t\treturn 0;\n"
+        "\t__u32 slot = bpf_log2l(took / 1000);\n"
+        "\tif (slot >= HIST_SLOTS)\n"
+        "\t\tslot = HIST_SLOTS - 1;\n"
+        "\t__u64 *n = conn_hist.lookup(&slot);\n"
+        "\tif (n)\n"
+        "\t\t__sync_fetch_and_add(n, 1);\n"
+        "\t__u32 zero = 0;\n"
+        "\t__u64 *sum = conn_sum.lookup(&zero);\n"
+        "\tif (sum)\n"
+        "\t\t__sync_fetch_and_add(sum, took);\n"
+        "\treturn 0;\n}\n"
+        % {"syn": TCP_STATES["TCP_SYN_SENT"], "est": TCP_STATES["TCP_ESTABLISHED"]}
+    )
+    return "\n".join(line for line in body if line)
+
+
+def build_program(formats: dict, offsets, sk_state_off, netns: int) -> str:
+    """The whole C program for the probes whose formats are known (one compile)."""
+    parts = [
+        C_COMMON
+        % {
+            "netns": netns,
+            "slots": HIST_SLOTS,
+            "entries": MAP_ENTRIES,
+            "syn_entries": SYN_ENTRIES,
+        }
+    ]
+    if "tcp_send_reset" in formats:
+        parts.append(c_send_reset(formats["tcp_send_reset"], offsets))
+    if "tcp_receive_reset" in formats:
+        fmt = formats["tcp_receive_reset"]
+        parts.append(c_state_counter("tcp_receive_reset", "rst_recv", fmt, offsets, sk_state_off))
+    if "tcp_retransmit_skb" in formats:
+        fmt = formats["tcp_retransmit_skb"]
+        parts.append(c_state_counter("tcp_retransmit_skb", "retrans", fmt, offsets, sk_state_off))
+    if "inet_sock_set_state" in formats:
+        parts.append(c_set_state(formats["inet_sock_set_state"], offsets))
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------
+# Reading: names, deltas, /proc
+# --------------------------------------------------------------------------------------
+
+
+def symbol_names(formats: dict) -> dict:
+    """{"reason": {num: name}, "state": {num: name}} from the live formats' print fmt
+    (the state table falls back to the ABI's TCP state names)."""
+    send = formats.get("tcp_send_reset", {}).get("symbols", {})
+    states = {v: k for k, v in TCP_STATES.items()}
+    for fmt in formats.values():
+        for field in ("state", "newstate", "oldstate"):
+            states.update(fmt.get("symbols", {}).get(field, {}))
+    return {"reason": dict(send.get("reason", {})), "state": states}
+
+
+def state_name(names: dict, num: int) -> str:
+    if num < 0:
+        return "unknown"
+    if num == 0:
+        return "UNKNOWN"  # no socket: what the kernel's own print fmt shows
+    return names["state"].get(num, str(num))
+
+
+def reason_name(names: dict, num: int) -> str:
+    if num == NO_REASON:
+        return "unknown"
+    return names["reason"].get(num, str(num))
+
+
+def port_label(port: int) -> str:
+    return str(port) if port else ""
+
+
+def diff_counts(prev: dict, now: dict) -> list:
+    """[[label values..., increase]] for rows that grew since `prev` (updated in place).
+
+    Kernel counts only grow while the tool runs; a row that seems smaller (never expected)
+    is taken as a new start rather than sent as a negative increase."""
+    rows = []
+    for key, value in sorted(now.items()):
+        before = prev.get(key, 0)
+        if value != before:
+            rows.append(list(key) + [value - before if value > before else value])
+            prev[key] = value
+    return rows
+
+
+def parse_netstat(text: str) -> dict:
+    """/proc/net/netstat -> {"TcpExt.ListenOverflows": n, ...} (header line, value line)."""
+    values = {}
+    lines = text.splitlines()
+    for i in range(0, len(lines) - 1, 2):
+        names, nums = lines[i].split(), lines[i + 1].split()
+        if not names or not nums or names[0] != nums[0] or len(names) != len(nums):
+            continue
+        prefix = names[0].rstrip(":")
+        for j in range(1, len(names)):
+            try:
+                values[prefix + "." + names[j]] = int(nums[j])
+            except ValueError:
+                continue
+    return values
+
+
+def listening_ports(texts, cap: int) -> list:
+    """The lowest `cap` local ports in state LISTEN (0A) of /proc/net/tcp{,6} texts."""
+    ports = set()
+    for text in texts:
+        for line in text.splitlines()[1:]:
+            parts = line.split()
+            if len(parts) > 3 and parts[3] == "0A":
+                try:
+                    ports.add(int(parts[1].rsplit(":", 1)[1], 16))
+                except (IndexError, ValueError):
+                    continue
+    return sorted(ports)[:cap]
+
+
+def read_text(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def fdinfo_stats(fds) -> tuple:
+    """(run_time_ns, run_cnt) summed over program fds, from /proc/self/fdinfo."""
+    ns = runs = 0
+    for fd in fds:
+        for line in read_text("/proc/self/fdinfo/%d" % fd).splitlines():
+            key, _, value = line.partition(":")
+            if key == "run_time_ns":
+                ns += int(value)
+            elif key == "run_cnt":
+                runs += int(value)
+    return ns, runs
+
+
+# --------------------------------------------------------------------------------------
+# The session
+# --------------------------------------------------------------------------------------
+
+
+class Session:
+    """Compile, attach, send a delta every interval, detach."""
+
+    def __init__(self, args, out: Output, stop) -> None:
+        self.args = args
+        self.out = out
+        self.stop = stop
+        self.bpf = None
+        self.formats = {}
+        self.names = {}
+        self.attach = {}
+        self.missing = []
+        self.prev = {}
+        self.prev_hist = {}
+        self.prev_sum = 0
+        self.prev_lost = 0
+        self.prev_bpf = (0, 0)
+        self.prev_netstat = {}
+        #: netstat increases since the start (the namespace's own counters predate the tool)
+        self.netstat_total = {}
+        self.ports = []
+        self.seq = 0
+
+    def setup(self) -> None:
+        ensure_tracefs()
+        try:
+            from bcc import BPF
+        except ImportError:
+            raise SetupError("BCC is not installed (python3-bpfcc)") from None
+        self.formats = read_formats(None)
+        for system, probe in PROBES:
+            if probe not in self.formats:
+                self.missing.append(
+                    {"probe": probe, "why": "no tracepoint %s:%s" % (system, probe)}
+                )
+        (offsets, why), (tuples, _) = btf_offsets()
+        if why:
+            self.missing.append({"probe": "btf:netns", "why": why})
+        sk_state = tuples.get("skc_state") if tuples else None
+        self.names = symbol_names(self.formats)
+        text = build_program(self.formats, offsets, sk_state, own_netns())
+        try:
+            self.bpf = BPF(text=text)
+        except Exception as exc:
+            raise SetupError("BPF compile failed: %s" % exc) from None
+        self.refresh_ports()
+        for system, probe in PROBES:
+            if probe not in self.formats:
+                continue
+            try:
+                self.bpf.attach_tracepoint(tp="%s:%s" % (system, probe), fn_name="nm_" + probe)
+            except Exception as exc:
+                self.missing.append({"probe": probe, "why": str(exc)})
+                continue
+            self.attach[probe] = {"kind": "tracepoint"}
+        self.prev_netstat = self.read_netstat()
+        self.prev_bpf = self.bpf_stats() or (0, 0)
+
+    def refresh_ports(self) -> None:
+        """Listening ports may label resets: the first --port-labels of them."""
+        texts = [read_text("/proc/self/net/tcp"), read_text("/proc/self/net/tcp6")]
+        ports = listening_ports(texts, self.args.port_labels)
+        table = self.bpf["listen_ports"]
+        for port in set(self.ports) - set(ports):
+            table[ctypes.c_int(port)] = ctypes.c_uint8(0)
+        for port in set(ports) - set(self.ports):
+            table[ctypes.c_int(port)] = ctypes.c_uint8(1)
+        self.ports = ports
+
+    def read_netstat(self) -> dict:
+        values = parse_netstat(read_text("/proc/self/net/netstat"))
+        return {family: values.get("TcpExt." + name, 0) for name, family in NETSTAT}
+
+    def bpf_stats(self):
+        """(ns, runs) of this tool's programs, or None when the kernel does not count."""
+        if read_text("/proc/sys/kernel/bpf_stats_enabled").strip() != "1":
+            return None
+        return fdinfo_stats(f.fd for f in self.bpf.funcs.values())
+
+    def hello(self) -> dict:
+        return {
+            "type": "hello",
+            "script": SCRIPT,
+            "version": VERSION,
+            "kernel": os.uname().release,
+            "mono_ns": now_ns("monotonic"),
+            "real_ns": now_ns("time"),
+            "netns": own_netns(),
+            "interval": self.args.interval,
+            "families": FAMILIES,
+            "attach": self.attach,
+            "missing": self.missing,
+            "bpf_stats": self.bpf_stats() is not None,
+        }
+
+    def delta(self) -> dict:
+        """What changed since the last delta, as one record."""
+        b = self.bpf
+        counters = {}
+        sent = {}
+        for k, v in b["rst_sent"].items():
+            key = (
+                reason_name(self.names, k.reason),
+                state_name(self.names, k.state),
+                port_label(k.port),
+            )
+            sent[key] = sent.get(key, 0) + v.value
+        for family, table in (("tcp_resets_received", "rst_recv"), ("tcp_retransmits", "retrans")):
+            rows = {}
+            for k, v in b[table].items():
+                key = (state_name(self.names, k.state), port_label(k.port))
+                rows[key] = rows.get(key, 0) + v.value
+            counters[family] = rows
+        counters["tcp_resets_sent"] = sent
+        netstat = self.read_netstat()
+        for family, value in netstat.items():
+            before = self.prev_netstat.get(family, value)
+            self.netstat_total[family] = self.netstat_total.get(family, 0) + max(0, value - before)
+            counters[family] = {(): self.netstat_total[family]}
+        self.prev_netstat = netstat
+        record = {"type": "delta", "seq": self.seq + 1, "mono_ns": now_ns("monotonic")}
+        c = {}
+        for family, rows in sorted(counters.items()):
+            prev = self.prev.setdefault(family, {})
+            changed = diff_counts(prev, rows)
+            if changed:
+                c[family] = changed
+        if c:
+            record["c"] = c
+        hist = {i: b["conn_hist"][i].value for i in range(HIST_SLOTS)}
+        slots = [[i, n - self.prev_hist.get(i, 0)] for i, n in hist.items()]
+        slots = [row for row in slots if row[1]]
+        if slots:
+            total = b["conn_sum"][0].value
+            record["h"] = {"tcp_connect_seconds": [[total - self.prev_sum, slots]]}
+            self.prev_hist, self.prev_sum = hist, total
+        lost = b["lost"][0].value
+        if lost != self.prev_lost:
+            record["lost"] = lost - self.prev_lost
+            self.prev_lost = lost
+        stats = self.bpf_stats()
+        if stats is not None and stats != self.prev_bpf:
+            record["bpf"] = [stats[0] - self.prev_bpf[0], stats[1] - self.prev_bpf[1]]
+            self.prev_bpf = stats
+        self.seq += 1
+        return record
+
+    def run(self) -> str:
+        deadline = time.monotonic() + self.args.duration if self.args.duration else None
+        next_at = time.monotonic() + self.args.interval
+        while not self.stop.reason:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return "duration"
+            wake = next_at if deadline is None else min(next_at, deadline)
+            if wake > now:
+                time.sleep(min(wake - now, 0.2))
+                continue
+            self.refresh_ports()
+            self.out.write(self.delta())
+            self.out.flush()
+            next_at += self.args.interval
+            if next_at < now:  # a slow read: do not send a burst to catch up
+                next_at = now + self.args.interval
+        return self.stop.reason
+
+    def cleanup(self) -> list:
+        errors = []
+        if self.bpf is None:
+            return errors
+        for probe in sorted(self.attach):
+            system = dict((p, s) for s, p in PROBES)[probe]
+            try:
+                self.bpf.detach_tracepoint(tp="%s:%s" % (system, probe))
+            except Exception as exc:  # noqa: BLE001 - keep detaching the rest
+                errors.append("detach %s: %s" % (probe, exc))
+        try:
+            self.bpf.cleanup()
+        except Exception as exc:  # noqa: BLE001
+            errors.append("cleanup: %s" % exc)
+        self.bpf = None
+        return errors
+
+
+# --------------------------------------------------------------------------------------
+# Arguments, signals, main
+# --------------------------------------------------------------------------------------
+
+
+PARAMS = [
+    {"name": "interval", "type": "duration", "min": 0.1, "max": 3600, "default": 15.0,
+     "metavar": "SECONDS", "help": "send a delta every SECONDS (default 15)"},
+    {"name": "port-labels", "type": "int", "min": 0, "max": 64, "default": 16, "metavar": "N",
+     "help": "listening ports that may label resets (0-64, default 16)"},
+    {"name": "duration", "type": "float", "min": 0, "default": 0, "metavar": "SECONDS",
+     "help": "stop after SECONDS (default 0: run until signalled)"},
+    {"name": "ebpf", "type": "flag", "local": True,
+     "help": "print the generated C program and exit (needs no root)"},
+    {"name": "format-dir", "type": "path", "local": True, "metavar": "DIR",
+     "help": "with --ebpf: read tracepoint format files from DIR"},
+]  # fmt: skip
+
+
+def parse_args(argv):
+    doc = (__doc__ or "").split("\n\n", 1)
+    try:
+        args = parse(PARAMS, argv, SCRIPT, doc[0], doc[1] if len(doc) > 1 else None)
+    except ParamError as exc:
+        raise ArgError(str(exc)) from None
+    if args.format_dir and not args.ebpf:
+        raise ArgError("--format-dir only goes with --ebpf")
+    return args
+
+
+def print_ebpf(args, out) -> int:
+    formats = read_formats(args.format_dir)
+    if args.format_dir:
+        offsets = tuples = None
+    else:
+        (offsets, _), (tuples, _) = btf_offsets()
+    sk_state = tuples.get("skc_state") if tuples else None
+    out.write(build_program(formats, offsets, sk_state, own_netns()) + "\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    out = Output(sys.stdout)
+    try:
+        args = parse_args(argv)
+    except ArgError as exc:
+        sys.stderr.write("%s: %s\n" % (SCRIPT, exc))
+        out.write({"type": "bye", "reason": "error", "error": str(exc)})
+        out.flush()
+        return 2
+    if args.ebpf:
+        return print_ebpf(args, sys.stdout)
+    stop = StopState()
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(signum, stop.handler)
+    session = Session(args, out, stop)
+    bye = {"type": "bye", "reason": "error"}
+    code = 1
+    try:
+        try:
+            session.setup()
+            out.write(session.hello())
+            out.write({"type": "ready"})
+            out.flush()
+            bye["reason"] = session.run()
+            code = 0
+        except Stop as exc:
+            bye["reason"] = exc.reason
+            code = 0
+        except KeyboardInterrupt:
+            bye["reason"] = "signal"
+            code = 0
+        except SetupError as exc:
+            bye["error"] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - report, clean up, exit 1
+            bye["error"] = "%s: %s" % (type(exc).__name__, exc)
+    finally:
+        stop.cleaning = True
+        errors = session.cleanup()
+    if errors:
+        sys.stderr.write("%s: cleanup: %s\n" % (SCRIPT, "; ".join(errors)))
+    if code:
+        sys.stderr.write("%s: %s\n" % (SCRIPT, bye.get("error")))
+    try:
+        out.write(bye)
+        out.flush()
+    except Stop:
+        pass
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""``ebpfdiag metrics``: kernel counters from many hosts, accumulated and exposed for Prometheus."""

@@ -1,0 +1,228 @@
+"""The remote metrics tool (scripts/bpf/netmetrics.py): its pure parts, the C it generates
+for recorded kernels (compiled and loaded by BCC), and a real run in a network namespace
+whose resets, received resets and connection set-up times show up in its deltas."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.bpfstate import SYSTEM_PYTHON
+from tests.conftest import require, require_root_tools
+
+TOOL = Path(__file__).resolve().parents[1] / "scripts" / "bpf" / "netmetrics.py"
+FORMATS = Path(__file__).resolve().parent / "fixtures" / "tracepoint_formats"
+NETNS = "ebmx-script"
+
+
+def load_tool():
+    if str(TOOL.parent) not in sys.path:
+        sys.path.insert(0, str(TOOL.parent))
+    spec = importlib.util.spec_from_file_location("netmetrics_script", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+nm = load_tool()
+
+
+def test_diff_counts_sends_only_growth_and_remembers():
+    prev: dict = {}
+    assert nm.diff_counts(prev, {("A", "x"): 2, ("B", "y"): 0}) == [["A", "x", 2]]
+    assert nm.diff_counts(prev, {("A", "x"): 5, ("B", "y"): 0}) == [["A", "x", 3]]
+    assert nm.diff_counts(prev, {("A", "x"): 5}) == []
+
+
+def test_netstat_and_listening_ports_parse_proc_text():
+    netstat = (
+        "TcpExt: SyncookiesSent ListenOverflows ListenDrops\n"
+        "TcpExt: 0 7 9\n"
+        "IpExt: InNoRoutes\nIpExt: 1\n"
+    )
+    values = nm.parse_netstat(netstat)
+    assert values["TcpExt.ListenOverflows"] == 7 and values["TcpExt.ListenDrops"] == 9
+    tcp = (
+        "  sl  local_address rem_address   st\n"
+        "   0: 0100007F:1F90 00000000:0000 0A\n"  # 8080 listening
+        "   1: 0100007F:0016 00000000:0000 0A\n"  # 22 listening
+        "   2: 0100007F:9C40 0100007F:1F90 01\n"  # established: not a label
+    )
+    assert nm.listening_ports([tcp], 16) == [22, 8080]
+    assert nm.listening_ports([tcp], 1) == [22]
+
+
+def test_reason_names_come_from_the_recorded_format_not_a_table():
+    formats = nm.read_formats(str(FORMATS / "6.18"))
+    names = nm.symbol_names(formats)
+    assert nm.reason_name(names, 1) == "NO_SOCKET"
+    # a format whose table is renumbered is followed (no built-in table)
+    text = (FORMATS / "6.18" / "tcp_send_reset").read_text().replace('{ 1, "NO_SOCKET" }', "")
+    renamed = nm.symbol_names({"tcp_send_reset": nm.parse_format(text)})
+    assert nm.reason_name(renamed, 1) == "1"
+    assert nm.reason_name(names, nm.NO_REASON) == "unknown"
+    assert nm.state_name(names, 7) == "TCP_CLOSE" and nm.state_name(names, 0) == "UNKNOWN"
+
+
+def test_receive_reset_without_state_reads_the_socket_through_btf():
+    formats = nm.read_formats(str(FORMATS / "6.18"))
+    fmt = formats["tcp_receive_reset"]
+    assert "state" not in nm.field_map(fmt)
+    code = nm.c_state_counter("tcp_receive_reset", "rst_recv", fmt, None, 18)
+    assert "rec.skaddr + 18" in code
+    assert "rec.skaddr +" not in nm.c_state_counter("tcp_receive_reset", "r", fmt, None, None)
+
+
+COMPILE = r"""
+import importlib.util, json, os, sys
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+spec = importlib.util.spec_from_file_location("netmetrics", sys.argv[1])
+m = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(m)
+formats = m.read_formats(sys.argv[2])
+live = m.read_formats(None)
+for probe in ("tcp_retransmit_skb", "inet_sock_set_state"):
+    formats[probe] = live[probe]
+(offsets, _), (tuples, _) = m.btf_offsets()
+text = m.build_program(formats, offsets, tuples["skc_state"], m.own_netns())
+from bcc import BPF
+b = BPF(text=text)
+for probe in sorted(formats):
+    b.load_func("nm_" + probe, BPF.TRACEPOINT)
+print(json.dumps(sorted(formats)))
+"""
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("version", ["4.15", "6.1", "6.18"])
+def test_recorded_kernels_compile_and_load(version):
+    require(os.path.exists(SYSTEM_PYTHON), "needs the system python3")
+    require(Path("/usr/lib/python3/dist-packages/bcc").is_dir(), "needs python3-bpfcc")
+    proc = subprocess.run(
+        [SYSTEM_PYTHON, "-c", COMPILE, str(TOOL), str(FORMATS / version)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tcp_send_reset" in json.loads(proc.stdout)
+
+
+CLIENT = textwrap.dedent(
+    """
+    import socket, struct, time
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 7000))
+    listener.listen()
+    time.sleep(1.2)                         # the tool learns its listening ports each interval
+    for _ in range(3):                      # no listener on port 9: NO_SOCKET resets
+        s = socket.socket()
+        try:
+            s.connect(("127.0.0.1", 9))
+        except ConnectionRefusedError:
+            pass
+    s = socket.socket()                     # an abort: SO_LINGER 0 sends TCP_STATE/CLOSE
+    s.connect(("127.0.0.1", 7000))
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+    try:
+        s.recv(10)
+    except ConnectionResetError:
+        print("reset")
+    """
+)
+
+
+@pytest.fixture
+def netns():
+    require_root_tools("ip")
+    require(Path("/usr/lib/python3/dist-packages/bcc").is_dir(), "needs python3-bpfcc")
+    subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
+    subprocess.run(["ip", "netns", "add", NETNS], check=True)
+    subprocess.run(["ip", "-n", NETNS, "link", "set", "lo", "up"], check=True)
+    try:
+        yield NETNS
+    finally:
+        subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
+
+
+@pytest.mark.root
+def test_real_run_counts_resets_and_connect_times_in_its_namespace(netns):
+    tool = subprocess.Popen(
+        ["ip", "netns", "exec", netns, SYSTEM_PYTHON, str(TOOL), "--interval", "0.5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        first = [json.loads(tool.stdout.readline()) for _ in range(2)]
+        assert [r["type"] for r in first] == ["hello", "ready"], first
+        hello = first[0]
+        assert hello["families"]["tcp_resets_sent"]["labels"] == ["reason", "state", "port"]
+        assert set(hello["attach"]) == {
+            "tcp_send_reset", "tcp_receive_reset", "tcp_retransmit_skb", "inet_sock_set_state"
+        }  # fmt: skip
+        # resets in another namespace (this one) must not be counted
+        with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+            s.connect(("127.0.0.1", 1))
+        client = subprocess.run(
+            ["ip", "netns", "exec", netns, SYSTEM_PYTHON, "-c", CLIENT],
+            capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+        assert client.stdout.strip() == "reset", client.stderr
+        deltas = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(deltas) < 4:
+            deltas.append(json.loads(tool.stdout.readline()))
+    finally:
+        tool.terminate()
+        rest, err = tool.communicate(timeout=15)
+    assert json.loads(rest.splitlines()[-1]) == {"type": "bye", "reason": "signal"}, err
+    assert all(d["type"] == "delta" for d in deltas)
+    assert [d["seq"] for d in deltas] == list(range(deltas[0]["seq"], deltas[0]["seq"] + 4))
+    sent: dict = {}
+    received: dict = {}
+    connects = 0
+    for d in deltas:
+        for *labels, n in d.get("c", {}).get("tcp_resets_sent", []):
+            sent[tuple(labels)] = sent.get(tuple(labels), 0) + n
+        for *labels, n in d.get("c", {}).get("tcp_resets_received", []):
+            received[tuple(labels)] = received.get(tuple(labels), 0) + n
+        for _labels_sum, slots in d.get("h", {}).get("tcp_connect_seconds", []):
+            connects += sum(n for _slot, n in slots)
+    assert sent == {("NO_SOCKET", "UNKNOWN", ""): 3, ("TCP_STATE", "TCP_CLOSE", "7000"): 1}
+    assert received == {("TCP_SYN_SENT", ""): 3, ("TCP_ESTABLISHED", "7000"): 1}
+    assert connects == 1  # the refused SYNs never got established
+
+
+def run_tool(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(TOOL), *argv], capture_output=True, text=True, timeout=30
+    )
+
+
+def test_ebpf_prints_the_program_for_recorded_formats_without_root_or_bcc():
+    proc = run_tool("--ebpf", "--format-dir", str(FORMATS / "4.15"))
+    assert proc.returncode == 0, proc.stderr
+    assert "int nm_tcp_send_reset(void *ctx)" in proc.stdout
+    assert "k.reason = 4294967295u;" in proc.stdout  # 4.15 has no reset reason
+    assert "nm_inet_sock_set_state" not in proc.stdout  # not in the recorded formats
+
+
+def test_a_bad_argument_is_one_line_exit_2_and_a_bye():
+    proc = run_tool("--format-dir", "/tmp")
+    assert proc.returncode == 2
+    assert proc.stderr == "netmetrics: --format-dir only goes with --ebpf\n"
+    assert json.loads(proc.stdout) == {
+        "type": "bye", "reason": "error", "error": "--format-dir only goes with --ebpf"
+    }  # fmt: skip
