@@ -75,6 +75,8 @@ class HostTrace:
     hello: dict | None = None
     ready: bool = False
     lost: int = 0
+    #: seconds from the run's start (``TraceSession.launched``) to this host's ``ready``
+    ready_after_s: float | None = None
     bye: dict | None = None
     #: the host's offset over time, from its samples (epoch ns); read for every event
     clock: HostClock = field(default_factory=HostClock)
@@ -112,7 +114,10 @@ def _ignore(*_args: object) -> None:
 
 
 class TraceSession:
-    """Sink + stop logic for one trace run (duration counted from 'all hosts ready')."""
+    """Sink + stop logic for one trace run (duration counted from 'all hosts ready').
+
+    Any tool's ``ready`` record makes its host ready: ``on_host_ready(host, seconds since
+    the run began, the host's hello)`` is called then, before the others are."""
 
     def __init__(
         self,
@@ -124,7 +129,9 @@ class TraceSession:
         on_ready: Callable[[list[str], list[str]], None] = _ignore,
         on_state: Callable[[str, str], None] = _ignore,
         on_diagnostic: Callable[[str, str], None] = _ignore,
+        on_host_ready: Callable[[str, float, dict], None] = _ignore,
         settle_s: float = LIVE_SETTLE_S,
+        launched: float | None = None,
     ):
         self.hosts = {n: HostTrace(n) for n in names}
         #: records in the order they were shown (``lost`` records where they came)
@@ -135,6 +142,7 @@ class TraceSession:
         self.on_ready = on_ready
         self.on_state = on_state
         self.on_diagnostic = on_diagnostic
+        self.on_host_ready = on_host_ready
         self.settle_s = settle_s
         self.fanout: Fanout | None = None
         self.all_ready = False
@@ -155,6 +163,9 @@ class TraceSession:
         #: host -> latest ts shown for it (later events of the host are not shown before it)
         self._last_ts: dict[str, int] = {}
         self.started = time.monotonic()
+        #: when the run began, for each host's time to ready (the process start, when the
+        #: command knows it; else now)
+        self.launched = self.started if launched is None else launched
 
     @property
     def events(self) -> list[dict]:
@@ -204,7 +215,12 @@ class TraceSession:
         elif kind == "hello":
             ht.hello = rec
         elif kind == "ready":
-            ht.ready = True
+            if not ht.ready:
+                # Each host says so as it comes: with one slow host, the others listen already.
+                ht.ready = True
+                ht.ready_after_s = time.monotonic() - self.launched
+                self.on_state(host, "ready")
+                self.on_host_ready(host, ht.ready_after_s, ht.hello or {})
             self._check_ready()
         elif kind == "lost":
             ht.lost += int(rec.get("count", 0))

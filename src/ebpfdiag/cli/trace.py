@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from ebpfdiag.cli.app import DURATION, App, host_options, pass_app
+from ebpfdiag.cli.app import DURATION, App, host_options, pass_app, process_started
 from ebpfdiag.errors import EXIT_HOSTS_FAILED
 
 if TYPE_CHECKING:
@@ -144,11 +145,32 @@ def tcp_rst(
             on_ready=lambda r, f: (status.close(), on_ready(r, f)),
             on_state=status.set,
             on_diagnostic=on_diagnostic,
+            on_host_ready=announce_ready(app),
+            launched=process_started(),
         )
         engine = Fanout(hosts, script, opts, session)
         session.fanout = engine
         app.run(engine)
     return conclude(app, session, engine.interrupted, output)
+
+
+def announce_ready(app: App) -> Callable[[str, float, dict], None]:
+    """``on_host_ready`` of any trace command: a line per host as it starts listening
+    (a ``status`` record with state ``ready`` under ``--json``), so that with one slow
+    host the user knows the others listen already."""
+
+    def on_host_ready(host: str, after_s: float, hello: dict) -> None:
+        if app.as_json:
+            app.json.write(
+                {"type": "status", "host": host, "state": "ready", "after_s": round(after_s, 3)}
+            )
+            app.json.flush()
+            return
+        from ebpfdiag.render.terminal import ready_line
+
+        app.term.status(ready_line(host, after_s, hello))
+
+    return on_host_ready
 
 
 def conclude(app: App, session: TraceSession, interrupted: bool, output: Path | None) -> int:
