@@ -228,3 +228,44 @@ def test_show_help_and_root_help_list_every_command():
     for name in ("hosts", "run-script", "doctor", "trace", "show", "lab"):
         assert f"  {name} " in r.stdout
     assert "Examples:" in cli("show", "--help").stdout
+
+
+def test_the_trace_path_to_ready_loads_no_correlation_or_renderer():
+    """What ``trace`` imports before the hosts are contacted: correlation and the timeline
+    renderer (and rich) come later, at the first event or the end."""
+    code = (
+        "import sys\n"
+        "import ebpfdiag.cli.trace, ebpfdiag.tracing, ebpfdiag.fanout, ebpfdiag.transport\n"
+        "late = ('ebpfdiag.questions.rst', 'ebpfdiag.render.timeline', 'rich.console')\n"
+        "print([m for m in late if m in sys.modules])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_each_host_is_announced_ready_as_it_comes_whatever_the_tool():
+    """The per-host ready callback is driven by any tool's ``ready`` record: the first
+    host is announced before the others are ready and before tracing starts."""
+    from ebpfdiag.render.terminal import ready_line
+    from ebpfdiag.tracing import TraceSession
+
+    calls: list[tuple] = []
+    session = TraceSession(
+        ["a", "b"],
+        on_host_ready=lambda host, after, hello: calls.append(("host", host, after, hello)),
+        on_ready=lambda ready, failed: calls.append(("tracing", ready)),
+        launched=0.0,
+    )
+    hello = {"type": "hello", "script": "some_tool", "attach": {"x": {"kind": "tracepoint"}}}
+    session.lines("a", "stdout", [json.dumps(hello).encode(), b'{"type":"ready"}'])
+    assert [c[:2] for c in calls] == [("host", "a")]
+    assert calls[0][2] > 0 and calls[0][3] == hello
+    assert session.hosts["a"].ready_after_s == calls[0][2]
+    session.lines("b", "stdout", [b'{"type":"ready"}', b'{"type":"ready"}'])
+    assert [c[:2] for c in calls] == [("host", "a"), ("host", "b"), ("tracing", ["a", "b"])]
+    assert ready_line("a", 0.8449, hello) == "a ready in 0.84 s (1 probe)"
+    tc = {"attach": {"tc": {"kind": "tcx-link", "interfaces": ["eth0", "mgmt0"]},
+                     "tcp_send_reset": {"kind": "tracepoint"}},
+          "missing": [{"probe": "p", "why": "w"}]}  # fmt: skip
+    assert ready_line("lb", 1.2, tc) == "lb ready in 1.20 s (tcx, 2 interfaces, 1 probe, 1 missing)"

@@ -37,6 +37,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ebpfdiag.clock import (
     Alignment,
@@ -48,8 +49,10 @@ from ebpfdiag.clock import (
     tighten,
 )
 from ebpfdiag.fanout import Fanout, HostResult
-from ebpfdiag.questions.rst import Correlation, correlate
 from ebpfdiag.records import decode_objects
+
+if TYPE_CHECKING:
+    from ebpfdiag.questions.rst import Correlation
 
 RST = 0x04
 #: After a reset is seen, wait this long for the other hosts' sightings before counting flows.
@@ -492,6 +495,9 @@ class TraceSession:
         return {name: ht.hello for name, ht in self.hosts.items() if ht.hello}
 
     def correlate(self) -> Correlation:
+        # Imported when first needed (a reset, or the end): not on the way to ready.
+        from ebpfdiag.questions.rst import correlate
+
         return correlate(self.events, self.clocks(), hellos=self.hellos())
 
     def finish(self, interrupted: bool) -> TraceResult:
@@ -503,6 +509,8 @@ class TraceSession:
             self._confirm_timer.cancel()
             self._confirm_timer = None
         self._release(final=True)
+        from ebpfdiag.questions.rst import correlate
+
         summaries = self.clocks()
         clocks = {
             name: {

@@ -89,7 +89,6 @@ def tcp_rst(
     """
     from ebpfdiag.catalog import script_path
     from ebpfdiag.fanout import Fanout
-    from ebpfdiag.render.timeline import event_record, live_line
     from ebpfdiag.tracing import RST, TraceSession
     from ebpfdiag.transport import Script
 
@@ -101,14 +100,19 @@ def tcp_rst(
     names = [h.name for h in hosts]
     t0: list[int] = []
 
+    timeline = None  # ebpfdiag.render.timeline: imported at the first event, not before ready
+
     def on_event(rec: dict) -> None:
+        nonlocal timeline
+        if timeline is None:
+            from ebpfdiag.render import timeline
         if app.as_json:
-            app.json.write(event_record(rec))
+            app.json.write(timeline.event_record(rec))
             return
         if rec["type"] == "reset" or rec.get("flags", 0) & RST:
             if not t0 and rec.get("ts"):
                 t0.append(rec["ts"])
-            app.term.out.print(live_line(rec, t0[0] if t0 else None))
+            app.term.out.print(timeline.live_line(rec, t0[0] if t0 else None))
 
     def on_ready(ready: list[str], failed: list[str]) -> None:
         msg = f"tracing on {len(ready)} host{'s' if len(ready) != 1 else ''}"
