@@ -112,6 +112,22 @@ def test_hosts_json_resolves_without_connecting(inv):
     assert recs[1]["port"] == 2222 and recs[1]["user"] == "root"
 
 
+def test_hosts_table_is_aligned_plain_text(inv):
+    r = cli("hosts", "-i", str(inv), "--hosts", "web,root@198.18.200.9:2222")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["host", "address", "port", "user", "sudo", "python", "groups"]
+    assert [line.split()[:4] for line in lines[1:]] == [
+        ["web01", "198.18.200.1", "22", "ops"],
+        ["web02", "198.18.200.2", "22", "ops"],
+        ["root@198.18.200.9:2222", "198.18.200.9", "2222", "root"],
+    ]
+    assert (
+        len({line.index("address" if i == 0 else "198.18.") for i, line in enumerate(lines)}) == 1
+    )
+    assert "\x1b" not in r.stdout
+
+
 def test_inventory_found_through_environment(inv, tmp_path):
     import os
 
@@ -177,7 +193,7 @@ def test_version_and_hosts_load_no_ssh_rich_or_correlation(inv):
     for args, heavy in (
         (["--version"], engine + rich),
         ([*hosts, "--json"], engine + rich),
-        (hosts, engine),  # the table needs rich, nothing more
+        (hosts, engine + rich),  # a plain-text table
     ):
         code = (
             "import sys\n"
