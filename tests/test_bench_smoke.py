@@ -64,7 +64,7 @@ def test_quick_time_to_ready_on_the_lab(tmp_path):
               "controller start-up: `ebpfdiag hosts`", "remote: compile floor: one host's "
               "compile alone"]  # fmt: skip
     wanted += [f"{host} ready (its `ready` status)" for host in ("client", "lb", "server")]
-    wanted += [f"remote: {p} (3 hosts at once)" for p in ("process", "import", "discover",
+    wanted += [f"remote: {p} (3 hosts at once)" for p in ("process", "import", "discover", "cpu",
                                                            "compile", "attach")]  # fmt: skip
     for label in wanted:
         assert label in rows, (label, text)

@@ -429,7 +429,7 @@ def test_each_host_says_when_it_is_ready(lab):
     hellos = {r["host"]: r for r in recs if r["type"] == "hello"}
     assert sorted(hellos) == ["client", "lb", "server"]
     for host, hello in hellos.items():
-        assert set(hello["setup"]) == {"process", "import", "discover", "compile", "attach"}
+        assert set(hello["setup"]) == {"process", "import", "discover", "compile", "attach", "cpu"}
         assert all(v >= 0 for v in hello["setup"].values()), (host, hello["setup"])
         assert hello["attach"]["tc"]["kind"] == "tcx-link"
 

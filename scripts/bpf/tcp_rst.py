@@ -49,7 +49,8 @@ Fields:
   hello.buffer          str    ringbuf or perf
   hello.setup           dict   seconds this host took to become ready: process (from the
                                process start: interpreter, bootstrap, script transfer),
-                               import (BCC), discover, compile (BCC/clang + maps), attach
+                               import (BCC), discover, compile (BCC/clang + maps), attach;
+                               cpu: CPU seconds the process used until then
   packet.ts_ns          int    host CLOCK_MONOTONIC ns
   packet.ifname         str    interface name
   packet.ifindex        int    interface index
@@ -1165,6 +1166,7 @@ class Session:
         marks.append(time.monotonic())
         for i, name in enumerate(("import", "discover", "compile", "attach")):
             self.setup_s[name] = marks[i + 1] - marks[i]
+        self.setup_s["cpu"] = time.process_time()  # what the host gave, whatever its load
 
     def _watched_links(self):
         """[(ifindex, name, l2)] to put the packet programs on, or None when the
