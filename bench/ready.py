@@ -18,6 +18,7 @@ a reset would be caught. Measured, interleaved, on a warm lab (one trace ran bef
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -70,6 +71,7 @@ def run(rounds: int = 3, against: Build | None = None) -> Section:
         ["what", "median s", "min..max s", "includes"],
     )
     s: dict[str, list[float]] = {}
+    load_start = os.getloadavg()[0]
     with bench_lab() as state, tempfile.TemporaryDirectory(prefix="ebpfdiag-bench-") as tmp:
         work = Path(tmp)
         empty = work / "empty.py"
@@ -136,7 +138,9 @@ def run(rounds: int = 3, against: Build | None = None) -> Section:
         "trace's own: each host's `ready` status record and the `setup` its hello reports "
         "(host monotonic clock; `process` from the host's process start, to 10 ms); phase "
         "figures are medians over hosts and rounds.",
-        "The machine is shared: absolute figures move with its load (see the load average "
-        "above); the interleaved comparisons hold.",
+        f"The machine is shared: absolute figures move with its load (1-minute load average "
+        f"{load_start:.1f} at the start of this section, {os.getloadavg()[0]:.1f} at its end, "
+        f"on {os.cpu_count()} cores); the interleaved comparisons and the CPU figures hold "
+        "better.",
     ]
     return section
