@@ -1132,9 +1132,10 @@ class Session:
     # -- setup ---------------------------------------------------------------------------
 
     def setup(self) -> None:
-        """Discover, compile, attach. Ordered for time to ready: the compile (most of it)
-        starts as soon as what the C depends on is known, and nft's ruleset listing runs
-        meanwhile; nothing here imports pyroute2 unless clsact is needed."""
+        """Discover, compile, attach: what hello.setup times. For time to ready, only what
+        the C depends on is discovered before the compile (most of the time), nft lists
+        its ruleset meanwhile, only the watched interfaces' kinds of packet program are
+        compiled, and pyroute2 is imported only for the clsact path."""
         marks = [time.monotonic()]
         self.setup_s["process"] = process_age()
         ensure_tracefs()  # before importing bcc, which looks for tracefs once
