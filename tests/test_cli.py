@@ -284,3 +284,25 @@ def test_each_host_is_announced_ready_as_it_comes_whatever_the_tool():
                      "tcp_send_reset": {"kind": "tracepoint"}},
           "missing": [{"probe": "p", "why": "w"}]}  # fmt: skip
     assert ready_line("lb", 1.2, tc) == "lb ready in 1.20 s (tcx, 2 interfaces, 1 probe, 1 missing)"
+
+
+def test_the_ssh_engine_loads_without_running_gcc_or_ld(tmp_path):
+    """Importing asyncssh (through the engine) must not spend start-up on compilers: its
+    liboqs lookup is answered from the ldconfig cache, and find_library is left as it was."""
+    marker = tmp_path / "ran"
+    for tool in ("gcc", "cc", "ld"):
+        fake = tmp_path / tool
+        fake.write_text(f"#!/bin/sh\necho {tool} >> {marker}\nexit 1\n")
+        fake.chmod(0o755)
+    code = (
+        "import ctypes.util\n"
+        "standard = ctypes.util.find_library\n"
+        "import ebpfdiag.fanout\n"
+        "assert ctypes.util.find_library is standard\n"
+        "print(ebpfdiag.fanout.asyncssh.__name__)\n"
+    )
+    env = {**__import__("os").environ, "PATH": f"{tmp_path}:/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "asyncssh"
+    assert not marker.exists(), marker.read_text()
