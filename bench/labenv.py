@@ -1,4 +1,5 @@
-"""The benchmark's own client -> lb -> server lab and a running ``trace tcp-rst`` in it."""
+"""The benchmark's own client -> lb -> server lab (built as ``ebpfdiag lab up`` builds one)
+and a running ``trace tcp-rst`` in it."""
 
 from __future__ import annotations
 
@@ -40,22 +41,28 @@ def ns_argv(state, host: str, argv: list[str]) -> list[str]:
 
 
 class Tracer:
-    """``ebpfdiag trace tcp-rst --json`` on the lab's three hosts, as a user would run it."""
+    """``ebpfdiag trace tcp-rst --json`` on lab hosts, as a user would run it."""
 
-    def __init__(self, state, ports: list[int], build: Build = CURRENT):
+    def __init__(self, state, ports: list[int], build: Build = CURRENT, hosts: str = HOSTS):
         self.state = state
         self.ports = ports
         self.build = build
+        self.hosts = hosts
         self.proc: subprocess.Popen | None = None
         self.ready_s: float | None = None
         self._drain: threading.Thread | None = None
         #: event records (packets and resets) the trace printed after it was ready
         self.events = 0
+        #: host -> seconds from the process start to its ``ready`` status record (the
+        #: trace's own figure; builds without per-host records leave it empty)
+        self.host_ready: dict[str, float] = {}
+        #: host -> its hello record (they come at the end of the run)
+        self.hellos: dict[str, dict] = {}
 
     def start(self, timeout: float = 60.0) -> float:
         """Start and wait for the ``tracing`` status record; returns seconds until it came."""
         argv = [*self.build.argv, "trace", "tcp-rst", "-i", str(self.state.inventory),
-                "--hosts", HOSTS, "--json"]  # fmt: skip
+                "--hosts", self.hosts, "--json"]  # fmt: skip
         for port in self.ports:
             argv += ["--port", str(port)]
         t0 = time.monotonic()
@@ -69,8 +76,12 @@ class Tracer:
             if not line:
                 break
             rec = json.loads(line)
-            if rec.get("type") == "status" and rec.get("state") == "tracing":
-                if sorted(rec["hosts"]) != ["client", "lb", "server"]:
+            if rec.get("type") != "status":
+                continue
+            if rec.get("state") == "ready":
+                self.host_ready[rec["host"]] = rec["after_s"]
+            elif rec.get("state") == "tracing":
+                if sorted(rec["hosts"]) != sorted(self.hosts.split(",")):
                     self.stop()
                     raise RuntimeError(f"trace ready on only {rec['hosts']}")
                 self.ready_s = time.monotonic() - t0
@@ -85,6 +96,9 @@ class Tracer:
         for line in self.proc.stdout:
             if is_record(line, "event"):
                 self.events += 1
+            elif is_record(line, "hello"):
+                rec = json.loads(line)
+                self.hellos[rec["host"]] = rec
 
     def stop(self) -> str:
         """Interrupt it like Ctrl-C; it detaches everywhere and exits. Returns its stderr."""

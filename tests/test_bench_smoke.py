@@ -45,3 +45,29 @@ def test_quick_fanout_and_pipeline_on_a_real_fleet(tmp_path):
     for tool in ("ebpfdiag", "clush", "pssh"):
         assert f"| 5 | {tool} | 1/1 |" in text, text
     assert "| records lost | 0 | 0 | yes |" in text, text
+
+
+@pytest.mark.root
+def test_quick_time_to_ready_on_the_lab(tmp_path):
+    """The time-to-ready section measures what a user runs and keeps its breakdown: per-host
+    ready figures, every set-up phase from the hosts' hellos (3 hosts and one alone) and
+    the targets, each a number."""
+    require_root_tools("ip", "nft", "/usr/sbin/sshd")
+    require(shutil.which("bpftool") is not None, "needs bpftool")
+    out = tmp_path / "bench.md"
+    assert main(["--quick", "--only", "ready", "--out", str(out)]) == 0
+    text = out.read_text()
+    rows = {line.split(" | ")[0].strip("| ").strip(): line for line in text.splitlines()
+            if line.startswith("| ")}  # fmt: skip
+    wanted = ["trace tcp-rst, 3 hosts: start -> `tracing`", "trace tcp-rst, server alone: "
+              "start -> `tracing`", "controller start-up: `ebpfdiag --version`",
+              "controller start-up: `ebpfdiag hosts`", "remote: compile floor: one host's "
+              "compile alone"]  # fmt: skip
+    wanted += [f"{host} ready (its `ready` status)" for host in ("client", "lb", "server")]
+    wanted += [f"remote: {p} (3 hosts at once)" for p in ("process", "import", "discover", "cpu",
+                                                           "compile", "attach")]  # fmt: skip
+    for label in wanted:
+        assert label in rows, (label, text)
+        median = rows[label].split(" | ")[1]
+        assert float(median) > 0, rows[label]
+    assert "| trace tcp-rst on 3 lab hosts |" in text and "| `ebpfdiag hosts` |" in text

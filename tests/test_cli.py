@@ -112,6 +112,21 @@ def test_hosts_json_resolves_without_connecting(inv):
     assert recs[1]["port"] == 2222 and recs[1]["user"] == "root"
 
 
+def test_hosts_table_is_aligned_plain_text(inv):
+    r = cli("hosts", "-i", str(inv), "--hosts", "web,root@198.18.200.9:2222")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["host", "address", "port", "user", "sudo", "python", "groups"]
+    assert [line.split()[:4] for line in lines[1:]] == [
+        ["web01", "198.18.200.1", "22", "ops"],
+        ["web02", "198.18.200.2", "22", "ops"],
+        ["root@198.18.200.9:2222", "198.18.200.9", "2222", "root"],
+    ]
+    column = lines[0].index("address")
+    assert all(line[column:].startswith("198.18.200.") for line in lines[1:]), r.stdout
+    assert "\x1b" not in r.stdout
+
+
 def test_inventory_found_through_environment(inv, tmp_path):
     import os
 
@@ -177,7 +192,7 @@ def test_version_and_hosts_load_no_ssh_rich_or_correlation(inv):
     for args, heavy in (
         (["--version"], engine + rich),
         ([*hosts, "--json"], engine + rich),
-        (hosts, engine),  # the table needs rich, nothing more
+        (hosts, engine + rich),  # a plain-text table
     ):
         code = (
             "import sys\n"
@@ -228,3 +243,66 @@ def test_show_help_and_root_help_list_every_command():
     for name in ("hosts", "run-script", "doctor", "trace", "show", "lab"):
         assert f"  {name} " in r.stdout
     assert "Examples:" in cli("show", "--help").stdout
+
+
+def test_the_trace_path_to_ready_loads_no_correlation_or_renderer():
+    """What ``trace`` imports before the hosts are contacted: correlation and the timeline
+    renderer (and rich) come later, at the first event or the end."""
+    code = (
+        "import sys\n"
+        "import ebpfdiag.cli.trace, ebpfdiag.tracing, ebpfdiag.fanout, ebpfdiag.transport\n"
+        "late = ('ebpfdiag.questions.rst', 'ebpfdiag.render.timeline', 'rich.console')\n"
+        "print([m for m in late if m in sys.modules])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_each_host_is_announced_ready_as_it_comes_whatever_the_tool():
+    """The per-host ready callback is driven by any tool's ``ready`` record: the first
+    host is announced before the others are ready and before tracing starts."""
+    from ebpfdiag.render.terminal import ready_line
+    from ebpfdiag.tracing import TraceSession
+
+    calls: list[tuple] = []
+    session = TraceSession(
+        ["a", "b"],
+        on_host_ready=lambda host, after, hello: calls.append(("host", host, after, hello)),
+        on_ready=lambda ready, failed: calls.append(("tracing", ready)),
+        launched=0.0,
+    )
+    hello = {"type": "hello", "script": "some_tool", "attach": {"x": {"kind": "tracepoint"}}}
+    session.lines("a", "stdout", [json.dumps(hello).encode(), b'{"type":"ready"}'])
+    assert [c[:2] for c in calls] == [("host", "a")]
+    assert calls[0][2] > 0 and calls[0][3] == hello
+    assert session.hosts["a"].ready_after_s == calls[0][2]
+    session.lines("b", "stdout", [b'{"type":"ready"}', b'{"type":"ready"}'])
+    assert [c[:2] for c in calls] == [("host", "a"), ("host", "b"), ("tracing", ["a", "b"])]
+    assert ready_line("a", 0.8449, hello) == "a ready in 0.84 s (1 probe)"
+    tc = {"attach": {"tc": {"kind": "tcx-link", "interfaces": ["eth0", "mgmt0"]},
+                     "tcp_send_reset": {"kind": "tracepoint"}},
+          "missing": [{"probe": "p", "why": "w"}]}  # fmt: skip
+    assert ready_line("lb", 1.2, tc) == "lb ready in 1.20 s (tcx, 2 interfaces, 1 probe, 1 missing)"
+
+
+def test_the_ssh_engine_loads_without_running_gcc_or_ld(tmp_path):
+    """Importing asyncssh (through the engine) must not spend start-up on compilers: its
+    liboqs lookup is answered from the ldconfig cache, and find_library is left as it was."""
+    marker = tmp_path / "ran"
+    for tool in ("gcc", "cc", "ld"):
+        fake = tmp_path / tool
+        fake.write_text(f"#!/bin/sh\necho {tool} >> {marker}\nexit 1\n")
+        fake.chmod(0o755)
+    code = (
+        "import ctypes.util\n"
+        "standard = ctypes.util.find_library\n"
+        "import ebpfdiag.fanout\n"
+        "assert ctypes.util.find_library is standard\n"
+        "print(ebpfdiag.fanout.asyncssh.__name__)\n"
+    )
+    env = {**__import__("os").environ, "PATH": f"{tmp_path}:/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "asyncssh"
+    assert not marker.exists(), marker.read_text()

@@ -118,9 +118,17 @@ def tracer_programs(lab) -> list[str]:
     ]
 
 
-def start_trace(lab, port: int | None, *extra: str, hosts: str = HOSTS, status: bool = False):
+def start_trace(
+    lab,
+    port: int | None,
+    *extra: str,
+    hosts: str = HOSTS,
+    status: bool = False,
+    before: list | None = None,
+):
     """``trace tcp-rst`` on ``hosts``, returned once every host traces; ``port`` None: all.
-    With ``status``, also the ``status`` record that said so."""
+    With ``status``, also the ``status`` record that said so; ``before`` gets the records
+    that came before it."""
     ports = ["--port", str(port)] if port is not None else []
     proc = subprocess.Popen(
         [sys.executable, "-m", "ebpfdiag", "trace", "tcp-rst", "-i", lab.inventory,
@@ -135,6 +143,8 @@ def start_trace(lab, port: int | None, *extra: str, hosts: str = HOSTS, status: 
         if not line:
             break
         rec = json.loads(line)
+        if before is not None:
+            before.append(rec)
         if rec["type"] == "status" and rec["state"] == "tracing":
             assert sorted(rec["hosts"]) == sorted(hosts.split(",")), rec
             return (proc, rec) if status else proc
@@ -397,4 +407,49 @@ def test_ctrl_c_ends_the_trace_cleanly_with_its_result(lab):
     assert recs[-1]["type"] == "summary" and recs[-1]["interrupted"] is True
     assert [r["verdict"]["origin_host"] for r in recs if r["type"] == "flow"] == ["lb"]
     assert "None" not in err
+    assert_clean(lab)
+
+
+def test_each_host_says_when_it_is_ready(lab):
+    """A status record per host as it becomes ready (--json), a line per host on a
+    terminal, both before the run's `tracing`; each host's hello says where its time went."""
+    before: list[dict] = []
+    t0 = time.monotonic()
+    proc = start_trace(lab, None, "--duration", "1s", before=before)
+    waited = time.monotonic() - t0
+    recs = finish(proc)
+    ready = [r for r in before if r["type"] == "status" and r["state"] == "ready"]
+    assert sorted(r["host"] for r in ready) == ["client", "lb", "server"], before
+    assert before[-1]["state"] == "tracing"
+    assert not [r for r in recs if r["type"] == "status"]
+    for rec in ready:
+        assert {k for k in rec if k != "v"} == {"type", "host", "state", "after_s"}
+        # counted from the process start, which came after t0: never more than we waited
+        assert 0 < rec["after_s"] <= waited + 0.05, (rec, waited)
+    hellos = {r["host"]: r for r in recs if r["type"] == "hello"}
+    assert sorted(hellos) == ["client", "lb", "server"]
+    for host, hello in hellos.items():
+        assert set(hello["setup"]) == {"process", "import", "discover", "compile", "attach", "cpu"}
+        assert all(v >= 0 for v in hello["setup"].values()), (host, hello["setup"])
+        assert hello["attach"]["tc"]["kind"] == "tcx-link"
+
+    terminal = subprocess.run(
+        [sys.executable, "-m", "ebpfdiag", "trace", "tcp-rst", "-i", lab.inventory,
+         "--hosts", HOSTS, "--duration", "1s"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert terminal.returncode == 0, terminal.stderr
+    lines = terminal.stderr.splitlines()
+    said = {}
+    for i, line in enumerate(lines):
+        m = re.fullmatch(
+            r"(client|lb|server) ready in \d+\.\d\d s \(tcx, (\d+) interfaces?, 2 probes\)", line
+        )
+        if m:
+            said[m.group(1)] = (i, int(m.group(2)))
+    assert sorted(said) == ["client", "lb", "server"], terminal.stderr
+    for host, (_, count) in said.items():
+        assert count == len(interfaces(lab, host))
+    tracing_at = next(i for i, line in enumerate(lines) if line.startswith("tracing on 3 hosts"))
+    assert all(i < tracing_at for i, _ in said.values()), terminal.stderr
     assert_clean(lab)

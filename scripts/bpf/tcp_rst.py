@@ -47,6 +47,10 @@ Fields:
   hello.history         int    packets remembered per flow
   hello.all_flows       bool   whether packets of flows without a RST are reported too
   hello.buffer          str    ringbuf or perf
+  hello.setup           dict   seconds this host took to become ready: process (from the
+                               process start: interpreter, bootstrap, script transfer),
+                               import (BCC), discover, compile (BCC/clang + maps), attach;
+                               cpu: CPU seconds the process used until then
   packet.ts_ns          int    host CLOCK_MONOTONIC ns
   packet.ifname         str    interface name
   packet.ifindex        int    interface index
@@ -111,6 +115,7 @@ from core.discovery import (
     kernel_version,
     kprobes_available,
     own_netns,
+    process_age,
 )
 from core.events import (
     C_BUFFERS_PERF,
@@ -122,9 +127,9 @@ from core.events import (
     now_ns,
 )
 from core.lifecycle import SetupError, Stop, StopState
-from core.natports import discover_nat_ports
+from core.natports import start_nat_ports
 from core.params import ParamError, convert, parse
-from core.tc import TCX_UNSUPPORTED, TcHooks, TcxLinks, bpf_syscall_number, kernel_has_tcx
+from core.tc import TCX_UNSUPPORTED, TcHooks, TcxLinks, bpf_syscall_number, tcx_expected
 from core.tracepoints import (
     TCP_STATES,
     TRACEFS_DIRS,
@@ -347,26 +352,25 @@ static __always_inline struct hist *flow_entry(__u64 *k, struct flow_key *key)
 	return h;
 }
 
-static __always_inline void keep_handshake(__u64 *k, struct flow_key *key, struct pkt *p)
+/* Keep a packet that is not streamed in its flow's entry: a SYN or SYN-ACK in the handshake
+ * slots, any other in the history ring. One call site per program, so flow_entry (a map
+ * lookup and maybe an insert) is inlined once. */
+static __always_inline void keep(__u64 *k, struct flow_key *key, struct pkt *p, int handshake)
 {
-	struct hist *h = flow_entry(k, key);
-	if (!h)
-		return;
-	__u32 slot = (p->flags & TH_ACK) ? 1 : 0;  /* a retransmission replaces the first */
-	if (slot)
-		__builtin_memcpy(&h->hs[1], p, sizeof(*p));
-	else
-		__builtin_memcpy(&h->hs[0], p, sizeof(*p));
-	h->hs_mask |= 1 << slot;
-}
-
-static __always_inline void remember(__u64 *k, struct flow_key *key, struct pkt *p)
-{
-	if (HISTORY == 0)
+	if (HISTORY == 0 && !handshake)
 		return;
 	struct hist *h = flow_entry(k, key);
 	if (!h)
 		return;
+	if (handshake) {
+		__u32 slot = (p->flags & TH_ACK) ? 1 : 0;  /* a retransmission replaces the first */
+		if (slot)
+			__builtin_memcpy(&h->hs[1], p, sizeof(*p));
+		else
+			__builtin_memcpy(&h->hs[0], p, sizeof(*p));
+		h->hs_mask |= 1 << slot;
+		return;
+	}
 	__u32 i = h->head;
 	if (i >= RING_SLOTS)
 		i = 0;
@@ -469,21 +473,21 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir, __u32 off)
 	__u8 why = 0;
 	if (p.flags & TH_RST)
 		why = WHY_RST;
+#if STREAM_ALL
 	else if (p.flags & TH_SYN)
 		why = WHY_HANDSHAKE;
 	else if (p.flags & TH_FIN)
 		why = WHY_CLOSE;
 	if (!why) {
-		remember(&fk, &k, &p);
+		keep(&fk, &k, &p, 0);
 		return TC_ACT_UNSPEC;
 	}
-	if (!STREAM_ALL && why != WHY_RST) {   /* sent to user space only if a RST follows */
-		if (why == WHY_HANDSHAKE)
-			keep_handshake(&fk, &k, &p);
-		else
-			remember(&fk, &k, &p);
+#else
+	if (!why) {          /* handshake and FIN too: sent to user space only if a RST follows */
+		keep(&fk, &k, &p, p.flags & TH_SYN);
 		return TC_ACT_UNSPEC;
 	}
+#endif
 
 	__u32 zero = 0;
 	struct pkt_event *e = scratch.lookup(&zero);
@@ -510,24 +514,19 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir, __u32 off)
 	return TC_ACT_UNSPEC;
 }
 
-int ebd_tc_ingress(struct __sk_buff *skb)      /* Ethernet devices */
-{
-	return on_packet(skb, 0, 14);
-}
+"""
 
-int ebd_tc_egress(struct __sk_buff *skb)
-{
-	return on_packet(skb, 1, 14);
+#: The packet programs per link-layer header length (bytes before the IP header): only those
+#: of the interfaces watched are compiled (each is a copy of on_packet for clang and the
+#: verifier).
+TC_VARIANTS = {
+    14: (("ebd_tc_ingress", 0), ("ebd_tc_egress", 1)),  # Ethernet devices
+    0: (("ebd_tc_in_l3", 0), ("ebd_tc_out_l3", 1)),  # devices without a link-layer header
 }
-
-int ebd_tc_in_l3(struct __sk_buff *skb)        /* devices without a link-layer header */
+C_TC_ENTRY = r"""
+int %(name)s(struct __sk_buff *skb)
 {
-	return on_packet(skb, 0, 0);
-}
-
-int ebd_tc_out_l3(struct __sk_buff *skb)
-{
-	return on_packet(skb, 1, 0);
+	return on_packet(skb, %(dir)d, %(l2)d);
 }
 """
 
@@ -875,6 +874,9 @@ def build_program(plan: dict) -> str:
             "submit_pkt": c_submit(plan["buffer"], "pkt_events", "skb", "e", 0),
         }
     )
+    for l2 in sorted(TC_VARIANTS) if plan.get("l2") is None else plan["l2"]:
+        for name, direction in TC_VARIANTS[l2]:
+            parts.append(C_TC_ENTRY % {"name": name, "dir": direction, "l2": l2})
     num = {"tcp_send_reset": 1, "tcp_receive_reset": 2}
     tuples = plan.get("tuple_offsets")
     if tuples and "tcp_send_reset" in plan["tracepoints"]:
@@ -1066,8 +1068,11 @@ def sk_kind(probe: str, state: int, src: int, tflags: int):
 # --------------------------------------------------------------------------------------
 
 
-def make_plan(args, formats: dict, offsets, tuple_offsets=None) -> dict:
-    """Everything the C program and the attach step depend on, decided up front."""
+def make_plan(args, formats: dict, offsets, tuple_offsets=None, links=None) -> dict:
+    """Everything the C program and the attach step depend on, decided up front.
+
+    `links` are the interfaces to watch (see discover_links): only their kinds of packet
+    program are compiled; None compiles every kind (--ebpf without a host)."""
     missing = []
     kprobes = []
     for probe in RESET_PROBES:
@@ -1093,6 +1098,7 @@ def make_plan(args, formats: dict, offsets, tuple_offsets=None) -> dict:
         "tuple_offsets": tuple_offsets,
         "own_netns": own_netns(),
         "missing": missing,
+        "l2": None if links is None else sorted({l2 for _, _, l2 in links if l2 is not None}),
     }
 
 
@@ -1119,36 +1125,77 @@ class Session:
         self.ports = list(args.port)
         self.nat_ports = []
         self.filter_lock = threading.Lock()
+        self.link_error = None
+        #: seconds per set-up phase (hello.setup)
+        self.setup_s = {}
 
     # -- setup ---------------------------------------------------------------------------
 
     def setup(self) -> None:
+        """Discover, compile, attach: what hello.setup times. For time to ready, only what
+        the C depends on is discovered before the compile (most of the time), nft lists
+        its ruleset meanwhile, only the watched interfaces' kinds of packet program are
+        compiled, and pyroute2 is imported only for the clsact path."""
+        marks = [time.monotonic()]
+        self.setup_s["process"] = process_age()
         ensure_tracefs()  # before importing bcc, which looks for tracefs once
+        nat_ports = start_nat_ports()
         try:
             from bcc import BPF
         except ImportError:
             raise SetupError("BCC is not installed (python3-bpfcc)") from None
         self.BPF = BPF
-        try:
-            from pyroute2 import IPRoute
-
-            self.ipr = IPRoute()
-        except ImportError:
-            self.ipr = None
-        self.addrs = discover_addrs(self.ipr)
-        self.nat_ports = discover_nat_ports()
+        marks.append(time.monotonic())
+        links = self._watched_links()
+        self.addrs = discover_addrs()
         (offsets, _), (tuples, tuples_why) = btf_offsets()
-        self.plan = make_plan(self.args, read_formats(None), offsets, tuples)
+        self.plan = make_plan(self.args, read_formats(None), offsets, tuples, links)
         if tuples_why and "tcp_send_reset" in self.plan["tracepoints"]:
             self.plan["missing"].append({"probe": "btf:reset-tuple", "why": tuples_why})
+        program = build_program(self.plan)
+        marks.append(time.monotonic())
         try:
-            self.bpf = BPF(text=build_program(self.plan))
+            self.bpf = BPF(text=program)
         except Exception as exc:
             raise SetupError("BPF compile failed: %s" % exc) from None
+        marks.append(time.monotonic())
+        self.nat_ports = nat_ports()
         self._fill_filters()
         self._attach_resets()
-        self._attach_tc()
+        self._attach_tc(links)
         self._open_buffers()
+        marks.append(time.monotonic())
+        for i, name in enumerate(("import", "discover", "compile", "attach")):
+            self.setup_s[name] = marks[i + 1] - marks[i]
+        self.setup_s["cpu"] = time.process_time()  # what the host gave, whatever its load
+
+    def _watched_links(self):
+        """[(ifindex, name, l2)] to put the packet programs on, or None when the
+        interfaces cannot be listed (then no packets, said in missing)."""
+        try:
+            links = discover_links()
+        except OSError as exc:
+            self.link_error = "cannot list interfaces: %s; no packets" % exc
+            return None
+        self.ifnames = dict((idx, name) for idx, name, _ in links)
+        wanted = self.args.interfaces
+        if wanted:
+            unknown = sorted(set(wanted) - set(self.ifnames.values()))
+            if unknown:
+                raise SetupError("no such interface: %s" % ",".join(unknown))
+            links = [link for link in links if link[1] in wanted]
+        return links
+
+    def _iproute(self):
+        """pyroute2's IPRoute, imported only for the clsact path (its import costs more
+        than the whole discovery); None when it is not installed."""
+        if self.ipr is None:
+            try:
+                from pyroute2 import IPRoute
+            except ImportError:
+                return None
+            self.ipr = IPRoute()
+        return self.ipr
 
     def _fill_filters(self) -> None:
         b = self.bpf
@@ -1190,33 +1237,27 @@ class Session:
             if done:
                 self.attach[probe] = {"kind": "kprobe", "functions": done}
 
-    def _attach_tc(self) -> None:
-        if self.ipr is None:
-            self.plan["missing"].append(
-                {"probe": "tc", "why": "pyroute2 is not installed (python3-pyroute2); no packets"}
-            )
+    def _attach_tc(self, links) -> None:
+        if links is None:
+            self.plan["missing"].append({"probe": "tc", "why": self.link_error})
             return
-        links = discover_links(self.ipr)
-        self.ifnames = dict((idx, name) for idx, name, _ in links)
-        wanted = self.args.interfaces
-        if wanted:
-            unknown = sorted(set(wanted) - set(self.ifnames.values()))
-            if unknown:
-                raise SetupError("no such interface: %s" % ",".join(unknown))
-            links = [link for link in links if link[1] in wanted]
-        variants = {14: ("ebd_tc_ingress", "ebd_tc_egress"), 0: ("ebd_tc_in_l3", "ebd_tc_out_l3")}
         loaded = {}
 
         def progs_for(l2: int) -> dict:
             if l2 not in loaded:
-                ingress, egress = variants[l2]
                 loaded[l2] = {
-                    "ingress": self.bpf.load_func(ingress, self.BPF.SCHED_CLS),
-                    "egress": self.bpf.load_func(egress, self.BPF.SCHED_CLS),
+                    ("ingress", "egress")[direction]: self.bpf.load_func(name, self.BPF.SCHED_CLS)
+                    for name, direction in TC_VARIANTS[l2]
                 }
             return loaded[l2]
 
-        self.tc, clsact_why = self._pick_tc_hooks()
+        try:
+            self.tc, clsact_why = self._pick_tc_hooks()
+        except SetupError as exc:
+            if self.args.tc_mode == "tcx":
+                raise
+            self.plan["missing"].append({"probe": "tc", "why": str(exc)})
+            return
         done = []
         for ifindex, name, l2 in links:
             if l2 is None:
@@ -1231,7 +1272,7 @@ class Session:
                         raise
                     clsact_why = "tcx refused (%s); using tc-clsact" % exc
                     self.plan["missing"].append({"probe": "tcx", "why": clsact_why})
-                    self.tc = TcHooks(self.ipr)
+                    self.tc = self._clsact()
                     self.tc.attach(ifindex, progs)
                 done.append(name)
             except Exception as exc:  # netlink refused (e.g. an `ingress` qdisc is present)
@@ -1244,6 +1285,12 @@ class Session:
         if clsact_why:
             self.attach["tc"]["why"] = clsact_why
 
+    def _clsact(self) -> TcHooks:
+        ipr = self._iproute()
+        if ipr is None:
+            raise SetupError("pyroute2 is not installed (python3-pyroute2); no packets")
+        return TcHooks(ipr)
+
     def _pick_tc_hooks(self):
         """tcx links where the kernel has them (nothing survives the process), else clsact.
 
@@ -1251,17 +1298,17 @@ class Session:
         """
         mode = self.args.tc_mode
         if mode == "clsact":
-            return TcHooks(self.ipr), "--tc-mode clsact"
+            return self._clsact(), "--tc-mode clsact"
         nr = bpf_syscall_number()
         if nr is None:
             why = "no bpf syscall number known for %s" % os.uname().machine
-        elif not kernel_has_tcx():
+        elif not tcx_expected():
             why = "kernel has no tcx (Linux < 6.6)"
         else:
             return TcxLinks(nr), None
         if mode == "tcx":
             raise SetupError("--tc-mode tcx: %s" % why)
-        return TcHooks(self.ipr), why
+        return self._clsact(), why
 
     def _tcx_refused(self, exc: OSError, done: list) -> bool:
         """A first tcx attach refused as unsupported: fall back to clsact for every interface."""
@@ -1399,6 +1446,7 @@ class Session:
             "history": self.args.history,
             "all_flows": self.args.all_flows,
             "buffer": self.plan["buffer"],
+            "setup": dict((k, round(v, 3)) for k, v in self.setup_s.items() if v is not None),
         }
 
     def run(self) -> str:

@@ -9,17 +9,45 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes.util
 import functools
 import resource
 import time
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Protocol
-
-import asyncssh
 
 from ebpfdiag.clock import ClockSample
 from ebpfdiag.inventory import Host
-from ebpfdiag.transport import (
+
+#: the names asyncssh looks liboqs up by (post-quantum key exchange) when it is imported
+LIBOQS_NAMES = ("oqs", "liboqs")
+
+
+def _import_asyncssh() -> ModuleType:
+    """asyncssh, imported without the slow half of its search for liboqs.
+
+    At import, asyncssh asks ``ctypes.util.find_library`` for liboqs under two names; on
+    Linux each question runs ldconfig, then gcc, then ld: six processes, most of the
+    import's time on a busy machine, before any host is contacted. For those two names
+    alone the answer here comes from the ldconfig cache (where an installed liboqs is);
+    every other lookup, and every one after the import, is the standard one."""
+    ldconfig_only = getattr(ctypes.util, "_findSoname_ldconfig", None)
+    standard = ctypes.util.find_library
+    if ldconfig_only is not None:
+        ctypes.util.find_library = lambda name: (
+            ldconfig_only(name) if name in LIBOQS_NAMES else standard(name)
+        )
+    try:
+        import asyncssh
+    finally:
+        ctypes.util.find_library = standard
+    return asyncssh
+
+
+asyncssh = _import_asyncssh()
+
+from ebpfdiag.transport import (  # noqa: E402 - transport imports asyncssh: after the above
     HostFailure,
     JumpPool,
     RemoteRun,

@@ -37,7 +37,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ebpfdiag.clock import (
     Alignment,
@@ -49,8 +49,10 @@ from ebpfdiag.clock import (
     tighten,
 )
 from ebpfdiag.fanout import Fanout, HostResult
-from ebpfdiag.questions.rst import Correlation, correlate
 from ebpfdiag.records import decode_objects
+
+if TYPE_CHECKING:
+    from ebpfdiag.questions.rst import Correlation
 
 RST = 0x04
 #: After a reset is seen, wait this long for the other hosts' sightings before counting flows.
@@ -76,6 +78,8 @@ class HostTrace:
     hello: dict | None = None
     ready: bool = False
     lost: int = 0
+    #: seconds from the run's start (``TraceSession.launched``) to this host's ``ready``
+    ready_after_s: float | None = None
     bye: dict | None = None
     #: the host's offset over time, from its samples (epoch ns); read for every event
     clock: HostClock = field(default_factory=HostClock)
@@ -114,7 +118,10 @@ def _ignore(*_args: object) -> None:
 
 
 class TraceSession:
-    """Sink + stop logic for one trace run (duration counted from 'all hosts ready')."""
+    """Sink + stop logic for one trace run (duration counted from 'all hosts ready').
+
+    Any tool's ``ready`` record makes its host ready: ``on_host_ready(host, seconds since
+    the run began, the host's hello)`` is called then, before the others are."""
 
     def __init__(
         self,
@@ -126,12 +133,14 @@ class TraceSession:
         on_ready: Callable[[list[str], list[str]], None] = _ignore,
         on_state: Callable[[str, str], None] = _ignore,
         on_diagnostic: Callable[[str, str], None] = _ignore,
+        on_host_ready: Callable[[str, float, dict], None] = _ignore,
         settle_s: float = LIVE_SETTLE_S,
-        correlate: Callable[..., Any] = correlate,
+        launched: float | None = None,
+        correlate: Callable[..., Any] | None = None,
         keep: tuple[str, ...] = (),
     ):
         """``correlate(events, clocks, hellos=...)`` answers the question at the end (and
-        for ``count``); ``keep``: the tool's other record types, kept with the events as
+        for ``count``; default: the reset question); ``keep``: the tool's other record types, kept with the events as
         they came (not aligned live)."""
         self.hosts = {n: HostTrace(n) for n in names}
         self._correlate = correlate
@@ -144,6 +153,7 @@ class TraceSession:
         self.on_ready = on_ready
         self.on_state = on_state
         self.on_diagnostic = on_diagnostic
+        self.on_host_ready = on_host_ready
         self.settle_s = settle_s
         self.fanout: Fanout | None = None
         self.all_ready = False
@@ -164,6 +174,9 @@ class TraceSession:
         #: host -> latest ts shown for it (later events of the host are not shown before it)
         self._last_ts: dict[str, int] = {}
         self.started = time.monotonic()
+        #: when the run began, for each host's time to ready (the process start, when the
+        #: command knows it; else now)
+        self.launched = self.started if launched is None else launched
 
     @property
     def events(self) -> list[dict]:
@@ -214,7 +227,12 @@ class TraceSession:
         elif kind == "hello":
             ht.hello = rec
         elif kind == "ready":
-            ht.ready = True
+            if not ht.ready:
+                # Each host says so as it comes: with one slow host, the others listen already.
+                ht.ready = True
+                ht.ready_after_s = time.monotonic() - self.launched
+                self.on_state(host, "ready")
+                self.on_host_ready(host, ht.ready_after_s, ht.hello or {})
             self._check_ready()
         elif kind == "lost":
             ht.lost += int(rec.get("count", 0))
@@ -489,6 +507,11 @@ class TraceSession:
         return {name: ht.hello for name, ht in self.hosts.items() if ht.hello}
 
     def correlate(self) -> Correlation | Any:
+        if self._correlate is None:
+            # Imported when first needed (a reset, or the end): not on the way to ready.
+            from ebpfdiag.questions.rst import correlate
+
+            self._correlate = correlate
         return self._correlate(self.events, self.clocks(), hellos=self.hellos())
 
     def finish(self, interrupted: bool) -> TraceResult:
@@ -500,6 +523,8 @@ class TraceSession:
             self._confirm_timer.cancel()
             self._confirm_timer = None
         self._release(final=True)
+        from ebpfdiag.questions.rst import correlate
+
         summaries = self.clocks()
         clocks = {
             name: {

@@ -5,6 +5,7 @@ trusted; offsets that a program truly needs are read from the running kernel's B
 passed to the C as constants. Python 3.6.
 """
 
+import bisect
 import struct
 
 BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
@@ -89,51 +90,75 @@ BTF_PTR, BTF_INT, BTF_ENUM, BTF_ENUM64 = 2, 1, 6, 19
 
 
 class Btf:
-    """A minimal reader of a BTF blob: struct/union members and their bit offsets."""
+    """A minimal reader of a BTF blob: struct/union members and their bit offsets.
+
+    Time to ready counts here: the walk over the ~130k types keeps only where each one
+    starts, a type is decoded when asked for, and structs are found through their name's
+    offset in the string section, never by decoding every name."""
 
     def __init__(self, data: bytes) -> None:
         magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
         if magic != 0xEB9F:
             raise ValueError("not little-endian BTF")
-        type_off, type_len, str_off, _str_len = struct.unpack_from("<IIII", data, 8)
+        type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
         self.data = data
         self.strings = hdr_len + str_off
-        self._structs = None
-        self.types = [(0, 0, 0, 0, 0)]  # (kind, name_off, size_or_type, members_pos, info)
-        pos, end = hdr_len + type_off, hdr_len + type_off + type_len
-        unpack, extra, append = struct.Struct("<III").unpack_from, BTF_EXTRA.get, self.types.append
+        self.strings_end = self.strings + str_len
+        self.type_start, self.type_end = hdr_len + type_off, hdr_len + type_off + type_len
+        self._structs = {}
+        fixed, per = [12] * 32, [0] * 32
+        for kind, (extra, each) in BTF_EXTRA.items():
+            fixed[kind], per[kind] = 12 + extra, each
+        positions = [0]  # type id -> where its record starts (id 0 is void)
+        append, info_at = positions.append, struct.Struct("<I").unpack_from
+        pos, end = self.type_start, self.type_end
         while pos < end:
-            name_off, info, size_or_type = unpack(data, pos)
+            append(pos)
+            info = info_at(data, pos + 4)[0]
             kind = (info >> 24) & 0x1F
-            fixed, per = extra(kind, (0, 0))
-            append((kind, name_off, size_or_type, pos + 12, info))
-            pos += 12 + fixed + per * (info & 0xFFFF)
+            pos += fixed[kind] + per[kind] * (info & 0xFFFF)
+        self.positions = positions
+
+    def type(self, tid: int):
+        """(kind, name_off, size_or_type, members_pos, info) of type `tid`."""
+        if tid == 0:
+            return (0, 0, 0, 0, 0)
+        pos = self.positions[tid]
+        name_off, info, size_or_type = struct.unpack_from("<III", self.data, pos)
+        return ((info >> 24) & 0x1F, name_off, size_or_type, pos + 12, info)
 
     def name(self, off: int) -> str:
         start = self.strings + off
         return self.data[start : self.data.index(b"\0", start)].decode()
 
     def find_struct(self, name: str) -> int:
-        """The first struct of that name with members (an index built once: a program
-        asks for a dozen offsets, and a scan per lookup cost a third of a second)."""
-        if self._structs is None:
-            self._structs = {}
-            for tid, (kind, name_off, _s, _m, info) in enumerate(self.types):
-                if kind == BTF_STRUCT and info & 0xFFFF:
-                    self._structs.setdefault(self.name(name_off), tid)
-        try:
+        """The first struct of that name with members."""
+        if name in self._structs:
             return self._structs[name]
-        except KeyError:
-            raise KeyError("struct %s not in BTF" % name) from None
+        data = self.data
+        at = data.find(b"\0" + name.encode() + b"\0", self.strings, self.strings_end)
+        if at < 0:
+            raise KeyError("struct %s not in BTF" % name)
+        key = struct.pack("<I", at + 1 - self.strings)
+        pos = data.find(key, self.type_start, self.type_end)
+        while pos >= 0:
+            tid = bisect.bisect_left(self.positions, pos)
+            if tid < len(self.positions) and self.positions[tid] == pos:
+                kind, _n, _s, _m, info = self.type(tid)
+                if kind == BTF_STRUCT and info & 0xFFFF:
+                    self._structs[name] = tid
+                    return tid
+            pos = data.find(key, pos + 1, self.type_end)
+        raise KeyError("struct %s not in BTF" % name)
 
     def resolve(self, tid: int) -> int:
-        while self.types[tid][0] in BTF_MODIFIERS:
-            tid = self.types[tid][2]
+        while self.type(tid)[0] in BTF_MODIFIERS:
+            tid = self.type(tid)[2]
         return tid
 
     def member(self, tid: int, name: str):
         """(bit offset, type id) of member `name`, looking into anonymous members too."""
-        kind, _n, _s, mpos, info = self.types[tid]
+        kind, _n, _s, mpos, info = self.type(tid)
         if kind not in (BTF_STRUCT, BTF_UNION):
             return None
         kflag = info >> 31
@@ -151,7 +176,7 @@ class Btf:
 
     def size(self, tid: int):
         """Byte size of a scalar, pointer, struct or union type; None for others."""
-        kind, _n, size, _m, _i = self.types[self.resolve(tid)]
+        kind, _n, size, _m, _i = self.type(self.resolve(tid))
         if kind == BTF_PTR:
             return 8
         return size if kind in (BTF_INT, BTF_ENUM, BTF_STRUCT, BTF_UNION) else None

@@ -14,21 +14,38 @@ NFT_TIMEOUT_S = 3.0
 
 def discover_nat_ports():
     """[[P, Q], ...] from ``nft -j list ruleset`` (sorted), [] when there is none."""
+    return start_nat_ports()()
+
+
+def start_nat_ports():
+    """Start ``nft -j list ruleset`` and return a function that waits for it and gives
+    what discover_nat_ports gives: a tool starts it first and collects it after its
+    compile, so nft runs meanwhile."""
     nft = next((p for p in NFT_PATHS if os.access(p, os.X_OK)), None)
     if nft is None:
-        return []
+        return list
     try:
-        proc = subprocess.run(
-            [nft, "-j", "list", "ruleset"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            timeout=NFT_TIMEOUT_S,
+        proc = subprocess.Popen(
+            [nft, "-j", "list", "ruleset"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
         )
+    except OSError:
+        return list
+
+    def collect():
+        try:
+            out, _ = proc.communicate(timeout=NFT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            return []
         if proc.returncode != 0:
             return []
-        return nat_ports_from_ruleset(json.loads(proc.stdout.decode("utf-8", "replace")))
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return []
+        try:
+            return nat_ports_from_ruleset(json.loads(out.decode("utf-8", "replace")))
+        except ValueError:
+            return []
+
+    return collect
 
 
 def nat_ports_from_ruleset(doc):

@@ -10,7 +10,7 @@ import errno
 import os
 import struct
 
-from core.discovery import ETH_P_ALL
+from core.discovery import ETH_P_ALL, kernel_version
 
 TC_PARENTS = (("ingress", 0xFFFFFFF2), ("egress", 0xFFFFFFF3))
 TC_PRIO_BASE = 0xEBD0  # our filters' priorities start here, skipping any already in use
@@ -23,6 +23,7 @@ BPF_F_BEFORE = 1 << 3  # with no relative program: first in the chain
 LINK_CREATE_FMT = "=IIIII4xQ"
 TCX_ATTACH_TYPES = (("ingress", 46), ("egress", 47))  # BPF_TCX_INGRESS, BPF_TCX_EGRESS
 TCX_UNSUPPORTED = (errno.EINVAL, errno.EOPNOTSUPP, 524)  # 524: the kernel's ENOTSUPP
+TCX_MIN_KERNEL = (6, 6)
 BPF_SYSCALLS = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
 
 
@@ -131,10 +132,16 @@ def kernel_has_tcx(kallsyms: str = "/proc/kallsyms") -> bool:
     An unreadable table proves nothing: BPF_LINK_CREATE is tried and its refusal decides.
     """
     try:
-        with open(kallsyms) as f:
-            return any(line.endswith(" tcx_prog_attach\n") for line in f)
+        with open(kallsyms, "rb") as f:
+            return b" tcx_prog_attach\n" in f.read()
     except OSError:
         return True
+
+
+def tcx_expected() -> bool:
+    """Linux 6.6+ has tcx: no need to read the symbol table (tens of ms); older kernels
+    may have it backported, which only the table tells."""
+    return kernel_version() >= TCX_MIN_KERNEL or kernel_has_tcx()
 
 
 class TcxLinks:

@@ -9,8 +9,10 @@ command needs them, so ``--version`` and ``hosts`` start quickly.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,20 @@ DEFAULT_FANOUT = 64
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "": 1.0}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|)\s*$")
+
+
+def process_started() -> float | None:
+    """This process's start on the ``time.monotonic()`` clock (from /proc, to 10 ms), so
+    that a time to ready counts the interpreter and the imports as a user waits for
+    them; None where /proc does not say."""
+    try:
+        with open("/proc/self/stat") as f:
+            after_comm = f.read().rsplit(")", 1)[1].split()
+        ticks = int(after_comm[19])  # field 22, starttime: clock ticks after boot
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return time.monotonic() - max(age, 0.0)
 
 
 def parse_duration(text: str) -> float:

@@ -25,7 +25,19 @@ def hosts(app: App) -> int:
             app.json.write({"type": "host", "host": h.name, **h.to_json()})
         app.json.flush()
         return 0
-    from ebpfdiag.render.tables import hosts_table
-
-    hosts_table(selected, app.term.out)
+    rows = [("host", "address", "port", "user", "sudo", "python", "groups")]
+    rows += [
+        (h.name, h.address, str(h.port or 22), h.user or "", "yes" if h.sudo else "no",
+         h.python, ",".join(h.groups))
+        for h in selected
+    ]  # fmt: skip
+    app.term.data("\n".join(columns(rows)))
     return 0
+
+
+def columns(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows as aligned plain-text columns: quick to print (no rich to load for a listing)
+    and easy to cut, grep or awk."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows]  # fmt: skip

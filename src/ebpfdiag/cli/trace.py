@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from ebpfdiag.cli.app import DURATION, App, host_options, pass_app
+from ebpfdiag.cli.app import DURATION, App, host_options, pass_app, process_started
 from ebpfdiag.errors import EXIT_HOSTS_FAILED
 
 if TYPE_CHECKING:
@@ -92,8 +93,6 @@ def tcp_rst(
     """
     from ebpfdiag.catalog import script_path
     from ebpfdiag.fanout import Fanout
-    from ebpfdiag.render.pcapng import save_pcap
-    from ebpfdiag.render.timeline import event_record, live_line
     from ebpfdiag.tracing import RST, TraceSession
     from ebpfdiag.transport import Script
 
@@ -107,14 +106,19 @@ def tcp_rst(
     names = [h.name for h in hosts]
     t0: list[int] = []
 
+    timeline = None  # ebpfdiag.render.timeline: imported at the first event, not before ready
+
     def on_event(rec: dict) -> None:
+        nonlocal timeline
+        if timeline is None:
+            from ebpfdiag.render import timeline
         if app.as_json:
-            app.json.write(event_record(rec))
+            app.json.write(timeline.event_record(rec))
             return
         if rec["type"] == "reset" or rec.get("flags", 0) & RST:
             if not t0 and rec.get("ts"):
                 t0.append(rec["ts"])
-            app.term.out.print(live_line(rec, t0[0] if t0 else None))
+            app.term.out.print(timeline.live_line(rec, t0[0] if t0 else None))
 
     def on_ready(ready: list[str], failed: list[str]) -> None:
         msg = f"tracing on {len(ready)} host{'s' if len(ready) != 1 else ''}"
@@ -151,14 +155,37 @@ def tcp_rst(
             on_ready=lambda r, f: (status.close(), on_ready(r, f)),
             on_state=status.set,
             on_diagnostic=on_diagnostic,
+            on_host_ready=announce_ready(app),
+            launched=process_started(),
         )
         engine = Fanout(hosts, script, opts, session)
         session.fanout = engine
         app.run(engine)
     code = conclude(app, session, engine.interrupted, output)
+    from ebpfdiag.render.pcapng import save_pcap
+
     if pcap is not None and not save_pcap(pcap, session.events, session.hellos(), app.term.error):
         code = max(code, EXIT_HOSTS_FAILED)
     return code
+
+
+def announce_ready(app: App) -> Callable[[str, float, dict], None]:
+    """``on_host_ready`` of any trace command: a line per host as it starts listening
+    (a ``status`` record with state ``ready`` under ``--json``), so that with one slow
+    host the user knows the others listen already."""
+
+    def on_host_ready(host: str, after_s: float, hello: dict) -> None:
+        if app.as_json:
+            app.json.write(
+                {"type": "status", "host": host, "state": "ready", "after_s": round(after_s, 3)}
+            )
+            app.json.flush()
+            return
+        from ebpfdiag.render.terminal import ready_line
+
+        app.term.status(ready_line(host, after_s, hello))
+
+    return on_host_ready
 
 
 def conclude(app: App, session: TraceSession, interrupted: bool, output: Path | None) -> int:
@@ -423,6 +450,8 @@ def drop(
             on_ready=lambda r, f: (status.close(), on_ready(r, f)),
             on_state=status.set,
             on_diagnostic=on_diagnostic,
+            on_host_ready=announce_ready(app),
+            launched=process_started(),
         )
         engine = Fanout(hosts, script, opts, session)
         session.fanout = engine
@@ -576,6 +605,8 @@ def latency(
             on_ready=lambda r, f: (status.close(), on_ready(r, f)),
             on_state=status.set,
             on_diagnostic=on_diagnostic,
+            on_host_ready=announce_ready(app),
+            launched=process_started(),
             correlate=partial(correlate, slowest=slowest),
             keep=LATENCY_KEEP,
         )

@@ -27,11 +27,40 @@ STATE_STYLE = {
     "connecting": "yellow",
     "starting": "yellow",
     "running": "cyan",
+    "ready": "green",
     "done": "green",
     "failed": "bold red",
     "timeout": "bold red",
     "interrupted": "magenta",
 }
+
+
+#: attach kinds as a reader knows them
+_HOOK_NAMES = {"tcx-link": "tcx", "tc-clsact": "clsact"}
+
+
+def ready_line(host: str, after_s: float, hello: dict) -> str:
+    """``server ready in 0.84 s (tcx, 6 interfaces)``: one host listens, and with what
+    (from any tool's hello: its ``attach`` entries and the probes it had to go without)."""
+    attach = hello.get("attach") if isinstance(hello.get("attach"), dict) else {}
+    parts = []
+    probes = 0
+    for how in attach.values():
+        if not isinstance(how, dict):
+            continue
+        if isinstance(how.get("interfaces"), list):
+            kind = _HOOK_NAMES.get(how.get("kind"), how.get("kind") or "tc")
+            n = len(how["interfaces"])
+            parts.append(f"{kind}, {n} interface{'' if n == 1 else 's'}")
+        else:
+            probes += 1
+    if probes:
+        parts.append(f"{probes} probe{'' if probes == 1 else 's'}")
+    missing = hello.get("missing")
+    if isinstance(missing, list) and missing:
+        parts.append(f"{len(missing)} missing")
+    detail = f" ({', '.join(parts)})" if parts else ""
+    return f"{host} ready in {after_s:.2f} s{detail}"
 
 
 def host_colour(name: str) -> str:
