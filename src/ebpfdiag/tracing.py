@@ -140,8 +140,8 @@ class TraceSession:
         keep: tuple[str, ...] = (),
     ):
         """``correlate(events, clocks, hellos=...)`` answers the question at the end (and
-        for ``count``; default: the reset question); ``keep``: the tool's other record types, kept with the events as
-        they came (not aligned live)."""
+        for ``count``; default: the reset question); ``keep``: the tool's other record
+        types, kept with the events as they came (not aligned live)."""
         self.hosts = {n: HostTrace(n) for n in names}
         self._correlate = correlate
         self.keep = keep
@@ -507,12 +507,15 @@ class TraceSession:
         return {name: ht.hello for name, ht in self.hosts.items() if ht.hello}
 
     def correlate(self) -> Correlation | Any:
+        return self._question()(self.events, self.clocks(), hellos=self.hellos())
+
+    def _question(self) -> Callable[..., Any]:
         if self._correlate is None:
             # Imported when first needed (a reset, or the end): not on the way to ready.
             from ebpfdiag.questions.rst import correlate
 
             self._correlate = correlate
-        return self._correlate(self.events, self.clocks(), hellos=self.hellos())
+        return self._correlate
 
     def finish(self, interrupted: bool) -> TraceResult:
         """Show what is still held (aligned if its host ever got a clock), then correlate."""
@@ -523,8 +526,6 @@ class TraceSession:
             self._confirm_timer.cancel()
             self._confirm_timer = None
         self._release(final=True)
-        from ebpfdiag.questions.rst import correlate
-
         summaries = self.clocks()
         clocks = {
             name: {
@@ -539,7 +540,7 @@ class TraceSession:
         }
         return TraceResult(
             self.hosts,
-            self._correlate(self.events, summaries, hellos=self.hellos()),
+            self._question()(self.events, summaries, hellos=self.hellos()),
             interrupted,
             time.monotonic() - self.started,
             self.anchor,
