@@ -18,24 +18,6 @@ from ebpfdiag.render.terminal import STATE_STYLE, host_colour
 
 if TYPE_CHECKING:
     from ebpfdiag.fanout import HostResult
-    from ebpfdiag.inventory import Host
-
-
-def hosts_table(hosts: Iterable[Host], console: Console) -> None:
-    table = Table(show_edge=False, pad_edge=False)
-    for col in ("host", "address", "port", "user", "sudo", "python", "groups"):
-        table.add_column(col)
-    for h in hosts:
-        table.add_row(
-            h.name,
-            h.address,
-            str(h.port or 22),
-            h.user or "",
-            "yes" if h.sudo else "no",
-            h.python,
-            ",".join(h.groups),
-        )
-    console.print(table)
 
 
 def doctor_table(
