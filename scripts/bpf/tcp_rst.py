@@ -381,18 +381,13 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir, __u32 off)
 	p.ifindex = skb->ifindex;
 	p.dir = dir;
 	k.family = t.family;
-	if (ep_before(t.saddr, t.sport, t.daddr, t.dport)) {
-		__builtin_memcpy(k.a, t.saddr, 16);
-		__builtin_memcpy(k.b, t.daddr, 16);
-		k.pa = t.sport;
-		k.pb = t.dport;
-		p.fwd = 1;
-	} else {
-		__builtin_memcpy(k.a, t.daddr, 16);
-		__builtin_memcpy(k.b, t.saddr, 16);
-		k.pa = t.dport;
-		k.pb = t.sport;
-	}
+	/* one copy of each end, from whichever side sorts first (not a copy per branch) */
+	p.fwd = ep_before(t.saddr, t.sport, t.daddr, t.dport);
+	__u32 *lo = p.fwd ? t.saddr : t.daddr, *hi = p.fwd ? t.daddr : t.saddr;
+	__builtin_memcpy(k.a, lo, 16);
+	__builtin_memcpy(k.b, hi, 16);
+	k.pa = p.fwd ? t.sport : t.dport;
+	k.pb = p.fwd ? t.dport : t.sport;
 	__u64 fk = flow_hash(&k);
 
 	__u8 why = 0;
