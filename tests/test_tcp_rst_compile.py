@@ -11,12 +11,13 @@ tracepoint program loads here like any other.
 
 import json
 import os
+import struct
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.bpfstate import SYSTEM_PYTHON, TCP_RST
+from tests.bpfstate import SYSTEM_PYTHON, TCP_RST, load_tcp_rst
 from tests.conftest import require
 
 FORMATS = Path(__file__).resolve().parent / "fixtures" / "tracepoint_formats"
@@ -51,7 +52,15 @@ for fn in ("ebd_kp_v4_send_reset", "ebd_kp_v6_send_reset", "ebd_kp_tcp_reset")[:
 for fn in ("ebd_tc_ingress", "ebd_tc_egress", "ebd_tc_in_l3", "ebd_tc_out_l3"):
     b.load_func(fn, BPF.SCHED_CLS)
     loaded.append(fn)
-print(json.dumps({"loaded": loaded, "tuple_code": "tuple_from_skb(&e" in text}))
+import ctypes
+hist, event = b["flows"].Leaf, b["scratch"].sLeaf  # one CPU's value
+pkt = dict(hist._fields_)["hs"]._type_
+layout = {
+    "hist": ctypes.sizeof(hist),
+    "event": ctypes.sizeof(event),
+    "pkt": [[n, getattr(pkt, n).offset, getattr(pkt, n).size] for n, _ in pkt._fields_],
+}
+print(json.dumps({"loaded": loaded, "tuple_code": "tuple_from_skb(&e" in text, "layout": layout}))
 """
 
 
@@ -102,3 +111,25 @@ def test_a_program_that_does_not_compile_fails():
     proc = compile_case("6.18", True, extra="\nint broken(void) { return undeclared; }\n")
     assert proc.returncode != 0
     assert "undeclared" in proc.stderr
+
+
+@pytest.mark.root
+def test_decode_formats_match_the_kernel_structs():
+    """The user-space struct formats read what the C structs hold: every struct pkt field
+    (len is 32 bits: BIG TCP packets exceed 64 KiB) and the kept-history and event sizes."""
+    proc = compile_case("6.18", True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    layout = json.loads(proc.stdout.strip().splitlines()[-1])["layout"]
+    m = load_tcp_rst()
+    codes = m.PKT_FMT.lstrip("=")
+    names = ["ts", "ifindex", "seq", "ack", "len", "win", "ipid", "ttl", "flags", "dir", "fwd"]
+    expected = [
+        [name, struct.calcsize("=" + codes[:i]), struct.calcsize("=" + codes[i])]
+        for i, name in enumerate(names)
+    ]
+    assert [f for f in layout["pkt"] if not f[0].startswith("_")] == expected
+    assert dict((f[0], f[2]) for f in layout["pkt"])["len"] == 4
+    slots = 4  # --history 4
+    pkts = (2 + slots) * m.PKT_SIZE
+    assert layout["hist"] == m.FLOW_SIZE + struct.calcsize(m.HIST_HEAD_FMT) + pkts
+    assert layout["event"] == m.FLOW_SIZE + m.PKT_SIZE + struct.calcsize(m.EVENT_HEAD_FMT) + pkts

@@ -24,6 +24,7 @@ import pytest
 from ebpfdiag.transport import Script
 from tests.bpfstate import load_core, load_tcp_rst, tcx_progs
 from tests.conftest import require
+from tests.test_tcp_latency_script import SET_IPV4_MAX
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "bpf" / "tcp_rst.py"
@@ -1376,3 +1377,74 @@ def test_kept_packets_are_dumped_on_stdin_eof_through_the_bootstrap(rlab):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+BIG_SERVER = """
+import socket, struct, sys
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(1)
+print("listening", flush=True)
+c, _ = s.accept()
+left = int(sys.argv[3])
+while left > 0:
+    left -= len(c.recv(1 << 20))
+c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+c.close()
+"""
+
+BIG_CLIENT = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(b"x" * int(sys.argv[3]))
+try:
+    s.recv(10)
+except ConnectionResetError:
+    print("reset")
+"""
+
+
+def big_tcp(lab, size: int) -> None:
+    """BIG TCP on both ends of the a <-> b veth, IPv4 and IPv6 (65536: back to normal)."""
+    for ns, dev in ((lab.a, lab.va), (lab.b, lab.vb)):
+        sh("ip", "-n", ns, "link", "set", "dev", dev, "gso_max_size", str(size),
+           "gro_max_size", str(size))  # fmt: skip
+        in_ns(ns, SET_IPV4_MAX, dev, str(size))
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("family", [4, 6])
+def test_big_tcp_packets_keep_their_length(lab, family):
+    """Packets over 64 KiB (IPv4 total length 0, IPv6 hop-by-hop jumbo header) in the history
+    before a RST: each data packet's seq + len is where the next one starts, and the last
+    one ends with the last byte sent."""
+    port, size = str(8500 + family), 3_000_000
+    addr = "198.18.250.2" if family == 4 else "2001:db8:250::2"
+    big_tcp(lab, 150_000)
+    try:
+        run = start(lab, "--port", port, "--interfaces", lab.vb, "--history", "8")
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", lab.b, SYSTEM_PYTHON, "-c", BIG_SERVER, addr, port, str(size)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert server.stdout.readline().strip() == "listening"
+            assert in_ns(lab.a, BIG_CLIENT, addr, port, str(size)).stdout.strip() == "reset"
+        finally:
+            server.wait(timeout=10)
+        assert run.read_until(lambda r: r["type"] == "packet" and r["why"] == "rst", 10)
+        run.proc.send_signal(signal.SIGTERM)
+        code, err = run.finish()
+        assert code == 0, err
+    finally:
+        big_tcp(lab, 65536)
+    packets = [p for p in run.of("packet") if p["dport"] == int(port) and p["why"] != "kept"]
+    [syn] = [p for p in packets if p["why"] == "handshake"]
+    data = [p for p in packets if p["dir"] == "ingress" and p["len"]]
+    assert {p["family"] for p in data} == {family}
+    assert max(p["len"] for p in data) > 65535  # BIG TCP was in use
+    for before, after in zip(data, data[1:], strict=False):
+        assert after["seq"] == (before["seq"] + before["len"]) % 2**32, (before, after)
+    assert (data[-1]["seq"] + data[-1]["len"]) % 2**32 == (syn["seq"] + 1 + size) % 2**32

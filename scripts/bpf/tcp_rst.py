@@ -99,10 +99,8 @@ Fields:
 
 import contextlib
 import ctypes
-import ipaddress
 import os
 import signal
-import socket
 import struct
 import sys
 import threading
@@ -128,6 +126,17 @@ from core.events import (
 )
 from core.lifecycle import SetupError, Stop, StopState
 from core.natports import start_nat_ports
+from core.packet import (
+    C_FILTER_MAPS,
+    C_PACKET,
+    DIR_NAMES,
+    TH_ACK,
+    TH_FIN,
+    TH_SYN,
+    addr_text,
+    c_filters,
+    fill_filters,
+)
 from core.params import ParamError, convert, parse
 from core.tc import TCX_UNSUPPORTED, TcHooks, TcxLinks, bpf_syscall_number, tcx_expected
 from core.tracepoints import (
@@ -147,13 +156,11 @@ RESET_PROBES = ("tcp_send_reset", "tcp_receive_reset")
 
 WHY_NAMES = {1: "rst", 2: "handshake", 3: "close", 4: "history", 5: "kept"}
 WHY_KEPT = 5
-TH_FIN, TH_SYN, TH_ACK = 0x01, 0x02, 0x10
 TUPLE_FROM = {1: "skb", 2: "socket"}  # reset_event.src; 0: the tracepoint's own fields
 STATE_TIME_WAIT, STATE_LISTEN, STATE_NEW_SYN_RECV = 6, 10, 12
-DIR_NAMES = {0: "ingress", 1: "egress"}
 
 # Userspace mirrors of the C structs below (explicit padding, little/native endian).
-PKT_FMT = "=QIIIHHHBBBB2x"
+PKT_FMT = "=QIIIIHHBBBB"
 FLOW_FMT = "=16s16sHHB3x"
 PKT_SIZE = struct.calcsize(PKT_FMT)
 FLOW_SIZE = struct.calcsize(FLOW_FMT)
@@ -202,11 +209,6 @@ def read_formats(fmt_dir) -> dict:
 
 
 C_COMMON = r"""
-#define TC_ACT_UNSPEC (-1)       /* observe only: never end the filter chain */
-#define TH_FIN 0x01
-#define TH_SYN 0x02
-#define TH_RST 0x04
-#define TH_ACK 0x10
 #define WHY_RST 1
 #define WHY_HANDSHAKE 2
 #define WHY_CLOSE 3
@@ -214,25 +216,19 @@ C_COMMON = r"""
 #define STREAM_ALL %(stream_all)d    /* 0: handshake and FIN wait in the map for a RST */
 #define RING_SLOTS %(slots)d
 #define FLOW_MAP_SIZE %(flow_map_size)d
-#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-#define EBD_HTONS(x) ((__u16)__builtin_bswap16(x))
-#else
-#define EBD_HTONS(x) ((__u16)(x))
-#endif
 
 struct pkt {                 /* one packet, 32 bytes */
 	__u64 ts;
 	__u32 ifindex;
 	__u32 seq;
 	__u32 ack;
-	__u16 len;
+	__u32 len;               /* 32 bits: GSO and BIG TCP packets exceed 64 KiB */
 	__u16 win;
 	__u16 ipid;
 	__u8 ttl;
 	__u8 flags;
 	__u8 dir;                /* 0 ingress, 1 egress */
 	__u8 fwd;                /* 1 when the packet goes from key.a to key.b */
-	__u8 _pad[2];
 };
 
 struct flow_key {            /* canonical 5-tuple: (a, pa) sorts before (b, pb) */
@@ -288,18 +284,11 @@ struct reset_event {
 	__u32 tlen;              /* skb: trigger payload bytes */
 };
 
-struct addr_key {
-	__u32 family;
-	__u32 a[4];
-};
-
 BPF_PERCPU_ARRAY(lost, __u64, 2);            /* 0: packets, 1: resets (ring buffer full) */
 """
 
 
 C_TC = r"""
-BPF_ARRAY(ports, __u8, 65536);               /* port -> 1 when wanted (array: cheapest lookup) */
-BPF_HASH(addrs, struct addr_key, __u8, 64);
 /* Keyed by a 64-bit hash of the canonical 5-tuple: hashing 8 bytes instead of 40 on every
  * packet; two of 16384 live flows sharing a hash is vanishingly unlikely, and would only mix
  * their history. */
@@ -315,14 +304,6 @@ static __always_inline int ep_before(__u32 *a, __u16 pa, __u32 *b, __u16 pb)
 			return a[i] < b[i];
 	}
 	return pa < pb;
-}
-
-static __always_inline int addr_wanted(__u32 family, __u32 *a)
-{
-	struct addr_key k = {};
-	k.family = family;
-	__builtin_memcpy(k.a, a, 16);
-	return addrs.lookup(&k) != 0;
 }
 
 static __always_inline __u64 flow_hash(struct flow_key *k)
@@ -380,94 +361,33 @@ static __always_inline void keep(__u64 *k, struct flow_key *key, struct pkt *p, 
 		h->count++;
 }
 
-/* Copy header bytes: straight from the packet when they are in its linear part (no helper
- * call), else through bpf_skb_load_bytes. off is bounded so the verifier can check it. */
-static __always_inline int load_hdr(struct __sk_buff *skb, __u32 off, void *to, __u32 len)
-{
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	if (off > 128)
-		return -1;
-	if (data + off + len <= data_end) {
-		__builtin_memcpy(to, data + off, len);
-		return 0;
-	}
-	return bpf_skb_load_bytes(skb, off, to, len);
-}
-
 /* off: bytes before the IP header (14 on Ethernet, 0 on L3 devices), a constant per program */
 static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir, __u32 off)
 {
-	__u32 ifindex = skb->ifindex;
-	__u32 proto = skb->protocol;
+	struct ebd_tcp t = {};
+	if (!ebd_parse_tcp(skb, off, &t))
+		return TC_ACT_UNSPEC;
+%(filters)s
 	struct pkt p = {};
 	struct flow_key k = {};
-	__u32 saddr[4] = {};
-	__u32 daddr[4] = {};
-	__u32 l4, l3len;
-
-	if (proto == EBD_HTONS(0x0800)) {
-		__u8 ip[20];
-		if (load_hdr(skb, off, ip, sizeof(ip)) < 0)
-			return TC_ACT_UNSPEC;
-		__u32 ihl = (ip[0] & 0x0f) * 4;
-		if ((ip[0] >> 4) != 4 || ip[9] != 6 || ihl < 20)
-			return TC_ACT_UNSPEC;
-		if (((ip[6] & 0x1f) | ip[7]) != 0)
-			return TC_ACT_UNSPEC;            /* a later fragment: no TCP header */
-		l3len = (ip[2] << 8) | ip[3];
-		if (l3len < ihl)
-			return TC_ACT_UNSPEC;
-		l3len -= ihl;
-		p.ipid = (ip[4] << 8) | ip[5];
-		p.ttl = ip[8];
-		__builtin_memcpy(&saddr[0], &ip[12], 4);
-		__builtin_memcpy(&daddr[0], &ip[16], 4);
-		k.family = 4;
-		l4 = off + ihl;
-	} else if (proto == EBD_HTONS(0x86DD)) {
-		__u8 ip[40];
-		if (load_hdr(skb, off, ip, sizeof(ip)) < 0)
-			return TC_ACT_UNSPEC;
-		if ((ip[0] >> 4) != 6 || ip[6] != 6)
-			return TC_ACT_UNSPEC;            /* extension headers are not followed */
-		l3len = (ip[4] << 8) | ip[5];
-		p.ttl = ip[7];
-		__builtin_memcpy(saddr, &ip[8], 16);
-		__builtin_memcpy(daddr, &ip[24], 16);
-		k.family = 6;
-		l4 = off + 40;
-	} else {
-		return TC_ACT_UNSPEC;
-	}
-
-	__u8 th[20];
-	if (load_hdr(skb, l4, th, sizeof(th)) < 0)
-		return TC_ACT_UNSPEC;
-	__u16 sport = (th[0] << 8) | th[1];
-	__u16 dport = (th[2] << 8) | th[3];
-%(filters)s
-	p.seq = ((__u32)th[4] << 24) | ((__u32)th[5] << 16) | ((__u32)th[6] << 8) | th[7];
-	p.ack = ((__u32)th[8] << 24) | ((__u32)th[9] << 16) | ((__u32)th[10] << 8) | th[11];
-	__u32 doff = (th[12] >> 4) * 4;
-	p.flags = th[13];
-	p.win = (th[14] << 8) | th[15];
-	p.len = l3len > doff ? l3len - doff : 0;
+	p.seq = t.seq;
+	p.ack = t.ack;
+	p.len = t.len;
+	p.win = t.win;
+	p.ipid = t.ipid;
+	p.ttl = t.ttl;
+	p.flags = t.flags;
 	p.ts = bpf_ktime_get_ns();
-	p.ifindex = ifindex;
+	p.ifindex = skb->ifindex;
 	p.dir = dir;
-	if (ep_before(saddr, sport, daddr, dport)) {
-		__builtin_memcpy(k.a, saddr, 16);
-		__builtin_memcpy(k.b, daddr, 16);
-		k.pa = sport;
-		k.pb = dport;
-		p.fwd = 1;
-	} else {
-		__builtin_memcpy(k.a, daddr, 16);
-		__builtin_memcpy(k.b, saddr, 16);
-		k.pa = dport;
-		k.pb = sport;
-	}
+	k.family = t.family;
+	/* one copy of each end, from whichever side sorts first (not a copy per branch) */
+	p.fwd = ep_before(t.saddr, t.sport, t.daddr, t.dport);
+	__u32 *lo = p.fwd ? t.saddr : t.daddr, *hi = p.fwd ? t.daddr : t.saddr;
+	__builtin_memcpy(k.a, lo, 16);
+	__builtin_memcpy(k.b, hi, 16);
+	k.pa = p.fwd ? t.sport : t.dport;
+	k.pb = p.fwd ? t.dport : t.sport;
 	__u64 fk = flow_hash(&k);
 
 	__u8 why = 0;
@@ -529,19 +449,6 @@ int %(name)s(struct __sk_buff *skb)
 	return on_packet(skb, %(dir)d, %(l2)d);
 }
 """
-
-C_PORT_FILTER = r"""	__u32 pk = sport;
-	__u8 *want = ports.lookup(&pk);
-	if (!want || !*want) {
-		pk = dport;
-		want = ports.lookup(&pk);
-		if (!want || !*want)
-			return TC_ACT_UNSPEC;
-	}"""
-
-C_ADDR_FILTER = r"""	if (!addr_wanted(k.family, saddr) && !addr_wanted(k.family, daddr))
-		return TC_ACT_UNSPEC;"""
-
 
 C_TUPLE = r"""
 #define OFF_SKB_HEAD %(skb_head)d
@@ -847,6 +754,7 @@ def build_program(plan: dict) -> str:
     parts = []
     if plan["kprobes"]:
         parts.append(C_KPROBE_INCLUDES)
+    parts += [C_PACKET, C_FILTER_MAPS]
     parts.append(
         C_COMMON
         % {
@@ -862,15 +770,14 @@ def build_program(plan: dict) -> str:
     else:
         parts.append(C_BUFFERS_PERF)
     parts.append(C_LOST)
-    filters = []
-    if plan["ports"]:
-        filters.append(C_PORT_FILTER)
-    if plan["addrs"]:
-        filters.append(C_ADDR_FILTER)
+    filters = c_filters(
+        plan["ports"], plan["addrs"], "t.family", "t.saddr", "t.daddr", "t.sport", "t.dport",
+        "return TC_ACT_UNSPEC;",
+    )  # fmt: skip
     parts.append(
         C_TC
         % {
-            "filters": "\n".join(filters),
+            "filters": filters,
             "submit_pkt": c_submit(plan["buffer"], "pkt_events", "skb", "e", 0),
         }
     )
@@ -902,12 +809,6 @@ def build_program(plan: dict) -> str:
 # --------------------------------------------------------------------------------------
 # Decoding
 # --------------------------------------------------------------------------------------
-
-
-def addr_text(family: int, raw: bytes) -> str:
-    if family == 4:
-        return socket.inet_ntop(socket.AF_INET, raw[:4])
-    return socket.inet_ntop(socket.AF_INET6, raw[:16])
 
 
 def decode_packets(raw: bytes, ifnames: dict) -> list:
@@ -1198,17 +1099,8 @@ class Session:
         return self.ipr
 
     def _fill_filters(self) -> None:
-        b = self.bpf
         with self.filter_lock:
-            for port in self.ports:
-                b["ports"][ctypes.c_int(port)] = ctypes.c_uint8(1)
-        for text in self.args.addr:
-            ip = ipaddress.ip_address(text)
-            key = b["addrs"].Key()
-            key.family = ip.version
-            raw = ip.packed
-            ctypes.memmove(ctypes.addressof(key.a), raw, len(raw))
-            b["addrs"][key] = ctypes.c_uint8(1)
+            fill_filters(self.bpf, self.ports, self.args.addr)
 
     def _attach_resets(self) -> None:
         for probe in sorted(self.plan["tracepoints"]):
@@ -1396,7 +1288,7 @@ class Session:
             if self.args.port and port not in self.ports:  # no --port: every port passes
                 if self.bpf is not None:
                     try:
-                        self.bpf["ports"][ctypes.c_int(port)] = ctypes.c_uint8(1)
+                        fill_filters(self.bpf, [port], [])
                     except Exception as exc:  # noqa: BLE001 - the run is ending
                         sys.stderr.write("%s: control: port %d: %s\n" % (SCRIPT, port, exc))
                         return
