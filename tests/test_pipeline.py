@@ -313,10 +313,14 @@ def test_json_lines_match_the_line_by_line_meaning():
         (MIXED, MIXED_MEANING),
         ([MIXED[0]] * 3, [MIXED_MEANING[0]] * 3),
         ([MIXED[1]], [MIXED_MEANING[1]]),
+        # every line an object, one with invalid UTF-8 in a string: the output stays UTF-8
+        ([MIXED[0], MIXED[8]], [MIXED_MEANING[0], MIXED_MEANING[8]]),
         ([b'{"a":[{}', b'{}]},{"b":1}'], ['{"a":[{}', '{}]},{"b":1}']),
     ]
     for lines, meanings in cases:
-        out = [json.loads(x) for x in records.json_lines('web"01', 7, "stdout", lines)]
+        data = records.json_lines('web"01', 7, "stdout", lines)
+        assert data.endswith(b"\n")
+        out = [json.loads(x) for x in data.splitlines()]
         assert len(out) == len(lines)
         for rec, meaning in zip(out, meanings, strict=True):
             assert rec["host"] == 'web"01' and rec["ts"] == 7 and rec["v"] == 2
@@ -325,7 +329,7 @@ def test_json_lines_match_the_line_by_line_meaning():
             else:
                 assert rec["type"] == "line" and rec["stream"] == "stdout"
                 assert rec["text"] == meaning
-    err = [json.loads(x) for x in records.json_lines("h", 1, "stderr", [MIXED[0]])]
+    err = [json.loads(x) for x in records.json_lines("h", 1, "stderr", [MIXED[0]]).splitlines()]
     assert err[0]["type"] == "line" and err[0]["stream"] == "stderr"
 
 
