@@ -395,6 +395,7 @@ def run(
 
     n = records_per_host
     total = HOSTS * n
+    load_start = os.getloadavg()[0]
     section = Section(
         "pipeline",
         f"Event pipeline: run-script --json, {HOSTS} hosts x {n:,} records",
@@ -511,7 +512,11 @@ def run(
                f"<= {TARGET_LONE_P99_MS:g}", lone_p99 <= TARGET_LONE_P99_MS),
         Target("records lost", str(all_lost + lone_lost), "0", all_lost + lone_lost == 0),
     ]  # fmt: skip
+    load_end = os.getloadavg()[0]
     section.notes += [
+        f"Load average (1 min) {load_start:.2f} at the start, {load_end:.2f} at the end: the "
+        "machine's 2 cores are shared, so absolute figures move with the load; ratios and "
+        "per-record CPU move less.",
         f"{rounds} rounds, each: an empty run, {repeats} pairs of batched and per-line runs to "
         "a file (ABBA order, so that a load drifting during the round weighs on both), both "
         "emitters with a slow reader, lone lines. Every figure is the median over the runs of "
