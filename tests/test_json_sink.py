@@ -78,3 +78,11 @@ def test_bytes_and_text_keep_their_order_on_a_binary_stream():
     out = [json.loads(x) for x in raw.getvalue().decode().splitlines()]
     assert [o["type"] for o in out] == ["a", "text", "record", "line", "z"]
     assert out[3]["text"] == "é" and out[4]["t"] == "é"
+
+
+def test_a_lone_surrogate_in_a_record_is_replaced_not_fatal():
+    raw = io.BytesIO()
+    writer = NDJSONWriter(io.TextIOWrapper(raw, encoding="utf-8"))
+    writer.write({"type": "x", "s": "a\ud800b"})
+    writer.flush()
+    assert json.loads(raw.getvalue().decode()) == {"v": 2, "type": "x", "s": "a?b"}

@@ -6,8 +6,8 @@ lines start with ``RECORD_HEAD``, so that no line is decoded or copied again her
 
 Writes are batched and flushed when the producer is idle, as bytes to the binary stream
 under stdout: a fast stream costs few syscalls and no re-encoding, while a slow one still
-appears line by line. A closed pipe (``| head``) is not an
-error: the writer remembers it and the command stops its hosts cleanly.
+appears line by line. A closed pipe (``| head``) is not an error: the writer remembers it
+and the command stops its hosts cleanly.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ class NDJSONWriter:
         """One record (never empty: it has a ``type``), with the schema version first."""
         if "v" in record:  # a record read back from a file keeps one version: this one
             record = {k: v for k, v in record.items() if k != "v"}
-        self.write_bytes((RECORD_HEAD + _dumps(record)[1:] + "\n").encode())
+        # a lone surrogate (from a decoded escape) would not encode: replaced, not fatal
+        self.write_bytes((RECORD_HEAD + _dumps(record)[1:] + "\n").encode(errors="replace"))
 
     def write_bytes(self, data: bytes) -> None:
         """Records already encoded: UTF-8 JSON objects starting with ``RECORD_HEAD``, each
