@@ -40,8 +40,11 @@ from bench.common import (
 from bench.common import run_measured as _run_measured
 from ebpfdiag.errors import EbpfdiagError
 
-PREFIX = "ebdp"
-SUBNET = "198.19.43.0/24"
+#: The fleet's names and subnet are this benchmark's own (``ebpp`` is its lab's prefix, and
+#: a lab's teardown removes every ``ebpp-*`` name): another fleet's setup or teardown, a
+#: test's say, never touches it mid-run.
+PREFIX = "ebppf"
+SUBNET = "198.19.47.0/24"
 HOSTS = 3
 TARGET_RPS = 200_000
 TARGET_RATIO = 0.8
