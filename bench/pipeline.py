@@ -51,7 +51,7 @@ TARGET_RATIO = 0.8
 TARGET_CPU_US = 5.0
 TARGET_LONE_P99_MS = 20.0
 LAB_PREFIX = "ebpp"
-LAB_BASE = "198.18.92.0"
+LAB_BASE = "198.18.224.0"  # .224-.227: no other lab or test uses them
 LAB_STATE = Path("/run/ebpfdiag/lab-bench-pipeline")
 SHORT_PORT = 8082
 
