@@ -206,7 +206,7 @@ def _profile(fleet, script: Path, n: int, work: Path) -> str:
             *_argv(fleet, script, str(n))[1:]]  # fmt: skip
     subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
     text = io.StringIO()
-    stats = pstats.Stats(str(prof), stream=text)
+    stats = pstats.Stats(str(prof), stream=text).strip_dirs()
     stats.sort_stats("tottime").print_stats(10)
     text.seek(0)
     lines = [ln for ln in text.read().splitlines() if ln.strip()]
