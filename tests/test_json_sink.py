@@ -61,3 +61,28 @@ def test_every_record_starts_with_the_schema_version():
     assert all(line.startswith('{"v":2,"type":') for line in lines), lines
     assert [json.loads(x)["v"] for x in lines] == [2, 2, 2, 2]
     assert lines[3].count('"v"') == 1
+
+
+def test_bytes_and_text_keep_their_order_on_a_binary_stream():
+    """Batches go to the binary buffer under stdout; what was written as text before them
+    (a plain line from elsewhere, a record) is flushed first."""
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="utf-8", write_through=False)
+    writer = NDJSONWriter(stream)
+    writer.write({"type": "a"})
+    writer.flush()
+    stream.write('{"v":2,"type":"text"}\n')  # still in the text layer's buffer
+    JSONSink(writer).lines("h1", "stdout", [b'{"n":1}', "é".encode()])
+    writer.write({"type": "z", "t": "é"})
+    writer.flush()
+    out = [json.loads(x) for x in raw.getvalue().decode().splitlines()]
+    assert [o["type"] for o in out] == ["a", "text", "record", "line", "z"]
+    assert out[3]["text"] == "é" and out[4]["t"] == "é"
+
+
+def test_a_lone_surrogate_in_a_record_is_replaced_not_fatal():
+    raw = io.BytesIO()
+    writer = NDJSONWriter(io.TextIOWrapper(raw, encoding="utf-8"))
+    writer.write({"type": "x", "s": "a\ud800b"})
+    writer.flush()
+    assert json.loads(raw.getvalue().decode()) == {"v": 2, "type": "x", "s": "a?b"}

@@ -313,10 +313,14 @@ def test_json_lines_match_the_line_by_line_meaning():
         (MIXED, MIXED_MEANING),
         ([MIXED[0]] * 3, [MIXED_MEANING[0]] * 3),
         ([MIXED[1]], [MIXED_MEANING[1]]),
+        # every line an object, one with invalid UTF-8 in a string: the output stays UTF-8
+        ([MIXED[0], MIXED[8]], [MIXED_MEANING[0], MIXED_MEANING[8]]),
         ([b'{"a":[{}', b'{}]},{"b":1}'], ['{"a":[{}', '{}]},{"b":1}']),
     ]
     for lines, meanings in cases:
-        out = [json.loads(x) for x in records.json_lines('web"01', 7, "stdout", lines)]
+        data = records.json_lines('web"01', 7, "stdout", lines)
+        assert data.endswith(b"\n")
+        out = [json.loads(x) for x in data.splitlines()]
         assert len(out) == len(lines)
         for rec, meaning in zip(out, meanings, strict=True):
             assert rec["host"] == 'web"01' and rec["ts"] == 7 and rec["v"] == 2
@@ -325,7 +329,7 @@ def test_json_lines_match_the_line_by_line_meaning():
             else:
                 assert rec["type"] == "line" and rec["stream"] == "stdout"
                 assert rec["text"] == meaning
-    err = [json.loads(x) for x in records.json_lines("h", 1, "stderr", [MIXED[0]])]
+    err = [json.loads(x) for x in records.json_lines("h", 1, "stderr", [MIXED[0]]).splitlines()]
     assert err[0]["type"] == "line" and err[0]["stream"] == "stderr"
 
 
@@ -353,3 +357,26 @@ def test_the_frame_header_keeps_a_name_with_spaces_on_one_line():
     head = Script("my\nprobe x.py", b"pass").frame().split(b"\n", 1)[0].decode()
     tag, length, _digest, name = head.split(" ", 3)
     assert (tag, length, name) == ("EBPFDIAG1", "4", "my probe x.py")
+
+
+# -- the benchmark's decode-cost measurement (pure) ----------------------------------------
+
+
+def test_the_decode_benchmark_rebuilds_each_hosts_stream_as_printed():
+    from bench.pipeline import _chunks, host_streams
+
+    printed = {"type": "packet", "ts_ns": 5, "seq": 1, "saddr": "198.18.1.10"}
+    event = {"v": 2, "type": "event", "kind": "packet", "host": "lb", "ts": 9,
+             "clock_error_ns": 3, "ts_clamped_ns": 1, **{k: v for k, v in printed.items()
+                                                       if k != "type"}}  # fmt: skip
+    other = {**event, "host": "client", "kind": "reset", "seq": 2}
+    streams = host_streams([json.dumps(e).encode() for e in (event, other, event)])
+    assert {h: [json.loads(x) for x in lines] for h, lines in streams.items()} == {
+        "lb": [printed, printed],
+        "client": [{**printed, "type": "reset", "seq": 2}],
+    }
+    lines = [b"x" * n for n in (10, 20, 30, 5, 100, 1)]
+    chunks = _chunks(lines, 40)
+    assert [line for c in chunks for line in c] == lines
+    assert all(sum(len(x) + 1 for x in c) <= 40 or len(c) == 1 for c in chunks)
+    assert chunks == [[lines[0], lines[1]], [lines[2], lines[3]], [lines[4]], [lines[5]]]

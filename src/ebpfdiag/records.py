@@ -79,25 +79,44 @@ def _starts_all(lines: list[bytes], prefix: bytes) -> bool:
         return False
 
 
-def json_lines(host: str, ts: int, stream: str, lines: list[bytes]) -> list[str]:
-    """One batch of a host's output as NDJSON records, in order.
+def json_lines(host: str, ts: int, stream: str, lines: list[bytes]) -> bytes:
+    """One batch of a host's output as NDJSON records, in order, each ending in a newline.
 
     A line that is one JSON object becomes ``{"v":2,"type":"record","host","ts","record":{...}}``
     with the object spliced in as the host printed it (valid JSON is not re-encoded); any
     other line, and everything on stderr, becomes ``{"type":"line",...,"text":"..."}``.
-    The batch shares ``ts`` (its lines arrived together).
+    The batch shares ``ts`` (its lines arrived together). When every line is an object in
+    valid UTF-8 (a busy script's usual chunk), the whole batch is one join of bytes in C:
+    no Python object per record.
     """
-    host_json = _dumps(host).decode()
-    head = f'{RECORD_HEAD}"type":"record","host":{host_json},"ts":{ts},"record":'
+    host_json = _dumps(host)
+    head = b'%s"type":"record","host":%s,"ts":%d,"record":' % (_HEAD, host_json, ts)
     if stream == "stdout" and all_objects(lines):
-        return [f"{head}{line.decode(errors='replace')}}}" for line in lines]
-    text_head = (
-        f'{RECORD_HEAD}"type":"line","host":{host_json},"ts":{ts},"stream":"{stream}","text":'
+        body = (b"}\n" + head).join(lines)
+        if body.isascii() or _is_utf8(body):
+            return head + body + b"}\n"
+    text_head = b'%s"type":"line","host":%s,"ts":%d,"stream":"%s","text":' % (
+        _HEAD,
+        host_json,
+        ts,
+        stream.encode(),
     )
     out = []
     for line in lines:
+        text = line.decode(errors="replace")
         if stream == "stdout" and is_object(line):
-            out.append(f"{head}{line.decode(errors='replace').rstrip()}}}")
+            out.append(head + text.rstrip().encode() + b"}\n")
         else:
-            out.append(f"{text_head}{_dumps(line.decode(errors='replace')).decode()}}}")
-    return out
+            out.append(text_head + _dumps(text) + b"}\n")
+    return b"".join(out)
+
+
+_HEAD = RECORD_HEAD.encode()
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True

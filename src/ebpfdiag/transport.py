@@ -277,7 +277,9 @@ async def _read_lines(stream: asyncssh.SSHReader, on_lines: Callable[[list[bytes
         if b"\n" not in chunk:
             buf += chunk
             continue
-        lines = (buf + chunk).split(b"\n")
+        lines = chunk.split(b"\n")
+        if buf:  # the unfinished line joins its rest (the chunk itself is not copied)
+            lines[0] = buf + lines[0]
         buf = lines.pop()
         on_lines(lines)
     if buf:
