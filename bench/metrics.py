@@ -32,10 +32,13 @@ from pathlib import Path
 from bench.common import EBPFDIAG, PYTHON, ROOT, Section, Target, fmt, median
 
 PREFIX = "ebmx"
-#: The fleet and the datapath lab use the metrics lab test's range (tests/test_metrics_lab.py)
-#: one after the other; the bench and that test never run together. Not the shared bench
-#: lab (bench/labenv.py): other benchmarks may have it up at the same time.
-SUBNET = "198.18.152.0/24"
+#: The datapath lab uses the metrics lab test's /22 (tests/test_metrics_lab.py): the bench's
+#: datapath part and that test never run together. The fleet has its own prefix and the
+#: /22's last quarter, which the lab leaves free but for its VIP (.155.1, inside lb): the
+#: lab test may run during the fleet's 10 minutes. Not the shared bench lab
+#: (bench/labenv.py): other benchmarks may have it up at the same time.
+FLEET_PREFIX = "ebmxf"
+SUBNET = "198.18.155.128/25"
 LAB_BASE = "198.18.152.0"
 LAB_STATE_DIR = Path("/run/ebpfdiag/lab-metrics-bench")
 REASONS = 100  # distinct reason labels the emitters cycle through (cap: 64 series)
@@ -194,7 +197,7 @@ def _scrape(url: str, interval: float, stop: threading.Event, flag: Path, sizes:
 def run_fleet(hosts: int, interval: float, warmup: int, measure: int, soak_s: float) -> dict:
     from tests.fleet import Fleet
 
-    fleet = Fleet(PREFIX, hosts, subnet=SUBNET, max_startups="1000:30:1000")
+    fleet = Fleet(FLEET_PREFIX, hosts, subnet=SUBNET, max_startups="1000:30:1000")
     port = _free_port()
     with fleet, tempfile.TemporaryDirectory(prefix="ebpfdiag-bench-") as tmp:
         out, flag = Path(tmp) / "controller.json", Path(tmp) / "scrape"
