@@ -6,7 +6,9 @@ config and data directory on 127.0.0.1. After reset scenarios, PromQL sees each 
 reason on the host that sent it; one host's SSH session is cut (its sshd session processes
 killed, new connections refused by an nftables rule for a few scrapes): ``host_up`` goes
 to 0 and back to 1, the host's counters continue from where they were, and no counter
-decreases in Prometheus' data. ``metrics textfile --once`` writes a file promtool accepts.
+decreases in Prometheus' data. Packets an nftables rule drops on lb show up as
+NETFILTER_DROP drops of lb, and of no other host. ``metrics textfile --once`` writes a file
+promtool accepts.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ PREFIX, BASE = "ebmx", "198.18.152.0"
 STATE_DIR = Path("/run/ebpfdiag/lab-metrics-test")
 HOSTS = "client,lb,server"
 CUT_TABLE = "ebmx_cut"
+DROP_TABLE = "ebmx_drop"
+DROP_PORT = 9997
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +237,52 @@ def test_prometheus_sees_resets_by_reason_and_host_survives_a_cut_session(lab, t
     while metrics_programs() and time.monotonic() < deadline:
         time.sleep(0.3)
     assert metrics_programs() == []  # every host's script detached on SIGTERM
+
+
+SEND_UDP = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(int(sys.argv[3])):
+    s.sendto(b"x", (sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def test_prometheus_sees_netfilter_drops_on_the_host_that_dropped(lab, tmp_path):
+    lb = lab.host("lb")
+    target = lb.interfaces["to-client"].split("/")[0]
+    rule = (
+        f"table inet {DROP_TABLE} {{\n chain input {{\n"
+        f"  type filter hook input priority -10;\n  udp dport {DROP_PORT} drop\n }}\n}}\n"
+    )
+    subprocess.run(["ip", "netns", "exec", lb.netns, "nft", "-f", "-"], input=rule, text=True,
+                   check=True)  # fmt: skip
+    port = free_port()
+    serve = start_serve(lab, port)
+    prom = None
+    drops = "ebpfdiag_packet_drops_total"
+    try:
+        prom = Prometheus(tmp_path, f"127.0.0.1:{port}")
+        prom.wait("ebpfdiag_host_up == 1", lambda r: len(r) == 3, timeout=60)
+        subprocess.run(
+            ["ip", "netns", "exec", lab.host("client").netns, "python3", "-c", SEND_UDP,
+             target, str(DROP_PORT), "7"], check=True, timeout=20,
+        )  # fmt: skip
+        got = prom.wait(f'{drops}{{reason="NETFILTER_DROP"}}',
+                        lambda r: by_host(r).get("lb") == 7)  # fmt: skip
+        time.sleep(2.5)  # two more deltas: nothing else counts them
+        assert by_host(prom.query(f'{drops}{{reason="NETFILTER_DROP"}}')) == {"lb": 7}, got
+        assert prom.query(f'{drops}{{reason=~"SKB_CONSUMED|NOT_DROPPED_YET|CONSUMED"}}') == {}
+        # the family is declared for every host, help text and type included
+        text = get(f"http://127.0.0.1:{port}/metrics").decode()
+        assert f"# TYPE {drops} counter" in text
+    finally:
+        if prom is not None:
+            prom.stop()
+        subprocess.run(["ip", "netns", "exec", lb.netns, "nft", "delete", "table", "inet",
+                        DROP_TABLE], capture_output=True)  # fmt: skip
+        serve.send_signal(signal.SIGTERM)
+        _out, err = serve.communicate(timeout=30)
+    assert serve.returncode == 0, err
 
 
 def exposed(port: int, name: str) -> dict[str, float]:
