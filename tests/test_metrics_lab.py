@@ -19,12 +19,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ebpfdiag.lab.scenarios import run_scenario
 from ebpfdiag.lab.topology import Lab
@@ -399,3 +401,84 @@ def test_textfile_once_writes_a_file_promtool_accepts(lab, tmp_path):
     check = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),
                            capture_output=True)  # fmt: skip
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+class PromReader:
+    """Polls a textfile directory as fast as it can, as node_exporter would at any moment:
+    every distinct content of the .prom file, the file's inodes, and any other ``*.prom``
+    file or vanished file it came across."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.path = directory / "ebpfdiag.prom"
+        self.texts: dict[bytes, int] = {}  # content -> order first seen
+        self.inodes: set[int] = set()
+        self.strays: set[str] = set()
+        self.vanished = self.reads = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.poll)
+
+    def poll(self) -> None:
+        while not self.stop.is_set():
+            for name in os.listdir(self.directory):
+                if name.endswith(".prom") and name != self.path.name:
+                    self.strays.add(name)
+            try:
+                with open(self.path, "rb") as f:
+                    self.inodes.add(os.fstat(f.fileno()).st_ino)
+                    data = f.read()
+            except FileNotFoundError:
+                self.vanished += self.reads > 0  # once written, the file is always there
+                continue
+            self.reads += 1
+            self.texts.setdefault(data, len(self.texts))
+
+
+def families(data: bytes) -> set[str]:
+    """Family names of an exposition; a malformed one raises (the parser is strict)."""
+    return {f.name for f in text_string_to_metric_families(data.decode())}
+
+
+def test_textfile_readers_never_see_a_partial_file(lab, tmp_path):
+    """textfile rewrites the file five times a second while a reader polls the directory:
+    every read parses and, once every host is up, has every family; the file is replaced
+    (a new inode each write), never rewritten in place, and no temporary file is left."""
+    out = tmp_path / "prom"
+    out.mkdir()
+    reader = PromReader(out)
+    reader.thread.start()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ebpfdiag", "metrics", "textfile", "-i", lab.inventory,
+         "--hosts", HOSTS, "--dir", str(out), "--interval", "200ms"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            seen = dict(reader.texts)  # a copy: the reader thread adds to it
+            latest = max(seen, key=seen.get, default=b"")
+            if latest.count(b"ebpfdiag_host_up{") == 3 and b"} 0.0" not in b"".join(
+                line for line in latest.splitlines() if line.startswith(b"ebpfdiag_host_up{")
+            ):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("not every host came up in the textfile")
+        assert run_scenario("rst-no-listener", lab).reproduced  # values change between writes
+        time.sleep(5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+        reader.stop.set()
+        reader.thread.join()
+    assert proc.returncode == 0, err
+    ordered = sorted(reader.texts, key=reader.texts.get)
+    full = families(ordered[-1])
+    assert {"ebpfdiag_packet_drops", "ebpfdiag_tcp_resets_sent", "ebpfdiag_host_up"} <= full
+    complete = [i for i, data in enumerate(ordered) if families(data) == full]
+    assert len(ordered) - complete[0] >= 10, len(ordered)  # many distinct writes were read
+    for data in ordered[complete[0] :]:
+        assert families(data) == full, data[-300:]
+    assert len(reader.inodes) >= 10  # renamed over, never rewritten in place
+    assert reader.vanished == 0 and reader.strays == set()
+    assert sorted(p.name for p in out.iterdir()) == ["ebpfdiag.prom"]  # no temp file left
