@@ -41,8 +41,8 @@ def metrics() -> None:
     """Continuous TCP metrics from many hosts for Prometheus, counted in their kernels.
 
     Resets sent (by kernel reason, socket state, listening port) and received,
-    retransmissions, listen queue overflows and drops, and connection set-up time, per
-    host. Hosts that drop off are reconnected with backoff; their counters continue. See
+    retransmissions, listen queue overflows and drops, connection set-up time, and packets
+    dropped by the kernel's drop reason, per host. Hosts that drop off are reconnected with backoff; their counters continue. See
     docs/metrics.md for names and alert rules.
     """
 
