@@ -42,8 +42,8 @@ def metrics() -> None:
 
     Resets sent (by kernel reason, socket state, listening port) and received,
     retransmissions, listen queue overflows and drops, connection set-up time, and packets
-    dropped by the kernel's drop reason, per host. Hosts that drop off are reconnected with backoff; their counters continue. See
-    docs/metrics.md for names and alert rules.
+    dropped by the kernel's drop reason, per host. Hosts that drop off are reconnected with
+    backoff; their counters continue. See docs/metrics.md for names and alert rules.
     """
 
 
