@@ -3,8 +3,11 @@ plus ``promtool check metrics`` on the text they make."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -149,3 +152,21 @@ def test_promtool_accepts_the_exposition(tmp_path):
     proc = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert b"tcp_resets_sent_total" in text
+
+
+def test_netmetrics_drop_family_is_capped_with_reason_other():
+    """netmetrics' own packet_drops declaration: reasons past the cap sum into "other"."""
+    tool = Path(__file__).resolve().parents[1] / "scripts" / "bpf" / "netmetrics.py"
+    sys.path.insert(0, str(tool.parent))
+    spec = importlib.util.spec_from_file_location("netmetrics_families", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    h = HostMetrics("lb")
+    h.on_record({"type": "hello", "script": "netmetrics", "families": module.FAMILIES}, 1.0)
+    rows = [[f"REASON_{i}", 1] for i in range(MAX_SERIES + 10)]
+    h.on_record({"type": "delta", "seq": 1, "c": {"packet_drops": rows}}, 2.0)
+    fleet = Fleet(["lb"])
+    fleet.hosts["lb"] = h
+    got = {k: v for k, v in samples(fleet).items() if k[0] == "ebpfdiag_packet_drops_total"}
+    assert len(got) == MAX_SERIES
+    assert got[("ebpfdiag_packet_drops_total", ("host", "lb"), ("reason", OTHER))] == 11

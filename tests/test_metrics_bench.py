@@ -18,4 +18,7 @@ def test_quick_metrics_bench(tmp_path):
     text = out.read_text()
     assert "| hosts up (all) | 5 in " in text and "(yes) |" in text, text
     assert "| deltas applied while measured | " in text
+    # the memory requirement's figures: RSS after warm-up, at the end, their ratio, the target
+    assert "| RSS after warm-up -> 0.1 min later (ratio) | " in text, text
+    assert "| controller memory 0.1 min after warm-up | " in text and "| <= 1.10x |" in text
     assert "datapath, metrics on 3 hosts: bulk Gbit/s (ratio)" in text

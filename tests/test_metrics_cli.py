@@ -87,3 +87,9 @@ def test_the_documented_alert_rules_pass_promtool(tmp_path):
     proc = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SUCCESS: 6 rules found" in proc.stdout
+
+
+def test_textfile_refuses_a_prom_path_that_is_a_directory(tmp_path):
+    (tmp_path / "ebpfdiag.prom").mkdir()
+    proc = ebpfdiag("metrics", "textfile", "--hosts", HOST, "--dir", str(tmp_path))
+    one_line_usage_error(proc, "is a directory")

@@ -6,7 +6,9 @@ config and data directory on 127.0.0.1. After reset scenarios, PromQL sees each 
 reason on the host that sent it; one host's SSH session is cut (its sshd session processes
 killed, new connections refused by an nftables rule for a few scrapes): ``host_up`` goes
 to 0 and back to 1, the host's counters continue from where they were, and no counter
-decreases in Prometheus' data. ``metrics textfile --once`` writes a file promtool accepts.
+decreases in Prometheus' data. Packets an nftables rule drops on lb show up as
+NETFILTER_DROP drops of lb, and of no other host. ``metrics textfile --once`` writes a file
+promtool accepts.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ebpfdiag.lab.scenarios import run_scenario
 from ebpfdiag.lab.topology import Lab
@@ -34,6 +38,8 @@ PREFIX, BASE = "ebmx", "198.18.152.0"
 STATE_DIR = Path("/run/ebpfdiag/lab-metrics-test")
 HOSTS = "client,lb,server"
 CUT_TABLE = "ebmx_cut"
+DROP_TABLE = "ebmx_drop"
+DROP_PORT = 9997
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +241,52 @@ def test_prometheus_sees_resets_by_reason_and_host_survives_a_cut_session(lab, t
     assert metrics_programs() == []  # every host's script detached on SIGTERM
 
 
+SEND_UDP = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(int(sys.argv[3])):
+    s.sendto(b"x", (sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def test_prometheus_sees_netfilter_drops_on_the_host_that_dropped(lab, tmp_path):
+    lb = lab.host("lb")
+    target = lb.interfaces["to-client"].split("/")[0]
+    rule = (
+        f"table inet {DROP_TABLE} {{\n chain input {{\n"
+        f"  type filter hook input priority -10;\n  udp dport {DROP_PORT} drop\n }}\n}}\n"
+    )
+    subprocess.run(["ip", "netns", "exec", lb.netns, "nft", "-f", "-"], input=rule, text=True,
+                   check=True)  # fmt: skip
+    port = free_port()
+    serve = start_serve(lab, port)
+    prom = None
+    drops = "ebpfdiag_packet_drops_total"
+    try:
+        prom = Prometheus(tmp_path, f"127.0.0.1:{port}")
+        prom.wait("ebpfdiag_host_up == 1", lambda r: len(r) == 3, timeout=60)
+        subprocess.run(
+            ["ip", "netns", "exec", lab.host("client").netns, "python3", "-c", SEND_UDP,
+             target, str(DROP_PORT), "7"], check=True, timeout=20,
+        )  # fmt: skip
+        got = prom.wait(f'{drops}{{reason="NETFILTER_DROP"}}',
+                        lambda r: by_host(r).get("lb") == 7)  # fmt: skip
+        time.sleep(2.5)  # two more deltas: nothing else counts them
+        assert by_host(prom.query(f'{drops}{{reason="NETFILTER_DROP"}}')) == {"lb": 7}, got
+        assert prom.query(f'{drops}{{reason=~"SKB_CONSUMED|NOT_DROPPED_YET|CONSUMED"}}') == {}
+        # the family is declared for every host, help text and type included
+        text = get(f"http://127.0.0.1:{port}/metrics").decode()
+        assert f"# TYPE {drops} counter" in text
+    finally:
+        if prom is not None:
+            prom.stop()
+        subprocess.run(["ip", "netns", "exec", lb.netns, "nft", "delete", "table", "inet",
+                        DROP_TABLE], capture_output=True)  # fmt: skip
+        serve.send_signal(signal.SIGTERM)
+        _out, err = serve.communicate(timeout=30)
+    assert serve.returncode == 0, err
+
+
 def exposed(port: int, name: str) -> dict[str, float]:
     """{host: value} of one metric, read from serve's /metrics."""
     out = {}
@@ -349,3 +401,84 @@ def test_textfile_once_writes_a_file_promtool_accepts(lab, tmp_path):
     check = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),
                            capture_output=True)  # fmt: skip
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+class PromReader:
+    """Polls a textfile directory as fast as it can, as node_exporter would at any moment:
+    every distinct content of the .prom file, the file's inodes, and any other ``*.prom``
+    file or vanished file it came across."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.path = directory / "ebpfdiag.prom"
+        self.texts: dict[bytes, int] = {}  # content -> order first seen
+        self.inodes: set[int] = set()
+        self.strays: set[str] = set()
+        self.vanished = self.reads = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.poll)
+
+    def poll(self) -> None:
+        while not self.stop.is_set():
+            for name in os.listdir(self.directory):
+                if name.endswith(".prom") and name != self.path.name:
+                    self.strays.add(name)
+            try:
+                with open(self.path, "rb") as f:
+                    self.inodes.add(os.fstat(f.fileno()).st_ino)
+                    data = f.read()
+            except FileNotFoundError:
+                self.vanished += self.reads > 0  # once written, the file is always there
+                continue
+            self.reads += 1
+            self.texts.setdefault(data, len(self.texts))
+
+
+def families(data: bytes) -> set[str]:
+    """Family names of an exposition; a malformed one raises (the parser is strict)."""
+    return {f.name for f in text_string_to_metric_families(data.decode())}
+
+
+def test_textfile_readers_never_see_a_partial_file(lab, tmp_path):
+    """textfile rewrites the file five times a second while a reader polls the directory:
+    every read parses and, once every host is up, has every family; the file is replaced
+    (a new inode each write), never rewritten in place, and no temporary file is left."""
+    out = tmp_path / "prom"
+    out.mkdir()
+    reader = PromReader(out)
+    reader.thread.start()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ebpfdiag", "metrics", "textfile", "-i", lab.inventory,
+         "--hosts", HOSTS, "--dir", str(out), "--interval", "200ms"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            seen = dict(reader.texts)  # a copy: the reader thread adds to it
+            latest = max(seen, key=seen.get, default=b"")
+            if latest.count(b"ebpfdiag_host_up{") == 3 and b"} 0.0" not in b"".join(
+                line for line in latest.splitlines() if line.startswith(b"ebpfdiag_host_up{")
+            ):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("not every host came up in the textfile")
+        assert run_scenario("rst-no-listener", lab).reproduced  # values change between writes
+        time.sleep(5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+        reader.stop.set()
+        reader.thread.join()
+    assert proc.returncode == 0, err
+    ordered = sorted(reader.texts, key=reader.texts.get)
+    full = families(ordered[-1])
+    assert {"ebpfdiag_packet_drops", "ebpfdiag_tcp_resets_sent", "ebpfdiag_host_up"} <= full
+    complete = [i for i, data in enumerate(ordered) if families(data) == full]
+    assert len(ordered) - complete[0] >= 10, len(ordered)  # many distinct writes were read
+    for data in ordered[complete[0] :]:
+        assert families(data) == full, data[-300:]
+    assert len(reader.inodes) >= 10  # renamed over, never rewritten in place
+    assert reader.vanished == 0 and reader.strays == set()
+    assert sorted(p.name for p in out.iterdir()) == ["ebpfdiag.prom"]  # no temp file left

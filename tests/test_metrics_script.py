@@ -21,6 +21,7 @@ from tests.conftest import require, require_root_tools
 
 TOOL = Path(__file__).resolve().parents[1] / "scripts" / "bpf" / "netmetrics.py"
 FORMATS = Path(__file__).resolve().parent / "fixtures" / "tracepoint_formats"
+DROP_FORMATS = Path(__file__).resolve().parent / "fixtures" / "drop"
 NETNS = "ebmx-script"
 
 
@@ -80,6 +81,100 @@ def test_receive_reset_without_state_reads_the_socket_through_btf():
     code = nm.c_state_counter("tcp_receive_reset", "rst_recv", fmt, None, 18)
     assert "rec.skaddr + 18" in code
     assert "rec.skaddr +" not in nm.c_state_counter("tcp_receive_reset", "r", fmt, None, None)
+
+
+class FakeSymbols:
+    """kallsyms stand-in: one known function."""
+
+    def resolve(self, addr: int):
+        return "nf_hook_slow+0x4c" if addr == 0xFFFFFFFF81000100 else None
+
+
+@pytest.mark.parametrize(
+    ("version", "netfilter_drop"), [("5.18", 6), ("6.2", 8), ("6.18", 12)]
+)  # fmt: skip
+def test_drop_reasons_are_named_from_each_kernels_own_format(version, netfilter_drop):
+    names = nm.symbol_names(nm.read_formats(str(DROP_FORMATS / version)))
+    assert nm.drop_name(names, FakeSymbols(), netfilter_drop, 0) == "NETFILTER_DROP"
+    assert nm.drop_name(names, FakeSymbols(), 100000, 0) == "100000"  # unnamed: its number
+
+
+def test_drop_reasons_fall_back_to_the_btf_enum_for_what_the_format_leaves_out():
+    fmt = nm.read_formats(str(DROP_FORMATS / "6.18"))
+    enum = {0: "SKB_NOT_DROPPED_YET", 1: "SKB_CONSUMED", 2: "SKB_DROP_REASON_NOT_SPECIFIED"}
+    names = nm.symbol_names(fmt, enum)
+    assert names["drop"][1] == "SKB_CONSUMED" and names["drop"][12] == "NETFILTER_DROP"
+
+
+def test_a_kernel_without_drop_reasons_labels_drops_by_function_or_unknown():
+    names = nm.symbol_names(nm.read_formats(str(DROP_FORMATS / "5.10")))
+    assert nm.drop_name(names, FakeSymbols(), nm.NO_REASON, 0xFFFFFFFF81000100) == "nf_hook_slow"
+    assert nm.drop_name(names, FakeSymbols(), nm.NO_REASON, 0xFFFFFFFF81999999) == "unknown"
+    assert nm.drop_name(names, FakeSymbols(), nm.NO_REASON, 0) == "unknown"
+
+
+@pytest.mark.parametrize(
+    ("version", "skip_below", "consumed"),
+    [("5.18", "0u", "4294967295u"), ("6.2", "2u", "4294967295u"), ("6.18", "2u", "4294967295u")],
+)  # fmt: skip
+def test_ebpf_drop_program_skips_consumed_packets_by_the_kernels_numbers(
+    version, skip_below, consumed
+):
+    proc = run_tool("--ebpf", "--format-dir", str(DROP_FORMATS / version))
+    assert proc.returncode == 0, proc.stderr
+    assert "int nm_kfree_skb(void *ctx)" in proc.stdout
+    assert f"if (k.reason < {skip_below} || k.reason == {consumed})" in proc.stdout
+    assert "k.loc = rec.location;" not in proc.stdout
+
+
+def test_ebpf_drop_program_counts_by_location_without_a_reason_field():
+    proc = run_tool("--ebpf", "--format-dir", str(DROP_FORMATS / "5.10"))
+    assert proc.returncode == 0, proc.stderr
+    assert "k.loc = rec.location;" in proc.stdout and "rec.reason" not in proc.stdout
+
+
+def test_ebpf_drop_program_with_btf_skips_consumed_and_other_namespaces():
+    enum = {0: "SKB_NOT_DROPPED_YET", 1: "SKB_CONSUMED", 2: "SKB_DROP_REASON_NOT_SPECIFIED"}
+    fmt = nm.read_formats(str(DROP_FORMATS / "6.18"))["kfree_skb"]
+    table = nm.reason_table(fmt, enum)
+    offsets = {"sk_net": 48, "net_inum": 176, "skb_dev": 16, "dev_net": 264}
+    code = nm.c_kfree_skb(fmt, offsets, table, 24)
+    assert "if (k.reason < 2u || k.reason == 1u)" in code
+    assert "__u64 sk = rec.rx_sk;" in code and "(void *)(skb + 24)" in code
+    assert "if (e.netns != OWN_NETNS)" in code  # a drop of no known namespace is not ours
+
+
+DROP_COMPILE = r"""
+import importlib.util, json, os, sys
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+spec = importlib.util.spec_from_file_location("netmetrics", sys.argv[1])
+m = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(m)
+formats = m.read_formats(None)
+formats["kfree_skb"] = m.read_formats(sys.argv[2])["kfree_skb"]
+(offsets, _), (tuples, _) = m.btf_offsets()
+_enum, skb_sk = m.drop_btf()
+text = m.build_program(formats, offsets, tuples["skc_state"], m.own_netns(), None, skb_sk)
+from bcc import BPF
+b = BPF(text=text)
+b.load_func("nm_kfree_skb", BPF.TRACEPOINT)
+print(json.dumps("k.loc = rec.location;" in text))
+"""
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("version", ["5.10", "5.18", "6.2", "6.18"])
+def test_recorded_drop_formats_compile_and_load(version):
+    require(os.path.exists(SYSTEM_PYTHON), "needs the system python3")
+    require(Path("/usr/lib/python3/dist-packages/bcc").is_dir(), "needs python3-bpfcc")
+    proc = subprocess.run(
+        [SYSTEM_PYTHON, "-c", DROP_COMPILE, str(TOOL), str(DROP_FORMATS / version)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) is (version == "5.10")  # by location only without reasons
 
 
 COMPILE = r"""
@@ -170,8 +265,10 @@ def test_real_run_counts_resets_and_connect_times_in_its_namespace(netns):
         hello = first[0]
         assert hello["families"]["tcp_resets_sent"]["labels"] == ["reason", "state", "port"]
         assert set(hello["attach"]) == {
-            "tcp_send_reset", "tcp_receive_reset", "tcp_retransmit_skb", "inet_sock_set_state"
+            "tcp_send_reset", "tcp_receive_reset", "tcp_retransmit_skb", "inet_sock_set_state",
+            "kfree_skb",
         }  # fmt: skip
+        assert hello["families"]["packet_drops"]["labels"] == ["reason"]
         # resets in another namespace (this one) must not be counted
         with socket.socket() as s, pytest.raises(ConnectionRefusedError):
             s.connect(("127.0.0.1", 1))

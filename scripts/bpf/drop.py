@@ -96,6 +96,7 @@ import time
 
 from core.btf import BTF_VMLINUX, NETNS_PATHS, TUPLE_PATHS, Btf, c_netns_lookup
 from core.discovery import discover_addrs, kernel_version, own_netns
+from core.dropreasons import reason_count, reason_table
 from core.events import C_LOST, RINGBUF_MIN_KERNEL, Output, c_submit, now_ns
 from core.lifecycle import SetupError, Stop, StopState
 from core.netstat import NetstatDelta
@@ -118,7 +119,6 @@ DEFAULT_RATE = 1000
 BURST = 100
 NO_REASON = 0xFFFFFFFF
 COUNTS_SIZE = 4096  # (reason, location) pairs counted in the kernel
-REASON_PREFIX = "SKB_DROP_REASON_"
 # lost[] slots in the kernel: records lost (buffer full) and counters that could not grow.
 LOST_DROPS, LOST_RETRANS, SUPPRESSED, COUNTS_FULL = 0, 1, 2, 3
 
@@ -157,53 +157,6 @@ def read_formats(fmt_dir) -> dict:
             except OSError:
                 continue
     return formats
-
-
-def short_reason(name: str) -> str:
-    """BTF enumerator -> the name the tracepoint prints (SKB_DROP_REASON_X -> X)."""
-    return name[len(REASON_PREFIX) :] if name.startswith(REASON_PREFIX) else name
-
-
-def reason_table(fmt, btf_enum) -> dict:
-    """Where this kernel's reason names come from, and which numbers are not drops.
-
-    Returns {"source": "format" | "btf" | "none", "names": {num: name}, "has_field",
-    "first_drop": the number of NOT_SPECIFIED (every enumerator before it, such as
-    SKB_NOT_DROPPED_YET and SKB_CONSUMED, marks a packet that was not dropped),
-    "consumed": the number of SKB_CONSUMED or None}. The print format is the tracepoint's
-    own table; BTF fills in what it leaves out (6.18 prints from NOT_SPECIFIED on).
-    """
-    has_field = fmt is not None and "reason" in field_map(fmt)
-    table = {"source": "none", "names": {}, "has_field": has_field, "first_drop": 0}
-    table["consumed"] = None
-    if not has_field:
-        return table
-    printed = dict(fmt["symbols"].get("reason", {}))
-    from_btf = {}
-    for num, name in (btf_enum or {}).items():
-        if name.startswith(REASON_PREFIX) or name in ("SKB_CONSUMED", "SKB_NOT_DROPPED_YET"):
-            if name.startswith(REASON_PREFIX + "SUBSYS_") or name == REASON_PREFIX + "MAX":
-                continue
-            from_btf[num] = short_reason(name)
-    names = dict(from_btf)
-    names.update(printed)
-    names = dict((n, v) for n, v in names.items() if v != "MAX")
-    if printed:
-        table["source"] = "format"
-    elif from_btf:
-        table["source"] = "btf"
-    table["names"] = names
-    by_name = dict((v, n) for n, v in names.items())
-    table["first_drop"] = by_name.get("NOT_SPECIFIED", 0)
-    for consumed in ("SKB_CONSUMED", "CONSUMED"):
-        if consumed in by_name:
-            table["consumed"] = by_name[consumed]
-    return table
-
-
-def reason_count(table: dict) -> int:
-    """Drop reasons named (the non-drop markers before NOT_SPECIFIED left out)."""
-    return len([n for n in table["names"] if n >= table["first_drop"]])
 
 
 # --------------------------------------------------------------------------------------

@@ -5,9 +5,14 @@ Counts in BPF maps (nothing per event leaves the kernel): TCP resets sent, by ke
 socket state and local listening port (tcp:tcp_send_reset); resets received, by state and
 port (tcp:tcp_receive_reset; where its format has no state, the socket's through BTF);
 retransmissions by state and port (tcp:tcp_retransmit_skb); the time from SYN sent to
-established as a log2 histogram (sock:inet_sock_set_state, keyed by socket); and, from
-this namespace's /proc/net/netstat, listen queue overflows and drops. Reason and state
-names come from the live format files' __print_symbolic tables, never from a fixed table.
+established as a log2 histogram (sock:inet_sock_set_state, keyed by socket); packets
+dropped, by drop reason (skb:kfree_skb; packets freed as consumed, SKB_CONSUMED and every
+number before NOT_SPECIFIED, are not drops; a kernel without the reason field labels a
+drop by the function that dropped it, or "unknown"); and, from this namespace's
+/proc/net/netstat, listen queue overflows and drops. Reason and state names come from the
+live format files' __print_symbolic tables (drop reasons also from the BTF enum
+skb_drop_reason), never from a fixed table. Only this network namespace's events are
+counted; a drop whose namespace cannot be told (no socket, no device) is not.
 
 Every interval one `delta` record carries what changed since the last one (only rows that
 changed; an empty delta is a heartbeat). A family is declared once in hello (type, label
@@ -45,14 +50,17 @@ Fields:
 import ctypes
 import os
 import signal
+import struct
 import sys
 import time
 
-from core.btf import btf_offsets, c_netns_lookup
+from core.btf import BTF_VMLINUX, Btf, btf_offsets, c_netns_lookup
 from core.discovery import own_netns
+from core.dropreasons import location_label, reason_table
 from core.events import Output, now_ns
 from core.lifecycle import SetupError, Stop, StopState
 from core.params import ParamError, parse
+from core.symbols import Symbols
 from core.tracepoints import (
     TCP_STATES,
     TRACEFS_DIRS,
@@ -70,6 +78,7 @@ PROBES = (
     ("tcp", "tcp_receive_reset"),
     ("tcp", "tcp_retransmit_skb"),
     ("sock", "inet_sock_set_state"),
+    ("skb", "kfree_skb"),
 )
 NO_REASON = 0xFFFFFFFF  # the kernel's format has no reason field
 HIST_SLOTS = 32  # log2 microseconds: slot s holds values below 2**s us (slot 0: below 1 us)
@@ -105,6 +114,12 @@ FAMILIES = {
         "type": "counter",
         "labels": [],
         "help": "SYNs dropped at a listener (TcpExt ListenDrops of the namespace)",
+    },
+    "packet_drops": {
+        "type": "counter",
+        "labels": ["reason"],
+        "help": "Packets this host's kernel dropped (skb:kfree_skb), by drop reason (on "
+        "kernels without one, the function that dropped the packet)",
     },
     "tcp_connect_seconds": {
         "type": "histogram",
@@ -157,10 +172,12 @@ C_COMMON = r"""
 struct nm_scope { __u32 netns; };
 struct rst_key { __u32 reason; __s32 state; __u32 port; };
 struct st_key { __s32 state; __u32 port; };
+struct drop_key { __u64 loc; __u32 reason; __u32 pad; };  /* loc: kernels without reasons */
 
 BPF_HASH(rst_sent, struct rst_key, __u64, %(entries)d);
 BPF_HASH(rst_recv, struct st_key, __u64, %(entries)d);
 BPF_HASH(retrans, struct st_key, __u64, %(entries)d);
+BPF_HASH(drops, struct drop_key, __u64, %(entries)d);
 BPF_HASH(syn_start, __u64, __u64, %(syn_entries)d);
 BPF_ARRAY(conn_hist, __u64, HIST_SLOTS);
 BPF_ARRAY(conn_sum, __u64, 1);               /* ns */
@@ -321,8 +338,53 @@ def c_set_state(fmt: dict, offsets) -> str:
     return "\n".join(line for line in body if line)
 
 
-def build_program(formats: dict, offsets, sk_state_off, netns: int) -> str:
-    """The whole C program for the probes whose formats are known (one compile)."""
+def c_kfree_skb(fmt: dict, offsets, reasons: dict, skb_sk_off) -> str:
+    """Drops by reason (or, without a reason field, by location) in this namespace only:
+    the socket's namespace (the record's rx_sk, else skb->sk through BTF), else the
+    device's. Without BTF offsets every namespace's drops are counted, as in the other
+    programs."""
+    fields = field_map(fmt)
+    body = [
+        c_tracepoint_struct("tp_kfree_skb", fmt),
+        "int nm_kfree_skb(void *ctx)\n{",
+        "\tstruct tp_kfree_skb rec = {};",
+        "\tif (bpf_probe_read_kernel(&rec, sizeof(rec), ctx) != 0)\n\t\treturn 0;",
+        "\tstruct drop_key k = {};",
+    ]
+    reason = fields.get("reason")
+    if reasons["has_field"] and reason and reason["size"] in (1, 2, 4):
+        consumed = reasons["consumed"]
+        body.append("\t__builtin_memcpy(&k.reason, &rec.reason, %d);" % reason["size"])
+        body.append(
+            "\tif (k.reason < %du || k.reason == %du)\n"
+            "\t\treturn 0;                /* not a drop: consumed or not dropped yet */"
+            % (reasons["first_drop"], NO_REASON if consumed is None else consumed)
+        )
+    else:
+        body.append("\tk.reason = %du;             /* no drop reasons: by location */" % NO_REASON)
+        body.append("\tk.loc = rec.location;")
+    if offsets:
+        body.append("\tstruct nm_scope e = {};")
+        body.append("\t__u64 skb = rec.skbaddr;")
+        body.append("\t__u64 sk = %s;" % ("rec.rx_sk" if "rx_sk" in fields else "0"))
+        if skb_sk_off is not None:
+            body.append(
+                "\tif (!sk && skb)\n"
+                "\t\tbpf_probe_read_kernel(&sk, sizeof(sk), (void *)(skb + %d));" % skb_sk_off
+            )
+        body.append(c_netns_lookup(offsets, "sk", "skb"))
+        body.append(
+            "\tif (e.netns != OWN_NETNS)\n"
+            "\t\treturn 0;                /* no socket, no device: not this host's to claim */"
+        )
+    body.append(c_bump("drops", "k"))
+    return "\n".join(line for line in body if line)
+
+
+def build_program(formats: dict, offsets, sk_state_off, netns: int, drop_enum=None,
+                  skb_sk_off=None) -> str:  # fmt: skip
+    """The whole C program for the probes whose formats are known (one compile); drop
+    reasons from the kfree_skb format and `drop_enum` (BTF enum skb_drop_reason)."""
     parts = [
         C_COMMON
         % {
@@ -342,7 +404,28 @@ def build_program(formats: dict, offsets, sk_state_off, netns: int) -> str:
         parts.append(c_state_counter("tcp_retransmit_skb", "retrans", fmt, offsets, sk_state_off))
     if "inet_sock_set_state" in formats:
         parts.append(c_set_state(formats["inet_sock_set_state"], offsets))
+    if "kfree_skb" in formats:
+        fmt = formats["kfree_skb"]
+        parts.append(c_kfree_skb(fmt, offsets, reason_table(fmt, drop_enum), skb_sk_off))
     return "\n".join(parts)
+
+
+def drop_btf(path: str = BTF_VMLINUX) -> tuple:
+    """(enum skb_drop_reason or None, offset of sk_buff.sk or None): one read of BTF."""
+    try:
+        with open(path, "rb") as f:
+            btf = Btf(f.read())
+    except (OSError, ValueError, struct.error):
+        return None, None
+    try:
+        enum = btf.enum("skb_drop_reason")
+    except (KeyError, struct.error):
+        enum = None
+    try:
+        skb_sk = btf.field("sk_buff", ("sk",), 8)
+    except (KeyError, IndexError, TypeError, struct.error):
+        skb_sk = None
+    return enum, skb_sk
 
 
 # --------------------------------------------------------------------------------------
@@ -350,15 +433,17 @@ def build_program(formats: dict, offsets, sk_state_off, netns: int) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def symbol_names(formats: dict) -> dict:
-    """{"reason": {num: name}, "state": {num: name}} from the live formats' print fmt
-    (the state table falls back to the ABI's TCP state names)."""
+def symbol_names(formats: dict, drop_enum=None) -> dict:
+    """{"reason": {num: name}, "state": {num: name}, "drop": {num: name}} from the live
+    formats' print fmt (the state table falls back to the ABI's TCP state names, drop
+    reasons to the BTF enum)."""
     send = formats.get("tcp_send_reset", {}).get("symbols", {})
     states = {v: k for k, v in TCP_STATES.items()}
     for fmt in formats.values():
         for field in ("state", "newstate", "oldstate"):
             states.update(fmt.get("symbols", {}).get(field, {}))
-    return {"reason": dict(send.get("reason", {})), "state": states}
+    drops = reason_table(formats.get("kfree_skb"), drop_enum)["names"]
+    return {"reason": dict(send.get("reason", {})), "state": states, "drop": drops}
 
 
 def state_name(names: dict, num: int) -> str:
@@ -373,6 +458,13 @@ def reason_name(names: dict, num: int) -> str:
     if num == NO_REASON:
         return "unknown"
     return names["reason"].get(num, str(num))
+
+
+def drop_name(names: dict, symbols, reason: int, loc: int) -> str:
+    """A drop's label: its reason's name, or on kernels without reasons its function."""
+    if reason == NO_REASON:
+        return location_label(symbols, loc)
+    return names["drop"].get(reason, str(reason))
 
 
 def port_label(port: int) -> str:
@@ -460,6 +552,7 @@ class Session:
         self.bpf = None
         self.formats = {}
         self.names = {}
+        self.symbols = Symbols()  # read only on a kernel without drop reasons
         self.attach = {}
         self.missing = []
         self.prev = {}
@@ -489,8 +582,15 @@ class Session:
         if why:
             self.missing.append({"probe": "btf:netns", "why": why})
         sk_state = tuples.get("skc_state") if tuples else None
-        self.names = symbol_names(self.formats)
-        text = build_program(self.formats, offsets, sk_state, own_netns())
+        drop_enum, skb_sk = drop_btf() if "kfree_skb" in self.formats else (None, None)
+        kfree = self.formats.get("kfree_skb")
+        if kfree is not None and not reason_table(kfree, drop_enum)["has_field"]:
+            self.missing.append(
+                {"probe": "kfree_skb:reason", "why": "this kernel's kfree_skb has no drop "
+                 "reason: drops are labelled by the function that dropped them"}
+            )  # fmt: skip
+        self.names = symbol_names(self.formats, drop_enum)
+        text = build_program(self.formats, offsets, sk_state, own_netns(), drop_enum, skb_sk)
         try:
             self.bpf = BPF(text=text)
         except Exception as exc:
@@ -564,6 +664,11 @@ class Session:
                 rows[key] = rows.get(key, 0) + v.value
             counters[family] = rows
         counters["tcp_resets_sent"] = sent
+        drops = {}
+        for k, v in b["drops"].items():
+            key = (drop_name(self.names, self.symbols, k.reason, k.loc),)
+            drops[key] = drops.get(key, 0) + v.value
+        counters["packet_drops"] = drops
         netstat = self.read_netstat()
         for family, value in netstat.items():
             before = self.prev_netstat.get(family, value)
@@ -671,7 +776,8 @@ def print_ebpf(args, out) -> int:
     else:
         (offsets, _), (tuples, _) = btf_offsets()
     sk_state = tuples.get("skc_state") if tuples else None
-    out.write(build_program(formats, offsets, sk_state, own_netns()) + "\n")
+    drop_enum, skb_sk = (None, None) if args.format_dir else drop_btf()
+    out.write(build_program(formats, offsets, sk_state, own_netns(), drop_enum, skb_sk) + "\n")
     return 0
 
 

@@ -41,9 +41,9 @@ def metrics() -> None:
     """Continuous TCP metrics from many hosts for Prometheus, counted in their kernels.
 
     Resets sent (by kernel reason, socket state, listening port) and received,
-    retransmissions, listen queue overflows and drops, and connection set-up time, per
-    host. Hosts that drop off are reconnected with backoff; their counters continue. See
-    docs/metrics.md for names and alert rules.
+    retransmissions, listen queue overflows and drops, connection set-up time, and packets
+    dropped by the kernel's drop reason, per host. Hosts that drop off are reconnected with
+    backoff; their counters continue. See docs/metrics.md for names and alert rules.
     """
 
 
@@ -215,6 +215,22 @@ def serve(
     return EXIT_INTERRUPTED if interrupted else EXIT_OK
 
 
+def check_textfile_dir(path: Path) -> None:
+    """Refuse a directory the file could not be renamed into, before any host is contacted.
+
+    Probed with a temporary file whose name the collector ignores: creating the .prom file
+    itself would show the collector an empty file until the first write."""
+    import tempfile
+
+    if path.is_dir():
+        raise UsageError(f"cannot write {path}: is a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.check."):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 class TextfileTick:
     """Writes the file every interval; with ``once``, when every host has reported or
     failed once, then stops the run."""
@@ -286,7 +302,7 @@ def textfile(
     if not directory.is_dir():
         raise UsageError(f"--dir {directory}: not a directory")
     path = directory / TEXTFILE
-    App.check_writable(path)
+    check_textfile_dir(path)
     runner = Runner(app, interval, port_labels, host_labels)
     tick = TextfileTick(app, runner, path, once)
     started = time.monotonic()
