@@ -88,7 +88,6 @@ Fields:
 import ctypes
 import ipaddress
 import os
-import signal
 import socket
 import struct
 import sys
@@ -97,11 +96,11 @@ import time
 from core.btf import BTF_VMLINUX, NETNS_PATHS, TUPLE_PATHS, Btf, c_netns_lookup
 from core.discovery import discover_addrs, kernel_version, own_netns
 from core.dropreasons import reason_count, reason_table
-from core.events import C_LOST, RINGBUF_MIN_KERNEL, Output, c_submit, now_ns
-from core.lifecycle import SetupError, Stop, StopState
+from core.events import C_LOST, RINGBUF_MIN_KERNEL, BufferCallbacks, Output, c_submit, now_ns
+from core.lifecycle import SetupError, Stop
 from core.netstat import NetstatDelta
-from core.params import ParamError, parse
 from core.symbols import Symbols
+from core.tool import parse_tool_args, run_tool
 from core.tracepoints import (
     TCP_STATES,
     TRACEFS_DIRS,
@@ -127,10 +126,6 @@ DROP_FMT = "=QQIIIIIHHHHBBBB16s16s"
 RETRANS_FMT = "=QIiHHBB2x16s16s"
 COUNT_KEY_FMT = "=QI4x"
 COUNT_VAL_FMT = "=QQ"
-
-
-class ArgError(Exception):
-    """A bad command-line argument: exit code 2."""
 
 
 # --------------------------------------------------------------------------------------
@@ -659,7 +654,7 @@ def make_plan(args, formats: dict, offsets, btf_enum) -> dict:
     }
 
 
-class Session:
+class Session(BufferCallbacks):
     """One run: compile, attach, stream records, and undo every attachment."""
 
     def __init__(self, args, out: Output, stop) -> None:
@@ -746,32 +741,6 @@ class Session:
         b["retrans_events"].open_perf_buffer(
             self._perf_cb(self._on_retrans), page_cnt=16, lost_cb=self._lost_cb(1)
         )
-
-    # -- callbacks: exceptions cannot cross the C boundary, so they park a stop reason ----
-
-    def _guard(self, handler, data, size) -> int:
-        if self.out.broken:
-            return 0
-        self.stop.in_callback = True
-        try:
-            handler(ctypes.string_at(data, size))
-        except Stop as exc:
-            self.stop.reason = self.stop.reason or exc.reason
-        finally:
-            self.stop.in_callback = False
-        return 0
-
-    def _ring_cb(self, handler):
-        return lambda ctx, data, size: self._guard(handler, data, size)
-
-    def _perf_cb(self, handler):
-        return lambda cpu, data, size: self._guard(handler, data, size)
-
-    def _lost_cb(self, idx: int):
-        def lost(count):
-            self.perf_lost[idx] += count
-
-        return lost
 
     def _ifname(self, ifindex: int):
         if ifindex not in self.ifnames:
@@ -913,11 +882,11 @@ class Session:
                 errors.append("detach %s: %s" % (probe, exc))
         return errors
 
-    def cleanup(self, final: bool = False) -> list:
-        """Detach every probe, then (with `final`) deliver what is buffered and the final
+    def cleanup(self) -> list:
+        """Detach every probe, then (once it was ready) deliver what is buffered and the final
         counts, then free the programs and maps. Returns errors."""
         errors = self.detach()
-        if final and self.bpf is not None and not self.out.broken:
+        if self.ready and self.bpf is not None and not self.out.broken:
             try:
                 if self.plan["buffer"] == "ringbuf":
                     self.bpf.ring_buffer_poll(0)
@@ -966,14 +935,7 @@ PARAMS = [
 
 
 def parse_args(argv):
-    doc = (__doc__ or "").split("\n\n", 1)
-    try:
-        args = parse(PARAMS, argv, SCRIPT, doc[0], doc[1] if len(doc) > 1 else None)
-    except ParamError as exc:
-        raise ArgError(str(exc)) from None
-    if args.format_dir and not args.ebpf:
-        raise ArgError("--format-dir only goes with --ebpf")
-    return args
+    return parse_tool_args(PARAMS, argv, SCRIPT, __doc__)
 
 
 def print_ebpf(args, out) -> int:
@@ -994,54 +956,7 @@ def print_ebpf(args, out) -> int:
 
 
 def main(argv=None) -> int:
-    out = Output(sys.stdout)
-    try:
-        args = parse_args(argv)
-    except ArgError as exc:
-        sys.stderr.write("%s: %s\n" % (SCRIPT, exc))
-        out.write({"type": "bye", "reason": "error", "error": str(exc)})
-        out.flush()
-        return 2
-    if args.ebpf:
-        return print_ebpf(args, sys.stdout)
-    stop = StopState()
-    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(signum, stop.handler)
-    session = Session(args, out, stop)
-    bye = {"type": "bye", "reason": "error"}
-    code = 1
-    try:
-        try:
-            session.setup()
-            out.write(session.hello())
-            out.write({"type": "ready"})
-            out.flush()
-            session.ready = True
-            bye["reason"] = session.run()
-            code = 0
-        except Stop as exc:
-            bye["reason"] = exc.reason
-            code = 0
-        except KeyboardInterrupt:
-            bye["reason"] = "signal"
-            code = 0
-        except SetupError as exc:
-            bye["error"] = str(exc)
-        except Exception as exc:  # noqa: BLE001 - report, clean up, exit 1
-            bye["error"] = "%s: %s" % (type(exc).__name__, exc)
-    finally:
-        stop.cleaning = True
-        errors = session.cleanup(final=session.ready)
-    if errors:
-        sys.stderr.write("%s: cleanup: %s\n" % (SCRIPT, "; ".join(errors)))
-    if code:
-        sys.stderr.write("%s: %s\n" % (SCRIPT, bye.get("error")))
-    try:
-        out.write(bye)
-        out.flush()
-    except Stop:
-        pass
-    return code
+    return run_tool(SCRIPT, argv, parse_args, print_ebpf, Session)
 
 
 if __name__ == "__main__":

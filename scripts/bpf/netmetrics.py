@@ -49,7 +49,6 @@ Fields:
 
 import ctypes
 import os
-import signal
 import struct
 import sys
 import time
@@ -58,9 +57,9 @@ from core.btf import BTF_VMLINUX, Btf, btf_offsets, c_netns_lookup
 from core.discovery import own_netns
 from core.dropreasons import location_label, reason_table
 from core.events import Output, now_ns
-from core.lifecycle import SetupError, Stop, StopState
-from core.params import ParamError, parse
+from core.lifecycle import SetupError
 from core.symbols import Symbols
+from core.tool import parse_tool_args, run_tool
 from core.tracepoints import (
     TCP_STATES,
     TRACEFS_DIRS,
@@ -130,10 +129,6 @@ FAMILIES = {
         "bounds": [2**s * 1e-6 for s in range(HIST_SLOTS)],
     },
 }
-
-
-class ArgError(Exception):
-    """A bad command-line argument: exit code 2."""
 
 
 # --------------------------------------------------------------------------------------
@@ -759,14 +754,7 @@ PARAMS = [
 
 
 def parse_args(argv):
-    doc = (__doc__ or "").split("\n\n", 1)
-    try:
-        args = parse(PARAMS, argv, SCRIPT, doc[0], doc[1] if len(doc) > 1 else None)
-    except ParamError as exc:
-        raise ArgError(str(exc)) from None
-    if args.format_dir and not args.ebpf:
-        raise ArgError("--format-dir only goes with --ebpf")
-    return args
+    return parse_tool_args(PARAMS, argv, SCRIPT, __doc__)
 
 
 def print_ebpf(args, out) -> int:
@@ -782,53 +770,7 @@ def print_ebpf(args, out) -> int:
 
 
 def main(argv=None) -> int:
-    out = Output(sys.stdout)
-    try:
-        args = parse_args(argv)
-    except ArgError as exc:
-        sys.stderr.write("%s: %s\n" % (SCRIPT, exc))
-        out.write({"type": "bye", "reason": "error", "error": str(exc)})
-        out.flush()
-        return 2
-    if args.ebpf:
-        return print_ebpf(args, sys.stdout)
-    stop = StopState()
-    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(signum, stop.handler)
-    session = Session(args, out, stop)
-    bye = {"type": "bye", "reason": "error"}
-    code = 1
-    try:
-        try:
-            session.setup()
-            out.write(session.hello())
-            out.write({"type": "ready"})
-            out.flush()
-            bye["reason"] = session.run()
-            code = 0
-        except Stop as exc:
-            bye["reason"] = exc.reason
-            code = 0
-        except KeyboardInterrupt:
-            bye["reason"] = "signal"
-            code = 0
-        except SetupError as exc:
-            bye["error"] = str(exc)
-        except Exception as exc:  # noqa: BLE001 - report, clean up, exit 1
-            bye["error"] = "%s: %s" % (type(exc).__name__, exc)
-    finally:
-        stop.cleaning = True
-        errors = session.cleanup()
-    if errors:
-        sys.stderr.write("%s: cleanup: %s\n" % (SCRIPT, "; ".join(errors)))
-    if code:
-        sys.stderr.write("%s: %s\n" % (SCRIPT, bye.get("error")))
-    try:
-        out.write(bye)
-        out.flush()
-    except Stop:
-        pass
-    return code
+    return run_tool(SCRIPT, argv, parse_args, print_ebpf, Session)
 
 
 if __name__ == "__main__":

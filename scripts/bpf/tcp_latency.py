@@ -132,7 +132,6 @@ import contextlib
 import ctypes
 import json
 import os
-import signal
 import struct
 import sys
 import threading
@@ -140,8 +139,8 @@ import time
 
 from core.btf import btf_offsets, c_netns_lookup
 from core.discovery import discover_addrs, discover_links, kernel_version, own_netns
-from core.events import C_LOST, RINGBUF_MIN_KERNEL, Output, c_submit, now_ns
-from core.lifecycle import SetupError, Stop, StopState
+from core.events import C_LOST, RINGBUF_MIN_KERNEL, BufferCallbacks, Output, c_submit, now_ns
+from core.lifecycle import SetupError, Stop
 from core.natports import discover_nat_ports
 from core.packet import (
     C_FILTER_MAPS,
@@ -153,8 +152,9 @@ from core.packet import (
     fill_filters,
     tcp_fields,
 )
-from core.params import ParamError, convert, parse
+from core.params import ParamError, convert
 from core.tc import TCX_UNSUPPORTED, TcHooks, TcxLinks, bpf_syscall_number, kernel_has_tcx
+from core.tool import parse_tool_args, run_tool
 from core.tracepoints import (
     TCP_STATES,
     TRACEFS_DIRS,
@@ -185,10 +185,6 @@ EVENT_STRUCT = struct.Struct(EVENT_FMT)
 EVENT_SIZE = EVENT_STRUCT.size
 SOCK_SIZE = struct.calcsize(SOCK_FMT)
 STATE_NAMES = dict((v, k) for k, v in TCP_STATES.items())
-
-
-class ArgError(Exception):
-    """A bad command-line argument: exit code 2."""
 
 
 # --------------------------------------------------------------------------------------
@@ -845,7 +841,7 @@ def make_plan(args, formats: dict, offsets, tuples) -> dict:
     }
 
 
-class Session:
+class Session(BufferCallbacks):
     """One run: compile, attach, stream records, and undo every attachment."""
 
     def __init__(self, args, out: Output, stop) -> None:
@@ -1004,32 +1000,6 @@ class Session:
             self._perf_cb(self._on_sock), page_cnt=SOCK_PAGES, lost_cb=self._lost_cb(1)
         )
 
-    # -- callbacks: exceptions cannot cross the C boundary, so they park a stop reason ----
-
-    def _guard(self, handler, data, size) -> int:
-        if self.out.broken:
-            return 0
-        self.stop.in_callback = True
-        try:
-            handler(ctypes.string_at(data, size))
-        except Stop as exc:
-            self.stop.reason = self.stop.reason or exc.reason
-        finally:
-            self.stop.in_callback = False
-        return 0
-
-    def _ring_cb(self, handler):
-        return lambda ctx, data, size: self._guard(handler, data, size)
-
-    def _perf_cb(self, handler):
-        return lambda cpu, data, size: self._guard(handler, data, size)
-
-    def _lost_cb(self, idx: int):
-        def lost(count):
-            self.perf_lost[idx] += count
-
-        return lost
-
     def _on_packet(self, raw: bytes) -> None:
         write_line(self.out, self.lines.line(raw))
 
@@ -1161,11 +1131,11 @@ class Session:
                 errors.append("detach %s: %s" % (probe, exc))
         return errors
 
-    def cleanup(self, final: bool = False) -> list:
-        """Detach every probe, then (with `final`) deliver what is buffered and the last
+    def cleanup(self) -> list:
+        """Detach every probe, then (once it was ready) deliver what is buffered and the last
         counts, then free the programs and maps. Returns errors."""
         errors = self.detach()
-        if final and self.bpf is not None and not self.out.broken:
+        if self.ready and self.bpf is not None and not self.out.broken:
             try:
                 self._poll(0)
                 self._report_lost()
@@ -1231,14 +1201,7 @@ def ebpfdiag_control(text):
 
 
 def parse_args(argv):
-    doc = (__doc__ or "").split("\n\n", 1)
-    try:
-        args = parse(PARAMS, argv, SCRIPT, doc[0], doc[1] if len(doc) > 1 else None)
-    except ParamError as exc:
-        raise ArgError(str(exc)) from None
-    if args.format_dir and not args.ebpf:
-        raise ArgError("--format-dir only goes with --ebpf")
-    return args
+    return parse_tool_args(PARAMS, argv, SCRIPT, __doc__)
 
 
 def print_ebpf(args, out) -> int:
@@ -1256,56 +1219,7 @@ def print_ebpf(args, out) -> int:
 
 
 def main(argv=None) -> int:
-    out = Output(sys.stdout)
-    try:
-        args = parse_args(argv)
-    except ArgError as exc:
-        sys.stderr.write("%s: %s\n" % (SCRIPT, exc))
-        out.write({"type": "bye", "reason": "error", "error": str(exc)})
-        out.flush()
-        return 2
-    if args.ebpf:
-        return print_ebpf(args, sys.stdout)
-    stop = StopState()
-    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(signum, stop.handler)
-    session = Session(args, out, stop)
-    LIVE["session"] = session
-    bye = {"type": "bye", "reason": "error"}
-    code = 1
-    try:
-        try:
-            session.setup()
-            out.write(session.hello())
-            out.write({"type": "ready"})
-            out.flush()
-            session.ready = True
-            bye["reason"] = session.run()
-            code = 0
-        except Stop as exc:
-            bye["reason"] = exc.reason
-            code = 0
-        except KeyboardInterrupt:
-            bye["reason"] = "signal"
-            code = 0
-        except SetupError as exc:
-            bye["error"] = str(exc)
-        except Exception as exc:  # noqa: BLE001 - report, clean up, exit 1
-            bye["error"] = "%s: %s" % (type(exc).__name__, exc)
-    finally:
-        stop.cleaning = True
-        LIVE.pop("session", None)
-        errors = session.cleanup(final=session.ready)
-    if errors:
-        sys.stderr.write("%s: cleanup: %s\n" % (SCRIPT, "; ".join(errors)))
-    if code:
-        sys.stderr.write("%s: %s\n" % (SCRIPT, bye.get("error")))
-    try:
-        out.write(bye)
-        out.flush()
-    except Stop:
-        pass
-    return code
+    return run_tool(SCRIPT, argv, parse_args, print_ebpf, Session, live=LIVE)
 
 
 if __name__ == "__main__":

@@ -100,7 +100,6 @@ Fields:
 import contextlib
 import ctypes
 import os
-import signal
 import struct
 import sys
 import threading
@@ -120,11 +119,12 @@ from core.events import (
     C_BUFFERS_RINGBUF,
     C_LOST,
     RINGBUF_MIN_KERNEL,
+    BufferCallbacks,
     Output,
     c_submit,
     now_ns,
 )
-from core.lifecycle import SetupError, Stop, StopState
+from core.lifecycle import SetupError, Stop
 from core.natports import start_nat_ports
 from core.packet import (
     C_FILTER_MAPS,
@@ -137,8 +137,9 @@ from core.packet import (
     c_filters,
     fill_filters,
 )
-from core.params import ParamError, convert, parse
+from core.params import ParamError, convert
 from core.tc import TCX_UNSUPPORTED, TcHooks, TcxLinks, bpf_syscall_number, tcx_expected
+from core.tool import parse_tool_args, run_tool
 from core.tracepoints import (
     TCP_STATES,
     TRACEFS_DIRS,
@@ -169,10 +170,6 @@ RESET_FMT = "=QIIiiHHHH16s16s16sBBBxIII"
 FLOW_MAP_SIZE = 16384  # entries of the kernel's per-flow LRU map (bounds the final dump)
 HIST_HEAD_FMT = "=IIII"  # struct hist after its key: head, count, hs_mask, pad
 V4_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
-
-
-class ArgError(Exception):
-    """A bad command-line argument: exit code 2."""
 
 
 # --------------------------------------------------------------------------------------
@@ -1003,7 +1000,7 @@ def make_plan(args, formats: dict, offsets, tuple_offsets=None, links=None) -> d
     }
 
 
-class Session:
+class Session(BufferCallbacks):
     """One run: compile, attach, stream records, and undo every attachment."""
 
     def __init__(self, args, out: Output, stop) -> None:
@@ -1224,32 +1221,6 @@ class Session:
             self._perf_cb(self._on_reset), page_cnt=16, lost_cb=self._lost_cb(1)
         )
 
-    # -- callbacks: exceptions cannot cross the C boundary, so they park a stop reason ----
-
-    def _guard(self, handler, data, size) -> int:
-        if self.out.broken:
-            return 0
-        self.stop.in_callback = True
-        try:
-            handler(ctypes.string_at(data, size))
-        except Stop as exc:
-            self.stop.reason = self.stop.reason or exc.reason
-        finally:
-            self.stop.in_callback = False
-        return 0
-
-    def _ring_cb(self, handler):
-        return lambda ctx, data, size: self._guard(handler, data, size)
-
-    def _perf_cb(self, handler):
-        return lambda cpu, data, size: self._guard(handler, data, size)
-
-    def _lost_cb(self, idx: int):
-        def lost(count):
-            self.perf_lost[idx] += count
-
-        return lost
-
     def _on_packet(self, raw: bytes) -> None:
         for record in decode_packets(raw, self.ifnames):
             self.out.write(record)
@@ -1428,11 +1399,11 @@ class Session:
             if count:
                 self.out.write({"type": "lost", "count": count, "source": source})
 
-    def cleanup(self, dump: bool = False) -> list:
-        """Detach every probe and filter, then (with `dump`) emit what the kernel kept,
+    def cleanup(self) -> list:
+        """Detach every probe and filter, then (once it was ready) emit what the kernel kept,
         then free the programs and maps. Returns errors."""
         errors = self.detach()
-        if dump and self.bpf is not None and not self.out.broken:
+        if self.ready and self.bpf is not None and not self.out.broken:
             try:
                 self.drain()
                 self.dump_kept()
@@ -1498,14 +1469,7 @@ def ebpfdiag_control(text):
 
 
 def parse_args(argv):
-    doc = (__doc__ or "").split("\n\n", 1)
-    try:
-        args = parse(PARAMS, argv, SCRIPT, doc[0], doc[1] if len(doc) > 1 else None)
-    except ParamError as exc:
-        raise ArgError(str(exc)) from None
-    if args.format_dir and not args.ebpf:
-        raise ArgError("--format-dir only goes with --ebpf")
-    return args
+    return parse_tool_args(PARAMS, argv, SCRIPT, __doc__)
 
 
 def print_ebpf(args, out) -> int:
@@ -1521,56 +1485,7 @@ def print_ebpf(args, out) -> int:
 
 
 def main(argv=None) -> int:
-    out = Output(sys.stdout)
-    try:
-        args = parse_args(argv)
-    except ArgError as exc:
-        sys.stderr.write("%s: %s\n" % (SCRIPT, exc))
-        out.write({"type": "bye", "reason": "error", "error": str(exc)})
-        out.flush()
-        return 2
-    if args.ebpf:
-        return print_ebpf(args, sys.stdout)
-    stop = StopState()
-    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(signum, stop.handler)
-    session = Session(args, out, stop)
-    LIVE["session"] = session
-    bye = {"type": "bye", "reason": "error"}
-    code = 1
-    try:
-        try:
-            session.setup()
-            out.write(session.hello())
-            out.write({"type": "ready"})
-            out.flush()
-            session.ready = True
-            bye["reason"] = session.run()
-            code = 0
-        except Stop as exc:
-            bye["reason"] = exc.reason
-            code = 0
-        except KeyboardInterrupt:
-            bye["reason"] = "signal"
-            code = 0
-        except SetupError as exc:
-            bye["error"] = str(exc)
-        except Exception as exc:  # noqa: BLE001 - report, clean up, exit 1
-            bye["error"] = "%s: %s" % (type(exc).__name__, exc)
-    finally:
-        stop.cleaning = True
-        LIVE.pop("session", None)
-        errors = session.cleanup(dump=session.ready)
-    if errors:
-        sys.stderr.write("%s: cleanup: %s\n" % (SCRIPT, "; ".join(errors)))
-    if code:
-        sys.stderr.write("%s: %s\n" % (SCRIPT, bye.get("error")))
-    try:
-        out.write(bye)
-        out.flush()
-    except Stop:
-        pass
-    return code
+    return run_tool(SCRIPT, argv, parse_args, print_ebpf, Session, live=LIVE)
 
 
 if __name__ == "__main__":

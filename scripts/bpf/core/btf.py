@@ -133,23 +133,27 @@ class Btf:
 
     def find_struct(self, name: str) -> int:
         """The first struct of that name with members."""
-        if name in self._structs:
-            return self._structs[name]
+        if name not in self._structs:
+            self._structs[name] = self._find(name, (BTF_STRUCT,), "struct")
+        return self._structs[name]
+
+    def _find(self, name: str, kinds, what: str) -> int:
+        """The first type of one of `kinds` with that name and members (or enumerators),
+        found through the name's offset in the string section."""
         data = self.data
         at = data.find(b"\0" + name.encode() + b"\0", self.strings, self.strings_end)
         if at < 0:
-            raise KeyError("struct %s not in BTF" % name)
+            raise KeyError("%s %s not in BTF" % (what, name))
         key = struct.pack("<I", at + 1 - self.strings)
         pos = data.find(key, self.type_start, self.type_end)
         while pos >= 0:
             tid = bisect.bisect_left(self.positions, pos)
             if tid < len(self.positions) and self.positions[tid] == pos:
                 kind, _n, _s, _m, info = self.type(tid)
-                if kind == BTF_STRUCT and info & 0xFFFF:
-                    self._structs[name] = tid
+                if kind in kinds and info & 0xFFFF:
                     return tid
             pos = data.find(key, pos + 1, self.type_end)
-        raise KeyError("struct %s not in BTF" % name)
+        raise KeyError("%s %s not in BTF" % (what, name))
 
     def resolve(self, tid: int) -> int:
         while self.type(tid)[0] in BTF_MODIFIERS:
@@ -205,22 +209,19 @@ class Btf:
 
     def enum(self, name: str) -> dict:
         """{value: name} of the first enum (32 or 64 bit) called `name`."""
-        for kind, name_off, _size, mpos, info in self.types:
-            if kind not in (BTF_ENUM, BTF_ENUM64) or self.name(name_off) != name:
-                continue
-            values = {}
-            signed = info >> 31
-            for i in range(info & 0xFFFF):
-                if kind == BTF_ENUM:
-                    e_name, value = struct.unpack_from(
-                        "<Ii" if signed else "<II", self.data, mpos + 8 * i
-                    )
-                else:
-                    e_name, low, high = struct.unpack_from("<III", self.data, mpos + 12 * i)
-                    value = (high << 32) | low
-                values[value] = self.name(e_name)
-            return values
-        raise KeyError("enum %s not in BTF" % name)
+        kind, _n, _size, mpos, info = self.type(self._find(name, (BTF_ENUM, BTF_ENUM64), "enum"))
+        values = {}
+        signed = info >> 31
+        for i in range(info & 0xFFFF):
+            if kind == BTF_ENUM:
+                e_name, value = struct.unpack_from(
+                    "<Ii" if signed else "<II", self.data, mpos + 8 * i
+                )
+            else:
+                e_name, low, high = struct.unpack_from("<III", self.data, mpos + 12 * i)
+                value = (high << 32) | low
+            values[value] = self.name(e_name)
+        return values
 
 
 def netns_offsets(path: str = BTF_VMLINUX):

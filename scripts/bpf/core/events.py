@@ -2,6 +2,7 @@
 out of the kernel (a ring buffer where the kernel has one, else a perf buffer). Python 3.6.
 """
 
+import ctypes
 import json
 import threading
 import time
@@ -81,3 +82,33 @@ class Output:
             except (BrokenPipeError, ValueError):
                 self.broken = True
                 raise Stop("eof") from None
+
+
+class BufferCallbacks:
+    """Ring/perf buffer callbacks for a tool's session (which has `out`, `stop` and
+    `perf_lost`, one count per perf buffer). Exceptions cannot cross BCC's C boundary, so
+    a Stop raised while handling a record is parked as the stop reason for the main loop."""
+
+    def _guard(self, handler, data, size) -> int:
+        if self.out.broken:
+            return 0
+        self.stop.in_callback = True
+        try:
+            handler(ctypes.string_at(data, size))
+        except Stop as exc:
+            self.stop.reason = self.stop.reason or exc.reason
+        finally:
+            self.stop.in_callback = False
+        return 0
+
+    def _ring_cb(self, handler):
+        return lambda ctx, data, size: self._guard(handler, data, size)
+
+    def _perf_cb(self, handler):
+        return lambda cpu, data, size: self._guard(handler, data, size)
+
+    def _lost_cb(self, idx: int):
+        def lost(count):
+            self.perf_lost[idx] += count
+
+        return lost

@@ -35,3 +35,7 @@ class StopState:
         self.reason = self.reason or "signal"
         if first and not self.in_callback and not self.cleaning:
             raise Stop("signal")
+
+
+class ArgError(Exception):
+    """A bad argument: one stderr line, a bye with reason error, exit 2."""

@@ -1,0 +1,87 @@
+"""A tool's main sequence, shared by every remote tool: arguments, set-up, hello, ready,
+run, and a cleanup that always runs before the last record, `bye`. Python 3.6.
+"""
+
+import signal
+import sys
+
+from core.events import Output
+from core.lifecycle import ArgError, SetupError, Stop, StopState
+from core.params import ParamError, parse
+
+
+def parse_tool_args(params, argv, script, doc):
+    """A tool's arguments against its schema; the docstring's first paragraph is the
+    description, the rest the epilog (the Parameters/Fields header). ArgError when bad."""
+    parts = (doc or "").split("\n\n", 1)
+    try:
+        args = parse(params, argv, script, parts[0], parts[1] if len(parts) > 1 else None)
+    except ParamError as exc:
+        raise ArgError(str(exc)) from None
+    if args.format_dir and not args.ebpf:
+        raise ArgError("--format-dir only goes with --ebpf")
+    return args
+
+
+def run_tool(script, argv, parse_args, print_ebpf, make_session, live=None) -> int:
+    """A tool's whole life after `main`: arguments, set-up, hello, ready, run, and a cleanup
+    that always runs, then `bye`. Returns the exit code.
+
+    `make_session(args, out, stop)` builds the tool's session: `setup()`, `hello()`,
+    `run()` -> bye reason, `cleanup()` -> errors (it reads `ready` to know whether the run
+    got that far and its final records are owed). `live`, when given, holds the session
+    while it runs, for control lines from the bootstrap.
+    """
+    out = Output(sys.stdout)
+    try:
+        args = parse_args(argv)
+    except ArgError as exc:
+        sys.stderr.write("%s: %s\n" % (script, exc))
+        out.write({"type": "bye", "reason": "error", "error": str(exc)})
+        out.flush()
+        return 2
+    if args.ebpf:
+        return print_ebpf(args, sys.stdout)
+    stop = StopState()
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(signum, stop.handler)
+    session = make_session(args, out, stop)
+    session.ready = False
+    if live is not None:
+        live["session"] = session
+    bye = {"type": "bye", "reason": "error"}
+    code = 1
+    try:
+        try:
+            session.setup()
+            out.write(session.hello())
+            out.write({"type": "ready"})
+            out.flush()
+            session.ready = True
+            bye["reason"] = session.run()
+            code = 0
+        except Stop as exc:
+            bye["reason"] = exc.reason
+            code = 0
+        except KeyboardInterrupt:
+            bye["reason"] = "signal"
+            code = 0
+        except SetupError as exc:
+            bye["error"] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - report, clean up, exit 1
+            bye["error"] = "%s: %s" % (type(exc).__name__, exc)
+    finally:
+        stop.cleaning = True
+        if live is not None:
+            live.pop("session", None)
+        errors = session.cleanup()
+    if errors:
+        sys.stderr.write("%s: cleanup: %s\n" % (script, "; ".join(errors)))
+    if code:
+        sys.stderr.write("%s: %s\n" % (script, bye.get("error")))
+    try:
+        out.write(bye)
+        out.flush()
+    except Stop:
+        pass
+    return code
