@@ -289,7 +289,7 @@ def test_catalog_lists_the_tool_with_its_parameters_and_fields():
     info = next(s for s in list_scripts() if s.name == "drop")
     assert info.summary.startswith("drop: where a flow's packets die")
     options = [p[0].split()[0] for p in info.parameters]
-    assert options == ["--port", "--addr", "--duration", "--count", "--rate", "--ebpf",
+    assert options == ["--port", "--addr", "--duration", "--count", "--rate", "--history", "--ebpf",
                        "--format-dir"]  # fmt: skip
     fields = {f[0] for f in info.fields}
     assert {"drop.reason", "drop.location", "drop_counts.counts", "netstat.delta",
