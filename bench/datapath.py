@@ -223,8 +223,8 @@ def _kfree_skb_cost(state, seconds: float = 3.0) -> list[str]:
     """The kfree_skb program's cost per call while lb drops UDP the trace does not filter
     on (bpf_stats must be on): the price every drop on a traced host pays."""
     lb = ["nft", "-f", "-"]
-    rules = (f"table inet {DROP_TABLE} {{ chain input {{ type filter hook input priority 0; "
-             f"udp dport {DROP_UDP_PORT} drop; }} }}")  # fmt: skip
+    rules = (f"table inet {DROP_TABLE} {{\n chain input {{\n  type filter hook input "
+             f"priority 0;\n  udp dport {DROP_UDP_PORT} drop\n }}\n}}\n")  # fmt: skip
     subprocess.run(ns_argv(state, "lb", lb), input=rules, text=True, check=True)
     lines = []
     try:
