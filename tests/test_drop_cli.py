@@ -229,3 +229,49 @@ def test_no_drop_no_control_line():
     session.fanout = Engine()
     session.send_windows()
     assert sent == []
+
+
+def test_show_renders_a_saved_drop_trace_as_the_live_command_did(tmp_path):
+    import io
+    import json
+    import subprocess
+    import sys
+
+    from ebpfdiag.cli.app import App
+    from ebpfdiag.cli.trace import _conclude_drop
+
+    session, _shown = _fed_session()
+    document, stream = tmp_path / "drop.json", tmp_path / "drop.ndjson"
+    out = io.StringIO()
+    app = App(stdout=out, stderr=io.StringIO())
+    app.as_json = True
+    assert _conclude_drop(app, session, False, document) == 0
+    live = [json.loads(line) for line in out.getvalue().splitlines()]
+    # a --json stream holds the live events too (the fed session showed them as they came)
+    stream.write_text(
+        "".join(json.dumps({**r, "type": "event", "kind": r["type"]}) + "\n" for r in _shown)
+        + out.getvalue()
+    )
+
+    def answer(recs: list[dict]) -> tuple:
+        summary = next(r for r in recs if r["type"] == "summary")
+        return (
+            [r["text"] for r in recs if r["type"] == "drop"],
+            [(r["host"], r["reason"], r["matched"]) for r in recs if r["type"] == "drop_count"],
+            (summary["verdict"], summary["drops"], summary["flows"]),
+        )
+
+    for saved in (document, stream):
+        proc = subprocess.run(
+            [sys.executable, "-m", "ebpfdiag", "show", str(saved), "--json"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        shown = [json.loads(line) for line in proc.stdout.splitlines()]
+        assert answer(shown) == answer(live), saved.name
+        assert answer(shown)[0] and "0.080 ms later" in answer(shown)[0][0]
+        terminal = subprocess.run(
+            [sys.executable, "-m", "ebpfdiag", "show", str(saved)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert terminal.returncode == 0 and "NETFILTER_DROP" in terminal.stdout, terminal.stderr

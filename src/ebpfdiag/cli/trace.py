@@ -482,20 +482,25 @@ def drop(
     return _conclude_drop(app, session, engine.interrupted, output)
 
 
-def _conclude_drop(app: App, session: TraceSession, interrupted: bool, output: Path | None) -> int:
-    """After the run: the drop answer as NDJSON or tables and timelines, ``--output``."""
-    from ebpfdiag.render.drop import render
-    from ebpfdiag.render.ndjson import SCHEMA_VERSION
-    from ebpfdiag.render.timeline import event_record, trace_records
+def drop_kept(events: list[dict]) -> list[dict]:
+    """The end-of-run ``event``s of a drop trace: ``lost`` records and each host's last
+    ``drop_counts`` and ``netstat`` (the last totals say everything)."""
+    from ebpfdiag.render.timeline import event_record
 
-    result = session.finish(interrupted)
-    saved = source_records(result)
-    last: dict[tuple[str, str], dict] = {}  # each host's last totals say everything
-    for e in session.events:
+    last: dict[tuple[str, str], dict] = {}
+    for e in events:
         if e["type"] in DROP_TOTALS:
             last[(e["host"], e["type"])] = e
-    kept = [event_record(e) for e in session.events if e["type"] == "lost"]
-    kept += [event_record(e) for e in last.values()]
+    kept = [event_record(e) for e in events if e["type"] == "lost"]
+    return kept + [event_record(e) for e in last.values()]
+
+
+def emit_drop(app: App, result: TraceResult, saved: list[dict], kept: list[dict]) -> list[dict]:
+    """The end of a drop trace, live or from a file: host failures on stderr, then NDJSON
+    (``kept`` events, ``saved`` hellos and clocks, the answer) or the terminal view."""
+    from ebpfdiag.render.drop import render
+    from ebpfdiag.render.timeline import trace_records
+
     records = [_one_shape(rec, result) for rec in trace_records(result)]
     for rec in records:
         if rec["type"] == "host" and rec["error"]:
@@ -506,6 +511,18 @@ def _conclude_drop(app: App, session: TraceSession, interrupted: bool, output: P
         app.json.flush()
     else:
         render(result.correlation, app.term.out, app.term.err)
+    return records
+
+
+def _conclude_drop(app: App, session: TraceSession, interrupted: bool, output: Path | None) -> int:
+    """After the run: the drop answer as NDJSON or tables and timelines, ``--output``."""
+    from ebpfdiag.render.ndjson import SCHEMA_VERSION
+    from ebpfdiag.render.timeline import event_record
+
+    result = session.finish(interrupted)
+    saved = source_records(result)
+    kept = drop_kept(session.events)
+    records = emit_drop(app, result, saved, kept)
     code = app.exit_code(
         [h.result for h in result.hosts.values() if h.result is not None], interrupted
     )
