@@ -178,3 +178,100 @@ def test_count_stops_the_trace_after_n_drop_events():
 
     assert asyncio.run(feed(2)) == 1
     assert asyncio.run(feed(3)) == 0  # only two drops came
+
+
+def test_drop_windows_merge_close_drops_and_stay_bounded():
+    from ebpfdiag.cli.trace import DROP_WINDOW_GAP_NS, DROP_WINDOWS_MAX, drop_windows
+
+    assert drop_windows([]) == []
+    assert drop_windows([5, 1, 1 + DROP_WINDOW_GAP_NS]) == [(1, 1 + DROP_WINDOW_GAP_NS)]
+    far = [i * 3 * DROP_WINDOW_GAP_NS for i in range(DROP_WINDOWS_MAX + 4)]
+    windows = drop_windows(far)
+    assert len(windows) == DROP_WINDOWS_MAX and (windows[0][0], windows[-1][1]) == (0, far[-1])
+
+
+def test_every_host_is_told_the_drops_in_its_own_time_once_before_the_stop():
+    from tests.test_drop import HOSTS, Stream
+
+    class Engine:
+        def __init__(self) -> None:
+            self.sent: list[tuple[str, str]] = []
+
+        def control(self, host: str, text: str) -> bool:
+            self.sent.append((host, text))
+            return True
+
+    engine = Engine()
+    session, _shown = _fed_session(fanout=engine)
+    session.send_windows()
+    session.send_windows()  # duration and Ctrl-C may both stop: said once
+    assert sorted(h for h, _ in engine.sent) == sorted(HOSTS)
+    s = Stream()  # the fed stream's drops: lb at s.t (first SYN) and one second later
+    for host, text in engine.sent:
+        word, spans = text.split(" ")
+        lo, hi = (int(x) for x in spans.split("-"))
+        assert word == "drops" and "," not in spans
+        first, last = s.mono(host, 0), s.mono(host, 1_000_000_000)
+        assert abs(lo - first) < 100_000 and abs(hi - last) < 100_000, (host, lo - first)
+
+
+def test_no_drop_no_control_line():
+    from ebpfdiag.cli.trace import _drop_session
+
+    sent: list[str] = []
+
+    class Engine:
+        def control(self, host: str, text: str) -> bool:
+            sent.append(text)
+            return True
+
+    session = _drop_session(["client", "lb"], None)
+    session.fanout = Engine()
+    session.send_windows()
+    assert sent == []
+
+
+def test_show_renders_a_saved_drop_trace_as_the_live_command_did(tmp_path):
+    import io
+    import json
+    import subprocess
+    import sys
+
+    from ebpfdiag.cli.app import App
+    from ebpfdiag.cli.trace import _conclude_drop
+
+    session, _shown = _fed_session()
+    document, stream = tmp_path / "drop.json", tmp_path / "drop.ndjson"
+    out = io.StringIO()
+    app = App(stdout=out, stderr=io.StringIO())
+    app.as_json = True
+    assert _conclude_drop(app, session, False, document) == 0
+    live = [json.loads(line) for line in out.getvalue().splitlines()]
+    # a --json stream holds the live events too (the fed session showed them as they came)
+    stream.write_text(
+        "".join(json.dumps({**r, "type": "event", "kind": r["type"]}) + "\n" for r in _shown)
+        + out.getvalue()
+    )
+
+    def answer(recs: list[dict]) -> tuple:
+        summary = next(r for r in recs if r["type"] == "summary")
+        return (
+            [r["text"] for r in recs if r["type"] == "drop"],
+            [(r["host"], r["reason"], r["matched"]) for r in recs if r["type"] == "drop_count"],
+            (summary["verdict"], summary["drops"], summary["flows"]),
+        )
+
+    for saved in (document, stream):
+        proc = subprocess.run(
+            [sys.executable, "-m", "ebpfdiag", "show", str(saved), "--json"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        shown = [json.loads(line) for line in proc.stdout.splitlines()]
+        assert answer(shown) == answer(live), saved.name
+        assert answer(shown)[0] and "0.080 ms later" in answer(shown)[0][0]
+        terminal = subprocess.run(
+            [sys.executable, "-m", "ebpfdiag", "show", str(saved)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert terminal.returncode == 0 and "NETFILTER_DROP" in terminal.stdout, terminal.stderr

@@ -289,8 +289,89 @@ def test_catalog_lists_the_tool_with_its_parameters_and_fields():
     info = next(s for s in list_scripts() if s.name == "drop")
     assert info.summary.startswith("drop: where a flow's packets die")
     options = [p[0].split()[0] for p in info.parameters]
-    assert options == ["--port", "--addr", "--duration", "--count", "--rate", "--ebpf",
+    assert options == ["--port", "--addr", "--duration", "--count", "--rate", "--history", "--ebpf",
                        "--format-dir"]  # fmt: skip
     fields = {f[0] for f in info.fields}
     assert {"drop.reason", "drop.location", "drop_counts.counts", "netstat.delta",
             "retrans.state", "hello.reasons"} <= fields  # fmt: skip
+
+
+# ------------------------------------------------------------------ packet history
+
+
+def test_history_programs_use_the_shared_parser_and_the_drop_filter():
+    proc = ebpf("--format-dir", str(FIXTURES / "6.18"), "--port", "8090")
+    assert proc.returncode == 0, proc.stderr
+    code = proc.stdout
+    assert "static __always_inline int ebd_parse_tcp(" in code  # core/packet.py's parser
+    for fn in ("ebd_tc_ingress", "ebd_tc_egress", "ebd_tc_in_l3", "ebd_tc_out_l3"):
+        assert f"int {fn}(struct __sk_buff *skb)" in code
+    assert "#define HISTORY 8" in code and "lru_hash" in code
+    assert "flow_wanted(t.family," in code  # the kernel filter keeps the history small
+    none = ebpf("--format-dir", str(FIXTURES / "6.18"), "--history", "0").stdout
+    assert "ebd_tc_ingress" not in none and "struct hist" not in none
+
+
+def hist_value(slots: int, pkts: list[tuple], head: int, count: int) -> bytes:
+    """A `flows` map value: key 198.18.1.10:40000 <-> 198.18.3.1:80, then the ring."""
+    a = bytes([198, 18, 1, 10]) + bytes(12)
+    b = bytes([198, 18, 3, 1]) + bytes(12)
+    raw = struct.pack(drop.FLOW_FMT, a, b, 40000, 80, 4)
+    raw += struct.pack(drop.HIST_HEAD_FMT, head, count, 0)
+    ring = [struct.pack(drop.HPKT_FMT, *p) for p in pkts]
+    ring += [bytes(struct.calcsize(drop.HPKT_FMT))] * (slots - len(ring))
+    return raw + b"".join(ring)
+
+
+def test_history_decodes_oldest_first_in_each_packets_direction():
+    # ts, ifindex, seq, ack, len, win, ipid, ttl, flags, dir, fwd; the ring wrapped once
+    syn = (100, 2, 7, 0, 0, 64240, 1, 64, 0x02, 1, 1)
+    synack = (300, 2, 9, 8, 0, 65160, 0, 64, 0x12, 0, 0)
+    retrans = (200, 2, 7, 0, 0, 64240, 2, 64, 0x02, 1, 1)
+    raw = hist_value(2, [synack, retrans], head=1, count=2)
+    recs = drop.decode_hist(raw, {2: "eth0"})
+    assert [r["ts_ns"] for r in recs] == [200, 300]
+    assert (recs[0]["saddr"], recs[0]["sport"], recs[0]["dir"]) == ("198.18.1.10", 40000, "egress")
+    assert (recs[1]["saddr"], recs[1]["dport"], recs[1]["dir"]) == ("198.18.3.1", 40000, "ingress")
+    assert {r["why"] for r in recs} == {"history"} and recs[0]["ifname"] == "eth0"
+    assert drop.decode_hist(hist_value(2, [syn], head=1, count=1), {})[0]["ifname"] == "2"
+
+
+def test_windows_merge_and_stay_bounded():
+    gap = 2 * drop.WINDOW_MARGIN_NS
+    assert drop.add_window([(10, 20)], 20 + gap, 30 + gap) == [(10, 30 + gap)]
+    assert drop.add_window([(10, 20)], 21 + gap, 21 + gap) == [(10, 20), (21 + gap, 21 + gap)]
+    many = []
+    for i in range(drop.WINDOWS_MAX + 5):
+        many = drop.add_window(many, i * 10 * gap, i * 10 * gap)
+    assert len(many) == drop.WINDOWS_MAX
+    assert many[0][0] == 0 and many[-1][1] == (drop.WINDOWS_MAX + 4) * 10 * gap
+    assert drop.parse_windows("5-9,20-30") == [(5, 9), (20, 30)]
+    with pytest.raises(ValueError):
+        drop.parse_windows("5")
+
+
+def test_only_flows_near_a_drop_are_emitted_newest_first_and_bounded():
+    margin = drop.WINDOW_MARGIN_NS
+    near = [{"ts_ns": 10 * margin - margin}]
+    late = [{"ts_ns": 1}, {"ts_ns": 12 * margin + margin}]
+    far = [{"ts_ns": 30 * margin}]
+    chosen, left_out = drop.pick_flows([near, far, late], [(10 * margin, 12 * margin)])
+    assert chosen == [late, near] and left_out == 0
+    assert drop.pick_flows([near], []) == ([], 0)  # no drop anywhere: nothing
+    flows = [[{"ts_ns": i}] for i in range(drop.DUMP_FLOWS_MAX + 3)]
+    chosen, left_out = drop.pick_flows(flows, [(0, 0)])
+    assert len(chosen) == drop.DUMP_FLOWS_MAX and left_out == 3
+    assert chosen[0] == [{"ts_ns": drop.DUMP_FLOWS_MAX + 2}]
+
+
+def test_control_line_adds_windows_and_ignores_what_it_does_not_know(capsys):
+    session = drop.Session.__new__(drop.Session)
+    session.windows = []
+    session.window_lock = drop.threading.Lock()
+    session.control("drops 5-9,100-200")
+    session.control("drops x-y")
+    session.control("port 80")
+    assert session.windows == [(5, 200)]
+    err = capsys.readouterr().err
+    assert "ignored" in err and "not understood" in err

@@ -133,7 +133,9 @@ def test_drop_scenario_dies_where_and_why_expected(lab, name):
     hello = origin.hello
     assert hello["reasons"]["source"] == "format" and hello["reasons"]["count"] > 100
     assert hello["filter"] == {"ports": [spec.port], "addrs": []}
-    assert set(hello["attach"]) == {"kfree_skb", "tcp_retransmit_skb", "tcp_retransmit_synack"}
+    assert set(hello["attach"]) == {"kfree_skb", "tcp_retransmit_skb", "tcp_retransmit_synack",
+                                    "tc"}  # fmt: skip
+    assert hello["history"] == 8 and set(hello["attach"]["tc"]["interfaces"]) >= {"mgmt0"}
     client = str(lab.hosts["client"].data_address)
     if expected.reason:
         drops = [d for d in origin.of("drop") if d["reason"] == expected.reason]
@@ -167,6 +169,14 @@ def test_firewall_drops_are_the_clients_syns(lab):
         (SYN, result.client_port, "to-client")
     }
     assert len({d["ipid"] for d in drops}) == len(drops)
+    # its own drops make lb send the history of the flow: the SYNs entering to-client
+    history = tracers["lb"].of("packet")
+    assert {(p["why"], p["dir"], p["ifname"], p["flags"]) for p in history} == {
+        ("history", "ingress", "to-client", SYN)
+    }
+    assert {(p["seq"], p["ipid"]) for p in history} >= {(d["seq"], d["ipid"]) for d in drops}
+    summary = tracers["lb"].of("history")
+    assert len(summary) == 1 and summary[0]["flows"] == 1 and summary[0]["packets"] == len(history)
 
 
 def test_noroute_names_the_unroutable_backend(lab):
@@ -189,6 +199,8 @@ def test_healthy_traffic_gives_no_drop(lab):
     assert result.reproduced, result.summary()
     for tracer in tracers.values():
         assert tracer.of("drop") == [], tracer.records
+        assert tracer.of("packet") == []  # no drop, no window: no history sent
+        assert tracer.of("history")[0]["windows"] == 0
         assert all(c["matched"] == 0 for c in tracer.final("drop_counts")["counts"])
         assert tracer.final("drop_counts")["suppressed"] == 0
 

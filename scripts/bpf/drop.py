@@ -18,6 +18,20 @@ Drops the kernel counts without freeing a packet with a reason (a SYN refused be
 accept queue is full is consumed) show in the namespace's /proc/net/netstat and snmp
 counters, sent as deltas since the start. TCP retransmissions of filtered flows
 (tcp:tcp_retransmit_skb, tcp:tcp_retransmit_synack) are sent as retrans records.
+
+Packet history, for the cross-host join: observe-only TC programs on every interface but lo
+(tcx links, else clsact filters; core/tc.py, parsing from core/packet.py) keep the last
+--history packets of every filtered TCP flow in an LRU map (8192 flows), and send nothing
+while the run lasts. At the end, after every probe is detached, the flows that had a packet
+within 1 s of a drop window are emitted as packet records (why "history"), most recently
+active first, at most 512 flows, followed by a `history` summary. Drop windows are this
+host's own drop records, and the windows the controller names with the control line
+`ctl drops T0-T1[,T0-T1...]` (this host's CLOCK_MONOTONIC ns; the controller sends every
+host the drops seen on all hosts, converted through each host's clock, just before it
+stops the run). A flow's 4-tuple differs from host to host behind NAT, so hosts are told
+when drops happened, not which flow: time plus the kernel's --port/--addr filter keep the
+dump small, and the controller's matcher picks the sightings of the dropped packets.
+A run without drops emits no history. Unknown control lines are reported on stderr.
 Every probe is detached on stdin EOF, SIGTERM, SIGHUP, --duration or --count.
 
 Parameters:
@@ -26,6 +40,7 @@ Parameters:
   --duration SECONDS      stop after SECONDS (default 0: run until signalled)
   --count N               stop after N drop records (default 0: no limit)
   --rate R                drop records per second at most (default 1000, burst 100; 0: counts only)
+  --history K             packets kept per flow for the cross-host join (0-16, default 8)
   --ebpf                  print the generated C program and exit (needs no root)
   --format-dir DIR        with --ebpf: read tracepoint format files from DIR
 Fields:
@@ -37,13 +52,15 @@ Fields:
   hello.netns           int    inode of this network namespace
   hello.addrs           list   this namespace's non-loopback addresses
   hello.interfaces      list   this namespace's interfaces (names)
-  hello.attach          dict   per probe: kind (tracepoint)
+  hello.attach          dict   per probe: kind (tracepoint); tc: {kind (tcx-link or
+                               tc-clsact), interfaces, why (why not tcx)}
   hello.missing         list   probes or facts not available: {probe, why}
   hello.filter          dict   {ports, addrs} as requested
   hello.buffer          str    ringbuf or perf
   hello.reasons         dict   {source: format, btf or none, count}: where reason names come from
   hello.fallback        str    only without drop reasons: why drops are named by location
   hello.rate            dict   {events_per_s, burst}: the per-packet record limit
+  hello.history         int    packets remembered per flow (0: no packet history)
   hello.netstat         dict   {counters}: the netstat/snmp counters watched (names as the
                                kernel prints them: PAWSEstab is LINUX_MIB_PAWSESTABREJECTED)
   drop.ts_ns            int    host CLOCK_MONOTONIC ns
@@ -78,6 +95,14 @@ Fields:
   retrans.daddr         str    remote address
   retrans.dport         int    remote port
   retrans.state         str    socket state name, null when the probe has none
+  packet.*                     as tcp_rst's packet records (ts_ns, ifname, ifindex, dir,
+                               family, saddr, daddr, sport, dport, flags, seq, ack, ipid,
+                               ttl, len, win) with why "history"; only at the end
+  history.ts_ns         int    host CLOCK_MONOTONIC ns
+  history.windows       int    drop windows known (own drops and control lines, merged)
+  history.flows         int    flows whose packets were emitted
+  history.packets       int    packet records emitted
+  history.left_out      int    flows in a window beyond the 512 emitted
   lost.count            int    records lost because a buffer overflowed
   lost.source           str    drops or retrans
   lost.ts_ns            int    host CLOCK_MONOTONIC ns
@@ -91,15 +116,18 @@ import os
 import socket
 import struct
 import sys
+import threading
 import time
 
 from core.btf import BTF_VMLINUX, NETNS_PATHS, TUPLE_PATHS, Btf, c_netns_lookup
-from core.discovery import discover_addrs, kernel_version, own_netns
+from core.discovery import discover_addrs, discover_links, kernel_version, own_netns
 from core.dropreasons import reason_count, reason_table
 from core.events import C_LOST, RINGBUF_MIN_KERNEL, BufferCallbacks, Output, c_submit, now_ns
 from core.lifecycle import SetupError, Stop
 from core.netstat import NetstatDelta
+from core.packet import C_PACKET, DIR_NAMES, addr_text
 from core.symbols import Symbols
+from core.tc import TCX_UNSUPPORTED, TcHooks, TcxLinks, bpf_syscall_number, kernel_has_tcx
 from core.tool import parse_tool_args, run_tool
 from core.tracepoints import (
     TCP_STATES,
@@ -121,11 +149,20 @@ COUNTS_SIZE = 4096  # (reason, location) pairs counted in the kernel
 # lost[] slots in the kernel: records lost (buffer full) and counters that could not grow.
 LOST_DROPS, LOST_RETRANS, SUPPRESSED, COUNTS_FULL = 0, 1, 2, 3
 
+FLOW_MAP_SIZE = 8192  # flows whose last packets are kept per host (LRU)
+DUMP_FLOWS_MAX = 512  # flows emitted at the end, most recently active first
+WINDOW_MARGIN_NS = 1000000000  # a flow is emitted when it has a packet this close to a drop
+WINDOWS_MAX = 64
+
 # Userspace mirrors of the C structs below.
 DROP_FMT = "=QQIIIIIHHHHBBBB16s16s"
 RETRANS_FMT = "=QIiHHBB2x16s16s"
 COUNT_KEY_FMT = "=QI4x"
 COUNT_VAL_FMT = "=QQ"
+FLOW_FMT = "=16s16sHHB3x"  # struct flow_key: a, b, pa, pb, family
+HIST_HEAD_FMT = "=IIQ"  # struct hist after its key: head, count, last
+# struct hpkt: ts, ifindex, seq, ack, len, win, ipid, ttl, flags, dir, fwd
+HPKT_FMT = "=QIIIIHHBBBB"
 
 
 # --------------------------------------------------------------------------------------
@@ -402,6 +439,149 @@ static __always_inline int read_packet(__u64 skb, __u16 protocol, struct drop_ev
 """
 
 
+C_HISTORY = r"""
+/* Per-flow history: the last HISTORY packets of every filtered TCP flow crossing this host's
+ * interfaces, kept in the kernel and read from user space only at the end, for the flows
+ * active around a drop (see dump_history). Nothing is sent per packet. */
+#define HISTORY %(history)d
+#define FLOW_MAP_SIZE %(flow_map_size)d
+
+struct hpkt {                /* one sighting, 32 bytes */
+	__u64 ts;
+	__u32 ifindex;
+	__u32 seq;
+	__u32 ack;
+	__u32 len;
+	__u16 win;
+	__u16 ipid;
+	__u8 ttl;
+	__u8 flags;
+	__u8 dir;                /* 0 ingress, 1 egress */
+	__u8 fwd;                /* 1 when the packet goes from key.a to key.b */
+};
+
+struct flow_key {            /* canonical 5-tuple: (a, pa) sorts before (b, pb) */
+	__u32 a[4];
+	__u32 b[4];
+	__u16 pa;
+	__u16 pb;
+	__u8 family;
+	__u8 _pad[3];
+};
+
+struct hist {
+	struct flow_key key;     /* for the dump (the map is keyed by its hash) */
+	__u32 head;              /* next slot to write */
+	__u32 count;
+	__u64 last;              /* ts of the newest packet */
+	struct hpkt ring[HISTORY];
+};
+
+/* Keyed by a 64-bit hash of the canonical 5-tuple (8 bytes hashed per lookup, not 40). */
+BPF_F_TABLE("lru_hash", __u64, struct hist, flows, FLOW_MAP_SIZE, BPF_F_NO_COMMON_LRU);
+BPF_ARRAY(hist_zero, struct hist, 1);
+
+static __always_inline int ep_before(__u32 *a, __u16 pa, __u32 *b, __u16 pb)
+{
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		if (a[i] != b[i])
+			return a[i] < b[i];
+	}
+	return pa < pb;
+}
+
+static __always_inline __u64 flow_hash(struct flow_key *k)
+{
+	const __u64 prime = 0x100000001b3ULL;
+	__u64 h = 0xcbf29ce484222325ULL ^ k->family;
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		h = (h ^ (((__u64)k->a[i] << 32) | k->b[i])) * prime;
+	h = (h ^ (((__u64)k->pa << 16) | k->pb)) * prime;
+	return h ^ (h >> 31);
+}
+
+/* off: bytes before the IP header (14 on Ethernet, 0 on L3 devices), a constant per program */
+static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir, __u32 off)
+{
+	struct ebd_tcp t = {};
+	if (!ebd_parse_tcp(skb, off, &t))
+		return TC_ACT_UNSPEC;
+	if (!flow_wanted(t.family, (__u8 *)t.saddr, (__u8 *)t.daddr, t.sport, t.dport))
+		return TC_ACT_UNSPEC;
+	struct flow_key k = {};
+	__u8 fwd = ep_before(t.saddr, t.sport, t.daddr, t.dport);
+	if (fwd) {
+		__builtin_memcpy(k.a, t.saddr, 16);
+		__builtin_memcpy(k.b, t.daddr, 16);
+		k.pa = t.sport;
+		k.pb = t.dport;
+	} else {
+		__builtin_memcpy(k.a, t.daddr, 16);
+		__builtin_memcpy(k.b, t.saddr, 16);
+		k.pa = t.dport;
+		k.pb = t.sport;
+	}
+	k.family = t.family;
+	__u64 fk = flow_hash(&k);
+	struct hist *h = flows.lookup(&fk);
+	if (!h) {
+		__u32 zero = 0;
+		struct hist *z = hist_zero.lookup(&zero);
+		if (!z)
+			return TC_ACT_UNSPEC;
+		flows.update(&fk, z);
+		h = flows.lookup(&fk);
+		if (!h)
+			return TC_ACT_UNSPEC;
+		__builtin_memcpy(&h->key, &k, sizeof(k));
+	}
+	__u32 i = h->head;
+	if (i >= HISTORY)
+		i = 0;
+	struct hpkt *p = &h->ring[i];
+	__u64 now = bpf_ktime_get_ns();
+	p->ts = now;
+	p->ifindex = skb->ifindex;
+	p->seq = t.seq;
+	p->ack = t.ack;
+	p->len = t.len;
+	p->win = t.win;
+	p->ipid = t.ipid;
+	p->ttl = t.ttl;
+	p->flags = t.flags;
+	p->dir = dir;
+	p->fwd = fwd;
+	h->head = i + 1 >= HISTORY ? 0 : i + 1;
+	if (h->count < HISTORY)
+		h->count++;
+	h->last = now;
+	return TC_ACT_UNSPEC;
+}
+
+int ebd_tc_ingress(struct __sk_buff *skb)      /* Ethernet devices */
+{
+	return on_packet(skb, 0, 14);
+}
+
+int ebd_tc_egress(struct __sk_buff *skb)
+{
+	return on_packet(skb, 1, 14);
+}
+
+int ebd_tc_in_l3(struct __sk_buff *skb)        /* devices without a link-layer header */
+{
+	return on_packet(skb, 0, 0);
+}
+
+int ebd_tc_out_l3(struct __sk_buff *skb)
+{
+	return on_packet(skb, 1, 0);
+}
+"""
+
+
 def c_offsets(offsets) -> str:
     return "\n".join(
         "#define OFF_%s %d" % (key.upper(), value) for key, value in sorted(offsets.items())
@@ -543,18 +723,15 @@ def build_program(plan: dict) -> str:
     for num, (_system, probe) in enumerate(RETRANS_PROBES, start=1):
         if probe in plan["tracepoints"]:
             parts.append(c_retrans_probe(probe, plan["tracepoints"][probe], num, plan))
+    if plan["history"]:
+        parts.append(C_PACKET)
+        parts.append(C_HISTORY % {"history": plan["history"], "flow_map_size": FLOW_MAP_SIZE})
     return "\n".join(parts)
 
 
 # --------------------------------------------------------------------------------------
 # Decoding
 # --------------------------------------------------------------------------------------
-
-
-def addr_text(family: int, raw: bytes) -> str:
-    if family == 4:
-        return socket.inet_ntop(socket.AF_INET, raw[:4])
-    return socket.inet_ntop(socket.AF_INET6, raw[:16])
 
 
 def reason_fields(reason: int, names: dict) -> dict:
@@ -609,6 +786,90 @@ def decode_retrans(raw: bytes, state_names: dict) -> dict:
     }
 
 
+def decode_hist(raw: bytes, ifnames: dict) -> list:
+    """One `flows` map value (struct hist) -> its packets as packet records (why
+    "history"), oldest first."""
+    a, b, pa, pb, family = struct.unpack_from(FLOW_FMT, raw, 0)
+    at = struct.calcsize(FLOW_FMT)
+    head, count, _last = struct.unpack_from(HIST_HEAD_FMT, raw, at)
+    ring_at = at + struct.calcsize(HIST_HEAD_FMT)
+    size = struct.calcsize(HPKT_FMT)
+    slots = (len(raw) - ring_at) // size
+    ends = ((addr_text(family, a), pa), (addr_text(family, b), pb))
+    records = []
+    for n in range(min(count, slots)):
+        i = (head - count + n) % slots
+        (ts, ifindex, seq, ack, length, win, ipid, ttl, flags, direction,
+         fwd) = struct.unpack_from(HPKT_FMT, raw, ring_at + size * i)  # fmt: skip
+        src, dst = ends if fwd else ends[::-1]
+        records.append(
+            {
+                "type": "packet",
+                "ts_ns": ts,
+                "ifname": ifnames.get(ifindex, str(ifindex)),
+                "ifindex": ifindex,
+                "dir": DIR_NAMES.get(direction, "ingress"),
+                "family": family,
+                "saddr": src[0],
+                "daddr": dst[0],
+                "sport": src[1],
+                "dport": dst[1],
+                "flags": flags,
+                "seq": seq,
+                "ack": ack,
+                "ipid": ipid,
+                "ttl": ttl,
+                "len": length,
+                "win": win,
+                "why": "history",
+            }
+        )
+    records.sort(key=lambda r: r["ts_ns"])
+    return records
+
+
+def add_window(windows: list, t0: int, t1: int) -> list:
+    """[(t0, t1)] host ns -> merged and sorted with (t0, t1); beyond WINDOWS_MAX windows
+    the closest neighbours merge (a wider window only emits more flows)."""
+    merged = []
+    for lo, hi in sorted(windows + [(min(t0, t1), max(t0, t1))]):
+        if merged and lo <= merged[-1][1] + 2 * WINDOW_MARGIN_NS:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    while len(merged) > WINDOWS_MAX:
+        gaps = [merged[i + 1][0] - merged[i][1] for i in range(len(merged) - 1)]
+        i = gaps.index(min(gaps))
+        merged[i : i + 2] = [(merged[i][0], merged[i + 1][1])]
+    return merged
+
+
+def parse_windows(text: str) -> list:
+    """`T0-T1[,T0-T1...]` (host CLOCK_MONOTONIC ns) -> [(t0, t1)]; ValueError if malformed."""
+    windows = []
+    for part in text.split(","):
+        lo, sep, hi = part.partition("-")
+        if not sep:
+            raise ValueError("window %r is not T0-T1" % part)
+        windows.append((int(lo), int(hi)))
+    return windows
+
+
+def pick_flows(flows: list, windows: list) -> tuple:
+    """[(records)] per flow -> (the flows with a packet within WINDOW_MARGIN_NS of a
+    window, most recently active first, at most DUMP_FLOWS_MAX; how many were left out)."""
+    chosen = []
+    for records in flows:
+        if any(
+            lo - WINDOW_MARGIN_NS <= r["ts_ns"] <= hi + WINDOW_MARGIN_NS
+            for r in records
+            for lo, hi in windows
+        ):
+            chosen.append(records)
+    chosen.sort(key=lambda recs: -recs[-1]["ts_ns"])
+    return chosen[:DUMP_FLOWS_MAX], max(0, len(chosen) - DUMP_FLOWS_MAX)
+
+
 def count_rows(items, names: dict, symbols) -> list:
     """[(count_key bytes, count_val bytes)] -> drop_counts rows, largest first."""
     rows = []
@@ -646,6 +907,7 @@ def make_plan(args, formats: dict, offsets, btf_enum) -> dict:
         "ports": args.port,
         "addrs": args.addr,
         "rate": args.rate,
+        "history": args.history,
         "tracepoints": formats,
         "offsets": offsets,
         "reasons": reasons,
@@ -673,6 +935,13 @@ class Session(BufferCallbacks):
         self.perf_lost = [0, 0]
         self.last_counts = ([], 0)  # nothing to report until something is counted
         self.ready = False
+        self.BPF = None
+        self.ipr = None
+        self.tc = None
+        #: host-time windows whose flows' history is emitted at the end: this host's own
+        #: drops, and those the controller names (`ctl drops`, from its stdin thread)
+        self.windows = []
+        self.window_lock = threading.Lock()
 
     def setup(self) -> None:
         ensure_tracefs()  # before importing bcc, which looks for tracefs once
@@ -680,17 +949,14 @@ class Session(BufferCallbacks):
             from bcc import BPF
         except ImportError:
             raise SetupError("BCC is not installed (python3-bpfcc)") from None
+        self.BPF = BPF
         try:
             from pyroute2 import IPRoute
 
-            ipr = IPRoute()
+            self.ipr = IPRoute()
         except ImportError:
-            ipr = None
-        try:
-            self.addrs = discover_addrs(ipr)
-        finally:
-            if ipr is not None:
-                ipr.close()
+            self.ipr = None
+        self.addrs = discover_addrs(self.ipr)
         self.ifnames = dict((i, n) for i, n in socket.if_nameindex())
         self.netstat = NetstatDelta()
         offsets, enum, whys = btf_facts(self.args.btf or BTF_VMLINUX)
@@ -715,7 +981,67 @@ class Session(BufferCallbacks):
             self.attach[probe] = {"kind": "tracepoint", "tp": "%s:%s" % (system, probe)}
         if "kfree_skb" not in self.attach:
             raise SetupError("cannot attach skb:kfree_skb: %s" % self.plan["missing"][-1]["why"])
+        if self.plan["history"]:
+            if self.ipr is None:
+                why = "pyroute2 is not installed (python3-pyroute2): no packet history"
+                self.plan["missing"].append({"probe": "tc", "why": why})
+            else:
+                self._attach_tc()
         self._open_buffers()
+
+    def _attach_tc(self) -> None:
+        """The history programs on every interface but lo (observe only)."""
+        links = discover_links(self.ipr)
+        self.ifnames.update((idx, name) for idx, name, _ in links)
+        variants = {14: ("ebd_tc_ingress", "ebd_tc_egress"), 0: ("ebd_tc_in_l3", "ebd_tc_out_l3")}
+        loaded = {}
+
+        def progs_for(l2: int) -> dict:
+            if l2 not in loaded:
+                ingress, egress = variants[l2]
+                loaded[l2] = {
+                    "ingress": self.bpf.load_func(ingress, self.BPF.SCHED_CLS),
+                    "egress": self.bpf.load_func(egress, self.BPF.SCHED_CLS),
+                }
+            return loaded[l2]
+
+        self.tc, clsact_why = self._pick_tc_hooks()
+        done = []
+        for ifindex, name, l2 in links:
+            if l2 is None:
+                self.plan["missing"].append({"probe": "tc:" + name, "why": "unsupported link type"})
+                continue
+            progs = progs_for(l2)
+            try:
+                try:
+                    self.tc.attach(ifindex, progs)
+                except OSError as exc:
+                    refused = isinstance(self.tc, TcxLinks) and exc.errno in TCX_UNSUPPORTED
+                    if not refused or done:
+                        raise
+                    clsact_why = "tcx refused (%s); using tc-clsact" % exc
+                    self.tc = TcHooks(self.ipr)
+                    self.tc.attach(ifindex, progs)
+                done.append(name)
+            except Exception as exc:  # netlink refused (e.g. an `ingress` qdisc is present)
+                self.plan["missing"].append({"probe": "tc:" + name, "why": str(exc)})
+            for direction, first in self.tc.notes:
+                why = "runs after existing filter prio %d; packets it takes are not seen" % first
+                self.plan["missing"].append({"probe": "tc:%s:%s" % (name, direction), "why": why})
+            self.tc.notes = []
+        self.attach["tc"] = {"kind": self.tc.kind, "interfaces": done}
+        if clsact_why:
+            self.attach["tc"]["why"] = clsact_why
+
+    def _pick_tc_hooks(self):
+        """tcx links where the kernel has them (nothing survives the process), else clsact.
+        Returns (hooks, why clsact was chosen or None)."""
+        nr = bpf_syscall_number()
+        if nr is None:
+            return TcHooks(self.ipr), "no bpf syscall number known for %s" % os.uname().machine
+        if not kernel_has_tcx():
+            return TcHooks(self.ipr), "kernel has no tcx (Linux < 6.6)"
+        return TcxLinks(nr), None
 
     def _fill_filters(self) -> None:
         b = self.bpf
@@ -754,7 +1080,10 @@ class Session(BufferCallbacks):
         if self.args.count and self.drops >= self.args.count:
             return
         names = self.plan["reasons"]["names"]
-        self.out.write(decode_drop(raw, names, self.symbols, self._ifname))
+        record = decode_drop(raw, names, self.symbols, self._ifname)
+        self.out.write(record)
+        with self.window_lock:
+            self.windows = add_window(self.windows, record["ts_ns"], record["ts_ns"])
         self.drops += 1
         if self.args.count and self.drops >= self.args.count:
             self.stop.reason = self.stop.reason or "count"
@@ -804,6 +1133,52 @@ class Session(BufferCallbacks):
             {"type": "netstat", "ts_ns": now_ns("monotonic"), "final": final, "delta": delta}
         )
 
+    def control(self, text: str) -> None:
+        """A control line from the controller (bootstrap stdin thread): `drops T0-T1[,...]`
+        names host-time windows around drops seen anywhere; the history of this host's flows
+        active in them is emitted at the end."""
+        word, _, rest = text.partition(" ")
+        if word != "drops":
+            sys.stderr.write("%s: control line not understood, ignored: %s\n" % (SCRIPT, text))
+            return
+        try:
+            windows = parse_windows(rest.strip())
+        except ValueError as exc:
+            sys.stderr.write("%s: control line ignored: %s\n" % (SCRIPT, exc))
+            return
+        with self.window_lock:
+            for lo, hi in windows:
+                self.windows = add_window(self.windows, lo, hi)
+
+    def dump_history(self) -> None:
+        """Packet records (why "history") of the flows active around a drop, then a
+        `history` summary. Bounded: DUMP_FLOWS_MAX flows of at most --history packets."""
+        with self.window_lock:
+            windows = list(self.windows)
+        flows = []
+        if windows:
+            for _key, value in self.bpf["flows"].items():
+                raw = ctypes.string_at(ctypes.addressof(value), ctypes.sizeof(value))
+                records = decode_hist(raw, self.ifnames)
+                if records:
+                    flows.append(records)
+        chosen, left_out = pick_flows(flows, windows)
+        packets = 0
+        for records in chosen:
+            for record in records:
+                self.out.write(record)
+            packets += len(records)
+        self.out.write(
+            {
+                "type": "history",
+                "ts_ns": now_ns("monotonic"),
+                "windows": len(windows),
+                "flows": len(chosen),
+                "packets": packets,
+                "left_out": left_out,
+            }
+        )
+
     def _report_lost(self) -> None:
         totals = [sum(self.bpf["lost"][ctypes.c_int(i)]) for i in (LOST_DROPS, LOST_RETRANS)]
         for i, source in enumerate(("drops", "retrans")):
@@ -836,6 +1211,7 @@ class Session(BufferCallbacks):
             "reasons": {"source": reasons["source"], "count": reason_count(reasons)},
             "rate": {"events_per_s": self.args.rate, "burst": BURST if self.args.rate else 0},
             "netstat": {"counters": self.netstat.names()},
+            "history": self.plan["history"],
         }
         if reasons["source"] == "none":
             record["fallback"] = (
@@ -876,10 +1252,15 @@ class Session(BufferCallbacks):
         if self.bpf is None:
             return errors
         for probe, how in sorted(self.attach.items()):
+            if how["kind"] != "tracepoint":
+                continue
             try:
                 self.bpf.detach_tracepoint(tp=how["tp"])
             except Exception as exc:  # noqa: BLE001 - keep detaching the rest
                 errors.append("detach %s: %s" % (probe, exc))
+        if self.tc is not None:
+            errors.extend(self.tc.close())
+            self.tc = None
         return errors
 
     def cleanup(self) -> list:
@@ -893,6 +1274,8 @@ class Session(BufferCallbacks):
                 else:
                     self.bpf.perf_buffer_poll(0)
                 self._report_lost()
+                if self.plan["history"]:
+                    self.dump_history()
                 self.report_counts(final=True)
                 self.report_netstat(final=True)
                 self.out.flush()
@@ -906,6 +1289,9 @@ class Session(BufferCallbacks):
             except Exception as exc:  # noqa: BLE001
                 errors.append("cleanup: %s" % exc)
             self.bpf = None
+        if self.ipr is not None:
+            self.ipr.close()
+            self.ipr = None
         return errors
 
 
@@ -925,6 +1311,8 @@ PARAMS = [
      "help": "stop after N drop records (default 0: no limit)"},
     {"name": "rate", "type": "int", "min": 0, "max": 1000000, "default": 1000, "metavar": "R",
      "help": "drop records per second at most (default 1000, burst 100; 0: counts only)"},
+    {"name": "history", "type": "int", "min": 0, "max": 16, "default": 8,
+     "metavar": "K", "help": "packets kept per flow for the cross-host join (0-16, default 8)"},
     {"name": "ebpf", "type": "flag", "local": True,
      "help": "print the generated C program and exit (needs no root)"},
     {"name": "format-dir", "type": "path", "local": True, "metavar": "DIR",
@@ -932,6 +1320,19 @@ PARAMS = [
     {"name": "btf", "type": "path", "local": True, "hidden": True, "metavar": "FILE",
      "help": "BTF file for offsets and reason names (tests)"},
 ]  # fmt: skip
+
+
+#: The session control lines go to (set while main runs).
+LIVE = {}
+
+
+def ebpfdiag_control(text):
+    """The bootstrap's hook for `ctl <text>` lines (see docs/remote-protocol.md)."""
+    session = LIVE.get("session")
+    if session is None:
+        sys.stderr.write("%s: control line before the session, ignored: %s\n" % (SCRIPT, text))
+        return
+    session.control(text)
 
 
 def parse_args(argv):
@@ -956,7 +1357,7 @@ def print_ebpf(args, out) -> int:
 
 
 def main(argv=None) -> int:
-    return run_tool(SCRIPT, argv, parse_args, print_ebpf, Session)
+    return run_tool(SCRIPT, argv, parse_args, print_ebpf, Session, live=LIVE)
 
 
 if __name__ == "__main__":

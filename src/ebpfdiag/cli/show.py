@@ -1,7 +1,7 @@
 """``ebpfdiag show``: render and re-analyse a saved trace without the hosts.
 
-Reads what ``trace tcp-rst --output FILE`` or ``trace latency --output FILE`` wrote, or a
-``--json`` stream of either saved with ``> FILE``, rebuilds each host's part (hello, SSH
+Reads what ``trace tcp-rst``, ``trace latency`` or ``trace drop --output FILE`` wrote, or
+a ``--json`` stream of one of them saved with ``> FILE``, rebuilds each host's part (hello, SSH
 clock estimate, outcome) and its raw records, correlates them again (with the question the
 trace asked) and renders them like the live command.
 """
@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 _RAW = ("packet", "reset", "lost", "counts", "tcp_probe", "recv", "retrans")
 #: Records only ``trace latency`` writes: a saved stream with one of them is a latency trace.
 _LATENCY = ("segment", "verdict", "sampling", "clock_pair")
+#: The drop tracer's host records, read only as ``event``s: a ``--json`` stream of ``trace
+#: drop`` also has controller records named ``drop`` and ``netstat``.
+_DROP_RAW = ("drop", "drop_counts", "netstat")
 
 EXAMPLES = """
 \b
@@ -43,18 +46,32 @@ Examples:
 def show(app: App, file: Path) -> int:
     """Render a saved trace again: correlate its records and show the timelines and verdicts.
 
-    FILE is a document written by 'trace tcp-rst --output FILE' (or 'trace latency'), or
-    the NDJSON of either command's --json saved to a file. Nothing is contacted.
+    FILE is a document written by 'trace tcp-rst --output FILE' (or 'trace latency',
+    'trace drop'), or the NDJSON of one of them saved from --json. Nothing is contacted.
     """
-    from ebpfdiag.cli.trace import emit_latency, emit_result, source_records
+    from ebpfdiag.cli.trace import (
+        DROP_TOTALS,
+        drop_kept,
+        emit_drop,
+        emit_latency,
+        emit_result,
+        source_records,
+    )
+    from ebpfdiag.questions.drop import DropResult
+    from ebpfdiag.questions.latency import Latency
     from ebpfdiag.render.timeline import event_record
 
     result, events = load_trace(file)
+    if isinstance(result.correlation, DropResult):
+        if app.as_json:
+            for rec in events:
+                if rec["type"] not in ("lost", *DROP_TOTALS):
+                    app.json.write(event_record(rec))
+        emit_drop(app, result, source_records(result), drop_kept(events))
+        return 0
     if app.as_json:
         for rec in events:
             app.json.write(event_record(rec))
-    from ebpfdiag.questions.latency import Latency
-
     if isinstance(result.correlation, Latency):
         emit_latency(app, result, source_records(result))
     else:
@@ -104,7 +121,7 @@ def load_trace(path: Path) -> tuple[TraceResult, list[dict]]:
     """The saved trace as the live command had it at the end, and its raw records."""
     from ebpfdiag.clock import ClockEstimate
     from ebpfdiag.fanout import HostResult
-    from ebpfdiag.questions import latency, rst
+    from ebpfdiag.questions import drop, latency, rst
     from ebpfdiag.tracing import HostTrace, TraceResult
 
     hosts: dict[str, HostTrace] = {}
@@ -125,17 +142,20 @@ def load_trace(path: Path) -> tuple[TraceResult, list[dict]]:
     for rec in read_records(path):
         rec.pop("v", None)
         kind = rec.get("type")
-        if kind == "event":
+        raw = kind == "event"
+        if raw:
             kind = rec.pop("kind", None)
             rec["type"] = kind
         try:
-            if kind in _RAW:
+            if kind in _RAW or (raw and kind in _DROP_RAW):
                 host_of(rec)
                 events.append(rec)
             elif kind == "hello":
                 host_of(rec).hello = rec
                 if rec.get("script") == "tcp_latency":
                     question = latency.correlate
+                elif rec.get("script") == "drop":
+                    question = drop.correlate
             elif kind == "clock":
                 clocks[host_of(rec).name] = ClockEstimate(
                     int(rec["offset_ns"]), int(rec["error_ns"])
@@ -176,7 +196,10 @@ def load_trace(path: Path) -> tuple[TraceResult, list[dict]]:
     for name, est in tightened.items():
         clocks.setdefault(name, est)
     hellos = {name: ht.hello for name, ht in hosts.items() if ht.hello}
-    correlation = question(events, clocks, hellos=hellos)
+    if question is drop.correlate:
+        correlation = drop.correlate(events, clocks, hellos=hellos, hosts=list(hosts))
+    else:
+        correlation = question(events, clocks, hellos=hellos)
     summaries = {
         name: models.get(name)
         or {"summary": {"offset_ns": est.offset_ns, "error_ns": est.error_ns}}

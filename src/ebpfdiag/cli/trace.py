@@ -320,11 +320,34 @@ def _drop_args(ports: tuple[str, ...], addrs: tuple[str, ...], rate: str | None)
     return tool_argv(script_path("drop"), values)
 
 
+#: Drops on any host closer than this (aligned) share one window of the ``ctl drops`` line.
+DROP_WINDOW_GAP_NS = 2_000_000_000
+#: At most this many windows in one ``ctl drops`` line (the closest ones merge beyond it).
+DROP_WINDOWS_MAX = 32
+
+
+def drop_windows(epochs: list[int]) -> list[tuple[int, int]]:
+    """Aligned drop times -> merged [(first, last)] windows, at most ``DROP_WINDOWS_MAX``."""
+    windows: list[tuple[int, int]] = []
+    for ts in sorted(epochs):
+        if windows and ts - windows[-1][1] <= DROP_WINDOW_GAP_NS:
+            windows[-1] = (windows[-1][0], ts)
+        else:
+            windows.append((ts, ts))
+    while len(windows) > DROP_WINDOWS_MAX:
+        gaps = [windows[i + 1][0] - windows[i][1] for i in range(len(windows) - 1)]
+        i = gaps.index(min(gaps))
+        windows[i : i + 2] = [(windows[i][0], windows[i + 1][1])]
+    return windows
+
+
 def _drop_session(names: list[str], count: int | None, **kwargs) -> TraceSession:
     """A TraceSession that also collects the drop tracer's records, stops after ``count``
-    drop events and answers with ``questions.drop`` instead of the reset verdicts."""
+    drop events, answers with ``questions.drop`` and, when the run stops, tells every host
+    when drops happened (``ctl drops``) so that it sends the history of the flows active
+    then: the other hosts' sightings of the dropped packets."""
     import asyncio
-    import dataclasses
+    import functools
     import time
 
     from ebpfdiag.questions.drop import correlate as drop_correlate
@@ -332,21 +355,20 @@ def _drop_session(names: list[str], count: int | None, **kwargs) -> TraceSession
 
     class DropSession(TraceSession):
         drops = 0
+        windows_sent = False
 
         def _record(self, host: str, rec: dict) -> None:
             kind = rec.get("type")
-            if kind in DROP_EVENTS:
-                rec["host"] = host
-                self._held.append((time.monotonic(), rec))
-                if kind == "drop":
-                    self.drops += 1
-                    if count and self.drops == count and self.fanout is not None:
-                        asyncio.get_running_loop().call_later(COUNT_SETTLE_S, self.fanout.stop)
-            elif kind in DROP_TOTALS:
-                rec["host"] = host
-                self._released.append(rec)
-            else:
+            if kind not in DROP_EVENTS:
                 super()._record(host, rec)
+                return
+            # Held like packets, so that they are aligned and shown in time order.
+            rec["host"] = host
+            self._held.append((time.monotonic(), rec))
+            if kind == "drop":
+                self.drops += 1
+                if count and self.drops == count and self.fanout is not None:
+                    asyncio.get_running_loop().call_later(COUNT_SETTLE_S, self.fanout.stop)
 
         def clocks(self) -> dict:
             """As TraceSession's, over the host time of drops and retransmissions too."""
@@ -363,15 +385,38 @@ def _drop_session(names: list[str], count: int | None, **kwargs) -> TraceSession
                     result[name] = ht.clock.summary(first, last)
             return result
 
-        def correlate(self):  # type: ignore[override]
-            return drop_correlate(
-                self.events, self.clocks(), hellos=self.hellos(), hosts=list(self.hosts)
-            )
+        def window_lines(self) -> dict[str, str]:
+            """Per host with a clock, ``drops T0-T1,...``: every host's drops so far in that
+            host's own monotonic time. Empty without drops."""
+            epochs = []
+            for rec in self.events:
+                clock = self.hosts[rec["host"]].clock if "host" in rec else None
+                if rec.get("type") == "drop" and isinstance(rec.get("ts_ns"), int) and clock:
+                    epochs.append(clock.at(rec["ts_ns"]).align(rec["ts_ns"]))
+            windows = drop_windows(epochs)
+            lines = {}
+            for name, ht in self.hosts.items():
+                if windows and ht.clock:
+                    offset = ht.clock.at(ht.clock.segments[-1].last_h).offset_ns
+                    lines[name] = "drops " + ",".join(
+                        f"{lo - offset}-{hi - offset}" for lo, hi in windows
+                    )
+            return lines
 
-        def finish(self, interrupted: bool) -> TraceResult:
-            return dataclasses.replace(super().finish(interrupted), correlation=self.correlate())
+        def send_windows(self) -> None:
+            """Once, before the stop: the hosts' scripts read it before their stdin's EOF."""
+            if self.windows_sent or self.fanout is None:
+                return
+            self.windows_sent = True
+            for name, line in self.window_lines().items():
+                self.fanout.control(name, line)
 
-    return DropSession(names, **kwargs)
+    return DropSession(
+        names,
+        correlate=functools.partial(drop_correlate, hosts=names),
+        keep=DROP_TOTALS,
+        **kwargs,
+    )
 
 
 @trace.command("drop", epilog=DROP_EXAMPLES)
@@ -409,6 +454,13 @@ def drop(
     from ebpfdiag.render.drop import live_line
     from ebpfdiag.render.timeline import event_record
     from ebpfdiag.transport import Script
+
+    class DropFanout(Fanout):
+        """Tells the hosts when drops happened just before it stops them."""
+
+        def stop(self, interrupted: bool = False) -> None:
+            session.send_windows()
+            super().stop(interrupted)
 
     args = _drop_args(ports, addrs, rate)
     if output is not None:
@@ -453,26 +505,31 @@ def drop(
             on_host_ready=announce_ready(app),
             launched=process_started(),
         )
-        engine = Fanout(hosts, script, opts, session)
+        engine = DropFanout(hosts, script, opts, session)
         session.fanout = engine
         app.run(engine)
     return _conclude_drop(app, session, engine.interrupted, output)
 
 
-def _conclude_drop(app: App, session: TraceSession, interrupted: bool, output: Path | None) -> int:
-    """After the run: the drop answer as NDJSON or tables and timelines, ``--output``."""
-    from ebpfdiag.render.drop import render
-    from ebpfdiag.render.ndjson import SCHEMA_VERSION
-    from ebpfdiag.render.timeline import event_record, trace_records
+def drop_kept(events: list[dict]) -> list[dict]:
+    """The end-of-run ``event``s of a drop trace: ``lost`` records and each host's last
+    ``drop_counts`` and ``netstat`` (the last totals say everything)."""
+    from ebpfdiag.render.timeline import event_record
 
-    result = session.finish(interrupted)
-    saved = source_records(result)
-    last: dict[tuple[str, str], dict] = {}  # each host's last totals say everything
-    for e in session.events:
+    last: dict[tuple[str, str], dict] = {}
+    for e in events:
         if e["type"] in DROP_TOTALS:
             last[(e["host"], e["type"])] = e
-    kept = [event_record(e) for e in session.events if e["type"] == "lost"]
-    kept += [event_record(e) for e in last.values()]
+    kept = [event_record(e) for e in events if e["type"] == "lost"]
+    return kept + [event_record(e) for e in last.values()]
+
+
+def emit_drop(app: App, result: TraceResult, saved: list[dict], kept: list[dict]) -> list[dict]:
+    """The end of a drop trace, live or from a file: host failures on stderr, then NDJSON
+    (``kept`` events, ``saved`` hellos and clocks, the answer) or the terminal view."""
+    from ebpfdiag.render.drop import render
+    from ebpfdiag.render.timeline import trace_records
+
     records = [_one_shape(rec, result) for rec in trace_records(result)]
     for rec in records:
         if rec["type"] == "host" and rec["error"]:
@@ -483,6 +540,18 @@ def _conclude_drop(app: App, session: TraceSession, interrupted: bool, output: P
         app.json.flush()
     else:
         render(result.correlation, app.term.out, app.term.err)
+    return records
+
+
+def _conclude_drop(app: App, session: TraceSession, interrupted: bool, output: Path | None) -> int:
+    """After the run: the drop answer as NDJSON or tables and timelines, ``--output``."""
+    from ebpfdiag.render.ndjson import SCHEMA_VERSION
+    from ebpfdiag.render.timeline import event_record
+
+    result = session.finish(interrupted)
+    saved = source_records(result)
+    kept = drop_kept(session.events)
+    records = emit_drop(app, result, saved, kept)
     code = app.exit_code(
         [h.result for h in result.hosts.values() if h.result is not None], interrupted
     )
