@@ -224,7 +224,7 @@ def is_chosen(x: int, n: int, shift: int) -> bool:
 def data_point(seq: int, length: int, n: int, shift: int):
     """pt of a payload [seq, seq+length): its lowest chosen byte, or None."""
     c = seq & 0xFFFFFFFF
-    for i in range(MAX_BLOCKS):
+    for _ in range(MAX_BLOCKS):
         if (c - seq) & 0xFFFFFFFF >= length:
             return None
         if is_chosen(c, n, shift):
@@ -239,7 +239,7 @@ def ack_point(prev_ack: int, ack: int, n: int, shift: int):
     if span == 0 or span >= 1 << 31:
         return None
     c = (ack - 1) & 0xFFFFFFFF
-    for i in range(MAX_BLOCKS):
+    for _ in range(MAX_BLOCKS):
         if (ack - 1 - c) & 0xFFFFFFFF >= span:
             return None
         if is_chosen(c, n, shift):
@@ -462,11 +462,11 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir, __u32 off)
 			acks.update(&key, &fresh);
 		} else if (!st) {   /* the SYN-ACK starts afresh too: an old ack is meaningless */
 			struct ack_state fresh = {};
-			if (syn) {       /* both classes start at the handshake's ack, so the first
-					  * answer (data) and first ACK both get an apt */
+			/* a SYN-ACK starts both classes at its ack: the first answer gets an apt */
+			if (syn) {
 				fresh.prev[0] = fresh.prev[1] = t->ack;
 				fresh.has[0] = fresh.has[1] = 1;
-			} else if (cls) {       /* constant indexes: the verifier refuses a computed stack offset */
+			} else if (cls) {   /* constant indexes: the verifier refuses computed ones */
 				fresh.prev[1] = t->ack;
 				fresh.has[1] = 1;
 			} else {
@@ -491,7 +491,7 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir, __u32 off)
 		why = WHY_CTL;
 	} else if (syn) {
 		__u32 isn = (t->flags & TH_ACK) ? t->ack - 1 : t->seq;
-		if (chosen(isn))   /* the block of the ISN: a sampled handshake opens sampled bytes */
+		if (chosen(isn))   /* the ISN's block: the first bytes' block too */
 			why = WHY_CTL;   /* else kept only for a point in its payload (TFO) */
 	}
 	if (!why && SAMPLE_N == 1)
