@@ -86,6 +86,23 @@ def test_a_slow_tail_alone_names_no_culprit():
     assert correlate(slow.records, slow.clocks()).verdicts[0].culprit == "server"
 
 
+def test_nothing_sampled_says_what_sample_to_use():
+    stream = simple_stream(3, 2 * MS)
+    # the same traffic where the sampling kept no handshake and no point of a request
+    recs = [{**r, "apt": None} if r.get("type") == "packet" else r for r in stream.records
+            if not (r.get("type") == "packet" and r["flags"] & 2)]  # fmt: skip
+    hellos = [{"type": "hello", "host": h, "sample": {"n": 32, "block": 65536}}
+              for h in ("client", "lb", "server")]  # fmt: skip
+    (verdict,) = correlate(hellos + recs, stream.clocks()).verdicts
+    assert verdict.text.startswith("unknown: no sampled request")
+    assert "kept 1 sequence block in 32" in verdict.text
+    assert "rerun with --sample 1" in verdict.text
+    # at --sample 1 there is nothing to advise
+    every = [{**h, "sample": {"n": 1, "block": 65536}} for h in hellos]
+    (verdict,) = correlate(every + recs, stream.clocks()).verdicts
+    assert verdict.text.startswith("unknown") and "--sample" not in verdict.text
+
+
 def test_pure_ack_is_not_the_response():
     stream = simple_stream(5, 20 * MS, ack_first=True)
     result = correlate(stream.records, stream.clocks())

@@ -863,6 +863,20 @@ def _describe(ex: Exchange) -> str:
     return text
 
 
+def _unsampled_hint(sampling: Mapping[str, Mapping[str, Any]]) -> str:
+    """What to do when nothing was sampled: a small connection's bytes lie in one block,
+    so 1 connection (or 1 block of a long one) in N is followed; say so and how to see
+    more."""
+    ns = {v["sample_n"] for v in sampling.values() if isinstance(v.get("sample_n"), int)}
+    if not ns or max(ns) <= 1:
+        return ""
+    n = max(ns)
+    seen = sum(v.get("seen") or 0 for v in sampling.values())
+    return (f"; the tracers kept 1 sequence block in {n} (about 1 small connection in {n}) "
+            f"of {seen} packets seen: trace longer or more connections, or rerun with "
+            "--sample 1 to keep every packet")  # fmt: skip
+
+
 def correlate(
     events: Iterable[Mapping[str, Any]],
     clocks: Mapping[str, ClockEstimate],
@@ -911,12 +925,6 @@ def _correlate(
             "clock-unbounded",
             f"no packets both ways bound the clocks of {pairs}: their wire figures use the "
             "SSH estimates", hosts=sorted({h for p in unbounded for h in p})))  # fmt: skip
-    verdicts = [_verdict(d, exs) for d, exs in sorted(by_dir.items())]
-    if not exchanges:
-        verdicts.append(DirectionVerdict(
-            "-", 0, None, [], None, ["no sampled request with its response"],
-            "unknown: no sampled request was seen with its response (no data packet whose "
-            "apt names a sampled request point)"))  # fmt: skip
     ranked = sorted(exchanges, key=lambda e: -e.total_ns)[:slowest]
     flows = []
     for ex in ranked:
@@ -939,6 +947,12 @@ def _correlate(
             "lost": counts.get("lost"), "sample_n": sample.get("n"),
             "block": sample.get("block"),
         }  # fmt: skip
+    verdicts = [_verdict(d, exs) for d, exs in sorted(by_dir.items())]
+    if not exchanges:
+        verdicts.append(DirectionVerdict(
+            "-", 0, None, [], None, ["no sampled request with its response"],
+            "unknown: no sampled request was seen with its response (no data packet whose "
+            "apt names a sampled request point)" + _unsampled_hint(sampling)))  # fmt: skip
     rtt = {}
     for host, entries in sorted(evidence.rtt.items()):
         srtt = sorted(e[0] for e in entries)
