@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
+import threading
 import time
 
 from bench.builds import CURRENT, Build
@@ -56,6 +58,63 @@ CONDITIONS = {
     "trace, traffic's ports": [BULK_PORT, SHORT_PORT],
     "trace, unrelated port": [UNRELATED_PORT],
 }
+
+#: ``trace latency`` conditions: name -> the command's sampling arguments (ports: the traffic's)
+LATENCY_CONDITIONS = {
+    "latency, default sampling": (),
+    "latency, --sample 1": ("--sample", "1"),
+}
+CONDITIONS.update({name: [BULK_PORT, SHORT_PORT] for name in LATENCY_CONDITIONS})
+
+
+class LatencyTracer(Tracer):
+    """``ebpfdiag trace latency --json`` on the lab's three hosts, with its sampling
+    arguments; counts its records and how long it ran, for the controller's records/s."""
+
+    def __init__(self, state, ports: list[int], build: Build = CURRENT, sampling=()):
+        super().__init__(state, ports, build)
+        self.sampling = list(sampling)
+        self.started = self.stopped = 0.0
+
+    def start(self, timeout: float = 60.0) -> float:
+        argv = [*self.build.argv, "trace", "latency", "-i", str(self.state.inventory),
+                "--hosts", "client,lb,server", "--json", *self.sampling]  # fmt: skip
+        for port in self.ports:
+            argv += ["--port", str(port)]
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115 - closed in Tracer.stop()
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=self._err, env=self.build.environ()
+        )
+        t0 = time.monotonic()
+        while time.monotonic() < t0 + timeout:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            rec = json.loads(line)
+            if rec.get("type") == "status" and rec.get("state") == "tracing":
+                self.ready_s = self.started = time.monotonic()
+                self._drain = threading.Thread(target=self._count_events, daemon=True)
+                self._drain.start()
+                return self.ready_s - t0
+        err = self.stop()
+        raise RuntimeError(f"trace latency never became ready: {err[-300:]}")
+
+    def stop(self) -> str:
+        self.stopped = self.stopped or time.monotonic()
+        return super().stop()
+
+    @property
+    def records_per_s(self) -> float:
+        """Packet records the controller received per second of tracing."""
+        return self.events / max(self.stopped - self.started, 1e-9)
+
+
+def tracer_for(state, cond: str, ports: list[int], build: Build) -> Tracer:
+    """The tracer of a condition (also of its ``[against]`` copy)."""
+    for name, sampling in LATENCY_CONDITIONS.items():
+        if cond.startswith(name):
+            return LatencyTracer(state, ports, build, sampling)
+    return Tracer(state, ports, build)
 
 
 def conditions(against: Build | None) -> dict[str, tuple[list[int], Build] | None]:
@@ -124,7 +183,7 @@ def _profile(state, conds, connections: int, bulk_s: float) -> list[str]:
         with open(stats, "w") as f:
             f.write("1")
         for cond, (ports, build) in [c for c in conds.items() if c[1]]:
-            tracer = Tracer(state, ports, build)
+            tracer = tracer_for(state, cond, ports, build)
             tracer.start()
             try:
                 t0, n0 = _tc_prog_stats()
@@ -169,6 +228,7 @@ def run(
     bulk: dict[str, list[float]] = {c: [] for c in conds}
     short: dict[str, list[float]] = {c: [] for c in conds}
     events: dict[str, list[int]] = {c: [] for c in conds}
+    rates: dict[str, list[float]] = {c: [] for c in conds}
     with bench_lab() as state:
         procs = _servers(state)
         profile: list[str] = []
@@ -177,7 +237,7 @@ def run(
             _short(state, 100)
             for _ in range(rounds):
                 for cond, how in conds.items():
-                    tracer = Tracer(state, *how) if how else None
+                    tracer = tracer_for(state, cond, *how) if how else None
                     if tracer:
                         tracer.start()
                     try:
@@ -187,6 +247,8 @@ def run(
                         if tracer:
                             tracer.stop()
                             events[cond].append(tracer.events)
+                            if isinstance(tracer, LatencyTracer):
+                                rates[cond].append(tracer.records_per_s)
             profile = _profile(state, conds, connections, bulk_s)
         finally:
             for p in procs:
@@ -204,6 +266,8 @@ def run(
             Target(f"bulk ratio, {cond}", fmt(rb), ">= 0.95", rb >= 0.95),
             Target(f"short-connection ratio, {cond}", fmt(rs), ">= 0.90", rs >= 0.90),
         ]
+    section.targets += latency_targets(bulk, short, base_b, base_s)
+    section.notes += latency_notes(rates)
     section.notes += [
         f"Bulk: one iperf3 TCP stream for {bulk_s:g} s to VIP:{BULK_PORT} (DNAT to the server). "
         f"Short: best of 3 runs (the same for every condition, so a run slowed by another "
@@ -226,3 +290,31 @@ def run(
         "egress of each):\n\n" + "\n".join(f"  - {line}" for line in profile),
     ]
     return section
+
+
+def latency_targets(bulk: dict, short: dict, base_b: float, base_s: float) -> list[Target]:
+    """trace latency at its default sampling keeps 95 % of both baselines."""
+    name = "latency, default sampling"
+    if not bulk.get(name):
+        return []
+    rb, rs = median(bulk[name]) / base_b, median(short[name]) / base_s
+    return [
+        Target(f"bulk ratio, trace {name}", fmt(rb), ">= 0.95", rb >= 0.95),
+        Target(f"short-connection ratio, trace {name}", fmt(rs), ">= 0.95", rs >= 0.95),
+    ]
+
+
+def latency_notes(rates: dict[str, list[float]]) -> list[str]:
+    """What the latency conditions run and how many records the controller took."""
+    seen = {c: r for c, r in rates.items() if r}
+    if not seen:
+        return []
+    per = "; ".join(f"{c}: {median(r):,.0f} records/s (median, {min(r):,.0f}-{max(r):,.0f})"
+                    for c, r in seen.items())  # fmt: skip
+    return [
+        "The latency conditions run `ebpfdiag trace latency --hosts client,lb,server --port "
+        f"{BULK_PORT} --port {SHORT_PORT} --json` (default sampling, or `--sample 1`: every "
+        "packet) started before and stopped after each measurement; its tracer events are "
+        "the packet records it streamed. Controller records/s over the whole traced time "
+        f"(bulk + short runs): {per}.",
+    ]

@@ -167,3 +167,45 @@ def test_healthy_load_flags_nothing(lab):
     verdicts = of(recs, "verdict")
     assert verdicts and all(v["culprit"] is None for v in verdicts), verdicts
     assert_clean(lab)
+
+
+def _tool():
+    """The remote tool as a module, for its sampling rule (Python mirror)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bpf" / "tcp_latency.py"
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location("tcp_latency_lab", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sampled_connections_are_followed_whole_and_only_they_report(lab):
+    # 8 connections, each 50 small rounds: every byte of a connection lies in one 64 KiB
+    # block, so a connection is sampled whole or not at all (1 in 2 here; 1 in 256 chance
+    # that none is)
+    tool = _tool()
+    recs, result = trace_scenario(lab, "healthy-load", "--sample", "2", "--slowest", "1000")
+    assert result.error is None and result.exchanges == 400, result.summary()
+    assert {h["sample"]["n"] for h in of(recs, "hello")} == {2}
+    block = of(recs, "hello")[0]["sample"]["block"]
+    shift = block.bit_length() - 1
+    exchanges = of(recs, "exchange")
+    assert 0 < len(exchanges) < 400
+    per_connection = Counter(e["flow"]["isn"]["initiator"] for e in exchanges)
+    assert all(n == 50 for n in per_connection.values()), per_connection
+    pkts = packets(recs)
+    # a FIN is kept for itself only when its own sequence number is chosen
+    fins = [p for p in pkts if p["flags"] & 1 and p["why"] == "ctl"]
+    assert fins and all(tool.is_chosen(p["seq"] + p["len"], 2, shift) for p in fins)
+    # tcp_probe and recv only for flows with a kept packet on that host
+    kept = {(p["host"], frozenset([(p["saddr"], p["sport"]), (p["daddr"], p["dport"])]))
+            for p in pkts}  # fmt: skip
+    evidence = [r for r in recs if r["type"] == "event" and r["kind"] in ("tcp_probe", "recv")]
+    assert evidence
+    for r in evidence:
+        flow = frozenset([(r["saddr"], r["sport"]), (r["daddr"], r["dport"])])
+        assert (r["host"], flow) in kept, r
+    assert_clean(lab)

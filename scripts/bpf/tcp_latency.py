@@ -337,6 +337,7 @@ BPF_PERCPU_ARRAY(counters, __u64, 2);        /* 0: seen, 1: sampled */
 BPF_PERCPU_ARRAY(lost, __u64, 2);            /* 0: packets, 1: socket events (buffer full) */
 BPF_F_TABLE("lru_hash", __u64, struct ack_state, acks, %(ack_map)d, BPF_F_NO_COMMON_LRU);
 BPF_F_TABLE("lru_hash", __u64, __u64, rate, %(rate_map)d, 0);
+BPF_F_TABLE("lru_hash", __u64, __u8, marked, %(rate_map)d, 0);  /* flows with a kept packet */
 
 static __always_inline void count(__u32 idx)
 {
@@ -371,6 +372,12 @@ static __always_inline __u64 tuple_hash(__u32 *s, __u32 *d, __u16 sp, __u16 dp, 
 		h = (h ^ (((__u64)s[i] << 32) | d[i])) * prime;
 	h = (h ^ (((__u64)sp << 16) | dp)) * prime;
 	return h ^ (h >> 31);
+}
+
+/* The same key for both directions of a flow */
+static __always_inline __u64 flow_key(__u32 *s, __u32 *d, __u16 sp, __u16 dp)
+{
+	return tuple_hash(s, d, sp, dp, 0) ^ tuple_hash(d, s, dp, sp, 0);
 }
 
 /* A v4-mapped IPv6 socket (::ffff:a.b.c.d) carries an IPv4 flow: the filter and the record
@@ -487,8 +494,11 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir, __u32 off)
 			}
 		}
 	}
-	if (t->flags & (TH_FIN | TH_RST)) {
+	if (t->flags & TH_RST) {
 		why = WHY_CTL;
+	} else if (t->flags & TH_FIN) {
+		if (chosen(t->seq + t->len + (syn ? 1 : 0)))   /* the FIN's own sequence number */
+			why = WHY_CTL;
 	} else if (syn) {
 		__u32 isn = (t->flags & TH_ACK) ? t->ack - 1 : t->seq;
 		if (chosen(isn))   /* the ISN's block: the first bytes' block too */
@@ -499,6 +509,11 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir, __u32 off)
 	if (!why)
 		return TC_ACT_UNSPEC;
 	count(1);
+	if (SAMPLE_N > 1) {   /* the tracepoints report this flow on this host from now on */
+		__u64 fk = flow_key(t->saddr, t->daddr, t->sport, t->dport);
+		__u8 one = 1;
+		marked.update(&fk, &one);
+	}
 	e.why = why;
 	e.ts = bpf_ktime_get_ns();
 	e.ifindex = skb->ifindex;
@@ -662,6 +677,11 @@ def c_sock_probe(probe: str, fmt: dict, plan: dict) -> str:
     if "state" in fields:
         body.append("\te.state = rec.state;")
     if probe != "tcp_retransmit_skb":
+        body.append(
+            "\tif (SAMPLE_N > 1) {   /* only flows with a kept packet on this host */\n"
+            "\t\t__u64 fk = flow_key(e.saddr, e.daddr, e.sport, e.dport);\n"
+            "\t\tif (!marked.lookup(&fk))\n\t\t\treturn 0;\n\t}"
+        )
         body.append(
             "\tif (!rate_ok(tuple_hash(e.saddr, e.daddr, e.sport, e.dport, %d)))\n"
             "\t\treturn 0;" % KIND_NUM[probe]
