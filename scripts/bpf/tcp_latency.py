@@ -24,18 +24,21 @@ followed from host to host and hook to hook, however it is cut (TSO/GSO, GRO, BI
   its ack, so the answerer's first data gets its apt.
 - ctl: a SYN is kept when its ISN's block is chosen, a SYN-ACK when the block of ack - 1
   is (the client's ISN), so a sampled handshake is kept on every host, together with the
-  client's first bytes; FIN and RST always.
+  client's first bytes; a FIN when its own sequence number (seq + len) is chosen; every RST.
 - why is the first rule that keeps the packet: ctl, data, ack. N = 1 chooses every byte
   (pt = seq, apt = ack - 1) and keeps every packet: one no rule keeps is data (with
   payload) or ack (without).
 
 Why whole blocks and these defaults (N = 32, K = 16): a message is sampled with
 probability 1/N whatever its size (a small connection's bytes lie in one block, so 1 in N
-connections is followed whole), while a bulk packet of L bytes is kept with probability
-about (1 + L/B)/N: at K = 16 a 64 KiB GSO packet touches one or two blocks, so about 1 in
-16 bulk packets is kept, what the older default (a point every MiB) kept. The earlier rule
+connections is followed whole, with its FINs and tracepoint records; the others cost the
+parse and the rule only), while a bulk packet of L bytes is kept with probability about
+(1 + L/B)/N: at K = 16 a 64 KiB GSO packet touches one or two blocks, so about 1 in 16
+bulk packets is kept, what the older default (a point every MiB) kept. The earlier rule
 (block starts only) sampled a 200-byte request 1 time in 5,000 at its default, and a
-12-byte one never even at N = 1. Measured: docs/benchmarks.md (datapath, trace latency).
+12-byte one never even at N = 1. A smaller N samples more small connections and costs
+bulk in proportion; a smaller K follows a long connection in shorter bursts but keeps
+more bulk packets (about 17/N at K = 12). Measured: docs/benchmarks.md (datapath).
 
 Counters per host: seen (packets passing the filter, at any hook), sampled (kept by the
 rule), lost (kept but the buffer was full: packet records = sampled - lost), in a `counts`
@@ -43,7 +46,8 @@ record every second and once at the end. The kernel's own view comes from tracep
 filtered by the same ports/addresses and by network namespace (BTF offsets):
 tcp:tcp_probe (RTT, windows) and sock:sock_recv_length (the application reading a flow's
 socket, not MSG_PEEK; its 4-tuple from the socket via BTF offsets), each at most one record
-per flow per 100 ms, and every tcp:tcp_retransmit_skb. A v4-mapped IPv6 socket's events are
+per flow per 100 ms and, with N > 1, only for flows of which this host kept a packet
+(an LRU map the packet hook fills), and every tcp:tcp_retransmit_skb. A v4-mapped IPv6 socket's events are
 IPv4. A control line `ctl port Q` (see docs/remote-protocol.md) adds Q to the port filter
 and is answered by a `filter` record, as in tcp_rst.
 
