@@ -735,8 +735,7 @@ def build_program(plan: dict) -> str:
     filters = c_filters(plan["ports"], plan["addrs"], "t->family", "t->saddr", "t->daddr",
                         "t->sport", "t->dport", "return TC_ACT_UNSPEC;")  # fmt: skip
     parts.append(
-        C_TC
-        % {"filters": filters, "submit": submit(plan["buffer"], "pkt_events", "skb", "&e", 0)}
+        C_TC % {"filters": filters, "submit": submit(plan["buffer"], "pkt_events", "skb", "&e", 0)}
     )
     if "sock_recv_length" in plan["tracepoints"]:
         parts.append(C_SOCK_TUPLE % plan["tuple_offsets"])
