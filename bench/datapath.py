@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import tempfile
-import threading
 import time
 
 from bench.builds import CURRENT, Build
@@ -80,40 +78,25 @@ print(n)
 """
 
 
-class DropTracer(Tracer):
-    """``ebpfdiag trace drop --json`` on the lab's three hosts (Tracer runs tcp-rst)."""
-
-    def start(self, timeout: float = 60.0) -> float:
-        argv = [*self.build.argv, "trace", "drop", "-i", str(self.state.inventory),
-                "--hosts", "client,lb,server", "--json"]  # fmt: skip
-        for port in self.ports:
-            argv += ["--port", str(port)]
-        t0 = time.monotonic()
-        self._err = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=self._err, env=self.build.environ()
-        )
-        while time.monotonic() < t0 + timeout:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            rec = json.loads(line)
-            if rec.get("type") == "status" and rec.get("state") == "tracing":
-                if sorted(rec["hosts"]) != ["client", "lb", "server"]:
-                    self.stop()
-                    raise RuntimeError(f"trace drop ready on only {rec['hosts']}")
-                self.ready_s = time.monotonic() - t0
-                self._drain = threading.Thread(target=self._count_events, daemon=True)
-                self._drain.start()
-                return self.ready_s
-        err = self.stop()
-        raise RuntimeError(f"trace drop never became ready: {err[-300:]}")
+#: ``trace latency`` conditions: name -> the command's sampling arguments (ports: the traffic's)
+LATENCY_CONDITIONS = {
+    "latency, default sampling": (),
+    "latency, --sample 1": ("--sample", "1"),
+}
+CONDITIONS.update({name: [BULK_PORT, SHORT_PORT] for name in LATENCY_CONDITIONS})
+#: conditions measured for their figures only (no goal): latency keeping every packet
+FIGURE_ONLY = "latency, --sample 1"
 
 
-def _tracer(state, how: tuple) -> Tracer:
-    """The tracer of a condition: ``(ports, build)`` is tcp-rst, ``(ports, build, "drop")``
-    trace drop."""
-    return DropTracer(state, *how[:2]) if how[2:] == ("drop",) else Tracer(state, *how[:2])
+def tracer_for(state, cond: str, ports: list[int], build: Build) -> Tracer:
+    """The tracer of a condition (also of its ``[against]`` copy): tcp-rst, trace drop, or
+    trace latency with its sampling arguments."""
+    if cond in DROP_CONDITIONS:
+        return Tracer(state, ports, build, command="drop")
+    for name, sampling in LATENCY_CONDITIONS.items():
+        if cond.startswith(name):
+            return Tracer(state, ports, build, command="latency", extra=sampling)
+    return Tracer(state, ports, build)
 
 
 def conditions(against: Build | None) -> dict[str, tuple[list[int], Build] | None]:
@@ -125,7 +108,7 @@ def conditions(against: Build | None) -> dict[str, tuple[list[int], Build] | Non
         if ports and against is not None:
             out[f"{name} [{against.label}]"] = (ports, against)
     for name, ports in DROP_CONDITIONS.items():
-        out[name] = (ports, CURRENT, "drop")
+        out[name] = (ports, CURRENT)
     return out
 
 
@@ -183,8 +166,8 @@ def _profile(state, conds, connections: int, bulk_s: float) -> list[str]:
     try:
         with open(stats, "w") as f:
             f.write("1")
-        for cond, how in [c for c in conds.items() if c[1]]:
-            tracer = _tracer(state, how)
+        for cond, (ports, build) in [c for c in conds.items() if c[1]]:
+            tracer = tracer_for(state, cond, ports, build)
             tracer.start()
             try:
                 t0, n0 = _tc_prog_stats()
@@ -229,7 +212,7 @@ def _kfree_skb_cost(state, seconds: float = 3.0) -> list[str]:
     lines = []
     try:
         for label, ports in (("--port (no match)", [BULK_PORT, SHORT_PORT]), ("no filter", [])):
-            tracer = DropTracer(state, ports)
+            tracer = Tracer(state, ports, command="drop")
             tracer.start()
             try:
                 t0, n0 = _prog_stats("ebd_kfree_skb")
@@ -272,6 +255,7 @@ def run(
     bulk: dict[str, list[float]] = {c: [] for c in conds}
     short: dict[str, list[float]] = {c: [] for c in conds}
     events: dict[str, list[int]] = {c: [] for c in conds}
+    rates: dict[str, list[float]] = {c: [] for c in conds}
     with bench_lab() as state:
         procs = _servers(state)
         profile: list[str] = []
@@ -280,7 +264,7 @@ def run(
             _short(state, 100)
             for _ in range(rounds):
                 for cond, how in conds.items():
-                    tracer = _tracer(state, how) if how else None
+                    tracer = tracer_for(state, cond, *how) if how else None
                     if tracer:
                         tracer.start()
                     try:
@@ -290,6 +274,8 @@ def run(
                         if tracer:
                             tracer.stop()
                             events[cond].append(tracer.events)
+                            if cond.startswith(tuple(LATENCY_CONDITIONS)):
+                                rates[cond].append(tracer.records_per_s)
             profile = _profile(state, conds, connections, bulk_s)
         finally:
             for p in procs:
@@ -302,14 +288,18 @@ def run(
         section.rows.append([cond, fmt(b), fmt(b / base_b), f"{s:,.0f}", fmt(s / base_s), ev,
                              str(len(bulk[cond]))])  # fmt: skip
     for cond in list(conds)[1:]:
+        if cond.startswith(FIGURE_ONLY):
+            continue
         rb, rs = median(bulk[cond]) / base_b, median(short[cond]) / base_s
-        # trace drop's goal is 0.95 for short connections too
-        short_goal = 0.95 if cond in DROP_CONDITIONS else 0.90
+        # trace drop's and trace latency's goals are 0.95 for short connections too
+        newer = cond in DROP_CONDITIONS or cond.startswith(tuple(LATENCY_CONDITIONS))
+        short_goal = 0.95 if newer else 0.90
         section.targets += [
             Target(f"bulk ratio, {cond}", fmt(rb), ">= 0.95", rb >= 0.95),
             Target(f"short-connection ratio, {cond}", fmt(rs), f">= {short_goal:.2f}",
                    rs >= short_goal),
         ]  # fmt: skip
+    section.notes += latency_notes(rates)
     section.notes += [
         f"Bulk: one iperf3 TCP stream for {bulk_s:g} s to VIP:{BULK_PORT} (DNAT to the server). "
         f"Short: best of 3 runs (the same for every condition, so a run slowed by another "
@@ -334,3 +324,19 @@ def run(
         "egress of each):\n\n" + "\n".join(f"  - {line}" for line in profile),
     ]
     return section
+
+
+def latency_notes(rates: dict[str, list[float]]) -> list[str]:
+    """What the latency conditions run and how many records the controller took."""
+    seen = {c: r for c, r in rates.items() if r}
+    if not seen:
+        return []
+    per = "; ".join(f"{c}: {median(r):,.0f} records/s (median, {min(r):,.0f}-{max(r):,.0f})"
+                    for c, r in seen.items())  # fmt: skip
+    return [
+        "The latency conditions run `ebpfdiag trace latency --hosts client,lb,server --port "
+        f"{BULK_PORT} --port {SHORT_PORT} --json` (default sampling, or `--sample 1`: every "
+        "packet) started before and stopped after each measurement; its tracer events are "
+        "the packet records it streamed. Controller records/s over the whole traced time "
+        f"(bulk + short runs): {per}.",
+    ]

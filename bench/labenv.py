@@ -41,13 +41,26 @@ def ns_argv(state, host: str, argv: list[str]) -> list[str]:
 
 
 class Tracer:
-    """``ebpfdiag trace tcp-rst --json`` on lab hosts, as a user would run it."""
+    """``ebpfdiag trace COMMAND --json`` on lab hosts (tcp-rst by default), as a user would
+    run it, with ``extra`` arguments after the ports."""
 
-    def __init__(self, state, ports: list[int], build: Build = CURRENT, hosts: str = HOSTS):
+    def __init__(
+        self,
+        state,
+        ports: list[int],
+        build: Build = CURRENT,
+        hosts: str = HOSTS,
+        command: str = "tcp-rst",
+        extra: tuple[str, ...] = (),
+    ):
         self.state = state
         self.ports = ports
         self.build = build
         self.hosts = hosts
+        self.command = command
+        self.extra = list(extra)
+        #: monotonic times of the ``tracing`` record and of the stop, for records/s
+        self.started = self.stopped = 0.0
         self.proc: subprocess.Popen | None = None
         self.ready_s: float | None = None
         self._drain: threading.Thread | None = None
@@ -61,10 +74,11 @@ class Tracer:
 
     def start(self, timeout: float = 60.0) -> float:
         """Start and wait for the ``tracing`` status record; returns seconds until it came."""
-        argv = [*self.build.argv, "trace", "tcp-rst", "-i", str(self.state.inventory),
+        argv = [*self.build.argv, "trace", self.command, "-i", str(self.state.inventory),
                 "--hosts", self.hosts, "--json"]  # fmt: skip
         for port in self.ports:
             argv += ["--port", str(port)]
+        argv += self.extra
         t0 = time.monotonic()
         self._err = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
@@ -84,13 +98,14 @@ class Tracer:
                 if sorted(rec["hosts"]) != sorted(self.hosts.split(",")):
                     self.stop()
                     raise RuntimeError(f"trace ready on only {rec['hosts']}")
-                self.ready_s = time.monotonic() - t0
+                self.started = time.monotonic()
+                self.ready_s = self.started - t0
                 # keep reading, so a busy trace never blocks on a full pipe
                 self._drain = threading.Thread(target=self._count_events, daemon=True)
                 self._drain.start()
                 return self.ready_s
         err = self.stop()
-        raise RuntimeError(f"trace tcp-rst never became ready: {err[-300:]}")
+        raise RuntimeError(f"trace {self.command} never became ready: {err[-300:]}")
 
     def _count_events(self) -> None:
         for line in self.proc.stdout:
@@ -104,6 +119,7 @@ class Tracer:
         """Interrupt it like Ctrl-C; it detaches everywhere and exits. Returns its stderr."""
         if self.proc is None:
             return ""
+        self.stopped = time.monotonic()
         proc, self.proc = self.proc, None
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -119,8 +135,15 @@ class Tracer:
         err = self._err.read()
         self._err.close()
         if proc.returncode not in (0, 130):
-            raise RuntimeError(f"trace tcp-rst exited {proc.returncode}: {err.decode()[-300:]}")
+            raise RuntimeError(
+                f"trace {self.command} exited {proc.returncode}: {err.decode()[-300:]}"
+            )
         return err.decode(errors="replace")
+
+    @property
+    def records_per_s(self) -> float:
+        """Event records the controller printed per second of tracing."""
+        return self.events / max(self.stopped - self.started, 1e-9)
 
     def __enter__(self) -> Tracer:
         self.start()

@@ -65,6 +65,44 @@ def test_healthy_traffic_names_no_culprit_and_no_segment_is_negative():
     assert result.flows == 3 and result.exchanges == 120
 
 
+def test_a_slow_tail_alone_names_no_culprit():
+    # a healthy load on a busy machine: the server answers in 1.5 ms, twice in 37 ms
+    # (scheduling); the p99 is slow but no part slows the typical exchange
+    stream = LatencyStream()
+    for host in ("client", "lb", "server"):
+        stream.counts(host, at=0)
+    flow = Flow(stream, 40_000)
+    flow.handshake()
+    for i in range(100):
+        flow.exchange(37 * MS if i in (30, 70) else 1_500_000)
+    for host in ("client", "lb", "server"):
+        stream.counts(host, at=stream.t + 1_000_000_000)
+    (verdict,) = correlate(stream.records, stream.clocks()).verdicts
+    assert verdict.p99_ns > 37 * MS
+    assert verdict.culprit is None
+    assert "only the tail is slow (median 1.6" in verdict.text
+    # the same tail on a typically slow server is the server's
+    slow = simple_stream(30, 6 * MS)
+    assert correlate(slow.records, slow.clocks()).verdicts[0].culprit == "server"
+
+
+def test_nothing_sampled_says_what_sample_to_use():
+    stream = simple_stream(3, 2 * MS)
+    # the same traffic where the sampling kept no handshake and no point of a request
+    recs = [{**r, "apt": None} if r.get("type") == "packet" else r for r in stream.records
+            if not (r.get("type") == "packet" and r["flags"] & 2)]  # fmt: skip
+    hellos = [{"type": "hello", "host": h, "sample": {"n": 32, "block": 65536}}
+              for h in ("client", "lb", "server")]  # fmt: skip
+    (verdict,) = correlate(hellos + recs, stream.clocks()).verdicts
+    assert verdict.text.startswith("unknown: no sampled request")
+    assert "kept 1 sequence block in 32" in verdict.text
+    assert "rerun with --sample 1" in verdict.text
+    # at --sample 1 there is nothing to advise
+    every = [{**h, "sample": {"n": 1, "block": 65536}} for h in hellos]
+    (verdict,) = correlate(every + recs, stream.clocks()).verdicts
+    assert verdict.text.startswith("unknown") and "--sample" not in verdict.text
+
+
 def test_pure_ack_is_not_the_response():
     stream = simple_stream(5, 20 * MS, ack_first=True)
     result = correlate(stream.records, stream.clocks())

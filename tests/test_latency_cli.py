@@ -36,6 +36,20 @@ def test_help_has_examples():
         assert option in r.stdout
 
 
+def test_help_states_the_tools_default_sampling():
+    """--help says the default the remote tool applies (the CLI passes none of its own)."""
+    from ebpfdiag.catalog import script_path
+    from ebpfdiag.remote.schema import load_params
+
+    params = {p["name"]: p for p in load_params(script_path("tcp_latency"))}
+    n, shift = params["sample"]["default"], params["block-shift"]["default"]
+    text = " ".join(cli("trace", "latency", "--help").stdout.split())
+    assert f"Keep 1 sequence block ({(1 << shift) // 1024} KiB) in N" in text
+    assert (
+        f"Default {n}: a small request/response connection is followed whole 1 time in {n}" in text
+    )
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [

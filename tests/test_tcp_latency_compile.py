@@ -183,26 +183,42 @@ def test_hash_and_rule_match_the_documented_examples():
 
 
 def test_rule_properties():
-    # N = 1: every block start is chosen; a payload without a block start has no point
-    assert all(tool.is_chosen(x, 1, 10) for x in range(0, 1 << 20, 1024))
-    assert tool.data_point(1, 1000, 1, 10) is None
-    assert tool.data_point(1, 1024, 1, 10) == 1024
-    # the lowest chosen point of a payload, the highest of an ack
-    chosen8 = [b << 10 for b in range(64) if tool.is_chosen(b << 10, 8, 10)]
-    assert tool.data_point(1, 65160, 8, 10) == chosen8[1]  # block 0 starts before seq 1
-    assert tool.ack_point(0, 65536, 8, 10) == chosen8[-1]
+    # N = 1: every byte is chosen: a payload's point is its first byte, an ack's its last
+    assert all(tool.is_chosen(x, 1, 10) for x in range(0, 1 << 20, 333))
+    assert tool.data_point(1, 1000, 1, 10) == 1
+    assert tool.data_point(2000, 12, 1, 16) == 2000
+    assert tool.ack_point(2000, 2012, 1, 16) == 2011
+    # every byte of a chosen block is a point: a 12-byte request inside one is sampled,
+    # one inside a block that is not chosen is not
+    blocks8 = [b for b in range(64) if tool.is_chosen(b << 10, 8, 10)]
+    other = next(b for b in range(64) if b not in blocks8)
+    for b in blocks8:
+        assert tool.data_point((b << 10) + 500, 12, 8, 10) == (b << 10) + 500
+        assert tool.ack_point((b << 10) + 500, (b << 10) + 512, 8, 10) == (b << 10) + 511
+    assert tool.data_point((other << 10) + 500, 12, 8, 10) is None
+    assert tool.ack_point((other << 10) + 500, (other << 10) + 512, 8, 10) is None
+    # the lowest chosen byte of a payload, the highest of an ack
+    assert tool.data_point(1, 65160, 8, 10) == 1  # block 0 is chosen
+    later = next(b for b in blocks8 if b > other)
+    assert tool.data_point((other << 10) + 7, 65160, 8, 10) == min(
+        b << 10 for b in blocks8 if b > other
+    )
+    assert tool.ack_point(0, (later << 10) + 5, 8, 10) == (later << 10) + 4
+    assert tool.ack_point(0, (other << 10) + 5, 8, 10) == max(
+        ((b + 1) << 10) - 1 for b in blocks8 if b < other
+    )
     # newly acknowledged only; an equal or backwards ack acknowledges nothing
-    assert tool.ack_point(chosen8[-1] + 1, 65536, 8, 10) is None
     assert tool.ack_point(5000, 5000, 8, 10) is None
     assert tool.ack_point(6000, 5000, 8, 10) is None
     # the 32-bit sequence space wraps; block 0 hashes to 0, so it is always chosen
     assert tool.data_point(2**32 - 100, 200, 8, 10) == 0
-    assert tool.ack_point(2**32 - 10, 10, 8, 10) == 0
-    # beyond 64 blocks only the first (payload) / highest (ack) 64 block starts count
+    assert tool.ack_point(2**32 - 10, 10, 8, 10) == 9
+    # beyond 64 blocks only the first (payload) / highest (ack) 64 blocks count
     for end in range(100 * 1024, 400 * 1024, 7 * 1024 + 13):
-        assert tool.ack_point(0, end, 8, 10) == tool.ack_point(end - 64 * 1024, end, 8, 10)
-        assert tool.data_point(end, 300 * 1024, 8, 10) == tool.data_point(end, 64 * 1024, 8, 10)
-    # about 1 in N block starts is chosen
+        assert tool.ack_point(0, end, 8, 10) == tool.ack_point(end - 63 * 1024 - end % 1024,
+                                                                end, 8, 10)  # fmt: skip
+        assert tool.data_point(end, 300 * 1024, 8, 10) == tool.data_point(end, 63 * 1024, 8, 10)
+    # about 1 in N blocks is chosen
     share = sum(tool.is_chosen(b << 10, 8, 10) for b in range(1 << 16)) / (1 << 16)
     assert 0.11 < share < 0.14
 
@@ -245,7 +261,7 @@ def c_functions(code: str, names) -> str:
     return "\n".join(out)
 
 
-@pytest.mark.parametrize("n, shift", [(1, 10), (8, 10), (5, 4), (64, 12)])
+@pytest.mark.parametrize("n, shift", [(1, 10), (8, 10), (5, 4), (64, 12), (32, 16), (3, 0)])
 def test_kernel_c_and_python_mirror_choose_the_same_points(tmp_path, n, shift):
     """The sampling functions of the generated program, compiled for user space, against
     hash32/data_point/ack_point on payloads and acks that cross blocks and the 2**32 wrap."""

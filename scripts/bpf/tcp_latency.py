@@ -7,26 +7,38 @@ filter; observe only) reports a *sample* of the TCP packets that pass the --port
 filter. The sample is the same on every host without coordination, so one packet can be
 followed from host to host and hook to hook, however it is cut (TSO/GSO, GRO, BIG TCP):
 
-- Sequence space is cut into blocks of B = 2**K bytes (K = --block-shift, default 10). A
-  block start x (x % B == 0) is a *chosen point* when hash32(x >> K) % N == 0 (N = --sample).
-  hash32 is murmur3's fmix32: h ^= h >> 16; h *= 0x85ebca6b; h ^= h >> 13;
-  h *= 0xc2b2ae35; h ^= h >> 16 (32-bit unsigned arithmetic).
+- Sequence space is cut into blocks of B = 2**K bytes (K = --block-shift, default 16). A
+  block is *chosen* when hash32(x >> K) % N == 0 (N = --sample) for its bytes x; every byte
+  of a chosen block is a *chosen point*. hash32 is murmur3's fmix32: h ^= h >> 16;
+  h *= 0x85ebca6b; h ^= h >> 13; h *= 0xc2b2ae35; h ^= h >> 16 (32-bit unsigned).
 - data: a packet whose payload [seq, seq+len) (after the SYN's sequence number) holds a
-  chosen point is kept; pt = the lowest one. Only the first 64 block starts of a packet are
-  examined (64 KiB at K=10: a whole GSO packet of 65,160 bytes); a chosen point further in
-  (BIG TCP packets over 64 KiB) is not reported at that hook.
+  chosen point is kept; pt = the lowest one (seq itself when its block is chosen). Only the
+  first 64 blocks a packet touches are examined (4 MiB at K=16: any GSO/BIG TCP packet).
 - ack: a packet carrying ACK is kept when its ack is the first, among packets of its class
   (with payload / pure ACK) in its direction of the flow *at this hook*, to pass a chosen
   point: prev_ack <= c < ack (mod 2**32), prev_ack the class's last ack seen (per-hook LRU
   state: interface, direction, 4-tuple). apt = the highest such c; only the 64 highest
-  block starts below ack are examined. A direction without state only records its ack; an
-  ack that does not move forward changes nothing; a SYN or SYN-ACK starts its direction
-  afresh (a new connection on the same 4-tuple).
-- ctl: a SYN is kept when hash32(ISN) % N == 0, a SYN-ACK when hash32(ack - 1) % N == 0
-  (the client's ISN), so a sampled handshake is kept on every host; FIN and RST always.
-- why is the first rule that keeps the packet: ctl, data, ack. N = 1 keeps every packet: one
-  no rule keeps is data (with payload) or ack (without); pt / apt are null when it holds /
-  newly acknowledges no block start (a request carrying an ack of new response bytes: ack).
+  blocks below ack are examined. A direction without state only records its ack; an ack
+  that does not move forward changes nothing; a SYN starts its direction afresh (a new
+  connection on the same 4-tuple) and a SYN-ACK starts both classes of its direction at
+  its ack, so the answerer's first data gets its apt.
+- ctl: a SYN is kept when its ISN's block is chosen, a SYN-ACK when the block of ack - 1
+  is (the client's ISN), so a sampled handshake is kept on every host, together with the
+  client's first bytes; a FIN when its own sequence number (seq + len) is chosen; every RST.
+- why is the first rule that keeps the packet: ctl, data, ack. N = 1 chooses every byte
+  (pt = seq, apt = ack - 1) and keeps every packet: one no rule keeps is data (with
+  payload) or ack (without).
+
+Why whole blocks and these defaults (N = 32, K = 16): a message is sampled with
+probability 1/N whatever its size (a small connection's bytes lie in one block, so 1 in N
+connections is followed whole, with its FINs and tracepoint records; the others cost the
+parse and the rule only), while a bulk packet of L bytes is kept with probability about
+(1 + L/B)/N: at K = 16 a 64 KiB GSO packet touches one or two blocks, so about 1 in 16
+bulk packets is kept, what the older default (a point every MiB) kept. The earlier rule
+(block starts only) sampled a 200-byte request 1 time in 5,000 at its default, and a
+12-byte one never even at N = 1. A smaller N samples more small connections and costs
+bulk in proportion; a smaller K follows a long connection in shorter bursts but keeps
+more bulk packets (about 17/N at K = 12). Measured: docs/benchmarks.md (datapath).
 
 Counters per host: seen (packets passing the filter, at any hook), sampled (kept by the
 rule), lost (kept but the buffer was full: packet records = sampled - lost), in a `counts`
@@ -34,8 +46,10 @@ record every second and once at the end. The kernel's own view comes from tracep
 filtered by the same ports/addresses and by network namespace (BTF offsets):
 tcp:tcp_probe (RTT, windows) and sock:sock_recv_length (the application reading a flow's
 socket, not MSG_PEEK; its 4-tuple from the socket via BTF offsets), each at most one record
-per flow per 100 ms, and every tcp:tcp_retransmit_skb. A v4-mapped IPv6 socket's events are
-IPv4. A control line `ctl port Q` (see docs/remote-protocol.md) adds Q to the port filter
+per flow per 100 ms and, with N > 1, only for flows of which this host kept a packet
+(an LRU map the packet hook fills), and every tcp:tcp_retransmit_skb. A v4-mapped IPv6
+socket's events are IPv4. Records are read in batches every 20 ms (they wake no reader).
+A control line `ctl port Q` (see docs/remote-protocol.md) adds Q to the port filter
 and is answered by a `filter` record, as in tcp_rst.
 
 Beyond the record schema the controller relies on: the ack state is per hook (a forwarded
@@ -47,8 +61,8 @@ Parameters:
   --port PORT[,PORT]      only flows with this port on either side; repeatable
   --addr ADDR[,ADDR]      only flows with this IPv4/IPv6 address on either side; repeatable
   --interfaces IF[,IF]    interfaces to watch (default: every interface except lo)
-  --sample N              choose 1 sequence block in N (default 1024: 1 per MiB; 1 keeps all)
-  --block-shift K         sequence blocks of 2**K bytes (default 10)
+  --sample N              choose 1 sequence block in N (default 32; 1 keeps every packet)
+  --block-shift K         sequence blocks of 2**K bytes (default 16: 64 KiB)
   --duration SECONDS      stop after SECONDS (default 0: run until signalled)
   --tc-mode MODE          packet hook: auto (tcx if the kernel has it), tcx or clsact
   --ebpf                  print the generated C program and exit (needs no root)
@@ -177,6 +191,7 @@ ACK_MAP_SIZE = 65536  # per-hook flow directions with ack state (LRU)
 RATE_MAP_SIZE = 16384  # flows with a rate-limited tracepoint record (LRU)
 RATE_NS = 100 * 1000 * 1000
 PKT_PAGES, SOCK_PAGES = 256, 32
+BATCH_MS = 20  # the ring buffers are read this often (1 MiB: ~12,000 records, 600,000/s)
 
 # Userspace mirrors of the C structs (explicit padding, native order).
 EVENT_FMT = TCP_FMT + "QIIIBBBB"
@@ -204,36 +219,34 @@ def hash32(x: int) -> int:
 
 
 def is_chosen(x: int, n: int, shift: int) -> bool:
-    """A block start x is a chosen point for --sample n, --block-shift shift."""
+    """Byte x is a chosen point (its block is chosen) for --sample n, --block-shift shift."""
     return n == 1 or hash32((x & 0xFFFFFFFF) >> shift) % n == 0
 
 
 def data_point(seq: int, length: int, n: int, shift: int):
-    """pt of a payload [seq, seq+length): the lowest chosen point in it, or None."""
-    block = 1 << shift
-    first = (seq + block - 1) & ~(block - 1) & 0xFFFFFFFF
-    for i in range(MAX_BLOCKS):
-        c = (first + i * block) & 0xFFFFFFFF
+    """pt of a payload [seq, seq+length): its lowest chosen byte, or None."""
+    c = seq & 0xFFFFFFFF
+    for _ in range(MAX_BLOCKS):
         if (c - seq) & 0xFFFFFFFF >= length:
             return None
         if is_chosen(c, n, shift):
             return c
+        c = (((c >> shift) + 1) << shift) & 0xFFFFFFFF  # the next block's first byte
     return None
 
 
 def ack_point(prev_ack: int, ack: int, n: int, shift: int):
-    """apt of an ack after prev_ack: the highest chosen c with prev_ack <= c < ack."""
+    """apt of an ack after prev_ack: the highest chosen byte c with prev_ack <= c < ack."""
     span = (ack - prev_ack) & 0xFFFFFFFF
     if span == 0 or span >= 1 << 31:
         return None
-    block = 1 << shift
-    top = (ack - 1) & ~(block - 1) & 0xFFFFFFFF
-    for i in range(MAX_BLOCKS):
-        c = (top - i * block) & 0xFFFFFFFF
+    c = (ack - 1) & 0xFFFFFFFF
+    for _ in range(MAX_BLOCKS):
         if (ack - 1 - c) & 0xFFFFFFFF >= span:
             return None
         if is_chosen(c, n, shift):
             return c
+        c = (((c >> shift) << shift) - 1) & 0xFFFFFFFF  # the previous block's last byte
     return None
 
 
@@ -326,6 +339,7 @@ BPF_PERCPU_ARRAY(counters, __u64, 2);        /* 0: seen, 1: sampled */
 BPF_PERCPU_ARRAY(lost, __u64, 2);            /* 0: packets, 1: socket events (buffer full) */
 BPF_F_TABLE("lru_hash", __u64, struct ack_state, acks, %(ack_map)d, BPF_F_NO_COMMON_LRU);
 BPF_F_TABLE("lru_hash", __u64, __u64, rate, %(rate_map)d, 0);
+BPF_F_TABLE("lru_hash", __u64, __u8, marked, %(rate_map)d, 0);  /* flows with a kept packet */
 
 static __always_inline void count(__u32 idx)
 {
@@ -362,6 +376,12 @@ static __always_inline __u64 tuple_hash(__u32 *s, __u32 *d, __u16 sp, __u16 dp, 
 	return h ^ (h >> 31);
 }
 
+/* The same key for both directions of a flow */
+static __always_inline __u64 flow_key(__u32 *s, __u32 *d, __u16 sp, __u16 dp)
+{
+	return tuple_hash(s, d, sp, dp, 0) ^ tuple_hash(d, s, dp, sp, 0);
+}
+
 /* A v4-mapped IPv6 socket (::ffff:a.b.c.d) carries an IPv4 flow: the filter and the record
  * see it as IPv4. Family 0 (a format without one) is settled here too. */
 static __always_inline void unmap_v4(struct sock_event *e)
@@ -392,10 +412,10 @@ static __always_inline int rate_ok(__u64 key)
 
 
 C_TC = r"""
-/* The lowest chosen point in [start, start + len): 1 and *pt when there is one. */
+/* The lowest chosen byte in [start, start + len): 1 and *pt when there is one. */
 static __always_inline int data_point(__u32 start, __u32 len, __u32 *pt)
 {
-	__u32 c = (start + BLOCK - 1) & ~(BLOCK - 1);
+	__u32 c = start;
 	for (int i = 0; i < MAX_BLOCKS; i++) {
 		if (c - start >= len)
 			return 0;
@@ -403,15 +423,15 @@ static __always_inline int data_point(__u32 start, __u32 len, __u32 *pt)
 			*pt = c;
 			return 1;
 		}
-		c += BLOCK;
+		c = (c & ~(BLOCK - 1)) + BLOCK;   /* the next block's first byte */
 	}
 	return 0;
 }
 
-/* The highest chosen point c with prev <= c < ack (span = ack - prev > 0). */
+/* The highest chosen byte c with prev <= c < ack (span = ack - prev > 0). */
 static __always_inline int ack_point(__u32 ack, __u32 span, __u32 *apt)
 {
-	__u32 c = (ack - 1) & ~(BLOCK - 1);
+	__u32 c = ack - 1;
 	for (int i = 0; i < MAX_BLOCKS; i++) {
 		if (ack - 1 - c >= span)
 			return 0;
@@ -419,7 +439,7 @@ static __always_inline int ack_point(__u32 ack, __u32 span, __u32 *apt)
 			*apt = c;
 			return 1;
 		}
-		c -= BLOCK;
+		c = (c & ~(BLOCK - 1)) - 1;       /* the previous block's last byte */
 	}
 	return 0;
 }
@@ -451,7 +471,11 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir, __u32 off)
 			acks.update(&key, &fresh);
 		} else if (!st) {   /* the SYN-ACK starts afresh too: an old ack is meaningless */
 			struct ack_state fresh = {};
-			if (cls) {       /* constant indexes: the verifier refuses a computed stack offset */
+			/* a SYN-ACK starts both classes at its ack: the first answer gets an apt */
+			if (syn) {
+				fresh.prev[0] = fresh.prev[1] = t->ack;
+				fresh.has[0] = fresh.has[1] = 1;
+			} else if (cls) {   /* constant indexes: the verifier refuses computed ones */
 				fresh.prev[1] = t->ack;
 				fresh.has[1] = 1;
 			} else {
@@ -472,11 +496,14 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir, __u32 off)
 			}
 		}
 	}
-	if (t->flags & (TH_FIN | TH_RST)) {
+	if (t->flags & TH_RST) {
 		why = WHY_CTL;
+	} else if (t->flags & TH_FIN) {
+		if (chosen(t->seq + t->len + (syn ? 1 : 0)))   /* the FIN's own sequence number */
+			why = WHY_CTL;
 	} else if (syn) {
 		__u32 isn = (t->flags & TH_ACK) ? t->ack - 1 : t->seq;
-		if (SAMPLE_N == 1 || fmix32(isn) %% SAMPLE_N == 0)
+		if (chosen(isn))   /* the ISN's block: the first bytes' block too */
 			why = WHY_CTL;   /* else kept only for a point in its payload (TFO) */
 	}
 	if (!why && SAMPLE_N == 1)
@@ -484,6 +511,11 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir, __u32 off)
 	if (!why)
 		return TC_ACT_UNSPEC;
 	count(1);
+	if (SAMPLE_N > 1) {   /* the tracepoints report this flow on this host from now on */
+		__u64 fk = flow_key(t->saddr, t->daddr, t->sport, t->dport);
+		__u8 one = 1;
+		marked.update(&fk, &one);
+	}
 	e.why = why;
 	e.ts = bpf_ktime_get_ns();
 	e.ifindex = skb->ifindex;
@@ -549,6 +581,17 @@ static __always_inline int sock_tuple(struct sock_event *e, __u64 sk)
 	return 1;
 }
 """
+
+
+def submit(buffer: str, table: str, ctx: str, ptr: str, lost_idx: int) -> str:
+    """c_submit, but a ring buffer record wakes no reader (BPF_RB_NO_WAKEUP): the reader
+    takes what is there every BATCH_MS. One wakeup, write and SSH packet per record cost
+    the hosts about 100 us of CPU each (measured with bulk traffic); in batches, a few."""
+    stmt = c_submit(buffer, table, ctx, ptr, lost_idx)
+    if buffer == "ringbuf":
+        stmt = stmt.replace(", 0) != 0)", ", 1 /* BPF_RB_NO_WAKEUP */) != 0)")
+        assert "BPF_RB_NO_WAKEUP" in stmt, stmt
+    return stmt
 
 
 def c_tp_addrs(fmt: dict) -> str:
@@ -648,11 +691,16 @@ def c_sock_probe(probe: str, fmt: dict, plan: dict) -> str:
         body.append("\te.state = rec.state;")
     if probe != "tcp_retransmit_skb":
         body.append(
+            "\tif (SAMPLE_N > 1) {   /* only flows with a kept packet on this host */\n"
+            "\t\t__u64 fk = flow_key(e.saddr, e.daddr, e.sport, e.dport);\n"
+            "\t\tif (!marked.lookup(&fk))\n\t\t\treturn 0;\n\t}"
+        )
+        body.append(
             "\tif (!rate_ok(tuple_hash(e.saddr, e.daddr, e.sport, e.dport, %d)))\n"
             "\t\treturn 0;" % KIND_NUM[probe]
         )
     body.append("\te.ts = bpf_ktime_get_ns();")
-    body.append("\t" + c_submit(plan["buffer"], "sock_events", "ctx", "&e", 1))
+    body.append("\t" + submit(plan["buffer"], "sock_events", "ctx", "&e", 1))
     body.append("\treturn 0;\n}\n")
     return "\n".join(line for line in body if line)
 
@@ -683,8 +731,7 @@ def build_program(plan: dict) -> str:
     filters = c_filters(plan["ports"], plan["addrs"], "t->family", "t->saddr", "t->daddr",
                         "t->sport", "t->dport", "return TC_ACT_UNSPEC;")  # fmt: skip
     parts.append(
-        C_TC
-        % {"filters": filters, "submit": c_submit(plan["buffer"], "pkt_events", "skb", "&e", 0)}
+        C_TC % {"filters": filters, "submit": submit(plan["buffer"], "pkt_events", "skb", "&e", 0)}
     )
     if "sock_recv_length" in plan["tracepoints"]:
         parts.append(C_SOCK_TUPLE % plan["tuple_offsets"])
@@ -1063,7 +1110,10 @@ class Session(BufferCallbacks):
 
     def _poll(self, timeout_ms: int) -> None:
         if self.plan["buffer"] == "ringbuf":
-            self.bpf.ring_buffer_poll(timeout_ms)
+            # records wake nobody (see submit): wait, then take the whole batch
+            if timeout_ms:
+                time.sleep(min(timeout_ms, BATCH_MS) / 1000.0)
+            self.bpf.ring_buffer_consume()
         else:
             self.bpf.perf_buffer_poll(timeout_ms)
 
@@ -1169,10 +1219,10 @@ PARAMS = [
      "help": "only flows with this IPv4/IPv6 address on either side; repeatable"},
     {"name": "interfaces", "type": "ifname", "multiple": True, "metavar": "IF[,IF]",
      "help": "interfaces to watch (default: every interface except lo)"},
-    {"name": "sample", "type": "int", "min": 1, "max": 65536, "default": 1024, "metavar": "N",
-     "help": "choose 1 sequence block in N (default 1024: 1 per MiB; 1 keeps all)"},
-    {"name": "block-shift", "type": "int", "min": 0, "max": 20, "default": 10, "metavar": "K",
-     "help": "sequence blocks of 2**K bytes (default 10)"},
+    {"name": "sample", "type": "int", "min": 1, "max": 65536, "default": 32, "metavar": "N",
+     "help": "choose 1 sequence block in N (default 32; 1 keeps every packet)"},
+    {"name": "block-shift", "type": "int", "min": 0, "max": 20, "default": 16, "metavar": "K",
+     "help": "sequence blocks of 2**K bytes (default 16: 64 KiB)"},
     {"name": "duration", "type": "float", "min": 0, "default": 0, "metavar": "SECONDS",
      "help": "stop after SECONDS (default 0: run until signalled)"},
     {"name": "tc-mode", "type": "choice", "choices": ["auto", "tcx", "clsact"],

@@ -595,8 +595,10 @@ LATENCY_KEEP = ("counts", "tcp_probe", "recv", "retrans")
 @click.option("--interfaces", metavar="IF[,IF]", help="Interfaces to watch (default: all but lo).")
 @click.option("--duration", type=DURATION, help="Stop after this long (default: until Ctrl-C).")
 @click.option("--sample", type=click.IntRange(1, 65536), metavar="N",
-              help="Keep about 1 sequence block in N on every host (the same bytes everywhere; "
-              "1 keeps every packet; default: the tool's).")  # fmt: skip
+              help="Keep 1 sequence block (64 KiB) in N on every host, the same bytes "
+              "everywhere. Default 32: a small request/response connection is followed "
+              "whole 1 time in 32, bulk costs about 1 packet in 16. 1 keeps every packet "
+              "(every exchange; more CPU on busy hosts).")  # fmt: skip
 @click.option("--slowest", type=click.IntRange(0), default=5, show_default=True, metavar="K",
               help="Show the K slowest exchanges as timelines.")  # fmt: skip
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
