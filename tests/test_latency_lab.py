@@ -57,7 +57,7 @@ def trace_scenario(lab, name: str, *extra: str, duration: str = "12s"):
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         rec = json.loads(line) if line else {"type": "eof"}
-        if rec["type"] in ("eof", "status"):
+        if rec["type"] == "eof" or (rec["type"] == "status" and rec["state"] == "tracing"):
             break
     if rec["type"] != "status":
         proc.kill()

@@ -207,7 +207,7 @@ def test_traced_reset_is_in_the_pcap(lab, tmp_path):
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         rec = json.loads(line) if line else {"type": "eof"}
-        if rec["type"] in ("eof", "status"):
+        if rec["type"] == "eof" or (rec["type"] == "status" and rec["state"] == "tracing"):
             break
     assert rec["type"] == "status", proc.stderr.read() if proc.poll() is not None else rec
     assert run_scenario(spec.name, lab).reproduced
