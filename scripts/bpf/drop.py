@@ -20,7 +20,7 @@ counters, sent as deltas since the start. TCP retransmissions of filtered flows
 (tcp:tcp_retransmit_skb, tcp:tcp_retransmit_synack) are sent as retrans records.
 
 Packet history, for the cross-host join: observe-only TC programs on every interface but lo
-(tcx links, else clsact filters; core/tc.py, parsing from core/packet.py) keep the last
+(tcx links, else clsact filters; core/tc.py, with the parser of core/packet.py) keep the last
 --history packets of every filtered TCP flow in an LRU map (8192 flows), and send nothing
 while the run lasts. At the end, after every probe is detached, the flows that had a packet
 within 1 s of a drop window are emitted as packet records (why "history"), most recently
