@@ -487,11 +487,12 @@ def test_control_hook_reaches_the_running_session(capsys):
     session, out = control_session("--port", "80")
     tcp_rst.ebpfdiag_control("port 81")  # no session yet: said so, nothing breaks
     assert "before the session" in capsys.readouterr().err
-    tcp_rst.LIVE["session"] = session
+    live = sys.modules["core.tool"].LIVE  # the tool's control hook lives in core/tool.py
+    live["session"] = session
     try:
         tcp_rst.ebpfdiag_control("port 81")
     finally:
-        tcp_rst.LIVE.pop("session")
+        live.pop("session")
     assert records_of(out)[0]["added"] == [81]
 
 

@@ -142,7 +142,6 @@ Fields:
   bye.error             str    error message (reason error only)
 """
 
-import contextlib
 import ctypes
 import json
 import os
@@ -168,7 +167,11 @@ from core.packet import (
 )
 from core.params import ParamError, convert
 from core.tc import TCX_UNSUPPORTED, TcHooks, TcxLinks, bpf_syscall_number, kernel_has_tcx
-from core.tool import parse_tool_args, run_tool
+from core.tool import (
+    ebpfdiag_control,  # noqa: F401 - the bootstrap's hook for ctl lines
+    parse_tool_args,
+    run_tool,
+)
 from core.tracepoints import (
     TCP_STATES,
     TRACEFS_DIRS,
@@ -1236,20 +1239,6 @@ PARAMS = [
 PORT_PARAM = next(p for p in PARAMS if p["name"] == "port")
 
 
-#: The session control lines go to (set while main runs).
-LIVE = {}
-
-
-def ebpfdiag_control(text):
-    """The bootstrap's hook for `ctl <text>` lines (see docs/remote-protocol.md)."""
-    session = LIVE.get("session")
-    if session is None:
-        sys.stderr.write("%s: control line before the session, ignored: %s\n" % (SCRIPT, text))
-        return
-    with contextlib.suppress(Stop):  # stdout is gone: the main loop ends the run too
-        session.control(text)
-
-
 def parse_args(argv):
     return parse_tool_args(PARAMS, argv, SCRIPT, __doc__)
 
@@ -1269,7 +1258,7 @@ def print_ebpf(args, out) -> int:
 
 
 def main(argv=None) -> int:
-    return run_tool(SCRIPT, argv, parse_args, print_ebpf, Session, live=LIVE)
+    return run_tool(SCRIPT, argv, parse_args, print_ebpf, Session)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,31 @@
 run, and a cleanup that always runs before the last record, `bye`. Python 3.6.
 """
 
+import contextlib
 import signal
 import sys
 
 from core.events import Output
 from core.lifecycle import ArgError, SetupError, Stop, StopState
 from core.params import ParamError, parse
+
+#: The running tool's name and session, for control lines (set while run_tool runs).
+LIVE = {}
+
+
+def ebpfdiag_control(text):
+    """The bootstrap's hook for `ctl <text>` lines (docs/remote-protocol.md), passed to the
+    session's `control(text)`; a tool takes control lines by importing this name."""
+    session = LIVE.get("session")
+    script = LIVE.get("script", "tool")
+    if session is None:
+        sys.stderr.write("%s: control line before the session, ignored: %s\n" % (script, text))
+        return
+    if not hasattr(session, "control"):
+        sys.stderr.write("%s: control line not understood, ignored: %s\n" % (script, text))
+        return
+    with contextlib.suppress(Stop):  # stdout is gone: the main loop ends the run too
+        session.control(text)
 
 
 def parse_tool_args(params, argv, script, doc):
@@ -23,14 +42,14 @@ def parse_tool_args(params, argv, script, doc):
     return args
 
 
-def run_tool(script, argv, parse_args, print_ebpf, make_session, live=None) -> int:
+def run_tool(script, argv, parse_args, print_ebpf, make_session) -> int:
     """A tool's whole life after `main`: arguments, set-up, hello, ready, run, and a cleanup
     that always runs, then `bye`. Returns the exit code.
 
     `make_session(args, out, stop)` builds the tool's session: `setup()`, `hello()`,
     `run()` -> bye reason, `cleanup()` -> errors (it reads `ready` to know whether the run
-    got that far and its final records are owed). `live`, when given, holds the session
-    while it runs, for control lines from the bootstrap.
+    got that far and its final records are owed). While it runs, control lines go to its
+    `control(text)` (see `ebpfdiag_control`).
     """
     out = Output(sys.stdout)
     try:
@@ -47,8 +66,7 @@ def run_tool(script, argv, parse_args, print_ebpf, make_session, live=None) -> i
         signal.signal(signum, stop.handler)
     session = make_session(args, out, stop)
     session.ready = False
-    if live is not None:
-        live["session"] = session
+    LIVE.update(script=script, session=session)
     bye = {"type": "bye", "reason": "error"}
     code = 1
     try:
@@ -72,8 +90,7 @@ def run_tool(script, argv, parse_args, print_ebpf, make_session, live=None) -> i
             bye["error"] = "%s: %s" % (type(exc).__name__, exc)
     finally:
         stop.cleaning = True
-        if live is not None:
-            live.pop("session", None)
+        LIVE.pop("session", None)
         errors = session.cleanup()
     if errors:
         sys.stderr.write("%s: cleanup: %s\n" % (script, "; ".join(errors)))
