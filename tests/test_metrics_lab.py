@@ -465,7 +465,11 @@ def test_textfile_readers_never_see_a_partial_file(lab, tmp_path):
         else:
             raise AssertionError("not every host came up in the textfile")
         assert run_scenario("rst-no-listener", lab).reproduced  # values change between writes
-        time.sleep(5)
+        # then at least 10 more writes, however slowly a loaded machine makes them
+        wanted = len(reader.inodes) + 10
+        deadline = time.monotonic() + 60
+        while len(reader.inodes) < wanted and time.monotonic() < deadline:
+            time.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=30)
