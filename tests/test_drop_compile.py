@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import require
+
 ROOT = Path(__file__).resolve().parent.parent
 BPF_DIR = ROOT / "scripts" / "bpf"
 SCRIPT = BPF_DIR / "drop.py"
@@ -89,8 +91,7 @@ def test_numbering_differs_and_names_stay_right():
 
 def test_live_format_reason_names_match_this_kernel():
     live = Path("/sys/kernel/tracing/events/skb/kfree_skb/format")
-    if not live.exists():
-        pytest.skip("no tracefs here")
+    require(live.exists(), "no tracefs here")
     parsed = drop.parse_format(live.read_text())
     table = drop.reason_table(parsed, None)
     assert "NETFILTER_DROP" in table["names"].values()
@@ -130,8 +131,7 @@ def test_btf_names_when_the_format_prints_none():
 
 def test_live_btf_enum_is_read():
     vmlinux = Path("/sys/kernel/btf/vmlinux")
-    if not vmlinux.exists():
-        pytest.skip("no BTF here")
+    require(vmlinux.exists(), "no BTF here")
     values = drop.Btf(vmlinux.read_bytes()).enum("skb_drop_reason")
     by_name = {v: k for k, v in values.items()}
     assert by_name["SKB_CONSUMED"] == 1
@@ -162,8 +162,7 @@ def test_ebpf_text_for_each_recorded_format(version):
 
 
 def test_ebpf_with_this_hosts_btf_reads_headers_and_namespace():
-    if not Path("/sys/kernel/btf/vmlinux").exists():
-        pytest.skip("no BTF here")
+    require(Path("/sys/kernel/btf/vmlinux").exists(), "no BTF here")
     proc = ebpf("--format-dir", str(FIXTURES / "6.18"), "--btf", "/sys/kernel/btf/vmlinux")
     assert proc.returncode == 0, proc.stderr
     code = proc.stdout
