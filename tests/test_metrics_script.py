@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.bpfstate import SYSTEM_PYTHON
+from tests.bpfstate import SYSTEM_PYTHON, load_core
 from tests.conftest import require, require_root_tools
+
+parse_format = load_core("tracepoints").parse_format  # the tools' format parser
 
 TOOL = Path(__file__).resolve().parents[1] / "scripts" / "bpf" / "netmetrics.py"
 FORMATS = Path(__file__).resolve().parent / "fixtures" / "tracepoint_formats"
@@ -68,7 +70,7 @@ def test_reason_names_come_from_the_recorded_format_not_a_table():
     assert nm.reason_name(names, 1) == "NO_SOCKET"
     # a format whose table is renumbered is followed (no built-in table)
     text = (FORMATS / "6.18" / "tcp_send_reset").read_text().replace('{ 1, "NO_SOCKET" }', "")
-    renamed = nm.symbol_names({"tcp_send_reset": nm.parse_format(text)})
+    renamed = nm.symbol_names({"tcp_send_reset": parse_format(text)})
     assert nm.reason_name(renamed, 1) == "1"
     assert nm.reason_name(names, nm.NO_REASON) == "unknown"
     assert nm.state_name(names, 7) == "TCP_CLOSE" and nm.state_name(names, 0) == "UNKNOWN"

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.bpfstate import load_core
 from tests.conftest import require
+
+parse_format = load_core("tracepoints").parse_format  # the tools' format parser
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "bpf" / "tcp_latency.py"
@@ -69,7 +72,7 @@ def test_ebpf_output_for_recorded_formats(version):
             assert f"int ebd_{probe}(" not in code
             assert f"tcp_latency: {probe}: no tracepoint" in proc.stderr
             continue
-        fmt = tool.parse_format((FORMATS / version / probe).read_text())
+        fmt = parse_format((FORMATS / version / probe).read_text())
         assert f"int ebd_{probe}(void *ctx)" in code
         for field in fmt["fields"]:
             assert f"offsetof(struct tp_{probe}, {field['name']}) == {field['offset']}" in code
@@ -354,7 +357,7 @@ def test_socket_events_decode_to_their_records():
         "daddr": "198.18.128.6", "dport": 9080, "srtt_us": 2500, "snd_cwnd": 10,
         "snd_wnd": 65535, "rcv_wnd": 131072, "snd_una": 1000, "snd_nxt": 2000, "_netns": 7,
     }  # fmt: skip
-    live = tool.parse_format((FORMATS / "6.18" / "tcp_retransmit_skb").read_text())
+    live = parse_format((FORMATS / "6.18" / "tcp_retransmit_skb").read_text())
     retrans = tool.decode_sock(sock_event(2, state=1), live["symbols"]["state"])
     assert retrans["type"] == "retrans" and retrans["state"] == "TCP_ESTABLISHED"
     assert tool.decode_sock(sock_event(2, state=4), {})["state"] == "TCP_FIN_WAIT1"

@@ -135,11 +135,10 @@ from core.tool import (
 )
 from core.tracepoints import (
     TCP_STATES,
-    TRACEFS_DIRS,
     c_tracepoint_struct,
     ensure_tracefs,
     field_map,
-    parse_format,
+    read_tracepoint_formats,
 )
 
 SCRIPT = "drop"
@@ -179,20 +178,7 @@ def read_formats(fmt_dir) -> dict:
 
     From a directory of recorded files named after the probe (optionally `.format`), or
     from tracefs."""
-    formats = {}
-    for system, probe in (DROP_PROBE,) + RETRANS_PROBES:
-        if fmt_dir:
-            candidates = [os.path.join(fmt_dir, probe), os.path.join(fmt_dir, probe + ".format")]
-        else:
-            candidates = [os.path.join(d, "events", system, probe, "format") for d in TRACEFS_DIRS]
-        for path in candidates:
-            try:
-                with open(path) as f:
-                    formats[probe] = parse_format(f.read())
-                break
-            except OSError:
-                continue
-    return formats
+    return read_tracepoint_formats((DROP_PROBE,) + RETRANS_PROBES, fmt_dir)
 
 
 # --------------------------------------------------------------------------------------

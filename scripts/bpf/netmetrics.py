@@ -62,12 +62,11 @@ from core.symbols import Symbols
 from core.tool import parse_tool_args, run_tool
 from core.tracepoints import (
     TCP_STATES,
-    TRACEFS_DIRS,
     address_layout,
     c_tracepoint_struct,
     ensure_tracefs,
     field_map,
-    parse_format,
+    read_tracepoint_formats,
 )
 
 SCRIPT = "netmetrics"
@@ -139,20 +138,7 @@ FAMILIES = {
 def read_formats(fmt_dir) -> dict:
     """{probe: parsed format} from tracefs or a directory of recorded files (`NAME` or
     `NAME.format`); absent probes are left out."""
-    formats = {}
-    for system, probe in PROBES:
-        if fmt_dir:
-            candidates = [os.path.join(fmt_dir, probe), os.path.join(fmt_dir, probe + ".format")]
-        else:
-            candidates = [os.path.join(d, "events", system, probe, "format") for d in TRACEFS_DIRS]
-        for path in candidates:
-            try:
-                with open(path) as f:
-                    formats[probe] = parse_format(f.read())
-                break
-            except OSError:
-                continue
-    return formats
+    return read_tracepoint_formats(PROBES, fmt_dir)
 
 
 C_COMMON = r"""

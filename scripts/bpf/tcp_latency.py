@@ -174,12 +174,11 @@ from core.tool import (
 )
 from core.tracepoints import (
     TCP_STATES,
-    TRACEFS_DIRS,
     address_layout,
     c_tracepoint_struct,
     ensure_tracefs,
     field_map,
-    parse_format,
+    read_tracepoint_formats,
 )
 
 SCRIPT = "tcp_latency"
@@ -261,22 +260,9 @@ def ack_point(prev_ack: int, ack: int, n: int, shift: int):
 def read_formats(fmt_dir) -> dict:
     """The socket tracepoints' formats, from a directory of recorded files (named after
     the probe, optionally with `.format`) or tracefs. Absent probes are left out."""
-    formats = {}
-    for probe, category in SOCK_PROBES.items():
-        if fmt_dir:
-            candidates = [os.path.join(fmt_dir, probe), os.path.join(fmt_dir, probe + ".format")]
-        else:
-            candidates = [
-                os.path.join(d, "events", category, probe, "format") for d in TRACEFS_DIRS
-            ]
-        for path in candidates:
-            try:
-                with open(path) as f:
-                    formats[probe] = parse_format(f.read())
-                break
-            except OSError:
-                continue
-    return formats
+    return read_tracepoint_formats(
+        [(system, probe) for probe, system in SOCK_PROBES.items()], fmt_dir
+    )
 
 
 # --------------------------------------------------------------------------------------

@@ -145,12 +145,11 @@ from core.tool import (
 )
 from core.tracepoints import (
     TCP_STATES,
-    TRACEFS_DIRS,
     address_layout,
     c_tracepoint_struct,
     ensure_tracefs,
     field_map,
-    parse_format,
+    read_tracepoint_formats,
 )
 
 SCRIPT = "tcp_rst"
@@ -187,20 +186,7 @@ def read_formats(fmt_dir) -> dict:
     (optionally with a `.format` suffix). Returns {probe: parsed format}; absent probes
     are left out.
     """
-    formats = {}
-    for probe in RESET_PROBES:
-        if fmt_dir:
-            candidates = [os.path.join(fmt_dir, probe), os.path.join(fmt_dir, probe + ".format")]
-        else:
-            candidates = [os.path.join(d, "events", "tcp", probe, "format") for d in TRACEFS_DIRS]
-        for path in candidates:
-            try:
-                with open(path) as f:
-                    formats[probe] = parse_format(f.read())
-                break
-            except OSError:
-                continue
-    return formats
+    return read_tracepoint_formats([("tcp", probe) for probe in RESET_PROBES], fmt_dir)
 
 
 # --------------------------------------------------------------------------------------

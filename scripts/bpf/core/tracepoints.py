@@ -167,6 +167,26 @@ def _c_member(f: dict) -> str:
     return "char %s[%d]" % (f["name"], f["size"])
 
 
+def read_tracepoint_formats(probes, fmt_dir) -> dict:
+    """{probe: parsed format} for (system, probe) pairs, from a directory of recorded files
+    named after the probe (optionally with `.format`) or from tracefs. Absent probes are
+    left out: the tool decides what it can do without them."""
+    formats = {}
+    for system, probe in probes:
+        if fmt_dir:
+            candidates = [os.path.join(fmt_dir, probe), os.path.join(fmt_dir, probe + ".format")]
+        else:
+            candidates = [os.path.join(d, "events", system, probe, "format") for d in TRACEFS_DIRS]
+        for path in candidates:
+            try:
+                with open(path) as f:
+                    formats[probe] = parse_format(f.read())
+                break
+            except OSError:
+                continue
+    return formats
+
+
 def ensure_tracefs() -> str:
     """Where tracefs is; mount it privately when this mount namespace lacks it.
 
