@@ -18,6 +18,7 @@ from tests.bpfstate import load_core
 from tests.conftest import require
 
 parse_format = load_core("tracepoints").parse_format  # the tools' format parser
+Btf = load_core("btf").Btf  # the tools' BTF reader
 
 ROOT = Path(__file__).resolve().parent.parent
 BPF_DIR = ROOT / "scripts" / "bpf"
@@ -114,7 +115,7 @@ def test_kernel_without_reason_field_falls_back_to_locations():
 def test_skb_consumed_named_only_in_btf_is_not_a_drop(tmp_path):
     btf = tmp_path / "vmlinux"
     btf.write_bytes(btf_blob("skb_drop_reason", ENUM_618))
-    table = drop.reason_table(fmt("6.18"), drop.Btf(btf.read_bytes()).enum("skb_drop_reason"))
+    table = drop.reason_table(fmt("6.18"), Btf(btf.read_bytes()).enum("skb_drop_reason"))
     assert table["consumed"] == 1 and table["first_drop"] == 2
     assert table["names"][1] == "SKB_CONSUMED" and table["names"][12] == "NETFILTER_DROP"
     assert 0xFFFF0000 not in table["names"]
@@ -135,7 +136,7 @@ def test_btf_names_when_the_format_prints_none():
 def test_live_btf_enum_is_read():
     vmlinux = Path("/sys/kernel/btf/vmlinux")
     require(vmlinux.exists(), "no BTF here")
-    values = drop.Btf(vmlinux.read_bytes()).enum("skb_drop_reason")
+    values = Btf(vmlinux.read_bytes()).enum("skb_drop_reason")
     by_name = {v: k for k, v in values.items()}
     assert by_name["SKB_CONSUMED"] == 1
     live = drop.reason_table(fmt("6.18"), values)

@@ -111,7 +111,6 @@ Fields:
 """
 
 import ctypes
-import ipaddress
 import os
 import socket
 import struct
@@ -119,15 +118,15 @@ import sys
 import threading
 import time
 
-from core.btf import BTF_VMLINUX, NETNS_PATHS, TUPLE_PATHS, Btf, c_netns_lookup
+from core.btf import BTF_VMLINUX, NETNS_PATHS, TUPLE_PATHS, c_netns_lookup, load_btf
 from core.discovery import discover_addrs, discover_links, kernel_version, own_netns
 from core.dropreasons import reason_count, reason_table
 from core.events import C_LOST, RINGBUF_MIN_KERNEL, BufferCallbacks, Output, c_submit, now_ns
 from core.lifecycle import SetupError, Stop
 from core.netstat import NetstatDelta
-from core.packet import C_PACKET, DIR_NAMES, addr_text
+from core.packet import C_PACKET, DIR_NAMES, addr_text, fill_filters
 from core.symbols import Symbols
-from core.tc import TCX_UNSUPPORTED, TcHooks, TcxLinks, bpf_syscall_number, kernel_has_tcx
+from core.tc import TCX_UNSUPPORTED, TcHooks, TcxLinks, bpf_syscall_number, tcx_expected
 from core.tool import (
     ebpfdiag_control,  # noqa: F401 - the bootstrap's hook for ctl lines
     parse_tool_args,
@@ -188,11 +187,9 @@ def read_formats(fmt_dir) -> dict:
 
 def btf_facts(path: str):
     """(offsets or None, reason enum or None, [why ...]) from one read of a BTF file."""
-    try:
-        with open(path, "rb") as f:
-            btf = Btf(f.read())
-    except (OSError, ValueError, struct.error) as exc:
-        return None, None, ["no BTF (%s): no packet headers, no namespace filter" % exc]
+    btf, why = load_btf(path)
+    if btf is None:
+        return None, None, ["no BTF (%s): no packet headers, no namespace filter" % why]
     whys = []
     offsets = None
     try:
@@ -1029,21 +1026,12 @@ class Session(BufferCallbacks):
         nr = bpf_syscall_number()
         if nr is None:
             return TcHooks(self.ipr), "no bpf syscall number known for %s" % os.uname().machine
-        if not kernel_has_tcx():
+        if not tcx_expected():
             return TcHooks(self.ipr), "kernel has no tcx (Linux < 6.6)"
         return TcxLinks(nr), None
 
     def _fill_filters(self) -> None:
-        b = self.bpf
-        for port in self.args.port:
-            b["ports"][ctypes.c_int(port)] = ctypes.c_uint8(1)
-        for text in self.args.addr:
-            ip = ipaddress.ip_address(text)
-            key = b["addrs"].Key()
-            key.family = ip.version
-            raw = ip.packed
-            ctypes.memmove(ctypes.addressof(key.a), raw, len(raw))
-            b["addrs"][key] = ctypes.c_uint8(1)
+        fill_filters(self.bpf, self.args.port, self.args.addr)
 
     def _open_buffers(self) -> None:
         b = self.bpf

@@ -53,11 +53,12 @@ import struct
 import sys
 import time
 
-from core.btf import BTF_VMLINUX, Btf, btf_offsets, c_netns_lookup
+from core.btf import BTF_VMLINUX, btf_offsets, c_netns_lookup, load_btf
 from core.discovery import own_netns
 from core.dropreasons import location_label, reason_table
 from core.events import Output, now_ns
 from core.lifecycle import SetupError
+from core.netstat import parse_counters
 from core.symbols import Symbols
 from core.tool import parse_tool_args, run_tool
 from core.tracepoints import (
@@ -391,12 +392,11 @@ def build_program(formats: dict, offsets, sk_state_off, netns: int, drop_enum=No
     return "\n".join(parts)
 
 
-def drop_btf(path: str = BTF_VMLINUX) -> tuple:
-    """(enum skb_drop_reason or None, offset of sk_buff.sk or None): one read of BTF."""
-    try:
-        with open(path, "rb") as f:
-            btf = Btf(f.read())
-    except (OSError, ValueError, struct.error):
+def drop_btf(path: str = BTF_VMLINUX, loaded=None) -> tuple:
+    """(enum skb_drop_reason or None, offset of sk_buff.sk or None). `loaded`: what
+    load_btf already returned, so the file is not read again."""
+    btf, _why = loaded or load_btf(path)
+    if btf is None:
         return None, None
     try:
         enum = btf.enum("skb_drop_reason")
@@ -468,19 +468,7 @@ def diff_counts(prev: dict, now: dict) -> list:
 
 def parse_netstat(text: str) -> dict:
     """/proc/net/netstat -> {"TcpExt.ListenOverflows": n, ...} (header line, value line)."""
-    values = {}
-    lines = text.splitlines()
-    for i in range(0, len(lines) - 1, 2):
-        names, nums = lines[i].split(), lines[i + 1].split()
-        if not names or not nums or names[0] != nums[0] or len(names) != len(nums):
-            continue
-        prefix = names[0].rstrip(":")
-        for j in range(1, len(names)):
-            try:
-                values[prefix + "." + names[j]] = int(nums[j])
-            except ValueError:
-                continue
-    return values
+    return dict(("%s.%s" % key, value) for key, value in parse_counters(text).items())
 
 
 def listening_ports(texts, cap: int) -> list:
@@ -559,11 +547,12 @@ class Session:
                 self.missing.append(
                     {"probe": probe, "why": "no tracepoint %s:%s" % (system, probe)}
                 )
-        (offsets, why), (tuples, _) = btf_offsets()
+        btf = load_btf()
+        (offsets, why), (tuples, _) = btf_offsets(loaded=btf)
         if why:
             self.missing.append({"probe": "btf:netns", "why": why})
         sk_state = tuples.get("skc_state") if tuples else None
-        drop_enum, skb_sk = drop_btf() if "kfree_skb" in self.formats else (None, None)
+        drop_enum, skb_sk = drop_btf(loaded=btf) if "kfree_skb" in self.formats else (None, None)
         kfree = self.formats.get("kfree_skb")
         if kfree is not None and not reason_table(kfree, drop_enum)["has_field"]:
             self.missing.append(
@@ -745,12 +734,12 @@ def parse_args(argv):
 
 def print_ebpf(args, out) -> int:
     formats = read_formats(args.format_dir)
-    if args.format_dir:
-        offsets = tuples = None
-    else:
-        (offsets, _), (tuples, _) = btf_offsets()
+    offsets = tuples = drop_enum = skb_sk = None
+    if not args.format_dir:
+        btf = load_btf()
+        (offsets, _), (tuples, _) = btf_offsets(loaded=btf)
+        drop_enum, skb_sk = drop_btf(loaded=btf)
     sk_state = tuples.get("skc_state") if tuples else None
-    drop_enum, skb_sk = (None, None) if args.format_dir else drop_btf()
     out.write(build_program(formats, offsets, sk_state, own_netns(), drop_enum, skb_sk) + "\n")
     return 0
 

@@ -166,7 +166,7 @@ from core.packet import (
     tcp_fields,
 )
 from core.params import ParamError, convert
-from core.tc import TCX_UNSUPPORTED, TcHooks, TcxLinks, bpf_syscall_number, kernel_has_tcx
+from core.tc import TCX_UNSUPPORTED, TcHooks, TcxLinks, bpf_syscall_number, tcx_expected
 from core.tool import (
     ebpfdiag_control,  # noqa: F401 - the bootstrap's hook for ctl lines
     parse_tool_args,
@@ -576,11 +576,7 @@ def submit(buffer: str, table: str, ctx: str, ptr: str, lost_idx: int) -> str:
     """c_submit, but a ring buffer record wakes no reader (BPF_RB_NO_WAKEUP): the reader
     takes what is there every BATCH_MS. One wakeup, write and SSH packet per record cost
     the hosts about 100 us of CPU each (measured with bulk traffic); in batches, a few."""
-    stmt = c_submit(buffer, table, ctx, ptr, lost_idx)
-    if buffer == "ringbuf":
-        stmt = stmt.replace(", 0) != 0)", ", 1 /* BPF_RB_NO_WAKEUP */) != 0)")
-        assert "BPF_RB_NO_WAKEUP" in stmt, stmt
-    return stmt
+    return c_submit(buffer, table, ctx, ptr, lost_idx, ring_flags="1 /* BPF_RB_NO_WAKEUP */")
 
 
 def c_tp_addrs(fmt: dict) -> str:
@@ -1006,7 +1002,7 @@ class Session(BufferCallbacks):
         nr = bpf_syscall_number()
         if nr is None:
             why = "no bpf syscall number known for %s" % os.uname().machine
-        elif not kernel_has_tcx():
+        elif not tcx_expected():
             why = "kernel has no tcx (Linux < 6.6)"
         else:
             return TcxLinks(nr), None

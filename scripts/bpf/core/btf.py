@@ -229,13 +229,20 @@ def netns_offsets(path: str = BTF_VMLINUX):
     return btf_offsets(path)[0]
 
 
-def btf_offsets(path: str = BTF_VMLINUX):
-    """((netns offsets, why), (tuple offsets, why)): each dict is None when BTF lacks it."""
+def load_btf(path: str = BTF_VMLINUX):
+    """(Btf, None) or (None, why): one read and parse of a BTF file, for every lookup a
+    tool makes in it."""
     try:
         with open(path, "rb") as f:
-            btf = Btf(f.read())
+            return Btf(f.read()), None
     except (OSError, ValueError, struct.error) as exc:
-        btf, why = None, exc
+        return None, exc
+
+
+def btf_offsets(path: str = BTF_VMLINUX, loaded=None):
+    """((netns offsets, why), (tuple offsets, why)): each dict is None when BTF lacks it.
+    `loaded`: what load_btf already returned, so the file is not read again."""
+    btf, why = loaded or load_btf(path)
     results = []
     for paths, what in (
         (NETNS_PATHS, "no BTF namespace offsets (%s); filtering by local addresses"),
@@ -263,9 +270,10 @@ def btf_enum(name: str, path: str = BTF_VMLINUX):
     Returns (table, None) or (None, why). Enum numbering moves between kernels (drop
     reasons are renumbered whenever one is added), so names are read on the host.
     """
+    btf, why = load_btf(path)
+    if btf is None:
+        return None, "no BTF enum %s (%s)" % (name, why)
     try:
-        with open(path, "rb") as f:
-            btf = Btf(f.read())
         return btf.enum(name), None
-    except (OSError, ValueError, KeyError, struct.error) as exc:
+    except (KeyError, struct.error) as exc:
         return None, "no BTF enum %s (%s)" % (name, exc)

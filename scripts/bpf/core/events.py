@@ -32,13 +32,17 @@ static __always_inline void count_lost(__u32 idx)
 """
 
 
-def c_submit(buffer: str, table: str, ctx: str, ptr: str, lost_idx: int) -> str:
-    """The statement that sends one event; ring-buffer failures are counted, not dropped."""
+def c_submit(
+    buffer: str, table: str, ctx: str, ptr: str, lost_idx: int, ring_flags: str = "0"
+) -> str:
+    """The statement that sends one event; ring-buffer failures are counted, not dropped.
+    `ring_flags`: ringbuf_output's flags (e.g. BPF_RB_NO_WAKEUP for a reader that polls)."""
     if buffer == "ringbuf":
-        return "if (%s.ringbuf_output(%s, sizeof(*%s), 0) != 0)\n\t\tcount_lost(%d);" % (
+        return "if (%s.ringbuf_output(%s, sizeof(*%s), %s) != 0)\n\t\tcount_lost(%d);" % (
             table,
             ptr,
             ptr,
+            ring_flags,
             lost_idx,
         )
     return "%s.perf_submit(%s, %s, sizeof(*%s));" % (table, ctx, ptr, ptr)
