@@ -372,3 +372,59 @@ def test_damaged_records_are_counted_never_fatal():
                 r[key] = rng.choice([None, "x", -1, 2**40, [], {}, 1.5, True])
         recs_out = list(correlate(recs, LatencyStream().clocks(), slowest=2).records())
         assert recs_out[-1]["type"] == "summary"
+
+
+def test_unbounded_wire_figures_are_shown_within_the_hosts_ssh_errors():
+    # the packets contradict the SSH estimates (lb's clock is 3 ms off, each +-1 ms): no
+    # pair is bounded and wire figures rest on the SSH offsets, whose errors add up to 2 ms
+    stream = simple_stream(10, 20 * MS, offsets={"lb": BASE_NS + 3 * MS})
+    result = correlate(stream.records, stream.clocks(error_ns=1 * MS), slowest=1)
+    assert not result.pairs and "clock-unbounded" in {w.kind for w in result.warnings}
+    slow = result.slowest[0].verdict.exchange
+    wire = next(p for p in slow.parts if p.name == "client->lb")
+    assert wire.ns < 2 * MS and wire.to_json()["bound_ns"] is None  # records keep None
+    assert "client->lb < 2." in slow.text and "client->lb 0 ms" not in slow.text
+    assert "lb->server 3.02 ms ± 2.00" in slow.text
+    table = io.StringIO()
+    render_latency(result, Console(file=table, width=200), Console(file=io.StringIO()))
+    rows = table.getvalue().splitlines()
+    row = next(line for line in rows if "client->lb" in line and "SSH only" in line)
+    assert row.count("< 2.") == 4  # p50, p90, p99, max
+
+
+def test_unbalanced_unbounded_wire_in_the_verdict_is_shown_within_the_ssh_errors():
+    from ebpfdiag.questions.latency import Exchange, Part, _verdict
+
+    # the way out only (the way back was not traced): its SSH offsets do not cancel
+    parts = [Part("wire", "request", "client", "server", 100_000),
+             Part("answer", "answer", "server", "server", 20 * MS)]  # fmt: skip
+    ex = Exchange(0, "client", "server", 0, 0, 20 * MS + 100_000, parts, 1, set())
+    clocks = {"client": ClockEstimate(0, MS), "server": ClockEstimate(0, MS)}
+    verdict = _verdict("client->server", [ex], clocks)
+    assert "wire < 2.10 ms" in verdict.text
+    assert ("wire", 100_000, None) in verdict.parts  # the record keeps no bound
+
+
+def test_loss_on_the_next_host_is_looked_for_within_both_clocks_errors():
+    # the first copy leaves lb and never reaches the server; the server's tracer lost
+    # records 5 ms before lb saw the copy leave, on the SSH offsets (each +-10 ms): that
+    # may well be the window, so where the copy was lost is unknown
+    stream = LatencyStream()
+    for host in ("client", "lb", "server"):
+        stream.counts(host, at=0)
+    flow = Flow(stream, 40_000)
+    flow.handshake()
+    start = stream.t
+    flow.forward(24, flow.cseq, flow.sseq, 1024, "data", pt=flow.cseq)  # ACK | PSH
+    dropped = stream.records.pop()
+    assert dropped["host"] == "server" and dropped["dir"] == "ingress"
+    stream.t += 200 * MS
+    flow.exchange(100_000)
+    stream.lost("server", 4, at=start - 5 * MS)
+    for host in ("client", "lb", "server"):
+        stream.counts(host, at=stream.t + 1_000 * MS)
+    result = correlate(stream.records, stream.clocks(error_ns=10 * MS), slowest=1)
+    lost = result.slowest[0].verdict.exchange.lost
+    assert lost is not None and lost.host == "lb" and lost.next_host == "server"
+    assert lost.verdict == "unknown" and "server's tracer lost records" in lost.text
+    assert "lost between" not in lost.text

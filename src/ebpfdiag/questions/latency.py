@@ -417,7 +417,7 @@ def _ends(rec: Mapping[str, Any]) -> tuple:
 class _Rules:
     """Exchanges of one stream: requests, responses, segments, retransmissions."""
 
-    def __init__(self, prepared: Prepared, evidence: _Evidence) -> None:
+    def __init__(self, prepared: Prepared, evidence: _Evidence, flag_ns: int) -> None:
         self.p = prepared
         self.ev = evidence
         self.offsets = {h: e.offset_ns for h, e in prepared.clocks.items()}
@@ -429,7 +429,8 @@ class _Rules:
         self.pairs: dict[tuple[str, str], tuple[int, int]] = {}
         if pairs:
             for (a, b), (lo, hi) in pairs.items():
-                if hi - lo < 2 * ERROR_LIMIT_NS:
+                # pairs bounded less tightly than a flagged clock give no cross-host figures
+                if hi - lo < 2 * flag_ns:
                     self.pairs[(a, b)] = ((lo + hi) // 2, (hi - lo + 1) // 2)
         self.handshakes: dict[tuple[str, str], list[int]] = defaultdict(list)
 
@@ -551,6 +552,8 @@ class _Rules:
         sender = response.hosts[-1]
         if sender not in response.entry:
             return None
+        if not self._from_initiator(sender, initiator, reqs):
+            return None
         by_occ: dict[int, list[Sighting]] = defaultdict(list)
         for s in reqs:
             by_occ[s.occ].append(s)
@@ -559,8 +562,6 @@ class _Rules:
         if not copies:
             return None
         copies.sort(key=lambda cp: cp.exit[sender])
-        if not self._from_initiator(sender, initiator, reqs):
-            return None
         answered = [cp for cp in copies if cp.hosts[-1] == response.sender]
         final = answered[-1] if answered else copies[-1]
         answerer = response.sender
@@ -676,16 +677,21 @@ class _Rules:
         if i == len(first.hosts) - 1 and last.dir == "ingress" and next_host is None:
             text = f"seen reaching {where}; its answer did not come back"
             return Lost(host, last.ifname, last.dir, None, "arrived", text)
-        doubts = [d for h in suspects if (d := self._doubt(h, first, last, lo, hi))]
+        doubts = [d for h in suspects if (d := self._doubt(h, last, lo, hi))]
         if doubts:
             return Lost(host, last.ifname, last.dir, next_host, "unknown",
                         f"{seen}: unknown ({'; '.join(doubts)})")  # fmt: skip
         return Lost(host, last.ifname, last.dir, next_host, "lost", f"{seen}: {place}")
 
-    def _doubt(self, host: str, first: _Seen, last: Sighting, lo: int, hi: int) -> str | None:
-        """Why ``host`` may have seen the copy unrecorded (window moved to its clock)."""
+    def _doubt(self, host: str, last: Sighting, lo: int, hi: int) -> str | None:
+        """Why ``host`` may have seen the copy unrecorded (window moved to its clock,
+        widened by both clocks' errors: the offsets that move it are only estimates)."""
         shift = self.offsets[last.host] - self.offsets[host]
-        return self.ev.loss_between(host, lo + shift, hi + shift)
+        widen = 0
+        if host != last.host:
+            clocks = self.p.clocks
+            widen = clocks[host].error_ns + clocks[last.host].error_ns
+        return self.ev.loss_between(host, lo + shift - widen, hi + shift + widen)
 
     def _handshake(self, syns: list[Sighting]) -> None:
         """SYN -> SYN-ACK per host: on the initiator from its SYN leaving to the SYN-ACK
@@ -712,10 +718,6 @@ class _Rules:
             times = [s.ts_ns for s in answers if s.host == host and s.dir == want and s.ts_ns >= t]
             if times:
                 self.handshakes[(host, role)].append(min(times) - t)
-
-
-ERROR_LIMIT_NS = FLAG_ERROR_NS
-"""Pairs bounded less tightly than this give no cross-host figures (like flagged clocks)."""
 
 
 # ---------------------------------------------------------------- statistics and verdicts
@@ -767,6 +769,16 @@ def fmt_ms(ns: int, bound_ns: int | None = None) -> str:
     return f"{text} ± {_ms_text(bound_ns)}" if bound_ns else text
 
 
+def shown_bound(
+    kind: str, src: str, dst: str, bound_ns: int | None, clocks: Mapping[str, ClockEstimate]
+) -> int | None:
+    """The bound a figure is shown with: a wire figure no pair bounds rests on the SSH
+    offsets of its two hosts, so both their errors (the records keep ``bound_ns`` None)."""
+    if kind != "wire" or bound_ns is not None or src not in clocks or dst not in clocks:
+        return bound_ns
+    return clocks[src].error_ns + clocks[dst].error_ns
+
+
 def _ms_text(ns: int) -> str:
     value = ns / 1e6
     if value >= 10:
@@ -776,7 +788,9 @@ def _ms_text(ns: int) -> str:
     return f"{value:.3f}".rstrip("0").rstrip(".") if value else "0"
 
 
-def _verdict(direction: str, exs: list[Exchange]) -> DirectionVerdict:
+def _verdict(
+    direction: str, exs: list[Exchange], clocks: Mapping[str, ClockEstimate]
+) -> DirectionVerdict:
     """Where the p99 exchange of one direction spent its time (parts clock-free)."""
     missing: list[str] = []
     exs = sorted(exs, key=lambda e: e.total_ns)
@@ -797,11 +811,12 @@ def _verdict(direction: str, exs: list[Exchange]) -> DirectionVerdict:
             names.append(key)
         parts[key] += p.ns
     # the way out and the way back share each pair's offset: it cancels in the total
-    unbalanced = 0
+    unbalanced = shown_unbalanced = 0
     for (a, b), n in wire_pairs.items():
         extra = n - wire_pairs.get((b, a), 0)
         if extra > 0:
             unbalanced += extra * (bounds[(a, b)] or 0)
+            shown_unbalanced += extra * (shown_bound("wire", a, b, bounds[(a, b)], clocks) or 0)
     gap = ex.total_ns - sum(parts.values()) - wire
     listed: list[tuple[str, int, int | None]] = [(key, parts[key], None) for key in names]
     if wire_pairs:
@@ -814,6 +829,8 @@ def _verdict(direction: str, exs: list[Exchange]) -> DirectionVerdict:
     words = []
     for key, value, bound in listed:
         label = key
+        if key == "wire":
+            bound = shown_unbalanced or None
         if key == ex.answerer:
             if ex.queue_ns is not None and ex.app_ns is not None:
                 split = (f" (receive queue {fmt_ms(ex.queue_ns)}, "
@@ -852,9 +869,12 @@ def _verdict(direction: str, exs: list[Exchange]) -> DirectionVerdict:
     return DirectionVerdict(direction, len(exs), ex.total_ns, listed, culprit, missing, text)
 
 
-def _describe(ex: Exchange) -> str:
+def _describe(ex: Exchange, clocks: Mapping[str, ClockEstimate]) -> str:
     bits = [f"{ex.direction} request->response {fmt_ms(ex.total_ns)}"]
-    bits += [f"{p.name} {fmt_ms(p.ns, p.bound_ns)}" for p in ex.parts]
+    bits += [
+        f"{p.name} {fmt_ms(p.ns, shown_bound(p.kind, p.src, p.dst, p.bound_ns, clocks))}"
+        for p in ex.parts
+    ]
     text = ": ".join(bits[:1]) + ": " + ", ".join(bits[1:])
     if ex.copies > 1:
         text += f"; sent {ex.copies} times"
@@ -902,7 +922,7 @@ def _correlate(
     prepared = prepare(events, clocks, hellos=hellos, window_ns=window_ns, flag_ns=flag_ns,
                        keep=KEEP)  # fmt: skip
     evidence = _Evidence(prepared.recorded.kept)
-    rules = _Rules(prepared, evidence)
+    rules = _Rules(prepared, evidence, flag_ns)
     exchanges = list(rules.exchanges())
     segments = _stats(exchanges, rules.handshakes)
     by_dir: dict[str, list[Exchange]] = defaultdict(list)
@@ -928,7 +948,7 @@ def _correlate(
     ranked = sorted(exchanges, key=lambda e: -e.total_ns)[:slowest]
     flows = []
     for ex in ranked:
-        ex.text = _describe(ex)
+        ex.text = _describe(ex, prepared.clocks)
         flow = prepared.excerpt(ex.root, ex.occurrences)
         flow.verdict = ExchangeView(ex)
         flows.append(flow)
@@ -947,7 +967,7 @@ def _correlate(
             "lost": counts.get("lost"), "sample_n": sample.get("n"),
             "block": sample.get("block"),
         }  # fmt: skip
-    verdicts = [_verdict(d, exs) for d, exs in sorted(by_dir.items())]
+    verdicts = [_verdict(d, exs, prepared.clocks) for d, exs in sorted(by_dir.items())]
     if not exchanges:
         verdicts.append(DirectionVerdict(
             "-", 0, None, [], None, ["no sampled request with its response"],

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ebpfdiag.questions.latency import Latency, fmt_ms
+from ebpfdiag.questions.latency import Latency, fmt_ms, shown_bound
 from ebpfdiag.render.timeline import render_flow
 
 
@@ -23,11 +23,13 @@ def segment_table(result: Latency) -> Table:
         f = seg.figures()
         bound = seg.bound_ns
         unbounded = seg.kind == "wire" and bound is None
+        # an unbounded wire figure is shown within its hosts' SSH errors
+        figure_bound = shown_bound(seg.kind, seg.src, seg.dst, bound, result.clocks)
         table.add_row(
             seg.direction if seg.direction != shown else "",
             seg.name,
             str(f["count"]),
-            *(fmt_ms(f[k], bound) for k in ("p50_ns", "p90_ns", "p99_ns", "max_ns")),
+            *(fmt_ms(f[k], figure_bound) for k in ("p50_ns", "p90_ns", "p99_ns", "max_ns")),
             Text("none (SSH only)", style="red") if unbounded else fmt_ms(bound) if bound else "",
         )
         shown = seg.direction
