@@ -374,3 +374,69 @@ def test_live_lines_name_reason_location_and_state():
     s.retrans("client", (CLIENT, 40000, VIP, 80))
     line = live_line(s.records[-1], None).plain
     assert "tcp:tcp_retransmit_skb SYN_SENT" in line
+
+
+def test_no_counted_drop_is_not_shown_as_none_when_a_host_could_not_count():
+    s = Stream(hellos={"server": {"attach": {}, "missing": [
+        {"probe": "skb:kfree_skb", "why": "tracepoint not found"}]}})  # fmt: skip
+    s.syn()
+    s.counts("client", [])
+    s.counts("lb", [])
+    result = correlate(s.records, clocks(), hosts=(*HOSTS, "edge"))
+    text = terminal(result)
+    assert "no drops counted on any host" not in text
+    assert (
+        "no drops counted by the hosts that reported; unknown on server, edge"
+        " (see missing evidence)"
+    ) in text
+    healthy = Stream()
+    healthy.syn()
+    healthy.all_counted()
+    assert "no drops counted on any host" in terminal(correlate(healthy.records, clocks()))
+
+
+def test_a_host_without_netstat_is_unknown_in_the_kernel_counters():
+    s = Stream()
+    s.syn()
+    s.all_counted()
+    s.netstat("client", {"TCPSynRetrans": 0})
+    lines = terminal(correlate(s.records, clocks(), hosts=HOSTS)).splitlines()
+    (client,) = [line for line in lines if line.startswith("client ")]
+    (lb,) = [line for line in lines if line.startswith("lb ")]
+    assert [cell.strip() for cell in client.split("│")[1:]] == ["-", "-"]
+    assert [cell.strip() for cell in lb.split("│")[1:]] == ["unknown (no netstat)"] * 2
+
+
+def test_times_across_hosts_within_their_clock_errors_are_only_bounds():
+    """0.1 ms clock errors on each host: a 0.080 ms span from client to lb is not
+    measured, only bounded; a span on one host is."""
+    s = Stream()
+    s.syn(drop_on_lb=True)
+    s.retrans("client", (CLIENT, 40000, VIP, 80), dt=150_000)
+    s.all_counted(lb=[("NETFILTER_DROP", 12, "nf_hook_slow+0x9a", 1, 1)])
+    result = correlate(s.records, clocks(100_000), hosts=HOSTS, tighten_clocks=False)
+    (d,) = result.drops
+    assert "dropped on lb by NETFILTER_DROP (nf_hook_slow), < 0.280 ms later;" in d.text
+    assert "client retransmitted on this flow < 0.270 ms later (SYN_SENT)" in d.text
+    text = terminal(result)
+    assert "hop < 0.230 ms" in text  # client eth0 -> lb to-client
+    assert "after NAT, hop 0.050 ms" in text  # both on lb
+    (sure,) = correlate(s.records, clocks(), hosts=HOSTS).drops
+    assert "(nf_hook_slow), 0.080 ms later;" in sure.text
+
+
+def test_drop_events_of_a_host_without_counts_are_in_the_headline():
+    s = Stream()
+    s.syn(drop_on_lb=True)
+    s.drop("server", (CLIENT, 40001, SERVER, 8080), ifname="eth0", dt=500_000)
+    s.drop("server", (CLIENT, 40002, SERVER, 8080), ifname="eth0", dt=600_000)
+    s.counts("client", [])
+    s.counts("lb", [("NETFILTER_DROP", 12, "nf_hook_slow+0x9a", 1, 1)])
+    summary = correlate(s.records, clocks(), hosts=HOSTS).summary()
+    assert summary.text.startswith(
+        "1 drops of the traced traffic: lb NETFILTER_DROP at nf_hook_slow x1; "
+        "2 drop events on server, which sent no counts; "
+    ), summary.text
+    s.counts("server", [])
+    counted = correlate(s.records, clocks(), hosts=HOSTS).summary()
+    assert "which sent no counts" not in counted.text

@@ -99,9 +99,11 @@ def test_unwritable_output_is_refused_before_the_hosts(capsys, drop_tool, inv, t
     one_line_error(code, out, err, str(missing))
 
 
-def _fed_session(count: int | None = None, fanout=None):  # noqa: ANN001
+def _fed_session(count: int | None = None, fanout=None, pings: int = 2):  # noqa: ANN001
     """A drop session fed by hand with a three-host stream whose SYN dies on lb, each host
-    pinged once at the same instant (the stream's true clocks)."""
+    pinged at the same instants (the stream's true clocks): at its end and, with
+    ``pings`` 2, also 1 s before, at its start (without that ping the clocks' drift
+    allowance over that second makes their errors 0.2 ms)."""
     import json
     import time
 
@@ -121,11 +123,22 @@ def _fed_session(count: int | None = None, fanout=None):  # noqa: ANN001
     session.fanout = fanout
     now = time.monotonic_ns()
     for host in HOSTS:
-        session.clock(host, ClockSample(now, s.mono(host, 0), now + 2_000))
+        for back in (1_000_000_000, 0)[2 - pings :]:
+            sent = now - back
+            session.clock(host, ClockSample(sent, s.mono(host, -back), sent + 2_000))
     for rec in s.records:
         line = json.dumps({k: v for k, v in rec.items() if k != "host"}).encode()
         session.lines(rec["host"], "stdout", [line])
     return session, shown
+
+
+def test_a_live_span_within_the_clocks_errors_is_only_a_bound():
+    """One ping per host, at the end of the stream: 1 s earlier the clocks' errors are
+    0.2 ms each, more than the SYN's 0.080 ms from client to lb."""
+    session, _shown = _fed_session(pings=1)
+    first = session.correlate().drops[0]
+    assert first.err_ns > 100_000
+    assert "dropped on lb by NETFILTER_DROP (nf_hook_slow), < 0.502 ms later;" in first.text
 
 
 def test_the_session_collects_drop_records_and_answers_the_drop_question():

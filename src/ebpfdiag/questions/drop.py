@@ -9,6 +9,7 @@ evidence is missing: a wrong verdict is worse than none. See docs/json.md (``tra
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -136,6 +137,8 @@ class Retransmission:
     daddr: str | None
     dport: int | None
     flow: int | None = None
+    #: the clock error bound of ``ts`` (its host's alignment)
+    err_ns: int = 0
 
     def to_json(self, origin_ts: int) -> dict[str, Any]:
         return {"kind": "retrans", "host": self.host, "ts": self.ts, "ts_ns": self.ts_ns,
@@ -164,6 +167,8 @@ class DropEvent:
     retrans: list[Retransmission] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     text: str = ""
+    #: why its reason is not named (``_reason_gap``), None when it is
+    gap: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         origin = self.path[0].ts if self.path else self.ts
@@ -442,13 +447,24 @@ def _fuzzy(d: DropEvent, clocks: Alignment) -> list[str]:
     ]
 
 
+def span_words(span_ns: int, a: str, a_err: int, b: str, b_err: int) -> str:
+    """``0.080 ms``, or ``< 0.090 ms`` when the two sightings are on different hosts
+    and the span is below the sum of their clock errors: it is not measured then."""
+    bound = a_err + b_err if a != b else 0
+    if span_ns < bound:
+        return f"< {ms(span_ns + bound):.3f} ms"
+    return f"{ms(span_ns):.3f} ms"
+
+
 def _text(d: DropEvent, lossy: list[str], fuzzy: list[str]) -> str:
     before = d.path[:-1]
     words = [_describe_hop(h) for h in before] + [_drop_words(d)]
     first = before[0] if before else d.rec  # the packet as it left its sender
     text = f"{_packet_words(first)}: " + ", ".join(words)
     if before:
-        text += f", {ms(d.ts - before[0].ts):.3f} ms later"
+        first_hop = before[0]
+        span = span_words(d.ts - first_hop.ts, d.host, d.err_ns, first_hop.host, first_hop.err_ns)
+        text += f", {span} later"
         if fuzzy:
             text += f" (times unsure: {', '.join(fuzzy)})"
     elif d.rec.get("seq") is not None:
@@ -458,27 +474,28 @@ def _text(d: DropEvent, lossy: list[str], fuzzy: list[str]) -> str:
     if d.retrans:
         x = d.retrans[0]
         text += (
-            f"; {x.host} retransmitted on this flow {ms(x.ts - d.ts):.3f} ms later"
+            f"; {x.host} retransmitted on this flow"
+            f" {span_words(x.ts - d.ts, x.host, x.err_ns, d.host, d.err_ns)} later"
             f" ({x.state or '-'})"
         )
-    gap = _reason_gap(d.host, d.rec, d.label)
-    if gap and d.label == "unknown":
-        text += f" [unknown: {gap}]"
+    if d.gap and d.label == "unknown":
+        text += f" [unknown: {d.gap}]"
     return text
 
 
 def _summary(result: DropResult) -> Summary:
     hosts = result.hosts
-    matched = sum(c.matched for c in result.counts)
+    counts = result.counts
+    matched = sum(c.matched for c in counts)
     suppressed = sum(h.suppressed for h in hosts.values())
     kernel = {h.host: h.kernel_drops for h in hosts.values() if h.kernel_drops}
-    missing = [gap for h in hosts.values() for gap in h.gaps()]
-    unnamed = sorted({g for d in result.drops if (g := _reason_gap(d.host, d.rec, d.label))})
-    missing += unnamed
+    gaps = [gap for h in hosts.values() for gap in h.gaps()]
+    unnamed = sorted({d.gap for d in result.drops if d.gap})
+    missing = gaps + unnamed
     parts: list[str] = []
     if result.drops or matched:
         verdict = "dropped"
-        rows = [c for c in result.counts if c.matched]
+        rows = [c for c in counts if c.matched]
         if rows:
             where = ", ".join(
                 f"{c.host} {c.label}"
@@ -487,6 +504,10 @@ def _summary(result: DropResult) -> Summary:
                 for c in rows[:5]
             )
             parts.append(f"{matched} drops of the traced traffic: {where}")
+            uncounted = [d.host for d in result.drops if hosts[d.host].counts_final is None]
+            if uncounted:
+                on = ", ".join(sorted(set(uncounted)))
+                parts.append(f"{len(uncounted)} drop events on {on}, which sent no counts")
         else:
             on = sorted({d.host for d in result.drops})
             parts.append(
@@ -498,7 +519,7 @@ def _summary(result: DropResult) -> Summary:
                 f"{suppressed} of them not sent as events (rate limit: {limited}): "
                 "the counts are complete, the timelines are not"
             )
-    elif any(h.gaps() for h in hosts.values()):
+    elif gaps:
         verdict = "unknown"
         parts.append("no drop seen on the traced traffic, but unknown")
     elif kernel:
@@ -601,9 +622,9 @@ def correlate(
             drops.append(_event(rec, seen.host(rec["host"]), ts, err))
     _tie_retrans(seen.retrans, drops, flow_of, aligned)
     for d in drops:
-        gap = _reason_gap(d.host, d.rec, d.label)
+        d.gap = _reason_gap(d.host, d.rec, d.label)
         fuzzy = _fuzzy(d, alignment)
-        d.missing = ([gap] if gap else []) + lossy + fuzzy
+        d.missing = ([d.gap] if d.gap else []) + lossy + fuzzy
         d.text = _text(d, lossy, fuzzy)
     drops.sort(key=lambda d: d.ts)
     for flow in traced.flows:
@@ -636,15 +657,21 @@ def _tie_retrans(
     for d in drops:
         if d.flow is not None:
             by_flow[d.flow].append(d)
-    for rec in sorted(records, key=lambda r: aligned(r)[0]):
+    for flow_drops in by_flow.values():
+        flow_drops.sort(key=lambda d: d.ts)  # stable: equal times keep their order
+    times = {flow: [d.ts for d in flow_drops] for flow, flow_drops in by_flow.items()}
+    keyed = [(*aligned(rec), i, rec) for i, rec in enumerate(records)]
+    keyed.sort(key=lambda k: (k[0], k[2]))  # aligned time, then arrival
+    for ts, err, _, rec in keyed:
         flow = flow_of.get((rec["host"], _norm(_tuple4(rec))))
-        if flow is None:
+        if flow is None or flow not in times:
             continue
-        ts, _ = aligned(rec)
-        earlier = [d for d in by_flow[flow] if d.ts <= ts]
-        if not earlier:
+        at = times[flow]
+        last = bisect_right(at, ts) - 1
+        if last < 0:
             continue
-        target = max(earlier, key=lambda d: d.ts)
+        # the latest drop at or before it (of equal times, the first in drop order)
+        target = by_flow[flow][bisect_left(at, at[last])]
         target.retrans.append(
             Retransmission(
                 rec["host"],
@@ -657,5 +684,6 @@ def _tie_retrans(
                 rec.get("daddr"),
                 rec.get("dport"),
                 flow,
+                err,
             )  # fmt: skip
         )

@@ -14,9 +14,16 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ebpfdiag.questions.drop import DropEvent, DropResult, FlowDrops, Retransmission, function_of
+from ebpfdiag.questions.drop import (
+    DropEvent,
+    DropResult,
+    FlowDrops,
+    Retransmission,
+    function_of,
+    span_words,
+)
 from ebpfdiag.render.terminal import host_colour
-from ebpfdiag.render.timeline import nat_line
+from ebpfdiag.render.timeline import nat_line, print_clock_bounds
 from ebpfdiag.trace.flows import Flow, Hop
 from ebpfdiag.trace.sightings import DROP, flag_names
 
@@ -51,7 +58,15 @@ def counts_table(result: DropResult, console: Console) -> None:
     """Drops by host x reason x location, from each host's last ``drop_counts``."""
     rows = result.counts
     if not rows:
-        console.print("no drops counted on any host", style="green")
+        unknown = [h.host for h in result.hosts.values() if h.gaps()]
+        if unknown:
+            console.print(
+                "no drops counted by the hosts that reported; unknown on "
+                f"{', '.join(unknown)} (see missing evidence)",
+                style="yellow", markup=False, highlight=False, soft_wrap=True,
+            )  # fmt: skip
+        else:
+            console.print("no drops counted on any host", style="green")
     else:
         table = Table(title="drops by host, reason, location", show_edge=False, pad_edge=False)
         for col in ("host", "reason", "location", "drops", "traced"):
@@ -83,27 +98,35 @@ def counters_table(result: DropResult, console: Console) -> None:
     for col in ("host", "drops counted, no reason", "retransmissions"):
         table.add_column(col, overflow="fold")
     for h in result.hosts.values():
-        drops = ", ".join(f"{k} +{v}" for k, v in h.kernel_drops.items()) or "-"
+        # without a netstat record, "-" would say that its counters did not grow
+        none = "unknown (no netstat)" if h.netstat_final is None else "-"
+        drops = ", ".join(f"{k} +{v}" for k, v in h.kernel_drops.items()) or none
         retrans = [f"{h.retrans} traced ({h.syn_retrans} SYN)"] if h.retrans else []
         retrans += [
             f"{k} +{h.netstat[k]}" for k in ("TCPSynRetrans", "RetransSegs") if h.netstat.get(k)
         ]
+        style = "bold red" if h.kernel_drops else "yellow" if h.netstat_final is None else ""
         table.add_row(
             Text(h.host, style=host_colour(h.host)),
-            Text(drops, style="bold red" if h.kernel_drops else ""),
-            ", ".join(retrans) or "-",
+            Text(drops, style=style),
+            Text(", ".join(retrans) or none, style="yellow" if none != "-" and not retrans else ""),
         )
     console.print(table)
 
 
-def _hop_row(hop: Hop, start: int, drop: DropEvent | None) -> list:
+def _hop_row(hop: Hop, start: int, drop: DropEvent | None, prev: Hop | None) -> list:
     note = []
     if drop is not None:
         note.append(f"{drop.label} at {drop.location or '?'}")
     if hop.nat:
         note.append("after NAT")
     if hop.hop_ns is not None:
-        note.append(f"hop {hop.hop_ns / 1e6:.3f} ms")
+        if prev is None:
+            note.append(f"hop {hop.hop_ns / 1e6:.3f} ms")
+        else:
+            note.append(
+                f"hop {span_words(hop.hop_ns, hop.host, hop.err_ns, prev.host, prev.err_ns)}"
+            )
     dropped = hop.dir == DROP
     return [
         f"{(hop.ts - start) / 1e6:9.3f}",
@@ -130,6 +153,20 @@ def _retrans_row(x: Retransmission, start: int) -> list:
     ]
 
 
+def _previous_hops(flow: Flow) -> dict[int, Hop]:
+    """id(hop) -> the sighting its ``hop_ns`` is counted from (same packet, earlier)."""
+    out: dict[int, Hop] = {}
+    for path in flow.paths:
+        for pos, hop in enumerate(path):
+            if hop.hop_ns is None:
+                continue
+            since = hop.ts - hop.hop_ns
+            prev = next((p for p in reversed(path[:pos]) if p.ts == since), None)
+            if prev is not None:
+                out[id(hop)] = prev
+    return out
+
+
 def render_flow(flow: Flow, console: Console) -> None:
     """A flow's timeline (as tcp-rst draws it), its drops named with reason and location
     and its retransmissions in time order."""
@@ -141,13 +178,14 @@ def render_flow(flow: Flow, console: Console) -> None:
     for col in ("ms", "host", "where", "addresses", "flags", "tcp", "note"):
         table.add_column(col, overflow="fold")
     start = flow.start_ts
+    previous = _previous_hops(flow)
     for ev in flow.events:
         if not isinstance(ev, Hop):
             continue
         while retrans and retrans[0].ts < ev.ts:
             table.add_row(*_retrans_row(retrans.pop(0), start))
         drop = by_key.get((ev.host, ev.ts_ns)) if ev.dir == DROP else None
-        table.add_row(*_hop_row(ev, start, drop))
+        table.add_row(*_hop_row(ev, start, drop, previous.get(id(ev))))
     for x in retrans:
         table.add_row(*_retrans_row(x, start))
     first = flow.endpoints[0] if flow.endpoints else None
@@ -186,11 +224,4 @@ def render(result: DropResult, console: Console, err: Console) -> None:
     summary = result.summary()
     style = {"none": "green", "unknown": "yellow"}.get(summary.verdict, "bold yellow")
     console.print(Text(f"{summary.verdict}: {summary.text}", style=style), soft_wrap=True)
-    clocks = result.clocks
-    flagged = set(getattr(clocks, "flagged", []))
-    parts = [
-        f"{name} {est.error_ns / 1e6:.2f} ms{' (uncertain)' if name in flagged else ''}"
-        for name, est in clocks.items()
-    ]
-    if parts:
-        err.print("clock error bounds: " + ", ".join(parts), markup=False, highlight=False)
+    print_clock_bounds(result.clocks, err)

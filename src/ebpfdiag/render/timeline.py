@@ -5,7 +5,8 @@ Records are built once (``trace_records``) and either written as NDJSON or drawn
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -179,7 +180,11 @@ def render_result(result: TraceResult, console: Console, err: Console) -> None:
         console.print(table)
     else:
         console.print("no reset flows seen", style="green")
-    clocks = result.correlation.clocks
+    print_clock_bounds(result.correlation.clocks, err)
+
+
+def print_clock_bounds(clocks: Mapping[str, Any], err: Console) -> None:
+    """``clock error bounds: a 0.01 ms, b 7.00 ms (uncertain)`` on ``err``, if any."""
     flagged = set(getattr(clocks, "flagged", []))
     parts = []
     for name, est in clocks.items():
