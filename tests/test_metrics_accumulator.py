@@ -170,3 +170,20 @@ def test_netmetrics_drop_family_is_capped_with_reason_other():
     got = {k: v for k, v in samples(fleet).items() if k[0] == "ebpfdiag_packet_drops_total"}
     assert len(got) == MAX_SERIES
     assert got[("ebpfdiag_packet_drops_total", ("host", "lb"), ("reason", OTHER))] == 11
+
+
+def test_a_host_declaring_a_family_otherwise_is_counted_not_silently_dropped():
+    fleet = Fleet(["a", "b"])
+    fleet.record("a", HELLO, 1.0)
+    other = {"tcp_resets_sent": {"type": "counter", "labels": ["reason"], "help": "x"}}
+    fleet.record("b", {"type": "hello", "families": other}, 1.0)
+    fleet.record("a", delta(1, tcp_resets_sent=[["NO_SOCKET", "UNKNOWN", "", 3]]), 2.0)
+    fleet.record("b", delta(1, tcp_resets_sent=[["NO_SOCKET", 5]]), 2.0)
+    for _ in range(2):  # counted when declared, not on every scrape
+        got = samples(fleet)
+        assert got[sent("a", "NO_SOCKET")] == 3  # the exposed shape is unchanged
+        assert not [k for k in got if k[0] == sent("a", "x")[0] and ("host", "b") in k]
+        assert got[("ebpfdiag_rows_rejected_total", ("host", "a"))] == 0
+        assert got[("ebpfdiag_rows_rejected_total", ("host", "b"))] == 1
+    fleet.record("b", {"type": "hello", "families": other}, 3.0)  # its script restarted
+    assert samples(fleet)[("ebpfdiag_rows_rejected_total", ("host", "b"))] == 1

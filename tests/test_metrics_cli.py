@@ -93,3 +93,46 @@ def test_textfile_refuses_a_prom_path_that_is_a_directory(tmp_path):
     (tmp_path / "ebpfdiag.prom").mkdir()
     proc = ebpfdiag("metrics", "textfile", "--hosts", HOST, "--dir", str(tmp_path))
     one_line_usage_error(proc, "is a directory")
+
+
+def test_a_failed_run_quotes_only_its_own_stderr(monkeypatch):
+    """Two runs that fail before their host comes up: the second's reason is its own,
+    never the first run's stderr."""
+    import asyncio
+    import types
+
+    from ebpfdiag.inventory import Host
+    from ebpfdiag.metrics import sessions
+    from ebpfdiag.metrics.exposition import Fleet
+
+    said = iter([[b"first run: cannot attach"], []])
+
+    class Conn:
+        def close(self) -> None:
+            pass
+
+    class Run:
+        def __init__(self, host, script, ssh, *, on_lines, on_running, on_clock):
+            self.on_lines = on_lines
+
+        async def run(self, conn, stop):
+            lines = next(said)
+            if lines:
+                self.on_lines("stderr", lines)
+            return types.SimpleNamespace(exit_status=1, exit_signal=None)
+
+    async def connect(host, ssh, jumps):
+        return Conn()
+
+    monkeypatch.setattr(sessions, "RemoteRun", Run)
+    monkeypatch.setattr(sessions, "connect", connect)
+
+    async def two_runs() -> list[str | None]:
+        host = Host("web1", "198.18.152.250")
+        session = sessions.HostSession(host, None, None, None, Fleet(["web1"]), 15.0,
+                                       lambda *_: None, asyncio.Semaphore(1))  # fmt: skip
+        return [await session._once(), await session._once()]
+
+    first, second = asyncio.run(two_runs())
+    assert first == "the metrics script ended (exit 1): first run: cannot attach"
+    assert second == "the metrics script ended (exit 1)"

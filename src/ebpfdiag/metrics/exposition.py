@@ -12,7 +12,7 @@ every series has a ``host`` label (and the inventory labels asked for with
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -23,9 +23,23 @@ from prometheus_client.core import (
 from prometheus_client.registry import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from ebpfdiag.metrics.accumulator import HostMetrics
+from ebpfdiag.metrics.accumulator import FamilySpec, HostMetrics
 
 PREFIX = "ebpfdiag_"
+
+
+def _shape(spec: FamilySpec) -> tuple:
+    return (spec.type, spec.labels, spec.bounds)
+
+
+def _exposed_shapes(hosts: Iterable[HostMetrics]) -> dict[str, tuple]:
+    """Each family's shape as exposed: the first host's (in inventory order) that
+    declared it. A host that declared it otherwise is left out of it."""
+    shapes: dict[str, tuple] = {}
+    for h in hosts:
+        for name, spec in h.families.items():
+            shapes.setdefault(name, _shape(spec))
+    return shapes
 
 
 class Fleet:
@@ -37,10 +51,29 @@ class Fleet:
         #: host -> {label: value} added to every series of the host (inventory labels)
         self.extra = {name: dict((extra or {}).get(name, {})) for name in names}
         self.extra_names = sorted({k for labels in self.extra.values() for k in labels})
+        #: (host, family) left out of the exposition: declared otherwise than exposed
+        self.left_out: set[tuple[str, str]] = set()
 
     def record(self, host: str, rec: dict, now: float) -> None:
         with self.lock:
             self.hosts[host].on_record(rec, now)
+            if rec.get("type") == "hello":
+                self._count_left_out()
+
+    def _count_left_out(self) -> None:
+        """A host whose family is left out of the exposition (declared with other labels,
+        type or buckets than the exposed one) has it counted once in its rejected rows
+        when that starts, so the loss of its series is visible, never silent."""
+        shapes = _exposed_shapes(self.hosts.values())
+        left_out = {
+            (h.name, name)
+            for h in self.hosts.values()
+            for name, spec in h.families.items()
+            if _shape(spec) != shapes[name]
+        }
+        for host, _name in left_out - self.left_out:
+            self.hosts[host].rejected += 1
+        self.left_out = left_out
 
     def down(self, host: str, error: str | None = None) -> None:
         with self.lock:
@@ -117,17 +150,13 @@ class FleetCollector:
 
     def _tool_families(self, hosts: list[HostMetrics], base: list[str], labels) -> list[Metric]:
         """The scripts' own families, merged across hosts by name (the first host's
-        declaration names the labels; a host that declared it otherwise is left out)."""
+        declaration names the labels; a host that declared it otherwise is left out, and
+        counted in its rejected rows when it declared it: ``Fleet.record``)."""
         out: dict[str, Metric] = {}
-        shapes = {}
+        shapes = _exposed_shapes(hosts)
         for h in hosts:
             for name, spec in sorted(h.families.items()):
-                shape = shapes.setdefault(name, spec)
-                if (spec.type, spec.labels, spec.bounds) != (
-                    shape.type,
-                    shape.labels,
-                    shape.bounds,
-                ):
+                if _shape(spec) != shapes[name]:
                     continue
                 family = out.get(name)
                 names = [*base, *spec.labels]

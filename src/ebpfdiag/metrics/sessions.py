@@ -81,7 +81,6 @@ class HostSession:
         self.interval = interval
         self.on_state = on_state
         self.stopping = asyncio.Event()
-        self.attempts = 0
         self._run_stop: asyncio.Event | None = None
         self._heard = 0.0
         self._got_data = False
@@ -99,7 +98,6 @@ class HostSession:
     async def run(self) -> None:
         delays = backoff_delays()
         while not self.stopping.is_set():
-            self.attempts += 1
             self._got_data = False
             error = None
             try:
@@ -124,6 +122,7 @@ class HostSession:
 
     async def _once(self) -> str | None:
         """One connection and one run of the script; returns why it ended (None: stopped)."""
+        self._stderr.clear()  # only this attempt's stderr explains how it ended
         connecting = asyncio.ensure_future(self._connect())
         stopper = asyncio.ensure_future(self.stopping.wait())
         await asyncio.wait({connecting, stopper}, return_when=asyncio.FIRST_COMPLETED)
