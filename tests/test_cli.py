@@ -259,6 +259,27 @@ def test_the_trace_path_to_ready_loads_no_correlation_or_renderer():
     assert r.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize("command", ["tcp-rst", "drop", "latency"])
+def test_no_trace_command_loads_its_question_or_renderer_before_the_run(inv, command):
+    """Up to the run (hosts contacted, waiting for ready), a trace command has loaded
+    neither its correlation nor its renderers: they come at the first event or the end."""
+    code = (
+        "import os, sys\n"
+        "from ebpfdiag.cli.app import App, main\n"
+        "late = ('ebpfdiag.questions.rst', 'ebpfdiag.questions.drop',\n"
+        "        'ebpfdiag.questions.latency', 'ebpfdiag.render.timeline',\n"
+        "        'ebpfdiag.render.drop', 'ebpfdiag.render.latency')\n"
+        "def run(self, engine):\n"
+        "    print([m for m in late if m in sys.modules], flush=True)\n"
+        "    os._exit(0)\n"
+        "App.run = run\n"
+        f"main(['trace', {command!r}, '-i', {str(inv)!r}, '--hosts', 'web01', '--json'])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout
+
+
 def test_each_host_is_announced_ready_as_it_comes_whatever_the_tool():
     """The per-host ready callback is driven by any tool's ``ready`` record: the first
     host is announced before the others are ready and before tracing starts."""

@@ -288,3 +288,24 @@ def test_show_renders_a_saved_drop_trace_as_the_live_command_did(tmp_path):
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert terminal.returncode == 0 and "NETFILTER_DROP" in terminal.stdout, terminal.stderr
+
+
+def test_the_engine_calls_its_before_stop_hook_at_each_stop():
+    from ebpfdiag.fanout import Fanout
+
+    calls: list[bool] = []
+    engine = Fanout([], None, None, None, before_stop=lambda: calls.append(engine.interrupted))  # type: ignore[arg-type]
+    engine.stop(interrupted=True)
+    engine.stop()
+    assert calls == [False, True] and engine.interrupted
+
+
+def test_a_session_holds_and_aligns_the_record_types_it_is_given():
+    from ebpfdiag.tracing import TraceSession
+
+    session = TraceSession(["a"], held=("packet", "drop"), settle_s=3600)
+    session.lines("a", "stdout", [b'{"type": "drop", "ts_ns": 5}', b'{"type": "retrans"}'])
+    assert [rec["type"] for _, rec in session._held] == ["drop"]
+    default = TraceSession(["a"], settle_s=3600)
+    default.lines("a", "stdout", [b'{"type": "drop", "ts_ns": 5}'])
+    assert default._held == []

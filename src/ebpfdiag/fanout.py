@@ -13,6 +13,7 @@ import ctypes.util
 import functools
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Protocol
@@ -122,11 +123,22 @@ def raise_fd_limit(hosts: int) -> None:
 class Fanout:
     """One run of one script over a host list; ``stop()`` ends it everywhere, cleanly."""
 
-    def __init__(self, hosts: list[Host], script: Script, opts: FanoutOptions, sink: FanoutSink):
+    def __init__(
+        self,
+        hosts: list[Host],
+        script: Script,
+        opts: FanoutOptions,
+        sink: FanoutSink,
+        *,
+        before_stop: Callable[[], None] | None = None,
+    ):
+        """``before_stop`` is called at every ``stop()``, before the hosts are told to stop
+        (its last chance to send them a control line)."""
         self.hosts = hosts
         self.script = script
         self.opts = opts
         self.sink = sink
+        self.before_stop = before_stop
         self.interrupted = False
         self._stops = {h.name: asyncio.Event() for h in hosts}
         self._timed_out: set[str] = set()
@@ -134,6 +146,8 @@ class Fanout:
 
     def stop(self, interrupted: bool = False) -> None:
         """End every host's script (stdin EOF -> the script cleans up and exits)."""
+        if self.before_stop is not None:
+            self.before_stop()
         self.interrupted = self.interrupted or interrupted
         for ev in self._stops.values():
             ev.set()

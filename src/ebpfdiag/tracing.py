@@ -138,13 +138,17 @@ class TraceSession:
         launched: float | None = None,
         correlate: Callable[..., Any] | None = None,
         keep: tuple[str, ...] = (),
+        held: tuple[str, ...] = ("packet", "reset"),
     ):
         """``correlate(events, clocks, hellos=...)`` answers the question at the end (and
-        for ``count``; default: the reset question); ``keep``: the tool's other record
-        types, kept with the events as they came (not aligned live)."""
+        for ``count``; default: the reset question); ``held``: the record types held,
+        aligned and shown in time order live (their host times are the span ``clocks()``
+        covers); ``keep``: the tool's other record types, kept with the events as they
+        came (not aligned live)."""
         self.hosts = {n: HostTrace(n) for n in names}
         self._correlate = correlate
         self.keep = keep
+        self.held = held
         #: records in the order they were shown (``lost`` records where they came)
         self._released: list[dict] = []
         self.duration = duration
@@ -219,10 +223,10 @@ class TraceSession:
     def _record(self, host: str, rec: dict) -> None:
         kind = rec.get("type")
         ht = self.hosts[host]
-        if kind in ("packet", "reset"):
+        if kind in self.held:
             rec["host"] = host
             self._held.append((time.monotonic(), rec))
-            if self.count and (kind == "reset" or rec.get("flags", 0) & RST):
+            if self.count and (kind == "reset" or kind == "packet" and rec.get("flags", 0) & RST):
                 self._schedule_count_check()
         elif kind == "hello":
             ht.hello = rec
@@ -492,7 +496,7 @@ class TraceSession:
         span: dict[str, tuple[int, int]] = {}
         for rec in self.events:
             ts_ns = rec.get("ts_ns")
-            if isinstance(ts_ns, int) and rec.get("type") in ("packet", "reset"):
+            if isinstance(ts_ns, int) and rec.get("type") in self.held:
                 first, last = span.get(rec["host"], (ts_ns, ts_ns))
                 span[rec["host"]] = (min(first, ts_ns), max(last, ts_ns))
         result = {}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -13,7 +14,10 @@ from ebpfdiag.cli.app import DURATION, App, host_options, pass_app, process_star
 from ebpfdiag.errors import EXIT_HOSTS_FAILED
 
 if TYPE_CHECKING:
+    from ebpfdiag.fanout import Fanout, FanoutOptions
+    from ebpfdiag.inventory import Host
     from ebpfdiag.tracing import TraceResult, TraceSession
+    from ebpfdiag.transport import Script
 
 
 @click.group()
@@ -92,7 +96,6 @@ def tcp_rst(
     which host originated the reset, whether its TCP stack or a firewall did, and why.
     """
     from ebpfdiag.catalog import script_path
-    from ebpfdiag.fanout import Fanout
     from ebpfdiag.tracing import RST, TraceSession
     from ebpfdiag.transport import Script
 
@@ -103,7 +106,6 @@ def tcp_rst(
         app.check_writable(pcap)
     hosts, opts = app.prepare_run()
     script = Script.from_path(script_path("tcp_rst"), args)
-    names = [h.name for h in hosts]
     t0: list[int] = []
 
     timeline = None  # ebpfdiag.render.timeline: imported at the first event, not before ready
@@ -120,47 +122,11 @@ def tcp_rst(
                 t0.append(rec["ts"])
             app.term.out.print(timeline.live_line(rec, t0[0] if t0 else None))
 
-    def on_ready(ready: list[str], failed: list[str]) -> None:
-        msg = f"tracing on {len(ready)} host{'s' if len(ready) != 1 else ''}"
-        if failed:
-            msg += f" ({len(failed)} failed: {', '.join(failed)})"
-        if session.ports:
-            msg += f", ports {','.join(map(str, session.ports))}"
-        if session.unconfirmed:
-            msg += f" (not confirmed by {', '.join(session.unconfirmed)}: NAT legs may be missed)"
-        if app.as_json:
-            app.json.write(
-                {
-                    "type": "status",
-                    "state": "tracing",
-                    "hosts": ready,
-                    "failed": failed,
-                    "ports": session.ports,
-                    "unconfirmed": session.unconfirmed,
-                }
-            )
-            app.json.flush()
-        app.term.status(msg + (" - Ctrl-C to stop" if duration is None and count is None else ""))
-
-    def on_diagnostic(host: str, text: str) -> None:
-        if text.strip():
-            app.term.status(f"{host}: {text}")
-
-    with app.status_view(names) as status:
-        session = TraceSession(
-            names,
-            duration=duration,
-            count=count,
-            on_event=on_event,
-            on_ready=lambda r, f: (status.close(), on_ready(r, f)),
-            on_state=status.set,
-            on_diagnostic=on_diagnostic,
-            on_host_ready=announce_ready(app),
-            launched=process_started(),
-        )
-        engine = Fanout(hosts, script, opts, session)
-        session.fanout = engine
-        app.run(engine)
+    session, engine = run_trace(
+        app, hosts, script, opts,
+        partial(TraceSession, duration=duration, count=count, on_event=on_event),
+        what="", stops_by_itself=duration is not None or count is not None, show_filter=True,
+    )  # fmt: skip
     code = conclude(app, session, engine.interrupted, output)
     from ebpfdiag.render.pcapng import save_pcap
 
@@ -188,6 +154,104 @@ def announce_ready(app: App) -> Callable[[str, float, dict], None]:
     return on_host_ready
 
 
+def announce_tracing(
+    app: App,
+    what: str,
+    session_ref: Callable[[], TraceSession],
+    stops_by_itself: bool,
+    *,
+    show_filter: bool = False,
+) -> Callable[[list[str], list[str]], None]:
+    """``on_ready`` of any trace command: ``tracing <what>on N hosts`` once every host is
+    ready or failed (with the port filter and the hosts that did not confirm it when
+    ``show_filter``; ``- Ctrl-C to stop`` unless the run stops by itself), a ``status``
+    record with state ``tracing`` under ``--json``."""
+
+    def on_ready(ready: list[str], failed: list[str]) -> None:
+        session = session_ref()
+        msg = f"tracing {what}on {len(ready)} host{'s' if len(ready) != 1 else ''}"
+        if failed:
+            msg += f" ({len(failed)} failed: {', '.join(failed)})"
+        if show_filter and session.ports:
+            msg += f", ports {','.join(map(str, session.ports))}"
+        if show_filter and session.unconfirmed:
+            msg += f" (not confirmed by {', '.join(session.unconfirmed)}: NAT legs may be missed)"
+        if app.as_json:
+            app.json.write({"type": "status", "state": "tracing", "hosts": ready,
+                            "failed": failed, "ports": session.ports,
+                            "unconfirmed": session.unconfirmed})  # fmt: skip
+            app.json.flush()
+        app.term.status(msg + ("" if stops_by_itself else " - Ctrl-C to stop"))
+
+    return on_ready
+
+
+def show_diagnostic(app: App) -> Callable[[str, str], None]:
+    """``on_diagnostic`` of any trace command: a host's non-empty stderr line, as a status."""
+
+    def on_diagnostic(host: str, text: str) -> None:
+        if text.strip():
+            app.term.status(f"{host}: {text}")
+
+    return on_diagnostic
+
+
+def run_trace(
+    app: App,
+    hosts: list[Host],
+    script: Script,
+    opts: FanoutOptions,
+    make_session: Callable[..., TraceSession],
+    *,
+    what: str,
+    stops_by_itself: bool,
+    show_filter: bool = False,
+    before_stop: Callable[[TraceSession], None] | None = None,
+) -> tuple[Any, Fanout]:
+    """Run ``script`` on ``hosts`` under the live status view: ``make_session(names,
+    **callbacks)`` builds the session with the callbacks every trace command shows its
+    progress with (see ``announce_tracing``); ``before_stop(session)`` runs before the
+    hosts are told to stop. Returns the session and the engine once the run is over."""
+    from ebpfdiag.fanout import Fanout
+
+    names = [h.name for h in hosts]
+    made: list[TraceSession] = []
+    on_ready = announce_tracing(
+        app, what, lambda: made[0], stops_by_itself, show_filter=show_filter
+    )
+    with app.status_view(names) as status:
+        session = make_session(
+            names,
+            on_ready=lambda r, f: (status.close(), on_ready(r, f)),
+            on_state=status.set,
+            on_diagnostic=show_diagnostic(app),
+            on_host_ready=announce_ready(app),
+            launched=process_started(),
+        )
+        made.append(session)
+        hook = None if before_stop is None else partial(before_stop, session)
+        engine = Fanout(hosts, script, opts, session, before_stop=hook)
+        session.fanout = engine
+        app.run(engine)
+    return session, engine
+
+
+def imported_on_call(module: str, name: str) -> Callable[..., Any]:
+    """``module.name``, imported at its first call: correlation and rendering are not
+    loaded on the way to ready."""
+    function: Callable[..., Any] | None = None
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        nonlocal function
+        if function is None:
+            import importlib
+
+            function = getattr(importlib.import_module(module), name)
+        return function(*args, **kwargs)
+
+    return call
+
+
 def conclude(app: App, session: TraceSession, interrupted: bool, output: Path | None) -> int:
     """After the run: correlate, render (or finish the NDJSON stream), write ``--output``;
     returns the exit code (1 also when ``--output`` could not be written)."""
@@ -195,14 +259,15 @@ def conclude(app: App, session: TraceSession, interrupted: bool, output: Path | 
 
     result = session.finish(interrupted)
     saved = source_records(result)
+    events = session.events
     # The stream had the packets and resets live; lost counts come with the rest at the end.
-    live = [event_record(e) for e in session.events if e["type"] != "lost"]
-    lost = [event_record(e) for e in session.events if e["type"] == "lost"]
+    lost = [event_record(e) for e in events if e["type"] == "lost"]
     records = emit_result(app, result, lost + saved)
     code = app.exit_code(
         [h.result for h in result.hosts.values() if h.result is not None], interrupted
     )
     if output is not None:
+        live = [event_record(e) for e in events if e["type"] != "lost"]
         doc = document(saved, live + lost, records)  # in the order the stream has them
         if not app.write_file(output, json.dumps(doc, indent=1) + "\n"):
             code = max(code, EXIT_HOSTS_FAILED)
@@ -347,10 +412,7 @@ def _drop_session(names: list[str], count: int | None, **kwargs) -> TraceSession
     when drops happened (``ctl drops``) so that it sends the history of the flows active
     then: the other hosts' sightings of the dropped packets."""
     import asyncio
-    import functools
-    import time
 
-    from ebpfdiag.questions.drop import correlate as drop_correlate
     from ebpfdiag.tracing import COUNT_SETTLE_S, TraceSession
 
     class DropSession(TraceSession):
@@ -358,32 +420,11 @@ def _drop_session(names: list[str], count: int | None, **kwargs) -> TraceSession
         windows_sent = False
 
         def _record(self, host: str, rec: dict) -> None:
-            kind = rec.get("type")
-            if kind not in DROP_EVENTS:
-                super()._record(host, rec)
-                return
-            # Held like packets, so that they are aligned and shown in time order.
-            rec["host"] = host
-            self._held.append((time.monotonic(), rec))
-            if kind == "drop":
+            super()._record(host, rec)
+            if rec.get("type") == "drop":
                 self.drops += 1
                 if count and self.drops == count and self.fanout is not None:
                     asyncio.get_running_loop().call_later(COUNT_SETTLE_S, self.fanout.stop)
-
-        def clocks(self) -> dict:
-            """As TraceSession's, over the host time of drops and retransmissions too."""
-            span: dict[str, tuple[int, int]] = {}
-            for rec in self.events:
-                ts_ns = rec.get("ts_ns")
-                if isinstance(ts_ns, int) and rec.get("type") in ("packet", *DROP_EVENTS):
-                    first, last = span.get(rec["host"], (ts_ns, ts_ns))
-                    span[rec["host"]] = (min(first, ts_ns), max(last, ts_ns))
-            result = {}
-            for name, ht in self.hosts.items():
-                if ht.clock:
-                    first, last = span.get(name) or (ht.clock.segments[-1].last_h,) * 2
-                    result[name] = ht.clock.summary(first, last)
-            return result
 
         def window_lines(self) -> dict[str, str]:
             """Per host with a clock, ``drops T0-T1,...``: every host's drops so far in that
@@ -413,8 +454,10 @@ def _drop_session(names: list[str], count: int | None, **kwargs) -> TraceSession
 
     return DropSession(
         names,
-        correlate=functools.partial(drop_correlate, hosts=names),
+        correlate=partial(imported_on_call("ebpfdiag.questions.drop", "correlate"), hosts=names),
         keep=DROP_TOTALS,
+        # held like packets, so that they are aligned and shown in time order
+        held=("packet", "reset", *DROP_EVENTS),
         **kwargs,
     )
 
@@ -450,24 +493,15 @@ def drop(
     overflows, SYN retransmissions), and the timeline of every flow with a drop.
     """
     from ebpfdiag.catalog import script_path
-    from ebpfdiag.fanout import Fanout
-    from ebpfdiag.render.drop import live_line
-    from ebpfdiag.render.timeline import event_record
     from ebpfdiag.transport import Script
 
-    class DropFanout(Fanout):
-        """Tells the hosts when drops happened just before it stops them."""
-
-        def stop(self, interrupted: bool = False) -> None:
-            session.send_windows()
-            super().stop(interrupted)
-
+    live_line = imported_on_call("ebpfdiag.render.drop", "live_line")
+    event_record = imported_on_call("ebpfdiag.render.timeline", "event_record")
     args = _drop_args(ports, addrs, rate)
     if output is not None:
         app.check_writable(output)
     hosts, opts = app.prepare_run()
     script = Script.from_path(script_path("drop"), args)
-    names = [h.name for h in hosts]
     t0: list[int] = []
 
     def on_event(rec: dict) -> None:
@@ -478,36 +512,13 @@ def drop(
                 t0.append(rec["ts"])
             app.term.out.print(live_line(rec, t0[0] if t0 else None))
 
-    def on_ready(ready: list[str], failed: list[str]) -> None:
-        msg = f"tracing drops on {len(ready)} host{'s' if len(ready) != 1 else ''}"
-        if failed:
-            msg += f" ({len(failed)} failed: {', '.join(failed)})"
-        if app.as_json:
-            app.json.write({"type": "status", "state": "tracing", "hosts": ready,
-                            "failed": failed, "ports": session.ports,
-                            "unconfirmed": session.unconfirmed})  # fmt: skip
-            app.json.flush()
-        app.term.status(msg + (" - Ctrl-C to stop" if duration is None and count is None else ""))
-
-    def on_diagnostic(host: str, text: str) -> None:
-        if text.strip():
-            app.term.status(f"{host}: {text}")
-
-    with app.status_view(names) as status:
-        session = _drop_session(
-            names,
-            count,
-            duration=duration,
-            on_event=on_event,
-            on_ready=lambda r, f: (status.close(), on_ready(r, f)),
-            on_state=status.set,
-            on_diagnostic=on_diagnostic,
-            on_host_ready=announce_ready(app),
-            launched=process_started(),
-        )
-        engine = DropFanout(hosts, script, opts, session)
-        session.fanout = engine
-        app.run(engine)
+    session, engine = run_trace(
+        app, hosts, script, opts,
+        partial(_drop_session, count=count, duration=duration, on_event=on_event),
+        what="drops ", stops_by_itself=duration is not None or count is not None,
+        # the hosts learn when drops happened just before they stop
+        before_stop=lambda s: s.send_windows(),
+    )  # fmt: skip
     return _conclude_drop(app, session, engine.interrupted, output)
 
 
@@ -550,13 +561,14 @@ def _conclude_drop(app: App, session: TraceSession, interrupted: bool, output: P
 
     result = session.finish(interrupted)
     saved = source_records(result)
-    kept = drop_kept(session.events)
+    events = session.events
+    kept = drop_kept(events)
     records = emit_drop(app, result, saved, kept)
     code = app.exit_code(
         [h.result for h in result.hosts.values() if h.result is not None], interrupted
     )
     if output is not None:
-        live = [event_record(e) for e in session.events if e["type"] not in ("lost", *DROP_TOTALS)]
+        live = [event_record(e) for e in events if e["type"] not in ("lost", *DROP_TOTALS)]
 
         def of(*kinds: str) -> list[dict]:
             return [{"v": SCHEMA_VERSION, **r} for r in saved + records if r["type"] in kinds]
@@ -627,15 +639,12 @@ def latency(
     (cross-host figures with their clock bound), one verdict per direction, and the slowest
     exchanges as timelines.
     """
-    from functools import partial
-
     from ebpfdiag.catalog import script_path
-    from ebpfdiag.fanout import Fanout
-    from ebpfdiag.questions.latency import correlate
     from ebpfdiag.remote.schema import tool_argv
-    from ebpfdiag.render.timeline import event_record
     from ebpfdiag.tracing import TraceSession
     from ebpfdiag.transport import Script
+
+    event_record = imported_on_call("ebpfdiag.render.timeline", "event_record")
 
     values: dict = {"port": list(ports), "addr": list(addrs),
                     "interfaces": [interfaces] if interfaces else []}  # fmt: skip
@@ -647,43 +656,18 @@ def latency(
         if path is not None:
             app.check_writable(path)
     hosts, opts = app.prepare_run()
-    names = [h.name for h in hosts]
 
     def on_event(rec: dict) -> None:
         if app.as_json:
             app.json.write(event_record(rec))
 
-    def on_ready(ready: list[str], failed: list[str]) -> None:
-        msg = f"tracing latency on {len(ready)} host{'s' if len(ready) != 1 else ''}"
-        if failed:
-            msg += f" ({len(failed)} failed: {', '.join(failed)})"
-        if app.as_json:
-            app.json.write({"type": "status", "state": "tracing", "hosts": ready,
-                            "failed": failed, "ports": session.ports,
-                            "unconfirmed": session.unconfirmed})  # fmt: skip
-            app.json.flush()
-        app.term.status(msg + (" - Ctrl-C to stop" if duration is None else ""))
-
-    def on_diagnostic(host: str, text: str) -> None:
-        if text.strip():
-            app.term.status(f"{host}: {text}")
-
-    with app.status_view(names) as status:
-        session = TraceSession(
-            names,
-            duration=duration,
-            on_event=on_event,
-            on_ready=lambda r, f: (status.close(), on_ready(r, f)),
-            on_state=status.set,
-            on_diagnostic=on_diagnostic,
-            on_host_ready=announce_ready(app),
-            launched=process_started(),
-            correlate=partial(correlate, slowest=slowest),
-            keep=LATENCY_KEEP,
-        )
-        engine = Fanout(hosts, Script.from_path(tool, args), opts, session)
-        session.fanout = engine
-        app.run(engine)
+    correlate = imported_on_call("ebpfdiag.questions.latency", "correlate")
+    session, engine = run_trace(
+        app, hosts, Script.from_path(tool, args), opts,
+        partial(TraceSession, duration=duration, on_event=on_event,
+                correlate=partial(correlate, slowest=slowest), keep=LATENCY_KEEP),
+        what="latency ", stops_by_itself=duration is not None,
+    )  # fmt: skip
     return conclude_latency(app, session, engine.interrupted, output, pcap)
 
 
@@ -703,17 +687,18 @@ def conclude_latency(
     code = app.exit_code(
         [h.result for h in result.hosts.values() if h.result is not None], interrupted
     )
-    live = [event_record(e) for e in session.events if e["type"] in ("packet", "reset")]
-    rest = [event_record(e) for e in session.events if e["type"] not in ("packet", "reset")]
+    events = session.events
+    rest = [event_record(e) for e in events if e["type"] not in ("packet", "reset")]
     records = emit_latency(app, result, rest + saved)
     if output is not None:
+        live = [event_record(e) for e in events if e["type"] in ("packet", "reset")]
         doc = latency_document(saved, live + rest, records)
         if not app.write_file(output, json.dumps(doc, indent=1) + "\n"):
             code = max(code, EXIT_HOSTS_FAILED)
     if pcap is not None:
         from ebpfdiag.render.pcapng import save_pcap
 
-        if not save_pcap(pcap, session.events, session.hellos(), app.term.error):
+        if not save_pcap(pcap, events, session.hellos(), app.term.error):
             code = max(code, EXIT_HOSTS_FAILED)
     return code
 
