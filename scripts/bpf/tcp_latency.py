@@ -793,18 +793,6 @@ class PacketLines:
         )  # fmt: skip
 
 
-def write_line(out: Output, line: str) -> None:
-    """Output.write for a line already in NDJSON form (same lock, same end on a closed pipe)."""
-    with out.lock:
-        if out.broken:
-            raise Stop("eof")
-        try:
-            out.stream.write(line)
-        except (BrokenPipeError, ValueError):
-            out.broken = True
-            raise Stop("eof") from None
-
-
 def decode_sock(raw: bytes, state_names: dict) -> dict:
     """One sock_event -> a tcp_probe, retrans or recv record (local side first)."""
     (ts, netns, kind, saddr, daddr, sport, dport, family, state, srtt, cwnd, snd_wnd,
@@ -1033,7 +1021,7 @@ class Session(BufferCallbacks):
         )
 
     def _on_packet(self, raw: bytes) -> None:
-        write_line(self.out, self.lines.line(raw))
+        self.out.write_text(self.lines.line(raw))
 
     def _on_sock(self, raw: bytes) -> None:
         record = decode_sock(raw, self.state_names)

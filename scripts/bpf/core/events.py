@@ -67,7 +67,10 @@ class Output:
         self.lock = threading.Lock()
 
     def write(self, record: dict) -> None:
-        line = json.dumps(record, separators=(",", ":")) + "\n"
+        self.write_text(json.dumps(record, separators=(",", ":")) + "\n")
+
+    def write_text(self, line: str) -> None:
+        """A record already in NDJSON form (one line, with its newline)."""
         with self.lock:
             if self.broken:
                 raise Stop("eof")
