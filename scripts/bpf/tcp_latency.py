@@ -14,20 +14,24 @@ followed from host to host and hook to hook, however it is cut (TSO/GSO, GRO, BI
 - data: a packet whose payload [seq, seq+len) (after the SYN's sequence number) holds a
   chosen point is kept; pt = the lowest one (seq itself when its block is chosen). Only the
   first 64 blocks a packet touches are examined (4 MiB at K=16: any GSO/BIG TCP packet).
-- ack: a packet carrying ACK is kept when its ack is the first, among packets of its class
-  (with payload / pure ACK) in its direction of the flow *at this hook*, to pass a chosen
-  point: prev_ack <= c < ack (mod 2**32), prev_ack the class's last ack seen (per-hook LRU
-  state: interface, direction, 4-tuple). apt = the highest such c; only the 64 highest
-  blocks below ack are examined. A direction without state only records its ack; an ack
-  that does not move forward changes nothing; a SYN starts its direction afresh (a new
-  connection on the same 4-tuple) and a SYN-ACK starts both classes of its direction at
-  its ack, so the answerer's first data gets its apt.
+- ack: a packet with payload and ACK is kept when its ack is the first, among such
+  packets in its direction of the flow *at this hook*, to pass a chosen point:
+  prev_ack <= c < ack (mod 2**32), prev_ack the last ack seen (per-hook LRU state:
+  interface, direction, 4-tuple). apt = the highest such c (the request point this answer
+  acknowledges); only the 64 highest blocks below ack are examined. A direction without
+  state only records its ack; an ack that does not move forward changes nothing; a SYN
+  starts its direction afresh (a new connection on the same 4-tuple) and a SYN-ACK starts
+  it at its ack, so the answerer's first data gets its apt.
+- pure ACK (no payload, no SYN/FIN/RST): kept when the block of ack - 1 is chosen, from
+  the packet alone, so every hook keeps the same pure ACKs whatever order they pass in
+  (two ACKs sent from two CPUs often swap places on the way); apt is null. About 1 in N
+  pure ACKs is kept.
 - ctl: a SYN is kept when its ISN's block is chosen, a SYN-ACK when the block of ack - 1
   is (the client's ISN), so a sampled handshake is kept on every host, together with the
   client's first bytes; a FIN when its own sequence number (seq + len) is chosen; every RST.
 - why is the first rule that keeps the packet: ctl, data, ack. N = 1 chooses every byte
-  (pt = seq, apt = ack - 1) and keeps every packet: one no rule keeps is data (with
-  payload) or ack (without).
+  (pt = seq; apt = ack - 1 on packets with payload) and keeps every packet: one no rule
+  keeps is data (with payload) or ack (without).
 
 Why whole blocks and these defaults (N = 32, K = 16): a message is sampled with
 probability 1/N whatever its size (a small connection's bytes lie in one block, so 1 in N
@@ -182,7 +186,7 @@ from core.tracepoints import (
 )
 
 SCRIPT = "tcp_latency"
-VERSION = 1
+VERSION = 2
 #: probe name -> tracepoint category
 SOCK_PROBES = {"tcp_probe": "tcp", "tcp_retransmit_skb": "tcp", "sock_recv_length": "sock"}
 KIND_NUM = {"tcp_probe": 1, "tcp_retransmit_skb": 2, "sock_recv_length": 3}
@@ -318,10 +322,10 @@ struct sock_event {          /* tcp_probe, retransmit or recv */
 	__s32 len;
 };
 
-struct ack_state {           /* last ack seen per class: 0 with payload, 1 pure ACK */
-	__u32 prev[2];
-	__u8 has[2];
-	__u8 _pad[6];
+struct ack_state {           /* last ack of a packet with payload (or SYN-ACK) seen */
+	__u32 prev;
+	__u8 has;
+	__u8 _pad[3];
 };
 
 BPF_PERCPU_ARRAY(counters, __u64, 2);        /* 0: seen, 1: sampled */
@@ -450,40 +454,33 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir, __u32 off)
 		if (e.has_pt)
 			why = WHY_DATA;
 	}
-	if (syn || ((t->flags & TH_ACK) && !(t->flags & TH_RST))) {
-		__u64 key = tuple_hash(t->saddr, t->daddr, t->sport, t->dport,
-			((__u64)skb->ifindex << 8) | dir);
-		__u32 cls = t->len ? 0 : 1;
-		struct ack_state *st = syn ? 0 : acks.lookup(&key);
-		if (syn && !(t->flags & TH_ACK)) {
-			struct ack_state fresh = {};   /* a new connection on this 4-tuple: no state */
-			acks.update(&key, &fresh);
-		} else if (!st) {   /* the SYN-ACK starts afresh too: an old ack is meaningless */
-			struct ack_state fresh = {};
-			/* a SYN-ACK starts both classes at its ack: the first answer gets an apt */
-			if (syn) {
-				fresh.prev[0] = fresh.prev[1] = t->ack;
-				fresh.has[0] = fresh.has[1] = 1;
-			} else if (cls) {   /* constant indexes: the verifier refuses computed ones */
-				fresh.prev[1] = t->ack;
-				fresh.has[1] = 1;
+	if (t->len || syn) {   /* data carries an ack that may answer a request point */
+		if (syn || (t->flags & TH_ACK)) {
+			__u64 key = tuple_hash(t->saddr, t->daddr, t->sport, t->dport,
+				((__u64)skb->ifindex << 8) | dir);
+			struct ack_state *st = syn ? 0 : acks.lookup(&key);
+			if (!st) {   /* SYN: afresh; SYN-ACK: at its ack, so the first answer gets an apt */
+				struct ack_state fresh = {};
+				if (t->flags & TH_ACK) {
+					fresh.prev = t->ack;
+					fresh.has = 1;
+				}
+				acks.update(&key, &fresh);
+			} else if (!st->has) {
+				st->prev = t->ack;
+				st->has = 1;
 			} else {
-				fresh.prev[0] = t->ack;
-				fresh.has[0] = 1;
-			}
-			acks.update(&key, &fresh);
-		} else if (!st->has[cls]) {
-			st->prev[cls] = t->ack;
-			st->has[cls] = 1;
-		} else {
-			__u32 span = t->ack - st->prev[cls];
-			if (span != 0 && span < 0x80000000u) {
-				e.has_apt = ack_point(t->ack, span, &e.apt);
-				st->prev[cls] = t->ack;
-				if (e.has_apt && !why)
-					why = WHY_ACK;
+				__u32 span = t->ack - st->prev;
+				if (span != 0 && span < 0x80000000u) {
+					e.has_apt = ack_point(t->ack, span, &e.apt);
+					st->prev = t->ack;
+					if (e.has_apt && !why)
+						why = WHY_ACK;
+				}
 			}
 		}
+	} else if ((t->flags & (TH_ACK | TH_FIN | TH_RST)) == TH_ACK && chosen(t->ack - 1)) {
+		why = WHY_ACK;   /* a pure ACK: chosen by its own ack, the same at every hook */
 	}
 	if (t->flags & TH_RST) {
 		why = WHY_CTL;
