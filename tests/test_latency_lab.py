@@ -132,9 +132,10 @@ def test_lossy_lb_retransmissions_are_found_lost_on_lb(lab):
     exchanges = of(recs, "exchange")
     assert len(exchanges) == of(recs, "summary")[-1]["exchanges"] == 30
     resent = [e for e in exchanges if e["copies"] > 1]
-    assert len(resent) == 3, [e["text"] for e in exchanges]
+    assert len(resent) >= 3, [e["text"] for e in exchanges]
     client_out = [p for p in packets(recs)
                   if p["host"] == "client" and p["dir"] == "egress" and p["len"]]  # fmt: skip
+    lost = []
     for drop in result.dropped:
         copies = sorted(p["ts_ns"] for p in client_out if p["seq"] == drop["seq"])
         assert len(copies) >= 2, drop
@@ -146,6 +147,12 @@ def test_lossy_lb_retransmissions_are_found_lost_on_lb(lab):
         (wait,) = [p for p in ex["parts"] if p["kind"] == "retransmission"]
         assert wait["ns"] == gap  # both copies as the client saw them leave
         assert ex["total_ns"] > gap
+        lost.append(ex)
+    # the busy machine may delay an answer past the client's loss probe (as in healthy-load):
+    # such a request is sent twice too, but its first copy is seen reaching the server
+    spurious = [e for e in resent if e not in lost]
+    assert len(spurious) <= result.retransmissions - 3, [e["text"] for e in spurious]
+    assert all(e["lost"]["verdict"] == "arrived" for e in spurious), [e["text"] for e in spurious]
     assert all(e["copies"] == 1 and e["lost"] is None for e in exchanges if e not in resent)
     assert_clean(lab)
 
