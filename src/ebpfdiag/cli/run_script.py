@@ -253,10 +253,9 @@ def run_phases(
 
 
 def host_aliases(host: Host) -> tuple[str, ...]:
-    """How a host's failure messages may name it besides its name: its address, with the
-    port, and as known_hosts writes it (so equal causes fold whatever the host)."""
-    port = host.port or 22
-    return (host.address, f"{host.address}:{port}", f"[{host.address}]:{port}")
+    """How a host's failure messages may name it besides its name (its address, with or
+    without a port), so that equal causes fold whatever the host."""
+    return (host.address,)
 
 
 def print_folded(

@@ -98,11 +98,13 @@ def normalise_error(message: str, aliases: Iterable[str]) -> str:
     """``message`` without the host's own name/address (``aliases``), so equal causes
     compare equal: "sudo needs a password on web07; use ..." -> "sudo needs a password;
     use ...". Where the name is not an adjunct (``ssh-keygen -R 198.18.0.7``) it becomes
-    ``<host>``. The messages themselves are left as the transport wrote them."""
+    ``<host>``. A port after an alias (``198.18.0.7:22``, ``[::1]:2222``) goes with it.
+    The messages themselves are left as the transport wrote them."""
     for token in sorted({a for a in aliases if a}, key=len, reverse=True):
         escaped = re.escape(token)
-        message = re.sub(rf"{_PREPOSITION}{escaped}{_AFTER}", "", message)
-        message = re.sub(rf"(?<![\w.@-]){escaped}{_AFTER}", HOST_PLACEHOLDER, message)
+        spelled = rf"(?:\[{escaped}\]|{escaped})(?::\d+)?{_AFTER}"
+        message = re.sub(rf"{_PREPOSITION}{spelled}", "", message)
+        message = re.sub(rf"(?<![\w.@\[-]){spelled}", HOST_PLACEHOLDER, message)
     return message
 
 
