@@ -100,7 +100,7 @@ def on_terminal(args: list[str], answer: bytes, timeout: float = 120) -> tuple[i
 @pytest.fixture
 def big_inventory(tmp_path) -> Path:
     """51 hosts on addresses no one answers on: any connection attempt would fail slowly."""
-    hosts = {f"web{i:02d}": {"address": f"198.18.200.{i}"} for i in range(1, 52)}
+    hosts = {f"web{i:02d}": {"address": f"198.19.129.{i}"} for i in range(1, 52)}
     path = tmp_path / "inventory.yaml"
     path.write_text(yaml.safe_dump({"defaults": {"user": "ops"}, "hosts": hosts}))
     return path
