@@ -285,3 +285,23 @@ def test_confirming_on_a_terminal_runs_the_fleet(fleet, report, markers):
     assert code == 0, shown
     assert "Run report.py on 55 hosts (h[01-55])? [y/N]" in shown
     assert len(ran_on(fleet, markers)) == 55
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(("hosts", "folds"), [("h[01-16]", False), ("h[01-17]", True)])
+def test_folding_is_the_default_above_sixteen_hosts(fleet, report, markers, hosts, folds):
+    r = run(fleet, report, markers, hosts)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    if folds:
+        assert lines == [RULE, "h[01-17] (17)", RULE, "kernel ok", "probes 3"]
+    else:
+        assert len(lines) == 32 and "h16 | probes 3" in lines
+
+
+@pytest.mark.root
+def test_fold_flag_folds_a_small_run(fleet, report, markers):
+    r = run(fleet, report, markers, "h[01-03]", "--fold")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [RULE, "h[01-03] (3)", RULE, "kernel ok", "probes 3"]
+    assert r.stderr.splitlines() == ["3/3 hosts ok"]
