@@ -175,6 +175,27 @@ def test_normalise_error(message, normal):
     assert normalise_error(message, ("web07", "198.18.0.7")) == normal
 
 
+LITERAL = ("ops@198.18.0.9:2222", "198.18.0.9")  # a host given as user@address:port
+V6 = ("v6host", "fd00::7")
+
+
+@pytest.mark.parametrize(
+    ("aliases", "message"),
+    [
+        (LITERAL, "sudo needs a password on ops@198.18.0.9:2222; use"),
+        (LITERAL, "connection refused by 198.18.0.9:2222; use"),
+        (V6, "connection refused by fd00::7:22; use"),
+        (V6, "sudo needs a password on v6host; use"),
+    ],
+)  # fmt: skip
+def test_literal_and_ipv6_hosts_normalise_too(aliases, message):
+    assert normalise_error(message, aliases).endswith("; use")
+    assert normalise_error(message, aliases) in (
+        "connection refused; use",
+        "sudo needs a password; use",
+    )
+
+
 def test_failure_groups_keep_the_order_of_first_appearance_on_ties():
     groups = fold_failures([("b", "x on b"), ("a", "y on a"), ("c", "y on c"), ("d", "x on d")])
     assert [(g.message, g.hosts) for g in groups] == [("x", ("b", "d")), ("y", ("a", "c"))]
@@ -224,6 +245,9 @@ def test_fleet_status_is_bounded_and_shows_slowest_and_failures():
     assert failed[0].split(None, 1) == ["failed", "30 hosts: connection refused: web[0001-0030]"]
     assert failed[1].strip().startswith("2 hosts: script exited with 0: web[0031,0038]")
     assert failed[-1].strip() == "and 4 hosts failing in 4 other ways"
+    view.set("web0041", "failed")  # a failure after a frame is in the next one
+    view.note_failure(HostResult("web0041", "failed", error="connection refused by 10.0.0041"))
+    assert "31 hosts: connection refused: web[0001-0030,0041]" in render(view)[1 + SLOWEST_SHOWN]
 
 
 def test_small_fleet_keeps_a_line_per_host():

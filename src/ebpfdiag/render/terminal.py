@@ -6,6 +6,7 @@ tables are in ``render.tables``).
 
 from __future__ import annotations
 
+import heapq
 import sys
 import time
 import zlib
@@ -129,6 +130,7 @@ class StatusView:
         self.states = dict.fromkeys(names, "queued")
         self.since: dict[str, float | None] = dict.fromkeys(names)
         self.failures: list[tuple[str, str]] = []
+        self._folded: tuple[int, list[str]] = (0, [])
         self.live: Live | None = None
 
     def __enter__(self) -> StatusView:
@@ -198,8 +200,7 @@ class StatusView:
             for name, started in self.since.items()
             if started is not None and self.states[name] in IN_PROGRESS
         ]
-        busy.sort(reverse=True)
-        for i, (age, name) in enumerate(busy[:SLOWEST_SHOWN]):
+        for i, (age, name) in enumerate(heapq.nlargest(SLOWEST_SHOWN, busy)):
             state = self.states[name]
             table.add_row(
                 Text("slowest" if i == 0 else ""),
@@ -207,13 +208,20 @@ class StatusView:
                     (name, host_colour(name)), " ", (state, STATE_STYLE[state]), f" {age:.1f} s"
                 ),
             )
-        groups = group_failures(list(self.failures))
-        for i, group in enumerate(groups[:FAILURES_SHOWN]):
-            table.add_row(
-                Text("failed" if i == 0 else "", style="bold red"), Text(failure_line(group))
-            )
-        if len(groups) > FAILURES_SHOWN:
-            rest = sum(len(g.hosts) for g in groups[FAILURES_SHOWN:])
-            more = len(groups) - FAILURES_SHOWN
-            table.add_row(Text(""), Text(f"and {hosts_phrase(rest)} failing in {more} other ways"))
+        for i, line in enumerate(self._failure_lines()):
+            table.add_row(Text("failed" if i == 0 else "", style="bold red"), Text(line))
         return table
+
+    def _failure_lines(self) -> list[str]:
+        """Failures folded by cause, most hosts first; folded again only when a host has
+        failed since the last frame (folding a thousand names takes milliseconds)."""
+        failures = self.failures[:]
+        if self._folded[0] != len(failures):
+            groups = group_failures(failures)
+            lines = [failure_line(g) for g in groups[:FAILURES_SHOWN]]
+            if len(groups) > FAILURES_SHOWN:
+                rest = sum(len(g.hosts) for g in groups[FAILURES_SHOWN:])
+                more = len(groups) - FAILURES_SHOWN
+                lines.append(f"and {hosts_phrase(rest)} failing in {more} other ways")
+            self._folded = (len(failures), lines)
+        return self._folded[1]
