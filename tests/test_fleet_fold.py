@@ -12,6 +12,7 @@ import json
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -29,7 +30,8 @@ AGREE = [f"h{i:02d}" for i in range(1, 58)]
 DOWN, SUDO_PW, ODD = "h58", "h59", "h60"
 
 #: The same report everywhere but on the host whose address is argv[2]; each host also
-#: leaves a marker (its address, and when it ran) in the directory argv[3].
+#: leaves a marker (its address, and when it ran) in the directory argv[3], then sleeps
+#: argv[4] seconds if given.
 REPORT_SCRIPT = """
 import socket, sys, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -43,6 +45,8 @@ if addr == sys.argv[2]:
     sys.exit(3)
 print("kernel ok", flush=True)
 print("probes 3", flush=True)
+if len(sys.argv) > 4:
+    time.sleep(float(sys.argv[4]))
 """
 
 
@@ -305,3 +309,33 @@ def test_fold_flag_folds_a_small_run(fleet, report, markers):
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [RULE, "h[01-03] (3)", RULE, "kernel ok", "probes 3"]
     assert r.stderr.splitlines() == ["3/3 hosts ok"]
+
+
+@pytest.mark.root
+def test_ctrl_c_during_the_canaries_starts_nothing_else(fleet, report, markers):
+    args = ["run-script", str(report), "-i", str(fleet.inventory), "-H", "h[01-08]"]
+    args += ["--canary", "2", "--json", "--", fleet.gateway, fleet.host(ODD).address]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ebpfdiag", *args, str(markers), "60"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(markers.iterdir())) < 2:
+            assert time.monotonic() < deadline, "the canaries did not start"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "canary failed" not in err
+    assert sorted(ran_on(fleet, markers)) == ["h01", "h02"]
+    summary = json.loads(out.splitlines()[-1])
+    assert summary["interrupted"] is True
+    assert summary["not_run"] == [f"h{i:02d}" for i in range(3, 9)]

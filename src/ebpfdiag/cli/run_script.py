@@ -206,7 +206,7 @@ def run_script(
             from ebpfdiag.render.tables import summary_table
 
             summary_table(results, app.term.err)
-    if not_run:
+    if not_run and not interrupted:
         failed = [r.host for r in results if not r.ok]
         app.term.error(
             f"canary failed on {len(failed)} of {len(phases[0])} hosts "
@@ -237,7 +237,8 @@ def run_phases(
     app: App, phases: list[list[Host]], remote: Script, opts: FanoutOptions, sink: Sink
 ) -> tuple[list[HostResult], bool, list[str]]:
     """Run the canary batch (if any), then the rest unless a canary failed.
-    Returns every result, whether the run was interrupted, and the hosts not started."""
+    Returns every result, whether the run was interrupted, and the hosts not started
+    (because a canary failed, or Ctrl-C came during the canaries)."""
     from ebpfdiag.fanout import Fanout
 
     results: list[HostResult] = []
@@ -246,7 +247,7 @@ def run_phases(
         results += app.run(engine)
         later = [h.name for phase in phases[index + 1 :] for h in phase]
         if engine.interrupted:
-            return results, True, []
+            return results, True, later
         if later and not all(r.ok for r in results):
             return results, False, later
     return results, False, []
