@@ -250,6 +250,20 @@ def test_fleet_status_is_bounded_and_shows_slowest_and_failures():
     assert "31 hosts: connection refused: web[0001-0030,0041]" in render(view)[1 + SLOWEST_SHOWN]
 
 
+def test_fleet_status_stays_bounded_on_a_narrow_terminal():
+    names = [f"web{i:04d}" for i in range(1, 101)]
+    view = StatusView(names, Console(file=io.StringIO(), force_terminal=True, width=50))
+    for i, name in enumerate(names):
+        view.set(name, "failed")
+        message = f"could not start the script on {name} (exit 1): {'a long reason ' * 5}{i}"
+        view.note_failure(HostResult(name, "failed", error=message))
+    out = Console(file=io.StringIO(), width=50)
+    out.print(view._render())
+    lines = out.file.getvalue().splitlines()
+    assert len(lines) == 1 + FAILURES_SHOWN + 1, lines
+    assert lines[-1].split() == ["and", "96", "hosts", "failing", "in", "96", "other", "ways"]
+
+
 def test_small_fleet_keeps_a_line_per_host():
     console = Console(file=io.StringIO(), force_terminal=True, width=80, height=40)
     view = StatusView(["a1", "a2"], console)

@@ -209,7 +209,10 @@ class StatusView:
                 ),
             )
         for i, line in enumerate(self._failure_lines()):
-            table.add_row(Text("failed" if i == 0 else "", style="bold red"), Text(line))
+            table.add_row(
+                Text("failed" if i == 0 else "", style="bold red"),
+                Text(line, no_wrap=True, overflow="ellipsis"),  # a line each, whatever the width
+            )
         return table
 
     def _failure_lines(self) -> list[str]:
