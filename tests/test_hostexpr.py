@@ -1,5 +1,7 @@
 """Node-set expansion, folding and literal host parsing (pure string logic)."""
 
+import random
+
 import pytest
 
 from ebpfdiag.hostexpr import (
@@ -191,3 +193,39 @@ def test_compress_round_trip(names):
     assert sorted(expanded) == sorted(set(names))
     assert len(expanded) == len(set(names))
     assert len(folded) < len(",".join(names))
+
+
+def test_compress_is_the_inverse_of_expand_for_a_fleet():
+    names = expand("web[001-120,122]")
+    assert compress_names(names) == "web[001-120,122]"
+    assert compress_names(reversed(names)) == "web[001-120,122]"
+    mixed = expand("web[001-003]") + ["bastion"] + expand("db[1-2]") + expand("web[7-8]")
+    assert compress_names(mixed) == "web[001-003],bastion,db[1-2],web[7-8]"
+
+
+def _random_names(rng: random.Random) -> list[str]:
+    """Names of every shape a fleet mixes: padded or not, several prefixes, several numeric
+    fields, addresses, and names without digits."""
+    names = []
+    for _ in range(rng.randint(1, 60)):
+        prefix = rng.choice(["web", "db-", "rack", "n", "x.y", "a1b"])
+        kind = rng.random()
+        if kind < 0.1:
+            names.append(rng.choice(["bastion", "db", "gw"]))
+        elif kind < 0.6:
+            names.append(prefix + str(rng.randint(0, 120)).zfill(rng.choice([0, 2, 3])))
+        elif kind < 0.85:
+            node = str(rng.randint(0, 15)).zfill(rng.choice([0, 2]))
+            names.append(f"{prefix}{rng.randint(0, 12)}-n{node}")
+        else:
+            names.append(f"198.18.{rng.randint(0, 3)}.{rng.randint(1, 30)}")
+    return names
+
+
+def test_compress_round_trips_random_fleets():
+    for seed in range(400):
+        names = _random_names(random.Random(seed))
+        folded = compress_names(names)
+        expanded = [name for part in split_terms(folded) for name in expand(part)]
+        assert sorted(expanded) == sorted(set(names)), (seed, folded)
+        assert len(expanded) == len(set(names)), (seed, folded)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -10,13 +12,18 @@ import click
 
 from ebpfdiag.cli.app import DURATION, App, Sink, host_options, pass_app
 from ebpfdiag.errors import UsageError
+from ebpfdiag.hostexpr import compress_names
 from ebpfdiag.records import json_lines
 from ebpfdiag.remote.bundle import bundle
+from ebpfdiag.render.fold import FOLD_ABOVE
 from ebpfdiag.render.ndjson import NDJSONWriter
 
 if TYPE_CHECKING:
-    from ebpfdiag.fanout import HostResult
+    from ebpfdiag.fanout import FanoutOptions, HostResult
+    from ebpfdiag.inventory import Host
+    from ebpfdiag.render.fold import OutputFolder
     from ebpfdiag.render.terminal import HostPrefixer, StatusView
+    from ebpfdiag.transport import Script
 
 
 class JSONSink(Sink):
@@ -58,7 +65,27 @@ class TerminalSink(Sink):
             self.status.note_failure(result)
 
 
-def summary_record(results: list[HostResult], interrupted: bool, elapsed: float) -> dict:
+class FoldSink(Sink):
+    """Gathers every host's lines for folding at the end; the live block shows progress."""
+
+    def __init__(self, folder: OutputFolder, status: StatusView):
+        self.folder = folder
+        self.status = status
+
+    def state(self, host: str, state: str) -> None:
+        self.status.set(host, state)
+
+    def lines(self, host: str, stream: str, lines: list[bytes]) -> None:
+        self.folder.add(host, stream, lines)
+
+    def result(self, result: HostResult) -> None:
+        if not result.ok:
+            self.status.note_failure(result)
+
+
+def summary_record(
+    results: list[HostResult], interrupted: bool, elapsed: float, not_run: Sequence[str] = ()
+) -> dict:
     failed = [r.host for r in results if not r.ok]
     return {
         "type": "summary",
@@ -66,17 +93,35 @@ def summary_record(results: list[HostResult], interrupted: bool, elapsed: float)
         "ok": len(results) - len(failed),
         "failed": len(failed),
         "failed_hosts": failed,
+        "not_run": list(not_run),
         "interrupted": interrupted,
         "duration_s": round(elapsed, 3),
     }
 
 
-EXAMPLES = """
+#: Above this many hosts run-script asks before it starts (``--yes`` skips the question;
+#: without a terminal to ask on it refuses unless given ``--yes``). 50 is past any lab
+#: or service group one means to hit by hand, and well under a production fleet.
+CONFIRM_ABOVE = 50
+
+EXAMPLES = f"""
 \b
 Examples:
   ebpfdiag run-script ./probe.py --hosts 'web[01-20],!web07'
   ebpfdiag run-script tcp_rst --hosts client,lb,server --duration 30s -- --port 80
   ebpfdiag run-script ./probe.py --hosts lbs --json | jq -c 'select(.type=="record")'
+  ebpfdiag run-script ./probe.py --hosts 'web[001-900]' --canary 5 --yes
+
+\b
+Large runs:
+  Above {FOLD_ABOVE} hosts the output is folded: one block per distinct stdout with the
+  hosts that printed it (web[001-120,122]), then failures grouped by cause; --no-fold
+  lists every line as it comes. Above {CONFIRM_ABOVE} hosts run-script asks first
+  (--yes skips; without a terminal --yes is required). --canary K runs the first K
+  hosts of the selection alone and stops there if any of them fails.
+  --fanout (hosts worked on at once): measured wall time, controller CPU and memory at
+  100, 500 and 1,000 hosts for several values are in the fan-out section of
+  docs/benchmarks.md.
 """
 
 
@@ -86,6 +131,26 @@ Examples:
 @host_options()
 @click.option("--duration", type=DURATION, help="Stop the script after this long (a normal end).")
 @click.option("--timeout", type=DURATION, help="Fail hosts whose script runs longer than this.")
+@click.option(
+    "--fold/--no-fold",
+    default=None,
+    help=f"Gather identical outputs into one block per distinct output, shown at the end "
+    f"[default: fold above {FOLD_ABOVE} hosts]. No effect on --json.",
+)
+@click.option(
+    "--canary",
+    type=click.IntRange(min=1),
+    metavar="K",
+    help="Run on the first K hosts first; if any of them fails, stop (exit 1) without "
+    "starting the rest.",
+)
+@click.option(
+    "-y",
+    "--yes",
+    is_flag=True,
+    help=f"Do not ask before running on more than {CONFIRM_ABOVE} hosts (required then "
+    "when there is no terminal).",
+)
 @pass_app
 def run_script(
     app: App,
@@ -93,38 +158,143 @@ def run_script(
     script_args: tuple[str, ...],
     duration: float | None,
     timeout: float | None,
+    fold: bool | None,
+    canary: int | None,
+    yes: bool,
 ) -> int:
     """Run SCRIPT (a local Python/BCC file, or a shipped script's name) on every host.
 
     The script is sent over the SSH channel (no files are left on hosts), runs with sudo
     under the host's python3 and ends when ebpfdiag ends. Lines stream back as they are
-    printed. Exit code: 0 all hosts ok, 1 some failed, 2 bad input, 130 interrupted.
+    printed (or are folded at the end, see below). Exit code: 0 all hosts ok, 1 some
+    failed (or a canary did), 2 bad input or not confirmed, 130 interrupted.
     """
     from ebpfdiag.catalog import resolve_script
-    from ebpfdiag.fanout import Fanout
     from ebpfdiag.transport import Script
 
     path = resolve_script(script)
     remote = Script(path.name, _read_script(path), tuple(script_args))
     hosts, opts = app.prepare_run(timeout=timeout, duration=duration)
+    confirm_fleet(path.name, [h.name for h in hosts], canary, yes)
+    phases = [hosts[:canary], hosts[canary:]] if canary and canary < len(hosts) else [hosts]
     started = time.monotonic()
     if app.as_json:
-        engine = Fanout(hosts, remote, opts, JSONSink(app.json))
-        results = app.run(engine)
-        app.json.write(summary_record(results, engine.interrupted, time.monotonic() - started))
+        results, interrupted, not_run = run_phases(app, phases, remote, opts, JSONSink(app.json))
+        summary = summary_record(results, interrupted, time.monotonic() - started, not_run)
+        app.json.write(summary)
         app.json.flush()
     else:
-        from ebpfdiag.render.tables import summary_table
-        from ebpfdiag.render.terminal import HostPrefixer
+        from ebpfdiag.render.fold import OutputFolder
+        from ebpfdiag.render.terminal import HostPrefixer, StatusView
 
+        fold = len(hosts) > FOLD_ABOVE if fold is None else fold
         names = [h.name for h in hosts]
-        out = HostPrefixer(names, app.term.stdout)
-        err = HostPrefixer(names, app.term.stderr)
-        with app.status_view(names) as status:
-            engine = Fanout(hosts, remote, opts, TerminalSink(out, err, status))
-            results = app.run(engine)
-        summary_table(results, app.term.err)
-    return app.exit_code(results, engine.interrupted)
+        aliases = {h.name: host_aliases(h) for h in hosts}
+        status = StatusView(names, app.term.err, aliases=aliases, failure_lines=not fold)
+        if fold:
+            folder = OutputFolder(names)
+            sink: Sink = FoldSink(folder, status)
+        else:
+            out = HostPrefixer(names, app.term.stdout)
+            err = HostPrefixer(names, app.term.stderr)
+            sink = TerminalSink(out, err, status)
+        with status:
+            results, interrupted, not_run = run_phases(app, phases, remote, opts, sink)
+        if fold:
+            print_folded(app, folder, results, aliases)
+        else:
+            from ebpfdiag.render.tables import summary_table
+
+            summary_table(results, app.term.err)
+    if not_run and not interrupted:
+        failed = [r.host for r in results if not r.ok]
+        app.term.error(
+            f"canary failed on {len(failed)} of {len(phases[0])} hosts "
+            f"({compress_names(failed)}); not started on the other {len(not_run)} hosts"
+        )
+    return app.exit_code(results, interrupted)
+
+
+def confirm_fleet(script: str, names: list[str], canary: int | None, yes: bool) -> None:
+    """Above CONFIRM_ABOVE hosts, ask on the terminal; with no terminal, insist on --yes."""
+    if yes or len(names) <= CONFIRM_ABOVE:
+        return
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        raise UsageError(
+            f"run-script on {len(names)} hosts (more than {CONFIRM_ABOVE}) needs --yes "
+            "when there is no terminal to confirm on"
+        )
+    nodeset = compress_names(names)
+    if len(nodeset) > 60:
+        nodeset = nodeset[:57] + "..."
+    first = f", the first {canary} alone first" if canary and canary < len(names) else ""
+    question = f"Run {script} on {len(names)} hosts ({nodeset}){first}?"
+    if not click.confirm(question, default=False, err=True):
+        raise UsageError("not confirmed: nothing ran")
+
+
+def run_phases(
+    app: App, phases: list[list[Host]], remote: Script, opts: FanoutOptions, sink: Sink
+) -> tuple[list[HostResult], bool, list[str]]:
+    """Run the canary batch (if any), then the rest unless a canary failed.
+    Returns every result, whether the run was interrupted, and the hosts not started
+    (because a canary failed, or Ctrl-C came during the canaries)."""
+    from ebpfdiag.fanout import Fanout
+
+    results: list[HostResult] = []
+    for index, batch in enumerate(phases):
+        engine = Fanout(batch, remote, opts, sink)
+        results += app.run(engine)
+        later = [h.name for phase in phases[index + 1 :] for h in phase]
+        if engine.interrupted:
+            return results, True, later
+        if later and not all(r.ok for r in results):
+            return results, False, later
+    return results, False, []
+
+
+def host_aliases(host: Host) -> tuple[str, ...]:
+    """How a host's failure messages may name it besides its name (its address, with or
+    without a port), so that equal causes fold whatever the host."""
+    return (host.address,)
+
+
+def print_folded(
+    app: App, folder: OutputFolder, results: list[HostResult], aliases: dict[str, tuple]
+) -> None:
+    """Stdout blocks on stdout, stderr blocks on stderr, then failures by cause and a
+    one-line count, most hosts first in each."""
+    from ebpfdiag.render.fold import failure_line, fold_failures, hosts_phrase, render_block
+
+    out = [line for block in folder.blocks("stdout") for line in render_block(block)]
+    if out:
+        app.term.stdout.write("\n".join(out) + "\n")
+        app.term.stdout.flush()
+    err = [line for block in folder.blocks("stderr") for line in render_block(block)]
+    if err:
+        app.term.stderr.write("\n".join(err) + "\n")
+        app.term.stderr.flush()
+    console = app.term.err
+    failed = [(r.host, r.error or r.status) for r in results if not r.ok]
+    for group in fold_failures(failed, aliases):
+        console.print(
+            failure_line(group), style="red", markup=False, highlight=False, soft_wrap=True
+        )
+    silent = folder.silent(r.host for r in results if r.ok)
+    if silent:
+        console.print(
+            f"{hosts_phrase(len(silent))} ok without output: {compress_names(silent)}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+    ok = len(results) - len(failed)
+    console.print(
+        f"{ok}/{len(results)} hosts ok",
+        style="red" if failed else "green",
+        markup=False,
+        highlight=False,
+    )
 
 
 def _read_script(path: Path) -> bytes:
