@@ -130,6 +130,24 @@ def test_over_fifty_hosts_without_a_terminal_needs_yes(big_inventory, probe, ext
     assert time.monotonic() - started < 20  # refused before any connection was tried
 
 
+@pytest.mark.parametrize(
+    "command",
+    [("trace", "tcp-rst"), ("trace", "drop"), ("trace", "latency"),
+     ("metrics", "textfile", "--dir", "."), ("metrics", "serve", "--listen", "127.0.0.1:19469")],
+)  # fmt: skip
+def test_tracers_and_metrics_over_fifty_hosts_need_yes_too(big_inventory, command):
+    started = time.monotonic()
+    r = cli(*command, "-i", str(big_inventory), "-H", "web[01-51]", "--json")
+    assert r.returncode == 2, r.stderr
+    name = " ".join(command[:2])
+    assert r.stderr.splitlines() == [
+        f"ebpfdiag: {name} on 51 hosts (more than 50) needs --yes when there is no "
+        "terminal to confirm on"
+    ]
+    assert r.stdout == ""
+    assert time.monotonic() - started < 20  # refused before any connection was tried
+
+
 def test_declining_on_a_terminal_runs_nothing(big_inventory, probe):
     args = ["run-script", str(probe), "-i", str(big_inventory), "-H", "web[01-51]"]
     code, shown = on_terminal([*args, "--canary", "3"], b"n\n")

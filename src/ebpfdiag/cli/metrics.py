@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from ebpfdiag.cli.app import DURATION, App, host_options, pass_app
+from ebpfdiag.cli.confirm import confirm_fleet, yes_option
 from ebpfdiag.errors import EXIT_HOSTS_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError
 
 TOOL = "netmetrics"
@@ -71,6 +72,7 @@ def common_options(f):
             help="Inventory label KEY becomes a label on every series of the host "
             "(repeatable; 'groups' gives the host's groups).",
         ),
+        yes_option,
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -103,7 +105,15 @@ def _label_name(key: str) -> str:
 class Runner:
     """What serve and textfile share: hosts, script, fleet, sessions, status lines."""
 
-    def __init__(self, app: App, interval: float, port_labels: int, host_labels: tuple[str, ...]):
+    def __init__(
+        self,
+        app: App,
+        command: str,
+        interval: float,
+        port_labels: int,
+        host_labels: tuple[str, ...],
+        yes: bool,
+    ):
         from ebpfdiag.catalog import script_path
         from ebpfdiag.remote.schema import tool_argv
 
@@ -113,6 +123,7 @@ class Runner:
         self.app = app
         self.interval = interval
         self.hosts, self.opts = app.prepare_run()
+        confirm_fleet(command, command, [h.name for h in self.hosts], yes)
         extra = {}
         for h in self.hosts:
             values = {k: ",".join(h.groups) for k in host_labels if k == "groups"}
@@ -189,11 +200,16 @@ class Runner:
 @common_options
 @pass_app
 def serve(
-    app: App, listen: str, interval: float, port_labels: int, host_labels: tuple[str, ...]
+    app: App,
+    listen: str,
+    interval: float,
+    port_labels: int,
+    host_labels: tuple[str, ...],
+    yes: bool,
 ) -> int:
     """Serve every host's counters on http://ADDR:PORT/metrics until stopped."""
     addr, port = parse_listen(listen)
-    runner = Runner(app, interval, port_labels, host_labels)
+    runner = Runner(app, "metrics serve", interval, port_labels, host_labels, yes)
     from prometheus_client import start_http_server
 
     from ebpfdiag.metrics.exposition import registry_for
@@ -296,6 +312,7 @@ def textfile(
     interval: float,
     port_labels: int,
     host_labels: tuple[str, ...],
+    yes: bool,
 ) -> int:
     """Write every host's counters to DIR/ebpfdiag.prom every interval (atomically: a
     temporary file renamed over it), for node_exporter's textfile collector."""
@@ -303,7 +320,7 @@ def textfile(
         raise UsageError(f"--dir {directory}: not a directory")
     path = directory / TEXTFILE
     check_textfile_dir(path)
-    runner = Runner(app, interval, port_labels, host_labels)
+    runner = Runner(app, "metrics textfile", interval, port_labels, host_labels, yes)
     tick = TextfileTick(app, runner, path, once)
     started = time.monotonic()
     interrupted = runner.run(tick)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ebpfdiag.cli.app import DURATION, App, Sink, host_options, pass_app
+from ebpfdiag.cli.confirm import CONFIRM_ABOVE, confirm_fleet, yes_option
 from ebpfdiag.errors import UsageError
 from ebpfdiag.hostexpr import compress_names
 from ebpfdiag.records import json_lines
@@ -99,11 +99,6 @@ def summary_record(
     }
 
 
-#: Above this many hosts run-script asks before it starts (``--yes`` skips the question;
-#: without a terminal to ask on it refuses unless given ``--yes``). 50 is past any lab
-#: or service group one means to hit by hand, and well under a production fleet.
-CONFIRM_ABOVE = 50
-
 EXAMPLES = f"""
 \b
 Examples:
@@ -144,13 +139,7 @@ Large runs:
     help="Run on the first K hosts first; if any of them fails, stop (exit 1) without "
     "starting the rest.",
 )
-@click.option(
-    "-y",
-    "--yes",
-    is_flag=True,
-    help=f"Do not ask before running on more than {CONFIRM_ABOVE} hosts (required then "
-    "when there is no terminal).",
-)
+@yes_option
 @pass_app
 def run_script(
     app: App,
@@ -175,7 +164,7 @@ def run_script(
     path = resolve_script(script)
     remote = Script(path.name, _read_script(path), tuple(script_args))
     hosts, opts = app.prepare_run(timeout=timeout, duration=duration)
-    confirm_fleet(path.name, [h.name for h in hosts], canary, yes)
+    confirm_fleet("run-script", path.name, [h.name for h in hosts], yes, canary)
     phases = [hosts[:canary], hosts[canary:]] if canary and canary < len(hosts) else [hosts]
     started = time.monotonic()
     if app.as_json:
@@ -213,24 +202,6 @@ def run_script(
             f"({compress_names(failed)}); not started on the other {len(not_run)} hosts"
         )
     return app.exit_code(results, interrupted)
-
-
-def confirm_fleet(script: str, names: list[str], canary: int | None, yes: bool) -> None:
-    """Above CONFIRM_ABOVE hosts, ask on the terminal; with no terminal, insist on --yes."""
-    if yes or len(names) <= CONFIRM_ABOVE:
-        return
-    if not (sys.stdin.isatty() and sys.stderr.isatty()):
-        raise UsageError(
-            f"run-script on {len(names)} hosts (more than {CONFIRM_ABOVE}) needs --yes "
-            "when there is no terminal to confirm on"
-        )
-    nodeset = compress_names(names)
-    if len(nodeset) > 60:
-        nodeset = nodeset[:57] + "..."
-    first = f", the first {canary} alone first" if canary and canary < len(names) else ""
-    question = f"Run {script} on {len(names)} hosts ({nodeset}){first}?"
-    if not click.confirm(question, default=False, err=True):
-        raise UsageError("not confirmed: nothing ran")
 
 
 def run_phases(

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ebpfdiag.cli.app import DURATION, App, host_options, pass_app, process_started
+from ebpfdiag.cli.confirm import confirm_fleet, yes_option
 from ebpfdiag.errors import EXIT_HOSTS_FAILED
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ def _script_args(
 @click.option("--pcap", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write every packet sighting to this pcapng file (headers rebuilt "
               "from the records, one interface per host:interface, aligned time).")  # fmt: skip
+@yes_option
 @pass_app
 def tcp_rst(
     app: App,
@@ -87,6 +89,7 @@ def tcp_rst(
     count: int | None,
     output: Path | None,
     pcap: Path | None,
+    yes: bool,
 ) -> int:
     """Who sent a TCP reset, and why: one timeline across client, load balancer and server.
 
@@ -126,6 +129,7 @@ def tcp_rst(
         app, hosts, script, opts,
         partial(TraceSession, duration=duration, count=count, on_event=on_event),
         what="", stops_by_itself=duration is not None or count is not None, show_filter=True,
+        command="trace tcp-rst", yes=yes,
     )  # fmt: skip
     code = conclude(app, session, engine.interrupted, output)
     from ebpfdiag.render.pcapng import save_pcap
@@ -207,14 +211,18 @@ def run_trace(
     stops_by_itself: bool,
     show_filter: bool = False,
     before_stop: Callable[[TraceSession], None] | None = None,
+    command: str,
+    yes: bool,
 ) -> tuple[Any, Fanout]:
     """Run ``script`` on ``hosts`` under the live status view: ``make_session(names,
     **callbacks)`` builds the session with the callbacks every trace command shows its
     progress with (see ``announce_tracing``); ``before_stop(session)`` runs before the
-    hosts are told to stop. Returns the session and the engine once the run is over."""
+    hosts are told to stop; above CONFIRM_ABOVE hosts it asks first unless ``yes``.
+    Returns the session and the engine once the run is over."""
     from ebpfdiag.fanout import Fanout
 
     names = [h.name for h in hosts]
+    confirm_fleet(command, command, names, yes)
     made: list[TraceSession] = []
     on_ready = announce_tracing(
         app, what, lambda: made[0], stops_by_itself, show_filter=show_filter
@@ -473,6 +481,7 @@ def _drop_session(names: list[str], count: int | None, **kwargs) -> TraceSession
               "not given); the rest are counted, not sent.")  # fmt: skip
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the whole trace as one JSON document.")  # fmt: skip
+@yes_option
 @pass_app
 def drop(
     app: App,
@@ -482,6 +491,7 @@ def drop(
     count: int | None,
     rate: str | None,
     output: Path | None,
+    yes: bool,
 ) -> int:
     """Where a flow's packets die, on which host, and why.
 
@@ -516,6 +526,7 @@ def drop(
         app, hosts, script, opts,
         partial(_drop_session, count=count, duration=duration, on_event=on_event),
         what="drops ", stops_by_itself=duration is not None or count is not None,
+        command="trace drop", yes=yes,
         # the hosts learn when drops happened just before they stop
         before_stop=lambda s: s.send_windows(),
     )  # fmt: skip
@@ -618,6 +629,7 @@ LATENCY_KEEP = ("counts", "tcp_probe", "recv", "retrans")
               "renders it again later, without the hosts).")  # fmt: skip
 @click.option("--pcap", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the sampled packets as pcapng.")  # fmt: skip
+@yes_option
 @pass_app
 def latency(
     app: App,
@@ -629,6 +641,7 @@ def latency(
     slowest: int,
     output: Path | None,
     pcap: Path | None,
+    yes: bool,
 ) -> int:
     """Where one flow's time goes: client host, wire, load balancer, server host.
 
@@ -667,6 +680,7 @@ def latency(
         partial(TraceSession, duration=duration, on_event=on_event,
                 correlate=partial(correlate, slowest=slowest), keep=LATENCY_KEEP),
         what="latency ", stops_by_itself=duration is not None,
+        command="trace latency", yes=yes,
     )  # fmt: skip
     return conclude_latency(app, session, engine.interrupted, output, pcap)
 
