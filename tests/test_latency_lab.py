@@ -100,7 +100,12 @@ def test_slow_server_is_the_server_and_the_pcap_reads_back(lab, tmp_path):
     # every round of every connection is an exchange, the first one included
     assert of(recs, "summary")[-1]["exchanges"] == result.exchanges == 30
     server = segment(recs, "server")
-    assert abs(server["p50_ns"] - 20 * MS) <= 2 * MS, server
+    # the application sleeps 20 ms before answering: never less, and on a busy machine its
+    # wake-up comes later (the tool measures that too), but the server holds most of it
+    total = [s for s in of(recs, "segment") if s["kind"] == "total"]
+    assert len(total) == 1, [s["name"] for s in of(recs, "segment")]
+    assert 20 * MS <= server["p50_ns"] <= total[0]["p50_ns"], (server, total)
+    assert server["p50_ns"] >= 0.9 * total[0]["p50_ns"], (server, total)
     legs = [s for s in of(recs, "segment")
             if s["kind"] == "wire" or (s["kind"] == "host" and s["from"] == "lb")]  # fmt: skip
     assert len(legs) == 6  # client->lb, lb, lb->server, and back
@@ -142,7 +147,9 @@ def test_lossy_lb_retransmissions_are_found_lost_on_lb(lab):
         gap = copies[1] - copies[0]
         size = max(p["len"] for p in client_out if p["seq"] == drop["seq"])
         (ex,) = [e for e in resent if (e["point"] - drop["seq"]) % 2**32 < size]
-        assert ex["lost"]["host"] == "lb" and ex["lost"]["dir"] == "ingress", ex["lost"]
+        seen = [(p["host"], p["dir"], p["ifname"], p["ipid"], p["len"], p["ts_ns"])
+                for p in packets(recs) if p["seq"] == drop["seq"] and p["len"]]  # fmt: skip
+        assert ex["lost"]["host"] == "lb" and ex["lost"]["dir"] == "ingress", (ex, seen)
         assert ex["lost"]["verdict"] == "lost" and "lost on lb" in ex["text"]
         (wait,) = [p for p in ex["parts"] if p["kind"] == "retransmission"]
         assert wait["ns"] == gap  # both copies as the client saw them leave
