@@ -3,6 +3,7 @@ is sent, what is refused before anything runs, how the run is recorded."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -11,8 +12,8 @@ import subprocess
 from pathlib import Path
 
 import click
-from click.testing import CliRunner
 import pytest
+from click.testing import CliRunner
 
 from ebpfdiag import audit
 from ebpfdiag.catalog import script_path
@@ -101,7 +102,7 @@ def test_the_request_names_the_tool_and_carries_no_code():
         "args": ["--port", "8080"],
         "ssh_user": "diag",
     }
-    assert script.digest == __import__("hashlib").sha256(script.source).hexdigest()
+    assert script.digest == hashlib.sha256(script.source).hexdigest()
     assert len(line) < 200  # the tool's code is never in it
 
 
