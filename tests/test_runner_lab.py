@@ -25,6 +25,7 @@ import yaml
 
 from ebpfdiag.catalog import script_path
 from ebpfdiag.lab import hostfs
+from ebpfdiag.lab.scenarios import SCENARIOS, run_scenario
 from ebpfdiag.lab.topology import DIAG_USER, LAB_USER, Lab
 from ebpfdiag.remote.bundle import bundle
 from tests.conftest import require, require_root_tools
@@ -149,6 +150,7 @@ def fs(lab, host: str, target: str) -> Path:
 
 
 def remove_runner(lab, host: str) -> None:
+    hostfs.unpin(Path(lab.state_dir) / "hosts")
     for target in (RUNNER_DIR, "/etc/ebpfdiag", "/run/ebpfdiag-runner", "/var/log/ebpfdiag"):
         for item in fs(lab, host, target).iterdir():
             if item.is_dir() and not item.is_symlink():
@@ -357,3 +359,117 @@ def test_a_refusal_names_the_runners_reason(clean):
         r"runner has [0-9a-f]{12}\.\.\.",
         host["error"],
     ), host["error"]
+
+
+# -- the real runner ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def installed(lab, tmp_path_factory):
+    """The runner installed on every lab host for group ebpfdiag, as an admin with full
+    sudo installs it: the install script pushed over the normal fan-out."""
+    from ebpfdiag.remote.runner_build import admin_script, build_payload, default_policy
+
+    for host in lab.hosts:
+        remove_runner(lab, host)
+    script = tmp_path_factory.mktemp("install") / "runner_admin.py"
+    script.write_text(admin_script("install", build_payload(), default_policy("ebpfdiag")))
+    proc = ebpfdiag("run-script", str(script), "-i", lab.inventory, "--hosts", "client,lb,server",
+                    "--json", "--", "install", "ebpfdiag")  # fmt: skip
+    done = [r["record"] for r in records(proc.stdout) if r["type"] == "record"]
+    assert len(done) == 3 and all(r["action"] == "install" for r in done), proc.stdout
+    # runner_admin's own check of the installed runner misreads its markers (56a2dfe):
+    # that error alone is tolerated; the tests below check what the runner does
+    known = "installed, but the runner refuses to start: exit status 77"
+    assert proc.returncode == 0 or all(r.get("error") == known for r in done), proc.stdout
+    try:
+        yield lab
+    finally:
+        for host in lab.hosts:
+            remove_runner(lab, host)
+
+
+def start_trace(inventory: str, port: int, env: dict) -> subprocess.Popen:
+    """``trace tcp-rst`` as the inventory's user, returned once every host traces."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ebpfdiag", "trace", "tcp-rst", "-i", inventory,
+         "--hosts", "client,lb,server", "--port", str(port), "--json",
+         "--count", "1", "--duration", "20s"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env},
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        rec = json.loads(line)
+        if rec["type"] == "status" and rec["state"] == "tracing":
+            assert sorted(rec["hosts"]) == ["client", "lb", "server"], rec
+            return proc
+    proc.kill()
+    raise AssertionError(f"trace never became ready: {proc.stderr.read()}")
+
+
+@pytest.mark.parametrize("name", ["rst-no-listener", "rst-abort", "rst-lb-reject"])
+def test_diag_traces_resets_through_the_runner_with_root_verdicts(
+    installed, name, tmp_path, syslog_listener
+):
+    spec = SCENARIOS[name]
+    log = tmp_path / "audit.ndjson"
+    proc = start_trace(installed.diag_inventory, spec.port, {"EBPFDIAG_AUDIT_LOG": str(log)})
+    result = run_scenario(name, installed)
+    assert result.reproduced, result.summary()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    recs = records(out)
+    [flow] = [r for r in recs if r["type"] == "flow"]
+    verdict = flow["verdict"]
+    expected = spec.expected  # what tests/test_trace_lab.py checks with full sudo
+    assert (verdict["origin_host"], verdict["origin_kind"], verdict["reason"]) == (
+        expected.host,
+        expected.kind,
+        expected.reason,
+    )
+    assert verdict["path"][-1]["host"] == "client"
+    assert all(h["status"] == "ok" and h["ready"] for h in hosts_of(recs).values())
+    hellos = {r["host"]: r for r in recs if r["type"] == "hello"}
+    assert {h: r.get("via") for h, r in hellos.items()} == dict.fromkeys(
+        ("client", "lb", "server"), "runner"
+    )
+    digest = __import__("hashlib").sha256(bundle(script_path("tcp_rst")).encode()).hexdigest()
+    audit = records(log.read_text())
+    assert sorted(r["host"] for r in audit) == ["client", "lb", "server"]
+    for rec in audit:
+        assert (rec["via"], rec["tool"], rec["sha256"], rec["ssh_user"]) == (
+            "runner", "tcp_rst", digest, DIAG_USER,
+        )  # fmt: skip
+        assert rec["args"][:2] == ["--port", str(spec.port)] and rec["stopped"]
+    # every host's runner said so in the system log and in its own audit file
+    assert syslog_listener.wait_for("ebpfdiag-runner")
+    for host in installed.hosts:
+        own = fs(installed, host, "/var/log/ebpfdiag") / "runner.log"
+        assert "tcp_rst" in own.read_text()
+    assert settled(lambda: netns_pids(installed, "server")) == {}
+
+
+def test_run_script_name_goes_through_the_runner_and_code_does_not(installed, tmp_path):
+    log = tmp_path / "audit.ndjson"
+    proc = ebpfdiag("run-script", "doctor", "-i", installed.diag_inventory, "--hosts", "lb",
+                    "--json", env={"EBPFDIAG_AUDIT_LOG": str(log)})  # fmt: skip
+    recs = records(proc.stdout)
+    assert hosts_of(recs)["lb"]["status"] == "ok", proc.stdout + proc.stderr
+    checks = [r["record"] for r in recs if r["type"] == "record" and r["record"]["type"] == "check"]
+    assert {c["name"] for c in checks} >= {"bcc", "compile", "tracepoint"}
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    proc = ebpfdiag("run-script", str(probe), "-i", installed.diag_inventory, "--hosts", "lb",
+                    "--json", env={"EBPFDIAG_AUDIT_LOG": str(log)})  # fmt: skip
+    assert proc.returncode == 1
+    [host] = hosts_of(records(proc.stdout)).values()
+    assert host["error"] == (
+        "runner only on lb: allows doctor, drop, netmetrics, tcp_latency, tcp_rst"
+    )
+    first, second = records(log.read_text())
+    assert (first["tool"], first["via"], first["exit_code"]) == ("doctor", "runner", 0)
+    assert (second["tool"], second["via"], second["error_kind"]) == (None, "runner", "runner")
+    assert second["script"] == "probe.py"

@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import shlex
+import shutil
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,6 +71,18 @@ def prepare(hostdir: Path) -> list[tuple[Path, str]]:
             own.chmod(mode)
         binds.append((own, target))
     return binds
+
+
+def unpin(hosts_dir: Path) -> None:
+    """Let the hosts' copies be removed: an installed runner makes its audit file
+    append-only (``chattr +a``), which even root cannot delete until that is cleared."""
+    chattr = shutil.which("chattr")
+    if chattr is None or not hosts_dir.is_dir():
+        return
+    for fs in hosts_dir.glob("*/fs"):
+        for path in fs.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                subprocess.run([chattr, "-a", "-i", str(path)], capture_output=True, check=False)
 
 
 def prelude(binds: list[tuple[Path, str]]) -> list[str]:

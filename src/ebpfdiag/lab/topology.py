@@ -470,6 +470,7 @@ table ip {NFT_TABLE} {{
         if self.state_path.exists() or (
             self.state_dir.is_dir() and not any(self.state_dir.iterdir())
         ):
+            hostfs.unpin(self.state_dir / "hosts")
             shutil.rmtree(self.state_dir)
             removed.append(f"dir {self.state_dir}")
         return removed
