@@ -271,6 +271,25 @@ def test_full_sudo_user_runs_with_sudo(clean, tmp_path):
     assert requests(clean, "lb") == []
 
 
+def test_an_install_is_on_its_host_only(clean, tmp_path):
+    install_fake_runner(clean, "lb")
+    look = tmp_path / "look.py"
+    look.write_text(
+        "import json, os\n"
+        "print(json.dumps({p: sorted(os.listdir(p)) for p in ("
+        "'/usr/local/lib/ebpfdiag-runner', '/etc/sudoers.d')}))\n"
+    )
+    proc = ebpfdiag("run-script", str(look), "-i", clean.inventory, "--hosts", "lb,server",
+                    "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    seen = {r["host"]: r["record"] for r in records(proc.stdout) if r["type"] == "record"}
+    assert seen["lb"] == {
+        RUNNER_DIR: ["current", "releases"],
+        "/etc/sudoers.d": [hostfs.MACHINE_INCLUDE, "ebpfdiag-runner"],
+    }
+    assert seen["server"] == {RUNNER_DIR: [], "/etc/sudoers.d": [hostfs.MACHINE_INCLUDE]}
+
+
 def test_diag_runs_through_the_runner_where_one_is_installed(clean, tmp_path):
     install_fake_runner(clean, "lb")  # on lb only: server has nothing for diag
     log = tmp_path / "audit.ndjson"
@@ -344,6 +363,8 @@ def test_arbitrary_code_alone_exits_1(clean, tmp_path):
     assert proc.returncode == 1, proc.stderr
     [host] = hosts_of(records(proc.stdout)).values()
     assert (host["error_kind"], host["exit_code"]) == ("runner", None)
+    assert host["error"].startswith("runner only on lb: allows doctor, drop")
+    assert [line for line in requests(clean, "lb") if "EBPFDIAG-RUN1" in line] == []
     assert not (fs(clean, "lb", "/run/ebpfdiag-runner") / "probe-ran").exists()
 
 
