@@ -138,34 +138,42 @@ if [ "$1 $2" = "-n -l" ]; then
     exit $?
 fi
 shift 2
-[ "$ALLOW" = none ] && { echo "sudo: a password is required" >&2; exit 1; }
-echo "ran $1"
+case "$ALLOW $1" in
+    "python python3"|"both python3"|"both "*/runner|"runner "*/runner) echo "ran $1" ;;
+    *) echo "sudo: a password is required" >&2; exit 1 ;;
+esac
 """
 
 
 @pytest.mark.parametrize(
-    ("allow", "ran", "asked"),
+    ("allow", "installed", "ran", "asked"),
     [
-        ("python", "ran python3", 1),  # full sudo: one question, then python
-        ("both", "ran python3", 1),  # full sudo wins over the runner
-        ("runner", f"ran {RUNNER}", 2),  # runner only: no code on the command line runs
-        ("none", "", 2),  # neither: the plain launch, so sudo says why
+        ("python", True, "ran python3", 1),  # full sudo: one question, then python
+        ("both", True, "ran python3", 1),  # full sudo wins over the runner
+        ("runner", True, "ran RUNNER", 2),  # runner only: no code on the command line runs
+        ("none", True, "", 2),  # neither: the plain launch, so sudo says why
+        ("runner", False, "", 0),  # no runner on the host: no question at all
+        ("python", False, "ran python3", 0),
     ],
 )
-def test_the_prelude_picks_full_sudo_then_the_runner(tmp_path, allow, ran, asked):
+def test_the_prelude_picks_full_sudo_then_the_runner(tmp_path, allow, installed, ran, asked):
     sudo = tmp_path / "sudo"
     sudo.write_text(FAKE_SUDO)
     sudo.chmod(sudo.stat().st_mode | stat.S_IXUSR)
+    runner = tmp_path / "lib" / "runner"  # stands for RUNNER, whose directory is not here
+    if installed:
+        runner.parent.mkdir()
+        runner.touch()
     log = tmp_path / "sudo.log"
     host = Host(name="h", address="198.18.0.1", user="alice")
-    command = remote_command(host, Script("x.py", b""), True, False)
+    command = remote_command(host, Script("x.py", b""), True, False).replace(RUNNER, str(runner))
     env = {**os.environ, "PATH": f"{tmp_path}:/usr/bin:/bin", "ALLOW": allow, "SUDO_LOG": str(log)}
     proc = subprocess.run(["sh", "-c", command], capture_output=True, text=True, env=env)
-    assert proc.stdout.strip() == ran
+    assert proc.stdout.strip() == ran.replace("RUNNER", str(runner))
     calls = log.read_text().splitlines()
     assert sum(c.startswith("-n -l --") for c in calls) == asked
     assert len(calls) == asked + 1  # then exactly one exec
-    if allow == "none":
+    if not ran:
         assert proc.returncode == 1 and "password is required" in proc.stderr
 
 

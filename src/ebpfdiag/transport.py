@@ -40,13 +40,14 @@ MAX_PACKET = 256 * 1024
 #: The root-owned runner of the shipped tools (docs/runner.md): the path its sudoers rule
 #: names, run without arguments.
 RUNNER = "/usr/local/lib/ebpfdiag-runner/current/runner"
-#: Chooses the launch on the host, in the launch's own channel (no extra round trip):
-#: full sudo for the host's python when ``sudo -l`` allows that very command line, else
-#: the runner when it is allowed, else the launch as before, so that sudo's own message
-#: says why neither works. ``$@`` is the python command line.
+#: Chooses the launch on the host, in the launch's own channel (no extra round trip): where
+#: a runner is installed and ``sudo -l`` does not allow the python command line (``$@``)
+#: but allows the runner, the runner; else the python command line under sudo as before
+#: (so that sudo's own message says why, when neither is allowed). A host without a
+#: runner costs a ``test``, not a ``sudo -l``.
 CHOOSE_SUDO = (
-    'if sudo -n -l -- "$@" >/dev/null 2>&1; then exec sudo -n -- "$@"; fi; '
-    f"if sudo -n -l -- {RUNNER} >/dev/null 2>&1; then exec sudo -n -- {RUNNER}; fi; "
+    f'if [ -e {RUNNER} ] && ! sudo -n -l -- "$@" >/dev/null 2>&1 && '
+    f"sudo -n -l -- {RUNNER} >/dev/null 2>&1; then exec sudo -n -- {RUNNER}; fi; "
     'exec sudo -n -- "$@"'
 )
 #: How the first line of a shipped tool's stdout starts (its ``hello`` record).
