@@ -159,8 +159,11 @@ def _install_audit():
     _ensure_dir(AUDIT_DIR, 0o700)
     fd = os.open(AUDIT_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
-        os.fchown(fd, 0, 0)
-        os.fchmod(fd, 0o600)
+        st = os.fstat(fd)  # an append-only (chattr +a) file refuses even an unchanged chmod
+        if st.st_uid != 0 or st.st_gid != 0:
+            os.fchown(fd, 0, 0)
+        if st.st_mode & 0o7777 != 0o600:
+            os.fchmod(fd, 0o600)
     finally:
         os.close(fd)
     chattr = shutil.which("chattr")
@@ -187,7 +190,7 @@ def self_check():
     )
     markers = [
         line[len(MARK) :]
-        for line in proc.stderr.decode(errors="replace").splitlines()
+        for line in proc.stderr.decode(errors="replace").split("\n")  # not splitlines: \x1e splits
         if line.startswith(MARK)
     ]
     want = [m for m in markers if m.startswith("want-request ")]
