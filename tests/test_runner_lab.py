@@ -494,3 +494,23 @@ def test_run_script_name_goes_through_the_runner_and_code_does_not(installed, tm
     assert (first["tool"], first["via"], first["exit_code"]) == ("doctor", "runner", 0)
     assert (second["tool"], second["via"], second["error_kind"]) == (None, "runner", "runner")
     assert second["script"] == "probe.py"
+
+
+def test_doctor_and_metrics_work_through_the_runner(installed, tmp_path):
+    log = tmp_path / "audit.ndjson"
+    env = {"EBPFDIAG_AUDIT_LOG": str(log)}
+    proc = ebpfdiag("doctor", "-i", installed.diag_inventory, "--hosts", "lb", "--json", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    recs = records(proc.stdout)
+    assert recs[-1]["type"] == "summary" and recs[-1]["ready"] == 1
+    textfile = tmp_path / "prom"
+    textfile.mkdir()
+    proc = ebpfdiag("metrics", "textfile", "-i", installed.diag_inventory, "--hosts", "lb",
+                    "--dir", str(textfile), "--once", "--interval", "1s", env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert 'host="lb"' in (textfile / "ebpfdiag.prom").read_text()
+    audit = records(log.read_text())
+    assert [(r["tool"], r["via"], r["error_kind"]) for r in audit] == [
+        ("doctor", "runner", None),
+        ("netmetrics", "runner", None),
+    ]
