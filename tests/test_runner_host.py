@@ -196,8 +196,9 @@ class Host:
         """A path of this host seen from outside (through the holder's root)."""
         return Path(f"/proc/{self.pid}/root{inside}")
 
-    def admin(self, action: str, *args: str, policy: dict | None = None) -> dict:
-        payload = build_payload() if action == "install" else None
+    def admin(self, action: str, *args: str, policy: dict | None = None, payload=None) -> dict:
+        if action == "install" and payload is None:
+            payload = build_payload()
         if action == "install" and policy is None:
             policy = default_policy(self.accounts["group"])
         script = self.tmp / f"admin-{action}.py"
@@ -656,5 +657,50 @@ def test_a_reconnecting_long_running_session_replaces_its_stale_one(tmp_path, ac
         old.proc.stdin.close()
         events = [(r["event"], r["pid"]) for r in h.audit() if r.get("tool") == "netmetrics"]
         assert [e for e, _ in events] == ["start", "end", "start", "end"], events
+    finally:
+        h.close()
+
+
+def test_status_then_uninstall_keeps_the_audit_and_works_twice(host, accounts):
+    status = host.admin("status")
+    assert status["exit"] == 0 and status["installed"] and status["ready"], status
+    assert status["version"] == build_payload().version and status["problems"] == []
+    assert all(t["ok"] for t in status["tools"].values()) and len(status["tools"]) == 5
+    assert status["policy"] == default_policy(accounts["group"])
+    tool = host.path(RELEASE + "/tools/drop.py")
+    tool.write_text(tool.read_text() + "# changed\n")
+    changed = host.admin("status")
+    assert changed["tools"]["drop"]["ok"] is False and changed["problems"], changed
+    gone = host.admin("uninstall")
+    assert gone["exit"] == 0 and "/etc/sudoers.d/ebpfdiag-runner" in gone["removed"], gone
+    assert gone["kept"] == [AUDIT] and host.audit()
+    assert not host.path("/usr/local/lib/ebpfdiag-runner").exists()
+    assert not host.path("/etc/sudoers.d/ebpfdiag-runner").exists()
+    again = host.admin("uninstall")
+    assert again["exit"] == 0 and again["removed"] == [], again
+    status, _, err, _ = host.ask(request("doctor"))
+    assert status == 1 and b"a password is required" in err  # no rule any more
+    assert host.admin("status")["installed"] is False
+
+
+def test_an_upgrade_swaps_current_and_status_says_an_old_runner_is_old(tmp_path, accounts):
+    from ebpfdiag.cli.runner import judge
+
+    h = Host(tmp_path, accounts)
+    try:
+        old = h.admin("install", accounts["group"], payload=build_payload("0.0.1"))
+        assert old["exit"] == 0 and old["release"].startswith("0.0.1-"), old
+        status = judge(h.admin("status"), "ebpfdiag runner install --hosts H --group G")
+        assert status["current"] is False and "older than the controller" in status["update"]
+        assert "ebpfdiag runner install --hosts H --group G" in status["update"]
+        new = h.admin("install", accounts["group"])
+        assert new["exit"] == 0 and {"release", "current"} <= set(new["changed"]), new
+        current = os.readlink(h.path("/usr/local/lib/ebpfdiag-runner/current"))
+        assert current == "releases/" + new["release"]
+        releases = sorted(os.listdir(h.path("/usr/local/lib/ebpfdiag-runner/releases")))
+        assert releases == sorted([old["release"], new["release"]])  # the previous one kept
+        assert judge(h.admin("status"), "x")["current"] is True
+        status, _, err, markers = h.ask(request("doctor", ["--no-compile"]), hold=None)
+        assert status == 0 and build_payload().version in markers[0], (markers, err)
     finally:
         h.close()
