@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import secrets
 import shutil
 import signal
@@ -63,11 +64,8 @@ touch /dev/log
 mount --bind "$S/log.sock" /dev/log
 mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing
 ip link set lo up
-ip link add {pfx}v0 type veth peer name {pfx}v1
 ip addr add 198.18.250.1/30 dev {pfx}v0
-ip addr add 198.18.250.2/30 dev {pfx}v1
 ip link set {pfx}v0 up
-ip link set {pfx}v1 up
 """
 
 
@@ -144,7 +142,17 @@ class Host:
         (tmp / "mnt").mkdir()
         self.syslog = Syslog(tmp / "log.sock")
         self.netns = f"{PREFIX}-{os.getpid()}-{tmp.name[-12:]}"[:40]
-        subprocess.run(["ip", "netns", "add", self.netns], check=True)
+        self.peer = self.netns + "p"
+        for ns in (self.netns, self.peer):
+            subprocess.run(["ip", "netns", "add", ns], check=True)
+        subprocess.run(
+            ["ip", "link", "add", f"{PREFIX}v0", "netns", self.netns, "type", "veth"]
+            + ["peer", "name", f"{PREFIX}v1", "netns", self.peer],
+            check=True,
+        )
+        peer = ["ip", "-n", self.peer]
+        subprocess.run([*peer, "addr", "add", "198.18.250.2/30", "dev", f"{PREFIX}v1"], check=True)
+        subprocess.run([*peer, "link", "set", f"{PREFIX}v1", "up"], check=True)
         self.holder = subprocess.Popen(
             ["ip", "netns", "exec", self.netns, "unshare", "-m", "--propagation", "private"]
             + ["sleep", "infinity"]
@@ -188,8 +196,9 @@ class Host:
         """A path of this host seen from outside (through the holder's root)."""
         return Path(f"/proc/{self.pid}/root{inside}")
 
-    def admin(self, action: str, *args: str, policy: dict | None = None) -> dict:
-        payload = build_payload() if action == "install" else None
+    def admin(self, action: str, *args: str, policy: dict | None = None, payload=None) -> dict:
+        if action == "install" and payload is None:
+            payload = build_payload()
         if action == "install" and policy is None:
             policy = default_policy(self.accounts["group"])
         script = self.tmp / f"admin-{action}.py"
@@ -289,7 +298,8 @@ class Host:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
         self.holder.wait(timeout=10)
-        subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
+        for ns in (self.netns, self.peer):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self.syslog.sock.shutdown(socket.SHUT_RDWR)
         self.syslog.sock.close()
 
@@ -338,7 +348,7 @@ def shared(tmp_path_factory, accounts):
         h.close()
 
 
-def assert_refused(h: Host, result, why: str) -> dict:
+def assert_refused(h: Host, result, why: str, running: list[str] | None = None) -> dict:
     """Refused with the one line, exit 77, nothing started or left running, and the
     refusal both in the audit file and in syslog."""
     status, out, err, markers = result
@@ -346,7 +356,7 @@ def assert_refused(h: Host, result, why: str) -> dict:
     assert status == 77, (status, err)
     assert len(refusals) == 1 and why in refusals[0], markers
     assert not any(m.startswith("running") for m in markers) and out == b""
-    assert h.processes() == []
+    assert sorted(h.processes()) == sorted(running or [])  # other runs on the host only
     line = refusals[0][len("error refused ") :]
     in_file = [r for r in h.audit() if r.get("refusal") == line]
     in_syslog = [r for r in h.syslog.runner_records() if r.get("refusal") == line]
@@ -463,3 +473,234 @@ def test_files_and_symlinks_planted_by_a_non_root_user_are_refused(host, account
     tools.chmod(0o755)
     status, _, _, markers = host.ask(request("doctor", ["--no-compile"]), hold=None)
     assert status == 0 and any(m.startswith("running ") for m in markers), markers
+
+
+class Live:
+    """A runner whose output is read line by line while it runs."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.out: queue.Queue = queue.Queue()
+        self.err: list[bytes] = []
+        threading.Thread(target=self._pump, args=(proc.stdout, self.out.put), daemon=True).start()
+        threading.Thread(
+            target=self._pump, args=(proc.stderr, self.err.append), daemon=True
+        ).start()
+
+    @staticmethod
+    def _pump(stream, put) -> None:
+        for line in iter(stream.readline, b""):
+            put(line)
+
+    def send(self, req: dict) -> None:
+        self.proc.stdin.write(b"EBPFDIAG-RUN1 " + json.dumps(req).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def record(self, kind: str, timeout: float = 60) -> dict:
+        """The next stdout record of type ``kind`` (others are kept in ``seen``)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                line = self.out.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            rec = json.loads(line)
+            self.seen.append(rec)
+            if rec.get("type") == kind:
+                return rec
+        raise AssertionError(f"no {kind} record in {timeout}s: {b''.join(self.err)!r}")
+
+    seen: list = []
+
+    def markers(self) -> list[str]:
+        text = b"".join(self.err)
+        return [ln[ln.index(MARK) + len(MARK) :].decode() for ln in text.split(b"\n") if MARK in ln]
+
+    def stop(self, timeout: float = 30) -> int:
+        """Stdin EOF, as when the controller goes away; the exit status."""
+        self.proc.stdin.close()
+        return self.proc.wait(timeout=timeout)
+
+
+def shape(records: list[dict]) -> list[tuple[str, str, tuple[str, ...]]]:
+    return sorted({(r["type"], str(r.get("name", "")), tuple(sorted(r))) for r in records})
+
+
+def test_doctor_through_the_runner_reports_what_a_root_run_reports(shared, accounts):
+    status, out, err, markers = shared.ask(request("doctor"), hold=None)
+    assert status == 0 and any(m.startswith("running ") for m in markers), err
+    through = [json.loads(line) for line in out.splitlines()]
+    root = subprocess.run(
+        [*shared.enter(), "/usr/bin/python3", f"{RELEASE}/tools/doctor.py"],
+        capture_output=True,
+        timeout=120,
+    )
+    as_root = [json.loads(line) for line in root.stdout.splitlines()]
+    assert len(through) >= 8 and shape(through) == shape(as_root)
+    assert [(r["name"], r["ok"]) for r in through] == [(r["name"], r["ok"]) for r in as_root]
+    events = [r for r in shared.audit() if r.get("pid") == int(markers[-1].split()[1])]
+    assert [r["event"] for r in events] == ["start", "end"], events
+    assert events[1]["exit_status"] == 0 and events[1]["tool"] == "doctor"
+    assert events[1]["sudo_user"] == accounts["user"] and events[1]["end"] >= events[1]["start"]
+    assert events[0]["sha256"] == build_payload().catalog["tools"]["doctor"]["sha256"]
+    logged = [r for r in shared.syslog.runner_records() if r.get("pid") == events[0]["pid"]]
+    assert logged == events
+
+
+def _resets(h: Host, port: int, times: int = 3) -> None:
+    """Connections from the peer to a port with no listener on the host: the host's
+    kernel answers each SYN with a RST, out through its veth."""
+    code = (
+        "import socket\n"
+        f"for _ in range({times}):\n"
+        "    try:\n"
+        f"        socket.create_connection(('198.18.250.1', {port}), timeout=2).close()\n"
+        "    except OSError:\n"
+        "        pass\n"
+    )
+    subprocess.run(["ip", "netns", "exec", h.peer, "/usr/bin/python3", "-c", code], timeout=30)
+
+
+def test_tcp_rst_through_the_runner_traces_then_detaches_on_stdin_eof(shared):
+    from tests.bpfstate import load_core, tcx_progs
+
+    nr = load_core("tc").bpf_syscall_number()
+    args = ["--interfaces", f"{PREFIX}v0", "--port", "9"]
+    live = Live(shared.start(shared.accounts["user"]))
+    live.seen = []
+    live.send(request("tcp_rst", args))
+    hello = live.record("hello")
+    assert hello["interfaces"] == [f"{PREFIX}v0"]
+    attached = tcx_progs(shared.netns, f"{PREFIX}v0", nr)
+    _resets(shared, 9)
+    reset = live.record("reset")
+    status = live.stop()
+    assert status in (0, 143 - 256, 143), (status, live.markers())
+    assert "eof" in live.markers() and "error grace-expired" not in live.markers()
+    if hello.get("attach", {}) and any(attached.values()):
+        assert tcx_progs(shared.netns, f"{PREFIX}v0", nr) == {"ingress": [], "egress": []}
+    assert shared.processes() == []
+    # the same tool run by root directly gives records of the same shape
+    root = subprocess.Popen(
+        [*shared.enter(), "/usr/bin/python3", f"{RELEASE}/tools/tcp_rst.py", *args]
+        + ["--duration", "8"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    as_root = Live.__new__(Live)
+    as_root.proc, as_root.out, as_root.err, as_root.seen = root, queue.Queue(), [], []
+    threading.Thread(target=Live._pump, args=(root.stdout, as_root.out.put), daemon=True).start()
+    threading.Thread(target=Live._pump, args=(root.stderr, as_root.err.append), daemon=True).start()
+    root_hello = as_root.record("hello")
+    _resets(shared, 9)
+    root_reset = as_root.record("reset")
+    root.wait(timeout=30)
+    assert sorted(root_hello) == sorted(hello) and sorted(root_reset) == sorted(reset)
+    assert reset["type"] == root_reset["type"] == "reset"
+    ends = [r for r in shared.audit() if r["event"] == "end" and r.get("tool") == "tcp_rst"]
+    assert ends and ends[-1]["args"] == args
+
+
+def test_a_run_is_stopped_at_the_policy_cap_and_runs_at_once_are_limited(tmp_path, accounts):
+    h = Host(tmp_path, accounts)
+    try:
+        policy = default_policy(accounts["group"])
+        policy.update(max_runs_per_host=1)
+        policy["groups"][accounts["group"]]["max_duration_s"] = 20
+        assert h.admin("install", accounts["group"], policy=policy)["exit"] == 0
+        first = Live(h.start(accounts["user"]))
+        first.seen = []
+        started = time.monotonic()
+        first.send(request("tcp_rst", ["--interfaces", f"{PREFIX}v0"]))
+        first.record("hello")
+        before = h.processes()
+        second = h.ask(request("doctor"))
+        assert_refused(h, second, "1 runs already on this host (policy max 1)", before)
+        status = first.proc.wait(timeout=30)  # stdin still open: the cap ends it
+        elapsed = time.monotonic() - started
+        assert 20 <= elapsed < 40 and status == 0, (elapsed, status, first.err)
+        assert b"tcp_rst stopped at the policy's cap of 20s" in b"".join(first.err)
+        first.proc.stdin.close()
+        status, _, err, markers = h.ask(request("doctor", ["--no-compile"]), hold=None)
+        assert status == 0, err  # the slot is free again
+    finally:
+        h.close()
+
+
+def test_a_reconnecting_long_running_session_replaces_its_stale_one(tmp_path, accounts):
+    h = Host(tmp_path, accounts)
+    try:
+        policy = default_policy(accounts["group"])
+        policy.update(max_runs_per_host=1)
+        assert h.admin("install", accounts["group"], policy=policy)["exit"] == 0
+        args = ["--interval", "1"]
+        old = Live(h.start(accounts["user"]))
+        old.seen = []
+        old.send(request("netmetrics", args))
+        deadline = time.monotonic() + 60
+        while not any(m.startswith("running") for m in old.markers()):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(2)
+        new = Live(h.start(accounts["user"]))
+        new.seen = []
+        new.send(request("netmetrics", args))
+        old_status = old.proc.wait(timeout=30)  # stopped by the new session
+        assert old_status is not None
+        deadline = time.monotonic() + 60
+        while not any(m.startswith("running") for m in new.markers()):
+            assert time.monotonic() < deadline, new.markers()
+            time.sleep(0.1)
+        assert not any(m.startswith("error") for m in new.markers())
+        new.stop()
+        old.proc.stdin.close()
+        events = [(r["event"], r["pid"]) for r in h.audit() if r.get("tool") == "netmetrics"]
+        assert [e for e, _ in events] == ["start", "end", "start", "end"], events
+    finally:
+        h.close()
+
+
+def test_status_then_uninstall_keeps_the_audit_and_works_twice(host, accounts):
+    status = host.admin("status")
+    assert status["exit"] == 0 and status["installed"] and status["ready"], status
+    assert status["version"] == build_payload().version and status["problems"] == []
+    assert all(t["ok"] for t in status["tools"].values()) and len(status["tools"]) == 5
+    assert status["policy"] == default_policy(accounts["group"])
+    tool = host.path(RELEASE + "/tools/drop.py")
+    tool.write_text(tool.read_text() + "# changed\n")
+    changed = host.admin("status")
+    assert changed["tools"]["drop"]["ok"] is False and changed["problems"], changed
+    gone = host.admin("uninstall")
+    assert gone["exit"] == 0 and "/etc/sudoers.d/ebpfdiag-runner" in gone["removed"], gone
+    assert gone["kept"] == [AUDIT] and host.audit()
+    assert not host.path("/usr/local/lib/ebpfdiag-runner").exists()
+    assert not host.path("/etc/sudoers.d/ebpfdiag-runner").exists()
+    again = host.admin("uninstall")
+    assert again["exit"] == 0 and again["removed"] == [], again
+    status, _, err, _ = host.ask(request("doctor"))
+    assert status == 1 and b"a password is required" in err  # no rule any more
+    assert host.admin("status")["installed"] is False
+
+
+def test_an_upgrade_swaps_current_and_status_says_an_old_runner_is_old(tmp_path, accounts):
+    from ebpfdiag.cli.runner import judge
+
+    h = Host(tmp_path, accounts)
+    try:
+        old = h.admin("install", accounts["group"], payload=build_payload("0.0.1"))
+        assert old["exit"] == 0 and old["release"].startswith("0.0.1-"), old
+        status = judge(h.admin("status"), "ebpfdiag runner install --hosts H --group G")
+        assert status["current"] is False and "older than the controller" in status["update"]
+        assert "ebpfdiag runner install --hosts H --group G" in status["update"]
+        new = h.admin("install", accounts["group"])
+        assert new["exit"] == 0 and {"release", "current"} <= set(new["changed"]), new
+        current = os.readlink(h.path("/usr/local/lib/ebpfdiag-runner/current"))
+        assert current == "releases/" + new["release"]
+        releases = sorted(os.listdir(h.path("/usr/local/lib/ebpfdiag-runner/releases")))
+        assert releases == sorted([old["release"], new["release"]])  # the previous one kept
+        assert judge(h.admin("status"), "x")["current"] is True
+        status, _, err, markers = h.ask(request("doctor", ["--no-compile"]), hold=None)
+        assert status == 0 and build_payload().version in markers[0], (markers, err)
+    finally:
+        h.close()

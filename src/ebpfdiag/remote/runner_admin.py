@@ -293,21 +293,34 @@ def status():
     return out
 
 
+def _remove_tree(path):
+    """Remove what is inside ``path``, then ``path`` itself unless it is a mount point
+    (an admin or a test may have mounted the runner's directories: EBUSY is fine)."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        return False
+    for name in sorted(os.listdir(path)):  # "current" first: no new run finds a release
+        entry = os.path.join(path, name)
+        if os.path.isdir(entry) and not os.path.islink(entry):
+            shutil.rmtree(entry)
+        else:
+            os.unlink(entry)
+    if not os.path.ismount(path):
+        os.rmdir(path)
+    return True
+
+
 def uninstall():
     """Sudoers first (no new runs), then the program, catalog, policy and run slots.
-    The audit file stays: it is the record of what ran."""
+    The audit file stays: it is the record of what ran. Runs under way go on to their end."""
     removed = []
     for path in (SUDOERS_FILE, POLICY_FILE):
         if os.path.lexists(path):
             os.unlink(path)
             removed.append(path)
     for path in (INSTALL_DIR, SLOT_DIR):
-        if os.path.lexists(path):
-            aside = "%s.removing-%d" % (path, os.getpid())
-            os.rename(path, aside)
-            shutil.rmtree(aside)
+        if _remove_tree(path):
             removed.append(path)
-    if os.path.isdir(POLICY_DIR) and not os.listdir(POLICY_DIR):
+    if os.path.isdir(POLICY_DIR) and not os.listdir(POLICY_DIR) and not os.path.ismount(POLICY_DIR):
         os.rmdir(POLICY_DIR)
         removed.append(POLICY_DIR)
     kept = [AUDIT_FILE] if os.path.exists(AUDIT_FILE) else []
