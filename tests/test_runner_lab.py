@@ -386,23 +386,14 @@ def test_a_refusal_names_the_runners_reason(clean):
 
 
 @pytest.fixture(scope="module")
-def installed(lab, tmp_path_factory):
+def installed(lab):
     """The runner installed on every lab host for group ebpfdiag, as an admin with full
-    sudo installs it: the install script pushed over the normal fan-out."""
-    from ebpfdiag.remote.runner_build import admin_script, build_payload, default_policy
-
+    sudo installs it (``ebpfdiag runner install``, over the normal fan-out)."""
     for host in lab.hosts:
         remove_runner(lab, host)
-    script = tmp_path_factory.mktemp("install") / "runner_admin.py"
-    script.write_text(admin_script("install", build_payload(), default_policy("ebpfdiag")))
-    proc = ebpfdiag("run-script", str(script), "-i", lab.inventory, "--hosts", "client,lb,server",
-                    "--json", "--", "install", "ebpfdiag")  # fmt: skip
-    done = [r["record"] for r in records(proc.stdout) if r["type"] == "record"]
-    assert len(done) == 3 and all(r["action"] == "install" for r in done), proc.stdout
-    # runner_admin's own check of the installed runner misreads its markers (56a2dfe):
-    # that error alone is tolerated; the tests below check what the runner does
-    known = "installed, but the runner refuses to start: exit status 77"
-    assert proc.returncode == 0 or all(r.get("error") == known for r in done), proc.stdout
+    proc = ebpfdiag("runner", "install", "-i", lab.inventory, "--hosts", "client,lb,server",
+                    "--group", "ebpfdiag", "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     try:
         yield lab
     finally:
@@ -514,3 +505,21 @@ def test_doctor_and_metrics_work_through_the_runner(installed, tmp_path):
         ("doctor", "runner", None),
         ("netmetrics", "runner", None),
     ]
+
+
+def test_uninstall_leaves_each_host_as_before_but_its_audit_file(installed):
+    """Last of the module: the runner's mount points stay, their contents go."""
+    proc = ebpfdiag("runner", "uninstall", "-i", installed.inventory, "--hosts", "client,lb,server")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for host in installed.hosts:
+        assert list(fs(installed, host, RUNNER_DIR).iterdir()) == []
+        assert sorted(p.name for p in fs(installed, host, "/etc/sudoers.d").iterdir()) == [
+            hostfs.MACHINE_INCLUDE
+        ]
+        assert [p.name for p in fs(installed, host, "/var/log/ebpfdiag").iterdir()] == [
+            "runner.log"
+        ]
+    proc = ebpfdiag(
+        "run-script", "doctor", "-i", installed.diag_inventory, "--hosts", "lb", "--json"
+    )
+    assert proc.returncode == 1 and hosts_of(records(proc.stdout))["lb"]["error_kind"] == "sudo"
