@@ -11,6 +11,7 @@ installed as an admin would, checks the whole path: the reset scenarios traced a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -305,7 +306,7 @@ def test_diag_runs_through_the_runner_where_one_is_installed(clean, tmp_path):
         "sudo needs a password on server; use --ask-sudo-pass or allow NOPASSWD for this "
         "user, or install the ebpfdiag runner for this user's group"
     )
-    digest = __import__("hashlib").sha256(bundle(script_path("tcp_rst")).encode()).hexdigest()
+    digest = hashlib.sha256(bundle(script_path("tcp_rst")).encode()).hexdigest()
     [line] = requests(clean, "lb")
     tag, body = line.split(" ", 1)
     assert tag == "EBPFDIAG-RUN1"
@@ -448,7 +449,7 @@ def test_diag_traces_resets_through_the_runner_with_root_verdicts(
     assert {h: r.get("via") for h, r in hellos.items()} == dict.fromkeys(
         ("client", "lb", "server"), "runner"
     )
-    digest = __import__("hashlib").sha256(bundle(script_path("tcp_rst")).encode()).hexdigest()
+    digest = hashlib.sha256(bundle(script_path("tcp_rst")).encode()).hexdigest()
     audit = records(log.read_text())
     assert sorted(r["host"] for r in audit) == ["client", "lb", "server"]
     for rec in audit:
