@@ -423,45 +423,67 @@ def start_trace(inventory: str, port: int, env: dict) -> subprocess.Popen:
     raise AssertionError(f"trace never became ready: {proc.stderr.read()}")
 
 
-@pytest.mark.parametrize("name", ["rst-no-listener", "rst-abort", "rst-lb-reject"])
-def test_diag_traces_resets_through_the_runner_with_root_verdicts(
-    installed, name, tmp_path, syslog_listener
-):
-    spec = SCENARIOS[name]
-    log = tmp_path / "audit.ndjson"
-    proc = start_trace(installed.diag_inventory, spec.port, {"EBPFDIAG_AUDIT_LOG": str(log)})
-    result = run_scenario(name, installed)
+def trace_scenario(lab, inventory: str, name: str, env: dict) -> list[dict]:
+    """The scenario traced by ``trace tcp-rst --count 1`` as the inventory's user."""
+    proc = start_trace(inventory, SCENARIOS[name].port, env)
+    result = run_scenario(name, lab)
     assert result.reproduced, result.summary()
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     recs = records(out)
-    [flow] = [r for r in recs if r["type"] == "flow"]
-    verdict = flow["verdict"]
-    expected = spec.expected  # what tests/test_trace_lab.py checks with full sudo
-    assert (verdict["origin_host"], verdict["origin_kind"], verdict["reason"]) == (
+    assert all(h["status"] == "ok" and h["ready"] for h in hosts_of(recs).values())
+    return recs
+
+
+def verdicts(recs: list[dict]) -> list[tuple]:
+    """Each flow's verdict: who sent the reset, what kind, why, and where it went."""
+    return [
+        (v["origin_host"], v["origin_kind"], v["reason"], [hop["host"] for hop in v["path"]])
+        for v in (r["verdict"] for r in recs if r["type"] == "flow")
+    ]
+
+
+def vias(recs: list[dict]) -> dict[str, str | None]:
+    return {r["host"]: r.get("via") for r in recs if r["type"] == "hello"}
+
+
+@pytest.mark.parametrize("name", ["rst-no-listener", "rst-abort", "rst-lb-reject"])
+def test_diag_traces_resets_through_the_runner_with_root_verdicts(
+    installed, name, tmp_path, syslog_listener
+):
+    as_root = trace_scenario(installed, installed.inventory, name, {})
+    log = tmp_path / "audit.ndjson"
+    as_diag = trace_scenario(
+        installed, installed.diag_inventory, name, {"EBPFDIAG_AUDIT_LOG": str(log)}
+    )
+    expected = SCENARIOS[name].expected
+    [(host, kind, reason, path)] = verdicts(as_diag)
+    assert (host, kind, reason, path[-1]) == (
         expected.host,
         expected.kind,
         expected.reason,
+        "client",
     )
-    assert verdict["path"][-1]["host"] == "client"
-    assert all(h["status"] == "ok" and h["ready"] for h in hosts_of(recs).values())
-    hellos = {r["host"]: r for r in recs if r["type"] == "hello"}
-    assert {h: r.get("via") for h, r in hellos.items()} == dict.fromkeys(
-        ("client", "lb", "server"), "runner"
+    assert verdicts(as_diag) == verdicts(as_root)
+    every = ("client", "lb", "server")
+    assert (vias(as_root), vias(as_diag)) == (
+        dict.fromkeys(every, "sudo"),
+        dict.fromkeys(every, "runner"),
     )
     digest = hashlib.sha256(bundle(script_path("tcp_rst")).encode()).hexdigest()
     audit = records(log.read_text())
-    assert sorted(r["host"] for r in audit) == ["client", "lb", "server"]
+    assert sorted(r["host"] for r in audit) == list(every)
     for rec in audit:
         assert (rec["via"], rec["tool"], rec["sha256"], rec["ssh_user"]) == (
             "runner", "tcp_rst", digest, DIAG_USER,
         )  # fmt: skip
-        assert rec["args"][:2] == ["--port", str(spec.port)] and rec["stopped"]
-    # every host's runner said so in the system log and in its own audit file
-    assert syslog_listener.wait_for("ebpfdiag-runner")
-    for host in installed.hosts:
+        assert rec["args"][:2] == ["--port", str(SCENARIOS[name].port)] and rec["stopped"]
+    # every host's runner recorded the run in the system log and in its own audit file
+    logged = syslog_listener.wait_for('"ssh_user": "diag"')
+    assert logged and all("ebpfdiag-runner[" in m and "tcp_rst" in m for m in logged)
+    for host in every:
         own = fs(installed, host, "/var/log/ebpfdiag") / "runner.log"
-        assert "tcp_rst" in own.read_text()
+        assert '"ssh_user": "diag"' in own.read_text()
     assert settled(lambda: netns_pids(installed, "server")) == {}
 
 
