@@ -233,7 +233,7 @@ def test_status_judges_old_missing_and_current_runners():
     assert same["current"] is True and "update" not in same
 
 
-def test_a_policy_file_is_checked_before_any_host_is_contacted(tmp_path):
+def test_a_policy_file_is_checked_before_any_host_is_contacted(tmp_path, capsys):
     from ebpfdiag.cli.app import main
 
     bad = tmp_path / "policy.json"
@@ -242,3 +242,4 @@ def test_a_policy_file_is_checked_before_any_host_is_contacted(tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["runner", "install", "--hosts", "nohost", "--group", "g", "--policy", str(bad)])
     assert exc.value.code == 2
+    assert "group g: 'tools' must be \"*\" or a list of doctor, drop" in capsys.readouterr().err
