@@ -11,6 +11,7 @@ checked with ``visudo -cf`` before it is renamed into place. See docs/runner.md.
 # ruff: noqa: UP031 - Python 3.6 on the hosts
 
 import base64
+import errno
 import grp
 import hashlib
 import json
@@ -304,9 +305,17 @@ def _remove_tree(path):
             shutil.rmtree(entry)
         else:
             os.unlink(entry)
-    if not os.path.ismount(path):
-        os.rmdir(path)
+    _rmdir(path)
     return True
+
+
+def _rmdir(path):
+    """rmdir, except on a mount point (a bind mount is not always ``ismount``)."""
+    try:
+        os.rmdir(path)
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
 
 
 def uninstall():
@@ -320,9 +329,8 @@ def uninstall():
     for path in (INSTALL_DIR, SLOT_DIR):
         if _remove_tree(path):
             removed.append(path)
-    if os.path.isdir(POLICY_DIR) and not os.listdir(POLICY_DIR) and not os.path.ismount(POLICY_DIR):
-        os.rmdir(POLICY_DIR)
-        removed.append(POLICY_DIR)
+    if os.path.isdir(POLICY_DIR) and not os.listdir(POLICY_DIR):
+        _rmdir(POLICY_DIR)
     kept = [AUDIT_FILE] if os.path.exists(AUDIT_FILE) else []
     return {"action": "uninstall", "removed": removed, "kept": kept}
 
