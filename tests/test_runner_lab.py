@@ -183,11 +183,13 @@ def requests(lab, host: str) -> list[str]:
     return log.read_text().splitlines() if log.exists() else []
 
 
-def inventory(lab, tmp_path: Path, users: dict[str, str]) -> str:
-    """The lab's inventory with a login user per host."""
+def inventory(lab, tmp_path: Path, users: dict[str, str], **settings: dict) -> str:
+    """The lab's inventory with a login user per host (and other settings per host)."""
     data = yaml.safe_load(Path(lab.inventory).read_text())
     for host, user in users.items():
         data["hosts"][host]["user"] = user
+    for host, values in settings.items():
+        data["hosts"][host].update(values)
     path = tmp_path / "mixed.yaml"
     path.write_text(yaml.safe_dump(data))
     return str(path)
@@ -256,20 +258,24 @@ def settled(check, timeout: float = 10.0):
 
 def test_full_sudo_user_runs_with_sudo(clean, tmp_path):
     install_fake_runner(clean, "lb")  # full sudo wins over an installed runner
+    install_fake_runner(clean, "client")  # and sudo: false is left as it is
+    mixed = inventory(clean, tmp_path, {}, client={"sudo": False})
     log = tmp_path / "audit.ndjson"
-    proc = ebpfdiag("run-script", "tcp_rst", "-i", clean.inventory, "--hosts", "lb,server",
+    proc = ebpfdiag("run-script", "tcp_rst", "-i", mixed, "--hosts", "client,lb,server",
                     "--json", "--", "--help", env={"EBPFDIAG_AUDIT_LOG": str(log)})  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert {h: r["status"] for h, r in hosts_of(records(proc.stdout)).items()} == {
+        "client": "ok",
         "lb": "ok",
         "server": "ok",
     }
     audit = {r["host"]: r for r in records(log.read_text())}
     assert {h: (r["via"], r["ssh_user"]) for h, r in audit.items()} == {
+        "client": ("direct", LAB_USER),
         "lb": ("sudo", LAB_USER),
         "server": ("sudo", LAB_USER),
     }
-    assert requests(clean, "lb") == []
+    assert requests(clean, "lb") == requests(clean, "client") == []
 
 
 def test_an_install_is_on_its_host_only(clean, tmp_path):
