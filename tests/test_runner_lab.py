@@ -169,7 +169,9 @@ def install_fake_runner(lab, host: str, *, tamper: str | None = None) -> None:
         (release / "tools" / f"{name}.py").write_text(
             text + ("# changed\n" if name == tamper else "")
         )
-    shutil.copyfile(BOOTSTRAP, release / "bootstrap.py")
+    boot = BOOTSTRAP.read_text()
+    assert '_mark("want-script %d.%d.%d" % sys.version_info[:3])' in boot  # FAKE_RUNNER drops it
+    (release / "bootstrap.py").write_text(boot)
     (release / "runner").write_text(FAKE_RUNNER)
     (release / "runner").chmod(0o755)
     (release.parent.parent / "current").symlink_to("releases/fake")
