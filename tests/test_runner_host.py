@@ -304,16 +304,23 @@ class Host:
         self.syslog.sock.close()
 
 
-@pytest.fixture
-def host(tmp_path, accounts):
-    """A fresh private host with the runner installed for ``accounts``' group."""
-    h = Host(tmp_path, accounts)
+@contextlib.contextmanager
+def installed_host(tmp: Path, accounts: dict, policy: dict | None = None):
+    """A private host with the runner installed for ``accounts``' group, removed after."""
+    h = Host(tmp, accounts)
     try:
-        result = h.admin("install", accounts["group"])
+        result = h.admin("install", accounts["group"], policy=policy)
         assert result["exit"] == 0 and result["ready"], result
         yield h
     finally:
         h.close()
+
+
+@pytest.fixture
+def host(tmp_path, accounts):
+    """A fresh host, for the tests that change what is installed."""
+    with installed_host(tmp_path, accounts) as h:
+        yield h
 
 
 def request(tool: str, args: list[str] | None = None, sha: str | None = None) -> dict:
@@ -339,13 +346,8 @@ def test_install_leaves_root_owned_files_and_a_checked_sudoers_rule(host, accoun
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory, accounts):
     """One installed host for the checks that change nothing on it."""
-    h = Host(tmp_path_factory.mktemp("shared"), accounts)
-    try:
-        result = h.admin("install", accounts["group"])
-        assert result["exit"] == 0 and result["ready"], result
+    with installed_host(tmp_path_factory.mktemp("shared"), accounts) as h:
         yield h
-    finally:
-        h.close()
 
 
 def assert_refused(h: Host, result, why: str, running: list[str] | None = None) -> dict:
@@ -603,12 +605,10 @@ def test_tcp_rst_through_the_runner_traces_then_detaches_on_stdin_eof(shared):
 
 
 def test_a_run_is_stopped_at_the_policy_cap_and_runs_at_once_are_limited(tmp_path, accounts):
-    h = Host(tmp_path, accounts)
-    try:
-        policy = default_policy(accounts["group"])
-        policy.update(max_runs_per_host=1)
-        policy["groups"][accounts["group"]]["max_duration_s"] = 20
-        assert h.admin("install", accounts["group"], policy=policy)["exit"] == 0
+    policy = default_policy(accounts["group"])
+    policy.update(max_runs_per_host=1)
+    policy["groups"][accounts["group"]]["max_duration_s"] = 20
+    with installed_host(tmp_path, accounts, policy) as h:
         first = Live(h.start(accounts["user"]))
         first.seen = []
         started = time.monotonic()
@@ -624,16 +624,12 @@ def test_a_run_is_stopped_at_the_policy_cap_and_runs_at_once_are_limited(tmp_pat
         first.proc.stdin.close()
         status, _, err, markers = h.ask(request("doctor", ["--no-compile"]), hold=None)
         assert status == 0, err  # the slot is free again
-    finally:
-        h.close()
 
 
 def test_a_reconnecting_long_running_session_replaces_its_stale_one(tmp_path, accounts):
-    h = Host(tmp_path, accounts)
-    try:
-        policy = default_policy(accounts["group"])
-        policy.update(max_runs_per_host=1)
-        assert h.admin("install", accounts["group"], policy=policy)["exit"] == 0
+    policy = default_policy(accounts["group"])
+    policy.update(max_runs_per_host=1)
+    with installed_host(tmp_path, accounts, policy) as h:
         args = ["--interval", "1"]
         old = Live(h.start(accounts["user"]))
         old.seen = []
@@ -657,8 +653,6 @@ def test_a_reconnecting_long_running_session_replaces_its_stale_one(tmp_path, ac
         old.proc.stdin.close()
         events = [(r["event"], r["pid"]) for r in h.audit() if r.get("tool") == "netmetrics"]
         assert [e for e, _ in events] == ["start", "end", "start", "end"], events
-    finally:
-        h.close()
 
 
 def test_status_then_uninstall_keeps_the_audit_and_works_twice(host, accounts):
