@@ -5,6 +5,7 @@ laptop without root they skip; under CI (``CI=true``) a missing prerequisite fai
 test instead, so a green CI run means they really ran.
 """
 
+import contextlib
 import os
 import shutil
 
@@ -37,3 +38,94 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def _root_prerequisites():
     require_root_tools("ip", "/usr/sbin/sshd", "sudo")
+
+
+DEV_LOG = "/dev/log"
+#: Held while a test listens on /dev/log, so tests that want it never take it from each other.
+DEV_LOG_LOCK = "/run/ebpfdiag-test-devlog.lock"
+
+
+class SyslogListener:
+    """A unix datagram socket on /dev/log that keeps what syslog(3) sends it."""
+
+    def __init__(self, sock):
+        import threading
+
+        self._sock = sock
+        self._got: list[str] = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._receive, daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(65536)
+            except OSError:
+                return
+            with self._cond:
+                self._got.append(data.decode(errors="replace"))
+                self._cond.notify_all()
+
+    def messages(self) -> list[str]:
+        """Every datagram so far, e.g. ``<84>Nov 27 17:05:00 ebpfdiag-runner[12]: {...}``."""
+        with self._cond:
+            return list(self._got)
+
+    def wait_for(self, text: str, timeout: float = 10.0) -> list[str]:
+        """The messages containing ``text``, once there is one (or [] after ``timeout``)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [m for m in self._got if text in m]
+                left = deadline - time.monotonic()
+                if found or left <= 0:
+                    return found
+                self._cond.wait(left)
+
+
+@pytest.fixture
+def syslog_listener():
+    """Listen on /dev/log (the machine runs no syslog daemon) for the test's duration.
+
+    A live /dev/log belongs to a real syslog daemon: then the test cannot see the lines
+    and is skipped (failed under CI). /dev is not private in the lab's mount namespaces,
+    so programs run on lab hosts log here too."""
+    import fcntl
+    import socket
+    import stat
+    import time
+
+    require(os.geteuid() == 0, "needs root to listen on /dev/log")
+    with open(DEV_LOG_LOCK, "w") as lock:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                require(time.monotonic() < deadline, "another test held /dev/log for 120 s")
+                time.sleep(0.2)
+        if os.path.lexists(DEV_LOG):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                probe.connect(DEV_LOG)
+                live = True
+            except OSError:
+                live = False
+            finally:
+                probe.close()
+            require(not live, "a syslog daemon owns /dev/log")
+            require(stat.S_ISSOCK(os.lstat(DEV_LOG).st_mode), "/dev/log is not a socket")
+            os.unlink(DEV_LOG)  # a stale socket nobody listens on
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(DEV_LOG)
+        os.chmod(DEV_LOG, 0o666)
+        try:
+            yield SyslogListener(sock)
+        finally:
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(DEV_LOG)

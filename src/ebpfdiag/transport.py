@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import json
 import os
 import random
 import shlex
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import asyncssh
 
+from ebpfdiag import audit
 from ebpfdiag.clock import ClockSample
 from ebpfdiag.inventory import Host
 
@@ -35,14 +37,31 @@ EXIT_BAD_SCRIPT = 98
 #: dispatch, ~0.5 us less controller CPU per 290-byte record. The window is unchanged, so
 #: what one host can have in flight stays bounded.
 MAX_PACKET = 256 * 1024
+#: The root-owned runner of the shipped tools (docs/runner.md): the path its sudoers rule
+#: names, run without arguments.
+RUNNER = "/usr/local/lib/ebpfdiag-runner/current/runner"
+#: Chooses the launch on the host, in the launch's own channel (no extra round trip): where
+#: a runner is installed and ``sudo -l`` does not allow the python command line (``$@``)
+#: but allows the runner, the runner; else the python command line under sudo as before
+#: (so that sudo's own message says why, when neither is allowed). A host without a
+#: runner costs a ``test``, not a ``sudo -l``.
+CHOOSE_SUDO = (
+    f'if [ -e {RUNNER} ] && ! sudo -n -l -- "$@" >/dev/null 2>&1 && '
+    f"sudo -n -l -- {RUNNER} >/dev/null 2>&1; then exec sudo -n -- {RUNNER}; fi; "
+    'exec sudo -n -- "$@"'
+)
+#: How the first line of a shipped tool's stdout starts (its ``hello`` record).
+HELLO_PREFIXES = (b'{"type":"hello"', b'{"type": "hello"')
 
 
 class HostFailure(Exception):
-    """A per-host failure: ``kind`` is stable (for JSON), ``str()`` is the one-line message."""
+    """A per-host failure: ``kind`` is stable (for JSON), ``str()`` is the one-line message;
+    ``via`` is how the script was launched, when the host said so before failing."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.kind = kind
+        self.via: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,12 +80,48 @@ class Script:
 
         return cls(path.name, bundle(path, check=False).encode(), args)
 
+    @functools.cached_property
+    def digest(self) -> str:
+        """sha256 of the bytes pushed: what a runner checks its installed copy against."""
+        return hashlib.sha256(self.source).hexdigest()
+
+    @functools.cached_property
+    def catalog_tool(self) -> str | None:
+        """The shipped tool this script is, byte for byte (``tcp_rst``), else None.
+
+        Only such a script can go through a runner, which runs its own installed copy
+        and takes the name, never code: whatever else it is (a local file, a changed
+        copy of a tool) is arbitrary code."""
+        from ebpfdiag.catalog import scripts_dir
+        from ebpfdiag.errors import EbpfdiagError
+        from ebpfdiag.remote.bundle import bundle
+
+        stem = self.name.removesuffix(".py")
+        try:
+            path = scripts_dir() / f"{stem}.py"
+            if "/" in stem or not path.is_file():
+                return None
+            shipped = bundle(path, check=False).encode()
+        except (EbpfdiagError, OSError, ValueError):
+            return None
+        return stem if shipped == self.source else None
+
     def frame(self) -> bytes:
         """Header line + source; the name is the header's last field (spaces allowed)."""
-        digest = hashlib.sha256(self.source).hexdigest()
         name = self.name.replace("\n", " ")
-        head = f"EBPFDIAG1 {len(self.source)} {digest} {name}\n"
+        head = f"EBPFDIAG1 {len(self.source)} {self.digest} {name}\n"
         return head.encode(errors="replace") + self.source
+
+    def request(self, ssh_user: str) -> bytes:
+        """What a runner gets instead of the code: the tool, the digest this controller
+        would push, the arguments, and who logged in (for its audit record)."""
+        body = {
+            "tool": self.catalog_tool,
+            "sha256": self.digest,
+            "args": list(self.args),
+            "ssh_user": ssh_user,
+        }
+        return b"EBPFDIAG-RUN1 " + json.dumps(body, separators=(",", ":")).encode() + b"\n"
 
 
 @dataclass(frozen=True)
@@ -112,11 +167,15 @@ def bootstrap_source() -> str:
 
 
 def remote_command(host: Host, script: Script, use_sudo: bool, with_password: bool) -> str:
-    """The shell command line run on the host (no secrets: the password goes over stdin)."""
+    """The shell command line run on the host (no secrets: the password goes over stdin).
+
+    Under ``sudo -n`` a small ``sh`` prelude picks full sudo or the runner on the host
+    (``CHOOSE_SUDO``); with a password, sudo is asked for the python command line alone."""
     argv = [host.python, "-c", bootstrap_source(), *script.args]
-    if use_sudo:
-        sudo = ["sudo", "-S", "-p", SUDO_PROMPT] if with_password else ["sudo", "-n"]
-        argv = [*sudo, "--", *argv]
+    if use_sudo and with_password:
+        argv = ["sudo", "-S", "-p", SUDO_PROMPT, "--", *argv]
+    elif use_sudo:
+        argv = ["sh", "-c", CHOOSE_SUDO, "ebpfdiag", *argv]
     return " ".join(shlex.quote(a) for a in argv)
 
 
@@ -264,6 +323,9 @@ class RunOutcome:
     exit_status: int | None
     exit_signal: str | None
     stopped_by_us: bool
+    #: how the script ran: ``sudo``, ``runner``, ``root`` (logged in as root) or ``direct``
+    #: (``sudo: false``: the login user's own rights)
+    via: str | None = None
 
 
 async def _read_lines(stream: asyncssh.SSHReader, on_lines: Callable[[list[bytes]], None]) -> None:
@@ -307,6 +369,12 @@ class RemoteRun:
         self.on_clock = on_clock
         self.clock_pings = clock_pings
         self.want_script = asyncio.Event()
+        #: what answers the host's ``want-script`` (the framed script) or ``want-request``
+        #: (the runner request), set with ``want_script``
+        self.launch_input = b""
+        self.via: str | None = None
+        self.ssh_user = host.user or ""
+        self._hello_pending = True
         self.running = asyncio.Event()
         self.failure: HostFailure | None = None
         self.sudo_prompts = 0
@@ -349,7 +417,10 @@ class RemoteRun:
             else:
                 self.process.stdin.write(self.opts.sudo_password.encode() + b"\n")
         elif kind == "want-script":
+            self.launch_input = self.script.frame()
             self.want_script.set()
+        elif kind == "want-request":
+            self._want_request(words[1:])
         elif kind == "running":
             self.running.set()
             self.on_running()
@@ -357,6 +428,9 @@ class RemoteRun:
             sent = self.ping_sent.pop(int(words[1]), None)
             if sent is not None:
                 self.on_clock(ClockSample(sent, int(words[2]), time.monotonic_ns()))
+        elif kind == "error" and len(words) >= 3 and words[1] == "refused":
+            why = " ".join(words[2:])
+            self._fail(HostFailure("runner", f"the runner on {self.host.name} refused: {why}"))
         elif kind == "error" and len(words) >= 3 and words[1] == "python-too-old":
             self._fail(
                 HostFailure(
@@ -364,6 +438,28 @@ class RemoteRun:
                     f"{self.host.python} on {self.host.name} is Python {words[2]}; need 3.6+",
                 )
             )
+
+    def _want_request(self, words: list[str]) -> None:
+        """The host has only the runner (``want-request PYTHON VERSION TOOLS``): ask it for
+        the shipped tool by name; arbitrary code is refused here, before anything runs."""
+        self.via = "runner"
+        allowed = words[2].replace(",", ", ") if len(words) > 2 else "no tool"
+        if self.script.catalog_tool is None:
+            self._fail(HostFailure("runner", f"runner only on {self.host.name}: allows {allowed}"))
+            return
+        self.launch_input = self.script.request(self.ssh_user)
+        self.want_script.set()
+
+    def _on_stdout(self, lines: list[bytes]) -> None:
+        """The script's stdout; the first line, a shipped tool's ``hello``, says ``via``."""
+        if self._hello_pending and lines:
+            self._hello_pending = False
+            first = lines[0]
+            if first.startswith(HELLO_PREFIXES) and self.via is not None:
+                cut = first.index(b'"hello"') + len(b'"hello"')
+                via = f',"via":"{self.via}"'.encode()
+                lines = [first[:cut] + via + first[cut:], *lines[1:]]
+        self.on_lines("stdout", lines)
 
     async def _ping(self) -> None:
         """Clock pings, stamped with the controller's monotonic clock (never its wall
@@ -395,17 +491,37 @@ class RemoteRun:
         return True
 
     async def run(self, conn: asyncssh.SSHClientConnection, stop: asyncio.Event) -> RunOutcome:
-        """Launch and stream until the script exits or ``stop`` is set (then stdin EOF)."""
+        """Launch and stream until the script exits or ``stop`` is set (then stdin EOF);
+        with an audit log, what happened is recorded there however the run ends."""
+        started = time.time_ns()
+        outcome: RunOutcome | None = None
+        failure: BaseException | None = None
+        try:
+            outcome = await self._run(conn, stop)
+            return outcome
+        except HostFailure as exc:
+            exc.via = self.via
+            failure = exc
+            raise
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            if audit.destination() is not None:
+                audit.write(audit.host_run(self, started, outcome, failure))
+
+    async def _run(self, conn: asyncssh.SSHClientConnection, stop: asyncio.Event) -> RunOutcome:
         host = self.host
         use_sudo = host.sudo and host.user != "root"
         with_password = use_sudo and self.opts.sudo_password is not None
         command = remote_command(host, self.script, use_sudo, with_password)
+        self.ssh_user = conn.get_extra_info("username") or self.ssh_user
         self.process = process = await conn.create_process(
             command, encoding=None, max_pktsize=MAX_PACKET
         )
         readers = asyncio.ensure_future(
             asyncio.gather(
-                _read_lines(process.stdout, functools.partial(self.on_lines, "stdout")),
+                _read_lines(process.stdout, self._on_stdout),
                 _read_lines(process.stderr, self._on_stderr),
             )
         )
@@ -413,7 +529,9 @@ class RemoteRun:
         pinger = None
         try:
             if await _first(self.want_script.wait(), readers, stop.wait()):
-                process.stdin.write(self.script.frame())
+                if self.via is None:
+                    self.via = "sudo" if use_sudo else "root" if host.user == "root" else "direct"
+                process.stdin.write(self.launch_input)
                 if await _first(self.running.wait(), readers, stop.wait()):
                     pinger = asyncio.ensure_future(self._ping())
             if not readers.done():
@@ -433,9 +551,9 @@ class RemoteRun:
             raise self.failure
         status = process.exit_status
         if not self.running.is_set() and not stopped_by_us:
-            raise _launch_failure(host, status, self.stderr_tail)
+            raise _launch_failure(host, status, self.stderr_tail, use_sudo and not with_password)
         signal = process.exit_signal[0] if process.exit_signal else None
-        return RunOutcome(status, signal, stopped_by_us)
+        return RunOutcome(status, signal, stopped_by_us, self.via)
 
 
 async def _first(main: Awaitable, *others: asyncio.Future | Awaitable) -> bool:
@@ -452,18 +570,28 @@ async def _first(main: Awaitable, *others: asyncio.Future | Awaitable) -> bool:
     return True
 
 
-def _launch_failure(host: Host, status: int | None, stderr_tail: list[str]) -> HostFailure:
-    """Why the bootstrap never ran the script: sudo, missing python, or something else."""
+def _launch_failure(
+    host: Host, status: int | None, stderr_tail: list[str], chose: bool = False
+) -> HostFailure:
+    """Why the bootstrap never ran the script: sudo, missing python, or something else
+    (``chose``: the host was asked for full sudo or the runner, and allowed neither)."""
     text = " ".join(stderr_tail).strip()
     low = text.lower()
     if "password is required" in low or "a terminal is required" in low:
+        runner = ", or install the ebpfdiag runner for this user's group" if chose else ""
         return HostFailure(
             "sudo",
             f"sudo needs a password on {host.name}; use --ask-sudo-pass or allow "
-            "NOPASSWD for this user",
+            f"NOPASSWD for this user{runner}",
         )
-    if "not in the sudoers" in low or "not allowed to execute" in low:
-        return HostFailure("sudo", f"{host.user or 'the login user'} may not sudo on {host.name}")
+    if "not in the sudoers" in low or "not allowed to execute" in low or "may not run sudo" in low:
+        user = host.user or "the login user"
+        if chose:
+            return HostFailure(
+                "sudo",
+                f"{user} may sudo neither {host.python} nor the ebpfdiag runner on {host.name}",
+            )
+        return HostFailure("sudo", f"{user} may not sudo on {host.name}")
     if status == 127 or "command not found" in low or "no such file" in low:
         return HostFailure("python", f"{host.python} not found on {host.name}")
     if status == EXIT_BAD_SCRIPT:

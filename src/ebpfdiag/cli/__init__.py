@@ -20,6 +20,7 @@ COMMANDS = {
     "lab": "ebpfdiag.cli.lab:lab",
     "bundle": "ebpfdiag.cli.bundle:bundle_cmd",
     "metrics": "ebpfdiag.cli.metrics:metrics",
+    "runner": "ebpfdiag.cli.runner:runner",
 }
 
 

@@ -69,6 +69,7 @@ def up(
     hosts = ", ".join(f"{h.name} {h.mgmt_address}" for h in state.hosts.values())
     app.term.status(f"lab up: {hosts}; VIP {state.vip}")
     app.term.status(f"inventory: {state.inventory}")
+    app.term.status(f"inventory for {state.diag_user} (no sudo of its own): {state.diag_inventory}")
     app.term.status(f"try: ebpfdiag run-script ... --hosts {','.join(state.hosts)}")
 
 

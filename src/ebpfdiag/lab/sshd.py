@@ -6,6 +6,7 @@ and every path lives in the lab's own directory so nothing of the machine's sshd
 
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from ebpfdiag.errors import LabError
@@ -82,19 +83,26 @@ def read_pid(pid_file: Path, config: Path) -> int | None:
     return None
 
 
-def start(netns: str, config: Path, pid_file: Path, log_file: Path) -> None:
-    """Start sshd inside ``netns``; it daemonizes, so this returns once it has forked."""
+def start(
+    netns: str, config: Path, pid_file: Path, log_file: Path, mounts: Sequence[str] = ()
+) -> None:
+    """Start sshd inside ``netns``; it daemonizes, so this returns once it has forked.
+    ``mounts``: shell lines run first in its private mount namespace (``hostfs.prelude``)."""
     PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
     if read_pid(pid_file, config):
         return
     pid_file.unlink(missing_ok=True)
     # `ip netns exec` gives the daemon a private mount namespace with a fresh /sys, where
     # tracefs is not mounted: mount it there, so BPF scripts run over ssh see the tracepoints
-    # exactly as on a real host. The mount lives and dies with that private namespace.
-    with_tracefs = (
-        'mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing; exec "$@"'
-    )
-    argv = ["sh", "-c", with_tracefs, "sh", SSHD, "-f", str(config), "-E", str(log_file)]
+    # exactly as on a real host. That mount, and the host's own ``mounts``, live and die
+    # with that private namespace (every login to the host inherits them).
+    lines = [
+        "set -e",
+        "mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing",
+        *mounts,
+        'exec "$@"',
+    ]
+    argv = ["sh", "-c", "\n".join(lines), "sh", SSHD, "-f", str(config), "-E", str(log_file)]
     run(ns_exec_argv(netns, argv))
 
 

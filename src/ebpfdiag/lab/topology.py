@@ -7,9 +7,13 @@ Layout (offsets from the lab's base network, 198.18.0.0 by default)::
     lb br-servers .2.1/24 (ports to-serverN) <--> serverN eth0 .2.(10+i)/24
     VIP .3.1/32 on lb's lo; nftables on lb: DNAT (numgen across servers) + masquerade
 
-Each host runs its own sshd on its management address. Everything is named with the
-lab's prefix and recorded in ``state.json`` in the state directory before it is made,
-so ``down`` removes exactly what exists, also after a crash half way through ``up``.
+Each host runs its own sshd on its management address, with its own copies of the
+runner's paths and of /etc/sudoers.d (``hostfs``). Two users log in: ``ebpfdiag-lab``
+(full sudo) and ``diag`` (group ``ebpfdiag``, no sudo rule of its own: what it may run
+is what an installed runner allows), each with an inventory of the same hosts.
+Everything is named with the lab's prefix and recorded in ``state.json`` in the state
+directory before it is made, so ``down`` removes exactly what exists, also after a crash
+half way through ``up``.
 """
 
 import contextlib
@@ -26,7 +30,7 @@ from typing import Any
 import yaml
 
 from ebpfdiag.errors import LabError, UsageError
-from ebpfdiag.lab import netns, prereqs, sshd, state, users
+from ebpfdiag.lab import hostfs, netns, prereqs, sshd, state, users
 from ebpfdiag.lab.scenarios import NFT_TABLE, SCENARIOS
 
 DEFAULT_PREFIX = "ebl"
@@ -34,6 +38,9 @@ DEFAULT_BASE = "198.18.0.0"
 DEFAULT_STATE_DIR = Path("/var/lib/ebpfdiag/lab")
 STATE_DIR_ENV = "EBPFDIAG_LAB_DIR"
 LAB_USER = "ebpfdiag-lab"
+#: A user without sudo rights of its own, in the group a runner is installed for.
+DIAG_USER = "diag"
+DIAG_GROUP = "ebpfdiag"
 INVENTORY_MARKER = "# ebpfdiag-lab: written by 'ebpfdiag lab up'; 'ebpfdiag lab down' removes it"
 PYTHON = "/usr/bin/python3"
 LAB_RANGE = ipaddress.ip_network("198.18.0.0/15")
@@ -74,6 +81,9 @@ class LabState:
     client_key: str
     servers: list[str]
     mgmt_bridge: str
+    #: the same hosts for ``diag`` (None in the state of a lab made before it existed)
+    diag_inventory: str | None = None
+    diag_user: str = DIAG_USER
 
     def host(self, name: str) -> LabHost:
         return self.hosts[name]
@@ -102,6 +112,11 @@ def invoking_user() -> pwd.struct_passwd:
 
 def default_inventory_path() -> Path:
     return Path(invoking_user().pw_dir) / ".config" / "ebpfdiag" / "inventory.yaml"
+
+
+def diag_inventory_path(inventory: Path) -> Path:
+    """``inventory.yaml`` -> ``inventory-diag.yaml``, next to it."""
+    return inventory.with_name(f"{inventory.stem}-diag{inventory.suffix or '.yaml'}")
 
 
 def lab_wrote(path: Path) -> bool:
@@ -191,6 +206,7 @@ class Lab:
             client_key=str(self.state_dir / "id_ed25519"),
             servers=names,
             mgmt_bridge=f"{self.prefix}-mgmt",
+            diag_inventory=str(diag_inventory_path(inventory)),
         )
 
     # -- up -------------------------------------------------------------------------------
@@ -201,6 +217,7 @@ class Lab:
         prereqs.check_packages()
         lab = self.plan()
         self._refuse_foreign_inventory(Path(lab.inventory))
+        self._refuse_foreign_inventory(Path(lab.diag_inventory))
         record = state.load(self.state_path)
         record.update({"prefix": self.prefix, "base": str(self.base), "server_count": self.servers})
         record.setdefault("owner", f"lab-{self.prefix}")
@@ -221,9 +238,12 @@ class Lab:
                 state.save(self.state_path, record)
 
         self._check_networks_free(lab)
-        users.acquire(LAB_USER, record["owner"])
-        record["users"] = [LAB_USER]
+        record["users"] = [LAB_USER, DIAG_USER]
+        record["mounts"] = True
         state.save(self.state_path, record)
+        users.acquire(LAB_USER, record["owner"])
+        users.acquire(DIAG_USER, record["owner"], sudo=False, group=DIAG_GROUP)
+        hostfs.acquire(record["owner"])
 
         sshd.generate_key(Path(lab.client_key), f"ebpfdiag-lab-{self.prefix}")
         keys = self.state_dir / "authorized_keys"
@@ -251,6 +271,7 @@ class Lab:
             sshd.wait_ready(host.mgmt_address, host.port, pid_file, config, deadline)
         self._write_known_hosts(lab)
         record["inventory"] = lab.inventory
+        record["diag_inventory"] = lab.diag_inventory
         state.save(self.state_path, record)
         self._write_inventory(lab)
         record["lab"] = lab.to_dict()
@@ -368,9 +389,10 @@ table ip {NFT_TABLE} {{
             host_key=host_key,
             pid_file=pid_file,
             authorized_keys=keys,
-            users=[LAB_USER],
+            users=[LAB_USER, DIAG_USER],
         )
-        sshd.start(host.netns, config, pid_file, hostdir / "sshd.log")
+        mounts = hostfs.prelude(hostfs.prepare(hostdir))
+        sshd.start(host.netns, config, pid_file, hostdir / "sshd.log", mounts)
 
     def _write_known_hosts(self, lab: LabState) -> None:
         lines = []
@@ -400,11 +422,14 @@ table ip {NFT_TABLE} {{
             "groups": {"lab": list(lab.hosts), "servers": list(lab.servers)},
         }
         path = Path(lab.inventory)
+        diag = Path(lab.diag_inventory or diag_inventory_path(path))
         owner = invoking_user()
         created = _mkdirs(path.parent)
         path.write_text(INVENTORY_MARKER + "\n" + yaml.safe_dump(inventory, sort_keys=False))
+        inventory["defaults"]["user"] = lab.diag_user
+        diag.write_text(INVENTORY_MARKER + "\n" + yaml.safe_dump(inventory, sort_keys=False))
         # The invoking user (behind sudo) runs the controller: let them read what it needs.
-        for item in [path, Path(lab.client_key), Path(lab.known_hosts), *created]:
+        for item in [path, diag, Path(lab.client_key), Path(lab.known_hosts), *created]:
             os.chown(item, owner.pw_uid, owner.pw_gid)
 
     # -- down -----------------------------------------------------------------------------
@@ -432,16 +457,20 @@ table ip {NFT_TABLE} {{
             users.release(user, owner)
             if existed and not users.user_exists(user):
                 removed.append(f"user {user}")
-        inventory = record.get("inventory")
-        if inventory and lab_wrote(Path(inventory)):
-            Path(inventory).unlink()
-            removed.append(f"file {inventory}")
+        if record.get("mounts"):
+            removed += hostfs.release(owner)
+        for key in ("inventory", "diag_inventory"):
+            inventory = record.get(key)
+            if inventory and lab_wrote(Path(inventory)):
+                Path(inventory).unlink()
+                removed.append(f"file {inventory}")
         removed += prereqs.remove_headers(record.get("headers", {}))
         if record.get("tracefs_mounted"):
             removed += prereqs.unmount_tracefs()
         if self.state_path.exists() or (
             self.state_dir.is_dir() and not any(self.state_dir.iterdir())
         ):
+            hostfs.unpin(self.state_dir / "hosts")
             shutil.rmtree(self.state_dir)
             removed.append(f"dir {self.state_dir}")
         return removed
@@ -485,6 +514,7 @@ table ip {NFT_TABLE} {{
             "vip": lab.vip,
             "ports": lab.ports,
             "inventory": record.get("inventory"),
+            "diag_inventory": record.get("diag_inventory"),
             "known_hosts": lab.known_hosts,
             "client_key": lab.client_key,
             "hosts": hosts,

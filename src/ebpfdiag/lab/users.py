@@ -9,6 +9,7 @@ the account is made, so teardown after a crash still finds them.
 
 import contextlib
 import fcntl
+import grp
 import pwd
 import secrets
 import shutil
@@ -29,6 +30,14 @@ def sudoers_path(user: str) -> Path:
     return SUDOERS_DIR / f"ebpfdiag-{user.replace('.', '_')}"
 
 
+def group_exists(group: str) -> bool:
+    try:
+        grp.getgrnam(group)
+    except KeyError:
+        return False
+    return True
+
+
 def user_exists(user: str) -> bool:
     try:
         pwd.getpwnam(user)
@@ -45,16 +54,27 @@ def _locked() -> Iterator[None]:
         yield
 
 
-def acquire(user: str, owner: str, *, password_sudo: bool = False) -> str | None:
+def acquire(
+    user: str,
+    owner: str,
+    *,
+    password_sudo: bool = False,
+    sudo: bool = True,
+    group: str | None = None,
+) -> str | None:
     """Make sure ``user`` exists with sudo rights for ``owner``; return its password if any.
 
     ``password_sudo`` users get a random password and a sudoers rule without NOPASSWD,
-    so ``sudo -n`` fails and ``sudo -S`` with the password works.
+    so ``sudo -n`` fails and ``sudo -S`` with the password works. ``sudo=False`` users get
+    no sudoers file of their own; ``group`` (made if missing) is one they belong to.
     """
     with _locked():
         entry = REGISTRY / user
         (entry / "owners").mkdir(parents=True, exist_ok=True)
         (entry / "owners" / owner).touch()
+        if group is not None and not group_exists(group):
+            (entry / "group").write_text(group)
+            run(["groupadd", group])
         if not user_exists(user):
             (entry / "created").touch()
             HOMES.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -68,7 +88,10 @@ def acquire(user: str, owner: str, *, password_sudo: bool = False) -> str | None
             else:
                 # '*' instead of useradd's locked '!': sshd without PAM refuses locked accounts.
                 run(["usermod", "-p", "*", user])
-        _ensure_sudoers(user, entry, password_sudo)
+        if group is not None and user not in grp.getgrnam(group).gr_mem:
+            run(["usermod", "-a", "-G", group, user])
+        if sudo:
+            _ensure_sudoers(user, entry, password_sudo)
         password_file = entry / "password"
         if password_sudo and not password_file.exists():
             raise LabError(f"user {user} exists but the lab did not make it: password unknown")
@@ -106,6 +129,10 @@ def release(user: str, owner: str) -> None:
             run(["userdel", "--remove", user], check=False)
             if user_exists(user):
                 raise LabError(f"could not remove user {user} (processes still running?)")
+        if (entry / "group").exists():
+            group = (entry / "group").read_text()
+            if group_exists(group) and not grp.getgrnam(group).gr_mem:
+                run(["groupdel", group], check=False)
         shutil.rmtree(entry, ignore_errors=True)
         with contextlib.suppress(OSError):
             HOMES.rmdir()

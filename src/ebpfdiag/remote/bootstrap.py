@@ -19,6 +19,9 @@ quiet spell), so a script that flushes every line costs one channel write per ch
 than per line. Being a separate process, the drain forwards everything written before the
 script ends however it ends (SIGTERM, os._exit, SIGKILL), and what children of the script
 write to fd 1 too.
+
+Steps 3-4 (``run_code``) are shared with the root-owned runner: its program is this file
+without the last line, followed by its own code (``ebpfdiag.remote.runner_build``).
 """
 
 import sys
@@ -49,6 +52,8 @@ LINGER_S = 0.002
 CHUNK = 256 * 1024
 PIPE_SIZE = 1024 * 1024
 F_SETPIPE_SZ = 1031
+#: Called with the exit status just before the process ends (the runner's audit record).
+AT_LEAVE = []
 
 
 def _mark(text):
@@ -90,11 +95,25 @@ def _watch_stdin(inp, scope):
             _mark("clock %s %d %d" % (parts[1].decode(), mono, real))
         elif parts and parts[0] == b"ctl":
             _control(scope, line.decode("utf-8", "replace").strip()[3:].strip())
+    stop_self("eof")
+
+
+def stop_self(note):
+    """SIGTERM to this process (the script cleans up and exits), then end it GRACE_S later."""
     os.kill(os.getpid(), signal.SIGTERM)
-    _mark("eof")
+    if note:
+        _mark(note)
     time.sleep(GRACE_S)
     _mark("error grace-expired")
-    os._exit(143)
+    leave(143)
+
+
+def leave(status):
+    """End the process now (no interpreter shutdown: the stdin watcher may be in a read)."""
+    for hook in AT_LEAVE:
+        with contextlib.suppress(Exception):
+            hook(status)
+    os._exit(status)
 
 
 def _control(scope, text):
@@ -176,13 +195,18 @@ def main():
     inp = sys.stdin.buffer
     _mark("want-script %d.%d.%d" % sys.version_info[:3])
     name, src = _read_script(inp)
-    code = compile(src, name, "exec")
+    run_code(inp, name, compile(src, name, "exec"), sys.argv[1:])
+
+
+def run_code(inp, name, code, args):
+    """Steps 3-4: run ``code`` as ``__main__`` with argv ``[name] + args`` while the stdin
+    thread answers pings, passes control lines and stops it on EOF; never returns."""
     _start_drain()
     sys.stdin = open(os.devnull)  # noqa: SIM115 - lives as long as the script
     sys.stdout = io.TextIOWrapper(
         sys.stdout.buffer, encoding="utf-8", errors="replace", line_buffering=True
     )
-    sys.argv = [name] + sys.argv[1:]
+    sys.argv = [name] + list(args)
     scope = {"__name__": "__main__", "__file__": name, "__builtins__": __builtins__}
     watcher = threading.Thread(target=_watch_stdin, args=(inp, scope), name="ebpfdiag-stdin")
     watcher.daemon = True
@@ -198,11 +222,10 @@ def main():
     except BaseException:
         traceback.print_exc()
         status = 1
-    # Leave without interpreter shutdown: the stdin watcher may be blocked in a read.
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    os._exit(status)
+    leave(status)
 
 
 def _exit_status(code):
