@@ -74,6 +74,8 @@ class HostResult:
     error: str | None = None
     error_kind: str | None = None
     duration_s: float = 0.0
+    #: how the script ran: sudo, runner, root or direct; None when it never started
+    via: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -89,6 +91,7 @@ class HostResult:
             "error_kind": self.error_kind,
             "error": self.error,
             "duration_s": round(self.duration_s, 3),
+            "via": self.via,
         }
 
 
@@ -179,7 +182,9 @@ class Fanout:
             try:
                 result = await self._connect_and_run(host, stop)
             except HostFailure as exc:
-                result = HostResult(host.name, "failed", error=str(exc), error_kind=exc.kind)
+                result = HostResult(
+                    host.name, "failed", error=str(exc), error_kind=exc.kind, via=exc.via
+                )
             except Exception as exc:  # a bug must not take the other hosts down with it
                 result = HostResult(
                     host.name, "failed", error=f"internal error: {exc!r}", error_kind="internal"
@@ -242,7 +247,9 @@ class Fanout:
             raise HostFailure("ssh", f"connection to {host.name} lost: {exc}") from None
         finally:
             conn.close()
-        return _result_of(host.name, outcome)
+        result = _result_of(host.name, outcome)
+        result.via = outcome.via
+        return result
 
 
 async def _bounded_after(coro, stop: asyncio.Event, grace: float) -> RunOutcome:

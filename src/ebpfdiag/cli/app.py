@@ -395,6 +395,10 @@ def host_options(*, ssh: bool = True):
 
     def decorate(f):
         f = json_option(f)
+        if ssh:
+            from ebpfdiag.cli.options import audit_log_option
+
+            f = audit_log_option(f)
         for opt in reversed(opts):
             f = opt(f)
         return f
