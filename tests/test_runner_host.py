@@ -391,7 +391,7 @@ def assert_refused(h: Host, result, why: str, running: list[str] | None = None) 
 def test_requests_outside_the_catalog_or_the_schema_are_refused(shared, accounts, tool, args, why):
     record = assert_refused(shared, shared.ask(request(tool, args)), why)
     assert record["sudo_user"] == accounts["user"] and record["ssh_user"] == "alice"
-    assert record["tool"] == tool and record["args"] == args
+    assert record["tool"] == tool and record["args"] == [a[:257] for a in args]
 
 
 def test_a_digest_the_controller_does_not_expect_names_both(shared):

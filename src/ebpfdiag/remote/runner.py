@@ -546,7 +546,8 @@ def prepare(environ, inp, facts):
     )
     req = read_request(inp)
     tool, args = req["tool"], req["args"]
-    facts.update(tool=tool[:64], args=args[:MAX_ARGS], ssh_user=req.get("ssh_user"))
+    shown = [a[: MAX_ARG_LEN + 1] for a in args[: MAX_ARGS + 1]]  # a record stays one line
+    facts.update(tool=tool[:64], args=shown, ssh_user=(req.get("ssh_user") or "")[:64] or None)
     check_tool_name(tool, allowed)
     src = load_tool(release, catalog, tool, req["sha256"])
     facts["sha256"] = hashlib.sha256(src).hexdigest()
