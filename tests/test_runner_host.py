@@ -69,9 +69,9 @@ ip link set {pfx}v0 up
 """
 
 
-def _retry(cmd: list[str]) -> None:
+def _retry(cmd: list[str], tries: int = 50) -> None:
     """useradd and friends fail while another process holds /etc/passwd's lock."""
-    for _ in range(50):
+    for _ in range(tries):
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode == 0:
             return
@@ -95,9 +95,9 @@ def accounts():
         subprocess.run(["chpasswd"], input=f"{user}:{password}\n", text=True, check=True)
         yield {"group": group, "user": user, "other": other, "password": password}
     finally:
-        for name in (user, other):
-            subprocess.run(["userdel", name], capture_output=True)
-        subprocess.run(["groupdel", group], capture_output=True)
+        for cmd in (["userdel", user], ["userdel", other], ["groupdel", group]):
+            with contextlib.suppress(RuntimeError):  # already gone
+                _retry(cmd, tries=10)
 
 
 class Syslog:
