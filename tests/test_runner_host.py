@@ -69,9 +69,9 @@ ip link set {pfx}v0 up
 """
 
 
-def _retry(cmd: list[str]) -> None:
+def _retry(cmd: list[str], tries: int = 50) -> None:
     """useradd and friends fail while another process holds /etc/passwd's lock."""
-    for _ in range(50):
+    for _ in range(tries):
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode == 0:
             return
@@ -95,9 +95,9 @@ def accounts():
         subprocess.run(["chpasswd"], input=f"{user}:{password}\n", text=True, check=True)
         yield {"group": group, "user": user, "other": other, "password": password}
     finally:
-        for name in (user, other):
-            subprocess.run(["userdel", name], capture_output=True)
-        subprocess.run(["groupdel", group], capture_output=True)
+        for cmd in (["userdel", user], ["userdel", other], ["groupdel", group]):
+            with contextlib.suppress(RuntimeError):  # already gone
+                _retry(cmd, tries=10)
 
 
 class Syslog:
@@ -391,7 +391,7 @@ def assert_refused(h: Host, result, why: str, running: list[str] | None = None) 
 def test_requests_outside_the_catalog_or_the_schema_are_refused(shared, accounts, tool, args, why):
     record = assert_refused(shared, shared.ask(request(tool, args)), why)
     assert record["sudo_user"] == accounts["user"] and record["ssh_user"] == "alice"
-    assert record["tool"] == tool and record["args"] == args
+    assert record["tool"] == tool and record["args"] == [a[:257] for a in args]
 
 
 def test_a_digest_the_controller_does_not_expect_names_both(shared):
@@ -579,8 +579,8 @@ def test_tcp_rst_through_the_runner_traces_then_detaches_on_stdin_eof(shared):
     status = live.stop()
     assert status in (0, 143 - 256, 143), (status, live.markers())
     assert "eof" in live.markers() and "error grace-expired" not in live.markers()
-    if hello.get("attach", {}) and any(attached.values()):
-        assert tcx_progs(shared.netns, f"{PREFIX}v0", nr) == {"ingress": [], "egress": []}
+    assert attached["ingress"] and attached["egress"], (hello, attached)  # tcx on this kernel
+    assert tcx_progs(shared.netns, f"{PREFIX}v0", nr) == {"ingress": [], "egress": []}
     assert shared.processes() == []
     # the same tool run by root directly gives records of the same shape
     root = subprocess.Popen(

@@ -54,6 +54,9 @@ REQUEST_TAG = b"EBPFDIAG-RUN1 "
 MAX_REQUEST = 64 * 1024
 MAX_ARGS = 64
 MAX_ARG_LEN = 256
+#: How long a stale run of the same user and tool gets to stop before it is killed: a
+#: tool still compiling its BPF program only sees SIGTERM once the compile is done.
+STALE_TERM_S = 15.0
 #: Numbers beyond this are refused even where a tool's schema sets no maximum.
 MAX_NUMBER = 2**31 - 1
 #: What a parameter value may contain: letters, digits and the punctuation of addresses,
@@ -439,6 +442,8 @@ def _holder(fd):
 
 
 def _stop_holder(holder, fd):
+    """SIGTERM the slot's holder (it cleans up as on a controller's stop), SIGKILL it if
+    it still holds the slot after STALE_TERM_S, and wait for the slot to be free."""
     pid = holder.get("pid")
     if not isinstance(pid, int) or pid <= 1 or _proc_start(pid) != holder.get("start"):
         return
@@ -446,19 +451,26 @@ def _stop_holder(holder, fd):
         os.kill(pid, signal.SIGTERM)
     except OSError:
         return
-    deadline = time.monotonic() + GRACE_S + 1
-    while time.monotonic() < deadline:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            time.sleep(0.05)
-            continue
-        fcntl.flock(fd, fcntl.LOCK_UN)
+    if _slot_freed(fd, STALE_TERM_S):
         return
     if _proc_start(pid) == holder.get("start"):
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
+    _slot_freed(fd, GRACE_S)  # the drain process lets go once the pipe is drained
+
+
+def _slot_freed(fd, seconds):
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+            continue
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
 
 
 # -- audit ------------------------------------------------------------------------------
@@ -546,7 +558,8 @@ def prepare(environ, inp, facts):
     )
     req = read_request(inp)
     tool, args = req["tool"], req["args"]
-    facts.update(tool=tool[:64], args=args[:MAX_ARGS], ssh_user=req.get("ssh_user"))
+    shown = [a[: MAX_ARG_LEN + 1] for a in args[: MAX_ARGS + 1]]  # a record stays one line
+    facts.update(tool=tool[:64], args=shown, ssh_user=(req.get("ssh_user") or "")[:64] or None)
     check_tool_name(tool, allowed)
     src = load_tool(release, catalog, tool, req["sha256"])
     facts["sha256"] = hashlib.sha256(src).hexdigest()
