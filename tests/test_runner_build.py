@@ -21,6 +21,7 @@ from ebpfdiag.remote.runner_build import (
     build_bootstrap,
     build_payload,
     build_runner,
+    runner_functions,
 )
 from tests.test_remote_floor import vermin
 
@@ -33,13 +34,9 @@ def payload():
 
 
 @pytest.fixture(scope="module")
-def runner(payload):
+def runner():
     """The runner program's functions, loaded without its last line (the call of main)."""
-    text = payload.runner
-    assert text.endswith("\nrunner_main()\n")
-    scope: dict = {"__name__": "runner_under_test"}
-    exec(compile(text[: -len("runner_main()\n")], "runner", "exec"), scope)
-    return types.SimpleNamespace(**scope)
+    return types.SimpleNamespace(**runner_functions())
 
 
 def test_bootstrap_text_is_the_file_the_controller_sends():

@@ -63,8 +63,9 @@ def judge(rec: dict[str, Any], install_hint: str) -> dict[str, Any]:
 
 
 def _policy_from(path: Path | None, group: str) -> dict[str, Any]:
-    """The policy file, checked for the shape the runner accepts, or the default."""
-    from ebpfdiag.remote.runner_build import RUNNER_TOOLS, default_policy
+    """The policy file, checked with the runner's own rules (and for tool names this
+    controller ships), or the default."""
+    from ebpfdiag.remote.runner_build import RUNNER_TOOLS, default_policy, runner_functions
 
     if path is None:
         return default_policy(group)
@@ -72,21 +73,21 @@ def _policy_from(path: Path | None, group: str) -> dict[str, Any]:
         policy = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise UsageError(f"--policy {path}: {exc}") from None
-    groups = policy.get("groups") if isinstance(policy, dict) else None
-    limit = policy.get("max_runs_per_host") if isinstance(policy, dict) else None
-    if not isinstance(groups, dict) or not isinstance(limit, int) or limit < 1:
-        raise UsageError(f"--policy {path}: needs 'groups' and 'max_runs_per_host' (>= 1)")
-    for name, entry in groups.items():
-        tools = entry.get("tools") if isinstance(entry, dict) else None
-        cap = entry.get("max_duration_s") if isinstance(entry, dict) else None
-        if tools != "*" and not (isinstance(tools, list) and all(t in RUNNER_TOOLS for t in tools)):
+    if not isinstance(policy, dict):
+        raise UsageError(f"--policy {path}: not a JSON object")
+    runner = runner_functions()
+    try:
+        runner["check_policy"](policy)
+    except runner["Refused"] as exc:
+        raise UsageError(f"--policy {path}: {str(exc).removeprefix('policy: ')}") from None
+    for name, entry in policy["groups"].items():
+        tools = entry["tools"]
+        if tools != "*" and not all(t in RUNNER_TOOLS for t in tools):
             raise UsageError(
                 f"--policy {path}: group {name}: 'tools' must be \"*\" or a list of "
                 + ", ".join(RUNNER_TOOLS)
             )
-        if isinstance(cap, bool) or not isinstance(cap, int | float) or cap <= 0:
-            raise UsageError(f"--policy {path}: group {name}: 'max_duration_s' must be > 0")
-    if group not in groups:
+    if group not in policy["groups"]:
         raise UsageError(f"--policy {path}: has no entry for --group {group}")
     return policy
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import functools
 import hashlib
 import json
 import zlib
@@ -134,6 +135,19 @@ class Payload:
             "catalog": self.catalog,
             "tools": self.tools,
         }
+
+
+@functools.cache
+def runner_functions() -> dict:
+    """The runner program's functions, loaded without its last line (the call of its
+    main), so the controller checks a policy with the very rules the runner applies."""
+    text = build_runner()
+    entry = "runner_main()\n"
+    if not text.endswith("\n" + entry):
+        raise RuntimeError("the runner program must end with its entry call 'runner_main()'")
+    scope: dict = {"__name__": "ebpfdiag_runner"}
+    exec(compile(text[: -len(entry)], "ebpfdiag-runner", "exec"), scope)
+    return scope
 
 
 def build_payload(version: str = __version__) -> Payload:
