@@ -29,6 +29,26 @@ def require_root_tools(*tools: str) -> None:
         require(shutil.which(tool) is not None, f"needs {tool}")
 
 
+def running_lab(tmp_path_factory, name: str, tools: tuple[str, ...], *, bcc: bool = True,
+                **lab_args):  # fmt: skip
+    """Yield a freshly built lab (one with the same prefix left over is taken down first),
+    for a module-scoped ``lab`` fixture; down again afterwards."""
+    from pathlib import Path
+
+    from ebpfdiag.lab.topology import Lab
+
+    require_root_tools(*tools)
+    if bcc:
+        require(Path("/usr/lib/python3/dist-packages/bcc").is_dir(), "needs python3-bpfcc")
+    inventory = tmp_path_factory.mktemp(name) / "inventory.yaml"
+    the_lab = Lab(inventory_out=inventory, **lab_args)
+    the_lab.down()
+    try:
+        yield the_lab.up()
+    finally:
+        the_lab.down()
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("root"):

@@ -27,8 +27,7 @@ from ebpfdiag.lab.scenarios import (
     _stop,
     run_scenario,
 )
-from ebpfdiag.lab.topology import Lab
-from tests.conftest import require, require_root_tools
+from tests.conftest import running_lab
 from tests.test_trace_lab import assert_clean
 
 pytestmark = pytest.mark.root
@@ -41,15 +40,14 @@ SYN = 0x02
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    require_root_tools("ip", "nft", "tc", "bpftool", "/usr/sbin/sshd")
-    require(Path("/usr/lib/python3/dist-packages/bcc").is_dir(), "needs python3-bpfcc")
-    inventory = tmp_path_factory.mktemp("drop-cli") / "inventory.yaml"
-    the_lab = Lab(state_dir=STATE_DIR, prefix=PREFIX, base=BASE, inventory_out=inventory)
-    the_lab.down()
-    try:
-        yield the_lab.up()
-    finally:
-        the_lab.down()
+    yield from running_lab(
+        tmp_path_factory,
+        "drop-cli",
+        ("ip", "nft", "tc", "bpftool", "/usr/sbin/sshd"),
+        state_dir=STATE_DIR,
+        prefix=PREFIX,
+        base=BASE,
+    )
 
 
 def start(lab, name: str, *extra: str) -> tuple[subprocess.Popen, list[dict]]:

@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 from ebpfdiag.lab.scenarios import DROP_EXPECTED, SCENARIOS, _noroute_backend, run_scenario
-from ebpfdiag.lab.topology import Lab
-from tests.conftest import require, require_root_tools
+from tests.conftest import require, require_root_tools, running_lab
 
 pytestmark = pytest.mark.root
 
@@ -34,15 +33,14 @@ SYN, ACK, PSH = 0x02, 0x10, 0x08
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    require_root_tools("ip", "nft", "bpftool", "/usr/sbin/sshd")
-    require(Path("/usr/lib/python3/dist-packages/bcc").is_dir(), "needs python3-bpfcc")
-    inventory = tmp_path_factory.mktemp("drop") / "inventory.yaml"
-    the_lab = Lab(state_dir=STATE_DIR, prefix=PREFIX, base=BASE, inventory_out=inventory)
-    the_lab.down()
-    try:
-        yield the_lab.up()
-    finally:
-        the_lab.down()
+    yield from running_lab(
+        tmp_path_factory,
+        "drop",
+        ("ip", "nft", "bpftool", "/usr/sbin/sshd"),
+        state_dir=STATE_DIR,
+        prefix=PREFIX,
+        base=BASE,
+    )
 
 
 def held_programs(pid: int) -> dict[int, str]:

@@ -20,8 +20,7 @@ from ebpfdiag.lab.scenarios import (
     LoadScenario,
     run_scenario,
 )
-from ebpfdiag.lab.topology import Lab
-from tests.conftest import require_root_tools
+from tests.conftest import running_lab
 
 pytestmark = pytest.mark.root
 
@@ -31,14 +30,15 @@ STATE_DIR = Path("/run/ebpfdiag/lab-eblp-test")  # also test_pcapng's lab (one a
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    require_root_tools("ip", "nft", "nstat", "conntrack", "/usr/sbin/sshd")
-    inventory = tmp_path_factory.mktemp("latency") / "inventory.yaml"
-    the_lab = Lab(state_dir=STATE_DIR, prefix=PREFIX, base=BASE, inventory_out=inventory)
-    the_lab.down()
-    try:
-        yield the_lab.up()
-    finally:
-        the_lab.down()
+    yield from running_lab(
+        tmp_path_factory,
+        "latency",
+        ("ip", "nft", "nstat", "conntrack", "/usr/sbin/sshd"),
+        bcc=False,
+        state_dir=STATE_DIR,
+        prefix=PREFIX,
+        base=BASE,
+    )
 
 
 def ns(lab, host: str, *argv: str) -> str:

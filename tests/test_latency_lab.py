@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from ebpfdiag.lab.scenarios import SCENARIOS, run_scenario
-from ebpfdiag.lab.topology import Lab
-from tests.conftest import require, require_root_tools
+from tests.conftest import require, running_lab
 from tests.test_trace_lab import assert_clean
 
 pytestmark = pytest.mark.root
@@ -31,15 +30,14 @@ MS = 1_000_000
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    require_root_tools("ip", "nft", "tc", "bpftool", "conntrack", "/usr/sbin/sshd")
-    require(Path("/usr/lib/python3/dist-packages/bcc").is_dir(), "needs python3-bpfcc")
-    inventory = tmp_path_factory.mktemp("latency-lab") / "inventory.yaml"
-    the_lab = Lab(state_dir=STATE_DIR, prefix=PREFIX, base=BASE, inventory_out=inventory)
-    the_lab.down()
-    try:
-        yield the_lab.up()
-    finally:
-        the_lab.down()
+    yield from running_lab(
+        tmp_path_factory,
+        "latency-lab",
+        ("ip", "nft", "tc", "bpftool", "conntrack", "/usr/sbin/sshd"),
+        state_dir=STATE_DIR,
+        prefix=PREFIX,
+        base=BASE,
+    )
 
 
 def trace_scenario(lab, name: str, *extra: str, duration: str = "12s"):

@@ -29,8 +29,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ebpfdiag.lab.scenarios import run_scenario
-from ebpfdiag.lab.topology import Lab
-from tests.conftest import require, require_root_tools
+from tests.conftest import running_lab
 
 pytestmark = pytest.mark.root
 
@@ -44,15 +43,14 @@ DROP_PORT = 9997
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    require_root_tools("ip", "nft", "bpftool", "/usr/sbin/sshd", "prometheus", "promtool")
-    require(Path("/usr/lib/python3/dist-packages/bcc").is_dir(), "needs python3-bpfcc")
-    inventory = tmp_path_factory.mktemp("metrics") / "inventory.yaml"
-    the_lab = Lab(state_dir=STATE_DIR, prefix=PREFIX, base=BASE, inventory_out=inventory)
-    the_lab.down()
-    try:
-        yield the_lab.up()
-    finally:
-        the_lab.down()
+    yield from running_lab(
+        tmp_path_factory,
+        "metrics",
+        ("ip", "nft", "bpftool", "/usr/sbin/sshd", "prometheus", "promtool"),
+        state_dir=STATE_DIR,
+        prefix=PREFIX,
+        base=BASE,
+    )
 
 
 def free_port() -> int:

@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 
 from ebpfdiag.lab.scenarios import SCENARIOS, run_scenario
-from ebpfdiag.lab.topology import Lab
 from ebpfdiag.render.pcapng import save_pcap, write_pcap
-from tests.conftest import require, require_root_tools
+from tests.conftest import require, running_lab
 
 T0 = 1_795_000_000_123_456_789  # aligned ns since the epoch
 CLIENT, VIP, LB_IN, LB_OUT, SERVER = (
@@ -182,15 +181,14 @@ STATE_DIR = Path("/run/ebpfdiag/lab-eblp-test")  # also test_lab_latency_scenari
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    require_root_tools("ip", "nft", "tc", "conntrack", "/usr/sbin/sshd")
-    require(Path("/usr/lib/python3/dist-packages/bcc").is_dir(), "needs python3-bpfcc")
-    inventory = tmp_path_factory.mktemp("pcap") / "inventory.yaml"
-    the_lab = Lab(state_dir=STATE_DIR, prefix=PREFIX, base=BASE, inventory_out=inventory)
-    the_lab.down()
-    try:
-        yield the_lab.up()
-    finally:
-        the_lab.down()
+    yield from running_lab(
+        tmp_path_factory,
+        "pcap",
+        ("ip", "nft", "tc", "conntrack", "/usr/sbin/sshd"),
+        state_dir=STATE_DIR,
+        prefix=PREFIX,
+        base=BASE,
+    )
 
 
 @pytest.mark.root

@@ -17,9 +17,8 @@ import pytest
 
 from ebpfdiag import __version__
 from ebpfdiag.lab import hostfs
-from ebpfdiag.lab.topology import Lab
 from ebpfdiag.remote.runner_build import build_payload, default_policy
-from tests.conftest import require, require_root_tools
+from tests.conftest import running_lab
 
 pytestmark = pytest.mark.root
 
@@ -30,15 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    require_root_tools("ip", "nft", "tc", "/usr/sbin/sshd", "sudo", "visudo")
-    require(Path("/usr/lib/python3/dist-packages/bcc").is_dir(), "needs python3-bpfcc")
-    inventory = tmp_path_factory.mktemp("runnercli") / "inventory.yaml"
-    the_lab = Lab(state_dir=STATE_DIR, prefix=PREFIX, base=BASE, inventory_out=inventory)
-    the_lab.down()
-    try:
-        yield the_lab.up()
-    finally:
-        the_lab.down()
+    yield from running_lab(
+        tmp_path_factory,
+        "runnercli",
+        ("ip", "nft", "tc", "/usr/sbin/sshd", "sudo", "visudo"),
+        state_dir=STATE_DIR,
+        prefix=PREFIX,
+        base=BASE,
+    )
 
 
 def ebpfdiag(*args: str) -> subprocess.CompletedProcess:

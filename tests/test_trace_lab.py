@@ -25,7 +25,7 @@ import pytest
 from ebpfdiag.lab.scenarios import SCENARIOS, run_scenario
 from ebpfdiag.lab.topology import Lab
 from tests.bpfstate import load_core, load_tcp_rst, tcx_progs
-from tests.conftest import require, require_root_tools
+from tests.conftest import require, require_root_tools, running_lab
 
 pytestmark = pytest.mark.root
 
@@ -43,15 +43,14 @@ RESET_SCENARIOS = ["rst-no-listener", "rst-abort", "rst-lb-reject"]
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    require_root_tools("ip", "nft", "tc", "bpftool", "/usr/sbin/sshd")
-    require(Path("/usr/lib/python3/dist-packages/bcc").is_dir(), "needs python3-bpfcc")
-    inventory = tmp_path_factory.mktemp("trace") / "inventory.yaml"
-    the_lab = Lab(state_dir=STATE_DIR, prefix=PREFIX, base=BASE, inventory_out=inventory)
-    the_lab.down()
-    try:
-        yield the_lab.up()
-    finally:
-        the_lab.down()
+    yield from running_lab(
+        tmp_path_factory,
+        "trace",
+        ("ip", "nft", "tc", "bpftool", "/usr/sbin/sshd"),
+        state_dir=STATE_DIR,
+        prefix=PREFIX,
+        base=BASE,
+    )
 
 
 @pytest.fixture(scope="module")

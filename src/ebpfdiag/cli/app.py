@@ -9,6 +9,7 @@ command needs them, so ``--version`` and ``hosts`` start quickly.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -166,6 +167,26 @@ class Sink:
 
     def result(self, result: HostResult) -> None:
         pass
+
+
+class RecordSink(Sink):
+    """Keeps the JSON records of one ``type`` each host prints on stdout (tagged with
+    the host), for commands whose tool answers in records: doctor, runner."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.records: dict[str, list[dict]] = {}
+
+    def lines(self, host: str, stream: str, lines: list[bytes]) -> None:
+        if stream != "stdout":
+            return
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("type") == self.kind:
+                self.records.setdefault(host, []).append({**rec, "host": host})
 
 
 @dataclass

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import TYPE_CHECKING
 
 import click
 
-from ebpfdiag.cli.app import App, Sink, host_options, pass_app
+from ebpfdiag.cli.app import App, RecordSink, host_options, pass_app
 from ebpfdiag.errors import EXIT_HOSTS_FAILED
 
 if TYPE_CHECKING:
@@ -25,24 +24,6 @@ _TRANSPORT_FIXES = {
     "sudo": ("sudo", "allow NOPASSWD sudo for this user, or use --ask-sudo-pass"),
     "python": ("python", "install python3 (3.6+) or set python: in the inventory"),
 }
-
-
-class DoctorSink(Sink):
-    """Collects the check records each host prints; no live output (it is quick)."""
-
-    def __init__(self) -> None:
-        self.checks: dict[str, list[dict]] = {}
-
-    def lines(self, host: str, stream: str, lines: list[bytes]) -> None:
-        if stream != "stdout":
-            return
-        for line in lines:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and rec.get("type") == "check":
-                self.checks.setdefault(host, []).append({**rec, "host": host})
 
 
 def host_checks(result: HostResult, remote: list[dict]) -> list[dict]:
@@ -105,11 +86,11 @@ def doctor(app: App, no_compile: bool) -> int:
     hosts, opts = app.prepare_run(timeout=60)
     args = ("--no-compile",) if no_compile else ()
     script = Script.from_path(script_path("doctor"), args)
-    sink = DoctorSink()
+    sink = RecordSink("check")
     started = time.monotonic()
     engine = Fanout(hosts, script, opts, sink)
     results = app.run(engine)
-    all_checks = {r.host: host_checks(r, sink.checks.get(r.host, [])) for r in results}
+    all_checks = {r.host: host_checks(r, sink.records.get(r.host, [])) for r in results}
     rows = [host_row(h, cs) for h, cs in all_checks.items()]
     broken = sorted(row["host"] for row in rows if not row["ready"])
     if app.as_json:

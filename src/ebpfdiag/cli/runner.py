@@ -15,29 +15,11 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ebpfdiag import __version__
-from ebpfdiag.cli.app import App, Sink, host_options, pass_app
+from ebpfdiag.cli.app import App, RecordSink, host_options, pass_app
 from ebpfdiag.errors import EXIT_HOSTS_FAILED, UsageError
 
 if TYPE_CHECKING:
     from ebpfdiag.fanout import HostResult
-
-
-class AdminSink(Sink):
-    """Keeps the one ``runner`` record each host prints."""
-
-    def __init__(self) -> None:
-        self.records: dict[str, dict[str, Any]] = {}
-
-    def lines(self, host: str, stream: str, lines: list[bytes]) -> None:
-        if stream != "stdout":
-            return
-        for line in lines:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and rec.get("type") == "runner":
-                self.records[host] = {**rec, "host": host}
 
 
 def _version_key(text: str) -> tuple[int, ...]:
@@ -97,14 +79,14 @@ def _run(app: App, action: str, script_text: str, args: tuple[str, ...]) -> int:
     from ebpfdiag.transport import Script
 
     hosts, opts = app.prepare_run(timeout=300)
-    sink = AdminSink()
+    sink = RecordSink("runner")
     started = time.monotonic()
     engine = Fanout(hosts, Script("runner_admin.py", script_text.encode(), args), opts, sink)
     results = app.run(engine)
     hint = f"ebpfdiag runner install --hosts {app.options.hosts_expr} --group GROUP"
     failed = []
     for result in results:
-        rec = sink.records.get(result.host)
+        rec = (sink.records.get(result.host) or [None])[-1]
         if rec is not None:
             rec = judge(rec, hint)
         if rec is None or rec.get("error") or not result.ok:
