@@ -229,7 +229,7 @@ def test_unwritable_output_is_refused_before_anything_else(inv, tmp_path):
 
 
 def test_failed_hosts_is_a_list_in_run_script_summary():
-    from ebpfdiag.cli.run_script import summary_record
+    from ebpfdiag.cli.app import summary_record
     from ebpfdiag.fanout import HostResult
 
     results = [HostResult("h1", "ok"), HostResult("h2", "failed"), HostResult("h3", "timeout")]

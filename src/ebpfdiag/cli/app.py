@@ -189,6 +189,29 @@ class RecordSink(Sink):
                 self.records.setdefault(host, []).append({**rec, "host": host})
 
 
+def summary_record(
+    results: list[HostResult],
+    interrupted: bool,
+    elapsed: float,
+    failed: list[str] | None = None,
+    **extra: object,
+) -> dict:
+    """The last record of a command that ran something on hosts (docs/json.md);
+    ``failed`` when the command judges hosts itself, ``extra`` its own fields."""
+    if failed is None:
+        failed = [r.host for r in results if not r.ok]
+    return {
+        "type": "summary",
+        "hosts": len(results),
+        "ok": len(results) - len(failed),
+        "failed": len(failed),
+        "failed_hosts": failed,
+        "interrupted": interrupted,
+        "duration_s": round(elapsed, 3),
+        **extra,
+    }
+
+
 @dataclass
 class HostOptions:
     """What every host-reaching command takes: which hosts, and how to reach them."""

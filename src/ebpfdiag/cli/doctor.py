@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ebpfdiag.cli.app import App, RecordSink, host_options, pass_app
+from ebpfdiag.cli.app import App, RecordSink, host_options, pass_app, summary_record
 from ebpfdiag.errors import EXIT_HOSTS_FAILED
 
 if TYPE_CHECKING:
@@ -94,24 +94,19 @@ def doctor(app: App, no_compile: bool) -> int:
     rows = [host_row(h, cs) for h, cs in all_checks.items()]
     broken = sorted(row["host"] for row in rows if not row["ready"])
     if app.as_json:
-        failed_hosts = [r.host for r in results if not r.ok]
         for checks in all_checks.values():
             for c in checks:
                 app.json.write(c)
         for r in results:
             app.json.write(r.to_json())
         app.json.write(
-            {
-                "type": "summary",
-                "hosts": len(results),
-                "ok": len(results) - len(failed_hosts),
-                "failed": len(failed_hosts),
-                "failed_hosts": failed_hosts,
-                "interrupted": engine.interrupted,
-                "duration_s": round(time.monotonic() - started, 3),
-                "ready": len(results) - len(broken),
-                "not_ready": broken,
-            }
+            summary_record(
+                results,
+                engine.interrupted,
+                time.monotonic() - started,
+                ready=len(results) - len(broken),
+                not_ready=broken,
+            )
         )
         app.json.flush()
     else:

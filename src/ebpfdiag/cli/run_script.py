@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from ebpfdiag.cli.app import DURATION, App, Sink, host_options, pass_app
+from ebpfdiag.cli.app import DURATION, App, Sink, host_options, pass_app, summary_record
 from ebpfdiag.cli.confirm import CONFIRM_ABOVE, confirm_fleet, yes_option
 from ebpfdiag.errors import UsageError
 from ebpfdiag.hostexpr import compress_names
@@ -83,22 +82,6 @@ class FoldSink(Sink):
             self.status.note_failure(result)
 
 
-def summary_record(
-    results: list[HostResult], interrupted: bool, elapsed: float, not_run: Sequence[str] = ()
-) -> dict:
-    failed = [r.host for r in results if not r.ok]
-    return {
-        "type": "summary",
-        "hosts": len(results),
-        "ok": len(results) - len(failed),
-        "failed": len(failed),
-        "failed_hosts": failed,
-        "not_run": list(not_run),
-        "interrupted": interrupted,
-        "duration_s": round(elapsed, 3),
-    }
-
-
 EXAMPLES = f"""
 \b
 Examples:
@@ -169,7 +152,9 @@ def run_script(
     started = time.monotonic()
     if app.as_json:
         results, interrupted, not_run = run_phases(app, phases, remote, opts, JSONSink(app.json))
-        summary = summary_record(results, interrupted, time.monotonic() - started, not_run)
+        summary = summary_record(
+            results, interrupted, time.monotonic() - started, not_run=list(not_run)
+        )
         app.json.write(summary)
         app.json.flush()
     else:

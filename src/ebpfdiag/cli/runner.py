@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ebpfdiag import __version__
-from ebpfdiag.cli.app import App, RecordSink, host_options, pass_app
+from ebpfdiag.cli.app import App, RecordSink, host_options, pass_app, summary_record
 from ebpfdiag.errors import EXIT_HOSTS_FAILED, UsageError
 
 if TYPE_CHECKING:
@@ -93,17 +93,9 @@ def _run(app: App, action: str, script_text: str, args: tuple[str, ...]) -> int:
             failed.append(result.host)
         _report(app, action, result, rec)
     if app.as_json:
+        elapsed = time.monotonic() - started
         app.json.write(
-            {
-                "type": "summary",
-                "action": action,
-                "hosts": len(results),
-                "ok": len(results) - len(failed),
-                "failed": len(failed),
-                "failed_hosts": failed,
-                "interrupted": engine.interrupted,
-                "duration_s": round(time.monotonic() - started, 3),
-            }
+            summary_record(results, engine.interrupted, elapsed, failed=failed, action=action)
         )
         app.json.flush()
     code = app.exit_code(results, engine.interrupted)
