@@ -227,7 +227,8 @@ def test_sixty_hosts_fold_into_one_report_and_three_causes(fleet, report, marker
     assert tail[-1] == "57/60 hosts ok"
     assert tail[-4:-1] == [  # same size: run order
         "1 host: connection refused: h58",
-        "1 host: sudo needs a password; use --ask-sudo-pass or allow NOPASSWD for this user: h59",
+        "1 host: sudo needs a password; use --ask-sudo-pass or allow NOPASSWD for this user, "
+        "or install the ebpfdiag runner for this user's group: h59",
         "1 host: script exited with 3: h60",
     ]
     assert len(tail) == 4, r.stderr  # no line per failed host as it failed, no table

@@ -147,7 +147,10 @@ def test_lossy_lb_retransmissions_are_found_lost_on_lb(lab):
         (ex,) = [e for e in resent if (e["point"] - drop["seq"]) % 2**32 < size]
         seen = [(p["host"], p["dir"], p["ifname"], p["ipid"], p["len"], p["ts_ns"])
                 for p in packets(recs) if p["seq"] == drop["seq"] and p["len"]]  # fmt: skip
-        assert ex["lost"]["host"] == "lb" and ex["lost"]["dir"] == "ingress", (ex, seen)
+        counts = [r for r in recs if r["type"] in ("sampling", "clock_pair")]
+        assert ex["lost"]["host"] == "lb" and ex["lost"]["dir"] == "ingress", "\n".join(
+            map(json.dumps, [ex, *seen, *counts])
+        )
         assert ex["lost"]["verdict"] == "lost" and "lost on lb" in ex["text"]
         (wait,) = [p for p in ex["parts"] if p["kind"] == "retransmission"]
         assert wait["ns"] == gap  # both copies as the client saw them leave

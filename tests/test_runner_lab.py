@@ -538,6 +538,27 @@ def test_doctor_and_metrics_work_through_the_runner(installed, tmp_path):
     ]
 
 
+@pytest.mark.parametrize("command", [("latency", "--sample", "1"), ("drop",)])
+def test_the_other_tracers_work_through_the_runner(installed, command, tmp_path):
+    """trace latency and trace drop as diag: every host runs its tool through the runner
+    (hello.via), with the same parameters a root user's run would send."""
+    log = tmp_path / "audit.ndjson"
+    proc = ebpfdiag("trace", *command[:1], "-i", installed.diag_inventory, "--hosts",
+                    "client,lb,server", "--port", "8080", "--duration", "3s", *command[1:],
+                    "--json", env={"EBPFDIAG_AUDIT_LOG": str(log)})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    recs = records(proc.stdout)
+    every = ("client", "lb", "server")
+    assert vias(recs) == dict.fromkeys(every, "runner")
+    assert all(h["status"] == "ok" for h in hosts_of(recs).values())
+    tool = {"latency": "tcp_latency", "drop": "drop"}[command[0]]
+    audit = records(log.read_text())
+    assert sorted((r["host"], r["tool"], r["via"]) for r in audit) == [
+        (host, tool, "runner") for host in every
+    ]
+    assert all("--port" in r["args"] and r["stopped"] for r in audit)
+
+
 def test_uninstall_leaves_each_host_as_before_but_its_audit_file(installed):
     """Last of the module: the runner's mount points stay, their contents go."""
     proc = ebpfdiag("runner", "uninstall", "-i", installed.inventory, "--hosts", "client,lb,server")
