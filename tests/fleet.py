@@ -169,7 +169,7 @@ class Fleet:
             (workdir / name).unlink(missing_ok=True)
         if record.get("workdir_created", True) and workdir.exists() and not any(workdir.iterdir()):
             workdir.rmdir()
-        _restore_neighbour_limits(record.get("neigh", {}))
+        _restore_neighbour_limits(record.get("neigh", {}), self._others_need())
         shutil.rmtree(self.rundir, ignore_errors=True)
         _rmdir_if_empty(RUN_ROOT)
 
@@ -260,7 +260,8 @@ class Fleet:
         """Room in the (single, all-namespace) neighbour table for two entries per host
         (the host's for the gateway, the gateway's for the host) next to what others use;
         the values found are recorded first, for ``down()``."""
-        need = 2 * len(self.hosts) + 256
+        need = self._neighbour_need()
+        record["neigh_need"] = need
         current = {name: int((NEIGH_DIR / name).read_text()) for name in NEIGH_SYSCTLS}
         if current["gc_thresh3"] >= need:
             return
@@ -269,6 +270,17 @@ class Fleet:
         state.save(self._state_path, record)
         for name in ("gc_thresh3", "gc_thresh2"):
             (NEIGH_DIR / name).write_text(f"{wanted[name]}\n")
+
+    def _neighbour_need(self) -> int:
+        return 2 * len(self.hosts) + 256
+
+    def _others_need(self) -> int:
+        """The largest neighbour-table need of the other fleets still up."""
+        needs = [0]
+        for path in RUN_ROOT.glob("fleet-*/state.json"):
+            if path != self._state_path:
+                needs.append(int(state.load(path).get("neigh_need", 0)))
+        return max(needs)
 
     def _bridge_of(self, host: FleetHost) -> str:
         return self.bridges[self.hosts.index(host) // self.hosts_per_bridge]
@@ -336,9 +348,12 @@ def _bridge_joined(name: str, main: str, link: str) -> None:
         netns.run(["ip", "link", "set", end, "up"])
 
 
-def _restore_neighbour_limits(neigh: dict[str, Any]) -> None:
-    """Put back the thresholds found by ``up()``, unless someone changed them since."""
+def _restore_neighbour_limits(neigh: dict[str, Any], others_need: int = 0) -> None:
+    """Put back the thresholds found by ``up()``, unless someone changed them since or
+    another fleet still up needs more than they allow (raised values harm no one)."""
     found, wanted = neigh.get("found", {}), neigh.get("set", {})
+    if others_need > found.get("gc_thresh3", 0):
+        return
     for name in ("gc_thresh2", "gc_thresh3"):
         if name not in found or name not in wanted:
             continue

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import ctypes.util
 import functools
+import logging
 import resource
 import sys
 import time
@@ -45,7 +46,35 @@ def _import_asyncssh() -> ModuleType:
         import asyncssh
     finally:
         ctypes.util.find_library = standard
+    _log_only_when_logged()
     return asyncssh
+
+
+def _log_only_when_logged() -> None:
+    """Make asyncssh skip the text it builds for log lines nobody will see.
+
+    It formats a description of every SSH packet (about 40 a host) before checking that
+    packet logging is on, and converts the arguments of every log call before asking
+    whether the level is enabled: together about a tenth of the controller's CPU per
+    host. Both checks now come first; what is logged when logging is on is unchanged."""
+    from asyncssh.logging import SSHLogger
+    from asyncssh.packet import SSHPacketLogger
+
+    log_packet = SSHPacketLogger._log_packet
+    log = SSHLogger.log
+
+    @functools.wraps(log_packet)
+    def _log_packet(self, *args, **kwargs):
+        if SSHLogger._debug_level >= 3 and self.logger.isEnabledFor(logging.DEBUG):
+            log_packet(self, *args, **kwargs)
+
+    @functools.wraps(log)
+    def _log(self, level, *args, **kwargs):
+        if self.isEnabledFor(level):
+            log(self, level, *args, **kwargs)
+
+    SSHPacketLogger._log_packet = _log_packet
+    SSHLogger.log = _log
 
 
 asyncssh = _import_asyncssh()
@@ -248,6 +277,7 @@ class Fanout:
         elif self.interrupted and result.status == "ok" and result.error_kind is None:
             result.status = "interrupted"
         result.duration_s = time.monotonic() - start
+        del self._stops[host.name]  # a finished host keeps only its result
         self.sink.state(host.name, "done" if result.ok else result.status)
         self.sink.result(result)
         return result
