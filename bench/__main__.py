@@ -25,8 +25,8 @@ COMPARED = ("ready", "datapath")
 #: name -> (full run, quick run); quick sizes keep the whole set under a minute or two.
 BENCHMARKS: dict[str, tuple[Callable[..., Section], Callable[..., Section]]] = {
     "fanout": (
-        lambda: fanout.run(sizes=(50, 100), rounds=3),
-        lambda: fanout.run(sizes=(5,), rounds=1),
+        lambda sizes=fanout.DEFAULT_SIZES: fanout.run(sizes=sizes, rounds=3),
+        lambda sizes=(5,): fanout.run(sizes=sizes, rounds=1),
     ),
     "correlation": (
         lambda: correlation.run(sizes=(100_000, 300_000, 1_000_000), rounds=2),
@@ -73,6 +73,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also run the datapath and time-to-ready benchmarks with the controller and "
         "scripts of commit REV, interleaved with this tree's (e.g. --against HEAD~5)",
     )
+    parser.add_argument(
+        "--fanout-sizes",
+        type=_sizes,
+        metavar="N,N,...",
+        help="fleet sizes of the fan-out benchmark (default "
+        f"{','.join(map(str, fanout.DEFAULT_SIZES))}; 1000 takes several minutes a size)",
+    )
     args = parser.parse_args(argv)
     args.only = [n.strip() for group in args.only for n in group.split(",") if n.strip()]
     unknown = sorted(set(args.only) - set(BENCHMARKS))
@@ -81,6 +88,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.out is None and not args.quick and not args.only:
         args.out = DOC
     return args
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(sorted({int(n) for n in text.split(",") if n.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of host counts: {text!r}") from None
+    if not sizes or sizes[0] < 1 or sizes[-1] > fanout.MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"host counts from 1 to {fanout.MAX_SIZE}")
+    return sizes
 
 
 def report(sections: list[Section], info: dict, started: float, quick: bool) -> str:
@@ -117,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         against = stack.enter_context(builds.checkout(args.against)) if args.against else None
         for name in names:
-            section = _one(name, args.quick, against)
+            section = _one(name, args.quick, against, args.fanout_sizes)
             failed |= section.failed
             sections.append(section)
     if args.out:
@@ -126,13 +143,20 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _one(name: str, quick_run: bool, against: builds.Build | None) -> Section:
+def _one(
+    name: str, quick_run: bool, against: builds.Build | None, fanout_sizes: tuple[int, ...] | None
+) -> Section:
     print(f"-- {name} ...", file=sys.stderr, flush=True)
     full, quick = BENCHMARKS[name]
     fn = quick if quick_run else full
     t0 = time.monotonic()
     try:
-        section = fn(against=against) if against is not None and name in COMPARED else fn()
+        if against is not None and name in COMPARED:
+            section = fn(against=against)
+        elif name == "fanout" and fanout_sizes:
+            section = fn(sizes=fanout_sizes)
+        else:
+            section = fn()
     except Exception as exc:  # one broken benchmark must not hide the others' figures
         traceback.print_exc()
         section = Section(name, f"{name}: did not complete", ["error"], [[str(exc)]])

@@ -1,14 +1,20 @@
-"""N plain sshd hosts on one bridge, for fan-out tests and benchmarks.
+"""N plain sshd hosts on one layer-2 segment, for fan-out tests and benchmarks.
 
 Each host is a network namespace with a veth into a root-namespace bridge, its own
-address, host key and sshd. The fleet writes a client key, a known_hosts file and a
-native inventory, so the controller (or OpenSSH) can reach every host with strict host
-key checking. Everything is named ``{prefix}-...`` and recorded in a state file, so two
-fleets with different prefixes coexist and ``down`` removes exactly what ``up`` made.
+address, host key and sshd. A bridge takes at most 1,023 ports, so a large fleet spreads
+its hosts over several bridges joined to the first by veth links (one segment, one
+subnet, one gateway), and raises the kernel's neighbour-table thresholds while it is up
+(every host and the gateway hold an entry each, in one table shared by all namespaces):
+the values it found are put back by ``down()``. The fleet writes a client key, a
+known_hosts file and a native inventory, so the controller (or OpenSSH) can reach every
+host with strict host key checking. Everything is named ``{prefix}-...`` and recorded in a
+state file, so two fleets with different prefixes coexist and ``down`` removes exactly
+what ``up`` made.
 """
 
 import contextlib
 import ipaddress
+import os
 import re
 import shutil
 import subprocess
@@ -28,6 +34,11 @@ RUN_ROOT = Path("/run/ebpfdiag")
 PYTHON = "/usr/bin/python3"
 FIRST_HOST_OFFSET = 10
 CLIENT_FILES = ("id_ed25519", "id_ed25519.pub", "known_hosts", "inventory.yaml")
+#: hosts per bridge: under the kernel's 1,023 ports, with room for the links between bridges
+HOSTS_PER_BRIDGE = 1000
+#: the neighbour-table thresholds (one table for every namespace), raised for a big fleet
+NEIGH_SYSCTLS = ("gc_thresh1", "gc_thresh2", "gc_thresh3")
+NEIGH_DIR = Path("/proc/sys/net/ipv4/neigh/default")
 
 
 @dataclass
@@ -56,6 +67,7 @@ class Fleet:
         no_sshd_hosts: Iterable[str] = (),
         max_startups: str = "200:30:400",
         max_sessions: int = 64,
+        hosts_per_bridge: int = HOSTS_PER_BRIDGE,
     ) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9]*", prefix):
             raise UsageError(f"fleet prefix {prefix!r}: use lower-case letters and digits")
@@ -86,6 +98,13 @@ class Fleet:
         self.known_hosts = self.workdir / "known_hosts"
         self.inventory = self.workdir / "inventory.yaml"
         self.bridge = f"{prefix}-br"
+        if not 1 <= hosts_per_bridge <= HOSTS_PER_BRIDGE:
+            raise UsageError(f"hosts per bridge: 1 to {HOSTS_PER_BRIDGE}")
+        self.hosts_per_bridge = hosts_per_bridge
+        #: the first bridge holds the gateway address; the others hang off it
+        self.bridges = [self.bridge] + [
+            f"{prefix}-br{k}" for k in range(1, -(-count // hosts_per_bridge))
+        ]
         self.gateway = str(self.network[1])
         self.sudo_password: str | None = None
         self.hosts = [
@@ -117,7 +136,10 @@ class Fleet:
         keys = self.rundir / "authorized_keys"
         shutil.copyfile(self.client_key.with_suffix(".pub"), keys)
         sshd.check_readable(keys)
+        self._raise_neighbour_limits(record)
         netns.bridge_add(self.bridge, f"{self.gateway}/{self.network.prefixlen}")
+        for k, extra in enumerate(self.bridges[1:], start=1):
+            _bridge_joined(extra, self.bridge, f"{self.prefix}-bl{k}")
         with ThreadPoolExecutor(max_workers=16) as pool:
             list(pool.map(self._host_up, self.hosts))
         deadline = time.monotonic() + 20
@@ -147,6 +169,7 @@ class Fleet:
             (workdir / name).unlink(missing_ok=True)
         if record.get("workdir_created", True) and workdir.exists() and not any(workdir.iterdir()):
             workdir.rmdir()
+        _restore_neighbour_limits(record.get("neigh", {}), self._others_need())
         shutil.rmtree(self.rundir, ignore_errors=True)
         _rmdir_if_empty(RUN_ROOT)
 
@@ -172,6 +195,17 @@ class Fleet:
 
     def sshd_pid(self, host: str) -> int | None:
         return sshd.read_pid(*self._pid_and_config(self.host(host)))
+
+    def cpu_seconds(self, settle: float = 5.0) -> float:
+        """CPU the fleet's hosts have used so far: every listening sshd with the sessions,
+        sudo and remote python it reaped (``/proc/PID/stat`` utime+stime+cutime+cstime).
+        Waits up to ``settle`` seconds for sessions still closing, so that a difference
+        across a run holds the whole run."""
+        pids = [p for p in (self.sshd_pid(h.name) for h in self._sshd_hosts()) if p]
+        deadline = time.monotonic() + settle
+        while any(_children(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return sum(_cpu_ticks(p) for p in pids) / CLOCK_TICKS
 
     # -- internals ----------------------------------------------------------------------
 
@@ -222,10 +256,39 @@ class Fleet:
         hostdir = self._hostdir(host)
         return hostdir / "sshd.pid", hostdir / "sshd_config"
 
+    def _raise_neighbour_limits(self, record: dict[str, Any]) -> None:
+        """Room in the (single, all-namespace) neighbour table for two entries per host
+        (the host's for the gateway, the gateway's for the host) next to what others use;
+        the values found are recorded first, for ``down()``."""
+        need = self._neighbour_need()
+        record["neigh_need"] = need
+        current = {name: int((NEIGH_DIR / name).read_text()) for name in NEIGH_SYSCTLS}
+        if current["gc_thresh3"] >= need:
+            return
+        wanted = {"gc_thresh1": current["gc_thresh1"], "gc_thresh2": need, "gc_thresh3": 2 * need}
+        record["neigh"] = {"found": current, "set": wanted}
+        state.save(self._state_path, record)
+        for name in ("gc_thresh3", "gc_thresh2"):
+            (NEIGH_DIR / name).write_text(f"{wanted[name]}\n")
+
+    def _neighbour_need(self) -> int:
+        return 2 * len(self.hosts) + 256
+
+    def _others_need(self) -> int:
+        """The largest neighbour-table need of the other fleets still up."""
+        needs = [0]
+        for path in RUN_ROOT.glob("fleet-*/state.json"):
+            if path != self._state_path:
+                needs.append(int(state.load(path).get("neigh_need", 0)))
+        return max(needs)
+
+    def _bridge_of(self, host: FleetHost) -> str:
+        return self.bridges[self.hosts.index(host) // self.hosts_per_bridge]
+
     def _host_up(self, host: FleetHost) -> None:
         netns.netns_add(host.netns)
         cidr = f"{host.address}/{self.network.prefixlen}"
-        netns.veth_into_netns(host.netns, host.netns, "eth0", cidr, bridge=self.bridge)
+        netns.veth_into_netns(host.netns, host.netns, "eth0", cidr, bridge=self._bridge_of(host))
         netns.route_replace(host.netns, "default", self.gateway)
         hostdir = self._hostdir(host)
         hostdir.mkdir(parents=True, exist_ok=True)
@@ -271,6 +334,56 @@ class Fleet:
             inventory["hosts"][h.name] = entry
         header = f"# ebpfdiag test fleet {self.prefix}: written by Fleet.up(), removed by down()\n"
         self.inventory.write_text(header + yaml.safe_dump(inventory, sort_keys=False))
+
+
+def _bridge_joined(name: str, main: str, link: str) -> None:
+    """Bridge ``name`` joined to ``main`` by a veth pair ``link``a/``link``b (one segment)."""
+    if not netns.link_exists(name):
+        netns.run(["ip", "link", "add", "name", name, "type", "bridge"])
+    netns.run(["ip", "link", "set", name, "up"])
+    if not netns.link_exists(f"{link}a"):
+        netns.run(["ip", "link", "add", f"{link}a", "type", "veth", "peer", "name", f"{link}b"])
+    for end, bridge in ((f"{link}a", main), (f"{link}b", name)):
+        netns.run(["ip", "link", "set", end, "master", bridge])
+        netns.run(["ip", "link", "set", end, "up"])
+
+
+def _restore_neighbour_limits(neigh: dict[str, Any], others_need: int = 0) -> None:
+    """Put back the thresholds found by ``up()``, unless someone changed them since or
+    another fleet still up needs more than they allow (raised values harm no one)."""
+    found, wanted = neigh.get("found", {}), neigh.get("set", {})
+    if others_need > found.get("gc_thresh3", 0):
+        return
+    for name in ("gc_thresh2", "gc_thresh3"):
+        if name not in found or name not in wanted:
+            continue
+        path = NEIGH_DIR / name
+        with contextlib.suppress(OSError, ValueError):
+            if int(path.read_text()) == wanted[name]:
+                path.write_text(f"{found[name]}\n")
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_ticks(pid: int) -> int:
+    """utime + stime + cutime + cstime of ``pid`` (0 once it is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    fields = text.rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15])
+
+
+def _children(pid: int) -> bool:
+    try:
+        return any(
+            Path(task, "children").read_text().strip()
+            for task in Path(f"/proc/{pid}/task").iterdir()
+        )
+    except OSError:
+        return False
 
 
 def _rmdir_if_empty(path: Path) -> None:

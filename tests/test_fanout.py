@@ -432,3 +432,37 @@ def test_a_shipped_tool_runs_as_its_bundle(inventory):
     assert r.returncode == 1
     errors = [rec["text"] for rec in records(r.stdout) if rec.get("stream") == "stderr"]
     assert any("--history: 9 is out of range (0-8)" in e for e in errors), errors
+
+
+def test_a_finished_host_keeps_only_its_result(fleet, inventory):
+    """Memory per host is bounded once it has finished: the engine drops its stop event and
+    its run, and keeps the result; every healthy host answered."""
+    import asyncio
+
+    from ebpfdiag.fanout import Fanout, FanoutOptions
+    from ebpfdiag.inventory import load_inventory, resolve_hosts
+    from ebpfdiag.transport import Script
+
+    class Collect:
+        def __init__(self):
+            self.out: dict[str, list[bytes]] = {}
+
+        def state(self, host, state):
+            pass
+
+        def lines(self, host, stream, lines):
+            self.out.setdefault(host, []).extend(lines)
+
+        def clock(self, host, sample):
+            pass
+
+        def result(self, result):
+            pass
+
+    hosts = resolve_hosts(load_inventory(str(inventory)), "h[01-20]")
+    sink = Collect()
+    engine = Fanout(hosts, Script("one.py", b"print(1)\n"), FanoutOptions(fanout=8), sink)
+    results = asyncio.run(engine.run())
+    assert [r.status for r in results] == ["ok"] * 20
+    assert sink.out == {h: [b"1"] for h in HEALTHY}
+    assert engine._stops == {} and engine._runs == {}

@@ -165,3 +165,82 @@ def test_down_removes_everything_it_made(tmp_path):
     assert not (tmp_path / "w").exists()
     assert not user_exists("ebpfdiag-tdown")
     assert not users.sudoers_path("ebpfdiag-tdown").exists()
+
+
+def test_neighbour_thresholds_are_raised_for_a_big_fleet_and_put_back(tmp_path, monkeypatch):
+    """The kernel's one neighbour table holds two entries per host: a 1,000-host fleet
+    raises its thresholds, records what it found, and down() puts that back unless
+    someone changed the value since."""
+    import tests.fleet as fleet_module
+
+    neigh = tmp_path / "neigh"
+    neigh.mkdir()
+    for name, value in (("gc_thresh1", 128), ("gc_thresh2", 512), ("gc_thresh3", 1024)):
+        (neigh / name).write_text(f"{value}\n")
+    monkeypatch.setattr(fleet_module, "NEIGH_DIR", neigh)
+    monkeypatch.setattr(fleet_module, "RUN_ROOT", tmp_path / "run")
+    small = Fleet("ebcos", 100)
+    record: dict = {}
+    small._raise_neighbour_limits(record)
+    assert "neigh" not in record and (neigh / "gc_thresh3").read_text() == "1024\n"
+    big = Fleet("ebcob", 1000, subnet="198.19.8.0/21")
+    big._raise_neighbour_limits(record)
+    assert int((neigh / "gc_thresh3").read_text()) >= 2 * 1000 * 2
+    assert int((neigh / "gc_thresh2").read_text()) >= 2 * 1000
+    assert record["neigh"]["found"]["gc_thresh3"] == 1024
+    fleet_module._restore_neighbour_limits(record["neigh"])
+    assert (neigh / "gc_thresh3").read_text() == "1024\n"
+    assert (neigh / "gc_thresh2").read_text() == "512\n"
+    big._raise_neighbour_limits(record)
+    (neigh / "gc_thresh3").write_text("9999\n")  # changed by someone else meanwhile
+    fleet_module._restore_neighbour_limits(record["neigh"])
+    assert (neigh / "gc_thresh3").read_text() == "9999\n"
+    (neigh / "gc_thresh3").write_text(f"{record['neigh']['set']['gc_thresh3']}\n")
+    fleet_module._restore_neighbour_limits(record["neigh"], others_need=1500)
+    assert (neigh / "gc_thresh3").read_text() != "1024\n"  # another big fleet is still up
+
+
+def test_bridges_follow_the_fleet_size():
+    assert Fleet("ebdf", 5).bridges == ["ebdf-br"]
+    assert Fleet("ebdf", 1000, subnet="198.19.8.0/21").bridges == ["ebdf-br"]
+    assert Fleet("ebdf", 1001, subnet="198.19.8.0/21").bridges == ["ebdf-br", "ebdf-br1"]
+    assert Fleet("ebdf", 40, hosts_per_bridge=16).bridges == ["ebdf-br", "ebdf-br1", "ebdf-br2"]
+    with pytest.raises(UsageError):
+        Fleet("ebdf", 5, hosts_per_bridge=1024)
+
+
+@pytest.mark.root
+def test_a_fleet_over_several_bridges_answers_from_every_host(tmp_path):
+    """40 hosts, 16 to a bridge: three bridges joined into one segment behind one gateway,
+    and run-script reaches every host, each answering with its own address."""
+    import json
+    import sys
+
+    fl = Fleet("ebcot", 40, subnet="198.19.32.0/24", workdir=tmp_path / "w", hosts_per_bridge=16)
+    with fl:
+        masters = {
+            h.netns: netns.run(["ip", "-o", "link", "show", h.netns])
+            .split(" master ")[1]
+            .split()[0]
+            for h in fl.hosts
+        }
+        assert sorted(set(masters.values())) == ["ebcot-br", "ebcot-br1", "ebcot-br2"]
+        assert list(masters.values()).count("ebcot-br2") == 8
+        probe = tmp_path / "addr.py"
+        probe.write_text(
+            "import socket, sys\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "s.connect((sys.argv[1], 9))\n"
+            "print(s.getsockname()[0])\n"
+        )
+        r = subprocess.run(
+            [sys.executable, "-m", "ebpfdiag", "run-script", str(probe), "-i", str(fl.inventory),
+             "--hosts", "fleet", "--json", "--", fl.gateway],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    answers = {x["host"]: x["text"] for x in recs if x["type"] == "line"}
+    assert answers == {h.name: h.address for h in fl.hosts}
+    assert recs[-1]["type"] == "summary" and recs[-1]["ok"] == 40
+    assert leftovers("ebcot", tmp_path / "w") == []

@@ -21,6 +21,8 @@ from importlib import resources
 from pathlib import Path
 
 import asyncssh
+from asyncssh.encryption import get_encryption_algs
+from asyncssh.kex import get_kex_algs
 
 from ebpfdiag import audit
 from ebpfdiag.clock import ClockSample
@@ -52,6 +54,43 @@ CHOOSE_SUDO = (
 )
 #: How the first line of a shipped tool's stdout starts (its ``hello`` record).
 HELLO_PREFIXES = (b'{"type":"hello"', b'{"type": "hello"')
+
+
+def _supported(preferred: tuple[str, ...], available: list[bytes]) -> list[str]:
+    return [alg for alg in preferred if alg.encode() in available]
+
+
+#: Key exchange and ciphers proposed, in this order: OpenSSH's client defaults (nothing
+#: weaker is ever proposed; asyncssh's own list adds SHA-1 and other legacy ones), the
+#: cheapest first. AES-GCM costs the controller one call per packet where asyncssh's
+#: ChaCha20-Poly1305 makes five, so it comes first (both are AEAD, as strong as each other).
+#: The post-quantum hybrid stays first where the host offers it.
+KEX_ALGS = _supported(
+    (
+        "mlkem768x25519-sha256",
+        "curve25519-sha256",
+        "curve25519-sha256@libssh.org",
+        "ecdh-sha2-nistp256",
+        "ecdh-sha2-nistp384",
+        "ecdh-sha2-nistp521",
+        "diffie-hellman-group-exchange-sha256",
+        "diffie-hellman-group16-sha512",
+        "diffie-hellman-group18-sha512",
+        "diffie-hellman-group14-sha256",
+    ),
+    get_kex_algs(),
+)
+ENCRYPTION_ALGS = _supported(
+    (
+        "aes128-gcm@openssh.com",
+        "aes256-gcm@openssh.com",
+        "chacha20-poly1305@openssh.com",
+        "aes128-ctr",
+        "aes192-ctr",
+        "aes256-ctr",
+    ),
+    get_encryption_algs(),
+)
 
 
 class HostFailure(Exception):
@@ -130,7 +169,10 @@ class SSHOptions:
 
     accept_new_host_keys: bool = False
     sudo_password: str | None = field(default=None, repr=False)
-    connect_retries: int = 3
+    #: handshakes dropped by sshd (MaxStartups) are tried again this many times: measured
+    #: with 1,000 logins at a fan-out of 64 to one sshd at MaxStartups 10:30:60, 3 left
+    #: 3% of them failed; with 8 (about 25 s of back-off at most) none did
+    connect_retries: int = 8
     keepalive_interval: float = 15.0
     #: host name -> the host to tunnel through (ProxyJump), resolved from the inventory
     jumps: Mapping[str, Host] = field(default_factory=dict)
@@ -179,17 +221,26 @@ def remote_command(host: Host, script: Script, use_sudo: bool, with_password: bo
     return " ".join(shlex.quote(a) for a in argv)
 
 
-@functools.cache
 def _known_hosts_files(host: Host) -> tuple[Path, ...]:
     """Where this host's keys are trusted from, as OpenSSH decides: the inventory's file,
     else ~/.ssh/config's UserKnownHostsFile for the host, else ~/.ssh/known_hosts."""
     if host.known_hosts:
-        return (Path(os.path.expanduser(host.known_hosts)),)
+        return _named_known_hosts(host.known_hosts)
+    return _default_known_hosts(host.address)
+
+
+@functools.cache
+def _named_known_hosts(name: str) -> tuple[Path, ...]:
+    return (Path(os.path.expanduser(name)),)
+
+
+@functools.cache
+def _default_known_hosts(address: str) -> tuple[Path, ...]:
     config = Path("~/.ssh/config").expanduser()
     if config.is_file():
         try:
             files = asyncssh.SSHClientConnectionOptions(
-                config=[str(config)], host=host.address
+                config=[str(config)], host=address
             ).known_hosts
         except (OSError, ValueError, asyncssh.Error):
             files = None
@@ -203,8 +254,36 @@ def _known_hosts_path(host: Host) -> Path:
     return _known_hosts_files(host)[0]
 
 
-def _existing_known_hosts(host: Host) -> list[str]:
-    return [str(p) for p in _known_hosts_files(host) if p.exists()]
+#: parsed known_hosts per file set, with the (inode, size, mtime) of each file it came from
+_KNOWN_HOSTS: dict[tuple[str, ...], tuple[tuple, asyncssh.SSHKnownHosts]] = {}
+
+
+def _stamps(paths: tuple[Path, ...]) -> tuple[tuple[str, ...], tuple]:
+    """The files of ``paths`` that exist, and what identifies each one's content."""
+    present, stamps = [], []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue
+        present.append(str(path))
+        stamps.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(present), tuple(stamps)
+
+
+def trusted_host_keys(host: Host) -> asyncssh.SSHKnownHosts:
+    """The host's known_hosts files, parsed once per content rather than once per host:
+    asyncssh given file names parses them at every connection, which costs O(lines) per
+    host, so O(hosts^2) for a fleet whose keys share one file (20 ms per host at 1,000).
+    A file that changes (--accept-new-host-keys appends to it) is read again."""
+    files, stamp = _stamps(_known_hosts_files(host))
+    if not files:  # no file yet: nothing is trusted (asyncssh would fail on a missing file)
+        return asyncssh.import_known_hosts("")
+    cached = _KNOWN_HOSTS.get(files)
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, asyncssh.read_known_hosts(list(files)))
+        _KNOWN_HOSTS[files] = cached
+    return cached[1]
 
 
 def _host_key_entry_name(host: Host) -> str:
@@ -213,16 +292,29 @@ def _host_key_entry_name(host: Host) -> str:
 
 
 def _has_known_key(host: Host) -> bool:
-    files = _existing_known_hosts(host)
-    if not files:
-        return False
     try:
         trusted, ca, *_ = asyncssh.match_known_hosts(
-            files, host.address, host.address, host.port or 22
+            trusted_host_keys(host), host.address, host.address, host.port or 22
         )
     except (OSError, ValueError, asyncssh.Error):
         return False
     return bool(trusted or ca)
+
+
+#: loaded client keys per identity file, with the file's stamp
+_CLIENT_KEYS: dict[str, tuple[tuple, list]] = {}
+
+
+def client_keys(path: str) -> list:
+    """The identity file's key pair (with its .pub and -cert.pub), loaded once per run
+    rather than by asyncssh at every connection."""
+    st = os.stat(path)
+    stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+    cached = _CLIENT_KEYS.get(path)
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, asyncssh.load_keypairs([path]))
+        _CLIENT_KEYS[path] = cached
+    return cached[1]
 
 
 def _remember_host_key(host: Host, key: asyncssh.SSHKey) -> None:
@@ -265,37 +357,43 @@ def _describe(host: Host, exc: BaseException) -> HostFailure:
     return HostFailure("ssh", f"ssh error from {where}: {exc}")
 
 
+#: back-off between handshakes dropped by sshd: doubling from the first, at most the last,
+#: each stretched by up to 100% at random so that a dropped burst does not come back as one
+RETRY_FIRST_S = 0.2
+RETRY_MAX_S = 3.0
+
 _RETRYABLE = (asyncssh.ConnectionLost, ConnectionResetError, BrokenPipeError, EOFError)
 
 
 async def connect(host: Host, opts: SSHOptions, jumps: JumpPool) -> asyncssh.SSHClientConnection:
     """Open a connection, retrying when sshd drops it during key exchange (MaxStartups)."""
     accept_new = opts.accept_new_host_keys and not _has_known_key(host)
-    known_files = _existing_known_hosts(host)
-    if accept_new:
-        known_hosts = None
-    elif known_files:
-        known_hosts = known_files
-    else:  # no file yet: nothing is trusted (asyncssh would fail on a missing file)
-        known_hosts = asyncssh.import_known_hosts("")
     kwargs: dict = {
         "host": host.address,
-        "known_hosts": known_hosts,
+        "known_hosts": None if accept_new else trusted_host_keys(host),
         "connect_timeout": host.connect_timeout,
         "login_timeout": host.connect_timeout,
         "keepalive_interval": opts.keepalive_interval,
         "keepalive_count_max": 3,
+        "kex_algs": KEX_ALGS,
+        "encryption_algs": ENCRYPTION_ALGS,
+        "compression_algs": None,
     }
     if host.port:
         kwargs["port"] = host.port
     if host.user:
         kwargs["username"] = host.user
     if host.identity_file:
-        kwargs["client_keys"] = [os.path.expanduser(host.identity_file)]
+        path = os.path.expanduser(host.identity_file)
+        try:
+            kwargs["client_keys"] = client_keys(path)
+        except (OSError, ValueError, asyncssh.Error) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise HostFailure("auth", f"cannot use identity file {path}: {reason}") from None
     jump = opts.jumps.get(host.name)  # resolved from the inventory for every jumping host
     if jump is not None:
         kwargs["tunnel"] = await jumps.get(jump)
-    delay = 0.2
+    delay = RETRY_FIRST_S
     for attempt in range(opts.connect_retries + 1):
         try:
             conn = await asyncssh.connect(**kwargs)
@@ -304,7 +402,7 @@ async def connect(host: Host, opts: SSHOptions, jumps: JumpPool) -> asyncssh.SSH
             if attempt == opts.connect_retries:
                 raise _describe(host, exc) from None
             await asyncio.sleep(delay * (1 + random.random()))
-            delay *= 2
+            delay = min(delay * 2, RETRY_MAX_S)
         except (OSError, asyncio.TimeoutError, asyncssh.Error) as exc:
             raise _describe(host, exc) from None
     if accept_new:
