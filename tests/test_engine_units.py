@@ -14,15 +14,15 @@ from ebpfdiag.render.terminal import StatusView
 def test_fd_limit_is_raised_for_large_fleets():
     code = (
         "import resource\n"
-        "from ebpfdiag.fanout import raise_fd_limit\n"
+        "from ebpfdiag.fanout import fd_need, raise_fd_limit\n"
         "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))\n"
         "raise_fd_limit(500)\n"
-        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard, fd_need(500, 500))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    soft, hard = (int(x) for x in out.stdout.split())
-    assert soft == min(64 + 8 * 500, hard) and soft > 64
+    soft, hard, need = (int(x) for x in out.stdout.split())
+    assert soft == min(need, hard) and soft > 64
 
 
 def test_live_status_shows_a_line_per_host_and_the_counts():

@@ -418,7 +418,7 @@ def host_options(*, ssh: bool = True):
                 show_default=True,
                 expose_value=False,
                 callback=_store("fanout"),
-                help="Hosts worked on at once.",
+                help="Hosts worked on at once (guidance: run-script --help).",
             ),
             click.option(
                 "--accept-new-host-keys",
