@@ -74,7 +74,7 @@ def run_ebpfdiag(fleet, hosts, work: Path) -> Measured:
     script.write_text(SCRIPT)
     out = work / "ebpfdiag.out"
     argv = [EBPFDIAG, "run-script", str(script), "-i", str(fleet.inventory),
-            "--hosts", ",".join(h.name for h in hosts), "--json",
+            "--hosts", ",".join(h.name for h in hosts), "--json", "--yes",
             "--fanout", str(CONCURRENCY)]  # fmt: skip
     with out.open("wb") as fh:
         m = run_measured(argv, stdout=fh, timeout=_timeout(hosts))
