@@ -39,6 +39,11 @@ if [ ! -e "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+# An editable install has no byte code, and PYTHONDONTWRITEBYTECODE (set on some machines)
+# keeps Python from writing it: every command would compile the controller's sources at
+# start-up (about 50 ms). Compile them as an installed wheel would be; a source edited later
+# is recompiled in memory as usual.
+.venv/bin/python -m compileall -q src/ebpfdiag >/dev/null
 
 if [ "$(id -u)" -eq 0 ]; then
   # BCC needs tracefs and headers; Debian ships none for custom kernels, so point BCC at the
