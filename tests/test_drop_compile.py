@@ -321,8 +321,8 @@ def hist_value(slots: int, pkts: list[tuple], head: int, count: int) -> bytes:
     b = bytes([198, 18, 3, 1]) + bytes(12)
     raw = struct.pack(drop.FLOW_FMT, a, b, 40000, 80, 4)
     raw += struct.pack(drop.HIST_HEAD_FMT, head, count, 0)
-    ring = [struct.pack(drop.HPKT_FMT, *p) for p in pkts]
-    ring += [bytes(struct.calcsize(drop.HPKT_FMT))] * (slots - len(ring))
+    ring = [struct.pack(drop.FLOW_PKT_FMT, *p) for p in pkts]
+    ring += [bytes(struct.calcsize(drop.FLOW_PKT_FMT))] * (slots - len(ring))
     return raw + b"".join(ring)
 
 

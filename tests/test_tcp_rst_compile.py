@@ -121,7 +121,7 @@ def test_decode_formats_match_the_kernel_structs():
     assert proc.returncode == 0, proc.stderr[-3000:]
     layout = json.loads(proc.stdout.strip().splitlines()[-1])["layout"]
     m = load_tcp_rst()
-    codes = m.PKT_FMT.lstrip("=")
+    codes = m.FLOW_PKT_FMT.lstrip("=")
     names = ["ts", "ifindex", "seq", "ack", "len", "win", "ipid", "ttl", "flags", "dir", "fwd"]
     expected = [
         [name, struct.calcsize("=" + codes[:i]), struct.calcsize("=" + codes[i])]

@@ -250,7 +250,7 @@ def test_legacy_reset_unmaps_v4_addresses_and_has_no_reason():
 
 
 def pkt(ts, seq, fwd, flags=16, length=0):
-    return struct.pack(tcp_rst.PKT_FMT, ts, 2, seq, 0, length, 100, 0, 64, flags, 0, fwd)
+    return struct.pack(tcp_rst.FLOW_PKT_FMT, ts, 2, seq, 0, length, 100, 0, 64, flags, 0, fwd)
 
 
 def test_history_is_emitted_oldest_first_across_ring_wrap():

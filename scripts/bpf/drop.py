@@ -124,7 +124,15 @@ from core.dropreasons import reason_count, reason_table
 from core.events import C_LOST, RINGBUF_MIN_KERNEL, BufferCallbacks, Output, c_submit, now_ns
 from core.lifecycle import SetupError, Stop
 from core.netstat import NetstatDelta
-from core.packet import C_PACKET, DIR_NAMES, addr_text, fill_filters
+from core.packet import (
+    C_FLOW_KEY,
+    C_PACKET,
+    FLOW_FMT,
+    FLOW_PKT_FMT,
+    addr_text,
+    fill_filters,
+    flow_packet_records,
+)
 from core.symbols import Symbols
 from core.tc import TCX_UNSUPPORTED, TcHooks, TcxLinks, bpf_syscall_number, tcx_expected
 from core.tool import (
@@ -161,10 +169,7 @@ DROP_FMT = "=QQIIIIIHHHHBBBB16s16s"
 RETRANS_FMT = "=QIiHHBB2x16s16s"
 COUNT_KEY_FMT = "=QI4x"
 COUNT_VAL_FMT = "=QQ"
-FLOW_FMT = "=16s16sHHB3x"  # struct flow_key: a, b, pa, pb, family
 HIST_HEAD_FMT = "=IIQ"  # struct hist after its key: head, count, last
-# struct hpkt: ts, ifindex, seq, ack, len, win, ipid, ttl, flags, dir, fwd
-HPKT_FMT = "=QIIIIHHBBBB"
 
 
 # --------------------------------------------------------------------------------------
@@ -447,15 +452,6 @@ struct hpkt {                /* one sighting, 32 bytes */
 	__u8 fwd;                /* 1 when the packet goes from key.a to key.b */
 };
 
-struct flow_key {            /* canonical 5-tuple: (a, pa) sorts before (b, pb) */
-	__u32 a[4];
-	__u32 b[4];
-	__u16 pa;
-	__u16 pb;
-	__u8 family;
-	__u8 _pad[3];
-};
-
 struct hist {
 	struct flow_key key;     /* for the dump (the map is keyed by its hash) */
 	__u32 head;              /* next slot to write */
@@ -464,30 +460,9 @@ struct hist {
 	struct hpkt ring[HISTORY];
 };
 
-/* Keyed by a 64-bit hash of the canonical 5-tuple (8 bytes hashed per lookup, not 40). */
+/* Keyed by flow_hash of the canonical 5-tuple. */
 BPF_F_TABLE("lru_hash", __u64, struct hist, flows, FLOW_MAP_SIZE, BPF_F_NO_COMMON_LRU);
 BPF_ARRAY(hist_zero, struct hist, 1);
-
-static __always_inline int ep_before(__u32 *a, __u16 pa, __u32 *b, __u16 pb)
-{
-#pragma unroll
-	for (int i = 0; i < 4; i++) {
-		if (a[i] != b[i])
-			return a[i] < b[i];
-	}
-	return pa < pb;
-}
-
-static __always_inline __u64 flow_hash(struct flow_key *k)
-{
-	const __u64 prime = 0x100000001b3ULL;
-	__u64 h = 0xcbf29ce484222325ULL ^ k->family;
-#pragma unroll
-	for (int i = 0; i < 4; i++)
-		h = (h ^ (((__u64)k->a[i] << 32) | k->b[i])) * prime;
-	h = (h ^ (((__u64)k->pa << 16) | k->pb)) * prime;
-	return h ^ (h >> 31);
-}
 
 /* off: bytes before the IP header (14 on Ethernet, 0 on L3 devices), a constant per program */
 static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir, __u32 off)
@@ -498,19 +473,7 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir, __u32 off)
 	if (!flow_wanted(t.family, (__u8 *)t.saddr, (__u8 *)t.daddr, t.sport, t.dport))
 		return TC_ACT_UNSPEC;
 	struct flow_key k = {};
-	__u8 fwd = ep_before(t.saddr, t.sport, t.daddr, t.dport);
-	if (fwd) {
-		__builtin_memcpy(k.a, t.saddr, 16);
-		__builtin_memcpy(k.b, t.daddr, 16);
-		k.pa = t.sport;
-		k.pb = t.dport;
-	} else {
-		__builtin_memcpy(k.a, t.daddr, 16);
-		__builtin_memcpy(k.b, t.saddr, 16);
-		k.pa = t.dport;
-		k.pb = t.sport;
-	}
-	k.family = t.family;
+	__u8 fwd = flow_key_of(&t, &k);
 	__u64 fk = flow_hash(&k);
 	struct hist *h = flows.lookup(&fk);
 	if (!h) {
@@ -711,7 +674,7 @@ def build_program(plan: dict) -> str:
         if probe in plan["tracepoints"]:
             parts.append(c_retrans_probe(probe, plan["tracepoints"][probe], num, plan))
     if plan["history"]:
-        parts.append(C_PACKET)
+        parts += [C_PACKET, C_FLOW_KEY]
         parts.append(C_HISTORY % {"history": plan["history"], "flow_map_size": FLOW_MAP_SIZE})
     return "\n".join(parts)
 
@@ -776,43 +739,17 @@ def decode_retrans(raw: bytes, state_names: dict) -> dict:
 def decode_hist(raw: bytes, ifnames: dict) -> list:
     """One `flows` map value (struct hist) -> its packets as packet records (why
     "history"), oldest first."""
-    a, b, pa, pb, family = struct.unpack_from(FLOW_FMT, raw, 0)
     at = struct.calcsize(FLOW_FMT)
     head, count, _last = struct.unpack_from(HIST_HEAD_FMT, raw, at)
     ring_at = at + struct.calcsize(HIST_HEAD_FMT)
-    size = struct.calcsize(HPKT_FMT)
+    size = struct.calcsize(FLOW_PKT_FMT)
     slots = (len(raw) - ring_at) // size
-    ends = ((addr_text(family, a), pa), (addr_text(family, b), pb))
-    records = []
-    for n in range(min(count, slots)):
-        i = (head - count + n) % slots
-        (ts, ifindex, seq, ack, length, win, ipid, ttl, flags, direction,
-         fwd) = struct.unpack_from(HPKT_FMT, raw, ring_at + size * i)  # fmt: skip
-        src, dst = ends if fwd else ends[::-1]
-        records.append(
-            {
-                "type": "packet",
-                "ts_ns": ts,
-                "ifname": ifnames.get(ifindex, str(ifindex)),
-                "ifindex": ifindex,
-                "dir": DIR_NAMES.get(direction, "ingress"),
-                "family": family,
-                "saddr": src[0],
-                "daddr": dst[0],
-                "sport": src[1],
-                "dport": dst[1],
-                "flags": flags,
-                "seq": seq,
-                "ack": ack,
-                "ipid": ipid,
-                "ttl": ttl,
-                "len": length,
-                "win": win,
-                "why": "history",
-            }
-        )
-    records.sort(key=lambda r: r["ts_ns"])
-    return records
+    pkts = [
+        (struct.unpack_from(FLOW_PKT_FMT, raw, ring_at + size * ((head - count + n) % slots)),
+         "history")
+        for n in range(min(count, slots))
+    ]  # fmt: skip
+    return flow_packet_records(raw, pkts, ifnames)
 
 
 def add_window(windows: list, t0: int, t1: int) -> list:

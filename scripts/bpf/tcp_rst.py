@@ -127,14 +127,17 @@ from core.lifecycle import SetupError, Stop
 from core.natports import start_nat_ports
 from core.packet import (
     C_FILTER_MAPS,
+    C_FLOW_KEY,
     C_PACKET,
-    DIR_NAMES,
+    FLOW_FMT,
+    FLOW_PKT_FMT,
     TH_ACK,
     TH_FIN,
     TH_SYN,
     addr_text,
     c_filters,
     fill_filters,
+    flow_packet_records,
 )
 from core.params import ParamError, convert
 from core.tc import TCX_UNSUPPORTED, TcHooks, TcxLinks, bpf_syscall_number, tcx_expected
@@ -163,9 +166,7 @@ TUPLE_FROM = {1: "skb", 2: "socket"}  # reset_event.src; 0: the tracepoint's own
 STATE_TIME_WAIT, STATE_LISTEN, STATE_NEW_SYN_RECV = 6, 10, 12
 
 # Userspace mirrors of the C structs below (explicit padding, little/native endian).
-PKT_FMT = "=QIIIIHHBBBB"
-FLOW_FMT = "=16s16sHHB3x"
-PKT_SIZE = struct.calcsize(PKT_FMT)
+PKT_SIZE = struct.calcsize(FLOW_PKT_FMT)
 FLOW_SIZE = struct.calcsize(FLOW_FMT)
 EVENT_HEAD_FMT = "=B3xIII"
 RESET_FMT = "=QIIiiHHHH16s16s16sBBBxIII"
@@ -215,15 +216,6 @@ struct pkt {                 /* one packet, 32 bytes */
 	__u8 flags;
 	__u8 dir;                /* 0 ingress, 1 egress */
 	__u8 fwd;                /* 1 when the packet goes from key.a to key.b */
-};
-
-struct flow_key {            /* canonical 5-tuple: (a, pa) sorts before (b, pb) */
-	__u32 a[4];
-	__u32 b[4];
-	__u16 pa;
-	__u16 pb;
-	__u8 family;
-	__u8 _pad[3];
 };
 
 struct hist {                /* the flow's last packets not otherwise reported */
@@ -281,27 +273,6 @@ C_TC = r"""
 BPF_F_TABLE("lru_hash", __u64, struct hist, flows, FLOW_MAP_SIZE, BPF_F_NO_COMMON_LRU);
 BPF_ARRAY(hist_zero, struct hist, 1);
 BPF_PERCPU_ARRAY(scratch, struct pkt_event, 1);
-
-static __always_inline int ep_before(__u32 *a, __u16 pa, __u32 *b, __u16 pb)
-{
-#pragma unroll
-	for (int i = 0; i < 4; i++) {
-		if (a[i] != b[i])
-			return a[i] < b[i];
-	}
-	return pa < pb;
-}
-
-static __always_inline __u64 flow_hash(struct flow_key *k)
-{
-	const __u64 prime = 0x100000001b3ULL;
-	__u64 h = 0xcbf29ce484222325ULL ^ k->family;
-#pragma unroll
-	for (int i = 0; i < 4; i++)
-		h = (h ^ (((__u64)k->a[i] << 32) | k->b[i])) * prime;
-	h = (h ^ (((__u64)k->pa << 16) | k->pb)) * prime;
-	return h ^ (h >> 31);
-}
 
 static __always_inline struct hist *flow_entry(__u64 *k, struct flow_key *key)
 {
@@ -366,14 +337,7 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir, __u32 off)
 	p.ts = bpf_ktime_get_ns();
 	p.ifindex = skb->ifindex;
 	p.dir = dir;
-	k.family = t.family;
-	/* one copy of each end, from whichever side sorts first (not a copy per branch) */
-	p.fwd = ep_before(t.saddr, t.sport, t.daddr, t.dport);
-	__u32 *lo = p.fwd ? t.saddr : t.daddr, *hi = p.fwd ? t.daddr : t.saddr;
-	__builtin_memcpy(k.a, lo, 16);
-	__builtin_memcpy(k.b, hi, 16);
-	k.pa = p.fwd ? t.sport : t.dport;
-	k.pb = p.fwd ? t.dport : t.sport;
+	p.fwd = flow_key_of(&t, &k);
 	__u64 fk = flow_hash(&k);
 
 	__u8 why = 0;
@@ -740,7 +704,7 @@ def build_program(plan: dict) -> str:
     parts = []
     if plan["kprobes"]:
         parts.append(C_KPROBE_INCLUDES)
-    parts += [C_PACKET, C_FILTER_MAPS]
+    parts += [C_PACKET, C_FLOW_KEY, C_FILTER_MAPS]
     parts.append(
         C_COMMON
         % {
@@ -803,7 +767,7 @@ def decode_packets(raw: bytes, ifnames: dict) -> list:
     why, head, count, hs_mask = struct.unpack_from(EVENT_HEAD_FMT, raw, FLOW_SIZE + PKT_SIZE)
     hs_at = FLOW_SIZE + PKT_SIZE + struct.calcsize(EVENT_HEAD_FMT)
     pkts = _kept(raw, hs_at, head, count, hs_mask)
-    pkts.append((struct.unpack_from(PKT_FMT, raw, FLOW_SIZE), why))
+    pkts.append((struct.unpack_from(FLOW_PKT_FMT, raw, FLOW_SIZE), why))
     return _packet_records(raw, pkts, ifnames)
 
 
@@ -821,48 +785,22 @@ def _kept(raw: bytes, hs_at: int, head: int, count: int, hs_mask: int) -> list:
     ring_at = hs_at + 2 * PKT_SIZE
     slots = (len(raw) - ring_at) // PKT_SIZE
     pkts = [
-        (struct.unpack_from(PKT_FMT, raw, hs_at + PKT_SIZE * i), 2)
+        (struct.unpack_from(FLOW_PKT_FMT, raw, hs_at + PKT_SIZE * i), 2)
         for i in (0, 1)
         if hs_mask & (1 << i)
     ]
     pkts.sort(key=lambda p: p[0][0])
     order = [(head - count + i) % slots for i in range(count)] if slots else []
     for i in order:
-        pkt = struct.unpack_from(PKT_FMT, raw, ring_at + PKT_SIZE * i)
+        pkt = struct.unpack_from(FLOW_PKT_FMT, raw, ring_at + PKT_SIZE * i)
         pkts.append((pkt, 3 if pkt[8] & 0x01 else 4))
     return pkts
 
 
 def _packet_records(raw: bytes, pkts: list, ifnames: dict) -> list:
     """Packet records for [(pkt tuple, why)] of the flow whose key starts `raw`."""
-    a, b, pa, pb, family = struct.unpack_from(FLOW_FMT, raw, 0)
-    ends = ((addr_text(family, a), pa), (addr_text(family, b), pb))
-    records = []
-    for (ts, ifindex, seq, ack, length, win, ipid, ttl, flags, direction, fwd), kind in pkts:
-        src, dst = ends if fwd else ends[::-1]
-        records.append(
-            {
-                "type": "packet",
-                "ts_ns": ts,
-                "ifname": ifnames.get(ifindex, str(ifindex)),
-                "ifindex": ifindex,
-                "dir": DIR_NAMES.get(direction, "ingress"),
-                "family": family,
-                "saddr": src[0],
-                "daddr": dst[0],
-                "sport": src[1],
-                "dport": dst[1],
-                "flags": flags,
-                "seq": seq,
-                "ack": ack,
-                "ipid": ipid,
-                "ttl": ttl,
-                "len": length,
-                "win": win,
-                "why": WHY_NAMES.get(kind, "rst"),
-            }
-        )
-    return records
+    named = [(pkt, WHY_NAMES.get(kind, "rst")) for pkt, kind in pkts]
+    return flow_packet_records(raw, named, ifnames)
 
 
 def decode_reset(raw: bytes, symbols: dict) -> dict:

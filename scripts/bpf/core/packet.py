@@ -10,6 +10,7 @@ Ethernet, 0 on L3 devices) is a constant, so no map lookup is needed for it. Pyt
 import ctypes
 import ipaddress
 import socket
+import struct
 
 TH_FIN, TH_SYN, TH_RST, TH_PSH, TH_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 DIR_NAMES = {0: "ingress", 1: "egress"}
@@ -162,6 +163,55 @@ static __always_inline int addr_wanted(__u32 family, __u32 *a)
 """ % {"addrs_max": FILTER_ADDRS_MAX}
 
 
+C_FLOW_KEY = r"""
+struct flow_key {            /* canonical 5-tuple: (a, pa) sorts before (b, pb) */
+	__u32 a[4];
+	__u32 b[4];
+	__u16 pa;
+	__u16 pb;
+	__u8 family;
+	__u8 _pad[3];
+};
+
+static __always_inline int ep_before(__u32 *a, __u16 pa, __u32 *b, __u16 pb)
+{
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		if (a[i] != b[i])
+			return a[i] < b[i];
+	}
+	return pa < pb;
+}
+
+/* The packet's flow as its canonical key; 1 when the packet goes from key.a to key.b. */
+static __always_inline __u8 flow_key_of(struct ebd_tcp *t, struct flow_key *k)
+{
+	__u8 fwd = ep_before(t->saddr, t->sport, t->daddr, t->dport);
+	/* one copy of each end, from whichever side sorts first (not a copy per branch) */
+	__u32 *lo = fwd ? t->saddr : t->daddr, *hi = fwd ? t->daddr : t->saddr;
+	__builtin_memcpy(k->a, lo, 16);
+	__builtin_memcpy(k->b, hi, 16);
+	k->pa = fwd ? t->sport : t->dport;
+	k->pb = fwd ? t->dport : t->sport;
+	k->family = t->family;
+	return fwd;
+}
+
+/* A flow's map key: a 64-bit hash of its canonical key (8 bytes hashed per lookup, not 40). */
+static __always_inline __u64 flow_hash(struct flow_key *k)
+{
+	const __u64 prime = 0x100000001b3ULL;
+	__u64 h = 0xcbf29ce484222325ULL ^ k->family;
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		h = (h ^ (((__u64)k->a[i] << 32) | k->b[i])) * prime;
+	h = (h ^ (((__u64)k->pa << 16) | k->pb)) * prime;
+	return h ^ (h >> 31);
+}
+"""
+"""Per-flow keys for the tools that keep packet history in the kernel (after C_PACKET)."""
+
+
 def c_filters(ports, addrs, family, saddr, daddr, sport, dport, reject) -> str:
     """C statements that run `reject` (e.g. `return TC_ACT_UNSPEC;`) for a flow the
     filter does not pass: a wanted port on either side, and a wanted address on either
@@ -220,3 +270,42 @@ def tcp_fields(values) -> dict:
         "len": length,
         "win": win,
     }
+
+
+#: struct flow_key for struct.unpack: a, b, pa, pb, family
+FLOW_FMT = "=16s16sHHB3x"
+#: one packet of a flow's history: ts, ifindex, seq, ack, len, win, ipid, ttl, flags, dir, fwd
+FLOW_PKT_FMT = "=QIIIIHHBBBB"
+
+
+def flow_packet_records(key: bytes, pkts, ifnames: dict) -> list:
+    """Packet records for [(FLOW_PKT_FMT tuple, why)] of the flow whose struct flow_key
+    is ``key`` (its first bytes): each packet's direction comes from its fwd flag."""
+    a, b, pa, pb, family = struct.unpack_from(FLOW_FMT, key, 0)
+    ends = ((addr_text(family, a), pa), (addr_text(family, b), pb))
+    records = []
+    for (ts, ifindex, seq, ack, length, win, ipid, ttl, flags, direction, fwd), why in pkts:
+        src, dst = ends if fwd else ends[::-1]
+        records.append(
+            {
+                "type": "packet",
+                "ts_ns": ts,
+                "ifname": ifnames.get(ifindex, str(ifindex)),
+                "ifindex": ifindex,
+                "dir": DIR_NAMES.get(direction, "ingress"),
+                "family": family,
+                "saddr": src[0],
+                "daddr": dst[0],
+                "sport": src[1],
+                "dport": dst[1],
+                "flags": flags,
+                "seq": seq,
+                "ack": ack,
+                "ipid": ipid,
+                "ttl": ttl,
+                "len": length,
+                "win": win,
+                "why": why,
+            }
+        )
+    return records
