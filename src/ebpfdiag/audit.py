@@ -9,7 +9,6 @@ how it ended. It is written when ``--audit-log FILE`` is given, else to
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -90,7 +89,7 @@ def host_run(
             exit_signal=outcome.exit_signal,
             stopped=outcome.stopped_by_us,
         )
-    elif isinstance(failure, asyncio.CancelledError):
+    elif failure is not None and _cancelled(failure):
         rec.update(error_kind="cancelled", error="the run was cancelled before it ended")
     elif failure is not None:
         kind = getattr(failure, "kind", None) or "ssh"
@@ -116,3 +115,11 @@ def write(record: dict) -> None:
             _warned.add(path)
             with contextlib.suppress(OSError):
                 sys.stderr.write(f"ebpfdiag: cannot write audit log {path}: {exc.strerror}\n")
+
+
+def _cancelled(failure: BaseException) -> bool:
+    """asyncio is imported here, not with this module: every command that connects
+    imports the module for its option, before it needs an event loop."""
+    import asyncio
+
+    return isinstance(failure, asyncio.CancelledError)
