@@ -331,6 +331,15 @@ def metrics_lab() -> Iterator:
         lab.down()
 
 
+def _paired(dp: dict[str, dict[str, list]], kind: str) -> tuple[float, float, float]:
+    """Median, min and max of each round's with/without ratio: both runs of a round met the
+    same load on this shared machine, so a loaded round does not decide."""
+    ratios = [
+        m / b for b, m in zip(dp["no metrics"][kind], dp["metrics on 3 hosts"][kind], strict=True)
+    ]
+    return median(ratios), min(ratios), max(ratios)
+
+
 def run_datapath(rounds: int, connections: int, bulk_s: float) -> dict[str, dict[str, list]]:
     from bench.datapath import _bulk, _servers, _short
 
@@ -428,12 +437,14 @@ def run(hosts: int = 100, interval: float = 1.0, warmup: int = 20, measure: int 
         section.rows.append(
             [f"datapath, {cond}: short conn/s (ratio)", f"{s:,.0f} ({fmt(s / base_s)})"]
         )
-    rb = median(dp["metrics on 3 hosts"]["bulk"]) / base_b
-    rs = median(dp["metrics on 3 hosts"]["short"]) / base_s
+    rb, rb_lo, rb_hi = _paired(dp, "bulk")
+    rs, rs_lo, rs_hi = _paired(dp, "short")
     section.targets += [
-        Target("bulk ratio with metrics", fmt(rb), ">= 0.95", rb >= 0.95),
-        Target("short-connection ratio with metrics", fmt(rs), ">= 0.90", rs >= 0.90),
-    ]
+        Target("bulk ratio with metrics (median of the rounds' ratios; their range)",
+               f"{fmt(rb)} ({fmt(rb_lo)}-{fmt(rb_hi)})", ">= 0.97", rb >= 0.97),
+        Target("short-connection ratio with metrics (the same)",
+               f"{fmt(rs)} ({fmt(rs_lo)}-{fmt(rs_hi)})", ">= 0.97", rs >= 0.97),
+    ]  # fmt: skip
     section.notes += [
         f"Controller: {hosts} sshd hosts on one bridge, each running a BCC-free emitter of "
         f"netmetrics' delta protocol every {interval:g} s (8 reset rows over {REASONS} reasons, "

@@ -19,7 +19,8 @@ changed; an empty delta is a heartbeat). A family is declared once in hello (typ
 names, help), so a receiver accumulates families it does not know by name. Counts start
 at zero when the tool starts: a receiver adds deltas, it never sees a counter go back.
 The port label is the local port when it is one of this host's listening ports (at most
---port-labels of them, refreshed every interval), else empty: it stays bounded.
+--port-labels of them, read from sock_diag every interval, from /proc/net/tcp where
+sock_diag is missing), else empty: it stays bounded.
 
 Parameters:
   --interval SECONDS      send a delta every SECONDS (default 15)
@@ -49,6 +50,7 @@ Fields:
 
 import ctypes
 import os
+import socket
 import struct
 import sys
 import time
@@ -485,6 +487,52 @@ def listening_ports(texts, cap: int) -> list:
     return sorted(ports)[:cap]
 
 
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST_DUMP = 0x301
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+TCPF_LISTEN = 1 << 10
+
+
+def diag_listen_request(family: int, seq: int) -> bytes:
+    """A sock_diag dump of TCP sockets in LISTEN only: the kernel then walks its listening
+    hash alone, where /proc/net/tcp walks every socket bucket (about 10 ms on a host with
+    much memory, 0.1 ms this way)."""
+    req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, TCPF_LISTEN) + bytes(48)
+    return struct.pack("=IHHII", 16 + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST_DUMP,
+                       seq, 0) + req  # fmt: skip
+
+
+def diag_ports(data: bytes):
+    """(local ports, done) of one sock_diag reply datagram; an error reply raises OSError."""
+    ports = []
+    off = 0
+    while off + 16 <= len(data):
+        length, kind = struct.unpack_from("=IH", data, off)
+        if kind == NLMSG_DONE:
+            return ports, True
+        if kind == NLMSG_ERROR:
+            err = struct.unpack_from("=i", data, off + 16)[0]
+            raise OSError(-err, "sock_diag: %s" % os.strerror(-err))
+        ports.append(struct.unpack_from("!H", data, off + 20)[0])  # inet_diag_msg.id.sport
+        off += max(16, (length + 3) & ~3)
+    return ports, False
+
+
+def diag_listening_ports(cap: int) -> list:
+    """The lowest `cap` TCP listening ports of this namespace, from sock_diag."""
+    ports = set()
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as sk:
+        sk.settimeout(2.0)
+        for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), 1):
+            sk.send(diag_listen_request(family, seq))
+            done = False
+            while not done:
+                got, done = diag_ports(sk.recv(1 << 16))
+                ports.update(got)
+    return sorted(ports)[:cap]
+
+
 def read_text(path: str) -> str:
     try:
         with open(path) as f:
@@ -580,8 +628,11 @@ class Session:
 
     def refresh_ports(self) -> None:
         """Listening ports may label resets: the first --port-labels of them."""
-        texts = [read_text("/proc/self/net/tcp"), read_text("/proc/self/net/tcp6")]
-        ports = listening_ports(texts, self.args.port_labels)
+        try:
+            ports = diag_listening_ports(self.args.port_labels)
+        except OSError:  # no sock_diag (inet_diag not built or not loadable)
+            texts = [read_text("/proc/self/net/tcp"), read_text("/proc/self/net/tcp6")]
+            ports = listening_ports(texts, self.args.port_labels)
         table = self.bpf["listen_ports"]
         for port in set(self.ports) - set(ports):
             table[ctypes.c_int(port)] = ctypes.c_uint8(0)
