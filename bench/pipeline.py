@@ -256,11 +256,13 @@ class _TraceRun:
                 self.ready.set()
 
     def quiet(self, seconds: float = 3.0, limit: float = 30.0) -> None:
-        """Wait until no event came for ``seconds`` (the stream has caught up). Longer than
-        the live view's hold (events of a stream that never pauses go out every 2 s), and
-        counted from the load's start when no event came yet."""
-        end = time.monotonic() + limit
-        while time.monotonic() < end and time.monotonic() - self.last_event < seconds:
+        """Called when the load has ended: wait until no event came for ``seconds`` (the
+        stream has caught up), counted from now at the earliest, so a trace still holding
+        the whole load's events is waited for. Longer than the live view's hold (events of
+        a stream that never pauses go out every 2 s)."""
+        now = time.monotonic()
+        end = now + limit
+        while time.monotonic() < end and time.monotonic() - max(self.last_event, now) < seconds:
             time.sleep(0.1)
 
     def stop(self) -> None:
