@@ -49,7 +49,7 @@ BENCHMARKS: dict[str, tuple[Callable[..., Section], Callable[..., Section]]] = {
         lambda against=None: datapath.run(rounds=1, connections=50, bulk_s=1, against=against),
     ),
     "metrics": (
-        lambda: metrics.run(hosts=100, interval=1.0, warmup=20, measure=30, dp_rounds=5),
+        lambda: metrics.run(hosts=100, interval=1.0, warmup=20, measure=30, dp_rounds=12),
         lambda: metrics.run(hosts=5, warmup=2, measure=3, dp_rounds=1, connections=50, bulk_s=1),
     ),
 }

@@ -25,6 +25,7 @@ parse_format = load_core("tracepoints").parse_format  # the tools' format parser
 TOOL = Path(__file__).resolve().parents[1] / "scripts" / "bpf" / "netmetrics.py"
 FORMATS = Path(__file__).resolve().parent / "fixtures" / "tracepoint_formats"
 DROP_FORMATS = Path(__file__).resolve().parent / "fixtures" / "drop"
+SOCK_FORMATS = Path(__file__).resolve().parent / "fixtures" / "sock"
 NETNS = "ebmx-script"
 
 
@@ -122,6 +123,18 @@ def test_receive_reset_without_state_reads_the_socket_through_btf():
     code = nm.c_state_counter("tcp_receive_reset", "rst_recv", fmt, None, 18)
     assert "rec.skaddr + 18" in code
     assert "rec.skaddr +" not in nm.c_state_counter("tcp_receive_reset", "r", fmt, None, None)
+
+
+def test_socket_state_changes_that_do_not_touch_syn_sent_leave_before_the_namespace_reads():
+    """Most state changes of a connection (FIN_WAIT, CLOSE_WAIT, ...) are not set-up times:
+    they return on the tracepoint's own fields, without the probe reads of the namespace
+    (every host's program sees every namespace's changes)."""
+    fmt = nm.read_formats(str(SOCK_FORMATS / "6.18"))["inet_sock_set_state"]
+    offsets = {"sk_net": 48, "skb_dev": 16, "dev_net": 280, "net_inum": 176}
+    code = nm.c_set_state(fmt, offsets)
+    early = code.index("if (rec.newstate != 2 && rec.oldstate != 2)")
+    assert code.index("if (rec.protocol != 6)") < early < code.index("(rec.skaddr + 48)")
+    assert early < code.index("OWN_NETNS") < code.index("syn_start.update")
 
 
 class FakeSymbols:

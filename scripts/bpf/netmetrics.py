@@ -287,8 +287,16 @@ def c_set_state(fmt: dict, offsets) -> str:
     """SYN_SENT stamps the socket; leaving SYN_SENT for ESTABLISHED fills the histogram."""
     fields = field_map(fmt)
     body = c_probe_head("inet_sock_set_state", fmt, offsets)
+    scope = body[-2:]  # the namespace reads: after the cheap tests, which most changes fail
+    del body[-2:]
     if "protocol" in fields:
         body.append("\tif (rec.protocol != 6)\n\t\treturn 0;")
+    body.append(
+        "\tif (rec.newstate != %(syn)d && rec.oldstate != %(syn)d)\n"
+        "\t\treturn 0;                /* neither entering nor leaving SYN_SENT */"
+        % {"syn": TCP_STATES["TCP_SYN_SENT"]}
+    )
+    body += scope
     body.append(
         "\t__u64 sk = rec.skaddr;\n"
         "\tif (rec.newstate == %(syn)d) {\n"
