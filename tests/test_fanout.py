@@ -419,6 +419,44 @@ def test_ssh_config_and_its_known_hosts_are_honoured(fleet, tmp_path):
     assert f"addr {h03.address}" in [x.get("text") for x in records(r.stdout)]
 
 
+def test_ssh_config_ciphers_are_used_rather_than_ours(fleet, tmp_path, monkeypatch):
+    """A site that sets Ciphers in ~/.ssh/config gets those, not the controller's order."""
+    import asyncio
+
+    from ebpfdiag import transport
+    from ebpfdiag.inventory import Host
+
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    h04, h05 = fleet.host("h04"), fleet.host("h05")
+    (home / ".ssh" / "config").write_text(f"Host {h04.address}\n  Ciphers aes256-ctr\n")
+    monkeypatch.setenv("HOME", str(home))
+    for cached in (transport._config_text, transport._algorithms):
+        cached.cache_clear()
+
+    async def cipher(address: str) -> str:
+        host = Host(
+            name=address,
+            address=address,
+            user=fleet.user,
+            identity_file=str(fleet.client_key),
+            known_hosts=str(fleet.known_hosts),
+        )
+        opts = transport.SSHOptions()
+        conn = await transport.connect(host, opts, transport.JumpPool(opts))
+        try:
+            return conn.get_extra_info("send_cipher")
+        finally:
+            conn.close()
+
+    try:
+        assert asyncio.run(cipher(h04.address)) == "aes256-ctr"
+        assert asyncio.run(cipher(h05.address)) == transport.ENCRYPTION_ALGS[0]
+    finally:
+        for cached in (transport._config_text, transport._algorithms):
+            cached.cache_clear()
+
+
 def test_a_shipped_tool_runs_as_its_bundle(inventory):
     """``run-script tcp_rst -- --ebpf``: the host gets the tool and its core modules as one
     program (nothing of scripts/bpf exists there) and prints the generated C."""

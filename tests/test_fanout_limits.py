@@ -141,6 +141,36 @@ def test_proposed_algorithms_are_openssh_defaults_cheapest_first():
     assert "curve25519-sha256" in KEX_ALGS[:2]
 
 
+@pytest.fixture
+def ssh_config(tmp_path, monkeypatch):
+    """Write the client configuration the controller reads (its caches emptied)."""
+    from ebpfdiag import transport
+
+    path = tmp_path / "config"
+    monkeypatch.setattr(transport, "SSH_CONFIG", str(path))
+
+    def write(text: str) -> None:
+        path.write_text(text)
+        for cached in (transport._config_text, transport._algorithms):
+            cached.cache_clear()
+
+    yield write
+    for cached in (transport._config_text, transport._algorithms):
+        cached.cache_clear()
+
+
+def test_ssh_config_ciphers_and_kex_win_over_the_proposed_order(ssh_config):
+    from ebpfdiag.transport import ENCRYPTION_ALGS, KEX_ALGS, _algorithms
+
+    ours = {"kex_algs": KEX_ALGS, "encryption_algs": ENCRYPTION_ALGS}
+    ssh_config("Host *\n  User ops\n  # Ciphers aes256-ctr is only a comment\n")
+    assert _algorithms("a") == ours  # nothing chosen: never parsed per host
+    ssh_config("Host a\n  Ciphers aes256-ctr\nHost b\n  KexAlgorithms=curve25519-sha256\n")
+    assert _algorithms("a") == {"kex_algs": KEX_ALGS}  # the config's ciphers alone
+    assert _algorithms("b") == {"encryption_algs": ENCRYPTION_ALGS}
+    assert _algorithms("c") == ours
+
+
 def test_known_hosts_and_keys_are_read_once_per_content(tmp_path, monkeypatch):
     import asyncssh
 

@@ -234,19 +234,62 @@ def _named_known_hosts(name: str) -> tuple[Path, ...]:
     return (Path(os.path.expanduser(name)),)
 
 
+#: The client configuration asyncssh reads (it does not read /etc/ssh/ssh_config).
+SSH_CONFIG = "~/.ssh/config"
+
+
+@functools.cache
+def _config_text() -> str | None:
+    try:
+        return Path(SSH_CONFIG).expanduser().read_text(errors="replace")
+    except OSError:
+        return None
+
+
+def _config_may_set(*keywords: str) -> bool:
+    """Whether ~/.ssh/config names one of ``keywords`` (or includes other files): only then
+    is it parsed for a host, which costs a millisecond or two per host of a large fleet."""
+    text = _config_text()
+    if text is None:
+        return False
+    names = {k.lower() for k in (*keywords, "Include")}
+    return any(
+        line.split(None, 1)[0].split("=", 1)[0].lower() in names
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    )
+
+
+def _host_options(address: str, config: bool) -> asyncssh.SSHClientConnectionOptions:
+    return asyncssh.SSHClientConnectionOptions(
+        config=[os.path.expanduser(SSH_CONFIG)] if config else [], host=address
+    )
+
+
 @functools.cache
 def _default_known_hosts(address: str) -> tuple[Path, ...]:
-    config = Path("~/.ssh/config").expanduser()
-    if config.is_file():
+    if _config_may_set("UserKnownHostsFile"):
         try:
-            files = asyncssh.SSHClientConnectionOptions(
-                config=[str(config)], host=address
-            ).known_hosts
+            files = _host_options(address, True).known_hosts
         except (OSError, ValueError, asyncssh.Error):
             files = None
         if files:
             return tuple(Path(os.path.expanduser(f)) for f in files)
     return (Path("~/.ssh/known_hosts").expanduser(),)
+
+
+@functools.cache
+def _algorithms(address: str) -> dict[str, list[str]]:
+    """Our key exchange and cipher lists, except one that ~/.ssh/config chooses for this
+    host (``KexAlgorithms``, ``Ciphers``): a site's policy wins over our speed order."""
+    ours = {"kex_algs": KEX_ALGS, "encryption_algs": ENCRYPTION_ALGS}
+    if not _config_may_set("KexAlgorithms", "Ciphers"):
+        return ours
+    try:
+        configured, default = _host_options(address, True), _host_options(address, False)
+    except (OSError, ValueError, asyncssh.Error):
+        return ours  # connect() reads the same file and reports what is wrong with it
+    return {k: v for k, v in ours.items() if getattr(configured, k) == getattr(default, k)}
 
 
 def _known_hosts_path(host: Host) -> Path:
@@ -375,8 +418,7 @@ async def connect(host: Host, opts: SSHOptions, jumps: JumpPool) -> asyncssh.SSH
         "login_timeout": host.connect_timeout,
         "keepalive_interval": opts.keepalive_interval,
         "keepalive_count_max": 3,
-        "kex_algs": KEX_ALGS,
-        "encryption_algs": ENCRYPTION_ALGS,
+        **_algorithms(host.address),
         "compression_algs": None,
     }
     if host.port:
