@@ -23,6 +23,7 @@ L3_LINK_TYPES = (768, 769, 776, 778, 823, 65534)  # ipip, ip6ip6, sit, gre, ip6g
 
 # rtnetlink (include/uapi/linux/netlink.h, rtnetlink.h, if_link.h, if_addr.h)
 NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+NETLINK_ROUTE = 0
 RTA_HDR = struct.Struct("=HH")  # len, type
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
@@ -53,9 +54,9 @@ def process_age():
         return None
 
 
-def rtnl_dump(msg_type: int, body: bytes) -> list:
-    """The messages of one rtnetlink dump request: [payload bytes]."""
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+def netlink_dump(msg_type: int, body: bytes, protocol: int = NETLINK_ROUTE) -> list:
+    """The messages of one netlink dump request (rtnetlink by default): [payload bytes]."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
     try:
         sock.bind((0, 0))
         sock.send(NLMSG_HDR.pack(NLMSG_HDR.size + len(body), msg_type,
@@ -70,7 +71,7 @@ def rtnl_dump(msg_type: int, body: bytes) -> list:
                     return payloads
                 if kind == NLMSG_ERROR:
                     err = -struct.unpack_from("=i", data, pos + NLMSG_HDR.size)[0]
-                    raise OSError(err, "rtnetlink dump: %s" % os.strerror(err))
+                    raise OSError(err, "netlink dump: %s" % os.strerror(err))
                 payloads.append(data[pos + NLMSG_HDR.size : pos + length])
                 pos += (length + 3) & ~3
             if not data:
@@ -107,7 +108,7 @@ def discover_links(ipr=None) -> list:
                     (link["index"], link.get_attr("IFLA_IFNAME"), _link_kind(link["ifi_type"]))
                 )
         return links
-    for payload in rtnl_dump(RTM_GETLINK, IFINFOMSG.pack(0, 0, 0, 0, 0)):
+    for payload in netlink_dump(RTM_GETLINK, IFINFOMSG.pack(0, 0, 0, 0, 0)):
         _family, kind, index, _flags, _change = IFINFOMSG.unpack_from(payload, 0)
         if kind == ARPHRD_LOOPBACK:
             continue
@@ -141,7 +142,7 @@ def discover_addrs(ipr=None) -> list:
 
 def _rtnl_addrs() -> list:
     found = []
-    for payload in rtnl_dump(RTM_GETADDR, IFADDRMSG.pack(0, 0, 0, 0, 0)):
+    for payload in netlink_dump(RTM_GETADDR, IFADDRMSG.pack(0, 0, 0, 0, 0)):
         family = IFADDRMSG.unpack_from(payload, 0)[0]
         attrs = rtnl_attrs(payload, IFADDRMSG.size)
         raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
