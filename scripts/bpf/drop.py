@@ -134,7 +134,7 @@ from core.packet import (
     flow_packet_records,
 )
 from core.symbols import Symbols
-from core.tc import TCX_UNSUPPORTED, TcHooks, TcxLinks, bpf_syscall_number, tcx_expected
+from core.tc import TcHooks, attach_links, pick_hooks
 from core.tool import (
     ebpfdiag_control,  # noqa: F401 - the bootstrap's hook for ctl lines
     parse_tool_args,
@@ -917,55 +917,17 @@ class Session(BufferCallbacks):
         """The history programs on every interface but lo (observe only)."""
         links = discover_links(self.ipr)
         self.ifnames.update((idx, name) for idx, name, _ in links)
-        variants = {14: ("ebd_tc_ingress", "ebd_tc_egress"), 0: ("ebd_tc_in_l3", "ebd_tc_out_l3")}
-        loaded = {}
+        self.tc, why = pick_hooks("auto", self._clsact)
+        self.attach["tc"] = attach_links(
+            self.tc, why, links, lambda name: self.bpf.load_func(name, self.BPF.SCHED_CLS),
+            self._clsact, self.plan["missing"], self._keep_tc,
+        )  # fmt: skip
 
-        def progs_for(l2: int) -> dict:
-            if l2 not in loaded:
-                ingress, egress = variants[l2]
-                loaded[l2] = {
-                    "ingress": self.bpf.load_func(ingress, self.BPF.SCHED_CLS),
-                    "egress": self.bpf.load_func(egress, self.BPF.SCHED_CLS),
-                }
-            return loaded[l2]
+    def _keep_tc(self, hooks) -> None:
+        self.tc = hooks
 
-        self.tc, clsact_why = self._pick_tc_hooks()
-        done = []
-        for ifindex, name, l2 in links:
-            if l2 is None:
-                self.plan["missing"].append({"probe": "tc:" + name, "why": "unsupported link type"})
-                continue
-            progs = progs_for(l2)
-            try:
-                try:
-                    self.tc.attach(ifindex, progs)
-                except OSError as exc:
-                    refused = isinstance(self.tc, TcxLinks) and exc.errno in TCX_UNSUPPORTED
-                    if not refused or done:
-                        raise
-                    clsact_why = "tcx refused (%s); using tc-clsact" % exc
-                    self.tc = TcHooks(self.ipr)
-                    self.tc.attach(ifindex, progs)
-                done.append(name)
-            except Exception as exc:  # netlink refused (e.g. an `ingress` qdisc is present)
-                self.plan["missing"].append({"probe": "tc:" + name, "why": str(exc)})
-            for direction, first in self.tc.notes:
-                why = "runs after existing filter prio %d; packets it takes are not seen" % first
-                self.plan["missing"].append({"probe": "tc:%s:%s" % (name, direction), "why": why})
-            self.tc.notes = []
-        self.attach["tc"] = {"kind": self.tc.kind, "interfaces": done}
-        if clsact_why:
-            self.attach["tc"]["why"] = clsact_why
-
-    def _pick_tc_hooks(self):
-        """tcx links where the kernel has them (nothing survives the process), else clsact.
-        Returns (hooks, why clsact was chosen or None)."""
-        nr = bpf_syscall_number()
-        if nr is None:
-            return TcHooks(self.ipr), "no bpf syscall number known for %s" % os.uname().machine
-        if not tcx_expected():
-            return TcHooks(self.ipr), "kernel has no tcx (Linux < 6.6)"
-        return TcxLinks(nr), None
+    def _clsact(self) -> TcHooks:
+        return TcHooks(self.ipr)
 
     def _fill_filters(self) -> None:
         fill_filters(self.bpf, self.args.port, self.args.addr)

@@ -170,7 +170,7 @@ from core.packet import (
     tcp_fields,
 )
 from core.params import ParamError, convert
-from core.tc import TCX_UNSUPPORTED, TcHooks, TcxLinks, bpf_syscall_number, tcx_expected
+from core.tc import TcHooks, attach_links, pick_hooks
 from core.tool import (
     ebpfdiag_control,  # noqa: F401 - the bootstrap's hook for ctl lines
     parse_tool_args,
@@ -938,71 +938,18 @@ class Session(BufferCallbacks):
             if unknown:
                 raise SetupError("no such interface: %s" % ",".join(unknown))
             links = [link for link in links if link[1] in wanted]
-        variants = {14: ("ebd_tc_ingress", "ebd_tc_egress"), 0: ("ebd_tc_in_l3", "ebd_tc_out_l3")}
-        loaded = {}
-
-        def progs_for(l2: int) -> dict:
-            if l2 not in loaded:
-                ingress, egress = variants[l2]
-                loaded[l2] = {
-                    "ingress": self.bpf.load_func(ingress, self.BPF.SCHED_CLS),
-                    "egress": self.bpf.load_func(egress, self.BPF.SCHED_CLS),
-                }
-            return loaded[l2]
-
-        self.tc, clsact_why = self._pick_tc_hooks()
-        done = []
-        for ifindex, name, l2 in links:
-            if l2 is None:
-                self.plan["missing"].append({"probe": "tc:" + name, "why": "unsupported link type"})
-                continue
-            progs = progs_for(l2)
-            try:
-                try:
-                    self.tc.attach(ifindex, progs)
-                except OSError as exc:
-                    if not self._tcx_refused(exc, done):
-                        raise
-                    clsact_why = "tcx refused (%s); using tc-clsact" % exc
-                    self.plan["missing"].append({"probe": "tcx", "why": clsact_why})
-                    self.tc = TcHooks(self.ipr)
-                    self.tc.attach(ifindex, progs)
-                done.append(name)
-            except Exception as exc:  # netlink refused (e.g. an `ingress` qdisc is present)
-                self.plan["missing"].append({"probe": "tc:" + name, "why": str(exc)})
-            for direction, first in self.tc.notes:
-                why = "runs after existing filter prio %d; packets it takes are not seen" % first
-                self.plan["missing"].append({"probe": "tc:%s:%s" % (name, direction), "why": why})
-            self.tc.notes = []
-        self.attach["tc"] = {"kind": self.tc.kind, "interfaces": done}
-        if clsact_why:
-            self.attach["tc"]["why"] = clsact_why
-
-    def _pick_tc_hooks(self):
-        """tcx links where the kernel has them (nothing survives the process), else clsact.
-        Returns (hooks, why clsact was chosen or None)."""
         mode = self.args.tc_mode
-        if mode == "clsact":
-            return TcHooks(self.ipr), "--tc-mode clsact"
-        nr = bpf_syscall_number()
-        if nr is None:
-            why = "no bpf syscall number known for %s" % os.uname().machine
-        elif not tcx_expected():
-            why = "kernel has no tcx (Linux < 6.6)"
-        else:
-            return TcxLinks(nr), None
-        if mode == "tcx":
-            raise SetupError("--tc-mode tcx: %s" % why)
-        return TcHooks(self.ipr), why
+        self.tc, why = pick_hooks(mode, self._clsact)
+        self.attach["tc"] = attach_links(
+            self.tc, why, links, lambda name: self.bpf.load_func(name, self.BPF.SCHED_CLS),
+            self._clsact if mode == "auto" else None, self.plan["missing"], self._keep_tc,
+        )  # fmt: skip
 
-    def _tcx_refused(self, exc: OSError, done: list) -> bool:
-        """A first tcx attach refused as unsupported: fall back to clsact for every interface."""
-        return (
-            isinstance(self.tc, TcxLinks)
-            and exc.errno in TCX_UNSUPPORTED
-            and not done
-            and self.args.tc_mode == "auto"
-        )
+    def _keep_tc(self, hooks) -> None:
+        self.tc = hooks
+
+    def _clsact(self) -> TcHooks:
+        return TcHooks(self.ipr)
 
     def _open_buffers(self) -> None:
         b = self.bpf

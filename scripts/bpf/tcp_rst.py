@@ -140,7 +140,7 @@ from core.packet import (
     flow_packet_records,
 )
 from core.params import ParamError, convert
-from core.tc import TCX_UNSUPPORTED, TcHooks, TcxLinks, bpf_syscall_number, tcx_expected
+from core.tc import TC_VARIANTS, TcHooks, attach_links, pick_hooks
 from core.tool import (
     ebpfdiag_control,  # noqa: F401 - the bootstrap's hook for ctl lines
     parse_tool_args,
@@ -386,13 +386,8 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir, __u32 off)
 
 """
 
-#: The packet programs per link-layer header length (bytes before the IP header): only those
-#: of the interfaces watched are compiled (each is a copy of on_packet for clang and the
-#: verifier).
-TC_VARIANTS = {
-    14: (("ebd_tc_ingress", 0), ("ebd_tc_egress", 1)),  # Ethernet devices
-    0: (("ebd_tc_in_l3", 0), ("ebd_tc_out_l3", 1)),  # devices without a link-layer header
-}
+#: One entry per program of core.tc.TC_VARIANTS: only the variants of the interfaces watched
+#: are compiled (each is a copy of on_packet for clang and the verifier).
 C_TC_ENTRY = r"""
 int %(name)s(struct __sk_buff *skb)
 {
@@ -732,7 +727,7 @@ def build_program(plan: dict) -> str:
         }
     )
     for l2 in sorted(TC_VARIANTS) if plan.get("l2") is None else plan["l2"]:
-        for name, direction in TC_VARIANTS[l2]:
+        for direction, name in enumerate(TC_VARIANTS[l2]):
             parts.append(C_TC_ENTRY % {"name": name, "dir": direction, "l2": l2})
     num = {"tcp_send_reset": 1, "tcp_receive_reset": 2}
     tuples = plan.get("tuple_offsets")
@@ -1057,83 +1052,27 @@ class Session(BufferCallbacks):
         if links is None:
             self.plan["missing"].append({"probe": "tc", "why": self.link_error})
             return
-        loaded = {}
-
-        def progs_for(l2: int) -> dict:
-            if l2 not in loaded:
-                loaded[l2] = {
-                    ("ingress", "egress")[direction]: self.bpf.load_func(name, self.BPF.SCHED_CLS)
-                    for name, direction in TC_VARIANTS[l2]
-                }
-            return loaded[l2]
-
+        mode = self.args.tc_mode
         try:
-            self.tc, clsact_why = self._pick_tc_hooks()
+            self.tc, why = pick_hooks(mode, self._clsact)
         except SetupError as exc:
-            if self.args.tc_mode == "tcx":
+            if mode == "tcx":
                 raise
             self.plan["missing"].append({"probe": "tc", "why": str(exc)})
             return
-        done = []
-        for ifindex, name, l2 in links:
-            if l2 is None:
-                self.plan["missing"].append({"probe": "tc:" + name, "why": "unsupported link type"})
-                continue
-            progs = progs_for(l2)
-            try:
-                try:
-                    self.tc.attach(ifindex, progs)
-                except OSError as exc:
-                    if not self._tcx_refused(exc, done):
-                        raise
-                    clsact_why = "tcx refused (%s); using tc-clsact" % exc
-                    self.plan["missing"].append({"probe": "tcx", "why": clsact_why})
-                    self.tc = self._clsact()
-                    self.tc.attach(ifindex, progs)
-                done.append(name)
-            except Exception as exc:  # netlink refused (e.g. an `ingress` qdisc is present)
-                self.plan["missing"].append({"probe": "tc:" + name, "why": str(exc)})
-            for direction, first in self.tc.notes:
-                why = "runs after existing filter prio %d; packets it takes are not seen" % first
-                self.plan["missing"].append({"probe": "tc:%s:%s" % (name, direction), "why": why})
-            self.tc.notes = []
-        self.attach["tc"] = {"kind": self.tc.kind, "interfaces": done}
-        if clsact_why:
-            self.attach["tc"]["why"] = clsact_why
+        self.attach["tc"] = attach_links(
+            self.tc, why, links, lambda name: self.bpf.load_func(name, self.BPF.SCHED_CLS),
+            self._clsact if mode == "auto" else None, self.plan["missing"], self._keep_tc,
+        )  # fmt: skip
+
+    def _keep_tc(self, hooks) -> None:
+        self.tc = hooks
 
     def _clsact(self) -> TcHooks:
         ipr = self._iproute()
         if ipr is None:
             raise SetupError("pyroute2 is not installed (python3-pyroute2); no packets")
         return TcHooks(ipr)
-
-    def _pick_tc_hooks(self):
-        """tcx links where the kernel has them (nothing survives the process), else clsact.
-
-        Returns (hooks, why clsact was chosen or None).
-        """
-        mode = self.args.tc_mode
-        if mode == "clsact":
-            return self._clsact(), "--tc-mode clsact"
-        nr = bpf_syscall_number()
-        if nr is None:
-            why = "no bpf syscall number known for %s" % os.uname().machine
-        elif not tcx_expected():
-            why = "kernel has no tcx (Linux < 6.6)"
-        else:
-            return TcxLinks(nr), None
-        if mode == "tcx":
-            raise SetupError("--tc-mode tcx: %s" % why)
-        return self._clsact(), why
-
-    def _tcx_refused(self, exc: OSError, done: list) -> bool:
-        """A first tcx attach refused as unsupported: fall back to clsact for every interface."""
-        return (
-            isinstance(self.tc, TcxLinks)
-            and exc.errno in TCX_UNSUPPORTED
-            and not done
-            and self.args.tc_mode == "auto"
-        )
 
     def _open_buffers(self) -> None:
         b = self.bpf

@@ -11,8 +11,13 @@ import os
 import struct
 
 from core.discovery import ETH_P_ALL, kernel_version
+from core.lifecycle import SetupError
 
 TC_PARENTS = (("ingress", 0xFFFFFFF2), ("egress", 0xFFFFFFF3))
+#: The packet programs per link-layer header length (bytes before the IP header), as
+#: (ingress, egress) function names: Ethernet devices, and devices without a link-layer
+#: header. A tool's C defines the pair of each variant it may attach.
+TC_VARIANTS = {14: ("ebd_tc_ingress", "ebd_tc_egress"), 0: ("ebd_tc_in_l3", "ebd_tc_out_l3")}
 TC_PRIO_BASE = 0xEBD0  # our filters' priorities start here, skipping any already in use
 
 
@@ -200,3 +205,68 @@ class TcxLinks:
                 errors.append("tcx link fd %d: %s" % (fd, exc))
         self.fds = []
         return errors
+
+
+def pick_hooks(mode: str, clsact):
+    """tcx links where the kernel has them (nothing survives the process), else clsact.
+
+    ``mode`` is auto, tcx or clsact; ``clsact()`` makes the clsact hooks (only called on
+    that path: it may import pyroute2, or raise SetupError without it). Returns (hooks,
+    why clsact was chosen or None); tcx asked for on a kernel without raises SetupError.
+    """
+    if mode == "clsact":
+        return clsact(), "--tc-mode clsact"
+    nr = bpf_syscall_number()
+    if nr is None:
+        why = "no bpf syscall number known for %s" % os.uname().machine
+    elif not tcx_expected():
+        why = "kernel has no tcx (Linux < 6.6)"
+    else:
+        return TcxLinks(nr), None
+    if mode == "tcx":
+        raise SetupError("--tc-mode tcx: %s" % why)
+    return clsact(), why
+
+
+def attach_links(hooks, why, links, load, fallback, missing, keep) -> dict:
+    """Attach the ingress and egress programs of every link; returns the hello's record.
+
+    ``links``: (ifindex, name, l2), l2 None for a link type without programs; ``load(name)``
+    loads a program; ``fallback()`` makes clsact hooks when the first tcx attach is refused
+    as unsupported (None: no fallback, --tc-mode tcx); ``missing`` gets what was not
+    attached, and why; ``keep(hooks)`` is called with fallback hooks before anything is
+    attached through them, so the caller's cleanup knows them even if a signal comes.
+    """
+    loaded = {}
+    done = []
+    for ifindex, name, l2 in links:
+        if l2 is None:
+            missing.append({"probe": "tc:" + name, "why": "unsupported link type"})
+            continue
+        if l2 not in loaded:
+            ingress, egress = TC_VARIANTS[l2]
+            loaded[l2] = {"ingress": load(ingress), "egress": load(egress)}
+        progs = loaded[l2]
+        try:
+            try:
+                hooks.attach(ifindex, progs)
+            except OSError as exc:
+                refused = hooks.kind == TcxLinks.kind and exc.errno in TCX_UNSUPPORTED
+                if not refused or done or fallback is None:
+                    raise
+                why = "tcx refused (%s); using tc-clsact" % exc
+                missing.append({"probe": "tcx", "why": why})
+                hooks = fallback()
+                keep(hooks)
+                hooks.attach(ifindex, progs)
+            done.append(name)
+        except Exception as exc:  # netlink refused (e.g. an `ingress` qdisc is present)
+            missing.append({"probe": "tc:" + name, "why": str(exc)})
+        for direction, first in hooks.notes:
+            note = "runs after existing filter prio %d; packets it takes are not seen" % first
+            missing.append({"probe": "tc:%s:%s" % (name, direction), "why": note})
+        hooks.notes = []
+    record = {"kind": hooks.kind, "interfaces": done}
+    if why:
+        record["why"] = why
+    return record

@@ -1,0 +1,98 @@
+"""How every packet tool attaches its TC programs (scripts/bpf/core/tc.py ``attach_links``):
+which hooks, the fall back from refused tcx links to clsact, and what is reported missing.
+
+The kernel parts (tcx links, clsact filters, their removal) are exercised for real by each
+tool's own tests; this one drives the choices through stand-in hooks, since a kernel that
+refuses tcx is not at hand here.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from tests.bpfstate import load_core
+
+tc = load_core("tc")
+
+
+class Hooks:
+    """A stand-in for TcxLinks/TcHooks: records attaches, refuses where told."""
+
+    def __init__(self, kind: str, refuse: dict[int, int] | None = None, notes=()):
+        self.kind = kind
+        self.refuse = refuse or {}
+        self.attached: list[tuple[int, dict]] = []
+        self.notes = list(notes)
+
+    def attach(self, ifindex: int, progs: dict) -> None:
+        if ifindex in self.refuse:
+            raise OSError(self.refuse[ifindex], "refused")
+        self.attached.append((ifindex, progs))
+
+
+LINKS = [(2, "eth0", 14), (3, "wg0", 0), (4, "eth1", 14), (5, "can0", None)]
+
+
+def attach(hooks, fallback, why=None):
+    loads: list[str] = []
+    kept: list = []
+    missing: list[dict] = []
+
+    def load(name: str) -> str:
+        loads.append(name)
+        return "prog:" + name
+
+    record = tc.attach_links(hooks, why, LINKS, load, fallback, missing, kept.append)
+    return record, loads, kept, missing
+
+
+def test_every_link_gets_both_programs_of_its_variant_loaded_once():
+    hooks = Hooks("tcx-link")
+    record, loads, kept, missing = attach(hooks, fallback=None)
+    assert record == {"kind": "tcx-link", "interfaces": ["eth0", "wg0", "eth1"]}
+    assert sorted(loads) == sorted(tc.TC_VARIANTS[14] + tc.TC_VARIANTS[0])
+    eth0, wg0, eth1 = (progs for _, progs in hooks.attached)
+    assert eth0 == eth1 == {"ingress": "prog:ebd_tc_ingress", "egress": "prog:ebd_tc_egress"}
+    assert wg0 == {"ingress": "prog:ebd_tc_in_l3", "egress": "prog:ebd_tc_out_l3"}
+    assert missing == [{"probe": "tc:can0", "why": "unsupported link type"}] and not kept
+
+
+def test_tcx_refused_at_the_first_link_moves_every_link_to_clsact():
+    refusing = Hooks("tcx-link", refuse={2: errno.EOPNOTSUPP})
+    clsact = Hooks("tc-clsact")
+    record, _, kept, missing = attach(refusing, fallback=lambda: clsact)
+    assert kept == [clsact]  # handed over before anything is attached through it
+    assert [i for i, _ in clsact.attached] == [2, 3, 4] and not refusing.attached
+    assert record["kind"] == "tc-clsact" and record["interfaces"] == ["eth0", "wg0", "eth1"]
+    assert record["why"].startswith("tcx refused (")
+    assert missing[0]["probe"] == "tcx"
+
+
+def test_no_fallback_after_a_link_is_attached_or_when_tcx_was_asked_for():
+    later = Hooks("tcx-link", refuse={3: errno.EINVAL})
+    record, _, kept, missing = attach(later, fallback=lambda: Hooks("tc-clsact"))
+    assert record["interfaces"] == ["eth0", "eth1"] and not kept
+    assert {"probe": "tc:wg0", "why": "[Errno 22] refused"} in missing
+    first = Hooks("tcx-link", refuse={2: errno.EOPNOTSUPP})
+    record, _, kept, missing = attach(first, fallback=None)  # --tc-mode tcx
+    assert record["interfaces"] == ["wg0", "eth1"] and not kept
+    assert missing[0]["probe"] == "tc:eth0"
+
+
+def test_other_errors_and_earlier_filters_are_reported_per_link():
+    hooks = Hooks("tc-clsact", refuse={4: errno.EBUSY}, notes=[("ingress", 100)])
+    record, _, _, missing = attach(hooks, fallback=None, why="--tc-mode clsact")
+    assert record == {"kind": "tc-clsact", "interfaces": ["eth0", "wg0"],
+                      "why": "--tc-mode clsact"}  # fmt: skip
+    assert missing[0] == {
+        "probe": "tc:eth0:ingress",
+        "why": "runs after existing filter prio 100; packets it takes are not seen",
+    }
+    assert {"probe": "tc:eth1", "why": "[Errno 16] refused"} in missing
+
+
+def test_tcx_is_chosen_on_this_kernel_and_clsact_when_asked():
+    hooks, why = tc.pick_hooks("auto", lambda: Hooks("tc-clsact"))
+    assert hooks.kind == "tcx-link" and why is None  # Linux 6.6+ here
+    hooks, why = tc.pick_hooks("clsact", lambda: Hooks("tc-clsact"))
+    assert hooks.kind == "tc-clsact" and why == "--tc-mode clsact"
