@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
@@ -198,9 +198,9 @@ def _tool():
 
 
 def test_sampled_connections_are_followed_whole_and_only_they_report(lab):
-    # 8 connections, each 50 small rounds: every byte of a connection lies in one 64 KiB
-    # block, so a connection is sampled whole or not at all (1 in 2 here; 1 in 256 chance
-    # that none is)
+    # 8 connections, each 50 small rounds: a connection's bytes lie in one 64 KiB block,
+    # so it is sampled whole or not at all (1 in 2 here; 1 in 256 chance that none is),
+    # unless they cross into the next block: then it is followed from, or up to, there
     tool = _tool()
     recs, result = trace_scenario(lab, "healthy-load", "--sample", "2", "--slowest", "1000")
     assert result.error is None and result.exchanges == 400, result.summary()
@@ -209,8 +209,14 @@ def test_sampled_connections_are_followed_whole_and_only_they_report(lab):
     shift = block.bit_length() - 1
     exchanges = of(recs, "exchange")
     assert 0 < len(exchanges) < 400
-    per_connection = Counter(e["flow"]["isn"]["initiator"] for e in exchanges)
-    assert all(n == 50 for n in per_connection.values()), per_connection
+    assert all(tool.is_chosen(e["point"], 2, shift) for e in exchanges)
+    per_connection = defaultdict(list)
+    for e in exchanges:
+        (client,) = [end for end in e["flow"]["endpoints"] if end["host"] == "client"]
+        per_connection[client["sport"], client["dport"]].append(e["point"])
+    for conn, pts in per_connection.items():
+        blocks = {p >> shift for p in pts}
+        assert len(pts) == 50 or len(blocks) == 1 and len(pts) < 50, (conn, len(pts), blocks)
     pkts = packets(recs)
     # a FIN is kept for itself only when its own sequence number is chosen
     fins = [p for p in pkts if p["flags"] & 1 and p["why"] == "ctl"]
