@@ -472,35 +472,56 @@ def test_a_shipped_tool_runs_as_its_bundle(inventory):
     assert any("--history: 9 is out of range (0-8)" in e for e in errors), errors
 
 
-def test_a_finished_host_keeps_only_its_result(fleet, inventory):
-    """Memory per host is bounded once it has finished: the engine drops its stop event and
-    its run, and keeps the result; every healthy host answered."""
+class Collect:
+    """A fan-out sink that keeps each host's output and counts its clock samples."""
+
+    def __init__(self, wants_clock: bool):
+        self.wants_clock = wants_clock
+        self.out: dict[str, list[bytes]] = {}
+        self.clocks: dict[str, int] = {}
+
+    def state(self, host, state):
+        pass
+
+    def lines(self, host, stream, lines):
+        self.out.setdefault(host, []).extend(lines)
+
+    def clock(self, host, sample):
+        self.clocks[host] = self.clocks.get(host, 0) + 1
+
+    def result(self, result):
+        pass
+
+
+def run_engine(inventory: Path, expr: str, sink: Collect, text: bytes):
     import asyncio
 
     from ebpfdiag.fanout import Fanout, FanoutOptions
     from ebpfdiag.inventory import load_inventory, resolve_hosts
     from ebpfdiag.transport import Script
 
-    class Collect:
-        def __init__(self):
-            self.out: dict[str, list[bytes]] = {}
+    hosts = resolve_hosts(load_inventory(str(inventory)), expr)
+    engine = Fanout(hosts, Script("one.py", text), FanoutOptions(fanout=8), sink)
+    return engine, asyncio.run(engine.run())
 
-        def state(self, host, state):
-            pass
 
-        def lines(self, host, stream, lines):
-            self.out.setdefault(host, []).extend(lines)
-
-        def clock(self, host, sample):
-            pass
-
-        def result(self, result):
-            pass
-
-    hosts = resolve_hosts(load_inventory(str(inventory)), "h[01-20]")
-    sink = Collect()
-    engine = Fanout(hosts, Script("one.py", b"print(1)\n"), FanoutOptions(fanout=8), sink)
-    results = asyncio.run(engine.run())
+def test_a_finished_host_keeps_only_its_result(fleet, inventory):
+    """Memory per host is bounded once it has finished: the engine drops its stop event and
+    its run, and keeps the result; every healthy host answered."""
+    sink = Collect(wants_clock=False)
+    engine, results = run_engine(inventory, "h[01-20]", sink, b"print(1)\n")
     assert [r.status for r in results] == ["ok"] * 20
     assert sink.out == {h: [b"1"] for h in HEALTHY}
     assert engine._stops == {} and engine._runs == {}
+
+
+def test_hosts_are_pinged_for_clocks_only_when_the_sink_aligns_them(inventory):
+    """A clock ping is a packet each way: run-script, doctor and metrics do without."""
+    text = b"import time\nprint(1)\ntime.sleep(0.3)\n"
+    plain = Collect(wants_clock=False)
+    run_engine(inventory, "h[01-03]", plain, text)
+    timed = Collect(wants_clock=True)
+    run_engine(inventory, "h[01-03]", timed, text)
+    assert plain.out == timed.out == {h: [b"1"] for h in HEALTHY[:3]}
+    assert plain.clocks == {}
+    assert sorted(timed.clocks) == HEALTHY[:3] and min(timed.clocks.values()) >= 3

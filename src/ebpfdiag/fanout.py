@@ -127,7 +127,10 @@ class HostResult:
 
 
 class FanoutSink(Protocol):
-    """Receives engine events; implementations render or collect them."""
+    """Receives engine events; implementations render or collect them. Hosts are pinged
+    for clock samples only when ``wants_clock`` (each ping is a packet each way)."""
+
+    wants_clock: bool
 
     def state(self, host: str, state: str) -> None: ...
     def lines(self, host: str, stream: str, lines: list[bytes]) -> None: ...
@@ -319,7 +322,9 @@ class Fanout:
                 self.opts.ssh,
                 on_lines=functools.partial(self.sink.lines, host.name),
                 on_running=running,
-                on_clock=lambda sample: self.sink.clock(host.name, sample),
+                on_clock=(
+                    functools.partial(self.sink.clock, host.name) if self.sink.wants_clock else None
+                ),
             )
             self._runs[host.name] = run
             try:

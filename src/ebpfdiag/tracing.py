@@ -123,6 +123,8 @@ class TraceSession:
     Any tool's ``ready`` record makes its host ready: ``on_host_ready(host, seconds since
     the run began, the host's hello)`` is called then, before the others are."""
 
+    wants_clock = True  # every event is aligned to the hosts' clocks
+
     def __init__(
         self,
         names: list[str],

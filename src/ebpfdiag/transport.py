@@ -498,7 +498,7 @@ class RemoteRun:
         opts: SSHOptions,
         on_lines: LinesHandler,
         on_running: Callable[[], None],
-        on_clock: Callable[[ClockSample], None],
+        on_clock: Callable[[ClockSample], None] | None,
         clock_pings: int = 5,
     ):
         self.host = host
@@ -566,7 +566,7 @@ class RemoteRun:
             self.on_running()
         elif kind == "clock" and len(words) == 4:
             sent = self.ping_sent.pop(int(words[1]), None)
-            if sent is not None:
+            if sent is not None and self.on_clock is not None:
                 self.on_clock(ClockSample(sent, int(words[2]), time.monotonic_ns()))
         elif kind == "error" and len(words) >= 3 and words[1] == "refused":
             why = " ".join(words[2:])
@@ -672,7 +672,8 @@ class RemoteRun:
                 if self.via is None:
                     self.via = "sudo" if use_sudo else "root" if host.user == "root" else "direct"
                 process.stdin.write(self.launch_input)
-                if await _first(self.running.wait(), readers, stop.wait()):
+                running = await _first(self.running.wait(), readers, stop.wait())
+                if running and self.on_clock is not None:  # only for those who align clocks
                     pinger = asyncio.ensure_future(self._ping())
             if not readers.done():
                 await _first(stop.wait(), readers)

@@ -156,6 +156,8 @@ class NullStatus:
 class Sink:
     """A fan-out sink that ignores every event; sinks override only what they use."""
 
+    wants_clock = False
+
     def state(self, host: str, state: str) -> None:
         pass
 

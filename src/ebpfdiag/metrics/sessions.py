@@ -144,7 +144,7 @@ class HostSession:
             self.ssh,
             on_lines=self._lines,
             on_running=_ignore,
-            on_clock=_ignore,
+            on_clock=None,  # deltas carry no host times: no pings
         )
         watchdog = asyncio.ensure_future(self._watch(run_stop))
         task = asyncio.ensure_future(run.run(conn, run_stop))
