@@ -96,3 +96,38 @@ def test_tcx_is_chosen_on_this_kernel_and_clsact_when_asked():
     assert hooks.kind == "tcx-link" and why is None  # Linux 6.6+ here
     hooks, why = tc.pick_hooks("clsact", lambda: Hooks("tc-clsact"))
     assert hooks.kind == "tc-clsact" and why == "--tc-mode clsact"
+
+
+class Tool:
+    """A packet tool's attributes that attach_tool uses."""
+
+    class BPF:
+        SCHED_CLS = 3
+
+    def __init__(self):
+        self.bpf = self
+        self.plan = {"missing": []}
+        self.attach: dict = {}
+        self.tc = None
+        self.loaded: list[tuple[str, int]] = []
+
+    def load_func(self, name: str, kind: int) -> str:
+        self.loaded.append((name, kind))
+        return "prog:" + name
+
+
+def test_a_tool_holds_its_hooks_and_reports_hooks_it_cannot_have():
+    tool, hooks = Tool(), Hooks("tc-clsact")
+    tc.attach_tool(tool, LINKS[:1], "clsact", lambda: hooks)
+    assert tool.tc is hooks and [i for i, _ in hooks.attached] == [2]
+    assert tool.attach["tc"] == {"kind": "tc-clsact", "interfaces": ["eth0"],
+                                 "why": "--tc-mode clsact"}  # fmt: skip
+    assert tool.loaded == [("ebd_tc_ingress", 3), ("ebd_tc_egress", 3)]
+
+    def no_pyroute2():
+        raise tc.SetupError("pyroute2 is not installed")
+
+    tool = Tool()
+    tc.attach_tool(tool, LINKS, "clsact", no_pyroute2)
+    assert tool.plan["missing"] == [{"probe": "tc", "why": "pyroute2 is not installed"}]
+    assert tool.tc is None and "tc" not in tool.attach

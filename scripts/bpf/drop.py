@@ -134,7 +134,7 @@ from core.packet import (
     flow_packet_records,
 )
 from core.symbols import Symbols
-from core.tc import TcHooks, attach_links, pick_hooks
+from core.tc import TcHooks, attach_tool
 from core.tool import (
     ebpfdiag_control,  # noqa: F401 - the bootstrap's hook for ctl lines
     parse_tool_args,
@@ -917,14 +917,7 @@ class Session(BufferCallbacks):
         """The history programs on every interface but lo (observe only)."""
         links = discover_links(self.ipr)
         self.ifnames.update((idx, name) for idx, name, _ in links)
-        self.tc, why = pick_hooks("auto", self._clsact)
-        self.attach["tc"] = attach_links(
-            self.tc, why, links, lambda name: self.bpf.load_func(name, self.BPF.SCHED_CLS),
-            self._clsact, self.plan["missing"], self._keep_tc,
-        )  # fmt: skip
-
-    def _keep_tc(self, hooks) -> None:
-        self.tc = hooks
+        attach_tool(self, links, "auto", self._clsact)
 
     def _clsact(self) -> TcHooks:
         return TcHooks(self.ipr)

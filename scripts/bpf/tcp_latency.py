@@ -170,7 +170,7 @@ from core.packet import (
     tcp_fields,
 )
 from core.params import ParamError, convert
-from core.tc import TcHooks, attach_links, pick_hooks
+from core.tc import TcHooks, attach_tool
 from core.tool import (
     ebpfdiag_control,  # noqa: F401 - the bootstrap's hook for ctl lines
     parse_tool_args,
@@ -938,15 +938,7 @@ class Session(BufferCallbacks):
             if unknown:
                 raise SetupError("no such interface: %s" % ",".join(unknown))
             links = [link for link in links if link[1] in wanted]
-        mode = self.args.tc_mode
-        self.tc, why = pick_hooks(mode, self._clsact)
-        self.attach["tc"] = attach_links(
-            self.tc, why, links, lambda name: self.bpf.load_func(name, self.BPF.SCHED_CLS),
-            self._clsact if mode == "auto" else None, self.plan["missing"], self._keep_tc,
-        )  # fmt: skip
-
-    def _keep_tc(self, hooks) -> None:
-        self.tc = hooks
+        attach_tool(self, links, self.args.tc_mode, self._clsact)
 
     def _clsact(self) -> TcHooks:
         return TcHooks(self.ipr)

@@ -140,7 +140,7 @@ from core.packet import (
     flow_packet_records,
 )
 from core.params import ParamError, convert
-from core.tc import TC_VARIANTS, TcHooks, attach_links, pick_hooks
+from core.tc import TC_VARIANTS, TcHooks, attach_tool
 from core.tool import (
     ebpfdiag_control,  # noqa: F401 - the bootstrap's hook for ctl lines
     parse_tool_args,
@@ -1052,21 +1052,7 @@ class Session(BufferCallbacks):
         if links is None:
             self.plan["missing"].append({"probe": "tc", "why": self.link_error})
             return
-        mode = self.args.tc_mode
-        try:
-            self.tc, why = pick_hooks(mode, self._clsact)
-        except SetupError as exc:
-            if mode == "tcx":
-                raise
-            self.plan["missing"].append({"probe": "tc", "why": str(exc)})
-            return
-        self.attach["tc"] = attach_links(
-            self.tc, why, links, lambda name: self.bpf.load_func(name, self.BPF.SCHED_CLS),
-            self._clsact if mode == "auto" else None, self.plan["missing"], self._keep_tc,
-        )  # fmt: skip
-
-    def _keep_tc(self, hooks) -> None:
-        self.tc = hooks
+        attach_tool(self, links, self.args.tc_mode, self._clsact)
 
     def _clsact(self) -> TcHooks:
         ipr = self._iproute()

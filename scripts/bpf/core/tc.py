@@ -270,3 +270,27 @@ def attach_links(hooks, why, links, load, fallback, missing, keep) -> dict:
     if why:
         record["why"] = why
     return record
+
+
+def attach_tool(tool, links, mode: str, clsact) -> None:
+    """Pick the hooks and attach ``links`` for a packet tool: its ``bpf`` and ``BPF``
+    (programs), ``plan["missing"]``, ``attach["tc"]`` (the hello's record) and ``tc``, which
+    holds the hooks from the moment they exist, so the tool's cleanup always finds them.
+    Hooks that cannot be had are a missing probe, unless tcx was asked for (SetupError)."""
+    missing = tool.plan["missing"]
+    try:
+        tool.tc, why = pick_hooks(mode, clsact)
+    except SetupError as exc:
+        if mode == "tcx":
+            raise
+        missing.append({"probe": "tc", "why": str(exc)})
+        return
+
+    def keep(hooks) -> None:
+        tool.tc = hooks
+
+    def load(name: str):
+        return tool.bpf.load_func(name, tool.BPF.SCHED_CLS)
+
+    fallback = clsact if mode == "auto" else None
+    tool.attach["tc"] = attach_links(tool.tc, why, links, load, fallback, missing, keep)
