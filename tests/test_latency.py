@@ -149,6 +149,36 @@ def test_retransmission_is_unknown_when_lb_lost_records_then():
     assert "lost on lb" not in lost.text and "unknown" in lost.text
 
 
+def _first_copy_arrives_then_resent(server_lost: bool):
+    """The first copy reaches the server, its answer never comes back, the client resends
+    200 ms later and that copy is answered; ``server_lost``: the server's tracer reports
+    records lost in between."""
+    stream = LatencyStream()
+    for host in ("client", "lb", "server"):
+        stream.counts(host, at=0)
+    flow = Flow(stream, 40_000)
+    flow.handshake()
+    start = stream.t
+    flow.forward(24, flow.cseq, flow.sseq, 1024, "data", pt=flow.cseq)  # ACK | PSH
+    stream.t += 200 * MS
+    flow.exchange(100_000)
+    if server_lost:
+        stream.lost("server", 4, at=start + 50 * MS)
+    for host in ("client", "lb", "server"):
+        stream.counts(host, at=stream.t + 1_000 * MS)
+    result = correlate(stream.records, stream.clocks(), slowest=1)
+    return result.slowest[0].verdict.exchange.lost
+
+
+def test_a_first_copy_seen_reaching_the_server_arrived_unless_records_were_lost_then():
+    lost = _first_copy_arrives_then_resent(server_lost=False)
+    assert lost.verdict == "arrived" and lost.host == "server"
+    assert lost.text == "seen reaching server eth0; its answer did not come back"
+    # a lost sighting of the second copy could have joined it to the first: no claim
+    lost = _first_copy_arrives_then_resent(server_lost=True)
+    assert lost.verdict == "unknown" and "server's tracer lost" in lost.text
+
+
 def test_retransmission_is_unknown_when_lb_counters_show_loss():
     stream = LatencyStream()
     for host in ("client", "lb", "server"):

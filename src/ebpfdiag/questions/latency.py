@@ -13,8 +13,9 @@ evidence rules, never its own matching. The rules (docs/correlation.md, "Latency
   relative offset, tightened from the packets both ways (``clock.pair_bounds``), whose
   half-width is the segment's bound;
 - the same point leaving the sender twice is a retransmission: the exchange starts at the
-  first copy, and where that copy was last seen says where it was lost, unless the host
-  that saw it last reported buffer loss in that window (then it is unknown).
+  first copy, and where that copy was last seen says where it was lost (or that it
+  arrived), unless a host that could have seen it reported buffer loss in that window
+  (then it is unknown).
 
 A round trip is free of clock error: the pair offsets of the way out and back cancel, so
 the parts of an exchange (hosts, total wire time, retransmission wait) add up exactly to
@@ -676,6 +677,13 @@ class _Rules:
             place = f"lost between {host} and {next_host}" if next_host else "lost after it"
         if i == len(first.hosts) - 1 and last.dir == "ingress" and next_host is None:
             text = f"seen reaching {where}; its answer did not come back"
+            # Said only when no host on its way lost records then: a lost sighting of the
+            # second copy could have joined it to the first one.
+            suspects = list(dict.fromkeys(first.hosts))
+            doubts = [d for h in suspects if (d := self._doubt(h, last, lo, hi))]
+            if doubts:
+                return Lost(host, last.ifname, last.dir, None, "unknown",
+                            f"{text}? unknown ({'; '.join(doubts)})")  # fmt: skip
             return Lost(host, last.ifname, last.dir, None, "arrived", text)
         doubts = [d for h in suspects if (d := self._doubt(h, last, lo, hi))]
         if doubts:
