@@ -23,6 +23,7 @@ from ebpfdiag.remote.runner_build import (
     build_runner,
     runner_functions,
 )
+from tests.conftest import require
 from tests.test_remote_floor import vermin
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,3 +241,35 @@ def test_a_policy_file_is_checked_before_any_host_is_contacted(tmp_path, capsys)
         main(["runner", "install", "--hosts", "nohost", "--group", "g", "--policy", str(bad)])
     assert exc.value.code == 2
     assert "group g: 'tools' must be \"*\" or a list of doctor, drop" in capsys.readouterr().err
+
+
+@pytest.mark.root
+def test_a_slot_another_runner_is_only_looking_at_is_not_a_run():
+    """A runner checking a slot's holder holds a shared lock for a moment: one taking a
+    slot at that moment waits for it rather than refusing (max 1 run on the host here)."""
+    import fcntl
+    import os
+    import shutil
+    import threading
+    import time
+
+    require(os.geteuid() == 0, "slot files must be root-owned")
+    scope = runner_functions()
+    slots = f"/run/ebpfdiag-test-slots-{os.getpid()}"
+    scope["SLOT_DIR"] = slots
+    try:
+        os.makedirs(slots, mode=0o700)
+        probe = os.open(f"{slots}/slot-0", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(probe, fcntl.LOCK_SH)  # another runner's _holder, mid-look
+        threading.Timer(0.03, fcntl.flock, (probe, fcntl.LOCK_UN)).start()
+        started = time.monotonic()
+        fd = scope["take_slot"](1, 0, "doctor", False)
+        assert time.monotonic() - started < 1.0
+        os.close(fd)
+        # a slot really held by a run is refused after the tries
+        fcntl.flock(probe, fcntl.LOCK_EX)
+        with pytest.raises(scope["Refused"], match=r"1 runs already on this host"):
+            scope["take_slot"](1, 0, "doctor", False)
+        os.close(probe)
+    finally:
+        shutil.rmtree(slots, ignore_errors=True)

@@ -57,6 +57,11 @@ MAX_ARG_LEN = 256
 #: How long a stale run of the same user and tool gets to stop before it is killed: a
 #: tool still compiling its BPF program only sees SIGTERM once the compile is done.
 STALE_TERM_S = 15.0
+#: A locked slot may only be another runner looking at its holder (a shared lock held for
+#: microseconds), not a run: the slots are tried this many times, this far apart, before a
+#: refusal says they are all taken.
+SLOT_TRIES = 5
+SLOT_RETRY_S = 0.02
 #: Numbers beyond this are refused even where a tool's schema sets no maximum.
 MAX_NUMBER = 2**31 - 1
 #: What a parameter value may contain: letters, digits and the punctuation of addresses,
@@ -398,17 +403,20 @@ def take_slot(limit, uid, tool, replace_stale):
                 holder = _holder(fd)
                 if holder and holder.get("uid") == uid and holder.get("tool") == tool:
                     _stop_holder(holder, fd)
-        for fd in fds:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(mine).encode(), 0)
-            for other in fds:
-                if other != fd:
-                    os.close(other)
-            return fd
+        for attempt in range(SLOT_TRIES):
+            if attempt:
+                time.sleep(SLOT_RETRY_S)
+            for fd in fds:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(mine).encode(), 0)
+                for other in fds:
+                    if other != fd:
+                        os.close(other)
+                return fd
     except BaseException:
         for fd in fds:
             os.close(fd)
