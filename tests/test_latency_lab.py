@@ -128,6 +128,14 @@ def test_slow_server_is_the_server_and_the_pcap_reads_back(lab, tmp_path):
     assert_clean(lab)
 
 
+def _reached(lost: dict) -> bool:
+    """A first copy seen reaching the server: "arrived", or "unknown" when a tracer on its
+    way cannot vouch for that window (a busy machine's full buffer: the tool must not
+    claim it then); never "lost"."""
+    seen = lost["host"] == "server" and lost["text"].startswith("seen reaching server")
+    return seen and lost["verdict"] in ("arrived", "unknown")
+
+
 def test_lossy_lb_retransmissions_are_found_lost_on_lb(lab):
     recs, result = trace_scenario(lab, "lossy-lb", "--sample", "1", "--slowest", "100")
     assert result.reproduced, result.summary()
@@ -160,7 +168,7 @@ def test_lossy_lb_retransmissions_are_found_lost_on_lb(lab):
     # such a request is sent twice too, but its first copy is seen reaching the server
     spurious = [e for e in resent if e not in lost]
     assert len(spurious) <= result.retransmissions - 3, [e["text"] for e in spurious]
-    assert all(e["lost"]["verdict"] == "arrived" for e in spurious), [e["text"] for e in spurious]
+    assert all(_reached(e["lost"]) for e in spurious), [e["text"] for e in spurious]
     assert all(e["copies"] == 1 and e["lost"] is None for e in exchanges if e not in resent)
     assert_clean(lab)
 
@@ -176,7 +184,7 @@ def test_healthy_load_flags_nothing(lab):
     # copy is seen reaching the server, never "lost"
     flagged = [e for e in exchanges if e["copies"] > 1 or e["lost"] is not None]
     assert len(flagged) <= result.retransmissions, [e["text"] for e in flagged]
-    assert all(e["lost"]["verdict"] == "arrived" for e in flagged), [e["text"] for e in flagged]
+    assert all(_reached(e["lost"]) for e in flagged), [e["text"] for e in flagged]
     assert all(p["ns"] >= 0 for e in exchanges for p in e["parts"])
     assert all(s["p50_ns"] >= 0 and s["max_ns"] >= 0 for s in of(recs, "segment"))
     verdicts = of(recs, "verdict")
