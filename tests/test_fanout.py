@@ -431,7 +431,7 @@ def test_ssh_config_ciphers_are_used_rather_than_ours(fleet, tmp_path, monkeypat
     h04, h05 = fleet.host("h04"), fleet.host("h05")
     (home / ".ssh" / "config").write_text(f"Host {h04.address}\n  Ciphers aes256-ctr\n")
     monkeypatch.setenv("HOME", str(home))
-    for cached in (transport._config_text, transport._algorithms):
+    for cached in (transport._config_text, transport._algorithms, transport._host_options):
         cached.cache_clear()
 
     async def cipher(address: str) -> str:
@@ -453,7 +453,7 @@ def test_ssh_config_ciphers_are_used_rather_than_ours(fleet, tmp_path, monkeypat
         assert asyncio.run(cipher(h04.address)) == "aes256-ctr"
         assert asyncio.run(cipher(h05.address)) == transport.ENCRYPTION_ALGS[0]
     finally:
-        for cached in (transport._config_text, transport._algorithms):
+        for cached in (transport._config_text, transport._algorithms, transport._host_options):
             cached.cache_clear()
 
 

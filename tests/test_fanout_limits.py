@@ -151,11 +151,11 @@ def ssh_config(tmp_path, monkeypatch):
 
     def write(text: str) -> None:
         path.write_text(text)
-        for cached in (transport._config_text, transport._algorithms):
+        for cached in (transport._config_text, transport._algorithms, transport._host_options):
             cached.cache_clear()
 
     yield write
-    for cached in (transport._config_text, transport._algorithms):
+    for cached in (transport._config_text, transport._algorithms, transport._host_options):
         cached.cache_clear()
 
 

@@ -149,10 +149,11 @@ def test_retransmission_is_unknown_when_lb_lost_records_then():
     assert "lost on lb" not in lost.text and "unknown" in lost.text
 
 
-def _first_copy_arrives_then_resent(server_lost: bool):
-    """The first copy reaches the server, its answer never comes back, the client resends
-    200 ms later and that copy is answered; ``server_lost``: the server's tracer reports
-    records lost in between."""
+def _first_copy_resent(*, reaches_server: bool, server_lost_at_ms: int | None, **clock_kw):
+    """The first copy leaves lb (``reaches_server``: and enters the server), its answer
+    never comes back, the client resends 200 ms later and that copy is answered; the
+    server's tracer reports 4 records lost ``server_lost_at_ms`` after the first copy left.
+    Returns the slowest exchange's ``lost``."""
     stream = LatencyStream()
     for host in ("client", "lb", "server"):
         stream.counts(host, at=0)
@@ -160,22 +161,25 @@ def _first_copy_arrives_then_resent(server_lost: bool):
     flow.handshake()
     start = stream.t
     flow.forward(24, flow.cseq, flow.sseq, 1024, "data", pt=flow.cseq)  # ACK | PSH
+    if not reaches_server:
+        dropped = stream.records.pop()
+        assert dropped["host"] == "server" and dropped["dir"] == "ingress"
     stream.t += 200 * MS
     flow.exchange(100_000)
-    if server_lost:
-        stream.lost("server", 4, at=start + 50 * MS)
+    if server_lost_at_ms is not None:
+        stream.lost("server", 4, at=start + server_lost_at_ms * MS)
     for host in ("client", "lb", "server"):
         stream.counts(host, at=stream.t + 1_000 * MS)
-    result = correlate(stream.records, stream.clocks(), slowest=1)
+    result = correlate(stream.records, stream.clocks(**clock_kw), slowest=1)
     return result.slowest[0].verdict.exchange.lost
 
 
 def test_a_first_copy_seen_reaching_the_server_arrived_unless_records_were_lost_then():
-    lost = _first_copy_arrives_then_resent(server_lost=False)
+    lost = _first_copy_resent(reaches_server=True, server_lost_at_ms=None)
     assert lost.verdict == "arrived" and lost.host == "server"
     assert lost.text == "seen reaching server eth0; its answer did not come back"
     # a lost sighting of the second copy could have joined it to the first: no claim
-    lost = _first_copy_arrives_then_resent(server_lost=True)
+    lost = _first_copy_resent(reaches_server=True, server_lost_at_ms=50)
     assert lost.verdict == "unknown" and "server's tracer lost" in lost.text
 
 
@@ -444,22 +448,7 @@ def test_loss_on_the_next_host_is_looked_for_within_both_clocks_errors():
     # the first copy leaves lb and never reaches the server; the server's tracer lost
     # records 5 ms before lb saw the copy leave, on the SSH offsets (each +-10 ms): that
     # may well be the window, so where the copy was lost is unknown
-    stream = LatencyStream()
-    for host in ("client", "lb", "server"):
-        stream.counts(host, at=0)
-    flow = Flow(stream, 40_000)
-    flow.handshake()
-    start = stream.t
-    flow.forward(24, flow.cseq, flow.sseq, 1024, "data", pt=flow.cseq)  # ACK | PSH
-    dropped = stream.records.pop()
-    assert dropped["host"] == "server" and dropped["dir"] == "ingress"
-    stream.t += 200 * MS
-    flow.exchange(100_000)
-    stream.lost("server", 4, at=start - 5 * MS)
-    for host in ("client", "lb", "server"):
-        stream.counts(host, at=stream.t + 1_000 * MS)
-    result = correlate(stream.records, stream.clocks(error_ns=10 * MS), slowest=1)
-    lost = result.slowest[0].verdict.exchange.lost
+    lost = _first_copy_resent(reaches_server=False, server_lost_at_ms=-5, error_ns=10 * MS)
     assert lost is not None and lost.host == "lb" and lost.next_host == "server"
     assert lost.verdict == "unknown" and "server's tracer lost records" in lost.text
     assert "lost between" not in lost.text

@@ -30,6 +30,7 @@ from ebpfdiag.lab.scenarios import SCENARIOS, run_scenario
 from ebpfdiag.lab.topology import DIAG_USER, LAB_USER, Lab
 from ebpfdiag.remote.bundle import bundle
 from tests.conftest import require, require_root_tools
+from tests.test_trace_lab import start_trace
 
 pytestmark = pytest.mark.root
 
@@ -410,30 +411,10 @@ def installed(lab):
             remove_runner(lab, host)
 
 
-def start_trace(inventory: str, port: int, env: dict) -> subprocess.Popen:
-    """``trace tcp-rst`` as the inventory's user, returned once every host traces."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ebpfdiag", "trace", "tcp-rst", "-i", inventory,
-         "--hosts", "client,lb,server", "--port", str(port), "--json",
-         "--count", "1", "--duration", "20s"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env},
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        rec = json.loads(line)
-        if rec["type"] == "status" and rec["state"] == "tracing":
-            assert sorted(rec["hosts"]) == ["client", "lb", "server"], rec
-            return proc
-    proc.kill()
-    raise AssertionError(f"trace never became ready: {proc.stderr.read()}")
-
-
 def trace_scenario(lab, inventory: str, name: str, env: dict) -> list[dict]:
     """The scenario traced by ``trace tcp-rst --count 1`` as the inventory's user."""
-    proc = start_trace(inventory, SCENARIOS[name].port, env)
+    proc = start_trace(lab, SCENARIOS[name].port, "--count", "1", "--duration", "20s",
+                       inventory=inventory, env=env)  # fmt: skip
     result = run_scenario(name, lab)
     assert result.reproduced, result.summary()
     out, err = proc.communicate(timeout=60)

@@ -124,17 +124,21 @@ def start_trace(
     hosts: str = HOSTS,
     status: bool = False,
     before: list | None = None,
+    inventory: str | None = None,
+    env: dict | None = None,
 ):
     """``trace tcp-rst`` on ``hosts``, returned once every host traces; ``port`` None: all.
     With ``status``, also the ``status`` record that said so; ``before`` gets the records
-    that came before it."""
+    that came before it. ``inventory`` (else the lab's) and ``env`` (added to this one's)
+    run it as another user."""
     ports = ["--port", str(port)] if port is not None else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ebpfdiag", "trace", "tcp-rst", "-i", lab.inventory,
+        [sys.executable, "-m", "ebpfdiag", "trace", "tcp-rst", "-i", inventory or lab.inventory,
          "--hosts", hosts, *ports, "--json", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, **(env or {})},
     )  # fmt: skip
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -260,6 +260,7 @@ def _config_may_set(*keywords: str) -> bool:
     )
 
 
+@functools.cache  # known_hosts and algorithms both ask for a host's options
 def _host_options(address: str, config: bool) -> asyncssh.SSHClientConnectionOptions:
     return asyncssh.SSHClientConnectionOptions(
         config=[os.path.expanduser(SSH_CONFIG)] if config else [], host=address

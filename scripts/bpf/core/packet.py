@@ -253,13 +253,13 @@ def addr_text(family: int, raw: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET6, raw[:16])
 
 
-def tcp_fields(values) -> dict:
-    """The unpacked TCP_FMT tuple -> the packet record's header fields."""
-    saddr, daddr, seq, ack, length, sport, dport, win, ipid, ttl, flags, family = values
+def header_fields(family, saddr, daddr, sport, dport, flags, seq, ack, ipid, ttl, length,
+                  win) -> dict:  # fmt: skip
+    """The packet record's header fields, in their documented order (addresses as text)."""
     return {
         "family": family,
-        "saddr": addr_text(family, saddr),
-        "daddr": addr_text(family, daddr),
+        "saddr": saddr,
+        "daddr": daddr,
         "sport": sport,
         "dport": dport,
         "flags": flags,
@@ -270,6 +270,13 @@ def tcp_fields(values) -> dict:
         "len": length,
         "win": win,
     }
+
+
+def tcp_fields(values) -> dict:
+    """The unpacked TCP_FMT tuple -> the packet record's header fields."""
+    saddr, daddr, seq, ack, length, sport, dport, win, ipid, ttl, flags, family = values
+    return header_fields(family, addr_text(family, saddr), addr_text(family, daddr), sport,
+                         dport, flags, seq, ack, ipid, ttl, length, win)  # fmt: skip
 
 
 #: struct flow_key for struct.unpack: a, b, pa, pb, family
@@ -286,26 +293,15 @@ def flow_packet_records(key: bytes, pkts, ifnames: dict) -> list:
     records = []
     for (ts, ifindex, seq, ack, length, win, ipid, ttl, flags, direction, fwd), why in pkts:
         src, dst = ends if fwd else ends[::-1]
-        records.append(
-            {
-                "type": "packet",
-                "ts_ns": ts,
-                "ifname": ifnames.get(ifindex, str(ifindex)),
-                "ifindex": ifindex,
-                "dir": DIR_NAMES.get(direction, "ingress"),
-                "family": family,
-                "saddr": src[0],
-                "daddr": dst[0],
-                "sport": src[1],
-                "dport": dst[1],
-                "flags": flags,
-                "seq": seq,
-                "ack": ack,
-                "ipid": ipid,
-                "ttl": ttl,
-                "len": length,
-                "win": win,
-                "why": why,
-            }
-        )
+        record = {
+            "type": "packet",
+            "ts_ns": ts,
+            "ifname": ifnames.get(ifindex, str(ifindex)),
+            "ifindex": ifindex,
+            "dir": DIR_NAMES.get(direction, "ingress"),
+        }
+        record.update(header_fields(family, src[0], dst[0], src[1], dst[1], flags, seq, ack,
+                                    ipid, ttl, length, win))  # fmt: skip
+        record["why"] = why
+        records.append(record)
     return records

@@ -656,8 +656,9 @@ class _Rules:
         return parts
 
     def _lost(self, first: _Seen, second: _Seen, sender: str) -> Lost:
-        """Where the first copy was last seen; "lost on X" only when X's tracer proves it
-        missed nothing in the window between that sighting and the retransmission."""
+        """Where the first copy was last seen; "lost on X" (or "arrived") only when the
+        tracers that could have seen it prove they missed nothing in the window between
+        that sighting and the retransmission, else unknown."""
         last = first.last
         host = last.host
         i = first.hosts.index(host)
@@ -666,30 +667,25 @@ class _Rules:
         wait = second.exit[sender] - first.exit[sender]
         lo, hi = last.ts_ns, last.ts_ns + wait + DEFAULT_WINDOW_NS // 10
         where = f"{last.host} {last.ifname}"
-        if last.dir == "ingress":
-            seen = f"last seen entering {where}, never left {host}"
-            suspects = [host]
-            place = f"lost on {host}"
-        else:
-            seen = f"last seen leaving {where}"
-            seen += f", never reached {next_host}" if next_host else ""
-            suspects = [host] + ([next_host] if next_host else [])
-            place = f"lost between {host} and {next_host}" if next_host else "lost after it"
         if i == len(first.hosts) - 1 and last.dir == "ingress" and next_host is None:
-            text = f"seen reaching {where}; its answer did not come back"
-            # Said only when no host on its way lost records then: a lost sighting of the
-            # second copy could have joined it to the first one.
-            suspects = list(dict.fromkeys(first.hosts))
-            doubts = [d for h in suspects if (d := self._doubt(h, last, lo, hi))]
-            if doubts:
-                return Lost(host, last.ifname, last.dir, None, "unknown",
-                            f"{text}? unknown ({'; '.join(doubts)})")  # fmt: skip
-            return Lost(host, last.ifname, last.dir, None, "arrived", text)
+            # Checked on every host of its way: a lost sighting of the second copy could
+            # have joined it to the first one.
+            seen, sep = f"seen reaching {where}; its answer did not come back", "?"
+            verdict, claim, suspects = "arrived", "", list(dict.fromkeys(first.hosts))
+        elif last.dir == "ingress":
+            seen, sep = f"last seen entering {where}, never left {host}", ":"
+            verdict, claim, suspects = "lost", f": lost on {host}", [host]
+        else:
+            seen, sep = f"last seen leaving {where}", ":"
+            seen += f", never reached {next_host}" if next_host else ""
+            place = f"lost between {host} and {next_host}" if next_host else "lost after it"
+            verdict, claim = "lost", f": {place}"
+            suspects = [host] + ([next_host] if next_host else [])
         doubts = [d for h in suspects if (d := self._doubt(h, last, lo, hi))]
         if doubts:
             return Lost(host, last.ifname, last.dir, next_host, "unknown",
-                        f"{seen}: unknown ({'; '.join(doubts)})")  # fmt: skip
-        return Lost(host, last.ifname, last.dir, next_host, "lost", f"{seen}: {place}")
+                        f"{seen}{sep} unknown ({'; '.join(doubts)})")  # fmt: skip
+        return Lost(host, last.ifname, last.dir, next_host, verdict, seen + claim)
 
     def _doubt(self, host: str, last: Sighting, lo: int, hi: int) -> str | None:
         """Why ``host`` may have seen the copy unrecorded (window moved to its clock,
