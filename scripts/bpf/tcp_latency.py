@@ -167,6 +167,7 @@ from core.packet import (
     addr_text,
     c_filters,
     fill_filters,
+    packet_head,
     tcp_fields,
 )
 from core.params import ParamError, convert
@@ -731,13 +732,7 @@ def decode_packet(raw: bytes, ifnames: dict) -> dict:
     """One lat_event -> a packet record."""
     values = struct.unpack_from(EVENT_FMT, raw, 0)
     ts, ifindex, pt, apt, direction, why, has_pt, has_apt = values[12:]
-    record = {
-        "type": "packet",
-        "ts_ns": ts,
-        "ifname": ifnames.get(ifindex, str(ifindex)),
-        "ifindex": ifindex,
-        "dir": DIR_NAMES.get(direction, "ingress"),
-    }
+    record = packet_head(ts, ifindex, direction, ifnames)
     record.update(tcp_fields(values[:12]))
     record["why"] = WHY_NAMES.get(why, "data")
     record["pt"] = pt if has_pt else None

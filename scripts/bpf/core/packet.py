@@ -279,6 +279,17 @@ def tcp_fields(values) -> dict:
                          dport, flags, seq, ack, ipid, ttl, length, win)  # fmt: skip
 
 
+def packet_head(ts: int, ifindex: int, direction: int, ifnames: dict) -> dict:
+    """A packet record's first fields: when and where it was seen."""
+    return {
+        "type": "packet",
+        "ts_ns": ts,
+        "ifname": ifnames.get(ifindex, str(ifindex)),
+        "ifindex": ifindex,
+        "dir": DIR_NAMES.get(direction, "ingress"),
+    }
+
+
 #: struct flow_key for struct.unpack: a, b, pa, pb, family
 FLOW_FMT = "=16s16sHHB3x"
 #: one packet of a flow's history: ts, ifindex, seq, ack, len, win, ipid, ttl, flags, dir, fwd
@@ -293,13 +304,7 @@ def flow_packet_records(key: bytes, pkts, ifnames: dict) -> list:
     records = []
     for (ts, ifindex, seq, ack, length, win, ipid, ttl, flags, direction, fwd), why in pkts:
         src, dst = ends if fwd else ends[::-1]
-        record = {
-            "type": "packet",
-            "ts_ns": ts,
-            "ifname": ifnames.get(ifindex, str(ifindex)),
-            "ifindex": ifindex,
-            "dir": DIR_NAMES.get(direction, "ingress"),
-        }
+        record = packet_head(ts, ifindex, direction, ifnames)
         record.update(header_fields(family, src[0], dst[0], src[1], dst[1], flags, seq, ack,
                                     ipid, ttl, length, win))  # fmt: skip
         record["why"] = why
