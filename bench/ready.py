@@ -1,4 +1,5 @@
-"""Time to ready for ``trace tcp-rst`` as a user runs it, and where the time goes.
+"""Time to ready for ``trace tcp-rst`` as a user runs it, and where the time goes; the
+same totals for ``trace latency`` and ``trace drop``.
 
 A user builds the lab (``ebpfdiag lab up``; here the benchmark's own lab, built the same
 way) and runs ``trace tcp-rst --hosts client,lb,server --json`` with no options; the time
@@ -36,6 +37,8 @@ PHASES = (
     ("attach", "programs loaded (verifier), tracepoints, tcx links, buffers, nft NAT ports"),
     ("cpu", "CPU seconds the host's process used up to ready: the figure load does not move"),
 )
+#: the other tracers, timed the same way (3 hosts and the one host) in every round
+OTHER_TRACERS = ("latency", "drop")
 #: goals: seconds (medians)
 GOAL_THREE, GOAL_ONE, GOAL_STARTUP = 1.5, 1.0, 0.15
 
@@ -52,9 +55,10 @@ def _run_script(state, script: Path, out: Path) -> Measured:
     return m
 
 
-def _trace(state, build: Build, hosts: str, samples: dict[str, list[float]], key: str) -> None:
+def _trace(state, build: Build, hosts: str, samples: dict[str, list[float]], key: str,
+           command: str = "tcp-rst") -> None:  # fmt: skip
     """One trace, started and stopped: its total, per-host ready and phase figures."""
-    tracer = Tracer(state, [], build, hosts=hosts)
+    tracer = Tracer(state, [], build, hosts=hosts, command=command)
     samples.setdefault(key, []).append(tracer.start())
     tracer.stop()
     for host, after in tracer.host_ready.items():
@@ -67,7 +71,7 @@ def _trace(state, build: Build, hosts: str, samples: dict[str, list[float]], key
 def run(rounds: int = 3, against: Build | None = None) -> Section:
     section = Section(
         "ready",
-        "Time to ready: trace tcp-rst on client, lb, server",
+        "Time to ready: traces on client, lb, server",
         ["what", "median s", "min..max s", "includes"],
     )
     s: dict[str, list[float]] = {}
@@ -80,7 +84,8 @@ def run(rounds: int = 3, against: Build | None = None) -> Section:
         hosts_argv = [EBPFDIAG, "hosts", "-i", str(state.inventory), "--hosts", HOSTS]
         # warm-up: page cache, first logins, one earlier trace (a warm lab)
         _run_script(state, empty, out)
-        _trace(state, CURRENT, HOSTS, {}, "warm")
+        for command in ("tcp-rst", *OTHER_TRACERS):
+            _trace(state, CURRENT, HOSTS, {}, "warm", command)
         for rnd in range(rounds):
             for key, argv in (("version", [EBPFDIAG, "--version"]), ("hosts", hosts_argv)):
                 m = run_measured(argv)
@@ -91,6 +96,9 @@ def run(rounds: int = 3, against: Build | None = None) -> Section:
             for key, build in runs[:: -1 if rnd % 2 else 1]:  # builds take turns going first
                 _trace(state, build, HOSTS, s, key)
             _trace(state, CURRENT, ONE_HOST, s, "one")
+            for command in OTHER_TRACERS:
+                _trace(state, CURRENT, HOSTS, s, command, command)
+                _trace(state, CURRENT, ONE_HOST, s, f"{command}-one", command)
 
     def row(label: str, key: str, includes: str) -> list[str]:
         values = s.get(key) or [float("nan")]
@@ -113,6 +121,19 @@ def run(rounds: int = 3, against: Build | None = None) -> Section:
         label = {"compile": "compile floor: one host's compile alone",
                  "cpu": "cpu (one host)"}.get(phase, phase)  # fmt: skip
         section.rows.append(row(f"  remote: {label}", f"one:phase:{phase}", includes))
+    for command in OTHER_TRACERS:
+        section.rows += [
+            row(f"trace {command}, 3 hosts: start -> `tracing`", command,
+                "the same, with no options"),
+            row("  remote: compile (3 hosts at once)", f"{command}:phase:compile",
+                "BCC/clang compile + maps"),
+            row("  remote: cpu (3 hosts at once)", f"{command}:phase:cpu",
+                "CPU seconds the host's process used up to ready"),
+            row(f"trace {command}, {ONE_HOST} alone: start -> `tracing`", f"{command}-one",
+                "the same, one host"),
+            row("  remote: compile floor: one host's compile alone",
+                f"{command}-one:phase:compile", "BCC/clang compile + maps"),
+        ]  # fmt: skip
     section.rows += [
         row("controller start-up: `ebpfdiag --version`", "version", "interpreter + CLI imports"),
         row("  CPU seconds", "version:cpu", "the same in CPU time"),
@@ -125,6 +146,8 @@ def run(rounds: int = 3, against: Build | None = None) -> Section:
     for what, key, goal in (
         ("trace tcp-rst on 3 lab hosts", "trace", GOAL_THREE),
         (f"trace tcp-rst on {ONE_HOST} alone", "one", GOAL_ONE),
+        *[(f"trace {c} on 3 lab hosts", c, GOAL_THREE) for c in OTHER_TRACERS],
+        *[(f"trace {c} on {ONE_HOST} alone", f"{c}-one", GOAL_ONE) for c in OTHER_TRACERS],
         ("`ebpfdiag --version`", "version", GOAL_STARTUP),
         ("`ebpfdiag hosts`", "hosts", GOAL_STARTUP),
     ):
@@ -133,11 +156,12 @@ def run(rounds: int = 3, against: Build | None = None) -> Section:
     section.notes += [
         f"{rounds} interleaved rounds (start-up, empty run-script, the 3-host trace"
         f"{' and the earlier build, taking turns going first' if against else ''}, the "
-        f"{ONE_HOST}-alone trace) after a warm-up run-script and one warm-up trace. Traces run "
-        "with no options, as a user would start one. Per-host and phase figures are the "
-        "trace's own: each host's `ready` status record and the `setup` its hello reports "
-        "(host monotonic clock; `process` from the host's process start, to 10 ms); phase "
-        "figures are medians over hosts and rounds.",
+        f"{ONE_HOST}-alone trace, then the same two for trace "
+        f"{' and trace '.join(OTHER_TRACERS)}) after a warm-up run-script and one warm-up "
+        "trace of each kind. Traces run with no options, as a user would start one. Per-host "
+        "and phase figures are the trace's own: each host's `ready` status record and the "
+        "`setup` its hello reports (host monotonic clock; `process` from the host's process "
+        "start, to 10 ms); phase figures are medians over hosts and rounds.",
         f"The machine is shared: absolute figures move with its load (1-minute load average "
         f"{load_start:.1f} at the start of this section, {os.getloadavg()[0]:.1f} at its end, "
         f"on {os.cpu_count()} cores); the interleaved comparisons and the CPU figures hold "

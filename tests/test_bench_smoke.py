@@ -50,8 +50,8 @@ def test_quick_fanout_and_pipeline_on_a_real_fleet(tmp_path):
 @pytest.mark.root
 def test_quick_time_to_ready_on_the_lab(tmp_path):
     """The time-to-ready section measures what a user runs and keeps its breakdown: per-host
-    ready figures, every set-up phase from the hosts' hellos (3 hosts and one alone) and
-    the targets, each a number."""
+    ready figures, every set-up phase from the hosts' hellos (3 hosts and one alone), the
+    same totals for trace latency and trace drop, and the targets, each a number."""
     require_root_tools("ip", "nft", "/usr/sbin/sshd")
     require(shutil.which("bpftool") is not None, "needs bpftool")
     out = tmp_path / "bench.md"
@@ -64,6 +64,8 @@ def test_quick_time_to_ready_on_the_lab(tmp_path):
               "controller start-up: `ebpfdiag hosts`", "remote: compile floor: one host's "
               "compile alone"]  # fmt: skip
     wanted += [f"{host} ready (its `ready` status)" for host in ("client", "lb", "server")]
+    wanted += [f"trace {c}, {n}: start -> `tracing`" for c in ("latency", "drop")
+               for n in ("3 hosts", "server alone")]  # fmt: skip
     wanted += [f"remote: {p} (3 hosts at once)" for p in ("process", "import", "discover", "cpu",
                                                            "compile", "attach")]  # fmt: skip
     for label in wanted:
@@ -71,3 +73,4 @@ def test_quick_time_to_ready_on_the_lab(tmp_path):
         median = rows[label].split(" | ")[1]
         assert float(median) > 0, rows[label]
     assert "| trace tcp-rst on 3 lab hosts |" in text and "| `ebpfdiag hosts` |" in text
+    assert "| trace drop on server alone |" in text, text

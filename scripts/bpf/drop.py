@@ -60,6 +60,10 @@ Fields:
   hello.reasons         dict   {source: format, btf or none, count}: where reason names come from
   hello.fallback        str    only without drop reasons: why drops are named by location
   hello.rate            dict   {events_per_s, burst}: the per-packet record limit
+  hello.setup           dict   seconds this host took to become ready: process (from the
+                               process start: interpreter, bootstrap, script transfer),
+                               import (BCC), discover, compile (BCC/clang + maps), attach;
+                               cpu: CPU seconds the process used until then
   hello.history         int    packets remembered per flow (0: no packet history)
   hello.netstat         dict   {counters}: the netstat/snmp counters watched (names as the
                                kernel prints them: PAWSEstab is LINUX_MIB_PAWSESTABREJECTED)
@@ -119,6 +123,7 @@ import threading
 import time
 
 from core.btf import BTF_VMLINUX, NETNS_PATHS, TUPLE_PATHS, c_netns_lookup, load_btf
+from core.compile import bpf_compile
 from core.discovery import discover_addrs, discover_links, kernel_version, own_netns
 from core.dropreasons import reason_count, reason_table
 from core.events import C_LOST, RINGBUF_MIN_KERNEL, BufferCallbacks, Output, c_submit, now_ns
@@ -134,8 +139,9 @@ from core.packet import (
     flow_packet_records,
 )
 from core.symbols import Symbols
-from core.tc import TcHooks, attach_tool
+from core.tc import Clsact, attach_tool
 from core.tool import (
+    SetupTimes,
     ebpfdiag_control,  # noqa: F401 - the bootstrap's hook for ctl lines
     parse_tool_args,
     run_tool,
@@ -860,7 +866,8 @@ class Session(BufferCallbacks):
         self.last_counts = ([], 0)  # nothing to report until something is counted
         self.ready = False
         self.BPF = None
-        self.ipr = None
+        self.clsact = Clsact()
+        self.setup_times = None
         self.tc = None
         #: host-time windows whose flows' history is emitted at the end: this host's own
         #: drops, and those the controller names (`ctl drops`, from its stdin thread)
@@ -868,19 +875,17 @@ class Session(BufferCallbacks):
         self.window_lock = threading.Lock()
 
     def setup(self) -> None:
+        """Discover, compile, attach, timed for hello.setup; pyroute2 is imported only for
+        the clsact path."""
+        times = self.setup_times = SetupTimes()
         ensure_tracefs()  # before importing bcc, which looks for tracefs once
         try:
             from bcc import BPF
         except ImportError:
             raise SetupError("BCC is not installed (python3-bpfcc)") from None
         self.BPF = BPF
-        try:
-            from pyroute2 import IPRoute
-
-            self.ipr = IPRoute()
-        except ImportError:
-            self.ipr = None
-        self.addrs = discover_addrs(self.ipr)
+        times.done("import")
+        self.addrs = discover_addrs()
         self.ifnames = dict((i, n) for i, n in socket.if_nameindex())
         self.netstat = NetstatDelta()
         offsets, enum, whys = btf_facts(self.args.btf or BTF_VMLINUX)
@@ -889,10 +894,13 @@ class Session(BufferCallbacks):
             self.plan["missing"].append({"probe": "btf", "why": why})
         if "kfree_skb" not in self.plan["tracepoints"]:
             raise SetupError("no tracepoint skb:kfree_skb on this kernel")
+        program = build_program(self.plan)
+        times.done("discover")
         try:
-            self.bpf = BPF(text=build_program(self.plan))
+            self.bpf = bpf_compile(BPF, program)
         except Exception as exc:
             raise SetupError("BPF compile failed: %s" % exc) from None
+        times.done("compile")
         self._fill_filters()
         for system, probe in (DROP_PROBE,) + RETRANS_PROBES:
             if probe not in self.plan["tracepoints"]:
@@ -906,21 +914,15 @@ class Session(BufferCallbacks):
         if "kfree_skb" not in self.attach:
             raise SetupError("cannot attach skb:kfree_skb: %s" % self.plan["missing"][-1]["why"])
         if self.plan["history"]:
-            if self.ipr is None:
-                why = "pyroute2 is not installed (python3-pyroute2): no packet history"
-                self.plan["missing"].append({"probe": "tc", "why": why})
-            else:
-                self._attach_tc()
+            self._attach_tc()
         self._open_buffers()
+        times.done("attach")
 
     def _attach_tc(self) -> None:
         """The history programs on every interface but lo (observe only)."""
-        links = discover_links(self.ipr)
+        links = discover_links()
         self.ifnames.update((idx, name) for idx, name, _ in links)
-        attach_tool(self, links, "auto", self._clsact)
-
-    def _clsact(self) -> TcHooks:
-        return TcHooks(self.ipr)
+        attach_tool(self, links, "auto", self.clsact.hooks)
 
     def _fill_filters(self) -> None:
         fill_filters(self.bpf, self.args.port, self.args.addr)
@@ -1082,6 +1084,7 @@ class Session(BufferCallbacks):
             "rate": {"events_per_s": self.args.rate, "burst": BURST if self.args.rate else 0},
             "netstat": {"counters": self.netstat.names()},
             "history": self.plan["history"],
+            "setup": self.setup_times.report(),
         }
         if reasons["source"] == "none":
             record["fallback"] = (
@@ -1159,9 +1162,7 @@ class Session(BufferCallbacks):
             except Exception as exc:  # noqa: BLE001
                 errors.append("cleanup: %s" % exc)
             self.bpf = None
-        if self.ipr is not None:
-            self.ipr.close()
-            self.ipr = None
+        self.clsact.close()
         return errors
 
 

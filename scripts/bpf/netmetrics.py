@@ -56,6 +56,7 @@ import sys
 import time
 
 from core.btf import BTF_VMLINUX, btf_offsets, c_netns_lookup, load_btf
+from core.compile import bpf_compile
 from core.discovery import netlink_dump, own_netns
 from core.dropreasons import location_label, reason_table
 from core.events import Output, now_ns
@@ -594,7 +595,7 @@ class Session:
         self.names = symbol_names(self.formats, drop_enum)
         text = build_program(self.formats, offsets, sk_state, own_netns(), drop_enum, skb_sk)
         try:
-            self.bpf = BPF(text=text)
+            self.bpf = bpf_compile(BPF, text)
         except Exception as exc:
             raise SetupError("BPF compile failed: %s" % exc) from None
         self.refresh_ports()

@@ -87,6 +87,10 @@ Fields:
   hello.scope           str    how other namespaces' tracepoint events are dropped: netns or addrs
   hello.buffer          str    ringbuf or perf
   hello.sample          dict   {n: N, block: B}: the sampling rule's parameters
+  hello.setup           dict   seconds this host took to become ready: process (from the
+                               process start: interpreter, bootstrap, script transfer),
+                               import (BCC), discover, compile (BCC/clang + maps), attach;
+                               cpu: CPU seconds the process used until then
   packet.ts_ns          int    host CLOCK_MONOTONIC ns
   packet.ifname         str    interface name
   packet.ifindex        int    interface index
@@ -155,10 +159,11 @@ import threading
 import time
 
 from core.btf import btf_offsets, c_netns_lookup
+from core.compile import bpf_compile
 from core.discovery import discover_addrs, discover_links, kernel_version, own_netns
 from core.events import C_LOST, RINGBUF_MIN_KERNEL, BufferCallbacks, Output, c_submit, now_ns
 from core.lifecycle import SetupError, Stop
-from core.natports import discover_nat_ports
+from core.natports import start_nat_ports
 from core.packet import (
     C_FILTER_MAPS,
     C_PACKET,
@@ -171,8 +176,9 @@ from core.packet import (
     tcp_fields,
 )
 from core.params import ParamError, convert
-from core.tc import TcHooks, attach_tool
+from core.tc import Clsact, attach_tool
 from core.tool import (
+    SetupTimes,
     ebpfdiag_control,  # noqa: F401 - the bootstrap's hook for ctl lines
     parse_tool_args,
     run_tool,
@@ -862,7 +868,8 @@ class Session(BufferCallbacks):
         self.stop = stop
         self.bpf = None
         self.BPF = None
-        self.ipr = None
+        self.clsact = Clsact()
+        self.setup_times = None
         self.tc = None
         self.plan = None
         self.attach = {}
@@ -882,20 +889,18 @@ class Session(BufferCallbacks):
     # -- setup ---------------------------------------------------------------------------
 
     def setup(self) -> None:
+        """Discover, compile, attach, timed for hello.setup; nft lists its ruleset during
+        the compile, and pyroute2 is imported only for the clsact path."""
+        times = self.setup_times = SetupTimes()
         ensure_tracefs()  # before importing bcc, which looks for tracefs once
+        nat_ports = start_nat_ports()
         try:
             from bcc import BPF
         except ImportError:
             raise SetupError("BCC is not installed (python3-bpfcc)") from None
         self.BPF = BPF
-        try:
-            from pyroute2 import IPRoute
-
-            self.ipr = IPRoute()
-        except ImportError:
-            raise SetupError("pyroute2 is not installed (python3-pyroute2)") from None
-        self.addrs = discover_addrs(self.ipr)
-        self.nat_ports = discover_nat_ports()
+        times.done("import")
+        self.addrs = discover_addrs()
         (offsets, offsets_why), (tuples, _) = btf_offsets()
         self.plan = make_plan(self.args, read_formats(None), offsets, tuples)
         if offsets_why:
@@ -903,15 +908,20 @@ class Session(BufferCallbacks):
         retrans = self.plan["tracepoints"].get("tcp_retransmit_skb")
         if retrans:
             self.state_names = retrans["symbols"].get("state", {})
+        program = build_program(self.plan)
+        times.done("discover")
         try:
-            self.bpf = BPF(text=build_program(self.plan))
+            self.bpf = bpf_compile(BPF, program)
         except Exception as exc:
             raise SetupError("BPF compile failed: %s" % exc) from None
+        times.done("compile")
+        self.nat_ports = nat_ports()
         with self.filter_lock:
             fill_filters(self.bpf, self.ports, self.args.addr)
         self._attach_tracepoints()
         self._attach_tc()
         self._open_buffers()
+        times.done("attach")
 
     def _attach_tracepoints(self) -> None:
         for probe in sorted(self.plan["tracepoints"]):
@@ -924,7 +934,7 @@ class Session(BufferCallbacks):
             self.attach[probe] = {"kind": "tracepoint", "tracepoint": tp}
 
     def _attach_tc(self) -> None:
-        links = discover_links(self.ipr)
+        links = discover_links()
         self.ifnames = dict((idx, name) for idx, name, _ in links)
         self.lines = PacketLines(self.ifnames)
         wanted = self.args.interfaces
@@ -933,10 +943,7 @@ class Session(BufferCallbacks):
             if unknown:
                 raise SetupError("no such interface: %s" % ",".join(unknown))
             links = [link for link in links if link[1] in wanted]
-        attach_tool(self, links, self.args.tc_mode, self._clsact)
-
-    def _clsact(self) -> TcHooks:
-        return TcHooks(self.ipr)
+        attach_tool(self, links, self.args.tc_mode, self.clsact.hooks)
 
     def _open_buffers(self) -> None:
         b = self.bpf
@@ -1010,6 +1017,7 @@ class Session(BufferCallbacks):
             "scope": "netns" if self.plan["offsets"] is not None else "addrs",
             "buffer": self.plan["buffer"],
             "sample": {"n": self.args.sample, "block": 1 << self.args.block_shift},
+            "setup": self.setup_times.report(),
         }
 
     def _poll(self, timeout_ms: int) -> None:
@@ -1105,9 +1113,7 @@ class Session(BufferCallbacks):
             except Exception as exc:  # noqa: BLE001
                 errors.append("detach: %s" % exc)
             self.bpf = None
-        if self.ipr is not None:
-            self.ipr.close()
-            self.ipr = None
+        self.clsact.close()
         return errors
 
 

@@ -105,13 +105,13 @@ import threading
 import time
 
 from core.btf import btf_offsets, c_netns_lookup
+from core.compile import bpf_compile
 from core.discovery import (
     discover_addrs,
     discover_links,
     kernel_version,
     kprobes_available,
     own_netns,
-    process_age,
 )
 from core.events import (
     C_BUFFERS_PERF,
@@ -140,8 +140,9 @@ from core.packet import (
     flow_packet_records,
 )
 from core.params import ParamError, convert
-from core.tc import TC_VARIANTS, TcHooks, attach_tool
+from core.tc import TC_VARIANTS, Clsact, attach_tool
 from core.tool import (
+    SetupTimes,
     ebpfdiag_control,  # noqa: F401 - the bootstrap's hook for ctl lines
     parse_tool_args,
     run_tool,
@@ -930,7 +931,7 @@ class Session(BufferCallbacks):
         self.out = out
         self.stop = stop
         self.bpf = None
-        self.ipr = None
+        self.clsact = Clsact()
         self.tc = None
         self.plan = None
         self.attach = {}
@@ -946,8 +947,7 @@ class Session(BufferCallbacks):
         self.nat_ports = []
         self.filter_lock = threading.Lock()
         self.link_error = None
-        #: seconds per set-up phase (hello.setup)
-        self.setup_s = {}
+        self.setup_times = None
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -956,8 +956,7 @@ class Session(BufferCallbacks):
         the C depends on is discovered before the compile (most of the time), nft lists
         its ruleset meanwhile, only the watched interfaces' kinds of packet program are
         compiled, and pyroute2 is imported only for the clsact path."""
-        marks = [time.monotonic()]
-        self.setup_s["process"] = process_age()
+        times = self.setup_times = SetupTimes()
         ensure_tracefs()  # before importing bcc, which looks for tracefs once
         nat_ports = start_nat_ports()
         try:
@@ -965,7 +964,7 @@ class Session(BufferCallbacks):
         except ImportError:
             raise SetupError("BCC is not installed (python3-bpfcc)") from None
         self.BPF = BPF
-        marks.append(time.monotonic())
+        times.done("import")
         links = self._watched_links()
         self.addrs = discover_addrs()
         (offsets, _), (tuples, tuples_why) = btf_offsets()
@@ -973,21 +972,18 @@ class Session(BufferCallbacks):
         if tuples_why and "tcp_send_reset" in self.plan["tracepoints"]:
             self.plan["missing"].append({"probe": "btf:reset-tuple", "why": tuples_why})
         program = build_program(self.plan)
-        marks.append(time.monotonic())
+        times.done("discover")
         try:
-            self.bpf = BPF(text=program)
+            self.bpf = bpf_compile(BPF, program)
         except Exception as exc:
             raise SetupError("BPF compile failed: %s" % exc) from None
-        marks.append(time.monotonic())
+        times.done("compile")
         self.nat_ports = nat_ports()
         self._fill_filters()
         self._attach_resets()
         self._attach_tc(links)
         self._open_buffers()
-        marks.append(time.monotonic())
-        for i, name in enumerate(("import", "discover", "compile", "attach")):
-            self.setup_s[name] = marks[i + 1] - marks[i]
-        self.setup_s["cpu"] = time.process_time()  # what the host gave, whatever its load
+        times.done("attach")
 
     def _watched_links(self):
         """[(ifindex, name, l2)] to put the packet programs on, or None when the
@@ -1005,17 +1001,6 @@ class Session(BufferCallbacks):
                 raise SetupError("no such interface: %s" % ",".join(unknown))
             links = [link for link in links if link[1] in wanted]
         return links
-
-    def _iproute(self):
-        """pyroute2's IPRoute, imported only for the clsact path (its import costs more
-        than the whole discovery); None when it is not installed."""
-        if self.ipr is None:
-            try:
-                from pyroute2 import IPRoute
-            except ImportError:
-                return None
-            self.ipr = IPRoute()
-        return self.ipr
 
     def _fill_filters(self) -> None:
         with self.filter_lock:
@@ -1052,13 +1037,7 @@ class Session(BufferCallbacks):
         if links is None:
             self.plan["missing"].append({"probe": "tc", "why": self.link_error})
             return
-        attach_tool(self, links, self.args.tc_mode, self._clsact)
-
-    def _clsact(self) -> TcHooks:
-        ipr = self._iproute()
-        if ipr is None:
-            raise SetupError("pyroute2 is not installed (python3-pyroute2); no packets")
-        return TcHooks(ipr)
+        attach_tool(self, links, self.args.tc_mode, self.clsact.hooks)
 
     def _open_buffers(self) -> None:
         b = self.bpf
@@ -1161,7 +1140,7 @@ class Session(BufferCallbacks):
             "history": self.args.history,
             "all_flows": self.args.all_flows,
             "buffer": self.plan["buffer"],
-            "setup": dict((k, round(v, 3)) for k, v in self.setup_s.items() if v is not None),
+            "setup": self.setup_times.report(),
         }
 
     def run(self) -> str:
@@ -1269,9 +1248,7 @@ class Session(BufferCallbacks):
             except Exception as exc:  # noqa: BLE001
                 errors.append("detach: %s" % exc)
             self.bpf = None
-        if self.ipr is not None:
-            self.ipr.close()
-            self.ipr = None
+        self.clsact.close()
         return errors
 
 

@@ -272,6 +272,31 @@ def attach_links(hooks, why, links, load, fallback, missing, keep) -> dict:
     return record
 
 
+class Clsact:
+    """The clsact fallback's netlink handle: pyroute2's IPRoute, imported only when the
+    fallback is taken (its import costs more than a tool's whole discovery). ``hooks`` is
+    what ``attach_tool`` calls for clsact hooks; ``close`` at the tool's cleanup."""
+
+    def __init__(self) -> None:
+        self.ipr = None
+
+    def hooks(self) -> TcHooks:
+        if self.ipr is None:
+            try:
+                from pyroute2 import IPRoute
+            except ImportError:
+                raise SetupError(
+                    "pyroute2 is not installed (python3-pyroute2); no packets"
+                ) from None
+            self.ipr = IPRoute()
+        return TcHooks(self.ipr)
+
+    def close(self) -> None:
+        if self.ipr is not None:
+            self.ipr.close()
+            self.ipr = None
+
+
 def attach_tool(tool, links, mode: str, clsact) -> None:
     """Pick the hooks and attach ``links`` for a packet tool: its ``bpf`` and ``BPF``
     (programs), ``plan["missing"]``, ``attach["tc"]`` (the hello's record) and ``tc``, which

@@ -5,10 +5,15 @@ run, and a cleanup that always runs before the last record, `bye`. Python 3.6.
 import contextlib
 import signal
 import sys
+import time
 
+from core.discovery import process_age
 from core.events import Output
 from core.lifecycle import ArgError, SetupError, Stop, StopState
 from core.params import ParamError, parse
+
+#: hello.setup's phases after `process`, in the order a tool's set-up goes through them
+SETUP_PHASES = ("import", "discover", "compile", "attach")
 
 #: The running tool's name and session, for control lines (set while run_tool runs).
 LIVE = {}
@@ -27,6 +32,26 @@ def ebpfdiag_control(text):
         return
     with contextlib.suppress(Stop):  # stdout is gone: the main loop ends the run too
         session.control(text)
+
+
+class SetupTimes:
+    """Where a tool's set-up time went, for its hello's `setup` (docs/json.md): `process`
+    (host process start -> set-up), then each phase in SETUP_PHASES as the tool ends it,
+    and `cpu` (CPU seconds up to ready, the figure a loaded host does not move)."""
+
+    def __init__(self) -> None:
+        self.times = {"process": process_age()}
+        self.last = time.monotonic()
+
+    def done(self, phase: str) -> None:
+        now = time.monotonic()
+        self.times[phase] = now - self.last
+        self.last = now
+        if phase == SETUP_PHASES[-1]:
+            self.times["cpu"] = time.process_time()
+
+    def report(self) -> dict:
+        return dict((k, round(v, 3)) for k, v in self.times.items() if v is not None)
 
 
 def parse_tool_args(params, argv, script, doc):
