@@ -1,5 +1,5 @@
-"""core.compile: BCC compiles without scanning the symbol table and without debug
-information, to the same program, and nothing of it is seen outside the compiling thread.
+"""core.compile: BCC compiles without scanning the symbol table, to the same program, and
+nothing of it is seen outside the compiling thread.
 
 Runs under the system python (BCC) as root, in a subprocess: the real BCC compiles a
 program that uses both probe-read helpers, a hash map and a ring buffer once plainly and
@@ -79,7 +79,7 @@ fast = insns(cc.bpf_compile(BPF, TEXT))
 result = cc.bpf_compile(spy, "x")
 cc.kernel_version = lambda: (4, 19)
 old = {}
-cc.bpf_compile(lambda text, cflags: old.update(n=lines()), "x")
+cc.bpf_compile(lambda text: old.update(n=lines()), "x")
 print(json.dumps({
     "same": plain == fast, "insns": len(plain) // 8, "result": result, "seen": seen,
     "after": lines(), "old_kernel": old["n"], "host_unchanged": host_mounts() == before_mounts,
