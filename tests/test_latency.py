@@ -31,6 +31,17 @@ def _all_parts(result: Latency) -> list:
     return [p for flow in result.slowest for p in flow.verdict.exchange.parts]
 
 
+def _counted_flow() -> tuple[LatencyStream, Flow]:
+    """A stream whose three tracers report their counters from the start, and one flow
+    past its handshake."""
+    stream = LatencyStream()
+    for host in ("client", "lb", "server"):
+        stream.counts(host, at=0)
+    flow = Flow(stream, 40_000)
+    flow.handshake()
+    return stream, flow
+
+
 def test_server_delay_is_the_server_segment_and_the_verdict_names_it():
     stream = simple_stream(30, 20 * MS)
     result = correlate(stream.records, stream.clocks(), slowest=3)
@@ -68,11 +79,7 @@ def test_healthy_traffic_names_no_culprit_and_no_segment_is_negative():
 def test_a_slow_tail_alone_names_no_culprit():
     # a healthy load on a busy machine: the server answers in 1.5 ms, twice in 37 ms
     # (scheduling); the p99 is slow but no part slows the typical exchange
-    stream = LatencyStream()
-    for host in ("client", "lb", "server"):
-        stream.counts(host, at=0)
-    flow = Flow(stream, 40_000)
-    flow.handshake()
+    stream, flow = _counted_flow()
     for i in range(100):
         flow.exchange(37 * MS if i in (30, 70) else 1_500_000)
     for host in ("client", "lb", "server"):
@@ -110,11 +117,7 @@ def test_pure_ack_is_not_the_response():
 
 
 def test_retransmission_last_seen_on_lb_and_latency_includes_the_wait():
-    stream = LatencyStream()
-    for host in ("client", "lb", "server"):
-        stream.counts(host, at=0)
-    flow = Flow(stream, 40_000)
-    flow.handshake()
+    stream, flow = _counted_flow()
     flow.exchange(100_000)
     flow.exchange(100_000, lost_first=True, rto_ns=200 * MS)
     for host in ("client", "lb", "server"):
@@ -133,11 +136,7 @@ def test_retransmission_last_seen_on_lb_and_latency_includes_the_wait():
 
 
 def test_retransmission_is_unknown_when_lb_lost_records_then():
-    stream = LatencyStream()
-    for host in ("client", "lb", "server"):
-        stream.counts(host, at=0)
-    flow = Flow(stream, 40_000)
-    flow.handshake()
+    stream, flow = _counted_flow()
     start = stream.t
     flow.exchange(100_000, lost_first=True, rto_ns=200 * MS)
     stream.lost("lb", 12, at=start + 50 * MS)
@@ -154,11 +153,7 @@ def _first_copy_resent(*, reaches_server: bool, server_lost_at_ms: int | None, *
     never comes back, the client resends 200 ms later and that copy is answered; the
     server's tracer reports 4 records lost ``server_lost_at_ms`` after the first copy left.
     Returns the slowest exchange's ``lost``."""
-    stream = LatencyStream()
-    for host in ("client", "lb", "server"):
-        stream.counts(host, at=0)
-    flow = Flow(stream, 40_000)
-    flow.handshake()
+    stream, flow = _counted_flow()
     start = stream.t
     flow.forward(24, flow.cseq, flow.sseq, 1024, "data", pt=flow.cseq)  # ACK | PSH
     if not reaches_server:
@@ -184,11 +179,7 @@ def test_a_first_copy_seen_reaching_the_server_arrived_unless_records_were_lost_
 
 
 def test_retransmission_is_unknown_when_lb_counters_show_loss():
-    stream = LatencyStream()
-    for host in ("client", "lb", "server"):
-        stream.counts(host, at=0)
-    flow = Flow(stream, 40_000)
-    flow.handshake()
+    stream, flow = _counted_flow()
     flow.exchange(100_000, lost_first=True, rto_ns=200 * MS)
     stream.counts("lb", lost=3, at=stream.t + 1_000 * MS)
     for host in ("client", "server"):

@@ -97,17 +97,10 @@ def _link_kind(kind: int):
     return 14 if kind == ARPHRD_ETHER else (0 if kind in L3_LINK_TYPES else None)
 
 
-def discover_links(ipr=None) -> list:
+def discover_links() -> list:
     """[(ifindex, name, l2 header length or None when unsupported)] excluding loopback,
-    from `ipr` (a pyroute2 IPRoute) when given, else from an rtnetlink dump."""
+    from an rtnetlink dump."""
     links = []
-    if ipr is not None:
-        for link in ipr.get_links():
-            if link["ifi_type"] != ARPHRD_LOOPBACK:
-                links.append(
-                    (link["index"], link.get_attr("IFLA_IFNAME"), _link_kind(link["ifi_type"]))
-                )
-        return links
     for payload in netlink_dump(RTM_GETLINK, IFINFOMSG.pack(0, 0, 0, 0, 0)):
         _family, kind, index, _flags, _change = IFINFOMSG.unpack_from(payload, 0)
         if kind == ARPHRD_LOOPBACK:
@@ -117,18 +110,12 @@ def discover_links(ipr=None) -> list:
     return links
 
 
-def discover_addrs(ipr=None) -> list:
-    """This namespace's non-loopback addresses (pyroute2 when given, else an rtnetlink
-    dump, else `ip -j addr`)."""
-    found = []
-    if ipr is not None:
-        for msg in ipr.get_addr():
-            found.append(msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS"))
-    else:
-        try:
-            found = _rtnl_addrs()
-        except OSError:
-            found = _ip_addrs()
+def discover_addrs() -> list:
+    """This namespace's non-loopback addresses (an rtnetlink dump, else `ip -j addr`)."""
+    try:
+        found = _rtnl_addrs()
+    except OSError:
+        found = _ip_addrs()
     addrs = []
     for text in found:
         try:
