@@ -42,7 +42,9 @@ BENCHMARKS: dict[str, tuple[Callable[..., Section], Callable[..., Section]]] = {
     ),
     "pipeline": (
         lambda: pipeline.run(records_per_host=200_000, rounds=3, trace_connections=2000),
-        lambda: pipeline.run(records_per_host=5_000, rounds=1, slow_s=0.5, lone=20),
+        lambda: pipeline.run(
+            records_per_host=5_000, rounds=1, slow_s=0.5, lone=20, trace_connections=30
+        ),
     ),
     "datapath": (
         lambda against=None: datapath.run(rounds=7, connections=2000, bulk_s=3, against=against),

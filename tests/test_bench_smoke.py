@@ -39,12 +39,23 @@ def test_quick_fanout_and_pipeline_on_a_real_fleet(tmp_path):
     require_root_tools("/usr/sbin/sshd", "ssh")
     require(shutil.which("clush") is not None, "needs clush (clustershell)")
     require(shutil.which("parallel-ssh") is not None, "needs parallel-ssh (pssh)")
+    require_root_tools("ip", "nft")  # the pipeline's trace runs in a lab
     out = tmp_path / "bench.md"
     assert main(["--quick", "--only", "fanout,pipeline", "--out", str(out)]) == 0
     text = out.read_text()
     for tool in ("ebpfdiag", "clush", "pssh"):
         assert f"| 5 | {tool} | 1/1 |" in text, text
     assert "| records lost | 0 | 0 | yes |" in text, text
+    # what users run: print-per-line next to batched, a lone line's delay, and a tracer
+    # (trace tcp-rst --all-flows under short connections, its decode cost per record)
+    for row in ("| batched, file | 2/2 |", "| per-line, file | 2/2 |",
+                "| lone line every 20 ms, reader stamps | 1/1 |",
+                "| trace tcp-rst --all-flows, 30 short connections | 1/1 |",
+                "| trace tcp-rst: decoding alone"):  # fmt: skip
+        assert row in text, (row, text)
+    for target in ("per-line / batched records/s", "controller CPU per record, per-line",
+                   "lone line print -> controller stdout, p99"):  # fmt: skip
+        assert f"| {target}" in text, (target, text)
 
 
 @pytest.mark.root
