@@ -147,13 +147,33 @@ def _servers(state) -> list[subprocess.Popen]:
     return procs
 
 
-def _tc_prog_stats() -> tuple[int, int]:
-    """(run time ns, runs) summed over the tracer's TC programs, from the kernel's bpf_stats."""
+def _prog_stats() -> dict[str, tuple[int, int]]:
+    """Program name -> (run time ns, runs) summed over the loaded ``ebd_*`` programs (one
+    per host and name), from the kernel's bpf_stats."""
     out = subprocess.run(
         ["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True
     ).stdout
-    progs = [p for p in json.loads(out) if p.get("name", "").startswith("ebd_tc_")]
-    return sum(p.get("run_time_ns", 0) for p in progs), sum(p.get("run_cnt", 0) for p in progs)
+    stats: dict[str, tuple[int, int]] = {}
+    for p in json.loads(out):
+        name = p.get("name", "")
+        if name.startswith("ebd_"):
+            ns, runs = stats.get(name, (0, 0))
+            stats[name] = (ns + p.get("run_time_ns", 0), runs + p.get("run_cnt", 0))
+    return stats
+
+
+def _split(before: dict, after: dict) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((ns, runs) of the TC programs, (ns, runs) of the others) between two _prog_stats."""
+    sums = {True: [0, 0], False: [0, 0]}
+    for name, (ns, runs) in after.items():
+        ns0, runs0 = before.get(name, (0, 0))
+        sums[name.startswith("ebd_tc_")][0] += ns - ns0
+        sums[name.startswith("ebd_tc_")][1] += runs - runs0
+    return tuple(sums[True]), tuple(sums[False])
+
+
+def _cost(ns: int, runs: int, per: float, unit: str) -> str:
+    return f"{runs / per:,.0f} runs{unit} at {ns / max(runs, 1):.0f} ns"
 
 
 def _profile(state, conds, connections: int, bulk_s: float) -> list[str]:
@@ -170,36 +190,35 @@ def _profile(state, conds, connections: int, bulk_s: float) -> list[str]:
             tracer = tracer_for(state, cond, ports, build)
             tracer.start()
             try:
-                t0, n0 = _tc_prog_stats()
+                s0 = _prog_stats()
                 gbit = _bulk(state, bulk_s)
-                t1, n1 = _tc_prog_stats()
+                s1 = _prog_stats()
                 rate = _short(state, connections)
-                t2, n2 = _tc_prog_stats()
+                s2 = _prog_stats()
             finally:
                 tracer.stop()
-            bulk_ns, bulk_runs = t1 - t0, max(n1 - n0, 1)
-            short_ns, short_runs = t2 - t1, max(n2 - n1, 1)
-            lines.append(
-                f"{cond}: bulk {gbit:.1f} Gbit/s, {bulk_runs / bulk_s:,.0f} program runs/s at "
-                f"{bulk_ns / bulk_runs:.0f} ns each = {bulk_ns / bulk_s / 1e7:.1f}% of one core; "
-                f"short {rate:,.0f} conn/s, {short_runs / connections:.0f} runs per connection "
-                f"at {short_ns / short_runs:.0f} ns = {short_ns / connections / 1e3:.1f} us "
-                "per connection"
+            (bulk_ns, bulk_runs), (bulk_tp_ns, bulk_tp) = _split(s0, s1)
+            (short_ns, short_runs), (short_tp_ns, short_tp) = _split(s1, s2)
+            line = (
+                f"{cond}: bulk {gbit:.1f} Gbit/s, TC {_cost(bulk_ns, bulk_runs, bulk_s, '/s')}"
+                f" = {bulk_ns / bulk_s / 1e7:.1f}% of one core"
             )
+            if bulk_tp:
+                line += (f", tracepoints {_cost(bulk_tp_ns, bulk_tp, bulk_s, '/s')} = "
+                         f"{bulk_tp_ns / bulk_s / 1e7:.1f}%")  # fmt: skip
+            line += (
+                f"; short {rate:,.0f} conn/s, TC {_cost(short_ns, short_runs, connections, '')}"
+                f" per connection = {short_ns / connections / 1e3:.1f} us"
+            )
+            if short_tp:
+                line += (f", tracepoints {_cost(short_tp_ns, short_tp, connections, '')} = "
+                         f"{short_tp_ns / connections / 1e3:.1f} us")  # fmt: skip
+            lines.append(line + " per connection")
         lines += _kfree_skb_cost(state)
     finally:
         with open(stats, "w") as f:
             f.write(before)
     return lines
-
-
-def _prog_stats(name: str) -> tuple[int, int]:
-    """(run time ns, runs) summed over loaded programs named ``name`` (bpf_stats on)."""
-    out = subprocess.run(
-        ["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True
-    ).stdout
-    progs = [p for p in json.loads(out) if p.get("name") == name]
-    return sum(p.get("run_time_ns", 0) for p in progs), sum(p.get("run_cnt", 0) for p in progs)
 
 
 def _kfree_skb_cost(state, seconds: float = 3.0) -> list[str]:
@@ -215,12 +234,12 @@ def _kfree_skb_cost(state, seconds: float = 3.0) -> list[str]:
             tracer = Tracer(state, ports, command="drop")
             tracer.start()
             try:
-                t0, n0 = _prog_stats("ebd_kfree_skb")
+                t0, n0 = _prog_stats().get("ebd_kfree_skb", (0, 0))
                 blast = ns_argv(state, "client", [SYSTEM_PYTHON, "-c", UDP_BLAST, state.vip,
                                                   str(DROP_UDP_PORT), f"{seconds:g}"])  # fmt: skip
                 sent = int(subprocess.run(blast, capture_output=True, text=True, check=True,
                                           timeout=seconds + 30).stdout)  # fmt: skip
-                t1, n1 = _prog_stats("ebd_kfree_skb")
+                t1, n1 = _prog_stats().get("ebd_kfree_skb", (0, 0))
             finally:
                 tracer.stop()
             calls = max(n1 - n0, 1)
@@ -321,7 +340,8 @@ def run(
         "goal are within that noise.",
         "In-kernel cost (kernel.bpf_stats_enabled, one extra traced run per condition after "
         "the timed rounds; the path crosses 5 interfaces, with a program on ingress and "
-        "egress of each):\n\n" + "\n".join(f"  - {line}" for line in profile),
+        "egress of each; 'tracepoints' are the tool's other programs, whose events every "
+        "host's program sees on the lab's one kernel):\n\n" + "\n".join(f"  - {line}" for line in profile),
     ]
     return section
 

@@ -88,12 +88,33 @@ def test_missing_tracepoints_are_named_and_left_out(tmp_path):
     proc = run_system("--ebpf", "--format-dir", str(tmp_path), "--addr", "198.18.0.1")
     assert proc.returncode == 0, proc.stderr
     assert "int ebd_tcp_probe(void *ctx)" in proc.stdout
-    assert "ebd_tcp_retransmit_skb" not in proc.stdout and "sock_tuple" not in proc.stdout
+    assert "ebd_tcp_retransmit_skb" not in proc.stdout and "sock_ports" not in proc.stdout
     assert "addr_wanted(t->family, t->saddr)" in proc.stdout
     assert "port_wanted(" not in proc.stdout.split("int ebd_tc_ingress")[0].split("on_packet")[1]
     lines = proc.stderr.splitlines()
     assert "tcp_latency: tcp_retransmit_skb: no tracepoint tcp:tcp_retransmit_skb here" in lines
     assert "tcp_latency: sock_recv_length: no tracepoint sock:sock_recv_length here" in lines
+
+
+def test_raw_tracepoints_only_where_the_kernel_and_btf_allow(monkeypatch):
+    """tcp_probe and sock_recv_length run raw on 4.17+ with the socket's BTF offsets, the
+    retransmit tracepoint never; otherwise the reason is kept (--tp-mode raw fails on it)."""
+    formats = {"tcp_probe": {}, "sock_recv_length": {}, "tcp_retransmit_skb": {}}
+    tuples = dict.fromkeys(tool.RECV_TUPLE_KEYS, 0)
+    fields = dict.fromkeys(tool.SOCK_FIELDS, 0)
+    monkeypatch.setattr(tool, "kernel_version", lambda: (6, 18))
+    both = (["sock_recv_length", "tcp_probe"], None)
+    assert tool.raw_choice("auto", formats, tuples, fields) == both
+    assert tool.raw_choice("raw", formats, tuples, fields) == both
+    assert tool.raw_choice("auto", {"tcp_probe": {}}, tuples, fields) == (["tcp_probe"], None)
+    assert tool.raw_choice("format", formats, tuples, fields) == ([], "--tp-mode format")
+    no_btf = ([], "no BTF offsets for the socket's fields")
+    assert tool.raw_choice("raw", formats, None, fields) == no_btf
+    assert tool.raw_choice("auto", formats, tuples, None) == no_btf
+    assert tool.sock_fields(None) == (None, "no BTF")
+    monkeypatch.setattr(tool, "kernel_version", lambda: (4, 14))
+    old = ([], "no raw tracepoints before Linux 4.17")
+    assert tool.raw_choice("auto", formats, tuples, fields) == old
 
 
 @pytest.mark.parametrize(
@@ -280,6 +301,7 @@ def test_kernel_c_and_python_mirror_choose_the_same_points(tmp_path, n, shift):
             "tracepoints": {},
             "offsets": None,
             "tuple_offsets": None,
+            "raw": [],
             "own_netns": 1,
             "missing": [],
         }  # fmt: skip

@@ -355,15 +355,17 @@ spec = importlib.util.spec_from_file_location("tcp_latency", sys.argv[1])
 m = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(m)
 args = m.parse_args(["--port", "80", "--addr", "198.18.128.1", "--sample", "8"])
-(offsets, _), (tuples, _) = m.btf_offsets()
-plan = m.make_plan(args, m.read_formats(sys.argv[2]), offsets, tuples)
+btf = m.load_btf()
+(offsets, _), (tuples, _) = m.btf_offsets(loaded=btf)
+fields = m.sock_fields(btf[0])[0] if sys.argv[4] == "raw" else None
+plan = m.make_plan(args, m.read_formats(sys.argv[2]), offsets, tuples, fields)
 plan["buffer"] = sys.argv[3]
 from bcc import BPF
 b = BPF(text=m.build_program(plan))
 loaded = []
 for probe in sorted(plan["tracepoints"]):
-    b.load_func("ebd_" + probe, BPF.TRACEPOINT)
-    loaded.append("ebd_" + probe)
+    b.load_func("ebd_" + probe, BPF.RAW_TRACEPOINT if probe in plan["raw"] else BPF.TRACEPOINT)
+    loaded.append(("raw " if probe in plan["raw"] else "") + "ebd_" + probe)
 for fn in ("ebd_tc_ingress", "ebd_tc_egress", "ebd_tc_in_l3", "ebd_tc_out_l3"):
     b.load_func(fn, BPF.SCHED_CLS)
     loaded.append(fn)
@@ -379,12 +381,30 @@ def test_generated_program_loads_for_recorded_kernels(version, buffer):
     takes every program, with ring buffers and with perf buffers (kernels before 5.8)."""
     require(os.geteuid() == 0, "needs root (BPF)")
     require(os.path.exists(SYSTEM_PYTHON), "needs the system python3")
-    proc = subprocess.run([SYSTEM_PYTHON, "-c", LOAD, str(SCRIPT), str(FORMATS / version),
-                           buffer], capture_output=True, text=True, timeout=300)  # fmt: skip
+    argv = [SYSTEM_PYTHON, "-c", LOAD, str(SCRIPT), str(FORMATS / version), buffer, "format"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     probes = sorted(p.name for p in (FORMATS / version).iterdir())
     assert json.loads(proc.stdout.splitlines()[-1]) == ["ebd_" + p for p in probes] + [
         "ebd_tc_ingress", "ebd_tc_egress", "ebd_tc_in_l3", "ebd_tc_out_l3"
+    ]  # fmt: skip
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("buffer", ["ringbuf", "perf"])
+def test_raw_tracepoint_programs_load(buffer):
+    """With this kernel's BTF, tcp_probe and sock_recv_length compile as raw tracepoint
+    programs (the kernel's arguments, no formatted record) and the verifier takes them,
+    with either buffer; the retransmit tracepoint keeps its format."""
+    require(os.geteuid() == 0, "needs root (BPF)")
+    require(os.path.exists(SYSTEM_PYTHON), "needs the system python3")
+    version = sorted(p.name for p in FORMATS.iterdir())[-1]
+    argv = [SYSTEM_PYTHON, "-c", LOAD, str(SCRIPT), str(FORMATS / version), buffer, "raw"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == [
+        "raw ebd_sock_recv_length", "raw ebd_tcp_probe", "ebd_tcp_retransmit_skb",
+        "ebd_tc_ingress", "ebd_tc_egress", "ebd_tc_in_l3", "ebd_tc_out_l3",
     ]  # fmt: skip
 
 
@@ -530,12 +550,16 @@ table inet eblx {
 
 
 @pytest.mark.root
-def test_a_dropped_packet_gives_retrans_and_tcp_probe_records(lab):
+@pytest.mark.parametrize("tp_mode, kind", [("raw", "raw_tracepoint"), ("format", "tracepoint")])
+def test_a_dropped_packet_gives_retrans_and_tcp_probe_records(lab, tp_mode, kind):
+    """The same records whether the socket tracepoints run raw (the kernel's arguments,
+    fields read through BTF) or on their formatted records."""
     port = 8403
     lab.exec("server", "sysctl", "-qw", "net.netfilter.nf_conntrack_acct=1")
     sh("ip", "netns", "exec", lab.ns["server"], "nft", "-f", "-", input=NFT_DROP_ONE % port)
     try:
-        runs = {h: run_on(lab, h, "--port", str(port), "--sample", "64", "--block-shift", "10")
+        runs = {h: run_on(lab, h, "--port", str(port), "--sample", "64", "--block-shift", "10",
+                          "--tp-mode", tp_mode)
                 for h in ("client", "server")}  # fmt: skip
         assert exchange(lab, port, 2_000_000, reqs=4, resp=100, pause=0.15) == 8_000_000
         stop_all(runs)
@@ -543,6 +567,10 @@ def test_a_dropped_packet_gives_retrans_and_tcp_probe_records(lab):
         assert re.search(r"counter packets 1 bytes", dropped), dropped
     finally:
         lab.exec("server", "nft", "delete", "table", "inet", "eblx", check=False)
+    attach = runs["client"].of("hello")[0]["attach"]
+    assert attach["tcp_probe"] == {"kind": kind, "tracepoint": "tcp:tcp_probe"}
+    assert attach["sock_recv_length"]["kind"] == kind
+    assert attach["tcp_retransmit_skb"]["kind"] == "tracepoint"
     retrans = runs["client"].of("retrans")
     assert retrans, runs["client"].records[-5:]
     r = retrans[0]

@@ -69,6 +69,7 @@ Parameters:
   --block-shift K         sequence blocks of 2**K bytes (default 16: 64 KiB)
   --duration SECONDS      stop after SECONDS (default 0: run until signalled)
   --tc-mode MODE          packet hook: auto (tcx if the kernel has it), tcx or clsact
+  --tp-mode MODE          socket tracepoints: auto (raw if kernel and BTF allow), raw or format
   --ebpf                  print the generated C program and exit (needs no root)
   --format-dir DIR        with --ebpf: read tracepoint format files from DIR
 Fields:
@@ -80,7 +81,8 @@ Fields:
   hello.netns           int    inode of this network namespace
   hello.addrs           list   this namespace's non-loopback addresses
   hello.interfaces      list   interfaces carrying the packet classifier
-  hello.attach          dict   per probe: kind (tracepoint, tcx-link, tc-clsact) and details
+  hello.attach          dict   per probe: kind (tracepoint, raw_tracepoint, tcx-link, tc-clsact)
+                               and details
   hello.missing         list   probes not attached: {probe, why}
   hello.filter          dict   {ports, addrs} as requested
   hello.nat_ports       list   [[P, Q], ...]: nftables DNAT sends TCP port P on as port Q
@@ -158,7 +160,7 @@ import sys
 import threading
 import time
 
-from core.btf import btf_offsets, c_netns_lookup
+from core.btf import btf_offsets, c_netns_lookup, load_btf
 from core.compile import bpf_compile
 from core.discovery import discover_addrs, discover_links, kernel_version, own_netns
 from core.events import C_LOST, RINGBUF_MIN_KERNEL, BufferCallbacks, Output, c_submit, now_ns
@@ -398,6 +400,15 @@ static __always_inline void unmap_v4(struct sock_event *e)
 	e->saddr[2] = e->saddr[3] = e->daddr[2] = e->daddr[3] = 0;
 }
 
+/* 1 when a record of this flow and kind went out less than RATE_NS ago. A busy flow's
+ * events end here, before the namespace reads and the marked lookup: rate_ok would refuse
+ * them anyway. */
+static __always_inline int rate_recent(__u64 key)
+{
+	__u64 *last = rate.lookup(&key);
+	return last && bpf_ktime_get_ns() - *last < RATE_NS;
+}
+
 /* One record per flow and kind per RATE_NS: 1 when this one may go */
 static __always_inline int rate_ok(__u64 key)
 {
@@ -507,7 +518,8 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir, __u32 off)
 	if (SAMPLE_N > 1) {   /* the tracepoints report this flow on this host from now on */
 		__u64 fk = flow_key(t->saddr, t->daddr, t->sport, t->dport);
 		__u8 one = 1;
-		marked.update(&fk, &one);
+		if (!marked.lookup(&fk))   /* an LRU update takes locks: only for a new flow */
+			marked.update(&fk, &one);
 	}
 	e.why = why;
 	e.ts = bpf_ktime_get_ns();
@@ -541,6 +553,7 @@ int ebd_tc_out_l3(struct __sk_buff *skb)
 
 C_SOCK_TUPLE = r"""
 #define OFF_SKC_FAMILY %(skc_family)d
+#define OFF_SKC_NUM %(skc_num)d
 #define OFF_INET_SPORT %(inet_sport)d
 #define OFF_SKC_DPORT %(skc_dport)d
 #define OFF_SKC_RCV_SADDR %(skc_rcv_saddr)d
@@ -548,30 +561,61 @@ C_SOCK_TUPLE = r"""
 #define OFF_SKC_V6_RCV_SADDR %(skc_v6_rcv_saddr)d
 #define OFF_SKC_V6_DADDR %(skc_v6_daddr)d
 
-/* A socket's own 4-tuple (local first), offsets from this kernel's BTF. */
-static __always_inline int sock_tuple(struct sock_event *e, __u64 sk)
+/* A socket's family and ports (local first), offsets from this kernel's BTF. Read apart
+ * from the addresses, so that a socket the port filter refuses costs three reads, all in
+ * sock_common's first cache line: the local port is skc_num (host order), and inet_sport,
+ * further away, only once skc_num is 0 (the port put back at close). */
+static __always_inline int sock_ports(struct sock_event *e, __u64 sk)
 {
 	__u16 family = 0, sport = 0, dport = 0;
 	if (bpf_probe_read_kernel(&family, sizeof(family), (void *)(sk + OFF_SKC_FAMILY)) ||
-		bpf_probe_read_kernel(&sport, sizeof(sport), (void *)(sk + OFF_INET_SPORT)) ||
+		bpf_probe_read_kernel(&sport, sizeof(sport), (void *)(sk + OFF_SKC_NUM)) ||
 		bpf_probe_read_kernel(&dport, sizeof(dport), (void *)(sk + OFF_SKC_DPORT)))
 		return 0;
-	if (family == 2) {
-		if (bpf_probe_read_kernel(e->saddr, 4, (void *)(sk + OFF_SKC_RCV_SADDR)) ||
-			bpf_probe_read_kernel(e->daddr, 4, (void *)(sk + OFF_SKC_DADDR)))
-			return 0;
-		e->family = 4;
-	} else if (family == 10) {
-		if (bpf_probe_read_kernel(e->saddr, 16, (void *)(sk + OFF_SKC_V6_RCV_SADDR)) ||
-			bpf_probe_read_kernel(e->daddr, 16, (void *)(sk + OFF_SKC_V6_DADDR)))
-			return 0;
-		e->family = 6;
-	} else {
+	if (family != 2 && family != 10)
 		return 0;
+	if (!sport) {
+		if (bpf_probe_read_kernel(&sport, sizeof(sport), (void *)(sk + OFF_INET_SPORT)))
+			return 0;
+		sport = EBD_HTONS(sport);
 	}
-	e->sport = EBD_HTONS(sport);
+	e->family = family == 2 ? 4 : 6;
+	e->sport = sport;
 	e->dport = EBD_HTONS(dport);
 	return 1;
+}
+
+/* Its addresses (local first), after sock_ports set the family. */
+static __always_inline int sock_addrs(struct sock_event *e, __u64 sk)
+{
+	if (e->family == 4)
+		return !bpf_probe_read_kernel(e->saddr, 4, (void *)(sk + OFF_SKC_RCV_SADDR)) &&
+			!bpf_probe_read_kernel(e->daddr, 4, (void *)(sk + OFF_SKC_DADDR));
+	return !bpf_probe_read_kernel(e->saddr, 16, (void *)(sk + OFF_SKC_V6_RCV_SADDR)) &&
+		!bpf_probe_read_kernel(e->daddr, 16, (void *)(sk + OFF_SKC_V6_DADDR));
+}
+"""
+
+#: raw tcp_probe: the tcp_sock fields the formatted record carries (srtt there is srtt_us
+#: >> 3, as here), offsets from BTF
+C_TCP_STATE = r"""
+#define OFF_TP_SRTT_US %(srtt_us)d
+#define OFF_TP_SND_CWND %(snd_cwnd)d
+#define OFF_TP_SND_WND %(snd_wnd)d
+#define OFF_TP_RCV_WND %(rcv_wnd)d
+#define OFF_TP_SND_UNA %(snd_una)d
+#define OFF_TP_SND_NXT %(snd_nxt)d
+
+static __always_inline void tcp_state(struct sock_event *e, __u64 sk)
+{
+	__u32 srtt = 0;
+	bpf_probe_read_kernel(&srtt, 4, (void *)(sk + OFF_TP_SRTT_US));
+	e->srtt_us = srtt >> 3;
+	bpf_probe_read_kernel(&e->snd_cwnd, 4, (void *)(sk + OFF_TP_SND_CWND));
+	bpf_probe_read_kernel(&e->snd_wnd, 4, (void *)(sk + OFF_TP_SND_WND));
+	bpf_probe_read_kernel(&e->rcv_wnd, 4, (void *)(sk + OFF_TP_RCV_WND));
+	bpf_probe_read_kernel(&e->snd_una, 4, (void *)(sk + OFF_TP_SND_UNA));
+	bpf_probe_read_kernel(&e->snd_nxt, 4, (void *)(sk + OFF_TP_SND_NXT));
 }
 """
 
@@ -636,36 +680,77 @@ def c_tp_addrs(fmt: dict) -> str:
     return "\n".join(lines)
 
 
+#: the socket tracepoints that can run as raw tracepoints: their arguments (TP_PROTO) in C
+RAW_ARGS = {
+    "tcp_probe": "\t__u64 sk = ctx->args[0];",
+    "sock_recv_length": "\t__u64 sk = ctx->args[0];\n"
+    "\tint ret = (int)ctx->args[1], flags = (int)ctx->args[2];",
+}
+
+
 def c_sock_probe(probe: str, fmt: dict, plan: dict) -> str:
-    """One tracepoint program: copy the record, filter (ports, addresses, namespace),
-    rate-limit (not retransmissions), emit a sock_event."""
+    """One tracepoint program: read the event (the formatted record, or on a raw
+    tracepoint the kernel's own arguments), filter (ports, then addresses, recent records,
+    namespace), rate-limit (not retransmissions), emit a sock_event. Cheapest first: most
+    events are other sockets' or a busy flow's, dropped before the namespace reads."""
+    raw = probe in plan["raw"]
     fields = field_map(fmt)
-    sname = "tp_" + probe
-    body = [c_tracepoint_struct(sname, fmt)]
-    body.append("int ebd_%s(void *ctx)\n{" % probe)
-    body.append("\tstruct %s rec = {};" % sname)
-    body.append("\tif (bpf_probe_read_kernel(&rec, sizeof(rec), ctx) != 0)\n\t\treturn 0;")
+    ports = c_filters(plan["ports"], [], "e.family", "e.saddr", "e.daddr", "e.sport",
+                      "e.dport", "return 0;")  # fmt: skip
+    addrs = c_filters([], plan["addrs"], "e.family", "e.saddr", "e.daddr", "e.sport",
+                      "e.dport", "return 0;")  # fmt: skip
+    body = []
+    if raw:
+        body.append("int ebd_%s(struct bpf_raw_tracepoint_args *ctx)\n{" % probe)
+        body.append(RAW_ARGS[probe])
+    else:
+        sname = "tp_" + probe
+        body.append(c_tracepoint_struct(sname, fmt))
+        body.append("int ebd_%s(void *ctx)\n{" % probe)
+        body.append("\tstruct %s rec = {};" % sname)
+        body.append("\tif (bpf_probe_read_kernel(&rec, sizeof(rec), ctx) != 0)\n\t\treturn 0;")
     body.append("\tstruct sock_event e = {};")
     body.append("\te.kind = %d;" % KIND_NUM[probe])
     body.append("\te.state = -1;")
     if probe == "sock_recv_length":
+        if raw:
+            body.append(
+                "\t__u16 protocol = 0;\n\tif (sk && ret > 0)\n"
+                "\t\tbpf_probe_read_kernel(&protocol, 2, (void *)(sk + %d));"
+                % plan["sock_fields"]["sk_protocol"]
+            )
+        else:
+            body.append("\t__u64 sk = rec.sk;\n\tint ret = rec.ret, flags = rec.flags, "
+                        "protocol = rec.protocol;")  # fmt: skip
+        sk = "sk"
         body.append(
-            "\tif (rec.protocol != 6 || rec.ret <= 0 || (rec.flags & 2))\n"
+            "\tif (protocol != 6 || ret <= 0 || (flags & 2))\n"
             "\t\treturn 0;               /* TCP reads of data only; MSG_PEEK is no read */"
         )
-        body.append("\tif (!rec.sk || !sock_tuple(&e, rec.sk))\n\t\treturn 0;")
-        body.append("\te.len = rec.ret;")
+        body.append("\tif (!sk || !sock_ports(&e, sk))\n\t\treturn 0;")
+        body.append(ports)
+        body.append("\tif (!sock_addrs(&e, sk))\n\t\treturn 0;")
+        body.append("\te.len = ret;")
+    elif raw:  # tcp_probe
+        sk = "sk"
+        body.append("\tif (!sk || !sock_ports(&e, sk))\n\t\treturn 0;")
+        body.append(ports)
+        body.append("\tif (!sock_addrs(&e, sk))\n\t\treturn 0;")
     else:
+        sk = "rec.sk" if "sk" in fields else ("rec.skaddr" if "skaddr" in fields else None)
         body.append(c_tp_addrs(fmt))
+        body.append(ports)
     body.append("\tunmap_v4(&e);")
-    body.append(
-        c_filters(plan["ports"], plan["addrs"], "e.family", "e.saddr", "e.daddr",
-                  "e.sport", "e.dport", "return 0;")
-    )  # fmt: skip
-    sk = "rec.sk" if "sk" in fields else ("rec.skaddr" if "skaddr" in fields else None)
-    skb = "rec.skbaddr" if "skbaddr" in fields else None
+    body.append(addrs)
+    rated = probe != "tcp_retransmit_skb"
+    if rated:
+        body.append(
+            "\t__u64 rk = tuple_hash(e.saddr, e.daddr, e.sport, e.dport, %d);\n"
+            "\tif (rate_recent(rk))\n\t\treturn 0;" % KIND_NUM[probe]
+        )
+    skb = "rec.skbaddr" if not raw and "skbaddr" in fields else None
     body.append(c_netns_lookup(plan["offsets"], sk, skb))
-    if probe == "tcp_probe":
+    if probe == "tcp_probe" and not raw:
         for name, member in (
             ("srtt", "srtt_us"),
             ("snd_cwnd", "snd_cwnd"),
@@ -678,16 +763,15 @@ def c_sock_probe(probe: str, fmt: dict, plan: dict) -> str:
                 body.append("\te.%s = rec.%s;" % (member, name))
     if "state" in fields:
         body.append("\te.state = rec.state;")
-    if probe != "tcp_retransmit_skb":
+    if rated:
         body.append(
             "\tif (SAMPLE_N > 1) {   /* only flows with a kept packet on this host */\n"
             "\t\t__u64 fk = flow_key(e.saddr, e.daddr, e.sport, e.dport);\n"
             "\t\tif (!marked.lookup(&fk))\n\t\t\treturn 0;\n\t}"
         )
-        body.append(
-            "\tif (!rate_ok(tuple_hash(e.saddr, e.daddr, e.sport, e.dport, %d)))\n"
-            "\t\treturn 0;" % KIND_NUM[probe]
-        )
+        body.append("\tif (!rate_ok(rk))\n\t\treturn 0;")
+    if probe == "tcp_probe" and raw:
+        body.append("\ttcp_state(&e, sk);   /* read only for a record that goes out */")
     body.append("\te.ts = bpf_ktime_get_ns();")
     body.append("\t" + submit(plan["buffer"], "sock_events", "ctx", "&e", 1))
     body.append("\treturn 0;\n}\n")
@@ -722,8 +806,10 @@ def build_program(plan: dict) -> str:
     parts.append(
         C_TC % {"filters": filters, "submit": submit(plan["buffer"], "pkt_events", "skb", "&e", 0)}
     )
-    if "sock_recv_length" in plan["tracepoints"]:
+    if "sock_recv_length" in plan["tracepoints"] or plan["raw"]:
         parts.append(C_SOCK_TUPLE % plan["tuple_offsets"])
+    if "tcp_probe" in plan["raw"]:
+        parts.append(C_TCP_STATE % plan["sock_fields"])
     for probe, fmt in sorted(plan["tracepoints"].items()):
         parts.append(c_sock_probe(probe, fmt, plan))
     return "\n".join(parts)
@@ -820,7 +906,7 @@ def decode_sock(raw: bytes, state_names: dict) -> dict:
 # --------------------------------------------------------------------------------------
 
 
-RECV_TUPLE_KEYS = ("skc_family", "inet_sport", "skc_dport", "skc_rcv_saddr", "skc_daddr",
+RECV_TUPLE_KEYS = ("skc_family", "skc_num", "inet_sport", "skc_dport", "skc_rcv_saddr", "skc_daddr",
                    "skc_v6_rcv_saddr", "skc_v6_daddr")  # fmt: skip
 
 
@@ -831,8 +917,46 @@ def recv_offsets(tuples):
     return dict((k, tuples[k]) for k in RECV_TUPLE_KEYS)
 
 
-def make_plan(args, formats: dict, offsets, tuples) -> dict:
-    """Everything the C program and the attach step depend on, decided up front."""
+#: raw tracepoints (bpf_raw_tracepoint_open) came with Linux 4.17
+RAW_TP_MIN_KERNEL = (4, 17)
+#: what the raw programs read from the socket besides its 4-tuple: name -> (struct, size)
+SOCK_FIELDS = {
+    "srtt_us": ("tcp_sock", 4),
+    "snd_cwnd": ("tcp_sock", 4),
+    "snd_wnd": ("tcp_sock", 4),
+    "rcv_wnd": ("tcp_sock", 4),
+    "snd_una": ("tcp_sock", 4),
+    "snd_nxt": ("tcp_sock", 4),
+    "sk_protocol": ("sock", 2),
+}
+
+
+def sock_fields(btf):
+    """(SOCK_FIELDS' offsets, None) from a loaded Btf, or (None, why)."""
+    if btf is None:
+        return None, "no BTF"
+    try:
+        return dict((k, btf.field(st, (k,), size)) for k, (st, size) in SOCK_FIELDS.items()), None
+    except (KeyError, IndexError, TypeError, struct.error) as exc:
+        return None, "no BTF offsets (%s)" % exc
+
+
+def raw_choice(mode: str, formats: dict, tuple_offsets, fields):
+    """(probes to run as raw tracepoints, why the others are not). A raw tracepoint hands
+    the program the kernel's arguments: the kernel builds no formatted record per event
+    (tcp_probe fires for every segment a socket receives) and the program copies none."""
+    if mode == "format":
+        return [], "--tp-mode format"
+    if kernel_version() < RAW_TP_MIN_KERNEL:
+        return [], "no raw tracepoints before Linux 4.17"
+    if tuple_offsets is None or fields is None:
+        return [], "no BTF offsets for the socket's fields"
+    return sorted(p for p in RAW_ARGS if p in formats), None
+
+
+def make_plan(args, formats: dict, offsets, tuples, fields=None) -> dict:
+    """Everything the C program and the attach step depend on, decided up front.
+    `fields`: SOCK_FIELDS' offsets (None: the socket tracepoints keep their formats)."""
     missing = []
     formats = dict(formats)
     for probe, category in sorted(SOCK_PROBES.items()):
@@ -845,6 +969,7 @@ def make_plan(args, formats: dict, offsets, tuples) -> dict:
             {"probe": "sock_recv_length", "why": "no BTF offsets for the socket's 4-tuple"}
         )
     ringbuf = kernel_version() >= RINGBUF_MIN_KERNEL
+    raw, raw_why = raw_choice(args.tp_mode, formats, tuple_offsets, fields)
     return {
         "sample": args.sample,
         "block_shift": args.block_shift,
@@ -854,6 +979,9 @@ def make_plan(args, formats: dict, offsets, tuples) -> dict:
         "tracepoints": formats,
         "offsets": offsets,
         "tuple_offsets": tuple_offsets,
+        "sock_fields": fields,
+        "raw": raw,
+        "raw_why": raw_why,
         "own_netns": own_netns(),
         "missing": missing,
     }
@@ -901,8 +1029,12 @@ class Session(BufferCallbacks):
         self.BPF = BPF
         times.done("import")
         self.addrs = discover_addrs()
-        (offsets, offsets_why), (tuples, _) = btf_offsets()
-        self.plan = make_plan(self.args, read_formats(None), offsets, tuples)
+        btf = load_btf()
+        (offsets, offsets_why), (tuples, _) = btf_offsets(loaded=btf)
+        fields, _ = sock_fields(btf[0])
+        self.plan = make_plan(self.args, read_formats(None), offsets, tuples, fields)
+        if self.args.tp_mode == "raw" and self.plan["raw_why"]:
+            raise SetupError("--tp-mode raw: %s" % self.plan["raw_why"])
         if offsets_why:
             self.plan["missing"].append({"probe": "btf:netns", "why": offsets_why})
         retrans = self.plan["tracepoints"].get("tcp_retransmit_skb")
@@ -926,12 +1058,17 @@ class Session(BufferCallbacks):
     def _attach_tracepoints(self) -> None:
         for probe in sorted(self.plan["tracepoints"]):
             tp = "%s:%s" % (SOCK_PROBES[probe], probe)
+            raw = probe in self.plan["raw"]
             try:
-                self.bpf.attach_tracepoint(tp=tp, fn_name="ebd_" + probe)
+                if raw:
+                    self.bpf.attach_raw_tracepoint(tp=probe, fn_name="ebd_" + probe)
+                else:
+                    self.bpf.attach_tracepoint(tp=tp, fn_name="ebd_" + probe)
             except Exception as exc:
                 self.plan["missing"].append({"probe": probe, "why": str(exc)})
                 continue
-            self.attach[probe] = {"kind": "tracepoint", "tracepoint": tp}
+            self.attach[probe] = {"kind": "raw_tracepoint" if raw else "tracepoint",
+                                  "tracepoint": tp}  # fmt: skip
 
     def _attach_tc(self) -> None:
         links = discover_links()
@@ -1138,6 +1275,9 @@ PARAMS = [
     {"name": "tc-mode", "type": "choice", "choices": ["auto", "tcx", "clsact"],
      "default": "auto", "metavar": "MODE",
      "help": "packet hook: auto (tcx if the kernel has it), tcx or clsact"},
+    {"name": "tp-mode", "type": "choice", "choices": ["auto", "raw", "format"],
+     "default": "auto", "metavar": "MODE",
+     "help": "socket tracepoints: auto (raw if kernel and BTF allow), raw or format"},
     {"name": "ebpf", "type": "flag", "local": True,
      "help": "print the generated C program and exit (needs no root)"},
     {"name": "format-dir", "type": "path", "local": True, "metavar": "DIR",
@@ -1153,11 +1293,14 @@ def parse_args(argv):
 def print_ebpf(args, out) -> int:
     """The C for this kernel (or for recorded formats, with placeholder BTF offsets)."""
     formats = read_formats(args.format_dir)
+    fields = None  # recorded formats are another kernel's: their records, not raw arguments
     if args.format_dir:
         offsets, tuples = None, dict((k, 0) for k in RECV_TUPLE_KEYS)
     else:
-        (offsets, _), (tuples, _) = btf_offsets()
-    plan = make_plan(args, formats, offsets, tuples)
+        btf = load_btf()
+        (offsets, _), (tuples, _) = btf_offsets(loaded=btf)
+        fields, _ = sock_fields(btf[0])
+    plan = make_plan(args, formats, offsets, tuples, fields)
     out.write(build_program(plan) + "\n")
     for item in plan["missing"]:
         sys.stderr.write("%s: %s: %s\n" % (SCRIPT, item["probe"], item["why"]))

@@ -78,6 +78,7 @@ TUPLE_PATHS = {
     "skc_family": ("sock_common", ("skc_family",), 2),
     "skc_state": ("sock_common", ("skc_state",), 1),
     "inet_sport": ("inet_sock", ("inet_sport",), 2),
+    "skc_num": ("sock_common", ("skc_num",), 2),
     "skc_dport": ("sock_common", ("skc_dport",), 2),
     "skc_rcv_saddr": ("sock_common", ("skc_rcv_saddr",), 4),
     "skc_daddr": ("sock_common", ("skc_daddr",), 4),
