@@ -28,6 +28,8 @@ import bisect
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import pairwise
+from operator import attrgetter
 from typing import Any
 
 from ebpfdiag.clock import FLAG_ERROR_NS, Alignment, ClockEstimate, pair_bounds
@@ -51,10 +53,8 @@ CULPRIT_SHARE = 0.5
 _NEAR = 1 << 30
 """Sequence numbers of one byte stream this close (either way) belong together."""
 
-
-def _within(point: int, s: Sighting) -> bool:
-    """Is sequence number ``point`` inside the sighting's payload (mod 2**32)?"""
-    return (point - s.seq) % SEQ_SPACE < s.length
+_TOTAL_NS = attrgetter("total_ns")
+"""Sort key of exchanges (a C call: there is one exchange per sampled request)."""
 
 
 def percentile(values: list[int], q: float) -> int:
@@ -282,7 +282,7 @@ class _Seen:
     """One transmission of a point along its path: per host the entry and exit (host
     clock), and where it was seen last."""
 
-    __slots__ = ("hosts", "entry", "exit", "last", "occ")
+    __slots__ = ("hosts", "entry", "exit", "occ", "sightings")
 
     def __init__(self, sightings: list[Sighting], offsets: Mapping[str, int]) -> None:
         # hosts in causal order, as ``trace.flows`` orders a path: where the packet first
@@ -291,43 +291,60 @@ class _Seen:
         entry: dict[str, int] = {}
         exit_: dict[str, int] = {}
         first: dict[str, Sighting] = {}
-        latest: dict[str, Sighting] = {}
         for s in sightings:
             h, t = s.host, s.ts_ns
             if s.dir == "ingress":
-                if t < entry.get(h, t + 1):
+                old = entry.get(h)
+                if old is None or t < old:
                     entry[h] = t
-            elif t > exit_.get(h, t - 1):
-                exit_[h] = t
-            if h not in first or t < first[h].ts_ns:
+            else:
+                old = exit_.get(h)
+                if old is None or t > old:
+                    exit_[h] = t
+            f = first.get(h)
+            if f is None or t < f.ts_ns:
                 first[h] = s
-            if h not in latest or t >= latest[h].ts_ns:
-                latest[h] = s
 
         if len(first) > 1:
-            ranked = sorted(
+            ranked = [
                 (0 if f.dir == "egress" else 1 if h in exit_ else 2, f.ts_ns + offsets[h], h)
                 for h, f in first.items()
-            )
+            ]
+            ranked.sort()
             self.hosts = [h for _, _, h in ranked]
         else:
             self.hosts = list(first)
         self.entry, self.exit = entry, exit_
-        self.last = latest[self.hosts[-1]]
         self.occ = sightings[0].occ
+        self.sightings = sightings
 
     @property
     def sender(self) -> str:
         return self.hosts[0]
 
+    @property
+    def last(self) -> Sighting:
+        """The latest sighting on the last host (the last of equal times); only a lost
+        copy needs it, so it is found on demand."""
+        host = self.hosts[-1]
+        last = None
+        for s in self.sightings:
+            if s.host == host and (last is None or s.ts_ns >= last.ts_ns):
+                last = s
+        assert last is not None
+        return last
+
     def points(self) -> list[tuple[str, str, int]]:
         """(host, "in"|"out", ts_ns) in path order."""
         out = []
+        entry, exit_ = self.entry, self.exit
         for h in self.hosts:
-            if h in self.entry:
-                out.append((h, "in", self.entry[h]))
-            if h in self.exit and (h not in self.entry or self.exit[h] >= self.entry[h]):
-                out.append((h, "out", self.exit[h]))
+            t_in = entry.get(h)
+            if t_in is not None:
+                out.append((h, "in", t_in))
+            t_out = exit_.get(h)
+            if t_out is not None and (t_in is None or t_out >= t_in):
+                out.append((h, "out", t_out))
         return out
 
 
@@ -415,6 +432,33 @@ def _ends(rec: Mapping[str, Any]) -> tuple:
     return _norm_ends((rec["saddr"], rec["sport"], rec["daddr"], rec["dport"]))
 
 
+def _requested(
+    points: list[int], responses: Mapping[int, tuple], seq: int, length: int, ack: int
+) -> list[int]:
+    """The answered points (sorted) that the data [seq, seq+length) acknowledging ``ack``
+    requests: it holds them and flows the other way (its ack near each response's seq and
+    its seq near that response's ack)."""
+    n, hi, near = len(points), seq + length, _NEAR
+    i = bisect.bisect_left(points, seq)
+    found = []
+    while i < n and points[i] < hi:
+        found.append(points[i])
+        i += 1
+    if hi > SEQ_SPACE:  # the range wraps past 2**32
+        i, wrap = 0, hi - SEQ_SPACE
+        while i < n and points[i] < wrap:
+            found.append(points[i])
+            i += 1
+    out = []
+    for c in found:
+        first = responses[c][2]
+        if (ack - first.seq + near) % SEQ_SPACE < 2 * near and (
+            seq - first.ack + near
+        ) % SEQ_SPACE < 2 * near:
+            out.append(c)
+    return out
+
+
 class _Rules:
     """Exchanges of one stream: requests, responses, segments, retransmissions."""
 
@@ -482,8 +526,12 @@ class _Rules:
         offsets = self.offsets
         for occ in answered:
             members = by_occ[occ]
-            marked = [s for s in members if s.apt is not None]
-            apts = {s.apt for s in marked}
+            marked = []
+            apts = set()
+            for s in members:
+                if s.apt is not None:
+                    marked.append(s)
+                    apts.add(s.apt)
             if implied is not None and occ == implied[0]:
                 c = implied[1]
                 marked = [s for s in members if s.seq == implied[2]]  # its first bytes
@@ -505,29 +553,17 @@ class _Rules:
         if not responses:
             return
         points = sorted(responses)
-        n = len(points)
         requests: dict[int, list[Sighting]] = defaultdict(list)
-        near = _NEAR
-        for s in data:  # once per data sighting: which answered points does it hold?
-            lo = s.seq
-            hi = lo + s.length
-            i = bisect.bisect_left(points, lo)
-            found = []
-            while i < n and points[i] < hi:
-                found.append(points[i])
-                i += 1
-            if hi > SEQ_SPACE:  # the range wraps past 2**32
-                i, wrap = 0, hi - SEQ_SPACE
-                while i < n and points[i] < wrap:
-                    found.append(points[i])
-                    i += 1
+        # the copies of one packet along its path share seq, length and ack: the points
+        # they request are looked up once per packet, not once per sighting
+        held: dict[tuple[int, int, int], list[int]] = {}
+        for s in data:
+            key = (s.seq, s.length, s.ack)
+            found = held.get(key)
+            if found is None:
+                found = held[key] = _requested(points, responses, s.seq, s.length, s.ack)
             for c in found:
-                first = responses[c][2]
-                # the other direction: its acks are near the response's seq and vice versa
-                if (s.ack - first.seq + near) % SEQ_SPACE < 2 * near and (
-                    s.seq - first.ack + near
-                ) % SEQ_SPACE < 2 * near:
-                    requests[c].append(s)
+                requests[c].append(s)
         for c, reqs in requests.items():
             ex = self._exchange(root, c, reqs, *responses[c][:3], initiator)
             if ex is not None:
@@ -545,7 +581,7 @@ class _Rules:
     ) -> Exchange | None:
         offsets = self.offsets
         s0 = first.seq
-        held = [s for s in resp_members if _within(s0, s)]
+        held = [s for s in resp_members if (s0 - s.seq) % SEQ_SPACE < s.length]  # holds s0
         if not held:  # a record with a negative length, say: nothing to time
             return None
         response = _Seen(held, offsets)
@@ -558,14 +594,20 @@ class _Rules:
         by_occ: dict[int, list[Sighting]] = defaultdict(list)
         for s in reqs:
             by_occ[s.occ].append(s)
-        copies = [_Seen(m, offsets) for m in by_occ.values()]
-        copies = [cp for cp in copies if sender in cp.exit]
+        copies = []
+        for m in by_occ.values():
+            cp = _Seen(m, offsets)
+            if sender in cp.exit:
+                copies.append(cp)
         if not copies:
             return None
-        copies.sort(key=lambda cp: cp.exit[sender])
-        answered = [cp for cp in copies if cp.hosts[-1] == response.sender]
-        final = answered[-1] if answered else copies[-1]
+        if len(copies) > 1:
+            copies.sort(key=lambda cp: cp.exit[sender])
         answerer = response.sender
+        final = copies[-1]  # the last copy that reached the answerer, else the last one
+        for cp in copies:
+            if cp.hosts[-1] == answerer:
+                final = cp
         start = copies[0].exit[sender]
         total = response.entry[sender] - start
         if total < 0:
@@ -584,7 +626,8 @@ class _Rules:
             if got is not None:
                 queue, app = got - t_in, t_out - got
         parts += self._parts(response.points(), "response")
-        occs = {cp.occ for cp in copies} | {resp_occ}
+        occs = {cp.occ for cp in copies}
+        occs.add(resp_occ)
         ex = Exchange(root, sender, answerer, c, start + offsets[sender], total, parts,
                       len(copies), occs, queue, app)  # fmt: skip
         if len(copies) > 1:
@@ -647,7 +690,7 @@ class _Rules:
         """Consecutive points of one path -> its segments (a host's residence, or the way
         between two hosts, whatever untraced hops lie there)."""
         parts = []
-        for (ha, _, ta), (hb, _, tb) in zip(points, points[1:], strict=False):
+        for (ha, _, ta), (hb, _, tb) in pairwise(points):
             if ha == hb:
                 parts.append(Part("host", phase, ha, ha, tb - ta))
             else:
@@ -732,8 +775,11 @@ def _stats(exchanges: list[Exchange], handshakes: Mapping) -> list[SegmentStats]
     for ex in exchanges:
         d = ex.direction
         key = (d, "total", "total", ex.sender, ex.answerer)
-        groups.setdefault(key, SegmentStats(d, "total", "total", ex.sender, ex.answerer, [],
-                                            None)).values.append(ex.total_ns)  # fmt: skip
+        stat = groups.get(key)
+        if stat is None:
+            stat = groups[key] = SegmentStats(d, "total", "total", ex.sender, ex.answerer, [],
+                                              None)  # fmt: skip
+        stat.values.append(ex.total_ns)
         for p in ex.parts:
             key = (d, p.kind, p.phase, p.src, p.dst)
             stat = groups.get(key)
@@ -797,7 +843,7 @@ def _verdict(
 ) -> DirectionVerdict:
     """Where the p99 exchange of one direction spent its time (parts clock-free)."""
     missing: list[str] = []
-    exs = sorted(exs, key=lambda e: e.total_ns)
+    exs = sorted(exs, key=_TOTAL_NS)
     ex = exs[percentile(list(range(len(exs))), 0.99)]
     parts: dict[str, int] = defaultdict(int)
     names: list[str] = []
@@ -949,7 +995,7 @@ def _correlate(
             "clock-unbounded",
             f"no packets both ways bound the clocks of {pairs}: their wire figures use the "
             "SSH estimates", hosts=sorted({h for p in unbounded for h in p})))  # fmt: skip
-    ranked = sorted(exchanges, key=lambda e: -e.total_ns)[:slowest]
+    ranked = sorted(exchanges, key=_TOTAL_NS, reverse=True)[:slowest]  # ties keep their order
     flows = []
     for ex in ranked:
         ex.text = _describe(ex, prepared.clocks)

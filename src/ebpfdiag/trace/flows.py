@@ -17,6 +17,7 @@ import gc
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Protocol
 
 from ebpfdiag.clock import (
@@ -44,6 +45,9 @@ MISSING_CLOCK_ERROR_NS = 10**15
 """Error bound given to a host without any clock estimate: it constrains nothing."""
 
 Tuple4 = tuple[str, int, str, int]
+
+_TS_NS = attrgetter("ts_ns")
+"""Sort key of sightings in their host's own clock (a C call, not a Python frame)."""
 
 
 def ms(delta_ns: int) -> float:
@@ -291,12 +295,14 @@ class Connections:
         self._starts: dict[tuple, list[tuple[int, int]]] = {}
         self._variants: dict[tuple[int, int], int] = {}
         self._moved: dict[int, list[Sighting]] = defaultdict(list)
+        self._relocated = False
         by_tuple: dict[tuple, list[Sighting]] = defaultdict(list)
         for s in recorded.sightings:  # _norm, inlined: this runs once per sighting
-            if (s.saddr, s.sport) <= (s.daddr, s.dport):
-                by_tuple[(s.host, s.saddr, s.sport, s.daddr, s.dport)].append(s)
+            saddr, daddr = s.saddr, s.daddr
+            if saddr < daddr or saddr == daddr and s.sport <= s.dport:
+                by_tuple[(s.host, saddr, s.sport, daddr, s.dport)].append(s)
             else:
-                by_tuple[(s.host, s.daddr, s.dport, s.saddr, s.sport)].append(s)
+                by_tuple[(s.host, daddr, s.dport, saddr, s.sport)].append(s)
         for key, seen in by_tuple.items():
             self._split(key, seen)
         self._by_tuple = by_tuple
@@ -335,10 +341,12 @@ class Connections:
                     if isn[s.node][0] is None:
                         self._moved[s.node].append(s)
                     s.node = self._variant(s.node, chosen)
-        first = members[0].node
+                    self._relocated = True
+        parent = self.parent
+        root = self.find(members[0].node)
         for s in members:
-            if s.node != first:
-                self.union(first, s.node)
+            if parent[s.node] != root:  # else joined already (the common case)
+                root = self.union(root, s.node)
 
     def _variant(self, node: int, initiator_isn: int) -> int:
         key = (node, initiator_isn)
@@ -351,9 +359,12 @@ class Connections:
     def regroup(self) -> None:
         """Sightings per node again, after :meth:`join` moved some. The rest of a node
         without a SYN of its own follows its nearest moved sighting (in that host's own
-        clock): nothing says it belongs to another connection."""
+        clock): nothing says it belongs to another connection. When nothing moved, the
+        lists :meth:`_split` made are already these."""
+        if not self._relocated:
+            return
         for node, moved in self._moved.items():
-            moved.sort(key=lambda s: s.ts_ns)
+            moved.sort(key=_TS_NS)
             times = [s.ts_ns for s in moved]
             for s in self.sightings[node]:
                 if s.node == node:
@@ -368,24 +379,28 @@ class Connections:
     def _split(self, key: tuple, seen: list[Sighting]) -> None:
         """Cut one host's tuple into incarnations at SYNs with a new initial sequence
         number (in that host's own clock, which needs no alignment)."""
-        seen.sort(key=lambda s: s.ts_ns)
+        seen.sort(key=_TS_NS)
         starts: list[tuple[int, int]] = []
         node, isn, others = -1, None, 0
+        members: list[Sighting] = []
         for s in seen:
-            syn_isn = _initiator_isn(s) if s.flags & SYN else None
-            if node < 0 or (syn_isn is not None and syn_isn != isn and (isn is not None or others)):
-                node, isn, others = self._new((s.host, s.ts_ns)), syn_isn, 0
-                starts.append((s.ts_ns, node))
-            elif syn_isn is not None:
-                isn = syn_isn
-            if syn_isn is None:
-                others += 1
-            else:
-                self.isn[node][0] = syn_isn
+            if s.flags & SYN:
+                syn_isn = _initiator_isn(s)
+                if node < 0 or (syn_isn != isn and (isn is not None or others)):
+                    node, others = self._new((s.host, s.ts_ns)), 0
+                    starts.append((s.ts_ns, node))
+                    members = self.sightings[node]
+                isn = self.isn[node][0] = syn_isn
                 if s.flags & ACK:
                     self.isn[node][1] = s.seq
+            else:
+                if node < 0:
+                    node, isn, others = self._new((s.host, s.ts_ns)), None, 0
+                    starts.append((s.ts_ns, node))
+                    members = self.sightings[node]
+                others += 1
             s.node = node
-            self.sightings[node].append(s)
+            members.append(s)
         self._starts[key] = starts
 
     def place(self, r: ResetRecord) -> bool:
@@ -415,10 +430,12 @@ class Connections:
             x = parent[x]
         return x
 
-    def union(self, a: int, b: int) -> None:
+    def union(self, a: int, b: int) -> int:
+        """Join the sets of ``a`` and ``b``; returns the root of the joined set."""
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
             self.parent[max(ra, rb)] = min(ra, rb)
+        return min(ra, rb)
 
 
 # ---------------------------------------------------------------- building flows
@@ -433,7 +450,7 @@ def _path(members: list[Sighting], offsets: Mapping[str, int]) -> list[Sighting]
         by_host[s.host].append(s)
     keyed = []
     for host, seen in by_host.items():
-        seen.sort(key=lambda s: s.ts_ns)
+        seen.sort(key=_TS_NS)
         if seen[0].dir == "egress":
             rank = 0
         elif any(s.dir == "egress" for s in seen):

@@ -128,9 +128,7 @@ class Matcher:
                 yield from self._cut_exact(bucket)
         exact.clear()
         for bucket in ranged.values():
-            first = bucket[0]
-            seq, length = first.seq, first.length
-            if len(bucket) > 1 and all(s.seq == seq and s.length == length for s in bucket):
+            if len(bucket) > 1 and _one_range(bucket):
                 # one range everywhere (no segmentation on the way): seeing it again at a
                 # point is what a retransmission looks like, as without payload
                 yield from self._cut_exact(bucket)
@@ -144,20 +142,19 @@ class Matcher:
 
     def _cut_exact(self, group: list[Sighting]) -> Iterator[list[Sighting]]:
         """:meth:`_cut` for sightings of one fingerprint (or one byte range): a point that
-        sees it again starts a new occurrence. The common case, so kept lean."""
-        offsets, window, observations = self.offsets, self.window_ns, self.observations
-        group.sort(key=lambda s: s.ts_ns + offsets[s.host])
+        sees it again starts a new occurrence. The common case, so kept lean: each aligned
+        time is computed once, and a stable sort of the indices by it takes the sightings
+        in the order sorting them by that time would."""
+        offsets, window = self.offsets, self.window_ns
+        times = [s.ts_ns + offsets[s.host] for s in group]
         members: list[Sighting] = []
         points: set[tuple[str, str, str]] = set()
         start = 0
-        for s in group:
-            t = s.ts_ns + offsets[s.host]
+        for i in sorted(range(len(group)), key=times.__getitem__):
+            s, t = group[i], times[i]
             point = (s.host, s.ifname, s.dir)
             if members and (t - start > window or point in points):
-                self.count += 1
-                if len(members) > 1:
-                    if any(m.host != members[0].host for m in members):
-                        _observe(members, observations, self._best)
+                if self._close(members):
                     yield members
                 members, points = [], set()
             if not members:
@@ -165,7 +162,8 @@ class Matcher:
             members.append(s)
             points.add(point)
             s.occ = self.count
-        yield from self._close(members)
+        if self._close(members):
+            yield members
 
     def _cut(self, group: list[Sighting]) -> Iterator[list[Sighting]]:
         """Cut a time-sorted group of overlapping byte ranges at the window and wherever a
@@ -183,7 +181,8 @@ class Matcher:
             seen = points.get(point)
             again = seen is not None and seen.find(lo, lo + s.length) is not None
             if members and (t - start > window or again):
-                yield from self._close(members)
+                if self._close(members):
+                    yield members
                 members, points = [], {}
             if not members:
                 start = t
@@ -193,14 +192,32 @@ class Matcher:
                 ranges = points[point] = Ranges()
             ranges.add(lo, lo + s.length, s)
             s.occ = self.count
-        yield from self._close(members)
-
-    def _close(self, members: list[Sighting]) -> Iterator[list[Sighting]]:
-        self.count += 1
-        if len(members) > 1:
-            if any(s.host != members[0].host for s in members):
-                _observe(members, self.observations, self._best)
+        if self._close(members):
             yield members
+
+    def _close(self, members: list[Sighting]) -> bool:
+        """Count one occurrence and observe its causality; True when it is to be yielded
+        (seen at two points or more). A plain call: this runs once per occurrence."""
+        self.count += 1
+        if len(members) < 2:
+            return False
+        host = members[0].host
+        for s in members:
+            if s.host != host:
+                _observe(members, self.observations, self._best)
+                break
+        return True
+
+
+def _one_range(bucket: list[Sighting]) -> bool:
+    """Do all sightings of the bucket carry the same byte range? (A loop: ``all()`` of a
+    generator costs more, and this runs once per data sighting.)"""
+    first = bucket[0]
+    seq, length = first.seq, first.length
+    for s in bucket:  # noqa: SIM110 - see the docstring
+        if s.seq != seq or s.length != length:
+            return False
+    return True
 
 
 def _observe(
@@ -246,27 +263,31 @@ def _observe(
             elif t > last_in[h]:
                 last_in[h] = t
     pairs = []
-    starts = [h for h, t in first_out.items() if t < first_in.get(h, t + 1)]
-    if len(starts) == 1:
-        src = starts[0]
-        a = first_out[src]
-        pairs += [(src, a, dst, t) for dst, t in first_in.items() if dst != src]
-    ends = [h for h, t in last_in.items() if t > last_out.get(h, t - 1)]
-    if len(ends) == 1:
-        dst = ends[0]
-        b = last_in[dst]
-        pairs += [(src, t, dst, b) for src, t in last_out.items() if src != dst]
+    starts, start = 0, ""
+    for h, t in first_out.items():
+        if t < first_in.get(h, t + 1):
+            starts, start = starts + 1, h
+    if starts == 1:
+        a = first_out[start]
+        for dst, t in first_in.items():
+            if dst != start:
+                pairs.append((start, a, dst, t))
+    ends, end = 0, ""
+    for h, t in last_in.items():
+        if t > last_out.get(h, t - 1):
+            ends, end = ends + 1, h
+    if ends == 1:
+        b = last_in[end]
+        for src, t in last_out.items():
+            if src != end:
+                pairs.append((src, t, end, b))
     for s in arrivals:
         senders = sent.get((s.saddr, s.sport, s.daddr, s.dport))
-        if senders:
-            if len(senders) == 1:
-                ((h, ts),) = senders.items()
-                if h != s.host:
-                    pairs.append((h, ts, s.host, s.ts_ns))
-            elif len(senders) == 2 and s.host in senders:
-                for h, ts in senders.items():
-                    if h != s.host:
-                        pairs.append((h, ts, s.host, s.ts_ns))
+        if senders and (len(senders) == 1 or len(senders) == 2 and s.host in senders):
+            h = s.host
+            for src, ts in senders.items():
+                if src != h:
+                    pairs.append((src, ts, h, s.ts_ns))
     for src, a, dst, b in pairs:
         key = (src, dst)
         if a - b > best.get(key, -(1 << 80)):
