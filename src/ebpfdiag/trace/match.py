@@ -220,6 +220,20 @@ def _one_range(bucket: list[Sighting]) -> bool:
     return True
 
 
+def _sole(times: dict[str, int], other: dict[str, int], earlier: bool) -> str | None:
+    """The one host whose time in ``times`` comes before (``earlier``) or after its time in
+    ``other`` (or that has none there): the first sender, or the last receiver. None when
+    no host or more than one does."""
+    found = None
+    for h, t in times.items():
+        o = other.get(h)
+        if o is None or (t < o if earlier else t > o):
+            if found is not None:
+                return None
+            found = h
+    return found
+
+
 def _observe(
     members: list[Sighting],
     bounds: dict[tuple[str, str], Observation],
@@ -263,24 +277,14 @@ def _observe(
             elif t > last_in[h]:
                 last_in[h] = t
     pairs = []
-    starts, start = 0, ""
-    for h, t in first_out.items():
-        if t < first_in.get(h, t + 1):
-            starts, start = starts + 1, h
-    if starts == 1:
+    start = _sole(first_out, first_in, earlier=True)
+    if start is not None:
         a = first_out[start]
-        for dst, t in first_in.items():
-            if dst != start:
-                pairs.append((start, a, dst, t))
-    ends, end = 0, ""
-    for h, t in last_in.items():
-        if t > last_out.get(h, t - 1):
-            ends, end = ends + 1, h
-    if ends == 1:
+        pairs += [(start, a, dst, t) for dst, t in first_in.items() if dst != start]
+    end = _sole(last_in, last_out, earlier=False)
+    if end is not None:
         b = last_in[end]
-        for src, t in last_out.items():
-            if src != end:
-                pairs.append((src, t, end, b))
+        pairs += [(src, t, end, b) for src, t in last_out.items() if src != end]
     for s in arrivals:
         senders = sent.get((s.saddr, s.sport, s.daddr, s.dport))
         if senders and (len(senders) == 1 or len(senders) == 2 and s.host in senders):
