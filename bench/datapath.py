@@ -341,7 +341,8 @@ def run(
         "In-kernel cost (kernel.bpf_stats_enabled, one extra traced run per condition after "
         "the timed rounds; the path crosses 5 interfaces, with a program on ingress and "
         "egress of each; 'tracepoints' are the tool's other programs, whose events every "
-        "host's program sees on the lab's one kernel):\n\n" + "\n".join(f"  - {line}" for line in profile),
+        "host's program sees on the lab's one kernel):\n\n"
+        + "\n".join(f"  - {line}" for line in profile),
     ]
     return section
 
