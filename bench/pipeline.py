@@ -554,7 +554,8 @@ def run(
         section.notes.append(
             "Decoding alone: each host's stream is rebuilt from the run's `event` records "
             "(their kind back as `type`, the controller's fields removed) and decoded again "
-            "in-process with `records.decode_objects`, the function the trace session uses, "
+            "in-process with `records.decode_objects` (the trace session's decoder for "
+            "records that are not flat), "
             "best of 5 passes: in 64 KiB chunks as a busy channel hands them over, and one "
             "line at a time as on a quiet stream; stdlib `json` on the same chunks for "
             "comparison. msgspec decodes (a C decoder mapped over the whole chunk, no Python "

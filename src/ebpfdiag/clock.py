@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import bisect
 import math
+import operator
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from math import ceil, floor
 
 ERROR_FLOOR_NS = 10_000
 """Added to every sample's interval: the host's reading and the controller's stamps are
@@ -249,6 +251,11 @@ class _Point:
     hi: int
 
 
+_host_time = operator.attrgetter("h")
+#: [low, high] of the offset at a host time (``_Segment.between``)
+_Bounds = Callable[[int], tuple[int, int]]
+
+
 @dataclass
 class _Segment:
     """Samples consistent with one offset line; slope bounds proven by pairs of samples."""
@@ -268,29 +275,55 @@ class _Segment:
 
     def bounds(self, h: int) -> tuple[int, int]:
         """[low, high] of the offset at host time h, from the neighbouring best samples."""
-        i = bisect.bisect_right(self.best, h, key=lambda p: p.h)
-        # Offsets are epoch-sized (~2**61): only the small terms go through floats, each
-        # rounded outwards, so no precision is lost where it would shrink a bound.
-        lows: list[int] = []
-        highs: list[int] = []
-        if i > 0:
-            p = self.best[i - 1]
-            d = h - p.h
-            lows.append(p.lo + math.floor(self.slope_lo * d))
-            highs.append(p.hi + math.ceil(self.slope_hi * d))
-        if i < len(self.best):
-            q = self.best[i]
-            d = q.h - h
-            lows.append(q.lo - math.ceil(self.slope_hi * d))
-            highs.append(q.hi - math.floor(self.slope_lo * d))
-            if i > 0:
-                span = q.h - p.h
-                lows.append(p.lo + (q.lo - p.lo) * (h - p.h) // span)
-                highs.append(p.hi - (p.hi - q.hi) * (h - p.h) // span)
-        low, high = max(lows), min(highs)
-        if low > high:  # the model bends here: give the honest envelope instead
-            low, high = min(lows), max(highs)
-        return low, high
+        return self.between(bisect.bisect_right(self.best, h, key=_host_time))(h)
+
+    def between(self, i: int) -> Callable[[int], tuple[int, int]]:
+        """``bounds`` for the host times after the first ``i`` best samples and before the
+        others, as a function with those samples bound once: a batch of events falls
+        between the same two samples (it is not kept: the segment changes with samples).
+
+        Offsets are epoch-sized (~2**61): only the small terms go through floats, each
+        rounded outwards, so no precision is lost where it would shrink a bound. Between
+        two best samples three bounds each way meet (their tightest, or their envelope
+        where the model bends); beyond them one does."""
+        slope_lo, slope_hi = self.slope_lo, self.slope_hi
+        if i == 0:  # before the first best sample
+            first = self.best[0]
+            f_h, f_lo, f_hi = first.h, first.lo, first.hi
+
+            def before(h: int) -> tuple[int, int]:
+                d = f_h - h
+                return f_lo - ceil(slope_hi * d), f_hi - floor(slope_lo * d)
+
+            return before
+        p_h, p_lo, p_hi = self.best[i - 1].h, self.best[i - 1].lo, self.best[i - 1].hi
+        if i == len(self.best):  # after the last one
+
+            def after(h: int) -> tuple[int, int]:
+                d = h - p_h
+                return p_lo + floor(slope_lo * d), p_hi + ceil(slope_hi * d)
+
+            return after
+        q_h, q_lo, q_hi = self.best[i].h, self.best[i].lo, self.best[i].hi
+        span, rise_lo, fall_hi = q_h - p_h, q_lo - p_lo, p_hi - q_hi
+
+        def inside(h: int) -> tuple[int, int]:
+            d, e = h - p_h, q_h - h
+            low_p, high_p = p_lo + floor(slope_lo * d), p_hi + ceil(slope_hi * d)
+            low_q, high_q = q_lo - ceil(slope_hi * e), q_hi - floor(slope_lo * e)
+            low_i, high_i = p_lo + rise_lo * d // span, p_hi - fall_hi * d // span
+            # the tightest bound each way (compared, not max/min calls: this runs per event)
+            low = low_p if low_p > low_q else low_q
+            if low_i > low:
+                low = low_i
+            high = high_p if high_p < high_q else high_q
+            if high_i < high:
+                high = high_i
+            if low > high:  # the model bends here: give the honest envelope instead
+                return min(low_p, low_q, low_i), max(high_p, high_q, high_i)
+            return low, high
+
+        return inside
 
     def slopes_with(self, point: _Point) -> tuple[float, float]:
         """Slope bounds once ``point`` joins: every pair of samples bounds the drift."""
@@ -387,6 +420,48 @@ class HostClock:
     def at(self, host_mono_ns: int) -> ClockEstimate:
         """Offset and error bound valid at this host time."""
         return ClockEstimate.between(*self.bounds(host_mono_ns))
+
+    def offsets(self, hosts_ns: Iterable[int]) -> list[tuple[int, int]]:
+        """``(offset_ns, error_ns)`` of ``at(h)`` for each host time ``h``, with the same
+        arithmetic: a batch of events falls in a few intervals between samples, so the
+        lookups are done once per interval, not once per event."""
+        if not self.segments:
+            raise ValueError("no clock samples")
+        starts = [s.first_h for s in self.segments]
+        out: list[tuple[int, int]] = []
+        lo = hi = 0  # the host times [lo, hi) that share the lookup below (none yet)
+        for h in hosts_ns:
+            if not lo <= h < hi:
+                bounds, gap, lo, hi = self._interval(h, starts)
+            low, high = bounds(h)
+            if gap is not None:
+                nlow, nhigh = gap(h)
+                low, high = min(low, nlow), max(high, nhigh)
+            mid = (low + high) // 2  # ClockEstimate.between
+            error = high - mid
+            if mid - low > error:
+                error = mid - low
+            out.append((mid, error))
+        return out
+
+    def _interval(self, h: int, starts: list[int]) -> tuple[_Bounds, _Bounds | None, float, float]:
+        """What ``bounds(h)`` looks up: the bounds between the segment's best samples around
+        ``h``, those of the next segment when ``h`` is in a step (after the segment's last
+        sample: both hold there, ``h`` being before all of the next one's samples), and
+        the host times [lo, hi) for which both are the same."""
+        segments = self.segments
+        k = max(bisect.bisect_right(starts, h) - 1, 0)
+        seg = segments[k]
+        best = seg.best
+        i = bisect.bisect_right(best, h, key=_host_time)
+        lo = best[i - 1].h if i else -math.inf  # i == 0 only before the first segment
+        if i < len(best):
+            return seg.between(i), None, lo, best[i].h
+        if k + 1 == len(segments):
+            return seg.between(i), None, lo, math.inf
+        if h == lo:  # the segment's last sample itself: no step yet
+            return seg.between(i), None, lo, h + 1
+        return seg.between(i), segments[k + 1].between(0), lo + 1, starts[k + 1]
 
     def summary(self, first_ns: int, last_ns: int) -> ClockEstimate:
         """One constant estimate valid for every host time in [first_ns, last_ns]: what

@@ -33,8 +33,10 @@ that reaches the controller more than a settle time after its arrival was shown 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import operator
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -49,7 +51,7 @@ from ebpfdiag.clock import (
     tighten,
 )
 from ebpfdiag.fanout import Fanout, HostResult
-from ebpfdiag.records import decode_objects
+from ebpfdiag.records import decode_flat_objects
 
 if TYPE_CHECKING:
     from ebpfdiag.questions.rst import Correlation
@@ -132,6 +134,7 @@ class TraceSession:
         duration: float | None = None,
         count: int | None = None,
         on_event: Callable[[dict], None] = _ignore,
+        on_flat_events: Callable[[list[dict]], None] | None = None,
         on_ready: Callable[[list[str], list[str]], None] = _ignore,
         on_state: Callable[[str, str], None] = _ignore,
         on_diagnostic: Callable[[str, str], None] = _ignore,
@@ -146,7 +149,10 @@ class TraceSession:
         for ``count``; default: the reset question); ``held``: the record types held,
         aligned and shown in time order live (their host times are the span ``clocks()``
         covers); ``keep``: the tool's other record types, kept with the events as they
-        came (not aligned live)."""
+        came (not aligned live); ``on_flat_events``: called instead of ``on_event`` with
+        the events known to be flat (string keys; strings, ints, booleans and None as
+        values, the session's own additions too), as many at once as follow each other:
+        a writer need not check them one by one."""
         self.hosts = {n: HostTrace(n) for n in names}
         self._correlate = correlate
         self.keep = keep
@@ -156,6 +162,7 @@ class TraceSession:
         self.duration = duration
         self.count = count
         self.on_event = on_event
+        self.on_flat_events = on_flat_events
         self.on_ready = on_ready
         self.on_state = on_state
         self.on_diagnostic = on_diagnostic
@@ -173,10 +180,19 @@ class TraceSession:
         self.anchor = EpochAnchor.now()
         self._count_check: asyncio.TimerHandle | None = None
         self._release_timer: asyncio.TimerHandle | None = None
-        #: (arrival monotonic s, record) not yet aligned and shown
-        self._held: list[tuple[float, dict]] = []
-        #: fingerprint -> shown packet records, with when they were shown
-        self._shown: dict[tuple, list[tuple[float, dict]]] = defaultdict(list)
+        #: records of the held types not yet aligned and shown, in the order they came, with
+        #: when each came (monotonic s) and its packet fingerprint (taken as it comes, while
+        #: the record is at hand): parallel lists, not tuples, so that a busy stream gives
+        #: the garbage collector no object per record to go over
+        self._waiting: list[dict] = []
+        self._arrivals: list[float] = []
+        self._fps: list[tuple | None] = []
+        #: ids of the held records decoded flat (see ``decode_flat_objects``), until shown
+        self._flat: set[int] = set()
+        #: fingerprint -> shown packet records, in the order shown
+        self._shown: dict[tuple, list[dict]] = {}
+        #: (when, [(fingerprint, how many)]) of each batch in ``_shown``, oldest first
+        self._shown_batches: deque[tuple[float, list[tuple[tuple, int]]]] = deque()
         #: host -> latest ts shown for it (later events of the host are not shown before it)
         self._last_ts: dict[str, int] = {}
         self.started = time.monotonic()
@@ -189,7 +205,12 @@ class TraceSession:
         """Every packet, reset, lost (and ``keep``) record so far: the shown ones in the
         order they were shown, then those still held (all shown once the session
         finished)."""
-        return self._released + [rec for _, rec in self._held]
+        return self._released + self._waiting
+
+    @property
+    def _held(self) -> list[tuple[float, dict]]:
+        """(arrival, record) of each record held and not shown yet."""
+        return list(zip(self._arrivals, self._waiting, strict=True))
 
     # -- FanoutSink ------------------------------------------------------------------
     def state(self, host: str, state: str) -> None:
@@ -200,11 +221,16 @@ class TraceSession:
             for line in lines:
                 self._diagnostic(host, line.decode(errors="replace"))
             return
-        for line, rec in zip(lines, decode_objects(lines), strict=True):
+        objs, flat = decode_flat_objects(lines)
+        waiting = self._waiting
+        before = len(waiting)
+        for line, rec in zip(lines, objs, strict=True):
             if rec is not None:
                 self._record(host, rec)
             else:
                 self._diagnostic(host, line.decode(errors="replace"))
+        if flat and len(waiting) > before:  # what this chunk added (held until released)
+            self._flat.update(map(id, waiting[before:]))
         self._release()
 
     def _diagnostic(self, host: str, text: str) -> None:
@@ -227,7 +253,9 @@ class TraceSession:
         ht = self.hosts[host]
         if kind in self.held:
             rec["host"] = host
-            self._held.append((time.monotonic(), rec))
+            self._waiting.append(rec)
+            self._arrivals.append(time.monotonic())
+            self._fps.append(_fingerprint(rec))
             if self.count and (kind == "reset" or kind == "packet" and rec.get("flags", 0) & RST):
                 self._schedule_count_check()
         elif kind == "hello":
@@ -256,160 +284,252 @@ class TraceSession:
     # -- live release ----------------------------------------------------------------
     def _release(self, final: bool = False) -> None:
         """Align, correct and show the held events that have settled (all when final)."""
-        if not self._held:
+        waiting, arrivals, fps = self._waiting, self._arrivals, self._fps
+        if not waiting:
             return
         now = time.monotonic()
-        quiet = now - self._held[-1][0] >= self.settle_s
-        if final or quiet:
-            cut = len(self._held)
-        elif now - self._held[0][0] >= MAX_HOLD_S:  # never quiet: cut, keeping pairs whole
+        if final or now - arrivals[-1] >= self.settle_s:
+            cut = len(waiting)
+        elif now - arrivals[0] >= MAX_HOLD_S:  # never quiet: cut, keeping pairs whole
             cut = self._cut(now - self.settle_s)
         else:
             cut = 0
-        due: list[dict] = []
-        kept: list[tuple[float, dict]] = []
-        for arrived, rec in self._held[:cut]:
-            if final or self.hosts[rec["host"]].clock:
-                due.append(rec)
-            else:
-                kept.append((arrived, rec))
-        self._held = kept + self._held[cut:]
-        if due:
-            for rec in due:
-                self._align(rec)
-            self._correct(due)
-            due.sort(key=lambda r: (r.get("ts") is None, r.get("ts") or 0, r.get("ts_ns", 0)))
-            self._remember(due, now)
-            self._released += due
-            for rec in due:
-                self.on_event(rec)
+        if cut:  # most calls (a chunk while the streams flow) release nothing: no copy
+            clocked = {name for name, ht in self.hosts.items() if ht.clock}
+            if final or len(clocked) == len(self.hosts):
+                due, due_fps = waiting[:cut], fps[:cut]
+                kept: list[dict] = []
+                kept_arrivals: list[float] = []
+                kept_fps: list[tuple | None] = []
+            else:  # events of hosts without a clock sample yet wait for one
+                due, due_fps, kept, kept_arrivals, kept_fps = [], [], [], [], []
+                for rec, arrived, fp in zip(waiting[:cut], arrivals[:cut], fps[:cut], strict=True):
+                    if rec["host"] in clocked:
+                        due.append(rec)
+                        due_fps.append(fp)
+                    else:
+                        kept.append(rec)
+                        kept_arrivals.append(arrived)
+                        kept_fps.append(fp)
+            self._waiting = kept + waiting[cut:]
+            self._arrivals = kept_arrivals + arrivals[cut:]
+            self._fps = kept_fps + fps[cut:]
+            if due:
+                self._show(due, now, due_fps)
         self._schedule_release()
+
+    def _show(self, due: list[dict], now: float, fps: list[tuple | None]) -> None:
+        """Align and correct a released batch (``fps``: its records' fingerprints), then
+        show it in time order."""
+        extremes = self._align(due)
+        if extremes is None:  # some events have no aligned time: the others count
+            by_fp, first = _sightings(due, fps)
+        else:
+            by_fp = _per_fingerprint(due, fps)
+            first = {host: ts for host, (ts, _) in extremes.items()}
+        self._correct(due, by_fp, first, extremes)
+        _shown_sort(due, aligned=extremes is not None)
+        self._remember(due, by_fp, now)
+        self._released += due
+        ids = [id(rec) for rec in due]
+        flat, on_flat_events = self._flat, self.on_flat_events
+        if on_flat_events is not None and flat.issuperset(ids):  # a busy stream's batches
+            on_flat_events(due)
+        else:
+            for rec in due:
+                if on_flat_events is not None and id(rec) in flat:
+                    on_flat_events([rec])
+                else:
+                    self.on_event(rec)
+        flat.difference_update(ids)
 
     def _cut(self, before: float) -> int:
         """How many held records to release when the streams never pause: those that
         arrived before ``before``, plus every later departure whose arrival on another
         host goes now (with what its host sent before it), so no pair is split."""
-        held = self._held
-        cut = next((i for i, (arrived, _) in enumerate(held) if arrived >= before), len(held))
+        held, fps = self._waiting, self._fps
+        cut = bisect.bisect_left(self._arrivals, before)  # held in the order they came
+        arrivals: dict[tuple, set[str]] = defaultdict(set)  # of the records before the cut
+        counted = 0
         while True:
-            arrivals: dict[tuple, set[str]] = defaultdict(set)
-            for _, rec in held[:cut]:
-                if rec.get("dir") == "ingress" and (fp := _fingerprint(rec)) is not None:
+            for i in range(counted, cut):
+                fp, rec = fps[i], held[i]
+                if fp is not None and rec.get("dir") == "ingress":
                     arrivals[fp].add(rec["host"])
+            counted = cut
             hosts = {
                 rec["host"]
-                for _, rec in held[cut:]
-                if rec.get("dir") == "egress"
-                and (fp := _fingerprint(rec)) in arrivals
-                and arrivals[fp] - {rec["host"]}
+                for i in range(cut, len(held))
+                if fps[i] in arrivals
+                and (rec := held[i]).get("dir") == "egress"
+                and arrivals[fps[i]] - {rec["host"]}
             }
             if not hosts:
                 return cut
-            last = max(i for i, (_, rec) in enumerate(held) if rec["host"] in hosts)
-            cut = last + 1
+            # past the last record of those hosts: the last one's index, found from the end
+            cut = len(held) - next(
+                n for n, rec in enumerate(reversed(held)) if rec["host"] in hosts
+            )
 
-    def _align(self, rec: dict) -> None:
-        clock = self.hosts[rec["host"]].clock
-        if not clock or "ts_ns" not in rec:
-            return
-        try:
-            est = clock.at(int(rec["ts_ns"]))
-        except (TypeError, ValueError):
-            return
-        rec["ts"] = est.align(int(rec["ts_ns"]))
-        rec["clock_error_ns"] = est.error_ns
-
-    def _correct(self, batch: list[dict]) -> None:
-        """One causal correction per host for this batch (see the module docstring)."""
-        by_fp: dict[tuple, list[dict]] = defaultdict(list)
-        first: dict[str, int] = {}  # host -> its earliest aligned ts in the batch
+    def _align(self, batch: list[dict]) -> dict[str, tuple[int, int]] | None:
+        """``ts`` and ``clock_error_ns`` of each event whose host has a clock (the host's
+        clock is looked up for the whole batch at once). When every event got them: each
+        host's earliest ``ts`` and smallest ``clock_error_ns`` in the batch."""
+        groups: dict[str, tuple[list[dict], list[int]]] = {}  # host -> events, host times
         for rec in batch:
-            if "ts" not in rec:
+            if "ts_ns" not in rec:
                 continue
-            host = rec["host"]
-            first[host] = min(first.get(host, rec["ts"]), rec["ts"])
-            fp = _fingerprint(rec)
-            if fp is not None:
-                by_fp[fp].append(rec)
-        observations: list[Observation] = []
+            try:
+                h = int(rec["ts_ns"])
+            except (TypeError, ValueError):
+                continue
+            group = groups.get(rec["host"])
+            if group is None:
+                group = groups[rec["host"]] = ([], [])
+            group[0].append(rec)
+            group[1].append(h)
+        extremes: dict[str, tuple[int, int]] = {}
+        count = 0
+        for host, (recs, times) in groups.items():
+            clock = self.hosts[host].clock
+            if not clock:
+                continue
+            offsets = clock.offsets(times)
+            for rec, h, (offset, error) in zip(recs, times, offsets, strict=True):
+                rec["ts"] = h + offset
+                rec["clock_error_ns"] = error
+            extremes[host] = (min(map(_ts, recs)), min(map(_error, offsets)))
+            count += len(recs)
+        return extremes if count == len(batch) else None
+
+    def _correct(
+        self,
+        batch: list[dict],
+        by_fp: dict[tuple, list[dict]],
+        first: dict[str, int],
+        extremes: dict[str, tuple[int, int]] | None,
+    ) -> None:
+        """One causal correction per host for this batch (see the module docstring).
+
+        ``by_fp``: the batch's aligned packets per fingerprint; ``first``: each host's
+        earliest aligned ts in the batch; ``extremes``: what ``_align`` found, if it
+        aligned every event. The batch's departures and arrivals are reduced to one
+        constraint per host pair (its tightest), which is all the corrections depend on:
+        see ``_raise_arrivals``."""
+        edges: dict[tuple[str, str], int] = {}  # (src, dst) -> largest departure - arrival
         # Limits from what is already shown: fixed, so they bind this batch's hosts alone.
         floor = {h: self._last_ts[h] - ts for h, ts in first.items() if h in self._last_ts}
         ceil: dict[str, int] = {}
+        shown_by_fp = self._shown
         for fp, recs in by_fp.items():
-            shown = [r for _, r in self._shown.get(fp, ())]
+            if len(recs) > 1:
+                for src, gap, dst in _pairs(recs):
+                    pair = (src, dst)
+                    if gap > edges.get(pair, gap - 1):
+                        edges[pair] = gap
+            shown = shown_by_fp.get(fp)
+            if not shown:
+                continue
             for rec in recs:
-                host = rec["host"]
-                observations += [
-                    Observation(host, rec["ts"], o["host"], o["ts"])
-                    for o in recs
-                    if _causes(rec, o)
-                ]
+                host, ts, direction = rec["host"], rec["ts"], rec.get("dir")
                 for other in shown:
-                    if _causes(other, rec):
-                        floor[host] = max(
-                            floor.get(host, other["ts"] - rec["ts"]), other["ts"] - rec["ts"]
-                        )
-                    elif _causes(rec, other):
-                        ceil[host] = min(
-                            ceil.get(host, other["ts"] - rec["ts"]), other["ts"] - rec["ts"]
-                        )
+                    if other["host"] == host or abs(other["ts"] - ts) > MATCH_WINDOW_NS:
+                        continue
+                    need = other["ts"] - ts
+                    if direction == "ingress" and other.get("dir") == "egress":
+                        floor[host] = max(floor.get(host, need), need)
+                    elif direction == "egress" and other.get("dir") == "ingress":
+                        ceil[host] = min(ceil.get(host, need), need)
         floor = {h: need for h, need in floor.items() if need > 0}
-        if not observations and not floor and not ceil:
+        if not edges and not floor and not ceil:
             return
-        bounds: dict[str, ClockEstimate] = {}
-        for rec in batch:
-            if "clock_error_ns" in rec:
-                host, err = rec["host"], rec["clock_error_ns"]
-                if host not in bounds or err < bounds[host].error_ns:
-                    bounds[host] = ClockEstimate(0, err)
+        # each host's tightest bound in the batch
+        if extremes is not None:
+            bounds = {host: ClockEstimate(0, err) for host, (_, err) in extremes.items()}
+        else:
+            bounds = {}
+            for rec in batch:
+                if "clock_error_ns" in rec:
+                    host, err = rec["host"], rec["clock_error_ns"]
+                    if host not in bounds or err < bounds[host].error_ns:
+                        bounds[host] = ClockEstimate(0, err)
         consistent = True
         for host, est in list(bounds.items()):
             low = max(est.low, floor.get(host, est.low))
             high = min(est.high, ceil.get(host, est.high))
             consistent = consistent and low <= high
             bounds[host] = ClockEstimate.between(low, high)
-        alignment = tighten(bounds, observations) if consistent else None
+        pairs = [(src, gap, dst) for (src, dst), gap in edges.items()]
+        alignment = None
+        if consistent:  # tighten needs each pair's gap alone: as departure time, arrival 0
+            alignment = tighten(bounds, [Observation(src, gap, dst, 0) for src, gap, dst in pairs])
         if alignment is not None and alignment.consistent:
-            shift = _least_moves(alignment, floor, observations)
-            for rec in batch:
-                est = alignment.get(rec["host"])
-                if est is None or "ts" not in rec:
-                    continue
-                c = shift[rec["host"]]
-                rec["ts"] += c
-                if rec["host"] in floor or rec["host"] in ceil:  # moved for the display
-                    rec["clock_error_ns"] += abs(c)
+            shift = _least_moves(alignment, floor, pairs)
+            moves: dict[str, tuple[int, int | None]] = {}  # host -> its correction, error cap
+            for host, est in alignment.items():
+                c = shift[host]
+                if host in floor or host in ceil:  # moved for the display: the error grows
+                    moves[host] = (c, None)
                 else:  # moved by the packets' causality alone: the truth is in the interval
-                    far = max(c - est.low, est.high - c)
-                    rec["clock_error_ns"] = min(rec["clock_error_ns"], far)
+                    moves[host] = (c, max(c - est.low, est.high - c))
+            for rec in batch:
+                move = moves.get(rec["host"])
+                if move is None or "ts" not in rec:
+                    continue
+                c, cap = move
+                rec["ts"] += c
+                if cap is None:
+                    rec["clock_error_ns"] += abs(c)
+                else:
+                    rec["clock_error_ns"] = min(rec["clock_error_ns"], cap)
             return
         # The bounds contradict the packets or what is shown: keep the clocks, move each
         # host's events as one (its own order stays) just far enough, and say so.
-        shift = _raise_arrivals({h: max(floor.get(h, 0), 0) for h in first}, observations)
+        shift = {h: max(floor.get(h, 0), 0) for h in first}
+        if not _raise_arrivals(shift, pairs):
+            # a cycle of sightings that cannot all hold: what the passes leave depends on
+            # the order they go in, so they go over every sighting as it came
+            shift = {h: max(floor.get(h, 0), 0) for h in first}
+            _raise_arrivals(
+                shift, [pair for recs in by_fp.values() if len(recs) > 1 for pair in _pairs(recs)]
+            )
         for rec in batch:
             if shift.get(rec["host"], 0) > 0 and "ts" in rec:
                 rec["ts"] += shift[rec["host"]]
                 rec["ts_clamped_ns"] = shift[rec["host"]]
 
-    def _remember(self, shown: list[dict], now: float) -> None:
-        for rec in shown:
-            if "ts" in rec:
-                self._last_ts[rec["host"]] = max(
-                    self._last_ts.get(rec["host"], rec["ts"]), rec["ts"]
-                )
-            fp = _fingerprint(rec)
-            if fp is not None and "ts" in rec:
-                self._shown[fp].append((now, rec))
-        old = now - RECENT_S
-        for fp in [fp for fp, recs in self._shown.items() if recs[0][0] < old]:
-            recs = [(t, r) for t, r in self._shown[fp] if t >= old]
-            if recs:
-                self._shown[fp] = recs
+    def _remember(self, shown: list[dict], by_fp: dict[tuple, list[dict]], now: float) -> None:
+        """Keep what was just shown: each host's latest ts, and the sightings per
+        fingerprint (of ``by_fp``, the same records) to hold later ones to causality."""
+        last_ts = self._last_ts
+        # ``shown`` is in ts order: each host's last one is its latest
+        for host, ts in {rec["host"]: rec["ts"] for rec in shown if "ts" in rec}.items():
+            if ts > last_ts.get(host, ts - 1):
+                last_ts[host] = ts
+        kept = self._shown
+        added: list[tuple[tuple, int]] = []
+        for fp, recs in by_fp.items():
+            added.append((fp, len(recs)))
+            known = kept.get(fp)
+            if known is None:  # the batch's own list (no copy: by_fp goes after this batch)
+                kept[fp] = recs
             else:
-                del self._shown[fp]
+                known += recs
+        if added:
+            self._shown_batches.append((now, added))
+        # Sightings older than RECENT_S go: those of the batches shown before then, the
+        # first ones of their fingerprints' lists.
+        old = now - RECENT_S
+        batches = self._shown_batches
+        while batches and batches[0][0] < old:
+            for fp, count in batches.popleft()[1]:
+                if count == len(kept[fp]):
+                    del kept[fp]
+                else:
+                    del kept[fp][:count]
 
     def _schedule_release(self) -> None:
-        if not self._held or self._release_timer is not None:
+        if not self._waiting or self._release_timer is not None:
             return
         try:
             loop = asyncio.get_running_loop()
@@ -573,38 +693,103 @@ def follow_nat(requested: set[int], mappings: list[list]) -> set[int]:
 
 
 def _least_moves(
-    alignment: Alignment, floor: dict[str, int], observations: list[Observation]
+    alignment: Alignment, floor: dict[str, int], pairs: list[tuple[str, int, str]]
 ) -> dict[str, int]:
     """The corrections closest to none that keep every departure before its arrival.
 
     Each host starts at 0 moved into its tightened interval (and exactly onto its floor:
     the interval's ends are rounded outwards), then arrivals are raised past their
     departures (Bellman-Ford). Solutions of difference constraints are closed under max,
-    and the intervals' upper ends are one, so raising stays inside them."""
+    and the intervals' upper ends are one, so raising stays inside them. A consistent
+    alignment means the sightings hold no cycle that cannot be satisfied, so the raising
+    settles."""
     shift = {h: min(max(0, est.low, floor.get(h, 0)), est.high) for h, est in alignment.items()}
-    return _raise_arrivals(shift, observations)
-
-
-def _raise_arrivals(shift: dict[str, int], observations: list[Observation]) -> dict[str, int]:
-    """Raise each arrival's host past its departure until nothing moves (Bellman-Ford over
-    the hosts: at most one pass per host)."""
-    for _ in range(len(shift) + 1):
-        moved = False
-        for obs in observations:
-            need = obs.src_mono_ns + shift[obs.src] - obs.dst_mono_ns
-            if need > shift[obs.dst]:
-                shift[obs.dst] = need
-                moved = True
-        if not moved:
-            break
+    _raise_arrivals(shift, pairs)
     return shift
 
 
-def _causes(first: dict, second: dict) -> bool:
-    """True when ``first`` is the departure (from another host) of ``second``'s arrival."""
-    return (
-        first["host"] != second["host"]
-        and first.get("dir") == "egress"
-        and second.get("dir") == "ingress"
-        and abs(first["ts"] - second["ts"]) <= MATCH_WINDOW_NS
-    )
+def _raise_arrivals(shift: dict[str, int], pairs: list[tuple[str, int, str]]) -> bool:
+    """Raise each arrival's host past its departure until nothing moves (Bellman-Ford over
+    the hosts: at most one pass per host); ``pairs``: (departure host, departure ts minus
+    arrival ts, arrival host). True when it settled.
+
+    Once it settles the result is the least one above the start whatever the order and
+    however many pairs each host pair has, so one pair per host pair (its largest gap)
+    gives the same. Only when it cannot settle (a cycle of sightings that cannot all hold)
+    does what the passes leave depend on the pairs as they came."""
+    for _ in range(len(shift) + 1):
+        moved = False
+        for src, gap, dst in pairs:
+            need = shift[src] + gap
+            if need > shift[dst]:
+                shift[dst] = need
+                moved = True
+        if not moved:
+            return True
+    return False
+
+
+def _sightings(
+    batch: list[dict], fps: list[tuple | None]
+) -> tuple[dict[tuple, list[dict]], dict[str, int]]:
+    """A released batch's aligned packets grouped per fingerprint (``fps``, the records'),
+    in the order they came, and each host's earliest aligned ts in it."""
+    by_fp: dict[tuple, list[dict]] = defaultdict(list)
+    first: dict[str, int] = {}
+    for rec, fp in zip(batch, fps, strict=True):
+        if "ts" not in rec:
+            continue
+        host, ts = rec["host"], rec["ts"]
+        first[host] = min(first.get(host, ts), ts)
+        if fp is not None:
+            by_fp[fp].append(rec)
+    return by_fp, first
+
+
+def _per_fingerprint(batch: list[dict], fps: list[tuple | None]) -> dict[tuple, list[dict]]:
+    """A batch's packets grouped per fingerprint (``fps``, the records'), in the order
+    they came."""
+    by_fp: dict[tuple, list[dict]] = defaultdict(list)
+    for rec, fp in zip(batch, fps, strict=True):
+        if fp is not None:
+            by_fp[fp].append(rec)
+    return by_fp
+
+
+def _pairs(recs: list[dict]) -> list[tuple[str, int, str]]:
+    """Each departure of one packet with its arrival on another host within
+    ``MATCH_WINDOW_NS``, as (departure host, departure ts minus arrival ts, arrival host):
+    departures in the order they came, each with its arrivals in that order."""
+    arrivals = [rec for rec in recs if rec.get("dir") == "ingress"]
+    if not arrivals:
+        return []
+    return [
+        (src["host"], src["ts"] - dst["ts"], dst["host"])
+        for src in recs
+        if src.get("dir") == "egress"
+        for dst in arrivals
+        if dst["host"] != src["host"] and abs(src["ts"] - dst["ts"]) <= MATCH_WINDOW_NS
+    ]
+
+
+_ts = operator.itemgetter("ts")
+_error = operator.itemgetter(1)
+_ts_then_host_time = operator.itemgetter("ts", "ts_ns")
+
+
+def _shown_order(rec: dict) -> tuple[bool, int, int]:
+    """Live order: by aligned time (events without one last), then host time."""
+    return rec.get("ts") is None, rec.get("ts") or 0, rec.get("ts_ns", 0)
+
+
+def _shown_sort(batch: list[dict], aligned: bool) -> None:
+    """Sort a batch by ``_shown_order``. Once every event is aligned (each has an int
+    ``ts`` and a ``ts_ns``), the same order is keyed in C: by ``ts`` alone, then by both
+    only when two events share a ``ts``."""
+    if not aligned:
+        batch.sort(key=_shown_order)
+        return
+    batch.sort(key=_ts)
+    times = list(map(_ts, batch))
+    if any(map(operator.eq, times, times[1:])):
+        batch.sort(key=_ts_then_host_time)

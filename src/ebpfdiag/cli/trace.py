@@ -113,13 +113,10 @@ def tcp_rst(
 
     timeline = None  # ebpfdiag.render.timeline: imported at the first event, not before ready
 
-    def on_event(rec: dict) -> None:
+    def show_event(rec: dict) -> None:
         nonlocal timeline
         if timeline is None:
             from ebpfdiag.render import timeline
-        if app.as_json:
-            app.json.write(timeline.event_record(rec))
-            return
         if rec["type"] == "reset" or rec.get("flags", 0) & RST:
             if not t0 and rec.get("ts"):
                 t0.append(rec["ts"])
@@ -127,7 +124,8 @@ def tcp_rst(
 
     session, engine = run_trace(
         app, hosts, script, opts,
-        partial(TraceSession, duration=duration, count=count, on_event=on_event),
+        partial(TraceSession, duration=duration, count=count,
+                **event_callbacks(app, show_event)),
         what="", stops_by_itself=duration is not None or count is not None, show_filter=True,
         command="trace tcp-rst", yes=yes,
     )  # fmt: skip
@@ -137,6 +135,28 @@ def tcp_rst(
     if pcap is not None and not save_pcap(pcap, session.events, session.hellos(), app.term.error):
         code = max(code, EXIT_HOSTS_FAILED)
     return code
+
+
+def event_callbacks(app: App, show: Callable[[dict], None]) -> dict[str, Callable]:
+    """A trace session's live event callbacks: ``show`` on a terminal; under ``--json``,
+    each event as an ``event`` record, those the session knows to be flat (every packet
+    of a busy trace) written unchecked, a whole batch at once."""
+    if not app.as_json:
+        return {"on_event": show}
+    writer = app.json
+    # the renderer is imported at the first event, not on the way to ready
+
+    def on_event(rec: dict) -> None:
+        from ebpfdiag.render.timeline import event_record
+
+        writer.write(event_record(rec))
+
+    def on_flat_events(recs: list[dict]) -> None:
+        from ebpfdiag.render.timeline import event_record
+
+        writer.write_flat(map(event_record, recs))
+
+    return {"on_event": on_event, "on_flat_events": on_flat_events}
 
 
 def announce_ready(app: App) -> Callable[[str, float, dict], None]:
@@ -506,7 +526,6 @@ def drop(
     from ebpfdiag.transport import Script
 
     live_line = imported_on_call("ebpfdiag.render.drop", "live_line")
-    event_record = imported_on_call("ebpfdiag.render.timeline", "event_record")
     args = _drop_args(ports, addrs, rate)
     if output is not None:
         app.check_writable(output)
@@ -514,17 +533,16 @@ def drop(
     script = Script.from_path(script_path("drop"), args)
     t0: list[int] = []
 
-    def on_event(rec: dict) -> None:
-        if app.as_json:
-            app.json.write(event_record(rec))
-        elif rec["type"] in DROP_EVENTS:
+    def show_event(rec: dict) -> None:
+        if rec["type"] in DROP_EVENTS:
             if not t0 and rec.get("ts"):
                 t0.append(rec["ts"])
             app.term.out.print(live_line(rec, t0[0] if t0 else None))
 
     session, engine = run_trace(
         app, hosts, script, opts,
-        partial(_drop_session, count=count, duration=duration, on_event=on_event),
+        partial(_drop_session, count=count, duration=duration,
+                **event_callbacks(app, show_event)),
         what="drops ", stops_by_itself=duration is not None or count is not None,
         command="trace drop", yes=yes,
         # the hosts learn when drops happened just before they stop
@@ -657,8 +675,6 @@ def latency(
     from ebpfdiag.tracing import TraceSession
     from ebpfdiag.transport import Script
 
-    event_record = imported_on_call("ebpfdiag.render.timeline", "event_record")
-
     values: dict = {"port": list(ports), "addr": list(addrs),
                     "interfaces": [interfaces] if interfaces else []}  # fmt: skip
     if sample is not None:
@@ -670,14 +686,13 @@ def latency(
             app.check_writable(path)
     hosts, opts = app.prepare_run()
 
-    def on_event(rec: dict) -> None:
-        if app.as_json:
-            app.json.write(event_record(rec))
+    def show_event(rec: dict) -> None:
+        """On a terminal the exchanges are shown at the end, none live."""
 
     correlate = imported_on_call("ebpfdiag.questions.latency", "correlate")
     session, engine = run_trace(
         app, hosts, Script.from_path(tool, args), opts,
-        partial(TraceSession, duration=duration, on_event=on_event,
+        partial(TraceSession, duration=duration, **event_callbacks(app, show_event),
                 correlate=partial(correlate, slowest=slowest), keep=LATENCY_KEEP),
         what="latency ", stops_by_itself=duration is not None,
         command="trace latency", yes=yes,
