@@ -456,6 +456,41 @@ def test_retransmitted_bytes_are_a_second_packet_however_they_are_cut():
     assert not flow.warnings
 
 
+def _lost_then_resent(ipid_after_lb: int = 0) -> list[list[tuple[str, int]]]:
+    """Data lost on lb after its ingress, resent 200 ms later and seen through to the server,
+    whose clock estimate is 0.3 ms behind (within its bound): aligned, the server's sighting
+    of the second copy lands before the client sent that copy. The data packets' points
+    and IP IDs; ``ipid_after_lb`` makes lb rewrite IP IDs (added to them past its ingress)."""
+    lab = LabStream(hosts=("client", "lb", "server1"))
+    _handshake(lab, "server1", 5_000, 9_000)
+    lab.forward("server1", 24, 5_001, 9_001, 12, ipid=102)
+    del lab.records[-3:]  # lb dropped it: seen leaving the client and entering lb only
+    lab.wait(200 * MS)
+    lab.forward("server1", 24, 5_001, 9_001, 12, ipid=103)
+    for r in lab.records[-3:]:
+        r["ipid"] += ipid_after_lb
+    clocks = lab.clocks()
+    clocks["server1"] = ClockEstimate(clocks["server1"].offset_ns - 300_000, 330_000)
+    [flow] = correlate(lab.records, clocks, include_all=True).flows
+    return [[(h.host, h.ipid) for h in p] for p in flow.paths if p[0].len]
+
+
+def test_a_copy_lost_early_keeps_its_hops_when_the_next_one_arrives_within_clock_error():
+    assert _lost_then_resent() == [
+        [("client", 102), ("lb", 102)],
+        [("client", 103), ("lb", 103), ("lb", 103), ("lb", 103), ("server1", 103)],
+    ]
+
+
+def test_ip_ids_rewritten_on_the_way_leave_the_copies_to_aligned_time():
+    """IP IDs that do not say which copy is which are not used: the copies are cut by time
+    as before (here that puts the server's sighting with the first copy, which the clocks
+    cannot rule out), never split into pieces that start nowhere."""
+    paths = _lost_then_resent(ipid_after_lb=1_000)
+    assert len(paths) == 2 and sum(len(p) for p in paths) == 7
+    assert [p[0] for p in paths] == [("client", 102), ("client", 103)]
+
+
 def test_reused_source_port_with_a_new_isn_is_a_new_flow():
     lab = LabStream(hosts=("client", "lb", "server1"))
     _handshake(lab, "server1", 1_111_111, 2_222_222)

@@ -10,7 +10,8 @@ tells duplicate ACKs apart and survives forwarding and NAT).
 
 Matching sightings close together in aligned time are one *occurrence*: one transmission
 seen at several points. A point (host, interface, direction) seeing the same bytes again
-starts a new occurrence (a retransmission). Everything is one pass to bucket, a sort per
+starts a new occurrence (a retransmission); copies of one unsegmented range are first told
+apart by IP ID where the IP IDs can show them. Everything is one pass to bucket, a sort per
 bucket, and an interval sweep inside buckets with payload. See docs/correlation.md.
 """
 
@@ -131,7 +132,8 @@ class Matcher:
             if len(bucket) > 1 and _one_range(bucket):
                 # one range everywhere (no segmentation on the way): seeing it again at a
                 # point is what a retransmission looks like, as without payload
-                yield from self._cut_exact(bucket)
+                for copies in _by_ipid(bucket):
+                    yield from self._cut_exact(copies)
                 continue
             for group in _overlapping(bucket):
                 if len(group) == 1:
@@ -207,6 +209,30 @@ class Matcher:
                 _observe(members, self.observations, self._best)
                 break
         return True
+
+
+def _by_ipid(bucket: list[Sighting]) -> list[list[Sighting]]:
+    """The copies of one byte range, told apart by IP ID where the IP IDs show them: every
+    transmission gets its own IP ID, which survives forwarding and NAT, so when the bucket
+    holds as many IP IDs as the busiest point saw copies, each IP ID is one copy. Aligned
+    times cannot do this when a copy that died early is followed by one that got through
+    sooner after it than the clocks' error (the later host's sighting would join the first
+    copy). Anything else (IP ID 0, a host rewriting IP IDs) keeps the one bucket."""
+    first = bucket[0].ipid
+    by_id: dict[int, list[Sighting]] | None = None
+    for s in bucket:
+        if s.ipid != first:
+            by_id = defaultdict(list)
+            break
+    if by_id is None or first == 0:
+        return [bucket]
+    per_point: dict[tuple[str, str, str], int] = defaultdict(int)
+    for s in bucket:
+        if not s.ipid:
+            return [bucket]
+        by_id[s.ipid].append(s)
+        per_point[(s.host, s.ifname, s.dir)] += 1
+    return list(by_id.values()) if len(by_id) == max(per_point.values()) else [bucket]
 
 
 def _one_range(bucket: list[Sighting]) -> bool:
