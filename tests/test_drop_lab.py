@@ -10,6 +10,7 @@ verdict "counted"; healthy traffic gives no drop; nothing stays attached afterwa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -163,6 +164,28 @@ def test_full_accept_queue_is_counted_with_the_clients_syn_retransmissions(lab):
     assert netstat["client"]["retrans"]["syn"] > 0, netstat["client"]
     retrans = [e for e in of(records, "event") if e["kind"] == "retrans"]
     assert any(e["host"] == "client" and e["state"] == "TCP_SYN_SENT" for e in retrans)
+    assert_clean(lab)
+
+
+def test_a_server_closing_first_gives_no_drop(lab):
+    """The server answers and closes before the client's FIN arrives: the kernel purges
+    that FIN unread when it destroys the socket (QUEUE_PURGE), on every such close. It was
+    delivered, so it is no drop, and no history is dumped for it."""
+    spec = dataclasses.replace(SCENARIOS["healthy"], server_mode="close")
+    proc, records = start(lab, spec.name)
+    server = _start_server(lab.hosts["server"].netns, spec)
+    try:
+        _read_until_listening("server", server)
+        for _ in range(5):
+            seen = _run_client(lab, spec, 3.0)
+            assert seen["error"] is None and seen["received"].startswith("ok "), seen
+        records = stop(proc, records)
+    finally:
+        closed = [e for e in _stop(server) if e.get("event") == "closed"]
+    assert len(closed) == 5, closed
+    assert of(records, "drop") == []
+    assert all(c["matched"] == 0 for c in of(records, "drop_count")), of(records, "drop_count")
+    assert [e for e in of(records, "event") if e["kind"] == "packet"] == []
     assert_clean(lab)
 
 

@@ -7,7 +7,9 @@ without one, the drop location (the caller of kfree_skb, named through /proc/kal
 Reason names are read on the host, from the tracepoint's print format or the BTF enum
 skb_drop_reason, never from a table in this file: the numbering moves between kernels.
 Packets freed as consumed (consume_skb, or reasons before NOT_SPECIFIED such as
-SKB_CONSUMED) are not drops and are left out in the kernel.
+SKB_CONSUMED) are not drops and are left out in the kernel; so is a TCP segment without
+payload that reached its socket and was purged unread when the socket was destroyed
+(QUEUE_PURGE: the peer's FIN after this side closed first, on every such close).
 
 In the kernel, every drop of this namespace is counted by (reason, location), and how many
 of them passed the filter (--port/--addr on either side, read from the packet's headers
@@ -208,6 +210,8 @@ def btf_facts(path: str):
         for key in ("skb_head", "skb_nh"):
             found[key] = btf.field(*TUPLE_PATHS[key])
         found["skb_sk"] = btf.field("sk_buff", ("sk",), 8)
+        for key in ("skc_num", "skc_dport", "inet_sport"):
+            found[key] = btf.field(*TUPLE_PATHS[key])
         found["dev_ifindex"] = btf.field("net_device", ("ifindex",), 4)
         offsets = found
     except (KeyError, IndexError, TypeError, struct.error) as exc:
@@ -228,6 +232,7 @@ C_COMMON = r"""
 #define NO_REASON 0xffffffffu
 #define FIRST_DROP_REASON %(first_drop)du   /* NOT_SPECIFIED: lower numbers are not drops */
 #define CONSUMED_REASON %(consumed)du       /* SKB_CONSUMED, or NO_REASON when unknown */
+#define QUEUE_PURGE_REASON %(queue_purge)du /* QUEUE_PURGE, or NO_REASON when unknown */
 #define RATE_INTERVAL_NS %(interval)dull    /* 0: no per-packet records */
 #define RATE_BURST_NS %(burst_ns)dull
 #define FILTER_PORTS %(filter_ports)d
@@ -544,6 +549,33 @@ def c_offsets(offsets) -> str:
     )
 
 
+#: A TCP segment without payload, freed with QUEUE_PURGE by the socket it was addressed to
+#: (the socket's local port is the packet's destination port and its peer's the source: a
+#: packet on its way out has them the other way round), is the peer's FIN, purged unread
+#: when this side, having closed first, destroyed the socket: it was delivered, not lost.
+#: By then the local port may be put back (skc_num 0): inet_sport still has it.
+C_DELIVERED = r"""	if (reason == QUEUE_PURGE_REASON && have && ev->l4 == 1 && !ev->len && sk) {
+		__u16 local = 0;
+		__u8 be[2] = {};     /* ports in network order, read as bytes */
+		bpf_probe_read_kernel(&local, sizeof(local), (void *)(sk + OFF_SKC_NUM));
+		if (!local) {
+			bpf_probe_read_kernel(be, 2, (void *)(sk + OFF_INET_SPORT));
+			local = ((__u16)be[0] << 8) | be[1];
+		}
+		bpf_probe_read_kernel(be, 2, (void *)(sk + OFF_SKC_DPORT));
+		if (local && local == ev->dport && (((__u16)be[0] << 8) | be[1]) == ev->sport)
+			return 0;    /* the peer's FIN, delivered: no drop */
+	}"""
+
+
+def purge_reason(reasons: dict) -> int:
+    """QUEUE_PURGE's number on this kernel (NO_REASON when it has none)."""
+    for num, name in reasons["names"].items():
+        if name == "QUEUE_PURGE":
+            return num
+    return NO_REASON
+
+
 def c_drop_probe(plan: dict) -> str:
     """The kfree_skb program: drop test, namespace, count, filter, rate-limited record."""
     fmt = plan["tracepoints"]["kfree_skb"]
@@ -585,6 +617,8 @@ def c_drop_probe(plan: dict) -> str:
             " (void *)(dev + OFF_DEV_IFINDEX));"
         )
         body.append("\tint have = skb ? read_packet(skb, rec.protocol, ev) : 0;")
+        if reason and purge_reason(plan["reasons"]) != NO_REASON:
+            body.append(C_DELIVERED)
     else:
         body.append("\tint have = 0;             /* no BTF offsets: headers unreadable */")
     body.append("\tint filtered = FILTER_PORTS || FILTER_ADDRS;")
@@ -654,6 +688,7 @@ def build_program(plan: dict) -> str:
         % {
             "first_drop": reasons["first_drop"],
             "consumed": NO_REASON if consumed is None else consumed,
+            "queue_purge": purge_reason(reasons),
             "interval": interval,
             "burst_ns": interval * (BURST - 1),
             "filter_ports": int(bool(plan["ports"])),

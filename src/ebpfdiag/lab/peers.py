@@ -22,7 +22,8 @@ def emit(record):
 
 
 def serve(port, mode):
-    """Accept forever; ``echo`` answers each request, ``abort`` resets after reading it."""
+    """Accept forever; ``echo`` answers each request, ``abort`` resets after reading it,
+    ``close`` answers and closes at once, before the client's FIN (as HTTP/1.0 servers do)."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("0.0.0.0", port))
@@ -38,6 +39,8 @@ def serve(port, mode):
             if mode == "abort":
                 # Linger with a zero timeout: close() sends RST instead of FIN.
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            elif mode == "close":
+                conn.sendall(b"ok " + request)
             else:
                 conn.sendall(b"ok " + request)
                 conn.shutdown(socket.SHUT_WR)
@@ -311,7 +314,8 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="role")
     server = sub.add_parser("server")
     server.add_argument("--port", type=int, required=True)
-    server.add_argument("--mode", choices=("echo", "abort", "delay", "no-accept"), default="echo")
+    modes = ("echo", "abort", "close", "delay", "no-accept")
+    server.add_argument("--mode", choices=modes, default="echo")
     server.add_argument("--delay-ms", type=float, default=0.0, help="delay mode: per answer")
     server.add_argument("--backlog", type=int, default=1, help="no-accept mode: listen backlog")
     client = sub.add_parser("client")
