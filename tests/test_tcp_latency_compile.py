@@ -117,6 +117,21 @@ def test_raw_tracepoints_only_where_the_kernel_and_btf_allow(monkeypatch):
     assert tool.raw_choice("auto", formats, tuples, fields) == old
 
 
+def test_raw_programs_leave_other_namespaces_before_reading_addresses():
+    """On a raw tracepoint another namespace's socket on a traced port (a container's, or
+    another lab host's) costs the port reads and the namespace reads, nothing more."""
+    require(os.path.exists("/sys/kernel/btf/vmlinux"), "no BTF here")
+    proc = run_system("--ebpf", "--port", "8080", "--tp-mode", "raw")
+    assert proc.returncode == 0, proc.stderr
+    code = proc.stdout
+    for probe in ("tcp_probe", "sock_recv_length"):
+        start = code.index(f"int ebd_{probe}(struct bpf_raw_tracepoint_args *ctx)")
+        body = code[start : code.index("\n}\n", start)]
+        order = [body.index(s) for s in ("port_wanted(", "e.netns != OWN_NETNS",
+                                         "sock_addrs(&e, sk)", "rate_recent(")]  # fmt: skip
+        assert order == sorted(order), (probe, order)
+
+
 @pytest.mark.parametrize(
     "bad, why",
     [

@@ -690,9 +690,10 @@ RAW_ARGS = {
 
 def c_sock_probe(probe: str, fmt: dict, plan: dict) -> str:
     """One tracepoint program: read the event (the formatted record, or on a raw
-    tracepoint the kernel's own arguments), filter (ports, then addresses, recent records,
-    namespace), rate-limit (not retransmissions), emit a sock_event. Cheapest first: most
-    events are other sockets' or a busy flow's, dropped before the namespace reads."""
+    tracepoint the kernel's own arguments), filter (ports, then on a raw tracepoint the
+    namespace, addresses, recent records, else the namespace), rate-limit (not
+    retransmissions), emit a sock_event. Cheapest first: most events are other sockets',
+    another namespace's or a busy flow's."""
     raw = probe in plan["raw"]
     fields = field_map(fmt)
     ports = c_filters(plan["ports"], [], "e.family", "e.saddr", "e.daddr", "e.sport",
@@ -729,12 +730,15 @@ def c_sock_probe(probe: str, fmt: dict, plan: dict) -> str:
         )
         body.append("\tif (!sk || !sock_ports(&e, sk))\n\t\treturn 0;")
         body.append(ports)
+        if raw:
+            body.append(c_netns_lookup(plan["offsets"], sk, None))
         body.append("\tif (!sock_addrs(&e, sk))\n\t\treturn 0;")
         body.append("\te.len = ret;")
     elif raw:  # tcp_probe
         sk = "sk"
         body.append("\tif (!sk || !sock_ports(&e, sk))\n\t\treturn 0;")
         body.append(ports)
+        body.append(c_netns_lookup(plan["offsets"], sk, None))
         body.append("\tif (!sock_addrs(&e, sk))\n\t\treturn 0;")
     else:
         sk = "rec.sk" if "sk" in fields else ("rec.skaddr" if "skaddr" in fields else None)
@@ -749,7 +753,8 @@ def c_sock_probe(probe: str, fmt: dict, plan: dict) -> str:
             "\tif (rate_recent(rk))\n\t\treturn 0;" % KIND_NUM[probe]
         )
     skb = "rec.skbaddr" if not raw and "skbaddr" in fields else None
-    body.append(c_netns_lookup(plan["offsets"], sk, skb))
+    if not raw:
+        body.append(c_netns_lookup(plan["offsets"], sk, skb))
     if probe == "tcp_probe" and not raw:
         for name, member in (
             ("srtt", "srtt_us"),
