@@ -318,6 +318,17 @@ def test_catalog_lists_the_tool_with_its_parameters_and_fields():
 # ------------------------------------------------------------------ packet history
 
 
+def test_history_programs_are_compiled_for_the_hosts_kinds_of_link_only():
+    args = drop.parse_args(["--port", "8090"])
+    formats = drop.read_formats(str(FIXTURES / "6.18"))
+    plan = drop.make_plan(args, formats, None, None, [(2, "eth0", 14), (3, "eth1", 14)])
+    code = drop.build_program(plan)
+    assert "int ebd_tc_ingress(" in code and "int ebd_tc_egress(" in code
+    assert "ebd_tc_in_l3" not in code and "ebd_tc_out_l3" not in code
+    plan = drop.make_plan(args, formats, None, None, [(2, "eth0", 14), (7, "wg0", 0)])
+    assert "int ebd_tc_in_l3(" in drop.build_program(plan)
+
+
 def test_history_programs_use_the_shared_parser_and_the_drop_filter():
     proc = ebpf("--format-dir", str(FIXTURES / "6.18"), "--port", "8090")
     assert proc.returncode == 0, proc.stderr

@@ -131,3 +131,34 @@ def test_a_tool_holds_its_hooks_and_reports_hooks_it_cannot_have():
     tc.attach_tool(tool, LINKS, "clsact", no_pyroute2)
     assert tool.plan["missing"] == [{"probe": "tc", "why": "pyroute2 is not installed"}]
     assert tool.tc is None and "tc" not in tool.attach
+
+
+def test_only_the_kinds_of_the_watched_links_get_packet_programs_compiled():
+    """Each entry point is a copy of the tool's on_packet for clang and the verifier: a
+    host with Ethernet devices only compiles the Ethernet pair."""
+    assert tc.link_kinds(None) is None
+    assert tc.link_kinds([(2, "eth0", 14), (4, "eth1", 14), (5, "can0", None)]) == [14]
+    assert tc.link_kinds(LINKS) == [0, 14]
+    names = {l2: set(pair) for l2, pair in tc.TC_VARIANTS.items()}
+
+    def defined(code: str) -> set[str]:
+        return {n for pair in names.values() for n in pair if f"int {n}(" in code}
+
+    assert defined(tc.c_tc_entries([14])) == names[14]
+    assert "on_packet(skb, 1, 14)" in tc.c_tc_entries([14])
+    assert (
+        defined(tc.c_tc_entries(None)) == defined(tc.c_tc_entries([0, 14])) == names[0] | names[14]
+    )
+    assert tc.c_tc_entries([]) == ""
+
+
+def test_watched_links_name_every_interface_and_refuse_unknown_ones():
+    ifnames, links = tc.watched_links(None)
+    assert sorted(ifnames) == sorted(i for i, _, _ in links)
+    assert "lo" not in ifnames.values()
+    try:
+        tc.watched_links(["no-such-if0"])
+    except tc.SetupError as exc:
+        assert str(exc) == "no such interface: no-such-if0"
+    else:
+        raise AssertionError("an unknown interface was accepted")

@@ -117,6 +117,18 @@ def test_raw_tracepoints_only_where_the_kernel_and_btf_allow(monkeypatch):
     assert tool.raw_choice("auto", formats, tuples, fields) == old
 
 
+def test_packet_programs_are_compiled_for_the_hosts_kinds_of_link_only():
+    args = tool.parse_args(["--port", "8080"])
+    formats = tool.read_formats(str(FORMATS / "6.18"))
+    plan = tool.make_plan(args, formats, None, None, None, [(2, "eth0", 14)])
+    code = tool.build_program(plan)
+    assert "int ebd_tc_ingress(" in code and "int ebd_tc_egress(" in code
+    assert "ebd_tc_in_l3" not in code and "ebd_tc_out_l3" not in code
+    plan = tool.make_plan(args, formats, None, None, None, [(7, "wg0", 0)])
+    code = tool.build_program(plan)
+    assert "int ebd_tc_in_l3(" in code and "int ebd_tc_ingress(" not in code
+
+
 def test_raw_programs_leave_other_namespaces_before_reading_addresses():
     """On a raw tracepoint another namespace's socket on a traced port (a container's, or
     another lab host's) costs the port reads and the namespace reads, nothing more."""

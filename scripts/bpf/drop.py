@@ -126,7 +126,7 @@ import time
 
 from core.btf import BTF_VMLINUX, NETNS_PATHS, TUPLE_PATHS, c_netns_lookup, load_btf
 from core.compile import bpf_compile
-from core.discovery import discover_addrs, discover_links, kernel_version, own_netns
+from core.discovery import discover_addrs, kernel_version, own_netns
 from core.dropreasons import reason_count, reason_table
 from core.events import C_LOST, RINGBUF_MIN_KERNEL, BufferCallbacks, Output, c_submit, now_ns
 from core.lifecycle import SetupError, Stop
@@ -141,7 +141,7 @@ from core.packet import (
     flow_packet_records,
 )
 from core.symbols import Symbols
-from core.tc import Clsact, attach_tool
+from core.tc import Clsact, attach_tool, c_tc_entries, link_kinds, watched_links
 from core.tool import (
     SetupTimes,
     ebpfdiag_control,  # noqa: F401 - the bootstrap's hook for ctl lines
@@ -521,25 +521,6 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir, __u32 off)
 	return TC_ACT_UNSPEC;
 }
 
-int ebd_tc_ingress(struct __sk_buff *skb)      /* Ethernet devices */
-{
-	return on_packet(skb, 0, 14);
-}
-
-int ebd_tc_egress(struct __sk_buff *skb)
-{
-	return on_packet(skb, 1, 14);
-}
-
-int ebd_tc_in_l3(struct __sk_buff *skb)        /* devices without a link-layer header */
-{
-	return on_packet(skb, 0, 0);
-}
-
-int ebd_tc_out_l3(struct __sk_buff *skb)
-{
-	return on_packet(skb, 1, 0);
-}
 """
 
 
@@ -717,6 +698,7 @@ def build_program(plan: dict) -> str:
     if plan["history"]:
         parts += [C_PACKET, C_FLOW_KEY]
         parts.append(C_HISTORY % {"history": plan["history"], "flow_map_size": FLOW_MAP_SIZE})
+        parts.append(c_tc_entries(plan.get("l2")))
     return "\n".join(parts)
 
 
@@ -859,8 +841,9 @@ def count_rows(items, names: dict, symbols) -> list:
 # --------------------------------------------------------------------------------------
 
 
-def make_plan(args, formats: dict, offsets, btf_enum) -> dict:
-    """Everything the C program and the attach step depend on, decided up front."""
+def make_plan(args, formats: dict, offsets, btf_enum, links=None) -> dict:
+    """Everything the C program and the attach step depend on, decided up front; `links`
+    are the interfaces the history programs go on (None: not known, every kind)."""
     missing = []
     for system, probe in (DROP_PROBE,) + RETRANS_PROBES:
         if probe not in formats:
@@ -878,6 +861,7 @@ def make_plan(args, formats: dict, offsets, btf_enum) -> dict:
         "reasons": reasons,
         "own_netns": own_netns(),
         "missing": missing,
+        "l2": link_kinds(links),
     }
 
 
@@ -924,7 +908,11 @@ class Session(BufferCallbacks):
         self.ifnames = dict((i, n) for i, n in socket.if_nameindex())
         self.netstat = NetstatDelta()
         offsets, enum, whys = btf_facts(self.args.btf or BTF_VMLINUX)
-        self.plan = make_plan(self.args, read_formats(None), offsets, enum)
+        links = None
+        if self.args.history:  # only their kinds of history program are compiled
+            names, links = watched_links(None)
+            self.ifnames.update(names)
+        self.plan = make_plan(self.args, read_formats(None), offsets, enum, links)
         for why in whys:
             self.plan["missing"].append({"probe": "btf", "why": why})
         if "kfree_skb" not in self.plan["tracepoints"]:
@@ -948,16 +936,10 @@ class Session(BufferCallbacks):
             self.attach[probe] = {"kind": "tracepoint", "tp": "%s:%s" % (system, probe)}
         if "kfree_skb" not in self.attach:
             raise SetupError("cannot attach skb:kfree_skb: %s" % self.plan["missing"][-1]["why"])
-        if self.plan["history"]:
-            self._attach_tc()
+        if links is not None:  # the history programs, on every interface but lo
+            attach_tool(self, links, "auto", self.clsact.hooks)
         self._open_buffers()
         times.done("attach")
-
-    def _attach_tc(self) -> None:
-        """The history programs on every interface but lo (observe only)."""
-        links = discover_links()
-        self.ifnames.update((idx, name) for idx, name, _ in links)
-        attach_tool(self, links, "auto", self.clsact.hooks)
 
     def _fill_filters(self) -> None:
         fill_filters(self.bpf, self.args.port, self.args.addr)

@@ -162,7 +162,7 @@ import time
 
 from core.btf import btf_offsets, c_netns_lookup, load_btf
 from core.compile import bpf_compile
-from core.discovery import discover_addrs, discover_links, kernel_version, own_netns
+from core.discovery import discover_addrs, kernel_version, own_netns
 from core.events import C_LOST, RINGBUF_MIN_KERNEL, BufferCallbacks, Output, c_submit, now_ns
 from core.lifecycle import SetupError, Stop
 from core.natports import start_nat_ports
@@ -178,7 +178,7 @@ from core.packet import (
     tcp_fields,
 )
 from core.params import ParamError, convert
-from core.tc import Clsact, attach_tool
+from core.tc import Clsact, attach_tool, c_tc_entries, link_kinds, watched_links
 from core.tool import (
     SetupTimes,
     ebpfdiag_control,  # noqa: F401 - the bootstrap's hook for ctl lines
@@ -529,25 +529,6 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir, __u32 off)
 	return TC_ACT_UNSPEC;
 }
 
-int ebd_tc_ingress(struct __sk_buff *skb)      /* Ethernet devices */
-{
-	return on_packet(skb, 0, 14);
-}
-
-int ebd_tc_egress(struct __sk_buff *skb)
-{
-	return on_packet(skb, 1, 14);
-}
-
-int ebd_tc_in_l3(struct __sk_buff *skb)        /* devices without a link-layer header */
-{
-	return on_packet(skb, 0, 0);
-}
-
-int ebd_tc_out_l3(struct __sk_buff *skb)
-{
-	return on_packet(skb, 1, 0);
-}
 """
 
 
@@ -811,6 +792,7 @@ def build_program(plan: dict) -> str:
     parts.append(
         C_TC % {"filters": filters, "submit": submit(plan["buffer"], "pkt_events", "skb", "&e", 0)}
     )
+    parts.append(c_tc_entries(plan.get("l2")))
     if "sock_recv_length" in plan["tracepoints"] or plan["raw"]:
         parts.append(C_SOCK_TUPLE % plan["tuple_offsets"])
     if "tcp_probe" in plan["raw"]:
@@ -959,9 +941,10 @@ def raw_choice(mode: str, formats: dict, tuple_offsets, fields):
     return sorted(p for p in RAW_ARGS if p in formats), None
 
 
-def make_plan(args, formats: dict, offsets, tuples, fields=None) -> dict:
+def make_plan(args, formats: dict, offsets, tuples, fields=None, links=None) -> dict:
     """Everything the C program and the attach step depend on, decided up front.
-    `fields`: SOCK_FIELDS' offsets (None: the socket tracepoints keep their formats)."""
+    `fields`: SOCK_FIELDS' offsets (None: the socket tracepoints keep their formats);
+    `links`: the interfaces to watch (None: not known, every kind of packet program)."""
     missing = []
     formats = dict(formats)
     for probe, category in sorted(SOCK_PROBES.items()):
@@ -989,6 +972,7 @@ def make_plan(args, formats: dict, offsets, tuples, fields=None) -> dict:
         "raw_why": raw_why,
         "own_netns": own_netns(),
         "missing": missing,
+        "l2": link_kinds(links),
     }
 
 
@@ -1037,7 +1021,9 @@ class Session(BufferCallbacks):
         btf = load_btf()
         (offsets, offsets_why), (tuples, _) = btf_offsets(loaded=btf)
         fields, _ = sock_fields(btf[0])
-        self.plan = make_plan(self.args, read_formats(None), offsets, tuples, fields)
+        self.ifnames, links = watched_links(self.args.interfaces)
+        self.lines = PacketLines(self.ifnames)
+        self.plan = make_plan(self.args, read_formats(None), offsets, tuples, fields, links)
         if self.args.tp_mode == "raw" and self.plan["raw_why"]:
             raise SetupError("--tp-mode raw: %s" % self.plan["raw_why"])
         if offsets_why:
@@ -1056,7 +1042,7 @@ class Session(BufferCallbacks):
         with self.filter_lock:
             fill_filters(self.bpf, self.ports, self.args.addr)
         self._attach_tracepoints()
-        self._attach_tc()
+        attach_tool(self, links, self.args.tc_mode, self.clsact.hooks)
         self._open_buffers()
         times.done("attach")
 
@@ -1074,18 +1060,6 @@ class Session(BufferCallbacks):
                 continue
             self.attach[probe] = {"kind": "raw_tracepoint" if raw else "tracepoint",
                                   "tracepoint": tp}  # fmt: skip
-
-    def _attach_tc(self) -> None:
-        links = discover_links()
-        self.ifnames = dict((idx, name) for idx, name, _ in links)
-        self.lines = PacketLines(self.ifnames)
-        wanted = self.args.interfaces
-        if wanted:
-            unknown = sorted(set(wanted) - set(self.ifnames.values()))
-            if unknown:
-                raise SetupError("no such interface: %s" % ",".join(unknown))
-            links = [link for link in links if link[1] in wanted]
-        attach_tool(self, links, self.args.tc_mode, self.clsact.hooks)
 
     def _open_buffers(self) -> None:
         b = self.bpf

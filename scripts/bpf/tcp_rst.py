@@ -106,13 +106,7 @@ import time
 
 from core.btf import btf_offsets, c_netns_lookup
 from core.compile import bpf_compile
-from core.discovery import (
-    discover_addrs,
-    discover_links,
-    kernel_version,
-    kprobes_available,
-    own_netns,
-)
+from core.discovery import discover_addrs, kernel_version, kprobes_available, own_netns
 from core.events import (
     C_BUFFERS_PERF,
     C_BUFFERS_RINGBUF,
@@ -140,7 +134,7 @@ from core.packet import (
     flow_packet_records,
 )
 from core.params import ParamError, convert
-from core.tc import TC_VARIANTS, Clsact, attach_tool
+from core.tc import Clsact, attach_tool, c_tc_entries, link_kinds, watched_links
 from core.tool import (
     SetupTimes,
     ebpfdiag_control,  # noqa: F401 - the bootstrap's hook for ctl lines
@@ -385,15 +379,6 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir, __u32 off)
 	return TC_ACT_UNSPEC;
 }
 
-"""
-
-#: One entry per program of core.tc.TC_VARIANTS: only the variants of the interfaces watched
-#: are compiled (each is a copy of on_packet for clang and the verifier).
-C_TC_ENTRY = r"""
-int %(name)s(struct __sk_buff *skb)
-{
-	return on_packet(skb, %(dir)d, %(l2)d);
-}
 """
 
 C_TUPLE = r"""
@@ -727,9 +712,7 @@ def build_program(plan: dict) -> str:
             "submit_pkt": c_submit(plan["buffer"], "pkt_events", "skb", "e", 0),
         }
     )
-    for l2 in sorted(TC_VARIANTS) if plan.get("l2") is None else plan["l2"]:
-        for direction, name in enumerate(TC_VARIANTS[l2]):
-            parts.append(C_TC_ENTRY % {"name": name, "dir": direction, "l2": l2})
+    parts.append(c_tc_entries(plan.get("l2")))
     num = {"tcp_send_reset": 1, "tcp_receive_reset": 2}
     tuples = plan.get("tuple_offsets")
     if tuples and "tcp_send_reset" in plan["tracepoints"]:
@@ -919,7 +902,7 @@ def make_plan(args, formats: dict, offsets, tuple_offsets=None, links=None) -> d
         "tuple_offsets": tuple_offsets,
         "own_netns": own_netns(),
         "missing": missing,
-        "l2": None if links is None else sorted({l2 for _, _, l2 in links if l2 is not None}),
+        "l2": link_kinds(links),
     }
 
 
@@ -989,17 +972,10 @@ class Session(BufferCallbacks):
         """[(ifindex, name, l2)] to put the packet programs on, or None when the
         interfaces cannot be listed (then no packets, said in missing)."""
         try:
-            links = discover_links()
+            self.ifnames, links = watched_links(self.args.interfaces)
         except OSError as exc:
             self.link_error = "cannot list interfaces: %s; no packets" % exc
             return None
-        self.ifnames = dict((idx, name) for idx, name, _ in links)
-        wanted = self.args.interfaces
-        if wanted:
-            unknown = sorted(set(wanted) - set(self.ifnames.values()))
-            if unknown:
-                raise SetupError("no such interface: %s" % ",".join(unknown))
-            links = [link for link in links if link[1] in wanted]
         return links
 
     def _fill_filters(self) -> None:
