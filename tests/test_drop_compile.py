@@ -184,6 +184,18 @@ def test_ebpf_with_this_hosts_btf_reads_headers_and_namespace():
     assert body.index("reason == QUEUE_PURGE_REASON") < body.index("count_drop(")
 
 
+def test_without_the_sockets_ports_in_btf_a_purged_fin_stays_a_drop():
+    require(Path("/sys/kernel/btf/vmlinux").exists(), "no BTF here")
+    offsets, enum, whys = drop.btf_facts("/sys/kernel/btf/vmlinux")
+    assert whys == [] and all(k in offsets for k in drop.SOCK_PORTS)
+    args = drop.parse_args(["--port", "8090"])
+    plan = drop.make_plan(args, drop.read_formats(str(FIXTURES / "6.18")), offsets, enum)
+    assert "reason == QUEUE_PURGE_REASON &&" in drop.build_program(plan)
+    del offsets["inet_sport"]
+    code = drop.build_program(plan)
+    assert "QUEUE_PURGE_REASON &&" not in code and "int have = skb ? read_packet(" in code
+
+
 def test_kernel_without_queue_purge_has_no_delivered_fin_rule():
     """5.10's format has no reason field: nothing can be told apart by reason there."""
     require(Path("/sys/kernel/btf/vmlinux").exists(), "no BTF here")

@@ -198,6 +198,10 @@ def read_formats(fmt_dir) -> dict:
 # --------------------------------------------------------------------------------------
 
 
+#: The socket's ports (core/btf.py's TUPLE_PATHS), for C_DELIVERED
+SOCK_PORTS = ("skc_num", "skc_dport", "inet_sport")
+
+
 def btf_facts(path: str):
     """(offsets or None, reason enum or None, [why ...]) from one read of a BTF file."""
     btf, why = load_btf(path)
@@ -210,12 +214,16 @@ def btf_facts(path: str):
         for key in ("skb_head", "skb_nh"):
             found[key] = btf.field(*TUPLE_PATHS[key])
         found["skb_sk"] = btf.field("sk_buff", ("sk",), 8)
-        for key in ("skc_num", "skc_dport", "inet_sport"):
-            found[key] = btf.field(*TUPLE_PATHS[key])
         found["dev_ifindex"] = btf.field("net_device", ("ifindex",), 4)
         offsets = found
     except (KeyError, IndexError, TypeError, struct.error) as exc:
         whys.append("no BTF offsets (%s): no packet headers, no namespace filter" % exc)
+    if offsets is not None:
+        try:  # the socket's ports, that tell a FIN left unread at close (C_DELIVERED)
+            ports = dict((k, btf.field(*TUPLE_PATHS[k])) for k in SOCK_PORTS)
+            offsets.update(ports)
+        except (KeyError, IndexError, TypeError, struct.error) as exc:
+            whys.append("no BTF socket ports (%s): a FIN purged at close counts as a drop" % exc)
     try:
         enum = btf.enum("skb_drop_reason")
     except (KeyError, struct.error):
@@ -598,7 +606,8 @@ def c_drop_probe(plan: dict) -> str:
             " (void *)(dev + OFF_DEV_IFINDEX));"
         )
         body.append("\tint have = skb ? read_packet(skb, rec.protocol, ev) : 0;")
-        if reason and purge_reason(plan["reasons"]) != NO_REASON:
+        if (reason and purge_reason(plan["reasons"]) != NO_REASON
+                and all(k in offsets for k in SOCK_PORTS)):  # fmt: skip
             body.append(C_DELIVERED)
     else:
         body.append("\tint have = 0;             /* no BTF offsets: headers unreadable */")
