@@ -219,13 +219,12 @@ def _by_ipid(bucket: list[Sighting]) -> list[list[Sighting]]:
     sooner after it than the clocks' error (the later host's sighting would join the first
     copy). Anything else (IP ID 0, a host rewriting IP IDs) keeps the one bucket."""
     first = bucket[0].ipid
-    by_id: dict[int, list[Sighting]] | None = None
-    for s in bucket:
+    for s in bucket:  # the common case, one IP ID: nothing to split (a loop, as _one_range)
         if s.ipid != first:
-            by_id = defaultdict(list)
             break
-    if by_id is None or first == 0:
+    else:
         return [bucket]
+    by_id: dict[int, list[Sighting]] = defaultdict(list)
     per_point: dict[tuple[str, str, str], int] = defaultdict(int)
     for s in bucket:
         if not s.ipid:
