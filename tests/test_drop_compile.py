@@ -104,7 +104,7 @@ def test_live_format_reason_names_match_this_kernel():
 def test_kernel_without_reason_field_falls_back_to_locations():
     table = drop.reason_table(fmt("5.10"), {1: "SKB_CONSUMED"})
     assert table == {"source": "none", "names": {}, "has_field": False, "first_drop": 0,
-                     "consumed": None}  # fmt: skip
+                     "consumed": None, "queue_purge": None}  # fmt: skip
     proc = ebpf("--format-dir", str(FIXTURES / "5.10"))
     assert proc.returncode == 0, proc.stderr
     assert "__u32 reason = NO_REASON;" in proc.stdout
@@ -177,11 +177,11 @@ def test_ebpf_with_this_hosts_btf_reads_headers_and_namespace():
     assert "e.netns != OWN_NETNS" in code
     # a FIN purged unread from its own socket is no drop: QUEUE_PURGE's number from 6.18's
     # format, the ports it is told by from BTF, the test before anything is counted
-    assert "#define QUEUE_PURGE_REASON 104u" in code
+    assert "(reason == 104u /* QUEUE_PURGE */ && have && ev->l4 == 1\n" in code
     for name in ("OFF_SKC_NUM", "OFF_SKC_DPORT", "OFF_INET_SPORT"):
         assert re.search(rf"#define {name} \d+", code), name
     body = code[code.index("int ebd_kfree_skb(void *ctx)") :]
-    assert body.index("reason == QUEUE_PURGE_REASON") < body.index("count_drop(")
+    assert body.index("/* QUEUE_PURGE */") < body.index("count_drop(")
 
 
 def test_without_the_sockets_ports_in_btf_a_purged_fin_stays_a_drop():
@@ -190,10 +190,10 @@ def test_without_the_sockets_ports_in_btf_a_purged_fin_stays_a_drop():
     assert whys == [] and all(k in offsets for k in drop.SOCK_PORTS)
     args = drop.parse_args(["--port", "8090"])
     plan = drop.make_plan(args, drop.read_formats(str(FIXTURES / "6.18")), offsets, enum)
-    assert "reason == QUEUE_PURGE_REASON &&" in drop.build_program(plan)
+    assert "/* QUEUE_PURGE */ &&" in drop.build_program(plan)
     del offsets["inet_sport"]
     code = drop.build_program(plan)
-    assert "QUEUE_PURGE_REASON &&" not in code and "int have = skb ? read_packet(" in code
+    assert "/* QUEUE_PURGE */" not in code and "int have = skb ? read_packet(" in code
 
 
 def test_kernel_without_queue_purge_has_no_delivered_fin_rule():
@@ -202,7 +202,7 @@ def test_kernel_without_queue_purge_has_no_delivered_fin_rule():
     proc = ebpf("--format-dir", str(FIXTURES / "5.10"), "--btf", "/sys/kernel/btf/vmlinux")
     assert proc.returncode == 0, proc.stderr
     assert "read_packet(skb" in proc.stdout
-    assert "QUEUE_PURGE_REASON &&" not in proc.stdout
+    assert "/* QUEUE_PURGE */" not in proc.stdout
 
 
 @pytest.mark.parametrize("rate, interval, burst", [(1000, 1_000_000, 99_000_000), (0, 0, 0)])
@@ -235,7 +235,7 @@ class FakeSymbols:
 def drop_event(reason, *, l4=1, family=4, location=0xFFFF1000, ifindex=3):
     saddr = bytes([198, 18, 1, 10]).ljust(16, b"\0")
     daddr = bytes([198, 18, 3, 1]).ljust(16, b"\0")
-    return struct.pack(drop.DROP_FMT, 5, location, reason, ifindex, 100, 0, 7, 40000, 8090,
+    return struct.pack(drop.DROP_FMT, 5, location, reason, ifindex, 7, 100, 0, 40000, 8090,
                        0, 321, family, 6, 0x02, l4, saddr, daddr)  # fmt: skip
 
 

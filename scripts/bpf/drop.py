@@ -127,7 +127,17 @@ import time
 from core.btf import BTF_VMLINUX, NETNS_PATHS, TUPLE_PATHS, c_netns_lookup, load_btf
 from core.compile import bpf_compile
 from core.discovery import discover_addrs, kernel_version, own_netns
-from core.dropreasons import reason_count, reason_table
+from core.dropreasons import (
+    C_SKB_PACKET_FIELDS,
+    SKB_HEADER_OFFSETS,
+    SOCK_PORTS,
+    c_delivered,
+    c_offsets,
+    c_read_packet,
+    knows_delivered,
+    reason_count,
+    reason_table,
+)
 from core.events import C_LOST, RINGBUF_MIN_KERNEL, BufferCallbacks, Output, c_submit, now_ns
 from core.lifecycle import SetupError, Stop
 from core.netstat import NetstatDelta
@@ -198,10 +208,6 @@ def read_formats(fmt_dir) -> dict:
 # --------------------------------------------------------------------------------------
 
 
-#: The socket's ports (core/btf.py's TUPLE_PATHS), for C_DELIVERED
-SOCK_PORTS = ("skc_num", "skc_dport", "inet_sport")
-
-
 def btf_facts(path: str):
     """(offsets or None, reason enum or None, [why ...]) from one read of a BTF file."""
     btf, why = load_btf(path)
@@ -211,7 +217,7 @@ def btf_facts(path: str):
     offsets = None
     try:
         found = dict((key, btf.offset(*spec)) for key, spec in NETNS_PATHS.items())
-        for key in ("skb_head", "skb_nh"):
+        for key in SKB_HEADER_OFFSETS:
             found[key] = btf.field(*TUPLE_PATHS[key])
         found["skb_sk"] = btf.field("sk_buff", ("sk",), 8)
         found["dev_ifindex"] = btf.field("net_device", ("ifindex",), 4)
@@ -219,7 +225,7 @@ def btf_facts(path: str):
     except (KeyError, IndexError, TypeError, struct.error) as exc:
         whys.append("no BTF offsets (%s): no packet headers, no namespace filter" % exc)
     if offsets is not None:
-        try:  # the socket's ports, that tell a FIN left unread at close (C_DELIVERED)
+        try:  # the socket's ports, that tell a FIN left unread at close (c_delivered)
             ports = dict((k, btf.field(*TUPLE_PATHS[k])) for k in SOCK_PORTS)
             offsets.update(ports)
         except (KeyError, IndexError, TypeError, struct.error) as exc:
@@ -240,7 +246,6 @@ C_COMMON = r"""
 #define NO_REASON 0xffffffffu
 #define FIRST_DROP_REASON %(first_drop)du   /* NOT_SPECIFIED: lower numbers are not drops */
 #define CONSUMED_REASON %(consumed)du       /* SKB_CONSUMED, or NO_REASON when unknown */
-#define QUEUE_PURGE_REASON %(queue_purge)du /* QUEUE_PURGE, or NO_REASON when unknown */
 #define RATE_INTERVAL_NS %(interval)dull    /* 0: no per-packet records */
 #define RATE_BURST_NS %(burst_ns)dull
 #define FILTER_PORTS %(filter_ports)d
@@ -253,20 +258,8 @@ struct drop_event {
 	__u64 location;
 	__u32 reason;            /* NO_REASON on kernels without drop reasons */
 	__u32 ifindex;
-	__u32 seq;
-	__u32 ack;
 	__u32 netns;
-	__u16 sport;
-	__u16 dport;
-	__u16 len;
-	__u16 ipid;
-	__u8 family;             /* 0: headers unreadable */
-	__u8 proto;
-	__u8 flags;
-	__u8 l4;                 /* 1 TCP fields valid, 2 UDP ports valid */
-	__u8 saddr[16];
-	__u8 daddr[16];
-};
+%(packet_fields)s};
 
 struct retrans_event {
 	__u64 ts;
@@ -370,85 +363,7 @@ static __always_inline void count_drop(__u32 reason, __u64 location, int matched
 	if (matched)
 		__sync_fetch_and_add(&v->matched, 1);
 }
-
-static __always_inline __u32 ebd_be32(__u8 *p)
-{
-	return ((__u32)p[0] << 24) | ((__u32)p[1] << 16) | ((__u32)p[2] << 8) | p[3];
-}
 """
-
-C_HEADERS = r"""
-/* The packet's addresses, ports and TCP fields, read through the skb with BTF offsets
- * (head + network_header; the L4 header right after the IP header, since transport_header
- * is not set yet on early receive paths). Returns 0 when there is no IP header to read. */
-static __always_inline int read_packet(__u64 skb, __u16 protocol, struct drop_event *e)
-{
-	if (protocol != 0x0800 && protocol != 0x86DD && protocol != 0)
-		return 0;
-	__u64 head = 0;
-	__u16 nh = 0;
-	if (bpf_probe_read_kernel(&head, sizeof(head), (void *)(skb + OFF_SKB_HEAD)) || !head)
-		return 0;
-	if (bpf_probe_read_kernel(&nh, sizeof(nh), (void *)(skb + OFF_SKB_NH)) || nh == 0xffff)
-		return 0;
-	__u8 ip[40];
-	if (bpf_probe_read_kernel(ip, 20, (void *)(head + nh)))
-		return 0;
-	__u32 l4off, payload;
-	int fragment = 0;
-	if ((ip[0] >> 4) == 4 && protocol != 0x86DD) {
-		__u32 ihl = (ip[0] & 0x0f) * 4;
-		__u32 tot = ((__u32)ip[2] << 8) | ip[3];
-		if (ihl < 20)
-			return 0;
-		e->family = 4;
-		e->proto = ip[9];
-		e->ipid = ((__u16)ip[4] << 8) | ip[5];
-		__builtin_memcpy(e->saddr, &ip[12], 4);
-		__builtin_memcpy(e->daddr, &ip[16], 4);
-		l4off = nh + ihl;
-		payload = tot > ihl ? tot - ihl : 0;
-		fragment = (ip[6] & 0x1f) || ip[7];
-	} else if ((ip[0] >> 4) == 6 && protocol != 0x0800) {
-		if (bpf_probe_read_kernel(ip, 40, (void *)(head + nh)))
-			return 0;
-		e->family = 6;
-		e->proto = ip[6];
-		__builtin_memcpy(e->saddr, &ip[8], 16);
-		__builtin_memcpy(e->daddr, &ip[24], 16);
-		l4off = nh + 40;
-		payload = ((__u32)ip[4] << 8) | ip[5];
-	} else {
-		return 0;
-	}
-	e->len = payload;
-	if (fragment)
-		return 1;
-	if (e->proto == 6) {
-		__u8 t[20];
-		if (bpf_probe_read_kernel(t, sizeof(t), (void *)(head + l4off)))
-			return 1;
-		__u32 doff = (t[12] >> 4) * 4;
-		e->sport = ((__u16)t[0] << 8) | t[1];
-		e->dport = ((__u16)t[2] << 8) | t[3];
-		e->seq = ebd_be32(&t[4]);
-		e->ack = ebd_be32(&t[8]);
-		e->flags = t[13];
-		e->len = payload > doff ? payload - doff : 0;
-		e->l4 = 1;
-	} else if (e->proto == 17) {
-		__u8 u[8];
-		if (bpf_probe_read_kernel(u, sizeof(u), (void *)(head + l4off)))
-			return 1;
-		e->sport = ((__u16)u[0] << 8) | u[1];
-		e->dport = ((__u16)u[2] << 8) | u[3];
-		e->len = payload > 8 ? payload - 8 : 0;
-		e->l4 = 2;
-	}
-	return 1;
-}
-"""
-
 
 C_HISTORY = r"""
 /* Per-flow history: the last HISTORY packets of every filtered TCP flow crossing this host's
@@ -532,39 +447,6 @@ static __always_inline int on_packet(struct __sk_buff *skb, __u8 dir, __u32 off)
 """
 
 
-def c_offsets(offsets) -> str:
-    return "\n".join(
-        "#define OFF_%s %d" % (key.upper(), value) for key, value in sorted(offsets.items())
-    )
-
-
-#: A TCP segment without payload, freed with QUEUE_PURGE by the socket it was addressed to
-#: (the socket's local port is the packet's destination port and its peer's the source: a
-#: packet on its way out has them the other way round), is the peer's FIN, purged unread
-#: when this side, having closed first, destroyed the socket: it was delivered, not lost.
-#: By then the local port may be put back (skc_num 0): inet_sport still has it.
-C_DELIVERED = r"""	if (reason == QUEUE_PURGE_REASON && have && ev->l4 == 1 && !ev->len && sk) {
-		__u16 local = 0;
-		__u8 be[2] = {};     /* ports in network order, read as bytes */
-		bpf_probe_read_kernel(&local, sizeof(local), (void *)(sk + OFF_SKC_NUM));
-		if (!local) {
-			bpf_probe_read_kernel(be, 2, (void *)(sk + OFF_INET_SPORT));
-			local = ((__u16)be[0] << 8) | be[1];
-		}
-		bpf_probe_read_kernel(be, 2, (void *)(sk + OFF_SKC_DPORT));
-		if (local && local == ev->dport && (((__u16)be[0] << 8) | be[1]) == ev->sport)
-			return 0;    /* the peer's FIN, delivered: no drop */
-	}"""
-
-
-def purge_reason(reasons: dict) -> int:
-    """QUEUE_PURGE's number on this kernel (NO_REASON when it has none)."""
-    for num, name in reasons["names"].items():
-        if name == "QUEUE_PURGE":
-            return num
-    return NO_REASON
-
-
 def c_drop_probe(plan: dict) -> str:
     """The kfree_skb program: drop test, namespace, count, filter, rate-limited record."""
     fmt = plan["tracepoints"]["kfree_skb"]
@@ -606,9 +488,8 @@ def c_drop_probe(plan: dict) -> str:
             " (void *)(dev + OFF_DEV_IFINDEX));"
         )
         body.append("\tint have = skb ? read_packet(skb, rec.protocol, ev) : 0;")
-        if (reason and purge_reason(plan["reasons"]) != NO_REASON
-                and all(k in offsets for k in SOCK_PORTS)):  # fmt: skip
-            body.append(C_DELIVERED)
+        if knows_delivered(plan["reasons"], offsets):
+            body.append(c_delivered(plan["reasons"], "reason", "ev", "have", "sk"))
     else:
         body.append("\tint have = 0;             /* no BTF offsets: headers unreadable */")
     body.append("\tint filtered = FILTER_PORTS || FILTER_ADDRS;")
@@ -678,7 +559,6 @@ def build_program(plan: dict) -> str:
         % {
             "first_drop": reasons["first_drop"],
             "consumed": NO_REASON if consumed is None else consumed,
-            "queue_purge": purge_reason(reasons),
             "interval": interval,
             "burst_ns": interval * (BURST - 1),
             "filter_ports": int(bool(plan["ports"])),
@@ -686,6 +566,7 @@ def build_program(plan: dict) -> str:
             "have_offsets": int(bool(plan["offsets"])),
             "own_netns": plan["own_netns"],
             "counts_size": COUNTS_SIZE,
+            "packet_fields": C_SKB_PACKET_FIELDS,
         }
     ]
     if plan["offsets"]:
@@ -698,7 +579,7 @@ def build_program(plan: dict) -> str:
     parts.append(C_LOST)
     parts.append(C_HELPERS)
     if plan["offsets"]:
-        parts.append(C_HEADERS)
+        parts.append(c_read_packet("drop_event"))
     if "kfree_skb" in plan["tracepoints"]:
         parts.append(c_drop_probe(plan))
     for num, (_system, probe) in enumerate(RETRANS_PROBES, start=1):
@@ -724,7 +605,7 @@ def reason_fields(reason: int, names: dict) -> dict:
 
 def decode_drop(raw: bytes, names: dict, symbols, ifname) -> dict:
     """One drop_event -> a drop record. `ifname(ifindex)` names a device or None."""
-    (ts, location, reason, ifindex, seq, ack, _netns, sport, dport, length, ipid, family,
+    (ts, location, reason, ifindex, _netns, seq, ack, sport, dport, length, ipid, family,
      proto, flags, l4, saddr, daddr) = struct.unpack_from(DROP_FMT, raw, 0)  # fmt: skip
     record = {"type": "drop", "ts_ns": ts}
     record.update(reason_fields(reason, names))

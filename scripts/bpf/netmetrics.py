@@ -7,7 +7,9 @@ port (tcp:tcp_receive_reset; where its format has no state, the socket's through
 retransmissions by state and port (tcp:tcp_retransmit_skb); the time from SYN sent to
 established as a log2 histogram (sock:inet_sock_set_state, keyed by socket); packets
 dropped, by drop reason (skb:kfree_skb; packets freed as consumed, SKB_CONSUMED and every
-number before NOT_SPECIFIED, are not drops; a kernel without the reason field labels a
+number before NOT_SPECIFIED, are not drops, nor is the peer's FIN purged unread when this
+side closed first (QUEUE_PURGE of a payload-less segment addressed to the socket that
+freed it, told through BTF as drop.py does); a kernel without the reason field labels a
 drop by the function that dropped it, or "unknown"); and, from this namespace's
 /proc/net/netstat, listen queue overflows and drops. Reason and state names come from the
 live format files' __print_symbolic tables (drop reasons also from the BTF enum
@@ -58,7 +60,15 @@ import time
 from core.btf import BTF_VMLINUX, btf_offsets, c_netns_lookup, load_btf
 from core.compile import bpf_compile
 from core.discovery import netlink_dump, own_netns
-from core.dropreasons import location_label, reason_table
+from core.dropreasons import (
+    C_SKB_PACKET,
+    c_delivered,
+    c_offsets,
+    c_read_packet,
+    knows_delivered,
+    location_label,
+    reason_table,
+)
 from core.events import Output, now_ns
 from core.lifecycle import SetupError
 from core.netstat import parse_counters
@@ -331,11 +341,12 @@ def c_set_state(fmt: dict, offsets) -> str:
     return "\n".join(line for line in body if line)
 
 
-def c_kfree_skb(fmt: dict, offsets, reasons: dict, skb_sk_off) -> str:
+def c_kfree_skb(fmt: dict, offsets, reasons: dict, skb_sk_off, tuples=None) -> str:
     """Drops by reason (or, without a reason field, by location) in this namespace only:
     the socket's namespace (the record's rx_sk, else skb->sk through BTF), else the
     device's. Without BTF offsets every namespace's drops are counted, as in the other
-    programs."""
+    programs. With the skb's and socket's offsets (`tuples`), the peer's FIN purged unread
+    at close is no drop, as in drop.py (core/dropreasons.py)."""
     fields = field_map(fmt)
     body = [
         c_tracepoint_struct("tp_kfree_skb", fmt),
@@ -370,14 +381,27 @@ def c_kfree_skb(fmt: dict, offsets, reasons: dict, skb_sk_off) -> str:
             "\tif (e.netns != OWN_NETNS)\n"
             "\t\treturn 0;                /* no socket, no device: not this host's to claim */"
         )
+        if skb_sk_off is not None and knows_delivered(reasons, tuples):
+            protocol = "rec.protocol" if "protocol" in fields else "0"
+            body.append(
+                "\tif (k.reason == %du) {       /* QUEUE_PURGE: a delivered FIN? */\n"
+                "\t\tstruct skb_packet p = {};\n"
+                "\t\tint have = skb ? read_packet(skb, %s, &p) : 0;"
+                % (reasons["queue_purge"], protocol)
+            )
+            body.append(
+                "\t" + c_delivered(reasons, "k.reason", "(&p)", "have", "sk").replace("\n", "\n\t")
+            )
+            body.append("\t}")
     body.append(c_bump("drops", "k"))
     return "\n".join(line for line in body if line)
 
 
 def build_program(formats: dict, offsets, sk_state_off, netns: int, drop_enum=None,
-                  skb_sk_off=None) -> str:  # fmt: skip
+                  skb_sk_off=None, tuples=None) -> str:  # fmt: skip
     """The whole C program for the probes whose formats are known (one compile); drop
-    reasons from the kfree_skb format and `drop_enum` (BTF enum skb_drop_reason)."""
+    reasons from the kfree_skb format and `drop_enum` (BTF enum skb_drop_reason);
+    `tuples`: core/btf.py's TUPLE_PATHS offsets, for reading a dropped packet's headers."""
     parts = [
         C_COMMON
         % {
@@ -399,7 +423,10 @@ def build_program(formats: dict, offsets, sk_state_off, netns: int, drop_enum=No
         parts.append(c_set_state(formats["inet_sock_set_state"], offsets))
     if "kfree_skb" in formats:
         fmt = formats["kfree_skb"]
-        parts.append(c_kfree_skb(fmt, offsets, reason_table(fmt, drop_enum), skb_sk_off))
+        reasons = reason_table(fmt, drop_enum)
+        if offsets and skb_sk_off is not None and knows_delivered(reasons, tuples):
+            parts += [c_offsets(tuples), C_SKB_PACKET, c_read_packet("skb_packet")]
+        parts.append(c_kfree_skb(fmt, offsets, reasons, skb_sk_off, tuples))
     return "\n".join(parts)
 
 
@@ -587,13 +614,25 @@ class Session:
         sk_state = tuples.get("skc_state") if tuples else None
         drop_enum, skb_sk = drop_btf(loaded=btf) if "kfree_skb" in self.formats else (None, None)
         kfree = self.formats.get("kfree_skb")
-        if kfree is not None and not reason_table(kfree, drop_enum)["has_field"]:
+        reasons = reason_table(kfree, drop_enum) if kfree is not None else None
+        if reasons is not None and not reasons["has_field"]:
             self.missing.append(
                 {"probe": "kfree_skb:reason", "why": "this kernel's kfree_skb has no drop "
                  "reason: drops are labelled by the function that dropped them"}
             )  # fmt: skip
+        elif (
+            reasons is not None
+            and reasons["queue_purge"] is not None
+            and not (offsets and skb_sk is not None and knows_delivered(reasons, tuples))
+        ):
+            self.missing.append(
+                {"probe": "kfree_skb:delivered", "why": "no BTF offsets for the packet's "
+                 "headers and its socket's ports: a FIN purged at close counts as a drop"}
+            )  # fmt: skip
         self.names = symbol_names(self.formats, drop_enum)
-        text = build_program(self.formats, offsets, sk_state, own_netns(), drop_enum, skb_sk)
+        text = build_program(
+            self.formats, offsets, sk_state, own_netns(), drop_enum, skb_sk, tuples
+        )
         try:
             self.bpf = bpf_compile(BPF, text)
         except Exception as exc:
@@ -776,7 +815,8 @@ def print_ebpf(args, out) -> int:
         (offsets, _), (tuples, _) = btf_offsets(loaded=btf)
         drop_enum, skb_sk = drop_btf(loaded=btf)
     sk_state = tuples.get("skc_state") if tuples else None
-    out.write(build_program(formats, offsets, sk_state, own_netns(), drop_enum, skb_sk) + "\n")
+    text = build_program(formats, offsets, sk_state, own_netns(), drop_enum, skb_sk, tuples)
+    out.write(text + "\n")
     return 0
 
 

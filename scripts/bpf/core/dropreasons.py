@@ -4,7 +4,12 @@ The numbering of enum skb_drop_reason moves between kernels (a reason added in t
 renumbers the rest), so names are read on the host: from the skb:kfree_skb format's
 __print_symbolic table, completed by the BTF enum, never from a table here. Kernels
 without the reason field (before 5.17) name a drop by its location instead: the caller of
-kfree_skb, through /proc/kallsyms. Python 3.6.
+kfree_skb, through /proc/kallsyms.
+
+Not every free with a drop reason is a lost packet: the peer's FIN, purged unread with
+QUEUE_PURGE when this side closed first and destroyed the socket, reached its socket.
+`c_read_packet` and `c_delivered` are the C every drop-counting tool uses to tell it apart,
+so the tools agree on what a drop is. Python 3.6.
 """
 
 from core.tracepoints import field_map
@@ -23,12 +28,13 @@ def reason_table(fmt, btf_enum) -> dict:
     Returns {"source": "format" | "btf" | "none", "names": {num: name}, "has_field",
     "first_drop": the number of NOT_SPECIFIED (every enumerator before it, such as
     SKB_NOT_DROPPED_YET and SKB_CONSUMED, marks a packet that was not dropped),
-    "consumed": the number of SKB_CONSUMED or None}. The print format is the tracepoint's
-    own table; BTF fills in what it leaves out (6.18 prints from NOT_SPECIFIED on).
+    "consumed": the number of SKB_CONSUMED or None, "queue_purge": QUEUE_PURGE's or None}.
+    The print format is the tracepoint's own table; BTF fills in what it leaves out (6.18
+    prints from NOT_SPECIFIED on).
     """
     has_field = fmt is not None and "reason" in field_map(fmt)
     table = {"source": "none", "names": {}, "has_field": has_field, "first_drop": 0}
-    table["consumed"] = None
+    table["consumed"] = table["queue_purge"] = None
     if not has_field:
         return table
     printed = dict(fmt["symbols"].get("reason", {}))
@@ -51,6 +57,7 @@ def reason_table(fmt, btf_enum) -> dict:
     for consumed in ("SKB_CONSUMED", "CONSUMED"):
         if consumed in by_name:
             table["consumed"] = by_name[consumed]
+    table["queue_purge"] = by_name.get("QUEUE_PURGE")
     return table
 
 
@@ -64,3 +71,152 @@ def location_label(symbols, addr: int) -> str:
     function is one label), or "unknown" when kallsyms cannot name it."""
     named = symbols.resolve(addr) if addr else None
     return named.split("+", 1)[0] if named else "unknown"
+
+
+#: The skb's and the socket's fields (core/btf.py's TUPLE_PATHS) the C below reads; the
+#: program defines each as OFF_<KEY> (c_offsets).
+SKB_HEADER_OFFSETS = ("skb_head", "skb_nh")
+SOCK_PORTS = ("skc_num", "skc_dport", "inet_sport")
+
+#: What read_packet fills, in this order: the tail of a tool's own record (after its own
+#: fields), or struct skb_packet for a tool whose record has no such fields.
+C_SKB_PACKET_FIELDS = r"""	__u32 seq;
+	__u32 ack;
+	__u16 sport;
+	__u16 dport;
+	__u16 len;
+	__u16 ipid;
+	__u8 family;             /* 0: headers unreadable */
+	__u8 proto;
+	__u8 flags;
+	__u8 l4;                 /* 1 TCP fields valid, 2 UDP ports valid */
+	__u8 saddr[16];
+	__u8 daddr[16];
+"""
+C_SKB_PACKET = "struct skb_packet {\n" + C_SKB_PACKET_FIELDS + "};\n"
+
+C_READ_PACKET = r"""
+static __always_inline __u32 ebd_be32(__u8 *p)
+{
+	return ((__u32)p[0] << 24) | ((__u32)p[1] << 16) | ((__u32)p[2] << 8) | p[3];
+}
+
+/* The packet's addresses, ports and TCP fields, read through the skb with BTF offsets
+ * (head + network_header; the L4 header right after the IP header, since transport_header
+ * is not set yet on early receive paths). Returns 0 when there is no IP header to read. */
+static __always_inline int read_packet(__u64 skb, __u16 protocol, struct %(record)s *e)
+{
+	if (protocol != 0x0800 && protocol != 0x86DD && protocol != 0)
+		return 0;
+	__u64 head = 0;
+	__u16 nh = 0;
+	if (bpf_probe_read_kernel(&head, sizeof(head), (void *)(skb + OFF_SKB_HEAD)) || !head)
+		return 0;
+	if (bpf_probe_read_kernel(&nh, sizeof(nh), (void *)(skb + OFF_SKB_NH)) || nh == 0xffff)
+		return 0;
+	__u8 ip[40];
+	if (bpf_probe_read_kernel(ip, 20, (void *)(head + nh)))
+		return 0;
+	__u32 l4off, payload;
+	int fragment = 0;
+	if ((ip[0] >> 4) == 4 && protocol != 0x86DD) {
+		__u32 ihl = (ip[0] & 0x0f) * 4;
+		__u32 tot = ((__u32)ip[2] << 8) | ip[3];
+		if (ihl < 20)
+			return 0;
+		e->family = 4;
+		e->proto = ip[9];
+		e->ipid = ((__u16)ip[4] << 8) | ip[5];
+		__builtin_memcpy(e->saddr, &ip[12], 4);
+		__builtin_memcpy(e->daddr, &ip[16], 4);
+		l4off = nh + ihl;
+		payload = tot > ihl ? tot - ihl : 0;
+		fragment = (ip[6] & 0x1f) || ip[7];
+	} else if ((ip[0] >> 4) == 6 && protocol != 0x0800) {
+		if (bpf_probe_read_kernel(ip, 40, (void *)(head + nh)))
+			return 0;
+		e->family = 6;
+		e->proto = ip[6];
+		__builtin_memcpy(e->saddr, &ip[8], 16);
+		__builtin_memcpy(e->daddr, &ip[24], 16);
+		l4off = nh + 40;
+		payload = ((__u32)ip[4] << 8) | ip[5];
+	} else {
+		return 0;
+	}
+	e->len = payload;
+	if (fragment)
+		return 1;
+	if (e->proto == 6) {
+		__u8 t[20];
+		if (bpf_probe_read_kernel(t, sizeof(t), (void *)(head + l4off)))
+			return 1;
+		__u32 doff = (t[12] >> 4) * 4;
+		e->sport = ((__u16)t[0] << 8) | t[1];
+		e->dport = ((__u16)t[2] << 8) | t[3];
+		e->seq = ebd_be32(&t[4]);
+		e->ack = ebd_be32(&t[8]);
+		e->flags = t[13];
+		e->len = payload > doff ? payload - doff : 0;
+		e->l4 = 1;
+	} else if (e->proto == 17) {
+		__u8 u[8];
+		if (bpf_probe_read_kernel(u, sizeof(u), (void *)(head + l4off)))
+			return 1;
+		e->sport = ((__u16)u[0] << 8) | u[1];
+		e->dport = ((__u16)u[2] << 8) | u[3];
+		e->len = payload > 8 ? payload - 8 : 0;
+		e->l4 = 2;
+	}
+	return 1;
+}
+"""
+
+#: A TCP segment without payload, freed with QUEUE_PURGE by the socket it was addressed to
+#: (the socket's local port is the packet's destination port and its peer's the source: a
+#: packet on its way out has them the other way round), is the peer's FIN, purged unread
+#: when this side, having closed first, destroyed the socket: it was delivered, not lost.
+#: By then the local port may be put back (skc_num 0): inet_sport still has it.
+C_DELIVERED = r"""	if (%(reason)s == %(purge)du /* QUEUE_PURGE */ && %(have)s && %(pkt)s->l4 == 1
+		&& !%(pkt)s->len && %(sk)s) {
+		__u16 local = 0;
+		__u8 be[2] = {};     /* ports in network order, read as bytes */
+		bpf_probe_read_kernel(&local, sizeof(local), (void *)(%(sk)s + OFF_SKC_NUM));
+		if (!local) {
+			bpf_probe_read_kernel(be, 2, (void *)(%(sk)s + OFF_INET_SPORT));
+			local = ((__u16)be[0] << 8) | be[1];
+		}
+		bpf_probe_read_kernel(be, 2, (void *)(%(sk)s + OFF_SKC_DPORT));
+		if (local && local == %(pkt)s->dport && (((__u16)be[0] << 8) | be[1]) == %(pkt)s->sport)
+			return 0;    /* the peer's FIN, delivered: no drop */
+	}"""
+
+
+def c_offsets(offsets) -> str:
+    """#define OFF_<KEY> for every offset the C reads."""
+    return "\n".join(
+        "#define OFF_%s %d" % (key.upper(), value) for key, value in sorted(offsets.items())
+    )
+
+
+def c_read_packet(record: str) -> str:
+    """read_packet() filling `struct <record>` (one that ends in C_SKB_PACKET_FIELDS)."""
+    return C_READ_PACKET % {"record": record}
+
+
+def knows_delivered(table: dict, offsets) -> bool:
+    """Whether this kernel lets a program tell the delivered FIN: a reason field with
+    QUEUE_PURGE in it, and BTF offsets for the headers and the socket's ports."""
+    keys = SKB_HEADER_OFFSETS + SOCK_PORTS
+    return bool(table["has_field"] and table["queue_purge"] is not None and offsets
+                and all(k in offsets for k in keys))  # fmt: skip
+
+
+def c_delivered(table: dict, reason: str, pkt: str, have: str, sk: str) -> str:
+    """C that returns from the program when the drop at hand is the delivered FIN.
+
+    `reason`, `pkt` (a pointer to what read_packet filled), `have` (its result) and `sk`
+    (the socket as an integer, 0 when none) are C expressions of the calling program."""
+    return C_DELIVERED % {
+        "reason": reason, "purge": table["queue_purge"], "have": have, "pkt": pkt, "sk": sk
+    }  # fmt: skip
