@@ -305,7 +305,7 @@ def test_a_session_holds_and_aligns_the_record_types_it_is_given():
 
     session = TraceSession(["a"], held=("packet", "drop"), settle_s=3600)
     session.lines("a", "stdout", [b'{"type": "drop", "ts_ns": 5}', b'{"type": "retrans"}'])
-    assert [rec["type"] for _, rec in session._held] == ["drop"]
+    assert [rec["type"] for rec in session._waiting] == ["drop"]  # held, not shown yet
     default = TraceSession(["a"], settle_s=3600)
     default.lines("a", "stdout", [b'{"type": "drop", "ts_ns": 5}'])
-    assert default._held == []
+    assert default._waiting == []

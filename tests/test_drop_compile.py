@@ -104,7 +104,8 @@ def test_live_format_reason_names_match_this_kernel():
 def test_kernel_without_reason_field_falls_back_to_locations():
     table = drop.reason_table(fmt("5.10"), {1: "SKB_CONSUMED"})
     assert table == {"source": "none", "names": {}, "has_field": False, "first_drop": 0,
-                     "consumed": None, "queue_purge": None}  # fmt: skip
+                     "consumed": None, "queue_purge": None,
+                     "not_specified": None}  # fmt: skip
     proc = ebpf("--format-dir", str(FIXTURES / "5.10"))
     assert proc.returncode == 0, proc.stderr
     assert "__u32 reason = NO_REASON;" in proc.stdout
@@ -175,34 +176,50 @@ def test_ebpf_with_this_hosts_btf_reads_headers_and_namespace():
     assert "int have = skb ? read_packet(skb, rec.protocol, ev) : 0;" in code
     assert "__u64 sk = rec.rx_sk;" in code
     assert "e.netns != OWN_NETNS" in code
-    # a FIN purged unread from its own socket is no drop: QUEUE_PURGE's number from 6.18's
-    # format, the ports it is told by from BTF, the test before anything is counted
-    assert "(reason == 104u /* QUEUE_PURGE */ && have && ev->l4 == 1\n" in code
-    for name in ("OFF_SKC_NUM", "OFF_SKC_DPORT", "OFF_INET_SPORT"):
+    # a FIN its own socket got after this side closed is no drop: the numbers of
+    # QUEUE_PURGE and NOT_SPECIFIED from 6.18's format, the socket's ports and state from
+    # BTF, the test before anything is counted
+    maybe = "if ((reason == 104u /* QUEUE_PURGE */ || reason == 2u /* NOT_SPECIFIED */)"
+    assert maybe + " && have && ev->l4 == 1 && !ev->len && sk) {" in code
+    assert "if ((reason == 104u || state == 6) && local && local == ev->dport" in code
+    for name in ("OFF_SKC_NUM", "OFF_SKC_DPORT", "OFF_INET_SPORT", "OFF_SKC_STATE"):
         assert re.search(rf"#define {name} \d+", code), name
     body = code[code.index("int ebd_kfree_skb(void *ctx)") :]
     assert body.index("/* QUEUE_PURGE */") < body.index("count_drop(")
 
 
-def test_without_the_sockets_ports_in_btf_a_purged_fin_stays_a_drop():
+def test_without_the_sockets_fields_in_btf_a_fin_after_a_close_stays_a_drop():
     require(Path("/sys/kernel/btf/vmlinux").exists(), "no BTF here")
     offsets, enum, whys = drop.btf_facts("/sys/kernel/btf/vmlinux")
-    assert whys == [] and all(k in offsets for k in drop.SOCK_PORTS)
+    assert whys == [] and all(k in offsets for k in drop.SOCK_FIELDS)
     args = drop.parse_args(["--port", "8090"])
     plan = drop.make_plan(args, drop.read_formats(str(FIXTURES / "6.18")), offsets, enum)
-    assert "/* QUEUE_PURGE */ &&" in drop.build_program(plan)
-    del offsets["inet_sport"]
+    assert "/* NOT_SPECIFIED */) && have" in drop.build_program(plan)
+    del offsets["skc_state"]
     code = drop.build_program(plan)
-    assert "/* QUEUE_PURGE */" not in code and "int have = skb ? read_packet(" in code
+    assert "/* NOT_SPECIFIED */" not in code and "int have = skb ? read_packet(" in code
 
 
-def test_kernel_without_queue_purge_has_no_delivered_fin_rule():
+def test_kernel_without_drop_reasons_has_no_delivered_fin_rule():
     """5.10's format has no reason field: nothing can be told apart by reason there."""
     require(Path("/sys/kernel/btf/vmlinux").exists(), "no BTF here")
     proc = ebpf("--format-dir", str(FIXTURES / "5.10"), "--btf", "/sys/kernel/btf/vmlinux")
     assert proc.returncode == 0, proc.stderr
     assert "read_packet(skb" in proc.stdout
-    assert "/* QUEUE_PURGE */" not in proc.stdout
+    assert "/* QUEUE_PURGE */" not in proc.stdout and "/* NOT_SPECIFIED */" not in proc.stdout
+
+
+def test_kernel_without_queue_purge_keeps_the_time_wait_rule():
+    """6.2 names NOT_SPECIFIED but has no QUEUE_PURGE: only a time-wait socket's FIN is
+    told apart there."""
+    require(Path("/sys/kernel/btf/vmlinux").exists(), "no BTF here")
+    offsets, _enum, _whys = drop.btf_facts("/sys/kernel/btf/vmlinux")
+    formats = drop.read_formats(str(FIXTURES / "6.2"))
+    plan = drop.make_plan(drop.parse_args([]), formats, offsets, None)  # 6.2's names only
+    code = drop.build_program(plan)
+    assert "if ((reason == 2u /* NOT_SPECIFIED */) && have" in code
+    assert "if ((state == 6) && local" in code
+    assert "QUEUE_PURGE" not in code
 
 
 @pytest.mark.parametrize("rate, interval, burst", [(1000, 1_000_000, 99_000_000), (0, 0, 0)])

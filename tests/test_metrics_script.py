@@ -209,7 +209,7 @@ text = m.build_program(
 from bcc import BPF
 b = BPF(text=text)
 b.load_func("nm_kfree_skb", BPF.TRACEPOINT)
-print(json.dumps(["k.loc = rec.location;" in text, "/* QUEUE_PURGE */" in text]))
+print(json.dumps(["k.loc = rec.location;" in text, "delivered to its socket" in text]))
 """
 
 
@@ -227,30 +227,37 @@ def test_recorded_drop_formats_compile_and_load(version):
     assert proc.returncode == 0, proc.stderr[-2000:]
     by_location, delivered_rule = json.loads(proc.stdout)
     assert by_location is (version == "5.10")  # by location only without reasons
-    # the delivered-FIN rule wherever the kernel has QUEUE_PURGE (this kernel's BTF enum
-    # names it for every recorded format with a reason field)
+    # the delivered-FIN rule wherever the kernel has drop reasons (this kernel's BTF enum
+    # names QUEUE_PURGE and NOT_SPECIFIED for every recorded format with a reason field)
     assert delivered_rule is (version != "5.10")
 
 
-def test_the_delivered_fin_rule_reads_headers_only_for_queue_purge():
+def test_the_delivered_fin_rule_reads_headers_only_for_its_two_reasons():
     fmt = nm.read_formats(str(DROP_FORMATS / "6.18"))["kfree_skb"]
     table = nm.reason_table(fmt, None)
-    assert table["queue_purge"] == 104  # from 6.18's own print format
+    assert (table["queue_purge"], table["not_specified"]) == (104, 2)  # 6.18's own format
     offsets = {"sk_net": 48, "net_inum": 176, "skb_dev": 16, "dev_net": 264}
     tuples = {"skb_head": 200, "skb_nh": 182, "skc_num": 14, "skc_dport": 12,
-              "inet_sport": 782}  # fmt: skip
+              "inet_sport": 782, "skc_state": 18}  # fmt: skip
     code = nm.c_kfree_skb(fmt, offsets, table, 24, tuples)
-    purge = code.index("if (k.reason == 104u) {")
-    assert code.index("if (e.netns != OWN_NETNS)") < purge < code.index("drops.lookup(&k)")
-    assert "read_packet(skb, rec.protocol, &p)" in code[purge:]
-    assert "return 0;    /* the peer's FIN, delivered: no drop */" in code[purge:]
+    test = "if (k.reason == 104u /* QUEUE_PURGE */ || k.reason == 2u /* NOT_SPECIFIED */) {"
+    rule = code.index(test)
+    assert code.index("if (e.netns != OWN_NETNS)") < rule < code.index("drops.lookup(&k)")
+    assert "read_packet(skb, rec.protocol, &p)" in code[rule:]
+    assert "if ((k.reason == 104u || state == 6) && local" in code[rule:]
+    assert "return 0;    /* delivered to its socket: no drop */" in code[rule:]
     program = nm.build_program({"kfree_skb": fmt}, offsets, None, 1, None, 24, tuples)
-    assert "#define OFF_INET_SPORT 782" in program and "struct skb_packet {" in program
-    # without the socket's ports in BTF, or without QUEUE_PURGE, every purge counts
-    del tuples["inet_sport"]
-    assert "QUEUE_PURGE" not in nm.c_kfree_skb(fmt, offsets, table, 24, tuples)
+    assert "#define OFF_SKC_STATE 18" in program and "struct skb_packet {" in program
+    # without the socket's state in BTF every such FIN counts
+    del tuples["skc_state"]
+    assert "NOT_SPECIFIED" not in nm.c_kfree_skb(fmt, offsets, table, 24, tuples)
+    # 6.2 has no QUEUE_PURGE: only the time-wait rule
     fmt_62 = nm.read_formats(str(DROP_FORMATS / "6.2"))["kfree_skb"]
-    assert nm.reason_table(fmt_62, None)["queue_purge"] is None
+    table_62 = nm.reason_table(fmt_62, None)
+    assert table_62["queue_purge"] is None and table_62["not_specified"] is not None
+    tuples["skc_state"] = 18
+    code = nm.c_kfree_skb(fmt_62, offsets, table_62, 24, tuples)
+    assert "QUEUE_PURGE" not in code and "if ((state == 6) && local" in code
 
 
 COMPILE = r"""
@@ -380,19 +387,20 @@ def test_real_run_counts_resets_and_connect_times_in_its_namespace(netns):
 
 CLOSE_FIRST = textwrap.dedent(
     """
-    import socket
+    import socket, time
     listener = socket.socket()
     listener.bind(("127.0.0.1", 7001))
     listener.listen()
-    for _ in range(5):        # the server answers and closes before the client's FIN
+    for delay in (0, 0, 0, 0.3, 0.3):  # the server answers and closes before the client
         c = socket.create_connection(("127.0.0.1", 7001))
         c.sendall(b"hello")
         conn, _ = listener.accept()
         conn.recv(10)
         conn.sendall(b"ok")
         conn.close()
-        assert c.recv(10) == b"ok"
-        c.close()             # this FIN reaches an orphaned socket, purged at its end
+        assert c.recv(10) == b"ok" and c.recv(10) == b""
+        time.sleep(delay)     # later than the delayed ACK: the FIN reaches a time-wait socket
+        c.close()             # else an orphaned socket, which purges it at its end
     u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     for _ in range(3):        # a real drop beside them: UDP to a port nobody has
         u.sendto(b"x", ("127.0.0.1", 9))
@@ -403,9 +411,11 @@ CLOSE_FIRST = textwrap.dedent(
 
 @pytest.mark.root
 def test_a_fin_purged_after_this_side_closed_is_not_counted_as_a_drop(netns):
-    """The peer's FIN, purged unread (QUEUE_PURGE) when the socket that closed first is
-    destroyed, was delivered: trace drop does not call it a drop, and neither do the
-    metrics. UDP to a closed port in the same run shows drops are being counted."""
+    """The peer's FIN after this side closed first was delivered, though the kernel frees
+    it as QUEUE_PURGE (purged unread when the orphaned socket is destroyed) or, when the
+    peer closes later, as NOT_SPECIFIED (from the time-wait socket): trace drop does not call
+    it a drop, and neither do the metrics. UDP to a closed port in the same run shows drops
+    are being counted."""
     tool = subprocess.Popen(
         ["ip", "netns", "exec", netns, SYSTEM_PYTHON, str(TOOL), "--interval", "0.5"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -428,7 +438,7 @@ def test_a_fin_purged_after_this_side_closed_is_not_counted_as_a_drop(netns):
         tool.terminate()
         tool.communicate(timeout=15)
     assert drops.get("NO_SOCKET", 0) >= 3, drops
-    assert "QUEUE_PURGE" not in drops, drops
+    assert "QUEUE_PURGE" not in drops and "NOT_SPECIFIED" not in drops, drops
 
 
 def run_tool(*argv: str) -> subprocess.CompletedProcess:

@@ -8,8 +8,9 @@ Reason names are read on the host, from the tracepoint's print format or the BTF
 skb_drop_reason, never from a table in this file: the numbering moves between kernels.
 Packets freed as consumed (consume_skb, or reasons before NOT_SPECIFIED such as
 SKB_CONSUMED) are not drops and are left out in the kernel; so is a TCP segment without
-payload that reached its socket and was purged unread when the socket was destroyed
-(QUEUE_PURGE: the peer's FIN after this side closed first, on every such close).
+payload that reached its socket and that the kernel freed after this side closed first:
+the peer's FIN, purged unread when the socket was destroyed (QUEUE_PURGE, on every such
+close) or handled by the time-wait socket (NOT_SPECIFIED, when the peer closed later).
 
 In the kernel, every drop of this namespace is counted by (reason, location), and how many
 of them passed the filter (--port/--addr on either side, read from the packet's headers
@@ -130,7 +131,7 @@ from core.discovery import discover_addrs, kernel_version, own_netns
 from core.dropreasons import (
     C_SKB_PACKET_FIELDS,
     SKB_HEADER_OFFSETS,
-    SOCK_PORTS,
+    SOCK_FIELDS,
     c_delivered,
     c_offsets,
     c_read_packet,
@@ -225,11 +226,13 @@ def btf_facts(path: str):
     except (KeyError, IndexError, TypeError, struct.error) as exc:
         whys.append("no BTF offsets (%s): no packet headers, no namespace filter" % exc)
     if offsets is not None:
-        try:  # the socket's ports, that tell a FIN left unread at close (c_delivered)
-            ports = dict((k, btf.field(*TUPLE_PATHS[k])) for k in SOCK_PORTS)
+        try:  # the socket's ports and state, that tell a FIN freed after a close (c_delivered)
+            ports = dict((k, btf.field(*TUPLE_PATHS[k])) for k in SOCK_FIELDS)
             offsets.update(ports)
         except (KeyError, IndexError, TypeError, struct.error) as exc:
-            whys.append("no BTF socket ports (%s): a FIN purged at close counts as a drop" % exc)
+            whys.append(
+                "no BTF socket fields (%s): a FIN freed after a close counts as a drop" % exc
+            )
     try:
         enum = btf.enum("skb_drop_reason")
     except (KeyError, struct.error):

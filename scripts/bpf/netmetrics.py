@@ -7,9 +7,10 @@ port (tcp:tcp_receive_reset; where its format has no state, the socket's through
 retransmissions by state and port (tcp:tcp_retransmit_skb); the time from SYN sent to
 established as a log2 histogram (sock:inet_sock_set_state, keyed by socket); packets
 dropped, by drop reason (skb:kfree_skb; packets freed as consumed, SKB_CONSUMED and every
-number before NOT_SPECIFIED, are not drops, nor is the peer's FIN purged unread when this
-side closed first (QUEUE_PURGE of a payload-less segment addressed to the socket that
-freed it, told through BTF as drop.py does); a kernel without the reason field labels a
+number before NOT_SPECIFIED, are not drops, nor is the peer's FIN after this side closed
+first, which the kernel frees as QUEUE_PURGE or from a time-wait socket as NOT_SPECIFIED
+(a payload-less segment freed by the socket it was addressed to, told through BTF as
+drop.py does); a kernel without the reason field labels a
 drop by the function that dropped it, or "unknown"); and, from this namespace's
 /proc/net/netstat, listen queue overflows and drops. Reason and state names come from the
 live format files' __print_symbolic tables (drop reasons also from the BTF enum
@@ -63,6 +64,7 @@ from core.discovery import netlink_dump, own_netns
 from core.dropreasons import (
     C_SKB_PACKET,
     c_delivered,
+    c_maybe_delivered,
     c_offsets,
     c_read_packet,
     knows_delivered,
@@ -384,10 +386,10 @@ def c_kfree_skb(fmt: dict, offsets, reasons: dict, skb_sk_off, tuples=None) -> s
         if skb_sk_off is not None and knows_delivered(reasons, tuples):
             protocol = "rec.protocol" if "protocol" in fields else "0"
             body.append(
-                "\tif (k.reason == %du) {       /* QUEUE_PURGE: a delivered FIN? */\n"
+                "\tif %s {   /* delivered after a close? */\n"
                 "\t\tstruct skb_packet p = {};\n"
                 "\t\tint have = skb ? read_packet(skb, %s, &p) : 0;"
-                % (reasons["queue_purge"], protocol)
+                % (c_maybe_delivered(reasons, "k.reason"), protocol)
             )
             body.append(
                 "\t" + c_delivered(reasons, "k.reason", "(&p)", "have", "sk").replace("\n", "\n\t")
@@ -622,12 +624,12 @@ class Session:
             )  # fmt: skip
         elif (
             reasons is not None
-            and reasons["queue_purge"] is not None
+            and (reasons["queue_purge"], reasons["not_specified"]) != (None, None)
             and not (offsets and skb_sk is not None and knows_delivered(reasons, tuples))
         ):
             self.missing.append(
                 {"probe": "kfree_skb:delivered", "why": "no BTF offsets for the packet's "
-                 "headers and its socket's ports: a FIN purged at close counts as a drop"}
+                 "headers and its socket's ports: a FIN freed after a close counts as a drop"}
             )  # fmt: skip
         self.names = symbol_names(self.formats, drop_enum)
         text = build_program(

@@ -207,11 +207,6 @@ class TraceSession:
         finished)."""
         return self._released + self._waiting
 
-    @property
-    def _held(self) -> list[tuple[float, dict]]:
-        """(arrival, record) of each record held and not shown yet."""
-        return list(zip(self._arrivals, self._waiting, strict=True))
-
     # -- FanoutSink ------------------------------------------------------------------
     def state(self, host: str, state: str) -> None:
         self.on_state(host, state)

@@ -6,10 +6,11 @@ __print_symbolic table, completed by the BTF enum, never from a table here. Kern
 without the reason field (before 5.17) name a drop by its location instead: the caller of
 kfree_skb, through /proc/kallsyms.
 
-Not every free with a drop reason is a lost packet: the peer's FIN, purged unread with
-QUEUE_PURGE when this side closed first and destroyed the socket, reached its socket.
-`c_read_packet` and `c_delivered` are the C every drop-counting tool uses to tell it apart,
-so the tools agree on what a drop is. Python 3.6.
+Not every free with a drop reason is a lost packet: after this side closed first, the
+peer's FIN reached its socket, and the kernel still frees it with QUEUE_PURGE or, from a
+time-wait socket, NOT_SPECIFIED (see C_DELIVERED). `c_read_packet` and `c_delivered` are
+the C every drop-counting tool uses to tell it apart, so the tools agree on what a drop
+is. Python 3.6.
 """
 
 from core.tracepoints import field_map
@@ -28,13 +29,14 @@ def reason_table(fmt, btf_enum) -> dict:
     Returns {"source": "format" | "btf" | "none", "names": {num: name}, "has_field",
     "first_drop": the number of NOT_SPECIFIED (every enumerator before it, such as
     SKB_NOT_DROPPED_YET and SKB_CONSUMED, marks a packet that was not dropped),
-    "consumed": the number of SKB_CONSUMED or None, "queue_purge": QUEUE_PURGE's or None}.
+    "consumed": the number of SKB_CONSUMED or None, "queue_purge" and "not_specified": the
+    numbers of QUEUE_PURGE and NOT_SPECIFIED or None}.
     The print format is the tracepoint's own table; BTF fills in what it leaves out (6.18
     prints from NOT_SPECIFIED on).
     """
     has_field = fmt is not None and "reason" in field_map(fmt)
     table = {"source": "none", "names": {}, "has_field": has_field, "first_drop": 0}
-    table["consumed"] = table["queue_purge"] = None
+    table["consumed"] = table["queue_purge"] = table["not_specified"] = None
     if not has_field:
         return table
     printed = dict(fmt["symbols"].get("reason", {}))
@@ -58,6 +60,7 @@ def reason_table(fmt, btf_enum) -> dict:
         if consumed in by_name:
             table["consumed"] = by_name[consumed]
     table["queue_purge"] = by_name.get("QUEUE_PURGE")
+    table["not_specified"] = by_name.get("NOT_SPECIFIED")
     return table
 
 
@@ -76,7 +79,8 @@ def location_label(symbols, addr: int) -> str:
 #: The skb's and the socket's fields (core/btf.py's TUPLE_PATHS) the C below reads; the
 #: program defines each as OFF_<KEY> (c_offsets).
 SKB_HEADER_OFFSETS = ("skb_head", "skb_nh")
-SOCK_PORTS = ("skc_num", "skc_dport", "inet_sport")
+SOCK_FIELDS = ("skc_num", "skc_dport", "inet_sport", "skc_state")
+TCP_TIME_WAIT = 6
 
 #: What read_packet fills, in this order: the tail of a tool's own record (after its own
 #: fields), or struct skb_packet for a tool whose record has no such fields.
@@ -172,23 +176,29 @@ static __always_inline int read_packet(__u64 skb, __u16 protocol, struct %(recor
 }
 """
 
-#: A TCP segment without payload, freed with QUEUE_PURGE by the socket it was addressed to
+#: A TCP segment without payload that reached the socket it was addressed to is not lost
 #: (the socket's local port is the packet's destination port and its peer's the source: a
-#: packet on its way out has them the other way round), is the peer's FIN, purged unread
-#: when this side, having closed first, destroyed the socket: it was delivered, not lost.
-#: By then the local port may be put back (skc_num 0): inet_sport still has it.
-C_DELIVERED = r"""	if (%(reason)s == %(purge)du /* QUEUE_PURGE */ && %(have)s && %(pkt)s->l4 == 1
-		&& !%(pkt)s->len && %(sk)s) {
+#: packet on its way out has them the other way round), though the kernel frees it with a
+#: drop reason in two cases of a close by this side first:
+#: - QUEUE_PURGE: the peer's FIN, purged unread when this side, having closed, destroyed the
+#:   socket. By then the local port may be put back (skc_num 0): inet_sport still has it.
+#: - NOT_SPECIFIED from a TIME_WAIT socket: once the peer acknowledged this side's FIN
+#:   before sending its own (it closed later than its delayed ACK), the orphaned socket is
+#:   a time-wait socket, which handles the peer's FIN (or a late ACK) and frees it so.
+C_DELIVERED = r"""	if (%(maybe)s && %(have)s && %(pkt)s->l4 == 1 && !%(pkt)s->len && %(sk)s) {
+		__u8 state = 0;
 		__u16 local = 0;
 		__u8 be[2] = {};     /* ports in network order, read as bytes */
+		bpf_probe_read_kernel(&state, 1, (void *)(%(sk)s + OFF_SKC_STATE));
 		bpf_probe_read_kernel(&local, sizeof(local), (void *)(%(sk)s + OFF_SKC_NUM));
-		if (!local) {
+		if (!local && state != %(time_wait)d) {  /* a time-wait socket has no inet_sport */
 			bpf_probe_read_kernel(be, 2, (void *)(%(sk)s + OFF_INET_SPORT));
 			local = ((__u16)be[0] << 8) | be[1];
 		}
 		bpf_probe_read_kernel(be, 2, (void *)(%(sk)s + OFF_SKC_DPORT));
-		if (local && local == %(pkt)s->dport && (((__u16)be[0] << 8) | be[1]) == %(pkt)s->sport)
-			return 0;    /* the peer's FIN, delivered: no drop */
+		if (%(which)s && local && local == %(pkt)s->dport
+			&& (((__u16)be[0] << 8) | be[1]) == %(pkt)s->sport)
+			return 0;    /* delivered to its socket: no drop */
 	}"""
 
 
@@ -205,18 +215,33 @@ def c_read_packet(record: str) -> str:
 
 
 def knows_delivered(table: dict, offsets) -> bool:
-    """Whether this kernel lets a program tell the delivered FIN: a reason field with
-    QUEUE_PURGE in it, and BTF offsets for the headers and the socket's ports."""
-    keys = SKB_HEADER_OFFSETS + SOCK_PORTS
-    return bool(table["has_field"] and table["queue_purge"] is not None and offsets
-                and all(k in offsets for k in keys))  # fmt: skip
+    """Whether this kernel lets a program tell a delivered segment from a drop: a reason
+    field naming QUEUE_PURGE or NOT_SPECIFIED, and BTF offsets for the headers and the
+    socket's ports and state."""
+    keys = SKB_HEADER_OFFSETS + SOCK_FIELDS
+    named = table["queue_purge"] is not None or table["not_specified"] is not None
+    return bool(table["has_field"] and named and offsets and all(k in offsets for k in keys))
+
+
+def c_maybe_delivered(table: dict, reason: str) -> str:
+    """C test of `reason` against the reasons a delivered segment can be freed with."""
+    tests = ["%s == %du /* %s */" % (reason, table[key], name)
+             for key, name in (("queue_purge", "QUEUE_PURGE"), ("not_specified", "NOT_SPECIFIED"))
+             if table[key] is not None]  # fmt: skip
+    return "(%s)" % " || ".join(tests)
 
 
 def c_delivered(table: dict, reason: str, pkt: str, have: str, sk: str) -> str:
-    """C that returns from the program when the drop at hand is the delivered FIN.
+    """C that returns from the program when the drop at hand is a delivered segment.
 
     `reason`, `pkt` (a pointer to what read_packet filled), `have` (its result) and `sk`
     (the socket as an integer, 0 when none) are C expressions of the calling program."""
+    which = []
+    if table["queue_purge"] is not None:
+        which.append("%s == %du" % (reason, table["queue_purge"]))
+    if table["not_specified"] is not None:
+        which.append("state == %d" % TCP_TIME_WAIT)
     return C_DELIVERED % {
-        "reason": reason, "purge": table["queue_purge"], "have": have, "pkt": pkt, "sk": sk
+        "maybe": c_maybe_delivered(table, reason), "have": have, "pkt": pkt, "sk": sk,
+        "time_wait": TCP_TIME_WAIT, "which": "(%s)" % " || ".join(which),
     }  # fmt: skip

@@ -53,8 +53,9 @@ def serve(port, mode):
         emit({"event": "closed", "peer": list(peer), "mode": mode})
 
 
-def connect(address, port, timeout, payload, bind, out_of_window=False):
-    """One request; report the outcome as the application sees it."""
+def connect(address, port, timeout, payload, bind, out_of_window=False, close_delay_ms=0.0):
+    """One request; report the outcome as the application sees it. ``close_delay_ms``:
+    wait that long after the server's end of stream before closing."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     sock.bind((bind, 0))  # a known source address and port even when connect() fails
@@ -84,6 +85,8 @@ def connect(address, port, timeout, payload, bind, out_of_window=False):
         err_no = exc.errno
         error = errno.errorcode.get(exc.errno, str(exc))
     elapsed_ms = (time.monotonic() - start) * 1000.0
+    if close_delay_ms and error is None:
+        time.sleep(close_delay_ms / 1000.0)  # after the delayed ACK: the FIN goes on its own
     sock.close()
     emit(
         {
@@ -333,6 +336,8 @@ def main(argv=None):
     client.add_argument("--exchanges", type=int, default=1, help="rounds per connection")
     client.add_argument("--many", type=int, default=1, help="connects at once, held open")
     client.add_argument("--out-of-window", action="store_true")
+    client.add_argument("--close-delay-ms", type=float, default=0.0,
+                        help="wait after the response before closing")  # fmt: skip
     args = parser.parse_args(argv)
     if args.role == "server" and args.mode == "delay":
         serve_exchanges(args.port, args.delay_ms)
@@ -346,7 +351,7 @@ def main(argv=None):
         connect_many(args.address, args.port, args.timeout, args.bind, args.many)
     elif args.role == "client":
         connect(args.address, args.port, args.timeout, args.payload.encode(), args.bind,
-                args.out_of_window)  # fmt: skip
+                args.out_of_window, args.close_delay_ms)  # fmt: skip
     else:
         parser.error("choose server or client")
     return 0
