@@ -10,8 +10,8 @@ dropped, by drop reason (skb:kfree_skb; packets freed as consumed, SKB_CONSUMED 
 number before NOT_SPECIFIED, are not drops, nor is the peer's FIN after this side closed
 first, which the kernel frees as QUEUE_PURGE or from a time-wait socket as NOT_SPECIFIED
 (a payload-less segment freed by the socket it was addressed to, told through BTF as
-drop.py does); a kernel without the reason field labels a
-drop by the function that dropped it, or "unknown"); and, from this namespace's
+drop.py does); a kernel without the reason field labels a drop by the function that
+dropped it, or "unknown"); and, from this namespace's
 /proc/net/netstat, listen queue overflows and drops. Reason and state names come from the
 live format files' __print_symbolic tables (drop reasons also from the BTF enum
 skb_drop_reason), never from a fixed table. Only this network namespace's events are
@@ -347,8 +347,8 @@ def c_kfree_skb(fmt: dict, offsets, reasons: dict, skb_sk_off, tuples=None) -> s
     """Drops by reason (or, without a reason field, by location) in this namespace only:
     the socket's namespace (the record's rx_sk, else skb->sk through BTF), else the
     device's. Without BTF offsets every namespace's drops are counted, as in the other
-    programs. With the skb's and socket's offsets (`tuples`), the peer's FIN purged unread
-    at close is no drop, as in drop.py (core/dropreasons.py)."""
+    programs. With the skb's and socket's offsets (`tuples`), the peer's FIN after a close
+    by this side is no drop, as in drop.py (core/dropreasons.py)."""
     fields = field_map(fmt)
     body = [
         c_tracepoint_struct("tp_kfree_skb", fmt),
@@ -383,7 +383,7 @@ def c_kfree_skb(fmt: dict, offsets, reasons: dict, skb_sk_off, tuples=None) -> s
             "\tif (e.netns != OWN_NETNS)\n"
             "\t\treturn 0;                /* no socket, no device: not this host's to claim */"
         )
-        if skb_sk_off is not None and knows_delivered(reasons, tuples):
+        if tells_delivered(reasons, offsets, skb_sk_off, tuples):
             protocol = "rec.protocol" if "protocol" in fields else "0"
             body.append(
                 "\tif %s {   /* delivered after a close? */\n"
@@ -397,6 +397,12 @@ def c_kfree_skb(fmt: dict, offsets, reasons: dict, skb_sk_off, tuples=None) -> s
             body.append("\t}")
     body.append(c_bump("drops", "k"))
     return "\n".join(line for line in body if line)
+
+
+def tells_delivered(reasons: dict, offsets, skb_sk_off, tuples) -> bool:
+    """Whether the kfree_skb program can tell the peer's FIN after a close from a drop: it
+    needs the socket (namespace offsets, skb->sk) and core/dropreasons.py's facts."""
+    return bool(offsets) and skb_sk_off is not None and knows_delivered(reasons, tuples)
 
 
 def build_program(formats: dict, offsets, sk_state_off, netns: int, drop_enum=None,
@@ -426,7 +432,7 @@ def build_program(formats: dict, offsets, sk_state_off, netns: int, drop_enum=No
     if "kfree_skb" in formats:
         fmt = formats["kfree_skb"]
         reasons = reason_table(fmt, drop_enum)
-        if offsets and skb_sk_off is not None and knows_delivered(reasons, tuples):
+        if tells_delivered(reasons, offsets, skb_sk_off, tuples):
             parts += [c_offsets(tuples), C_SKB_PACKET, c_read_packet("skb_packet")]
         parts.append(c_kfree_skb(fmt, offsets, reasons, skb_sk_off, tuples))
     return "\n".join(parts)
@@ -625,7 +631,7 @@ class Session:
         elif (
             reasons is not None
             and (reasons["queue_purge"], reasons["not_specified"]) != (None, None)
-            and not (offsets and skb_sk is not None and knows_delivered(reasons, tuples))
+            and not tells_delivered(reasons, offsets, skb_sk, tuples)
         ):
             self.missing.append(
                 {"probe": "kfree_skb:delivered", "why": "no BTF offsets for the packet's "
