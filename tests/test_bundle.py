@@ -68,8 +68,10 @@ def loud(text):
 
 
 def run(program: str, *args: str) -> str:
+    """Run a bundle as the host does, its text read from stdin (a whole tool is larger
+    than one command-line argument may be)."""
     return subprocess.run(
-        [REMOTE_PYTHON, "-c", program, *args], capture_output=True, text=True, check=True
+        [REMOTE_PYTHON, "-", *args], input=program, capture_output=True, text=True, check=True
     ).stdout
 
 
