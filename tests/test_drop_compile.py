@@ -180,7 +180,8 @@ def test_ebpf_with_this_hosts_btf_reads_headers_and_namespace():
     # QUEUE_PURGE and NOT_SPECIFIED from 6.18's format, the socket's ports and state from
     # BTF, the test before anything is counted
     maybe = "if ((reason == 104u /* QUEUE_PURGE */ || reason == 2u /* NOT_SPECIFIED */)"
-    assert maybe + " && have && ev->l4 == 1 && !ev->len && sk) {" in code
+    assert maybe + " && have && ev->l4 == 1 && !ev->len\n" in code
+    assert "\t\t&& !(ev->flags & 0x02) && sk) {  /* no payload, no SYN */" in code
     assert "if ((reason == 104u || state == 6) && local && local == ev->dport" in code
     for name in ("OFF_SKC_NUM", "OFF_SKC_DPORT", "OFF_INET_SPORT", "OFF_SKC_STATE"):
         assert re.search(rf"#define {name} \d+", code), name

@@ -176,7 +176,8 @@ static __always_inline int read_packet(__u64 skb, __u16 protocol, struct %(recor
 }
 """
 
-#: A TCP segment without payload that reached the socket it was addressed to is not lost
+#: A TCP segment without payload (and no SYN: a SYN a time-wait socket answers reached no
+#: listener) that reached the socket it was addressed to is not lost
 #: (the socket's local port is the packet's destination port and its peer's the source: a
 #: packet on its way out has them the other way round), though the kernel frees it with a
 #: drop reason in two cases of a close by this side first:
@@ -185,7 +186,8 @@ static __always_inline int read_packet(__u64 skb, __u16 protocol, struct %(recor
 #: - NOT_SPECIFIED from a TIME_WAIT socket: once the peer acknowledged this side's FIN
 #:   before sending its own (it closed later than its delayed ACK), the orphaned socket is
 #:   a time-wait socket, which handles the peer's FIN (or a late ACK) and frees it so.
-C_DELIVERED = r"""	if (%(maybe)s && %(have)s && %(pkt)s->l4 == 1 && !%(pkt)s->len && %(sk)s) {
+C_DELIVERED = r"""	if (%(maybe)s && %(have)s && %(pkt)s->l4 == 1 && !%(pkt)s->len
+		&& !(%(pkt)s->flags & 0x02) && %(sk)s) {  /* no payload, no SYN */
 		__u8 state = 0;
 		__u16 local = 0;
 		__u8 be[2] = {};     /* ports in network order, read as bytes */
