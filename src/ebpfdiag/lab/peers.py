@@ -39,10 +39,9 @@ def serve(port, mode):
             if mode == "abort":
                 # Linger with a zero timeout: close() sends RST instead of FIN.
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            elif mode == "close":
-                conn.sendall(b"ok " + request)
             else:
                 conn.sendall(b"ok " + request)
+            if mode == "echo":  # wait for the client's end before closing
                 conn.shutdown(socket.SHUT_WR)
                 while conn.recv(4096):
                     pass
