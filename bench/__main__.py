@@ -26,7 +26,7 @@ COMPARED = ("ready", "datapath")
 BENCHMARKS: dict[str, tuple[Callable[..., Section], Callable[..., Section]]] = {
     "fanout": (
         lambda sizes=fanout.DEFAULT_SIZES: fanout.run(sizes=sizes, rounds=3),
-        lambda sizes=(5,): fanout.run(sizes=sizes, rounds=1),
+        lambda sizes=(3, 6): fanout.run(sizes=sizes, rounds=1),
     ),
     "correlation": (
         lambda: correlation.run(sizes=(100_000, 300_000, 1_000_000), rounds=2),

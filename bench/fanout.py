@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import EBPFDIAG, Measured, Section, Target, fmt, median, run_measured
+from bench.common import EBPFDIAG, PYTHON, Measured, Section, Target, fmt, median, run_measured
 
 PREFIX = "ebcf"
 SUBNET = "198.19.8.0/21"  # room for 2,000 hosts
@@ -90,6 +90,22 @@ def run_ebpfdiag(fleet, hosts, work: Path) -> Measured:
     return m
 
 
+def run_asyncssh(fleet, hosts, work: Path) -> Measured:
+    """The SSH library alone (bench/sshfloor.py): the floor under ebpfdiag's CPU."""
+    out = work / "asyncssh.out"
+    argv = [PYTHON, "-m", "bench.sshfloor", str(fleet.inventory), str(CONCURRENCY), REMOTE,
+            *(h.name for h in hosts)]  # fmt: skip
+    with out.open("wb") as fh:
+        m = run_measured(argv, stdout=fh, timeout=_timeout(hosts), cwd=Path(__file__).parent.parent)
+    got = set()
+    for line in out.read_text().splitlines():
+        name, _, text = line.partition(": ")
+        if text.strip() == "1":
+            got.add(name)
+    _check("asyncssh", m, {h.name for h in hosts}, got)
+    return m
+
+
 def run_clush(fleet, hosts, work: Path) -> Measured:
     out = work / "clush.out"
     argv = [CLUSH, "-f", str(CONCURRENCY), "-l", fleet.user, "-S",
@@ -124,7 +140,12 @@ def run_pssh(fleet, hosts, work: Path) -> Measured:
     return m
 
 
-TOOLS: dict[str, Callable] = {"ebpfdiag": run_ebpfdiag, "clush": run_clush, "pssh": run_pssh}
+TOOLS: dict[str, Callable] = {
+    "ebpfdiag": run_ebpfdiag,
+    "asyncssh alone": run_asyncssh,
+    "clush": run_clush,
+    "pssh": run_pssh,
+}
 #: the tools ebpfdiag is compared with: ratios are to the faster of them
 ANCHORS = ("clush", "pssh")
 
@@ -135,6 +156,40 @@ class Run:
 
     m: Measured
     fleet_cpu_s: float
+
+
+def _marginal(results: dict, sizes: tuple[int, ...], section: Section) -> list[str]:
+    """CPU per host between the smallest and the largest size: start-up (interpreter,
+    imports, inventory) is paid once per run, so it cancels out of the difference."""
+    small, big = min(sizes), max(sizes)
+    if big == small:
+        return []
+    per_host = {}
+    for name in ("ebpfdiag", "asyncssh alone"):
+        a, b = results.get((small, name)), results.get((big, name))
+        if a and b:
+            cpu_a, cpu_b = median([r.m.cpu_s for r in a]), median([r.m.cpu_s for r in b])
+            per_host[name] = 1000 * (cpu_b - cpu_a) / (big - small)
+    ours = per_host.get("ebpfdiag")
+    if ours is None:
+        return []
+    section.targets.append(
+        Target(f"ebpfdiag CPU per additional host ({small} -> {big} hosts)", f"{ours:.1f} ms",
+               f"<= {CPU_PER_HOST_GOAL_MS:g} ms", ours <= CPU_PER_HOST_GOAL_MS)
+    )  # fmt: skip
+    floor = per_host.get("asyncssh alone")
+    text = (
+        f"CPU per additional host, from {small} to {big} hosts (the difference of the "
+        f"median CPU seconds over the difference of hosts, so start-up cancels): "
+        f"ebpfdiag {ours:.1f} ms"
+    )
+    if floor is not None:
+        text += (
+            f", asyncssh alone {floor:.1f} ms (bench/sshfloor.py: the same key exchange, "
+            "ciphers and loaded keys, the same command, no ebpfdiag code): what is above "
+            f"the library's own cost is {ours - floor:.1f} ms a host."
+        )
+    return [text]
 
 
 def rounds_at(size: int, rounds: int) -> int:
@@ -217,6 +272,7 @@ def run(sizes: tuple[int, ...] = DEFAULT_SIZES, rounds: int = 3) -> Section:
                 Target(f"wall at {size} hosts vs faster of clush/pssh", f"{ratio:.2f}x",
                        "<= 0.6x", ratio <= 0.6)
             )  # fmt: skip
+    section.notes += _marginal(results, sizes, section)
     big = max(sizes)
     ours = results.get((big, "ebpfdiag"), [])
     if ours:

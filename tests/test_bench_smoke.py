@@ -1,5 +1,6 @@
 """The benchmark code runs at a tiny size and writes a well-formed report (no timing asserts)."""
 
+import re
 import shutil
 
 import pytest
@@ -43,8 +44,12 @@ def test_quick_fanout_and_pipeline_on_a_real_fleet(tmp_path):
     out = tmp_path / "bench.md"
     assert main(["--quick", "--only", "fanout,pipeline", "--out", str(out)]) == 0
     text = out.read_text()
-    for tool in ("ebpfdiag", "clush", "pssh"):
-        assert f"| 5 | {tool} | 1/1 |" in text, text
+    for tool in ("ebpfdiag", "asyncssh alone", "clush", "pssh"):
+        for size in (3, 6):
+            assert f"| {size} | {tool} | 1/1 |" in text, text
+    # per additional host (start-up cancels), ebpfdiag's and the SSH library's alone
+    assert "| ebpfdiag CPU per additional host (3 -> 6 hosts) |" in text, text
+    assert re.search(r"ebpfdiag -?\d+\.\d ms, asyncssh alone -?\d+\.\d ms", text), text
     assert "| records lost | 0 | 0 | yes |" in text, text
     # what users run: print-per-line next to batched, a lone line's delay, and a tracer
     # (trace tcp-rst --all-flows under short connections, its decode cost per record)

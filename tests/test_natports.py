@@ -220,22 +220,20 @@ def test_control_lines_go_to_a_running_script_only():
     from ebpfdiag.inventory import Host
     from ebpfdiag.transport import RemoteRun, Script, SSHOptions
 
-    class Stdin:
-        def __init__(self):
-            self.data = b""
+    class Channel:
+        data = b""
 
         def write(self, data: bytes) -> None:
             self.data += data
 
-    class Process:
-        stdin = Stdin()
-
     run = RemoteRun(Host(name="lb", address="198.18.0.1"), Script("x.py", b""), SSHOptions(),
                     on_lines=print, on_running=print, on_clock=print)  # fmt: skip
     assert not run.send_control("port 9085")  # not launched
-    run.process = Process()
+    run.chan = Channel()
     assert not run.send_control("port 9085")  # launched, script not running yet
-    run.running.set()
+    run.running = True
     assert run.send_control("port 9085")
     assert not run.send_control("port 1\nping 3")  # one line, never a forged ping
-    assert Process.stdin.data == b"ctl port 9085\n"
+    run.stopped_by_us = True
+    assert not run.send_control("port 9086")  # stdin is at EOF once stopped
+    assert run.chan.data == b"ctl port 9085\n"

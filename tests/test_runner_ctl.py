@@ -40,18 +40,15 @@ def shipped(name: str, args: tuple[str, ...] = ()) -> Script:
     return Script.from_path(script_path(name), args)
 
 
-class Stdin:
+class Channel:
+    """What a RemoteRun writes to the script's channel, and whether it closed it."""
+
     def __init__(self):
         self.data = b""
+        self.closed = False
 
     def write(self, data: bytes) -> None:
         self.data += data
-
-
-class Process:
-    def __init__(self):
-        self.stdin = Stdin()
-        self.closed = False
 
     def close(self) -> None:
         self.closed = True
@@ -67,7 +64,7 @@ def remote_run(script: Script, name: str = "lb") -> tuple[RemoteRun, list]:
         on_running=lambda: None,
         on_clock=lambda sample: None,
     )
-    run.process = Process()
+    run.chan = Channel()
     return run, lines
 
 
@@ -185,8 +182,8 @@ def test_arbitrary_code_is_refused_at_want_request_and_nothing_is_sent():
     run._on_stderr([b"\x1eebpfdiag:want-request 3.11.2 0.9.0 doctor,drop,tcp_rst"])
     assert isinstance(run.failure, HostFailure) and run.failure.kind == "runner"
     assert str(run.failure) == "runner only on lb: allows doctor, drop, tcp_rst"
-    assert run.process.closed and run.process.stdin.data == b""
-    assert not run.want_script.is_set() and run.via == "runner"
+    assert run.chan.closed and run.chan.data == b"" and run.launched is None
+    assert run.via == "runner"
 
 
 def test_a_shipped_tool_is_requested_by_name():
@@ -194,15 +191,15 @@ def test_a_shipped_tool_is_requested_by_name():
     run, _ = remote_run(script)
     run.ssh_user = "diag"
     run._on_stderr([b"\x1eebpfdiag:want-request 3.11.2 0.9.0 doctor,drop,tcp_rst"])
-    assert run.failure is None and run.want_script.is_set()
-    assert run.launch_input == script.request("diag") and run.via == "runner"
+    assert run.failure is None and run.chan.data == script.request("diag") == run.launched
+    assert run.via == "runner"
 
 
 def test_the_bootstrap_still_gets_the_script():
     script = Script("probe.py", b"print(1)\n")
     run, _ = remote_run(script)
     run._on_stderr([b"\x1eebpfdiag:want-script 3.11.2"])
-    assert run.want_script.is_set() and run.launch_input == script.frame()
+    assert run.chan.data == script.frame() == run.launched
 
 
 def test_a_refusal_is_a_runner_failure_with_the_runners_line():

@@ -8,7 +8,6 @@ failure never stops the others.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes.util
 import functools
 import logging
@@ -86,6 +85,7 @@ from ebpfdiag.transport import (  # noqa: E402 - transport imports asyncssh: aft
     RunOutcome,
     Script,
     SSHOptions,
+    StopSignal,
     connect,
 )
 
@@ -230,7 +230,7 @@ class Fanout:
         self.sink = sink
         self.before_stop = before_stop
         self.interrupted = False
-        self._stops = {h.name: asyncio.Event() for h in hosts}
+        self._stops = {h.name: StopSignal() for h in hosts}
         self._timed_out: set[str] = set()
         self._runs: dict[str, RemoteRun] = {}
 
@@ -294,16 +294,18 @@ class Fanout:
         self._timed_out.add(name)
         self._stops[name].set()
 
-    async def _connect_and_run(self, host: Host, stop: asyncio.Event) -> HostResult:
+    async def _connect_and_run(self, host: Host, stop: StopSignal) -> HostResult:
         self.sink.state(host.name, "connecting")
         connecting = asyncio.ensure_future(connect(host, self.opts.ssh, self._jumps))
-        stopper = asyncio.ensure_future(stop.wait())
-        done, _ = await asyncio.wait({connecting, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        if connecting not in done:
-            connecting.cancel()
-            return HostResult(host.name, "ok", error_kind=None)
-        conn = connecting.result()
+        forget = stop.on_set(connecting.cancel)
+        try:
+            conn = await connecting
+        except asyncio.CancelledError:
+            if not stop.is_set():
+                raise
+            return HostResult(host.name, "ok", error_kind=None)  # stopped before it began
+        finally:
+            forget()
         try:
             self.sink.state(host.name, "starting")
             duration_timer = None
@@ -325,10 +327,11 @@ class Fanout:
                 on_clock=(
                     functools.partial(self.sink.clock, host.name) if self.sink.wants_clock else None
                 ),
+                stop_grace=STOP_GRACE_S,
             )
             self._runs[host.name] = run
             try:
-                outcome = await _bounded_after(run.run(conn, stop), stop, STOP_GRACE_S)
+                outcome = await run.run(conn, stop)
             finally:
                 del self._runs[host.name]
                 if duration_timer is not None:
@@ -340,22 +343,6 @@ class Fanout:
         result = _result_of(host.name, outcome)
         result.via = outcome.via
         return result
-
-
-async def _bounded_after(coro, stop: asyncio.Event, grace: float) -> RunOutcome:
-    """Await ``coro``; once ``stop`` is set it gets ``grace`` seconds more, then fails."""
-    task = asyncio.ensure_future(coro)
-    stopper = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    stopper.cancel()
-    if not task.done():
-        done, _ = await asyncio.wait({task}, timeout=grace)
-        if not done:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            raise HostFailure("stop", f"script did not exit within {grace:g}s of being stopped")
-    return task.result()
 
 
 def _result_of(name: str, outcome: RunOutcome) -> HostResult:

@@ -8,6 +8,7 @@ the controller goes away. Errors become ``HostFailure`` with a kind and a one-li
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import json
@@ -15,12 +16,13 @@ import os
 import random
 import shlex
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import asyncssh
+from asyncssh.constants import EXTENDED_DATA_STDERR
 from asyncssh.encryption import get_encryption_algs
 from asyncssh.kex import get_kex_algs
 
@@ -213,7 +215,12 @@ def remote_command(host: Host, script: Script, use_sudo: bool, with_password: bo
 
     Under ``sudo -n`` a small ``sh`` prelude picks full sudo or the runner on the host
     (``CHOOSE_SUDO``); with a password, sudo is asked for the python command line alone."""
-    argv = [host.python, "-c", bootstrap_source(), *script.args]
+    return _command_line(host.python, script.args, use_sudo, with_password)
+
+
+@functools.lru_cache(maxsize=64)  # quoting the 9 KB bootstrap once per run, not per host
+def _command_line(python: str, args: tuple[str, ...], use_sudo: bool, with_password: bool) -> str:
+    argv = [python, "-c", bootstrap_source(), *args]
     if use_sudo and with_password:
         argv = ["sudo", "-S", "-p", SUDO_PROMPT, "--", *argv]
     elif use_sudo:
@@ -469,28 +476,106 @@ class RunOutcome:
     via: str | None = None
 
 
-async def _read_lines(stream: asyncssh.SSHReader, on_lines: Callable[[list[bytes]], None]) -> None:
-    """Split a byte stream into lines as chunks arrive, handing over every complete line
-    of a chunk at once: a busy script's output costs one call per chunk, not per line."""
-    buf = b""
-    while True:
-        chunk = await stream.read(65536)
-        if not chunk:
-            break
-        if b"\n" not in chunk:
-            buf += chunk
-            continue
-        lines = chunk.split(b"\n")
-        if buf:  # the unfinished line joins its rest (the chunk itself is not copied)
-            lines[0] = buf + lines[0]
-        buf = lines.pop()
-        on_lines(lines)
-    if buf:
-        on_lines([buf])
+class StopSignal:
+    """Whether one host's run should end, and whom to tell when it should.
+
+    Like an ``asyncio.Event``, but those who must act on it register a callback: waiting
+    for an event takes a task and a future per waiter, which on a large fleet is a
+    measurable part of the controller's CPU per host."""
+
+    def __init__(self) -> None:
+        self._set = False
+        self._callbacks: list[Callable[[], None]] = []
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if self._set:
+            return
+        self._set = True
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def on_set(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` when the signal is set (now, if it is); returns the function
+        that unregisters it."""
+        if self._set:
+            callback()
+            return _nothing
+        self._callbacks.append(callback)
+
+        def forget() -> None:
+            with contextlib.suppress(ValueError):
+                self._callbacks.remove(callback)
+
+        return forget
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        done = asyncio.get_running_loop().create_future()
+        forget = self.on_set(lambda: done.done() or done.set_result(None))
+        try:
+            await done
+        finally:
+            forget()
+
+
+def _nothing() -> None:
+    pass
+
+
+class _Channel(asyncssh.SSHClientSession):
+    """A launched script's channel: output goes to its ``RemoteRun`` as it arrives, as
+    complete lines, one call per SSH packet (the streams API costs a task wake-up and a
+    future per read)."""
+
+    def __init__(self, run: RemoteRun):
+        self._run = run
+        self._partial = {None: b"", EXTENDED_DATA_STDERR: b""}
+
+    def data_received(self, data: bytes, datatype: int | None) -> None:
+        if b"\n" not in data:
+            self._partial[datatype] += data
+            return
+        lines = data.split(b"\n")
+        rest = self._partial[datatype]
+        if rest:  # the unfinished line joins its rest (the packet itself is not copied)
+            lines[0] = rest + lines[0]
+        self._partial[datatype] = lines.pop()
+        self._deliver(datatype, lines)
+
+    def eof_received(self) -> bool:
+        self._flush()
+        self._run._ended()
+        return True  # stdin stays open: the run decides when to end it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._flush()
+        self._run._closed(exc)
+
+    def _flush(self) -> None:
+        """An unfinished last line is a line too, once no more can come."""
+        for datatype, rest in self._partial.items():
+            if rest:
+                self._partial[datatype] = b""
+                self._deliver(datatype, [rest])
+
+    def _deliver(self, datatype: int | None, lines: list[bytes]) -> None:
+        if datatype == EXTENDED_DATA_STDERR:
+            self._run._on_stderr(lines)
+        else:
+            self._run._on_stdout(lines)
 
 
 class RemoteRun:
-    """Drives one launched script: sudo prompt, script transfer, clock pings, stop, exit."""
+    """Drives one launched script: sudo prompt, script transfer, clock pings, stop, exit.
+
+    Everything the host says is handled in callbacks as it arrives (markers answered
+    there, the script written as soon as it is asked for); the run's coroutine only
+    waits for the channel to close."""
 
     def __init__(
         self,
@@ -501,7 +586,10 @@ class RemoteRun:
         on_running: Callable[[], None],
         on_clock: Callable[[ClockSample], None] | None,
         clock_pings: int = 5,
+        stop_grace: float | None = None,
     ):
+        """``stop_grace``: seconds the script gets to exit once stopped (stdin EOF); past
+        them the channel is closed and the run fails (None: no limit here)."""
         self.host = host
         self.script = script
         self.opts = opts
@@ -509,25 +597,42 @@ class RemoteRun:
         self.on_running = on_running
         self.on_clock = on_clock
         self.clock_pings = clock_pings
-        self.want_script = asyncio.Event()
-        #: what answers the host's ``want-script`` (the framed script) or ``want-request``
-        #: (the runner request), set with ``want_script``
-        self.launch_input = b""
+        self.stop_grace = stop_grace
         self.via: str | None = None
+        #: how the script is launched when the host does not say otherwise (the runner)
+        self.default_via = "direct"
         self.ssh_user = host.user or ""
         self._hello_pending = True
-        self.running = asyncio.Event()
+        #: what was written to answer ``want-script`` or ``want-request``; None until then
+        self.launched: bytes | None = None
+        self.running = False
+        self.stopped_by_us = False
+        self.remote_ended = False
         self.failure: HostFailure | None = None
         self.sudo_prompts = 0
         self.stderr_tail: list[str] = []
         self.ping_sent: dict[int, int] = {}
-        self.process: asyncssh.SSHClientProcess | None = None
+        self.chan: asyncssh.SSHClientChannel | None = None
+        self._closed_waiter: asyncio.Future | None = None
+        self._task: asyncio.Task | None = None
+        self._pinger: asyncio.Task | None = None
+        self._grace: asyncio.TimerHandle | None = None
+
+    def _write(self, data: bytes) -> bool:
+        """Write to the script's stdin; False when it is closed (the run is ending)."""
+        if self.chan is None:
+            return False
+        try:
+            self.chan.write(data)
+        except (OSError, asyncssh.Error):
+            return False
+        return True
 
     def _fail(self, failure: HostFailure) -> None:
         if self.failure is None:
             self.failure = failure
-        if self.process is not None:
-            self.process.close()
+        if self.chan is not None:
+            self.chan.close()
 
     def _on_stderr(self, lines: list[bytes]) -> None:
         """Markers drive the launch; other lines are the script's diagnostics."""
@@ -542,7 +647,7 @@ class RemoteRun:
             self._on_marker(line[pos + len(MARK) :])
         if not plain:
             return
-        if self.running.is_set():
+        if self.running:
             self.on_lines("stderr", plain)
         else:  # sudo/launch diagnostics: kept for the error
             self.stderr_tail.extend(line.decode(errors="replace") for line in plain)
@@ -556,15 +661,16 @@ class RemoteRun:
             if self.sudo_prompts > 1 or self.opts.sudo_password is None:
                 self._fail(HostFailure("sudo", f"sudo on {self.host.name} rejected the password"))
             else:
-                self.process.stdin.write(self.opts.sudo_password.encode() + b"\n")
+                self._write(self.opts.sudo_password.encode() + b"\n")
         elif kind == "want-script":
-            self.launch_input = self.script.frame()
-            self.want_script.set()
+            self._launch(self.script.frame())
         elif kind == "want-request":
             self._want_request(words[1:])
         elif kind == "running":
-            self.running.set()
+            self.running = True
             self.on_running()
+            if self.on_clock is not None and not self.stopped_by_us:
+                self._pinger = asyncio.ensure_future(self._ping())
         elif kind == "clock" and len(words) == 4:
             sent = self.ping_sent.pop(int(words[1]), None)
             if sent is not None and self.on_clock is not None:
@@ -580,6 +686,15 @@ class RemoteRun:
                 )
             )
 
+    def _launch(self, data: bytes) -> None:
+        """Answer the host's request for the script, unless the run is already ending."""
+        if self.stopped_by_us or self.failure is not None or self.launched is not None:
+            return
+        if self.via is None:
+            self.via = self.default_via
+        self.launched = data
+        self._write(data)
+
     def _want_request(self, words: list[str]) -> None:
         """The host has only the runner (``want-request PYTHON VERSION TOOLS``): ask it for
         the shipped tool by name; arbitrary code is refused here, before anything runs."""
@@ -588,8 +703,7 @@ class RemoteRun:
         if self.script.catalog_tool is None:
             self._fail(HostFailure("runner", f"runner only on {self.host.name}: allows {allowed}"))
             return
-        self.launch_input = self.script.request(self.ssh_user)
-        self.want_script.set()
+        self._launch(self.script.request(self.ssh_user))
 
     def _on_stdout(self, lines: list[bytes]) -> None:
         """The script's stdout; the first line, a shipped tool's ``hello``, says ``via``."""
@@ -602,6 +716,38 @@ class RemoteRun:
                 lines = [first[:cut] + via + first[cut:], *lines[1:]]
         self.on_lines("stdout", lines)
 
+    def _ended(self) -> None:
+        """The host closed the script's output (it has exited, or is about to)."""
+        self.remote_ended = True
+
+    def _closed(self, exc: Exception | None) -> None:
+        if self._closed_waiter is not None and not self._closed_waiter.done():
+            if exc is None:
+                self._closed_waiter.set_result(None)
+            else:
+                self._closed_waiter.set_exception(exc)
+
+    def stop(self) -> None:
+        """End the script: stdin EOF (the bootstrap stops it and exits; before the launch
+        it gets no script), unless it has already ended; given up after ``stop_grace``."""
+        if self.remote_ended or self.stopped_by_us:
+            return
+        self.stopped_by_us = True
+        if self.chan is not None:  # else the EOF follows as soon as the channel is open
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self.chan.write_eof()
+        if self.stop_grace is not None:
+            self._grace = asyncio.get_running_loop().call_later(self.stop_grace, self._give_up)
+
+    def _give_up(self) -> None:
+        """The script did not exit in time once stopped: close its channel (or stop
+        waiting for the channel to open) and fail the run."""
+        self._fail(
+            HostFailure("stop", f"script did not exit within {self.stop_grace:g}s of being stopped")
+        )
+        if self.chan is None and self._task is not None:
+            self._task.cancel()
+
     async def _ping(self) -> None:
         """Clock pings, stamped with the controller's monotonic clock (never its wall
         clock, which NTP may step): a quick burst, then at a growing interval up to
@@ -611,9 +757,7 @@ class RemoteRun:
         delay = 0.02
         while True:
             self.ping_sent[seq] = time.monotonic_ns()
-            try:
-                self.process.stdin.write(f"ping {seq}\n".encode())
-            except (OSError, asyncssh.Error):  # stdin at EOF or closed: the run is ending
+            if not self._write(f"ping {seq}\n".encode()):
                 return
             seq += 1
             await asyncio.sleep(delay)
@@ -623,15 +767,11 @@ class RemoteRun:
     def send_control(self, text: str) -> bool:
         """Write ``ctl <text>`` to the running script's stdin, next to the pings (the
         bootstrap hands it to the script's ``ebpfdiag_control``); False when it cannot."""
-        if self.process is None or not self.running.is_set() or "\n" in text:
+        if not self.running or self.stopped_by_us or "\n" in text:
             return False
-        try:
-            self.process.stdin.write(f"ctl {text}\n".encode())
-        except (OSError, asyncssh.Error):  # stdin at EOF or closed: the run is ending
-            return False
-        return True
+        return self._write(f"ctl {text}\n".encode())
 
-    async def run(self, conn: asyncssh.SSHClientConnection, stop: asyncio.Event) -> RunOutcome:
+    async def run(self, conn: asyncssh.SSHClientConnection, stop: StopSignal) -> RunOutcome:
         """Launch and stream until the script exits or ``stop`` is set (then stdin EOF);
         with an audit log, what happened is recorded there however the run ends."""
         started = time.time_ns()
@@ -651,65 +791,46 @@ class RemoteRun:
             if audit.destination() is not None:
                 audit.write(audit.host_run(self, started, outcome, failure))
 
-    async def _run(self, conn: asyncssh.SSHClientConnection, stop: asyncio.Event) -> RunOutcome:
+    async def _run(self, conn: asyncssh.SSHClientConnection, stop: StopSignal) -> RunOutcome:
         host = self.host
         use_sudo = host.sudo and host.user != "root"
         with_password = use_sudo and self.opts.sudo_password is not None
+        self.default_via = "sudo" if use_sudo else "root" if host.user == "root" else "direct"
         command = remote_command(host, self.script, use_sudo, with_password)
         self.ssh_user = conn.get_extra_info("username") or self.ssh_user
-        self.process = process = await conn.create_process(
-            command, encoding=None, max_pktsize=MAX_PACKET
-        )
-        readers = asyncio.ensure_future(
-            asyncio.gather(
-                _read_lines(process.stdout, self._on_stdout),
-                _read_lines(process.stderr, self._on_stderr),
-            )
-        )
-        stopped_by_us = False
-        pinger = None
+        self._closed_waiter = asyncio.get_running_loop().create_future()
+        self._task = asyncio.current_task()
+        forget = stop.on_set(self.stop)
         try:
-            if await _first(self.want_script.wait(), readers, stop.wait()):
-                if self.via is None:
-                    self.via = "sudo" if use_sudo else "root" if host.user == "root" else "direct"
-                process.stdin.write(self.launch_input)
-                running = await _first(self.running.wait(), readers, stop.wait())
-                if running and self.on_clock is not None:  # only for those who align clocks
-                    pinger = asyncio.ensure_future(self._ping())
-            if not readers.done():
-                await _first(stop.wait(), readers)
-            if not readers.done():
-                stopped_by_us = True
-                process.stdin.write_eof()
-            await readers
-            await process.wait_closed()
+            try:
+                self.chan, _ = await conn.create_session(
+                    functools.partial(_Channel, self), command, encoding=None,
+                    max_pktsize=MAX_PACKET,
+                )  # fmt: skip
+            except asyncio.CancelledError:
+                if self.failure is None:  # cancelled from outside, not given up on
+                    raise
+                raise self.failure from None
+            if self.stopped_by_us:  # stopped while the channel opened
+                with contextlib.suppress(OSError, asyncssh.Error):
+                    self.chan.write_eof()
+            await self._closed_waiter
         finally:
-            if pinger is not None:
-                pinger.cancel()
-            if not readers.done():
-                readers.cancel()
-                process.close()
+            forget()
+            if self._pinger is not None:
+                self._pinger.cancel()
+            if self._grace is not None:
+                self._grace.cancel()
+            if self.chan is not None and not self._closed_waiter.done():
+                self.chan.close()  # cancelled: the channel goes with us
         if self.failure is not None:
             raise self.failure
-        status = process.exit_status
-        if not self.running.is_set() and not stopped_by_us:
+        status = self.chan.get_exit_status()
+        if not self.running and not self.stopped_by_us:
             raise _launch_failure(host, status, self.stderr_tail, use_sudo and not with_password)
-        signal = process.exit_signal[0] if process.exit_signal else None
-        return RunOutcome(status, signal, stopped_by_us, self.via)
-
-
-async def _first(main: Awaitable, *others: asyncio.Future | Awaitable) -> bool:
-    """Wait for ``main`` or any of ``others``; True when ``main`` finished first."""
-    task = asyncio.ensure_future(main)
-    extra = [o if isinstance(o, asyncio.Future) else asyncio.ensure_future(o) for o in others]
-    done, _ = await asyncio.wait({task, *extra}, return_when=asyncio.FIRST_COMPLETED)
-    for o, f in zip(others, extra, strict=True):
-        if f is not o:
-            f.cancel()
-    if task not in done:
-        task.cancel()
-        return False
-    return True
+        exit_signal = self.chan.get_exit_signal()
+        signal = exit_signal[0] if exit_signal else None
+        return RunOutcome(status, signal, self.stopped_by_us, self.via)
 
 
 def _launch_failure(

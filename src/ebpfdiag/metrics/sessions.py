@@ -25,7 +25,15 @@ import asyncssh
 
 from ebpfdiag.inventory import Host
 from ebpfdiag.metrics.exposition import Fleet
-from ebpfdiag.transport import HostFailure, JumpPool, RemoteRun, Script, SSHOptions, connect
+from ebpfdiag.transport import (
+    HostFailure,
+    JumpPool,
+    RemoteRun,
+    Script,
+    SSHOptions,
+    StopSignal,
+    connect,
+)
 
 #: Time a run gets from connecting to its first record (BCC compiles on the host meanwhile).
 SETUP_TIMEOUT_S = 120.0
@@ -81,7 +89,7 @@ class HostSession:
         self.interval = interval
         self.on_state = on_state
         self.stopping = asyncio.Event()
-        self._run_stop: asyncio.Event | None = None
+        self._run_stop: StopSignal | None = None
         self._heard = 0.0
         self._got_data = False
         self._stderr: list[str] = []
@@ -133,7 +141,7 @@ class HostSession:
                 await connecting
             return None
         conn = connecting.result()
-        self._run_stop = run_stop = asyncio.Event()
+        self._run_stop = run_stop = StopSignal()
         if self.stopping.is_set():
             run_stop.set()
         self._heard = time.monotonic()
@@ -183,7 +191,7 @@ class HostSession:
         async with self.gate:
             return await connect(self.host, self.ssh, self.jumps)
 
-    async def _watch(self, run_stop: asyncio.Event) -> None:
+    async def _watch(self, run_stop: StopSignal) -> None:
         """End a run that went silent (no record, not even a heartbeat delta), or that
         said nothing within SETUP_TIMEOUT_S of connecting."""
         self._stale = 0.0
