@@ -90,6 +90,16 @@ def run_ebpfdiag(fleet, hosts, work: Path) -> Measured:
     return m
 
 
+def _answered(out: Path) -> set[str]:
+    """The hosts of ``HOST: OUTPUT`` lines whose output is ``1``."""
+    got = set()
+    for line in out.read_text().splitlines():
+        host, _, text = line.partition(": ")
+        if text.strip() == "1":
+            got.add(host)
+    return got
+
+
 def run_asyncssh(fleet, hosts, work: Path) -> Measured:
     """The SSH library alone (bench/sshfloor.py): the floor under ebpfdiag's CPU."""
     out = work / "asyncssh.out"
@@ -97,12 +107,7 @@ def run_asyncssh(fleet, hosts, work: Path) -> Measured:
             *(h.name for h in hosts)]  # fmt: skip
     with out.open("wb") as fh:
         m = run_measured(argv, stdout=fh, timeout=_timeout(hosts), cwd=Path(__file__).parent.parent)
-    got = set()
-    for line in out.read_text().splitlines():
-        name, _, text = line.partition(": ")
-        if text.strip() == "1":
-            got.add(name)
-    _check("asyncssh", m, {h.name for h in hosts}, got)
+    _check("asyncssh", m, {h.name for h in hosts}, _answered(out))
     return m
 
 
@@ -113,12 +118,7 @@ def run_clush(fleet, hosts, work: Path) -> Measured:
             "-w", ",".join(h.address for h in hosts), REMOTE]  # fmt: skip
     with out.open("wb") as fh:
         m = run_measured(argv, stdout=fh, timeout=_timeout(hosts))
-    got = set()
-    for line in out.read_text().splitlines():
-        node, _, text = line.partition(": ")
-        if text.strip() == "1":
-            got.add(node)
-    _check("clush", m, {h.address for h in hosts}, got)
+    _check("clush", m, {h.address for h in hosts}, _answered(out))
     return m
 
 

@@ -74,7 +74,7 @@ class Conn:
         return self.chan, session
 
 
-def new_run(script: Script, lines: list, stop_grace: float | None = None) -> RemoteRun:
+def new_run(script: Script, lines: list, stop_grace: float = 5.0) -> RemoteRun:
     return RemoteRun(
         Host(name="web1", address="198.18.0.1", user="diag"),
         script,

@@ -90,8 +90,6 @@ from ebpfdiag.transport import (  # noqa: E402 - transport imports asyncssh: aft
 )
 
 DEFAULT_FANOUT = 64
-#: How long a script gets to clean up after stdin EOF before the channel is closed on it.
-STOP_GRACE_S = 6.0
 
 
 @dataclass
@@ -327,7 +325,6 @@ class Fanout:
                 on_clock=(
                     functools.partial(self.sink.clock, host.name) if self.sink.wants_clock else None
                 ),
-                stop_grace=STOP_GRACE_S,
             )
             self._runs[host.name] = run
             try:

@@ -34,6 +34,9 @@ MARK = b"\x1eebpfdiag:"
 SUDO_PROMPT = "\x1eebpfdiag:sudo-prompt\n"
 #: Clock pings settle to one per this many seconds (one short line each way).
 CLOCK_PERIOD_S = 1.0
+#: How long a script gets to clean up and exit after stdin EOF before its channel is
+#: closed on it (the bootstrap itself gives the script 4 s after its SIGTERM).
+STOP_GRACE_S = 6.0
 #: Exit code of the bootstrap itself when the script did not arrive intact.
 EXIT_BAD_SCRIPT = 98
 #: Largest SSH packet we accept on a script's channel. OpenSSH sends bigger packets when
@@ -586,10 +589,10 @@ class RemoteRun:
         on_running: Callable[[], None],
         on_clock: Callable[[ClockSample], None] | None,
         clock_pings: int = 5,
-        stop_grace: float | None = None,
+        stop_grace: float = STOP_GRACE_S,
     ):
         """``stop_grace``: seconds the script gets to exit once stopped (stdin EOF); past
-        them the channel is closed and the run fails (None: no limit here)."""
+        them the channel is closed and the run fails with a ``stop`` error."""
         self.host = host
         self.script = script
         self.opts = opts
@@ -736,8 +739,7 @@ class RemoteRun:
         if self.chan is not None:  # else the EOF follows as soon as the channel is open
             with contextlib.suppress(OSError, asyncssh.Error):
                 self.chan.write_eof()
-        if self.stop_grace is not None:
-            self._grace = asyncio.get_running_loop().call_later(self.stop_grace, self._give_up)
+        self._grace = asyncio.get_running_loop().call_later(self.stop_grace, self._give_up)
 
     def _give_up(self) -> None:
         """The script did not exit in time once stopped: close its channel (or stop

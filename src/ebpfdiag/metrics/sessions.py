@@ -39,8 +39,6 @@ from ebpfdiag.transport import (
 SETUP_TIMEOUT_S = 120.0
 BACKOFF_MIN_S = 1.0
 BACKOFF_MAX_S = 60.0
-#: How long a script gets to detach and exit after stdin EOF before the channel is closed.
-STOP_GRACE_S = 6.0
 #: stderr lines of a host's script kept for its status line
 STDERR_KEEP = 3
 
@@ -155,20 +153,13 @@ class HostSession:
             on_clock=None,  # deltas carry no host times: no pings
         )
         watchdog = asyncio.ensure_future(self._watch(run_stop))
-        task = asyncio.ensure_future(run.run(conn, run_stop))
-        stopper = asyncio.ensure_future(run_stop.wait())
         outcome = None
         try:
-            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            done, _ = await asyncio.wait({task}, timeout=STOP_GRACE_S)
-            if done:
-                outcome = task.result()
-            else:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            outcome = await run.run(conn, run_stop)
+        except HostFailure as exc:
+            if exc.kind != "stop":  # else it did not stop in time: said below
+                raise
         finally:
-            stopper.cancel()
             watchdog.cancel()
             self._run_stop = None
             conn.close()
