@@ -1,6 +1,6 @@
 """What a fleet-sized run costs and needs before it starts: file descriptors, keys and
-known_hosts read once, the algorithms proposed, log text built only when logged (pure,
-no hosts contacted)."""
+known_hosts read once, the algorithms proposed, log text built only when logged,
+connection options built without a thread (pure, no hosts contacted)."""
 
 import logging
 import resource
@@ -199,3 +199,34 @@ def test_known_hosts_and_keys_are_read_once_per_content(tmp_path, monkeypatch):
     pair = transport.client_keys(str(tmp_path / "a"))
     assert transport.client_keys(str(tmp_path / "a")) is pair
     assert pair[0].public_data == asyncssh.import_public_key(" ".join(keys[0])).public_data
+
+
+def test_connection_options_are_built_in_the_loop_but_dns_still_goes_to_threads():
+    """No thread hand-off per connection for its options (the controller passes parsed
+    keys); a lookup that may block, like getaddrinfo, still runs in the thread pool."""
+    import asyncio
+    import concurrent.futures
+
+    import asyncssh
+
+    class Recording(concurrent.futures.ThreadPoolExecutor):
+        submitted: list = []
+
+        def submit(self, fn, *args, **kwargs):
+            self.submitted.append(getattr(fn, "func", fn))
+            return super().submit(fn, *args, **kwargs)
+
+    async def build() -> asyncssh.SSHClientConnectionOptions:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(Recording(max_workers=1))
+        options = await asyncssh.SSHClientConnectionOptions.construct(
+            None, host="198.18.0.1", known_hosts=None, client_keys=[], config=[]
+        )
+        await loop.getaddrinfo("localhost", 22)
+        return options
+
+    assert fanout.asyncssh is asyncssh  # the controller's asyncssh, with its adjustments
+    options = asyncio.run(build())
+    assert options.host == "198.18.0.1"
+    assert asyncssh.SSHClientConnectionOptions not in Recording.submitted
+    assert len(Recording.submitted) == 1  # the lookup alone

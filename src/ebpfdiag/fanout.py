@@ -46,6 +46,7 @@ def _import_asyncssh() -> ModuleType:
     finally:
         ctypes.util.find_library = standard
     _log_only_when_logged()
+    _options_built_in_the_loop()
     return asyncssh
 
 
@@ -74,6 +75,23 @@ def _log_only_when_logged() -> None:
 
     SSHPacketLogger._log_packet = _log_packet
     SSHLogger.log = _log
+
+
+def _options_built_in_the_loop() -> None:
+    """Make asyncssh build a connection's options in the event loop's own thread.
+
+    ``asyncssh.connect`` builds its SSHClientConnectionOptions in the loop's thread pool,
+    because reading ~/.ssh/config and key files may block. The controller hands it the
+    key pair and the known_hosts it parsed once (``transport``), so what is left is a
+    fraction of a millisecond of CPU, and sending it to a thread and back cost more: the
+    GIL changing hands and dozens of futex calls per host. DNS lookups still go to the
+    thread pool (asyncio's own), so a slow resolver never stops the loop."""
+    from asyncssh.connection import SSHClientConnectionOptions
+
+    async def construct(cls, options=None, **kwargs):
+        return cls(options, loop=asyncio.get_running_loop(), **kwargs)
+
+    SSHClientConnectionOptions.construct = classmethod(construct)
 
 
 asyncssh = _import_asyncssh()
@@ -145,8 +163,8 @@ class FanoutOptions:
 
 
 #: Descriptors the controller holds whatever the fleet's size: the interpreter's own,
-#: stdio, the event loop's selector and wake-up pipe, the threads asyncssh builds its
-#: options in, a script or inventory file being read.
+#: stdio, the event loop's selector and wake-up pipe, the threads of its DNS lookups, a
+#: script or inventory file being read.
 FD_BASE = 64
 #: Per host connected at once: its TCP socket (jumped hosts ride their jump host's
 #: connection), and a file it may hold open for a moment (a known_hosts file being
