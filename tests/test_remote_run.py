@@ -23,6 +23,8 @@ class Channel:
         self.eof = False
         self.closed = False
         self.exit_status: int | None = None
+        #: a link where nothing comes back any more (packets dropped on the way)
+        self.dead = False
 
     def write(self, data: bytes) -> None:
         if self.eof or self.closed:
@@ -35,7 +37,8 @@ class Channel:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            asyncio.get_running_loop().call_soon(self.session.connection_lost, None)
+            if not self.dead:  # the host confirms the close
+                asyncio.get_running_loop().call_soon(self.session.connection_lost, None)
 
     def get_exit_status(self) -> int | None:
         return self.exit_status
@@ -141,7 +144,7 @@ def test_a_stop_while_the_channel_opens_sends_eof_and_no_script():
     assert outcome.stopped_by_us and outcome.exit_status == 98
 
 
-def test_a_script_that_does_not_exit_once_stopped_fails_after_the_grace():
+def test_a_script_that_does_not_exit_once_stopped_fails_after_the_grace_even_on_a_dead_link():
     lines: list = []
 
     async def scenario():
@@ -150,10 +153,11 @@ def test_a_script_that_does_not_exit_once_stopped_fails_after_the_grace():
         task = asyncio.ensure_future(run.run(conn, stop))
         await conn.ready.wait()
         conn.chan.stderr(MARK + b"want-script 3.11.2\n" + MARK + b"running 42\n")
+        conn.chan.dead = True  # nothing more from the host, not even the close
         stop.set()
         assert conn.chan.eof and not conn.chan.closed
         with pytest.raises(HostFailure) as failure:
-            await task
+            await asyncio.wait_for(task, 5.0)  # a run waiting for the dead host would hang
         return failure.value, conn.chan
 
     failure, chan = asyncio.run(scenario())

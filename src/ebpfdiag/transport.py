@@ -742,12 +742,15 @@ class RemoteRun:
         self._grace = asyncio.get_running_loop().call_later(self.stop_grace, self._give_up)
 
     def _give_up(self) -> None:
-        """The script did not exit in time once stopped: close its channel (or stop
-        waiting for the channel to open) and fail the run."""
+        """The script did not exit in time once stopped: fail the run now, closing its
+        channel without waiting for the host to confirm (the link may be dead), or
+        stop waiting for the channel to open."""
         self._fail(
             HostFailure("stop", f"script did not exit within {self.stop_grace:g}s of being stopped")
         )
-        if self.chan is None and self._task is not None:
+        if self.chan is not None:
+            self._closed(None)
+        elif self._task is not None:
             self._task.cancel()
 
     async def _ping(self) -> None:
