@@ -209,11 +209,3 @@ def test_stop_signal_calls_back_once_and_forgets():
     stop.set()
     stop.on_set(lambda: calls.append("late"))  # already set: at once
     assert calls == ["b", "late"] and stop.is_set()
-
-    async def waits() -> bool:
-        signal = StopSignal()
-        asyncio.get_running_loop().call_later(0.01, signal.set)
-        await asyncio.wait_for(signal.wait(), 1.0)
-        return signal.is_set()
-
-    assert asyncio.run(waits())

@@ -515,16 +515,6 @@ class StopSignal:
 
         return forget
 
-    async def wait(self) -> None:
-        if self._set:
-            return
-        done = asyncio.get_running_loop().create_future()
-        forget = self.on_set(lambda: done.done() or done.set_result(None))
-        try:
-            await done
-        finally:
-            forget()
-
 
 def _nothing() -> None:
     pass
