@@ -592,8 +592,9 @@ class RemoteRun:
         self.clock_pings = clock_pings
         self.stop_grace = stop_grace
         self.via: str | None = None
+        self.use_sudo = host.sudo and host.user != "root"
         #: how the script is launched when the host does not say otherwise (the runner)
-        self.default_via = "direct"
+        self.default_via = "sudo" if self.use_sudo else "root" if host.user == "root" else "direct"
         self.ssh_user = host.user or ""
         self._hello_pending = True
         #: what was written to answer ``want-script`` or ``want-request``; None until then
@@ -788,9 +789,8 @@ class RemoteRun:
 
     async def _run(self, conn: asyncssh.SSHClientConnection, stop: StopSignal) -> RunOutcome:
         host = self.host
-        use_sudo = host.sudo and host.user != "root"
+        use_sudo = self.use_sudo
         with_password = use_sudo and self.opts.sudo_password is not None
-        self.default_via = "sudo" if use_sudo else "root" if host.user == "root" else "direct"
         command = remote_command(host, self.script, use_sudo, with_password)
         self.ssh_user = conn.get_extra_info("username") or self.ssh_user
         self._closed_waiter = asyncio.get_running_loop().create_future()
