@@ -14,6 +14,23 @@ import pytest
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_caches(tmp_path_factory):
+    """What the tests' controllers keep (compiled programs, parsed inventories) goes to
+    caches of the session's own, never the user's; as for a user, a trace started again
+    loads its kept programs."""
+    names = ("EBPFDIAG_PROGRAM_CACHE", "XDG_CACHE_HOME")
+    old = {name: os.environ.get(name) for name in names}
+    for name in names:
+        os.environ[name] = str(tmp_path_factory.mktemp(name.lower()))
+    yield
+    for name, value in old.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def require(condition: bool, why: str) -> None:
     """Skip (laptop) or fail (CI) when a prerequisite of a real-parts test is missing."""
     if condition:

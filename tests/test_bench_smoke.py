@@ -84,9 +84,17 @@ def test_quick_time_to_ready_on_the_lab(tmp_path):
                for n in ("3 hosts", "server alone")]  # fmt: skip
     wanted += [f"remote: {p} (3 hosts at once)" for p in ("process", "import", "discover", "cpu",
                                                            "compile", "attach")]  # fmt: skip
+    wanted += [
+        f"trace {c}, {n}"
+        for c in ("tcp-rst", "latency", "drop")
+        for n in ("3 hosts, nothing kept (first start)", "server alone, nothing kept")
+    ]
     for label in wanted:
         assert label in rows, (label, text)
         median = rows[label].split(" | ")[1]
         assert float(median) > 0, rows[label]
+    # after the warm-up, every host of every timed trace loaded its kept program
+    shares = [line for line in text.splitlines() if "hosts that loaded their kept" in line]
+    assert len(shares) == 3 and all("| 1.00 | 1.00..1.00 |" in line for line in shares), shares
     assert "| trace tcp-rst on 3 lab hosts |" in text and "| `ebpfdiag hosts` |" in text
     assert "| trace drop on server alone |" in text, text

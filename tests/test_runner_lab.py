@@ -436,6 +436,11 @@ def vias(recs: list[dict]) -> dict[str, str | None]:
     return {r["host"]: r.get("via") for r in recs if r["type"] == "hello"}
 
 
+def programs_of(recs: list[dict]) -> dict[str, str | None]:
+    """Per host, where its BPF program came from (hello.program)."""
+    return {r["host"]: r.get("program") for r in recs if r["type"] == "hello"}
+
+
 @pytest.mark.parametrize("name", ["rst-no-listener", "rst-abort", "rst-lb-reject"])
 def test_diag_traces_resets_through_the_runner_with_root_verdicts(
     installed, name, tmp_path, syslog_listener
@@ -459,6 +464,10 @@ def test_diag_traces_resets_through_the_runner_with_root_verdicts(
         dict.fromkeys(every, "sudo"),
         dict.fromkeys(every, "runner"),
     )
+    # the runner's tools compile their own program: they never ask for a kept one, even
+    # where the controller keeps one for this very program and host (as root just did)
+    assert set(programs_of(as_root).values()) <= {"compiled", "kept"}
+    assert programs_of(as_diag) == dict.fromkeys(every, None)
     digest = hashlib.sha256(bundle(script_path("tcp_rst")).encode()).hexdigest()
     audit = records(log.read_text())
     assert sorted(r["host"] for r in audit) == list(every)

@@ -456,3 +456,32 @@ def test_each_host_says_when_it_is_ready(lab):
     tracing_at = next(i for i, line in enumerate(lines) if line.startswith("tracing on 3 hosts"))
     assert all(i < tracing_at for i, _ in said.values()), terminal.stderr
     assert_clean(lab)
+
+
+def test_a_trace_started_again_loads_each_hosts_kept_program(lab, tmp_path):
+    """The first trace compiles on every host and leaves each host's compile with the
+    controller; the same trace started again loads it (no compile), catches the same reset
+    the same way and leaves nothing behind. With the store off, every host compiles."""
+    store = tmp_path / "programs"
+    spec = SCENARIOS["rst-no-listener"]
+    seen = {}
+    for run, where in (("compiled", str(store)), ("kept", str(store)), ("off", "off")):
+        proc = start_trace(lab, spec.port, "--count", "1", "--duration", "20s",
+                           env={"EBPFDIAG_PROGRAM_CACHE": where})  # fmt: skip
+        assert run_scenario("rst-no-listener", lab).reproduced
+        recs = finish(proc)
+        hellos = {r["host"]: r for r in recs if r["type"] == "hello"}
+        assert {h: r.get("program") for h, r in hellos.items()} == dict.fromkeys(
+            ("client", "lb", "server"), "compiled" if run == "off" else run
+        )
+        assert not [r for r in recs if r["type"] == "program"]  # kept, never output
+        seen[run] = [
+            (f["verdict"]["origin_host"], f["verdict"]["reason"], len(f["verdict"]["path"]))
+            for f in recs
+            if f["type"] == "flow"
+        ]
+        assert_clean(lab)
+        if run == "compiled":  # one entry per host, each under its own identity
+            assert sorted(len(list(d.iterdir())) for d in store.iterdir()) == [1, 1, 1]
+    assert seen["kept"] == seen["compiled"] == seen["off"]
+    assert [s[:2] for s in seen["kept"]] == [(spec.expected.host, spec.expected.reason)]

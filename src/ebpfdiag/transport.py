@@ -26,7 +26,7 @@ from asyncssh.constants import EXTENDED_DATA_STDERR
 from asyncssh.encryption import get_encryption_algs
 from asyncssh.kex import get_kex_algs
 
-from ebpfdiag import audit
+from ebpfdiag import audit, programs
 from ebpfdiag.clock import ClockSample
 from ebpfdiag.inventory import Host
 
@@ -59,6 +59,8 @@ CHOOSE_SUDO = (
 )
 #: How the first line of a shipped tool's stdout starts (its ``hello`` record).
 HELLO_PREFIXES = (b'{"type":"hello"', b'{"type": "hello"')
+#: A compile the host offers to keep (never shown: see ebpfdiag.programs).
+PROGRAM_PREFIX = b'{"type":"program",'
 
 
 def _supported(preferred: tuple[str, ...], available: list[bytes]) -> list[str]:
@@ -607,6 +609,9 @@ class RemoteRun:
         self.stderr_tail: list[str] = []
         self.ping_sent: dict[int, int] = {}
         self.chan: asyncssh.SSHClientChannel | None = None
+        self.programs = programs.default_store()
+        self._identity: str | None = None
+        self._conn: asyncssh.SSHClientConnection | None = None
         self._closed_waiter: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
         self._pinger: asyncio.Task | None = None
@@ -660,6 +665,8 @@ class RemoteRun:
             self._launch(self.script.frame())
         elif kind == "want-request":
             self._want_request(words[1:])
+        elif kind == "want-program" and len(words) == 2:
+            self._answer_program(words[1])
         elif kind == "running":
             self.running = True
             self.on_running()
@@ -699,8 +706,42 @@ class RemoteRun:
             return
         self._launch(self.script.request(self.ssh_user))
 
+    def _answer_program(self, key: str) -> None:
+        """The host's compiled program for ``key`` if it offered one before, else ``-``
+        (compile); always answered, so the tool never waits for nothing."""
+        data = None
+        if self.programs is not None and self.via != "runner":
+            data = self.programs.get(self._host_identity(), key)
+        self._write(f"ctl program {key} {data or '-'}\n".encode())
+
+    def _keep_program(self, line: bytes) -> None:
+        if self.programs is None or self.via == "runner":
+            return
+        try:
+            record = json.loads(line)
+            key, data = record["key"], record["data"]
+        except (ValueError, KeyError, TypeError):
+            return
+        if isinstance(key, str) and isinstance(data, str):
+            self.programs.put(self._host_identity(), key, data)
+
+    def _host_identity(self) -> str:
+        """Whose programs these are: the inventory name and the host key it showed."""
+        if self._identity is None:
+            key = self._conn.get_server_host_key() if self._conn is not None else None
+            fingerprint = key.get_fingerprint() if key is not None else "-"
+            self._identity = f"{self.host.name} {self.host.address} {fingerprint}"
+        return self._identity
+
     def _on_stdout(self, lines: list[bytes]) -> None:
         """The script's stdout; the first line, a shipped tool's ``hello``, says ``via``."""
+        if any(line.startswith(PROGRAM_PREFIX) for line in lines):
+            for line in lines:
+                if line.startswith(PROGRAM_PREFIX):
+                    self._keep_program(line)
+            lines = [line for line in lines if not line.startswith(PROGRAM_PREFIX)]
+            if not lines:
+                return
         if self._hello_pending and lines:
             self._hello_pending = False
             first = lines[0]
@@ -793,6 +834,7 @@ class RemoteRun:
         with_password = use_sudo and self.opts.sudo_password is not None
         command = remote_command(host, self.script, use_sudo, with_password)
         self.ssh_user = conn.get_extra_info("username") or self.ssh_user
+        self._conn = conn
         self._closed_waiter = asyncio.get_running_loop().create_future()
         self._task = asyncio.current_task()
         forget = stop.on_set(self.stop)

@@ -14,6 +14,7 @@ import ctypes
 import os
 
 from core.discovery import kernel_version
+from core.programs import kept_or_compiled
 
 KALLSYMS_PATH = b"/proc/kallsyms"
 #: Where a scratch tmpfs is mounted for a moment (in the private namespace) to hold the
@@ -32,12 +33,20 @@ MNT_DETACH = 2
 
 
 def bpf_compile(BPF, text):
+    """BPF(text=text): the controller's kept program for this very text and host when it
+    has one (core/programs.py), else a compile."""
+    return kept_or_compiled(BPF, text, lambda t: _compile(BPF, t))
+
+
+def _compile(BPF, text):
     """BPF(text=text), without the symbol-table scan where that is safe.
 
     Debug information stays: without it clang is about a tenth faster on a large program,
     but the programs lose their BTF, and with it their full names in bpftool and
     /proc/kallsyms (the kernel keeps 15 characters: two programs would both show as
-    ebd_tcp_retrans), which is how an operator tells what is attached to an interface."""
+    ebd_tcp_retrans), which is how an operator tells what is attached to an interface.
+    (A kept program, core/programs.py, is loaded without BTF: its TC programs' names fit in
+    15 characters, its tracepoint programs' names are cut.)"""
     masked = kernel_version() >= HELPERS_MIN_KERNEL and _mask_kallsyms()
     try:
         return BPF(text=text)

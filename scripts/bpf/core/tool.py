@@ -11,6 +11,7 @@ from core.discovery import process_age
 from core.events import Output
 from core.lifecycle import ArgError, SetupError, Stop, StopState
 from core.params import ParamError, parse
+from core.programs import offer_program, program_answer, program_source, programs_allowed
 
 #: hello.setup's phases after `process`, in the order a tool's set-up goes through them
 SETUP_PHASES = ("import", "discover", "compile", "attach")
@@ -22,6 +23,8 @@ LIVE = {}
 def ebpfdiag_control(text):
     """The bootstrap's hook for `ctl <text>` lines (docs/remote-protocol.md), passed to the
     session's `control(text)`; a tool takes control lines by importing this name."""
+    if programs_allowed() and program_answer(text):
+        return
     session = LIVE.get("session")
     script = LIVE.get("script", "tool")
     if session is None:
@@ -97,7 +100,13 @@ def run_tool(script, argv, parse_args, print_ebpf, make_session) -> int:
     try:
         try:
             session.setup()
-            out.write(session.hello())
+            hello = session.hello()
+            if program_source():
+                hello["program"] = program_source()
+            out.write(hello)
+            # before `ready`: a trace stopped as soon as it is ready still leaves its
+            # compile with the controller (a few ms, only after a compile)
+            offer_program(out)
             out.write({"type": "ready"})
             out.flush()
             session.ready = True

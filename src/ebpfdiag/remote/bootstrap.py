@@ -13,6 +13,9 @@ Protocol (stdin from the controller, stderr markers back; stdout belongs to the 
    stdin EOF (controller gone or done) send SIGTERM to this process, and if the script has
    not exited 4 s later, end the process.
 
+``main`` also tells the script (``EBPFDIAG_PROGRAMS=1``) that it may ask the controller for
+its kept BPF program instead of compiling (docs/remote-protocol.md, "Kept programs").
+
 The script's fd 1 is a pipe, not the channel: a forked drain process forwards what arrives
 in chunks of up to CHUNK bytes, holding a line at most LINGER_S (and not at all after a
 quiet spell), so a script that flushes every line costs one channel write per chunk rather
@@ -193,6 +196,9 @@ def _start_drain():
 
 def main():
     inp = sys.stdin.buffer
+    # The controller may send the tool its last compile for this host (the runner, which
+    # ends before this function, never says so: it loads nothing the user sends).
+    os.environ["EBPFDIAG_PROGRAMS"] = "1"
     _mark("want-script %d.%d.%d" % sys.version_info[:3])
     name, src = _read_script(inp)
     run_code(inp, name, compile(src, name, "exec"), sys.argv[1:])
