@@ -2,7 +2,11 @@
 
 import copy
 import dataclasses
+import json
+import os
 import pickle
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -691,3 +695,55 @@ def test_resolve_jump(inv):
     assert alias is not None and (alias.address, alias.user) == ("gw-alias", "ops")
     with pytest.raises(InventoryError, match="bad jump: port 0 out of range"):
         resolve_jump(inv, dataclasses.replace(outside, jump="gw:0"))
+
+
+# --- parses kept between commands --------------------------------------------------------
+
+LOAD_TWICE = """
+import json, sys
+from ebpfdiag.inventory import load_inventory
+inv = load_inventory(sys.argv[1])
+print(json.dumps({"yaml": "yaml" in sys.modules, "hosts": [h.to_json() for h in inv.hosts.values()],
+                  "groups": inv.groups, "defaults": {k: (dict(v) if k == "labels" else v)
+                  for k, v in inv.defaults.items()}, "format": inv.format}))
+"""
+
+
+def load_in_new_process(path: Path, env: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-c", LOAD_TWICE, str(path)], capture_output=True,
+                          text=True, env=env, check=True, timeout=60)  # fmt: skip
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize(
+    "name", ["inventory.example.yaml", "tests/fixtures/inventory/ansible.yaml"]
+)
+def test_an_unchanged_inventory_is_read_again_without_yaml(tmp_path, name, _home):
+    """The second command reads the kept parse (PyYAML is not even imported) and gets the
+    very same inventory; an edit, or another HOME (~ in paths), parses again."""
+    path = tmp_path / "inv.yaml"
+    path.write_text((REPO / name).read_text())
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    first = load_in_new_process(path, env)
+    second = load_in_new_process(path, env)
+    assert (first.pop("yaml"), second.pop("yaml")) == (True, False)
+    assert second == first and first["hosts"]
+    path.write_text(path.read_text() + "\n# edited\n")
+    assert load_in_new_process(path, env)["yaml"] is True
+    other_home = tmp_path / "elsewhere"
+    other_home.mkdir()
+    assert load_in_new_process(path, {**env, "HOME": str(other_home)})["yaml"] is True
+
+
+def test_a_kept_parse_of_other_text_is_not_taken(tmp_path, monkeypatch):
+    """The kept file's name is a checksum only: its text is compared in full."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "inv.yaml"
+    path.write_text("hosts:\n  a: {address: 198.18.0.1}\n")
+    assert list(load_inventory(str(path)).hosts) == ["a"]
+    [kept] = (tmp_path / "cache" / "ebpfdiag" / "inventory").glob("*.json")
+    data = json.loads(kept.read_text())
+    data["text"] = "hosts:\n  b: {address: 198.18.0.2}\n"
+    data["hosts"][0]["name"] = "b"
+    kept.write_text(json.dumps(data))
+    assert list(load_inventory(str(path)).hosts) == ["a"]
