@@ -148,6 +148,8 @@ TOOLS: dict[str, Callable] = {
 }
 #: the tools ebpfdiag is compared with: ratios are to the faster of them
 ANCHORS = ("clush", "pssh")
+#: ebpfdiag's run on a single host, in every round: the fixed cost of a run
+ONE = "ebpfdiag, one host"
 
 
 @dataclass
@@ -229,6 +231,10 @@ def run(sizes: tuple[int, ...] = DEFAULT_SIZES, rounds: int = 3) -> Section:
             if size > min(sizes):  # every host just contacted once, before the timed runs
                 run_asyncssh(fleet, hosts, work)
             for _ in range(rounds_at(size, rounds)):
+                # ebpfdiag on one host: start-up and what the first connection costs once
+                results.setdefault((size, ONE), []).append(
+                    Run(run_ebpfdiag(fleet, hosts[:1], work), 0.0)
+                )
                 for name, fn in TOOLS.items():
                     before = fleet.cpu_seconds()
                     try:
@@ -261,12 +267,22 @@ def run(sizes: tuple[int, ...] = DEFAULT_SIZES, rounds: int = 3) -> Section:
         if not ours:
             section.failed = True
             continue
+        cpu = median([r.m.cpu_s for r in ours])
+        one = median([r.m.cpu_s for r in results.get((size, ONE), [])])
+        per_host = 1000 * (cpu - one) / (size - 1)
+        section.notes.append(
+            f"{size} hosts: ebpfdiag {cpu:.2f} CPU s, of which a one-host run (interpreter, "
+            f"imports, inventory, keys, the first connection's one-time work) takes {one:.2f} s "
+            f"in the same rounds: {1000 * cpu / size:.1f} ms a host with it, "
+            f"{per_host:.1f} ms a host beyond it (connect, authenticate, open the channel, push, "
+            "stream, close: the per-host work)."
+        )
         if size < TARGET_FROM:  # start-up dominates a handful of hosts
             continue
-        per_host = 1000 * median([r.m.cpu_s for r in ours]) / size
         section.targets.append(
-            Target(f"ebpfdiag CPU per host at {size} hosts", f"{per_host:.1f} ms",
-                   f"<= {CPU_PER_HOST_GOAL_MS:g} ms", per_host <= CPU_PER_HOST_GOAL_MS)
+            Target(f"ebpfdiag CPU per host at {size} hosts (beyond a one-host run)",
+                   f"{per_host:.1f} ms", f"<= {CPU_PER_HOST_GOAL_MS:g} ms",
+                   per_host <= CPU_PER_HOST_GOAL_MS)
         )  # fmt: skip
         if anchors:
             ratio = median([r.m.wall_s for r in ours]) / anchor

@@ -50,6 +50,12 @@ def test_quick_fanout_and_pipeline_on_a_real_fleet(tmp_path):
     # per additional host (start-up cancels), ebpfdiag's and the SSH library's alone
     assert "| ebpfdiag CPU per additional host (3 -> 6 hosts) |" in text, text
     assert re.search(r"ebpfdiag -?\d+\.\d ms, asyncssh alone -?\d+\.\d ms", text), text
+    # a one-host run in the same rounds: the run's fixed cost, apart from the per-host work
+    assert re.search(
+        r"6 hosts: ebpfdiag \d+\.\d\d CPU s, of which a one-host run .* takes "
+        r"\d+\.\d\d s .* -?\d+\.\d ms a host beyond it",
+        text,
+    ), text
     assert "| records lost | 0 | 0 | yes |" in text, text
     # what users run: print-per-line next to batched, a lone line's delay, and a tracer
     # (trace tcp-rst --all-flows under short connections, its decode cost per record)

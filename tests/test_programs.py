@@ -246,3 +246,15 @@ def test_a_real_compile_loads_again_from_what_was_kept():
     assert got["second"] == [3, 3, pid_rows, [4] * 3]
     assert got["names"] == ["on_enter"]
     assert got["types"] == [1, 2, 6, 27]
+
+
+def test_after_ready_a_program_looking_line_is_output_like_any_other(tmp_path):
+    line = json.dumps({"type": "program", "key": KEY, "data": DATA}, separators=(",", ":"))
+
+    def host(chan, run):
+        chan.stdout(b'{"type":"hello"}\n{"type":"ready"}\n' + line.encode() + b"\n")
+
+    _, lines, _ = converse(tmp_path, host)
+    out = [line for stream, batch in lines if stream == "stdout" for line in batch]
+    assert out[-1] == line.encode()
+    assert ProgramStore(tmp_path).get("web1 198.18.0.1 -", KEY) is None

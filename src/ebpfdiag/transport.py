@@ -61,6 +61,7 @@ CHOOSE_SUDO = (
 HELLO_PREFIXES = (b'{"type":"hello"', b'{"type": "hello"')
 #: A compile the host offers to keep (never shown: see ebpfdiag.programs).
 PROGRAM_PREFIX = b'{"type":"program",'
+READY_LINE = b'{"type":"ready"'
 
 
 def _supported(preferred: tuple[str, ...], available: list[bytes]) -> list[str]:
@@ -611,6 +612,8 @@ class RemoteRun:
         self.chan: asyncssh.SSHClientChannel | None = None
         self.programs = programs.default_store()
         self._identity: str | None = None
+        #: until the tool's ``ready``, a ``program`` record may come
+        self._programs_open = True
         self._conn: asyncssh.SSHClientConnection | None = None
         self._closed_waiter: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
@@ -733,13 +736,23 @@ class RemoteRun:
             self._identity = f"{self.host.name} {self.host.address} {fingerprint}"
         return self._identity
 
+    def _take_programs(self, lines: list[bytes]) -> list[bytes]:
+        """Keep and remove a ``program`` record, which a tool writes before its ``ready``
+        (after that, lines are not looked at: the stream's hot path)."""
+        out = []
+        for line in lines:
+            if self._programs_open and line.startswith(PROGRAM_PREFIX):
+                self._keep_program(line)
+                continue
+            if line.startswith(READY_LINE):
+                self._programs_open = False
+            out.append(line)
+        return out
+
     def _on_stdout(self, lines: list[bytes]) -> None:
         """The script's stdout; the first line, a shipped tool's ``hello``, says ``via``."""
-        if any(line.startswith(PROGRAM_PREFIX) for line in lines):
-            for line in lines:
-                if line.startswith(PROGRAM_PREFIX):
-                    self._keep_program(line)
-            lines = [line for line in lines if not line.startswith(PROGRAM_PREFIX)]
+        if self._programs_open:
+            lines = self._take_programs(lines)
             if not lines:
                 return
         if self._hello_pending and lines:

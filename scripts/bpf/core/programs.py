@@ -108,6 +108,8 @@ def program_key(bcc_module, text):
         "/sys/kernel/kheaders.tar.xz",
         os.environ.get("BCC_KERNEL_SOURCE", ""),
     ):
+        if not path:
+            continue
         parts.append(_identity(path))
         parts.append(_identity(os.path.join(path, "include/generated/autoconf.h")))
         parts.append(_identity(os.path.join(path, "include/generated/uapi/linux/version.h")))
@@ -129,8 +131,6 @@ def _loaded_libbcc():
 
 def _identity(path):
     """A path as the compile sees it: where it leads, its size and change time."""
-    if not path:
-        return ""
     try:
         st = os.stat(path)
     except OSError:
