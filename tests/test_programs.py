@@ -180,7 +180,7 @@ def test_the_key_follows_the_text():
 
 
 ROUND_TRIP = r"""
-import base64, ctypes, json, os, sys, zlib
+import base64, ctypes, json, os, re, subprocess, sys, zlib
 sys.path.insert(0, sys.argv[1])
 from bcc import BPF
 from core.compile import _compile
@@ -191,7 +191,7 @@ BPF_ARRAY(counts, u64, 1);
 BPF_PERCPU_ARRAY(percpu, u64, 1);
 BPF_HASH(seen, u32, u64, 16);
 BPF_RINGBUF_OUTPUT(events, 8);
-int on_enter(struct tracepoint__raw_syscalls__sys_enter *args) {
+int on_raw_syscalls_enter(struct tracepoint__raw_syscalls__sys_enter *args) {
     u32 pid = bpf_get_current_pid_tgid() >> 32;
     if (pid != PID || args->id != 39)   /* getpid on x86_64 */
         return 0;
@@ -205,8 +205,12 @@ int on_enter(struct tracepoint__raw_syscalls__sys_enter *args) {
 }
 '''.replace("PID", str(os.getpid()))
 
+def prog_id(fd):
+    with open("/proc/self/fdinfo/%d" % fd) as f:
+        return int(re.search(r"prog_id:\s+(\d+)", f.read()).group(1))
+
 def exercise(b):
-    b.attach_tracepoint(tp="raw_syscalls:sys_enter", fn_name="on_enter")
+    b.attach_tracepoint(tp="raw_syscalls:sys_enter", fn_name="on_raw_syscalls_enter")
     got = []
     b["events"].open_ring_buffer(lambda ctx, data, size: got.append(size))
     for _ in range(3):
@@ -223,8 +227,12 @@ compiled.cleanup()
 loaded = load_program(BPF, kept)
 second = exercise(loaded)
 names = sorted(f.decode() for f in loaded.funcs)
+fd = loaded.funcs[b"on_raw_syscalls_enter"].fd
+info = subprocess.run(["bpftool", "-j", "prog", "show", "id",
+                       str(prog_id(fd))], capture_output=True, text=True).stdout
 loaded.cleanup()
 print(json.dumps({"first": first, "second": second, "names": names,
+                  "bpftool_name": json.loads(info)["name"],
                   "types": sorted(t["type"] for t in kept["tables"])}))
 """
 
@@ -244,7 +252,9 @@ def test_a_real_compile_loads_again_from_what_was_kept():
     pid_rows = got["first"][2]
     assert got["first"][:2] == [3, 3] and len(pid_rows) == 1 and got["first"][3] == [4] * 3
     assert got["second"] == [3, 3, pid_rows, [4] * 3]
-    assert got["names"] == ["on_enter"]
+    assert got["names"] == ["on_raw_syscalls_enter"]
+    # loaded with the compile's BTF: its full name, not the kernel's 15 characters
+    assert got["bpftool_name"] == "on_raw_syscalls_enter"
     assert got["types"] == [1, 2, 6, 27]
 
 
@@ -257,4 +267,14 @@ def test_after_ready_a_program_looking_line_is_output_like_any_other(tmp_path):
     _, lines, _ = converse(tmp_path, host)
     out = [line for stream, batch in lines if stream == "stdout" for line in batch]
     assert out[-1] == line.encode()
+    assert ProgramStore(tmp_path).get("web1 198.18.0.1 -", KEY) is None
+
+
+def test_a_script_that_is_not_a_tool_gets_every_line_through(tmp_path):
+    """Without a hello first (run-script of any script), nothing is looked for."""
+    line = json.dumps({"type": "program", "key": KEY, "data": DATA}, separators=(",", ":"))
+    _, lines, _ = converse(tmp_path, lambda chan, run: chan.stdout(line.encode() + b"\n"))
+    assert [line for stream, batch in lines if stream == "stdout" for line in batch] == [
+        line.encode()
+    ]
     assert ProgramStore(tmp_path).get("web1 198.18.0.1 -", KEY) is None

@@ -612,8 +612,8 @@ class RemoteRun:
         self.chan: asyncssh.SSHClientChannel | None = None
         self.programs = programs.default_store()
         self._identity: str | None = None
-        #: until the tool's ``ready``, a ``program`` record may come
-        self._programs_open = True
+        #: from a tool's ``hello`` to its ``ready``, a ``program`` record may come
+        self._programs_open = False
         self._conn: asyncssh.SSHClientConnection | None = None
         self._closed_waiter: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
@@ -737,8 +737,8 @@ class RemoteRun:
         return self._identity
 
     def _take_programs(self, lines: list[bytes]) -> list[bytes]:
-        """Keep and remove a ``program`` record, which a tool writes before its ``ready``
-        (after that, lines are not looked at: the stream's hot path)."""
+        """Keep and remove a ``program`` record, which a tool writes between its ``hello``
+        and its ``ready`` (other lines are not looked at: the stream's hot path)."""
         out = []
         for line in lines:
             if self._programs_open and line.startswith(PROGRAM_PREFIX):
@@ -750,18 +750,20 @@ class RemoteRun:
         return out
 
     def _on_stdout(self, lines: list[bytes]) -> None:
-        """The script's stdout; the first line, a shipped tool's ``hello``, says ``via``."""
+        """The script's stdout; the first line, a shipped tool's ``hello``, says ``via``
+        (and only after one may a ``program`` record come)."""
+        if self._hello_pending and lines:
+            self._hello_pending = False
+            first = lines[0]
+            self._programs_open = first.startswith(HELLO_PREFIXES)
+            if self._programs_open and self.via is not None:
+                cut = first.index(b'"hello"') + len(b'"hello"')
+                via = f',"via":"{self.via}"'.encode()
+                lines = [first[:cut] + via + first[cut:], *lines[1:]]
         if self._programs_open:
             lines = self._take_programs(lines)
             if not lines:
                 return
-        if self._hello_pending and lines:
-            self._hello_pending = False
-            first = lines[0]
-            if first.startswith(HELLO_PREFIXES) and self.via is not None:
-                cut = first.index(b'"hello"') + len(b'"hello"')
-                via = f',"via":"{self.via}"'.encode()
-                lines = [first[:cut] + via + first[cut:], *lines[1:]]
         self.on_lines("stdout", lines)
 
     def _ended(self) -> None:

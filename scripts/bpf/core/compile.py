@@ -45,8 +45,7 @@ def _compile(BPF, text):
     but the programs lose their BTF, and with it their full names in bpftool and
     /proc/kallsyms (the kernel keeps 15 characters: two programs would both show as
     ebd_tcp_retrans), which is how an operator tells what is attached to an interface.
-    (A kept program, core/programs.py, is loaded without BTF: its TC programs' names fit in
-    15 characters, its tracepoint programs' names are cut.)"""
+    (A kept program, core/programs.py, is loaded with this same BTF.)"""
     masked = kernel_version() >= HELPERS_MIN_KERNEL and _mask_kallsyms()
     try:
         return BPF(text=text)

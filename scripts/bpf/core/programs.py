@@ -10,10 +10,11 @@ after a compile, just before `ready`, it offers what it compiled as one `program
 on stdout, which the controller keeps and never shows (docs/remote-protocol.md).
 
 What is kept: each program's instructions, with the map file descriptors BCC wrote into
-them replaced by the map's index, the maps' kernel attributes and BCC's key/leaf type
-descriptions. Loading creates the maps, writes their new descriptors into the
-instructions and loads each program the tool loaded last time, with the type it had; BCC's
-own table classes then serve the tool as after a compile. A program set that uses
+them replaced by the map's index, the maps' kernel attributes, BCC's key/leaf type
+descriptions, and the compile's BTF with each program's function record (its full name).
+Loading creates the maps, writes their new descriptors into the instructions and loads
+each program the tool loaded last time, with the type it had; BCC's own table classes
+then serve the tool as after a compile. A program set that uses
 anything this cannot rebuild (perf buffers, program arrays, BPF data other than map
 references) is not offered, and any failure while loading falls back to the compile.
 
@@ -31,6 +32,8 @@ import struct
 import sys
 import threading
 import zlib
+
+from core.tc import bpf_syscall_number
 
 #: Set by the bootstrap when the controller may send programs (never by the runner).
 ENV_FLAG = "EBPFDIAG_PROGRAMS"
@@ -56,6 +59,13 @@ PSEUDO_MAP_FD = 1
 #: The kernel's bpf_map_info and bpf_prog_info start with these u32 fields.
 MAP_INFO = struct.Struct("<6I16s")
 INFO_SIZE = 256
+#: bpf(2) commands and the bpf_prog_info offsets used (include/uapi/linux/bpf.h)
+BPF_PROG_LOAD, BPF_BTF_LOAD, BPF_BTF_GET_FD_BY_ID = 5, 18, 19
+PROG_INFO_BTF_ID, PROG_INFO_FUNC_REC, PROG_INFO_FUNC, PROG_INFO_NR_FUNC = 128, 132, 136, 144
+#: union bpf_attr for BPF_PROG_LOAD up to attach_btf_id: type, insn_cnt, insns, license,
+#: log_level, log_size, log_buf, kern_version, prog_flags, prog_name, prog_ifindex,
+#: expected_attach_type, prog_btf_fd, func_info_rec_size, func_info, func_info_cnt
+PROG_LOAD_ATTR = struct.Struct("<IIQQIIQII16sIIIIQI20x")
 
 
 class _Answer:
@@ -246,6 +256,7 @@ def export_program(bpf):
         )
     loaded = dict((name, fn.fd) for name, fn in bpf.funcs.items())
     funcs = []
+    btf_ids = set()
     for i in range(lib.bpf_num_functions(module)):
         name = lib.bpf_function_name(module, i)
         start = lib.bpf_function_start(module, name)
@@ -256,15 +267,125 @@ def export_program(bpf):
             return None
         entry = {"name": name.decode(), "insns": base64.b64encode(insns).decode("ascii")}
         if name in loaded:
-            entry["prog_type"] = struct.unpack_from("<I", _info(lib, loaded[name]))[0]
+            info = _info(lib, loaded[name])
+            entry["prog_type"] = struct.unpack_from("<I", info)[0]
+            btf_id = struct.unpack_from("<I", info, PROG_INFO_BTF_ID)[0]
+            func_info = _func_info(lib, loaded[name], info)
+            if btf_id and func_info is not None:
+                btf_ids.add(btf_id)
+                entry["func_info"] = base64.b64encode(func_info[1]).decode("ascii")
+                entry["func_info_rec_size"] = func_info[0]
         funcs.append(entry)
-    return {
+    program = {
         "format": PROGRAM_FORMAT,
         "license": lib.bpf_module_license(module).decode(),
         "kern_version": lib.bpf_module_kern_version(module),
         "tables": tables,
         "funcs": funcs,
     }
+    btf = _btf_blob(lib, btf_ids.pop()) if len(btf_ids) == 1 else None
+    if btf is not None:
+        program["btf"] = base64.b64encode(btf).decode("ascii")
+    else:  # no BTF to give: load without it (names cut at 15 characters)
+        for entry in funcs:
+            entry.pop("func_info", None)
+    return program
+
+
+def _func_info(lib, fd, info):
+    """(record size, records) of a loaded program's BTF function info, or None."""
+    rec, count = (
+        struct.unpack_from("<I", info, PROG_INFO_FUNC_REC)[0],
+        struct.unpack_from("<I", info, PROG_INFO_NR_FUNC)[0],
+    )
+    if not rec or not count:
+        return None
+    records = ctypes.create_string_buffer(rec * count)
+    ask = ctypes.create_string_buffer(INFO_SIZE)
+    struct.pack_into("<I", ask, PROG_INFO_FUNC_REC, rec)
+    struct.pack_into("<Q", ask, PROG_INFO_FUNC, ctypes.addressof(records))
+    struct.pack_into("<I", ask, PROG_INFO_NR_FUNC, count)
+    size = ctypes.c_uint32(INFO_SIZE)
+    if lib.bpf_obj_get_info(fd, ask, ctypes.byref(size)) != 0:
+        return None
+    return rec, records.raw
+
+
+def _btf_blob(lib, btf_id):
+    """The BTF the compile loaded with its programs (names, function records), or None."""
+    nr = bpf_syscall_number()
+    if nr is None:
+        return None
+    fd = _bpf(nr, BPF_BTF_GET_FD_BY_ID, struct.pack("<I", btf_id))
+    if fd < 0:
+        return None
+    try:
+        info = ctypes.create_string_buffer(32)  # bpf_btf_info: btf, btf_size, id, ...
+        size = ctypes.c_uint32(32)
+        if lib.bpf_obj_get_info(fd, info, ctypes.byref(size)) != 0:
+            return None
+        length = struct.unpack_from("<I", info, 8)[0]
+        blob = ctypes.create_string_buffer(length)
+        info = ctypes.create_string_buffer(32)
+        struct.pack_into("<QI", info, 0, ctypes.addressof(blob), length)
+        size = ctypes.c_uint32(32)
+        if lib.bpf_obj_get_info(fd, info, ctypes.byref(size)) != 0:
+            return None
+        return blob.raw
+    finally:
+        os.close(fd)
+
+
+def _bpf(nr, cmd, attr):
+    """bpf(2) with `attr` (bytes or a ctypes buffer); the result, -1 on failure."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    buf = attr if isinstance(attr, ctypes.Array) else ctypes.create_string_buffer(attr, len(attr))
+    return libc.syscall(
+        ctypes.c_long(nr), ctypes.c_long(cmd), buf, ctypes.c_long(ctypes.sizeof(buf))
+    )
+
+
+def _load_btf(program):
+    """The kept BTF loaded again, or None (the programs then load without it)."""
+    nr = bpf_syscall_number()
+    if nr is None or "btf" not in program:
+        return None
+    blob = ctypes.create_string_buffer(base64.b64decode(program["btf"]))
+    size = ctypes.sizeof(blob) - 1  # create_string_buffer adds a NUL
+    fd = _bpf(nr, BPF_BTF_LOAD, struct.pack("<QQIII4x", ctypes.addressof(blob), 0, size, 0, 0))
+    return fd if fd >= 0 else None
+
+
+def _prog_load(prog_type, name, insns, license, kern_version, btf_fd, func_info):
+    """BPF_PROG_LOAD with the kept BTF function records (full names in bpftool and
+    /proc/kallsyms); without them when the kernel refuses them. A descriptor or -1."""
+    nr = bpf_syscall_number()
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(license)
+    tries = []
+    if nr is not None and btf_fd is not None and func_info is not None:
+        tries.append(func_info)
+    tries.append(None)
+    for info in tries:
+        if nr is None:
+            break
+        records = ctypes.create_string_buffer(info[1], len(info[1])) if info else None
+        attr = PROG_LOAD_ATTR.pack(
+            prog_type, len(insns) // INSN.size, ctypes.addressof(code), ctypes.addressof(lic),
+            0, 0, 0, kern_version, 0, name[:15], 0, 0,
+            btf_fd if info else 0, info[0] if info else 0,
+            ctypes.addressof(records) if info else 0,
+            len(info[1]) // info[0] if info else 0,
+        )  # fmt: skip
+        fd = _bpf(nr, BPF_PROG_LOAD, attr)
+        if fd >= 0:
+            return fd
+    if nr is None:
+        return _lib().bcc_prog_load(
+            prog_type, name, insns, len(insns), license, kern_version, 0, None, 0
+        )
+    return -1
 
 
 def _with_map_indexes(insns, by_fd):
@@ -323,11 +444,15 @@ def load_program(BPF, program):
         bpf._ebd_program = program
         bpf._ebd_fds = fds
         bpf._ebd_insns = {}
+        bpf._ebd_btf = _load_btf(program)
         for f in program["funcs"]:
             insns = _with_map_fds(base64.b64decode(f["insns"]), fds)
             if insns is None:
                 raise ValueError("program %s points at a map it does not have" % f["name"])
-            bpf._ebd_insns[f["name"].encode()] = insns
+            info = None
+            if "func_info" in f:
+                info = (f["func_info_rec_size"], base64.b64decode(f["func_info"]))
+            bpf._ebd_insns[f["name"].encode()] = (insns, info)
         for f in program["funcs"]:
             if "prog_type" in f:
                 bpf.load_func(f["name"].encode(), f["prog_type"])
@@ -351,20 +476,14 @@ def _empty_bpf(BPF, lib):
             func_name = func_name.encode() if isinstance(func_name, str) else func_name
             if func_name in self.funcs:
                 return self.funcs[func_name]
-            insns = self._ebd_insns.get(func_name)
-            if insns is None:
+            kept = self._ebd_insns.get(func_name)
+            if kept is None:
                 raise Exception("Unknown program %s" % func_name.decode())
+            insns, func_info = kept
             license = self._ebd_program["license"].encode()
-            fd = _lib().bcc_prog_load(
-                prog_type,
-                func_name,
-                insns,
-                len(insns),
-                license,
-                self._ebd_program["kern_version"],
-                0,
-                None,
-                0,
+            kern_version = self._ebd_program["kern_version"]
+            fd = _prog_load(
+                prog_type, func_name, insns, license, kern_version, self._ebd_btf, func_info
             )
             if fd < 0:
                 raise Exception(
@@ -402,12 +521,16 @@ def _empty_bpf(BPF, lib):
         def cleanup(self):
             BPF.cleanup(self)
             fds, self._ebd_fds = self._ebd_fds, []
+            if self._ebd_btf is not None:
+                fds.append(self._ebd_btf)
+                self._ebd_btf = None
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
 
     bpf = KeptBPF.__new__(KeptBPF)
     bpf._ebd_fds = []
+    bpf._ebd_btf = None
     real = lib.bpf_module_create_c_from_string
     lib.bpf_module_create_c_from_string = lambda *args: None
     try:
