@@ -230,3 +230,18 @@ def test_connection_options_are_built_in_the_loop_but_dns_still_goes_to_threads(
     assert options.host == "198.18.0.1"
     assert asyncssh.SSHClientConnectionOptions not in Recording.submitted
     assert len(Recording.submitted) == 1  # the lookup alone
+
+
+def test_a_run_collects_less_often_and_leaves_the_collector_as_it_found_it():
+    """During a run what start-up loaded is frozen out of the cyclic collector's walks and
+    young collections are rarer; afterwards both are as before."""
+    import gc
+
+    from ebpfdiag import fanout
+
+    before = gc.get_threshold()
+    with fanout._fewer_collections():
+        assert gc.get_threshold()[0] == fanout.GC_YOUNG_THRESHOLD
+        assert gc.get_freeze_count() > 0
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0

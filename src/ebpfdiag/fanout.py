@@ -8,13 +8,15 @@ failure never stops the others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes.util
 import functools
+import gc
 import logging
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Protocol
@@ -229,6 +231,26 @@ def plan_fanout(hosts: int, fanout: int, jump_hosts: int) -> int:
     return fit
 
 
+#: Allocations between two young-generation collections during a run (Python's default: 700).
+GC_YOUNG_THRESHOLD = 50_000
+
+
+@contextlib.contextmanager
+def _fewer_collections() -> Iterator[None]:
+    """During a run, the cyclic collector leaves alone what start-up loaded (``gc.freeze``:
+    modules, the inventory) and runs less often: each full collection walks every live
+    object, and those grow with the hosts, so its cost per host grew with the fleet
+    (1,000 hosts: 6.5-6.8 user CPU s for a run, 5.6-5.8 s with this; two runs each)."""
+    before = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
+
+
 class Fanout:
     """One run of one script over a host list; ``stop()`` ends it everywhere, cleanly."""
 
@@ -271,7 +293,8 @@ class Fanout:
         gate = asyncio.Semaphore(plan_fanout(len(self.hosts), self.opts.fanout, jump_hosts))
         self._jumps = JumpPool(self.opts.ssh)
         try:
-            return list(await asyncio.gather(*(self._one(h, gate) for h in self.hosts)))
+            with _fewer_collections():
+                return list(await asyncio.gather(*(self._one(h, gate) for h in self.hosts)))
         finally:
             self._jumps.close()
 
