@@ -2,6 +2,7 @@
 known_hosts read once, the algorithms proposed, log text built only when logged,
 connection options built without a thread (pure, no hosts contacted)."""
 
+import gc
 import logging
 import resource
 import subprocess
@@ -235,10 +236,6 @@ def test_connection_options_are_built_in_the_loop_but_dns_still_goes_to_threads(
 def test_a_run_collects_less_often_and_leaves_the_collector_as_it_found_it():
     """During a run what start-up loaded is frozen out of the cyclic collector's walks and
     young collections are rarer; afterwards both are as before."""
-    import gc
-
-    from ebpfdiag import fanout
-
     before = gc.get_threshold()
     with fanout._fewer_collections():
         assert gc.get_threshold()[0] == fanout.GC_YOUNG_THRESHOLD
