@@ -240,7 +240,7 @@ def _fewer_collections() -> Iterator[None]:
     """During a run, the cyclic collector leaves alone what start-up loaded (``gc.freeze``:
     modules, the inventory) and runs less often: each full collection walks every live
     object, and those grow with the hosts, so its cost per host grew with the fleet
-    (1,000 hosts: 6.5-6.8 user CPU s for a run, 5.6-5.8 s with this; two runs each)."""
+    (1,000 hosts: 6.5-6.8 user CPU s for a run, 5.7-6.1 s with this; two runs each)."""
     before = gc.get_threshold()
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *before[1:])

@@ -81,6 +81,8 @@ _ANSWER = _Answer()
 #: The compile to offer before `ready` (key, bpf), and where the program came from.
 _OFFER = {}
 _SOURCE = {}
+#: libbcc once its signatures are declared
+_LIB = []
 
 
 def programs_allowed():
@@ -190,8 +192,11 @@ def offer_program(out):
 
 
 def _lib():
+    """libbcc with the signatures used here declared (once: loading calls it per program)."""
     from bcc.libbcc import lib
 
+    if _LIB:
+        return _LIB[0]
     fns = (
         ("bpf_num_tables", ctypes.c_ulonglong, [ctypes.c_void_p]),
         ("bpf_table_name", ctypes.c_char_p, [ctypes.c_void_p, ctypes.c_ulonglong]),
@@ -218,6 +223,7 @@ def _lib():
         fn = getattr(lib, name)
         fn.restype = restype
         fn.argtypes = argtypes
+    _LIB.append(lib)
     return lib
 
 
