@@ -28,12 +28,15 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 
 @dataclass
 class Measured:
-    """One finished child: wall seconds, tree CPU seconds, peak RSS (MiB), exit code."""
+    """One finished child: wall seconds, tree CPU seconds (user + system, and the two
+    apart), peak RSS (MiB), exit code."""
 
     wall_s: float
     cpu_s: float
     maxrss_mb: float
     returncode: int
+    user_s: float = 0.0
+    sys_s: float = 0.0
 
 
 def run_measured(
@@ -67,6 +70,8 @@ def run_measured(
         cpu_s=usage.ru_utime + usage.ru_stime,
         maxrss_mb=usage.ru_maxrss / 1024,
         returncode=proc.returncode,
+        user_s=usage.ru_utime,
+        sys_s=usage.ru_stime,
     )
 
 

@@ -150,6 +150,8 @@ TOOLS: dict[str, Callable] = {
 ANCHORS = ("clush", "pssh")
 #: ebpfdiag's run on a single host, in every round: the fixed cost of a run
 ONE = "ebpfdiag, one host"
+#: the SSH library's own run on a single host, in every round: its floor's fixed cost
+ONE_FLOOR = "asyncssh alone, one host"
 
 
 @dataclass
@@ -194,6 +196,23 @@ def _marginal(results: dict, sizes: tuple[int, ...], section: Section) -> list[s
     return [text]
 
 
+def _split(runs: list[Run]) -> str:
+    """The median run's CPU as user and system seconds: the system part holds the lab's
+    packet delivery to the fleet's namespaces, which runs in the sender's context here."""
+    mid = sorted(runs, key=lambda r: r.m.cpu_s)[len(runs) // 2].m
+    return f"user {mid.user_s:.2f} s, system {mid.sys_s:.2f} s"
+
+
+def _beyond_one(results: dict, size: int, name: str, one: str) -> tuple[float, float, float] | None:
+    """(median CPU s of a tool at a size, of its one-host run in the same rounds, ms a
+    host beyond that run), when both exist."""
+    runs, singles = results.get((size, name), []), results.get((size, one), [])
+    if not runs or not singles or size < 2:
+        return None
+    cpu, single = median([r.m.cpu_s for r in runs]), median([r.m.cpu_s for r in singles])
+    return cpu, single, 1000 * (cpu - single) / (size - 1)
+
+
 def rounds_at(size: int, rounds: int) -> int:
     return rounds if size < BIG else 1
 
@@ -235,6 +254,9 @@ def run(sizes: tuple[int, ...] = DEFAULT_SIZES, rounds: int = 3) -> Section:
                 results.setdefault((size, ONE), []).append(
                     Run(run_ebpfdiag(fleet, hosts[:1], work), 0.0)
                 )
+                results.setdefault((size, ONE_FLOOR), []).append(
+                    Run(run_asyncssh(fleet, hosts[:1], work), 0.0)
+                )
                 for name, fn in TOOLS.items():
                     before = fleet.cpu_seconds()
                     try:
@@ -267,16 +289,23 @@ def run(sizes: tuple[int, ...] = DEFAULT_SIZES, rounds: int = 3) -> Section:
         if not ours:
             section.failed = True
             continue
-        cpu = median([r.m.cpu_s for r in ours])
-        one = median([r.m.cpu_s for r in results.get((size, ONE), [])])
-        per_host = 1000 * (cpu - one) / (size - 1)
-        section.notes.append(
-            f"{size} hosts: ebpfdiag {cpu:.2f} CPU s, of which a one-host run (interpreter, "
-            f"imports, inventory, keys, the first connection's one-time work) takes {one:.2f} s "
-            f"in the same rounds: {1000 * cpu / size:.1f} ms a host with it, "
+        cpu, one, per_host = _beyond_one(results, size, "ebpfdiag", ONE)
+        note = (
+            f"{size} hosts: ebpfdiag {cpu:.2f} CPU s ({_split(ours)}), of which a one-host run "
+            "(interpreter, imports, inventory, keys, the first connection's one-time work) takes "
+            f"{one:.2f} s in the same rounds: {1000 * cpu / size:.1f} ms a host with it, "
             f"{per_host:.1f} ms a host beyond it (connect, authenticate, open the channel, push, "
             "stream, close: the per-host work)."
         )
+        floor = _beyond_one(results, size, "asyncssh alone", ONE_FLOOR)
+        if floor is not None:
+            note += (
+                f" The SSH library alone (bench/sshfloor.py), the same way: {floor[0]:.2f} CPU "
+                f"s ({_split(results[(size, 'asyncssh alone')])}), one-host run {floor[1]:.2f} "
+                f"s, {floor[2]:.1f} ms a host beyond it: ebpfdiag is {per_host - floor[2]:+.1f} "
+                "ms a host from that floor."
+            )
+        section.notes.append(note)
         if size < TARGET_FROM:  # start-up dominates a handful of hosts
             continue
         section.targets.append(

@@ -52,8 +52,15 @@ def test_quick_fanout_and_pipeline_on_a_real_fleet(tmp_path):
     assert re.search(r"ebpfdiag -?\d+\.\d ms, asyncssh alone -?\d+\.\d ms", text), text
     # a one-host run in the same rounds: the run's fixed cost, apart from the per-host work
     assert re.search(
-        r"6 hosts: ebpfdiag \d+\.\d\d CPU s, of which a one-host run .* takes "
-        r"\d+\.\d\d s .* -?\d+\.\d ms a host beyond it",
+        r"6 hosts: ebpfdiag \d+\.\d\d CPU s \(user \d+\.\d\d s, system \d+\.\d\d s\), "
+        r"of which a one-host run .* takes \d+\.\d\d s .* -?\d+\.\d ms a host beyond it",
+        text,
+    ), text
+    # the SSH library's floor measured the same way (its own one-host run in each round)
+    assert re.search(
+        r"The SSH library alone .*: \d+\.\d\d CPU s \(user \d+\.\d\d s, system "
+        r"\d+\.\d\d s\), one-host run \d+\.\d\d s, -?\d+\.\d ms a host beyond it: "
+        r"ebpfdiag is [+-]\d+\.\d ms a host from that floor",
         text,
     ), text
     assert "| records lost | 0 | 0 | yes |" in text, text
