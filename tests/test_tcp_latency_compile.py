@@ -131,17 +131,30 @@ def test_packet_programs_are_compiled_for_the_hosts_kinds_of_link_only():
 
 def test_raw_programs_leave_other_namespaces_before_reading_addresses():
     """On a raw tracepoint another namespace's socket on a traced port (a container's, or
-    another lab host's) costs the port reads and the namespace reads, nothing more."""
+    another lab host's) costs the port reads and the namespace reads, nothing more; and
+    once a socket is known (a record went out, or it is not wanted) its events for the
+    next 100 ms cost one lookup, before any read of the socket."""
     require(os.path.exists("/sys/kernel/btf/vmlinux"), "no BTF here")
-    proc = run_system("--ebpf", "--port", "8080", "--tp-mode", "raw")
+    proc = run_system("--ebpf", "--port", "8080", "--addr", "10.0.0.1", "--tp-mode", "raw")
     assert proc.returncode == 0, proc.stderr
     code = proc.stdout
-    for probe in ("tcp_probe", "sock_recv_length"):
+    for probe, kind in (("tcp_probe", 1), ("sock_recv_length", 3)):
         start = code.index(f"int ebd_{probe}(struct bpf_raw_tracepoint_args *ctx)")
         body = code[start : code.index("\n}\n", start)]
-        order = [body.index(s) for s in ("port_wanted(", "e.netns != OWN_NETNS",
-                                         "sock_addrs(&e, sk)", "rate_recent(")]  # fmt: skip
+        order = [body.index(s) for s in (f"sk_settled(sk, {kind})", "sock_ports(&e, sk)",
+                                         "port_wanted(", "e.netns != OWN_NETNS",
+                                         "sock_addrs(&e, sk)", "rate_recent(",
+                                         "rate_ok(")]  # fmt: skip
         assert order == sorted(order), (probe, order)
+        first_read = body.find("bpf_probe_read_kernel(")
+        assert first_read < 0 or order[0] < first_read, probe
+        settle = f"sk_settle(sk, {kind});"
+        # the port filter, the namespace and the address filter each settle what they refuse
+        for test in ("port_wanted(", "e.netns != OWN_NETNS", "addr_wanted("):
+            line = body[body.index(test) :].split(";", 1)[0]
+            assert body[body.index(test) :].index(settle) < len(line) + 40, (probe, test)
+        # and a record that goes out settles its socket for the rate limit's 100 ms
+        assert body.index(settle, body.index("rate_ok(")) < body.index("e.ts = ")
 
 
 @pytest.mark.parametrize(

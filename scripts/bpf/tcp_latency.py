@@ -419,6 +419,28 @@ static __always_inline int rate_ok(__u64 key)
 	rate.update(&key, &now);
 	return 1;
 }
+
+/* Raw tracepoints: a socket's verdict for one probe, kept RATE_NS: a record of it just
+ * went out, or it is not wanted (another namespace's, or the filter's). Its next events
+ * in that time end here, before any read of the socket: a busy socket and the other
+ * namespaces' sockets (every host's program sees every socket event of a shared kernel)
+ * cost one lookup. Keyed by the socket's address (8-byte aligned) | probe (< 8); a socket
+ * freed and reused within RATE_NS keeps the old verdict for the rest of it. */
+BPF_F_TABLE("lru_hash", __u64, __u64, settled, %(rate_map)d, 0);
+
+static __always_inline int sk_settled(__u64 sk, __u64 kind)
+{
+	__u64 key = sk | kind;
+	__u64 *until = settled.lookup(&key);
+	return until && bpf_ktime_get_ns() < *until;
+}
+
+static __always_inline void sk_settle(__u64 sk, __u64 kind)
+{
+	__u64 key = sk | kind;
+	__u64 until = bpf_ktime_get_ns() + RATE_NS;
+	settled.update(&key, &until);
+}
 """
 
 
@@ -677,10 +699,13 @@ def c_sock_probe(probe: str, fmt: dict, plan: dict) -> str:
     another namespace's or a busy flow's."""
     raw = probe in plan["raw"]
     fields = field_map(fmt)
+    kind = KIND_NUM[probe]
+    # on a raw tracepoint a socket that is not wanted is remembered so (see sk_settled)
+    reject = "{ sk_settle(sk, %d); return 0; }" % kind if raw else "return 0;"
     ports = c_filters(plan["ports"], [], "e.family", "e.saddr", "e.daddr", "e.sport",
-                      "e.dport", "return 0;")  # fmt: skip
+                      "e.dport", reject)  # fmt: skip
     addrs = c_filters([], plan["addrs"], "e.family", "e.saddr", "e.daddr", "e.sport",
-                      "e.dport", "return 0;")  # fmt: skip
+                      "e.dport", reject)  # fmt: skip
     body = []
     if raw:
         body.append("int ebd_%s(struct bpf_raw_tracepoint_args *ctx)\n{" % probe)
@@ -692,34 +717,37 @@ def c_sock_probe(probe: str, fmt: dict, plan: dict) -> str:
         body.append("\tstruct %s rec = {};" % sname)
         body.append("\tif (bpf_probe_read_kernel(&rec, sizeof(rec), ctx) != 0)\n\t\treturn 0;")
     body.append("\tstruct sock_event e = {};")
-    body.append("\te.kind = %d;" % KIND_NUM[probe])
+    body.append("\te.kind = %d;" % kind)
     body.append("\te.state = -1;")
     if probe == "sock_recv_length":
         if raw:
             body.append(
-                "\t__u16 protocol = 0;\n\tif (sk && ret > 0)\n"
-                "\t\tbpf_probe_read_kernel(&protocol, 2, (void *)(sk + %d));"
-                % plan["sock_fields"]["sk_protocol"]
+                "\tif (!sk || ret <= 0 || (flags & 2) || sk_settled(sk, %d))\n"
+                "\t\treturn 0;               /* reads of data only; MSG_PEEK is no read */\n"
+                "\t__u16 protocol = 0;\n"
+                "\tbpf_probe_read_kernel(&protocol, 2, (void *)(sk + %d));\n"
+                "\tif (protocol != 6)\n\t\t%s" % (kind, plan["sock_fields"]["sk_protocol"], reject)
             )
         else:
             body.append("\t__u64 sk = rec.sk;\n\tint ret = rec.ret, flags = rec.flags, "
                         "protocol = rec.protocol;")  # fmt: skip
+            body.append(
+                "\tif (protocol != 6 || ret <= 0 || (flags & 2))\n"
+                "\t\treturn 0;               /* TCP reads of data only; MSG_PEEK is no read */"
+            )
         sk = "sk"
-        body.append(
-            "\tif (protocol != 6 || ret <= 0 || (flags & 2))\n"
-            "\t\treturn 0;               /* TCP reads of data only; MSG_PEEK is no read */"
-        )
         body.append("\tif (!sk || !sock_ports(&e, sk))\n\t\treturn 0;")
         body.append(ports)
         if raw:
-            body.append(c_netns_lookup(plan["offsets"], sk, None))
+            body.append(c_netns_lookup(plan["offsets"], sk, None, reject))
         body.append("\tif (!sock_addrs(&e, sk))\n\t\treturn 0;")
         body.append("\te.len = ret;")
     elif raw:  # tcp_probe
         sk = "sk"
-        body.append("\tif (!sk || !sock_ports(&e, sk))\n\t\treturn 0;")
+        body.append("\tif (!sk || sk_settled(sk, %d) || !sock_ports(&e, sk))\n\t\treturn 0;"
+                    % kind)  # fmt: skip
         body.append(ports)
-        body.append(c_netns_lookup(plan["offsets"], sk, None))
+        body.append(c_netns_lookup(plan["offsets"], sk, None, reject))
         body.append("\tif (!sock_addrs(&e, sk))\n\t\treturn 0;")
     else:
         sk = "rec.sk" if "sk" in fields else ("rec.skaddr" if "skaddr" in fields else None)
@@ -731,7 +759,7 @@ def c_sock_probe(probe: str, fmt: dict, plan: dict) -> str:
     if rated:
         body.append(
             "\t__u64 rk = tuple_hash(e.saddr, e.daddr, e.sport, e.dport, %d);\n"
-            "\tif (rate_recent(rk))\n\t\treturn 0;" % KIND_NUM[probe]
+            "\tif (rate_recent(rk))\n\t\treturn 0;" % kind
         )
     skb = "rec.skbaddr" if not raw and "skbaddr" in fields else None
     if not raw:
@@ -756,6 +784,9 @@ def c_sock_probe(probe: str, fmt: dict, plan: dict) -> str:
             "\t\tif (!marked.lookup(&fk))\n\t\t\treturn 0;\n\t}"
         )
         body.append("\tif (!rate_ok(rk))\n\t\treturn 0;")
+        if raw:
+            body.append("\tsk_settle(sk, %d);   /* its next events in RATE_NS: one lookup */"
+                        % kind)  # fmt: skip
     if probe == "tcp_probe" and raw:
         body.append("\ttcp_state(&e, sk);   /* read only for a record that goes out */")
     body.append("\te.ts = bpf_ktime_get_ns();")

@@ -11,9 +11,9 @@ import struct
 BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 
 
-def c_netns_lookup(offsets, sk, skb) -> str:
-    """C that sets e.netns from the socket (or, without one, the skb's device) and returns
-    early for another namespace's event.
+def c_netns_lookup(offsets, sk, skb, reject="return 0;") -> str:
+    """C that sets e.netns from the socket (or, without one, the skb's device) and runs
+    `reject` (returning early) for another namespace's event.
 
     `sk` and `skb` are C expressions for the kernel pointers as integers (None when the
     probe has no such pointer); tracepoint and kprobe programs share this block.
@@ -43,7 +43,7 @@ def c_netns_lookup(offsets, sk, skb) -> str:
         "\t\tbpf_probe_read_kernel(&e.netns, sizeof(e.netns), (void *)(net + %d));"
         % offsets["net_inum"],
         "\tif (e.netns && e.netns != OWN_NETNS)",
-        "\t\treturn 0;                    /* another namespace's reset */",
+        "\t\t%s    /* another namespace's event */" % reject,
     ]
     return "\n".join(lines)
 
