@@ -134,6 +134,8 @@ def test_drop_scenario_dies_where_and_why_expected(lab, name):
     assert set(hello["attach"]) == {"kfree_skb", "tcp_retransmit_skb", "tcp_retransmit_synack",
                                     "tc"}  # fmt: skip
     assert hello["history"] == 8 and set(hello["attach"]["tc"]["interfaces"]) >= {"mgmt0"}
+    # the kernel's symbols were read while setting up, not at the first drop
+    assert hello["symbols"] > 1000, hello
     client = str(lab.hosts["client"].data_address)
     if expected.reason:
         drops = [d for d in origin.of("drop") if d["reason"] == expected.reason]

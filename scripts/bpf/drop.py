@@ -68,6 +68,8 @@ Fields:
                                import (BCC), discover, compile (BCC/clang + maps), attach;
                                cpu: CPU seconds the process used until then
   hello.history         int    packets remembered per flow (0: no packet history)
+  hello.symbols         int    kernel text symbols read (during set-up) to name drop
+                               locations; 0: /proc/kallsyms hidden, locations unnamed
   hello.netstat         dict   {counters}: the netstat/snmp counters watched (names as the
                                kernel prints them: PAWSEstab is LINUX_MIB_PAWSESTABREJECTED)
   drop.ts_ns            int    host CLOCK_MONOTONIC ns
@@ -797,6 +799,13 @@ class Session(BufferCallbacks):
             raise SetupError("BCC is not installed (python3-bpfcc)") from None
         self.BPF = BPF
         times.done("import")
+        # The kernel's symbols name drop locations: read now, beside discovery and the
+        # compile (which releases the GIL), rather than at the first drop, when the host is
+        # busy dropping packets and the trace is meant to cost it little. Started before
+        # the compile's private mount namespace (core/compile.py): it reads the real table.
+        symbols = threading.Thread(target=self.symbols.load, name="kallsyms")
+        symbols.daemon = True
+        symbols.start()
         self.addrs = discover_addrs()
         self.ifnames = dict((i, n) for i, n in socket.if_nameindex())
         self.netstat = NetstatDelta()
@@ -832,6 +841,7 @@ class Session(BufferCallbacks):
         if links is not None:  # the history programs, on every interface but lo
             attach_tool(self, links, "auto", self.clsact.hooks)
         self._open_buffers()
+        symbols.join()
         times.done("attach")
 
     def _fill_filters(self) -> None:
@@ -994,6 +1004,7 @@ class Session(BufferCallbacks):
             "rate": {"events_per_s": self.args.rate, "burst": BURST if self.args.rate else 0},
             "netstat": {"counters": self.netstat.names()},
             "history": self.plan["history"],
+            "symbols": self.symbols.load(),
             "setup": self.setup_times.report(),
         }
         if reasons["source"] == "none":
