@@ -8,13 +8,15 @@ all three hosts filtering on the traffic's ports, and filtering on an unrelated 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import time
 
 from bench.builds import CURRENT, Build
 from bench.common import SYSTEM_PYTHON, Section, Target, fmt, median
-from bench.labenv import Tracer, bench_lab, ns_argv
+from bench.labenv import HOSTS, Tracer, bench_lab, ns_argv
 
 BULK_PORT = 8080
 SHORT_PORT = 8082
@@ -176,9 +178,54 @@ def _cost(ns: int, runs: int, per: float, unit: str) -> str:
     return f"{runs / per:,.0f} runs{unit} at {ns / max(runs, 1):.0f} ns"
 
 
-def _profile(state, conds, connections: int, bulk_s: float) -> list[str]:
-    """Where the traced datapath's time goes in the kernel: one more traced bulk and short
-    run with bpf_stats on (outside the timed rounds: the stats cost a little per run)."""
+def _tracer_cpu(state, controller: int, ours: set[int]) -> dict[str, float]:
+    """CPU seconds so far of the tracer's user space: the controller (``controller``, its
+    pid) and, in the lab's namespaces, the hosts' python3 (bootstraps and tool scripts)
+    and sshd (their sessions). ``ours``: the benchmark's own servers (the echo server is a
+    python3 there too), not counted."""
+    tick = os.sysconf("SC_CLK_TCK")
+    lab = set()
+    for name in HOSTS.split(","):
+        with contextlib.suppress(OSError):
+            lab.add(os.stat(f"/run/netns/{state.host(name).netns}").st_ino)
+    cpu = {"controller": 0.0, "python3": 0.0, "sshd": 0.0}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+            net = os.stat(f"/proc/{pid}/ns/net").st_ino
+        except OSError:  # gone meanwhile
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        used = (int(fields[11]) + int(fields[12])) / tick
+        if int(pid) == controller:
+            cpu["controller"] += used
+        elif net in lab and comm in cpu and int(pid) not in ours:
+            cpu[comm] += used
+    return cpu
+
+
+def _user_space(before: dict[str, float], after: dict[str, float], per: float, unit: str) -> str:
+    """The tracer's user space over a run: ``unit`` "core", ``per`` the run's seconds, in %
+    of one core; else ``per`` the run's connections, in us each. On this lab it shares the
+    2 cores with the traffic, so it counts against the traffic as much as the kernel's."""
+
+    def show(seconds: float) -> str:
+        return f"{100 * seconds / per:.0f}%" if unit == "core" else f"{1e6 * seconds / per:.1f} us"
+
+    used = {k: after[k] - before.get(k, 0.0) for k in after}
+    return (
+        f"user space {show(sum(used.values()))}{' of one core' if unit == 'core' else ''} "
+        f"(controller {show(used['controller'])}, the hosts' scripts {show(used['python3'])}, "
+        f"their sshd {show(used['sshd'])})"
+    )
+
+
+def _profile(state, conds, connections: int, bulk_s: float, ours: set[int]) -> list[str]:
+    """Where the traced datapath's time goes, in the kernel and in the tracer's user space
+    (``ours``: the benchmark's servers, not counted): one more traced bulk and short run
+    with bpf_stats on (outside the timed rounds: the stats cost a little per run)."""
     stats = "/proc/sys/kernel/bpf_stats_enabled"
     with open(stats) as f:
         before = f.read().strip()
@@ -190,11 +237,14 @@ def _profile(state, conds, connections: int, bulk_s: float) -> list[str]:
             tracer = tracer_for(state, cond, ports, build)
             tracer.start()
             try:
-                s0 = _prog_stats()
+                s0, u0 = _prog_stats(), _tracer_cpu(state, tracer.proc.pid, ours)
+                t0 = time.monotonic()
                 gbit = _bulk(state, bulk_s)
-                s1 = _prog_stats()
+                s1, u1 = _prog_stats(), _tracer_cpu(state, tracer.proc.pid, ours)
+                user = _user_space(u0, u1, time.monotonic() - t0, "core")
                 rate = _short(state, connections)
-                s2 = _prog_stats()
+                s2, u2 = _prog_stats(), _tracer_cpu(state, tracer.proc.pid, ours)
+                short_user = _user_space(u1, u2, connections, "connection")
             finally:
                 tracer.stop()
             (bulk_ns, bulk_runs), (bulk_tp_ns, bulk_tp) = _split(s0, s1)
@@ -206,6 +256,7 @@ def _profile(state, conds, connections: int, bulk_s: float) -> list[str]:
             if bulk_tp:
                 line += (f", tracepoints {_cost(bulk_tp_ns, bulk_tp, bulk_s, '/s')} = "
                          f"{bulk_tp_ns / bulk_s / 1e7:.1f}%")  # fmt: skip
+            line += f", {user}"
             line += (
                 f"; short {rate:,.0f} conn/s, TC {_cost(short_ns, short_runs, connections, '')}"
                 f" per connection = {short_ns / connections / 1e3:.1f} us"
@@ -213,7 +264,7 @@ def _profile(state, conds, connections: int, bulk_s: float) -> list[str]:
             if short_tp:
                 line += (f", tracepoints {_cost(short_tp_ns, short_tp, connections, '')} = "
                          f"{short_tp_ns / connections / 1e3:.1f} us")  # fmt: skip
-            lines.append(line + " per connection")
+            lines.append(f"{line} per connection, {short_user} per connection")
         lines += _kfree_skb_cost(state)
     finally:
         with open(stats, "w") as f:
@@ -295,7 +346,7 @@ def run(
                             events[cond].append(tracer.events)
                             if cond.startswith(tuple(LATENCY_CONDITIONS)):
                                 rates[cond].append(tracer.records_per_s)
-            profile = _profile(state, conds, connections, bulk_s)
+            profile = _profile(state, conds, connections, bulk_s, {p.pid for p in procs})
         finally:
             for p in procs:
                 p.kill()
@@ -338,10 +389,12 @@ def run(
         "The baseline itself moves by several percent from round to round on this shared "
         "2-core VM (see min..max of repeated runs in the fan-out section); ratios near the "
         "goal are within that noise.",
-        "In-kernel cost (kernel.bpf_stats_enabled, one extra traced run per condition after "
-        "the timed rounds; the path crosses 5 interfaces, with a program on ingress and "
-        "egress of each; 'tracepoints' are the tool's other programs, whose events every "
-        "host's program sees on the lab's one kernel):\n\n"
+        "Where the cost goes (one extra traced run per condition after the timed rounds). In "
+        "the kernel, from kernel.bpf_stats_enabled: the path crosses 5 interfaces, with a "
+        "program on ingress and egress of each; 'tracepoints' are the tool's other programs, "
+        "whose events every host's program sees on the lab's one kernel. In user space, from "
+        "/proc: the controller, and in the lab's namespaces the hosts' python3 (bootstrap and "
+        "tool) and sshd; the benchmark's own servers are left out:\n\n"
         + "\n".join(f"  - {line}" for line in profile),
     ]
     return section
