@@ -111,3 +111,35 @@ def test_quick_time_to_ready_on_the_lab(tmp_path):
     assert len(shares) == 3 and all("| 1.00 | 1.00..1.00 |" in line for line in shares), shares
     assert "| trace tcp-rst on 3 lab hosts |" in text and "| `ebpfdiag hosts` |" in text
     assert "| trace drop on server alone |" in text, text
+
+
+@pytest.mark.root
+def test_quick_datapath_says_where_each_tracers_cost_goes(tmp_path):
+    """The datapath section compares each tracer with no tracer on the lab and says where
+    its cost goes: its programs in the kernel, and its user space (controller, the hosts'
+    scripts, their sshd) per bulk run and per short connection."""
+    require_root_tools("ip", "nft", "/usr/sbin/sshd", "iperf3")
+    require(shutil.which("bpftool") is not None, "needs bpftool")
+    out = tmp_path / "bench.md"
+    assert main(["--quick", "--only", "datapath", "--out", str(out)]) == 0
+    text = out.read_text()
+    traced = ("trace, traffic's ports", "trace, unrelated port", "latency, default sampling",
+              "latency, --sample 1", "trace drop, traffic's ports")  # fmt: skip
+    for cond in ("no tracer", *traced):
+        assert f"| {cond} | " in text, (cond, text)
+    user = {}
+    for cond in traced:
+        m = re.search(
+            rf"  - {re.escape(cond)}: bulk [\d.]+ Gbit/s, TC .* ns = [\d.]+% of one core.*, "
+            r"user space (\d+)% of one core \(controller (\d+)%, the hosts' scripts (\d+)%, "
+            r"their sshd (\d+)%\); short .* per connection, user space [\d.]+ us \(controller "
+            r"[\d.]+ us, the hosts' scripts [\d.]+ us, their sshd [\d.]+ us\) per connection",
+            text,
+        )
+        assert m, (cond, text)
+        user[cond] = [int(g) for g in m.groups()]
+    # every packet streamed: the controller and the hosts' scripts are busy, and counted
+    total, controller, scripts, _ = user["latency, --sample 1"]
+    assert controller > 5 and scripts > 5 and total >= controller + scripts, user
+    # an idle tracer (no packet passes its filter): next to nothing in user space
+    assert user["trace, unrelated port"][0] < controller, user
