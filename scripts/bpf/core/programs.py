@@ -33,7 +33,7 @@ import sys
 import threading
 import zlib
 
-from core.tc import bpf_syscall_number
+from core.tc import bpf_syscall, bpf_syscall_number
 
 #: Set by the bootstrap when the controller may send programs (never by the runner).
 ENV_FLAG = "EBPFDIAG_PROGRAMS"
@@ -322,7 +322,7 @@ def _btf_blob(lib, btf_id):
     nr = bpf_syscall_number()
     if nr is None:
         return None
-    fd = _bpf(nr, BPF_BTF_GET_FD_BY_ID, struct.pack("<I", btf_id))
+    fd = bpf_syscall(nr, BPF_BTF_GET_FD_BY_ID, _attr(struct.pack("<I", btf_id)))
     if fd < 0:
         return None
     try:
@@ -342,14 +342,9 @@ def _btf_blob(lib, btf_id):
         os.close(fd)
 
 
-def _bpf(nr, cmd, attr):
-    """bpf(2) with `attr` (bytes or a ctypes buffer); the result, -1 on failure."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    buf = attr if isinstance(attr, ctypes.Array) else ctypes.create_string_buffer(attr, len(attr))
-    return libc.syscall(
-        ctypes.c_long(nr), ctypes.c_long(cmd), buf, ctypes.c_long(ctypes.sizeof(buf))
-    )
+def _attr(data):
+    """A bpf(2) attribute buffer of exactly these bytes."""
+    return ctypes.create_string_buffer(data, len(data))
 
 
 def _load_btf(program):
@@ -359,7 +354,8 @@ def _load_btf(program):
         return None
     blob = ctypes.create_string_buffer(base64.b64decode(program["btf"]))
     size = ctypes.sizeof(blob) - 1  # create_string_buffer adds a NUL
-    fd = _bpf(nr, BPF_BTF_LOAD, struct.pack("<QQIII4x", ctypes.addressof(blob), 0, size, 0, 0))
+    attr = _attr(struct.pack("<QQIII4x", ctypes.addressof(blob), 0, size, 0, 0))
+    fd = bpf_syscall(nr, BPF_BTF_LOAD, attr)
     return fd if fd >= 0 else None
 
 
@@ -367,15 +363,14 @@ def _prog_load(prog_type, name, insns, license, kern_version, btf_fd, func_info)
     """BPF_PROG_LOAD with the kept BTF function records (full names in bpftool and
     /proc/kallsyms); without them when the kernel refuses them. A descriptor or -1."""
     nr = bpf_syscall_number()
+    if nr is None:  # no raw syscall here: libbcc's loader, without BTF
+        return _lib().bcc_prog_load(
+            prog_type, name, insns, len(insns), license, kern_version, 0, None, 0
+        )
     code = ctypes.create_string_buffer(insns, len(insns))
     lic = ctypes.create_string_buffer(license)
-    tries = []
-    if nr is not None and btf_fd is not None and func_info is not None:
-        tries.append(func_info)
-    tries.append(None)
-    for info in tries:
-        if nr is None:
-            break
+    with_btf = btf_fd is not None and func_info is not None
+    for info in (func_info, None) if with_btf else (None,):
         records = ctypes.create_string_buffer(info[1], len(info[1])) if info else None
         attr = PROG_LOAD_ATTR.pack(
             prog_type, len(insns) // INSN.size, ctypes.addressof(code), ctypes.addressof(lic),
@@ -384,13 +379,9 @@ def _prog_load(prog_type, name, insns, license, kern_version, btf_fd, func_info)
             ctypes.addressof(records) if info else 0,
             len(info[1]) // info[0] if info else 0,
         )  # fmt: skip
-        fd = _bpf(nr, BPF_PROG_LOAD, attr)
+        fd = bpf_syscall(nr, BPF_PROG_LOAD, _attr(attr))
         if fd >= 0:
             return fd
-    if nr is None:
-        return _lib().bcc_prog_load(
-            prog_type, name, insns, len(insns), license, kern_version, 0, None, 0
-        )
     return -1
 
 

@@ -173,6 +173,22 @@ def bpf_syscall_number():
     return BPF_SYSCALLS.get(os.uname().machine)
 
 
+#: libc with syscall() declared, once per process
+_LIBC = []
+
+
+def bpf_syscall(nr, cmd, attr):
+    """bpf(2) with `attr` (a ctypes buffer, its whole size passed): the result, or -1
+    with errno set (ctypes.get_errno). `nr` from bpf_syscall_number()."""
+    if not _LIBC:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        _LIBC.append(libc)
+    return _LIBC[0].syscall(
+        ctypes.c_long(nr), ctypes.c_long(cmd), attr, ctypes.c_long(ctypes.sizeof(attr))
+    )
+
+
 def kernel_has_tcx(kallsyms: str = "/proc/kallsyms") -> bool:
     """False only when the symbol table is readable and lacks tcx_prog_attach.
 
@@ -204,8 +220,6 @@ class TcxLinks:
 
     def __init__(self, nr: int) -> None:
         self.nr = nr
-        self.libc = ctypes.CDLL(None, use_errno=True)
-        self.libc.syscall.restype = ctypes.c_long
         self.fds = []
         self.notes = []  # tcx links go first: nothing runs ahead of them
 
@@ -214,12 +228,7 @@ class TcxLinks:
         struct.pack_into(
             LINK_CREATE_FMT, attr, 0, prog_fd, ifindex, attach_type, BPF_F_BEFORE, 0, 0
         )
-        fd = self.libc.syscall(
-            ctypes.c_long(self.nr),
-            ctypes.c_long(BPF_LINK_CREATE),
-            attr,
-            ctypes.c_long(ctypes.sizeof(attr)),
-        )
+        fd = bpf_syscall(self.nr, BPF_LINK_CREATE, attr)
         if fd < 0:
             err = ctypes.get_errno()
             raise OSError(err, "BPF_LINK_CREATE: %s" % os.strerror(err))
